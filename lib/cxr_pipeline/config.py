@@ -1,0 +1,90 @@
+"""Configuration: YAML files in ``conf/``, overridable from the command line.
+
+``load_config("local", overrides=["featurizer.batch_size=16"])`` merges
+``conf/defaults.yaml`` <- ``conf/<env>.yaml`` <- extra files <- ``key=value``
+overrides (values parsed as YAML, so ``true``, ``0.5`` and ``[a, b]`` work).
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from .paths import CONF_DIR
+
+ENVIRONMENTS = ("local", "standalone", "yarn")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"a.b.c=3"`` -> ``{"a": {"b": {"c": 3}}}``."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    keys = [k for k in dotted.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"override {text!r} has an empty key")
+    value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    for key in reversed(keys):
+        value = {key: value}
+    return value
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return dict(data)
+
+
+def load_config(
+    env: str | None = None,
+    files: Iterable[str | os.PathLike] = (),
+    overrides: Iterable[str] = (),
+    conf_dir: str | os.PathLike = CONF_DIR,
+) -> dict[str, Any]:
+    conf_dir = Path(conf_dir)
+    env = env or os.environ.get("CXR_ENV", "local")
+    config = read_yaml(conf_dir / "defaults.yaml") if (conf_dir / "defaults.yaml").exists() else {}
+    env_file = conf_dir / f"{env}.yaml"
+    if not env_file.exists():
+        raise ConfigError(f"unknown environment {env!r}: no {env_file} (have: {', '.join(ENVIRONMENTS)})")
+    config = deep_merge(config, read_yaml(env_file))
+    for extra in files:
+        config = deep_merge(config, read_yaml(extra))
+    for text in overrides:
+        config = deep_merge(config, parse_override(text))
+    config["env"] = env
+    return config
+
+
+def get(config: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
+    node: Any = config
+    for key in dotted.split("."):
+        if not isinstance(node, Mapping) or key not in node:
+            return default
+        node = node[key]
+    return node
+
+
+def dump_config(config: Mapping[str, Any]) -> str:
+    return yaml.safe_dump(dict(config), sort_keys=True)

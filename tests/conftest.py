@@ -1,0 +1,70 @@
+"""Shared fixtures: a real local Spark session and the real local HDFS.
+
+The HDFS fixture starts the project's single-node HDFS (NameNode + DataNode on
+127.0.0.1) if it is not already up and leaves it running for the next run;
+each test gets its own folder under /tests/<uuid> and removes it afterwards.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "lib"))
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from cxr_pipeline import paths  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sample_tree() -> Path:
+    tree = paths.SAMPLE_TREE
+    if not (tree / "train").is_dir():
+        pytest.fail(f"sample tree missing at {tree}: run `make sample-data` (make test does it)")
+    return tree
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from pyspark.sql import SparkSession
+
+    session = (
+        SparkSession.builder.master("local[2]")
+        .appName("cxr-tests")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.shuffle.partitions", "4")
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .config("spark.sql.execution.arrow.maxRecordsPerBatch", "16")
+        .config("spark.driver.memory", "2g")
+        .config("spark.python.worker.reuse", "true")
+        .getOrCreate()
+    )
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def hdfs_cluster():
+    """The real local HDFS, started on demand (make hdfs-up does the same)."""
+    from cxr_pipeline.localstack.hdfs_cluster import ensure_running
+
+    return ensure_running()
+
+
+@pytest.fixture
+def hdfs_tmp(hdfs_cluster):
+    """A fresh hdfs:// folder URI for one test, removed afterwards."""
+    from cxr_pipeline import storage
+
+    uri = f"{hdfs_cluster.namenode_uri}/tests/{uuid.uuid4().hex[:12]}"
+    storage.makedirs(uri)
+    yield uri
+    storage.delete(uri, recursive=True)
