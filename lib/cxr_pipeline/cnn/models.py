@@ -1,0 +1,151 @@
+"""CNN architectures. Every model takes raw 0..255 RGB pixels (float) and does
+its own scaling, so a saved ``model.keras`` needs no outside preprocessing.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import keras
+from keras import layers
+
+MODEL_NAMES = ("small_cnn", "inception_v3")
+
+# InceptionV3's block outputs, in order; cutting or unfreezing happens at these.
+INCEPTION_BLOCKS = tuple(f"mixed{i}" for i in range(11))
+INCEPTION_MIN_SIZE = 75
+
+
+def _separable_block(x, filters: int, dropout: float = 0.0):
+    x = layers.SeparableConv2D(filters, 3, activation="relu", padding="same")(x)
+    x = layers.SeparableConv2D(filters, 3, activation="relu", padding="same")(x)
+    x = layers.BatchNormalization()(x)
+    x = layers.MaxPooling2D(2)(x)
+    if dropout:
+        x = layers.Dropout(dropout)(x)
+    return x
+
+
+def build_small_cnn(input_size: int = 150) -> keras.Model:
+    """The seeds' from-scratch CNN: five convolution blocks (the last four separable,
+    with batch norm; dropout on the last two), then 512-128-64 dense with dropout."""
+    if input_size < 32:
+        raise ValueError(f"small_cnn needs input_size >= 32 (five 2x poolings), got {input_size}")
+    inputs = keras.Input((input_size, input_size, 3), name="image")
+    x = layers.Rescaling(1.0 / 255)(inputs)
+    x = layers.Conv2D(16, 3, activation="relu", padding="same")(x)
+    x = layers.Conv2D(16, 3, activation="relu", padding="same")(x)
+    x = layers.MaxPooling2D(2)(x)
+    x = _separable_block(x, 32)
+    x = _separable_block(x, 64)
+    x = _separable_block(x, 128, dropout=0.2)
+    x = _separable_block(x, 256, dropout=0.2)
+    x = layers.Flatten()(x)
+    for units, rate in ((512, 0.7), (128, 0.5), (64, 0.3)):
+        x = layers.Dense(units, activation="relu")(x)
+        x = layers.Dropout(rate)(x)
+    # float32 output keeps the sigmoid stable under mixed precision.
+    outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="probability")(x)
+    return keras.Model(inputs, outputs, name="small_cnn")
+
+
+def inception_backbone(
+    input_size: int = 299,
+    weights: str | os.PathLike | None = None,
+    cut_layer: str | None = "mixed7",
+) -> keras.Model:
+    """InceptionV3 without top, with the provisioned weights, ending at ``cut_layer``
+    (the provisioned weights are ImageNet only up to about mixed5: see weights.py)."""
+    if input_size < INCEPTION_MIN_SIZE:
+        raise ValueError(f"InceptionV3 needs input_size >= {INCEPTION_MIN_SIZE}, got {input_size}")
+    full = keras.applications.InceptionV3(
+        weights=None, include_top=False, input_shape=(input_size, input_size, 3)
+    )
+    if weights != "none":
+        if weights is None:
+            from cxr_pipeline.weights import default_weights_path
+
+            weights = default_weights_path("InceptionV3")
+        full.load_weights(str(weights))
+    if cut_layer is None or cut_layer == INCEPTION_BLOCKS[-1]:
+        return keras.Model(full.input, full.output, name="inception_v3")
+    if cut_layer not in INCEPTION_BLOCKS:
+        raise ValueError(f"cut_layer must be one of {', '.join(INCEPTION_BLOCKS)}, got {cut_layer!r}")
+    return keras.Model(full.input, full.get_layer(cut_layer).output, name="inception_v3")
+
+
+def build_inception_transfer(
+    input_size: int = 299,
+    weights: str | os.PathLike | None = None,
+    cut_layer: str | None = "mixed7",
+    dense_units: int = 128,
+    dropout: float = 0.5,
+) -> keras.Model:
+    """Frozen InceptionV3 backbone + global average pooling + dense/batch-norm head + sigmoid.
+
+    ``weights``: a ``.weights.h5`` path, None for the provisioned default
+    (``cxr_pipeline.weights.default_weights_path``), or "none" for random init (tests).
+    The backbone is a nested model always called in inference mode, so its batch
+    norms keep their statistics when top blocks are unfrozen for fine-tuning.
+    """
+    backbone = inception_backbone(input_size, weights, cut_layer)
+    backbone.trainable = False
+    inputs = keras.Input((input_size, input_size, 3), name="image")
+    x = layers.Rescaling(1.0 / 127.5, offset=-1.0)(inputs)  # InceptionV3 expects [-1, 1]
+    x = backbone(x, training=False)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.Dropout(dropout)(x)
+    x = layers.Dense(dense_units, activation="relu")(x)
+    x = layers.BatchNormalization()(x)
+    outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="probability")(x)
+    return keras.Model(inputs, outputs, name="inception_v3_transfer")
+
+
+def build_model(name: str, input_size: int, **options) -> keras.Model:
+    if name == "small_cnn":
+        return build_small_cnn(input_size)
+    if name == "inception_v3":
+        return build_inception_transfer(input_size, **options)
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+
+
+def backbone_of(model: keras.Model) -> keras.Model | None:
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            return layer
+    return None
+
+
+def unfreeze_top_blocks(model: keras.Model, n_blocks: int = 2) -> list[str]:
+    """Make the last ``n_blocks`` Inception blocks of the backbone trainable (batch
+    norms stay frozen); returns the names of the layers made trainable."""
+    backbone = backbone_of(model)
+    if backbone is None:
+        raise ValueError(f"{model.name} has no pretrained backbone to unfreeze")
+    block_ends = [i for i, layer in enumerate(backbone.layers) if layer.name in INCEPTION_BLOCKS]
+    if n_blocks <= 0:
+        return []
+    # Layers after the end of block (last - n_blocks) are the top n_blocks.
+    start = block_ends[-n_blocks - 1] + 1 if n_blocks < len(block_ends) else 0
+    backbone.trainable = True
+    unfrozen = []
+    for i, layer in enumerate(backbone.layers):
+        trainable = i >= start and not isinstance(layer, layers.BatchNormalization)
+        layer.trainable = trainable
+        if trainable and layer.weights:
+            unfrozen.append(layer.name)
+    return unfrozen
+
+
+def trainable_summary(model: keras.Model) -> dict[str, int]:
+    count = lambda ws: int(sum(int(w.numpy().size) for w in ws))  # noqa: E731
+    return {"trainable": count(model.trainable_weights), "frozen": count(model.non_trainable_weights)}
+
+
+def last_conv_layer_name(model: keras.Model, names: Sequence[str] | None = None) -> str:
+    """The top-level layer with the last 4-D output (a nested backbone counts as one)."""
+    for layer in reversed(model.layers):
+        shape = getattr(layer, "output", None)
+        if shape is not None and len(layer.output.shape) == 4 and not isinstance(layer, layers.InputLayer):
+            return layer.name
+    raise ValueError(f"{model.name} has no 4-D (convolutional) layer output")
