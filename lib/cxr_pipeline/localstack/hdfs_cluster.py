@@ -1,0 +1,303 @@
+"""A real single-node Apache HDFS (NameNode + DataNode) on 127.0.0.1.
+
+Runs the Hadoop 2.7.3 jars that ``make hadoop`` provisions (see ``provision``)
+as two detached ``java`` processes whose pid and log files live in the
+instance's state dir, next to its name/data dirs and its rendered config::
+
+    hdfs = LocalHdfs()          # the default instance: RPC 9000, WebHDFS 9870
+    hdfs.up()                   # formats on first use; a no-op when already up
+    hdfs.namenode_uri           # "hdfs://127.0.0.1:9000"
+    hdfs.down()
+
+CLI: ``python -m cxr_pipeline.localstack.hdfs_cluster up|down|status``.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from .. import paths
+from . import provision
+from .processes import ProcessHandle, port_owner, wait_for_port_free
+
+NAMENODE_CLASS = "org.apache.hadoop.hdfs.server.namenode.NameNode"
+DATANODE_CLASS = "org.apache.hadoop.hdfs.server.datanode.DataNode"
+CONFIG_TEMPLATES = ("core-site.xml", "hdfs-site.xml")
+LOG4J_PROPERTIES = """\
+log4j.rootLogger=INFO,console
+log4j.appender.console=org.apache.log4j.ConsoleAppender
+log4j.appender.console.target=System.err
+log4j.appender.console.layout=org.apache.log4j.PatternLayout
+log4j.appender.console.layout.ConversionPattern=%d{ISO8601} %p %c{2}: %m%n
+log4j.logger.org.apache.hadoop.util.NativeCodeLoader=ERROR
+"""
+
+
+class HdfsClusterError(RuntimeError):
+    pass
+
+
+class LocalHdfs:
+    """One local HDFS instance; several can run side by side on different ports/state dirs."""
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike = paths.HDFS_STATE_DIR,
+        rpc_port: int = 9000,
+        http_port: int = 9870,
+        datanode_ports: tuple[int, int, int] = (9866, 9864, 9867),
+        hadoop_home: str | os.PathLike = paths.HADOOP_HOME,
+        heap: str = "512m",
+    ):
+        self.state_dir = Path(state_dir).resolve()
+        self.rpc_port = int(rpc_port)
+        self.http_port = int(http_port)
+        self.datanode_ports = tuple(int(p) for p in datanode_ports)
+        if len(self.datanode_ports) != 3:
+            raise ValueError("datanode_ports must be (data transfer, http, ipc)")
+        self.hadoop_home = Path(hadoop_home)
+        self.heap = heap
+        self.conf_dir = self.state_dir / "conf"
+        self.namenode = ProcessHandle("namenode", NAMENODE_CLASS, self.state_dir)
+        self.datanode = ProcessHandle("datanode", DATANODE_CLASS, self.state_dir)
+
+    # -- addresses -----------------------------------------------------------
+    @property
+    def namenode_uri(self) -> str:
+        return f"hdfs://127.0.0.1:{self.rpc_port}"
+
+    @property
+    def webhdfs_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def all_ports(self) -> dict[str, int]:
+        data, data_http, data_ipc = self.datanode_ports
+        return {"namenode rpc": self.rpc_port, "namenode http": self.http_port,
+                "datanode": data, "datanode http": data_http, "datanode ipc": data_ipc}
+
+    def __repr__(self) -> str:
+        return f"LocalHdfs({self.namenode_uri}, state_dir={str(self.state_dir)!r})"
+
+    # -- configuration -------------------------------------------------------
+    def write_config(self) -> Path:
+        """Render conf/hadoop/*.xml for this instance into <state_dir>/conf; returns that folder."""
+        data, data_http, data_ipc = self.datanode_ports
+        values = {"state_dir": str(self.state_dir), "rpc_port": self.rpc_port, "http_port": self.http_port,
+                  "datanode_port": data, "datanode_http_port": data_http, "datanode_ipc_port": data_ipc}
+        self.conf_dir.mkdir(parents=True, exist_ok=True)
+        for name in CONFIG_TEMPLATES:
+            text = (paths.CONF_DIR / "hadoop" / name).read_text()
+            for key, value in values.items():
+                text = text.replace(f"@{key}@", str(value))
+            _write_if_changed(self.conf_dir / name, text)
+        _write_if_changed(self.conf_dir / "log4j.properties", LOG4J_PROPERTIES)
+        return self.conf_dir
+
+    def classpath(self) -> str:
+        # The conf dir goes first: Hadoop reads core-site.xml/hdfs-site.xml from the classpath.
+        return os.pathsep.join([str(self.conf_dir), provision.read_classpath(self.hadoop_home)])
+
+    def java_command(self, main_class: str, *args: str) -> list[str]:
+        java = shutil.which("java")
+        if not java:
+            raise HdfsClusterError("`java` not found on PATH: install a JDK (Java 17 works)")
+        return [java, f"-Xmx{self.heap}", "-Djava.net.preferIPv4Stack=true",
+                f"-Dhadoop.log.dir={self.state_dir / 'logs'}", "-Dhadoop.root.logger=INFO,console",
+                "-cp", self.classpath(), main_class, *args]
+
+    # -- lifecycle -------------------------------------------------------------
+    def is_formatted(self) -> bool:
+        return (self.state_dir / "name" / "current" / "VERSION").exists()
+
+    def format(self) -> None:
+        # A data dir from an earlier namespace would be refused (clusterID mismatch).
+        for sub in ("name", "data"):
+            shutil.rmtree(self.state_dir / sub, ignore_errors=True)
+        log_file = self.state_dir / "logs" / "format.log"
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_file, "wb") as log:
+            result = subprocess.run(self.java_command(NAMENODE_CLASS, "-format", "-nonInteractive", "-force"),
+                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=120)
+        if result.returncode != 0 or not self.is_formatted():
+            raise HdfsClusterError(f"formatting the NameNode failed (exit {result.returncode}); see {log_file}:\n"
+                                   + _tail(log_file))
+
+    def is_running(self) -> bool:
+        return self.namenode.alive() and self.datanode.alive()
+
+    def up(self, timeout: float = 90) -> "LocalHdfs":
+        """Start (formatting on first use) and wait until writable; a no-op when already up."""
+        with self._lock():
+            if self.is_running() and self._is_ready():
+                return self
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self.write_config()
+            for handle in (self.namenode, self.datanode):
+                handle.clear_if_stale()
+            self._check_ports_free()
+            if not self.is_formatted():
+                _log(f"formatting a new namespace in {self.state_dir / 'name'}")
+                self.format()
+            if not self.namenode.alive():
+                self.namenode.start(self.java_command(NAMENODE_CLASS))
+            if not self.datanode.alive():
+                self.datanode.start(self.java_command(DATANODE_CLASS))
+            self._wait_ready(timeout)
+            _log(f"HDFS up: {self.namenode_uri} (WebHDFS {self.webhdfs_url}), state in {self.state_dir}")
+            return self
+
+    def down(self, timeout: float = 20) -> None:
+        """Stop DataNode then NameNode: SIGTERM, then SIGKILL after ``timeout`` seconds."""
+        with self._lock():
+            for handle in (self.datanode, self.namenode):
+                handle.stop(timeout)
+            for port in self.all_ports.values():
+                wait_for_port_free(port, timeout=5)
+
+    def status(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "namenode_uri": self.namenode_uri,
+            "webhdfs_url": self.webhdfs_url,
+            "state_dir": str(self.state_dir),
+            "conf_dir": str(self.conf_dir),
+            "namenode_pid": self.namenode.pid() if self.namenode.alive() else None,
+            "datanode_pid": self.datanode.pid() if self.datanode.alive() else None,
+            "formatted": self.is_formatted(),
+            "running": self.is_running(),
+        }
+        jmx = self._jmx_state()
+        info.update(jmx or {"safemode": None, "live_datanodes": None})
+        info["ready"] = bool(info["running"] and jmx and not jmx["safemode"] and jmx["live_datanodes"] >= 1)
+        return info
+
+    # -- helpers ---------------------------------------------------------------
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        """Serialises up/down across processes (several test sessions may call ensure_running at once)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / ".lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _check_ports_free(self) -> None:
+        ours = {h.pid() for h in (self.namenode, self.datanode) if h.alive()}
+        for name, port in self.all_ports.items():
+            owner = port_owner(port)
+            if owner is None or owner.get("pid") in ours:
+                continue
+            who = f"pid {owner['pid']} ({owner['name']})" if owner.get("pid") else "another process"
+            raise HdfsClusterError(
+                f"port {port} ({name}) is in use by {who}: stop it, or start this HDFS on other ports "
+                f"(--rpc-port/--http-port/--datanode-ports)")
+
+    def _jmx(self, bean: str) -> dict[str, Any] | None:
+        url = f"{self.webhdfs_url}/jmx?qry={bean}"
+        try:
+            with urllib.request.urlopen(url, timeout=3) as response:
+                beans = json.load(response).get("beans", [])
+        except (OSError, ValueError):
+            return None
+        return beans[0] if beans else None
+
+    def _jmx_state(self) -> dict[str, Any] | None:
+        info = self._jmx("Hadoop:service=NameNode,name=NameNodeInfo")
+        state = self._jmx("Hadoop:service=NameNode,name=FSNamesystemState")
+        if info is None or state is None:
+            return None
+        return {"safemode": bool(info.get("Safemode")), "live_datanodes": int(state.get("NumLiveDataNodes", 0))}
+
+    def _is_ready(self) -> bool:
+        state = self._jmx_state()
+        return bool(state and not state["safemode"] and state["live_datanodes"] >= 1)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for handle in (self.namenode, self.datanode):
+                if not handle.alive():
+                    raise HdfsClusterError(f"the {handle.name} exited during start-up; see {handle.log_file}:\n"
+                                           + _tail(handle.log_file))
+            if self._is_ready():
+                return
+            time.sleep(0.5)
+        raise HdfsClusterError(
+            f"HDFS not ready after {timeout:.0f} s (want: safe mode off and >= 1 live DataNode, "
+            f"last seen {self._jmx_state()}); logs: {self.namenode.log_file}, {self.datanode.log_file}")
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _log(message: str) -> None:
+    print(f"[hdfs] {message}", file=sys.stderr, flush=True)
+
+
+def default_instance() -> LocalHdfs:
+    return LocalHdfs()
+
+
+def ensure_running(timeout: float = 90) -> LocalHdfs:
+    """The default instance, started if it is not up (the tests' ``hdfs_cluster`` fixture)."""
+    return default_instance().up(timeout=timeout)
+
+
+def _parse_ports(text: str) -> tuple[int, int, int]:
+    parts = [int(p) for p in text.split(",")]
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError("want three comma-separated ports: data,http,ipc")
+    return tuple(parts)  # type: ignore[return-value]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m cxr_pipeline.localstack.hdfs_cluster",
+        description="Start, stop or inspect the local single-node HDFS (NameNode + DataNode on 127.0.0.1).",
+    )
+    parser.add_argument("action", choices=("up", "down", "status"))
+    parser.add_argument("--state-dir", type=Path, default=paths.HDFS_STATE_DIR, help="name/data/log/pid folder (default: %(default)s)")
+    parser.add_argument("--rpc-port", type=int, default=9000, help="NameNode RPC port (default: %(default)s)")
+    parser.add_argument("--http-port", type=int, default=9870, help="NameNode HTTP/WebHDFS port (default: %(default)s)")
+    parser.add_argument("--datanode-ports", type=_parse_ports, default=(9866, 9864, 9867),
+                        help="DataNode data,http,ipc ports (default: 9866,9864,9867)")
+    parser.add_argument("--timeout", type=float, default=90, help="seconds to wait for readiness / clean stop")
+    args = parser.parse_args(argv)
+    hdfs = LocalHdfs(args.state_dir, args.rpc_port, args.http_port, args.datanode_ports)
+    try:
+        if args.action == "up":
+            hdfs.up(timeout=args.timeout)
+        elif args.action == "down":
+            hdfs.down(timeout=min(args.timeout, 30))
+            _log("HDFS stopped")
+        status = hdfs.status()
+        print(json.dumps(status, indent=2))
+        return 0 if args.action != "status" or status["ready"] else 3
+    except (HdfsClusterError, provision.ProvisionError) as exc:
+        print(f"[hdfs] ERROR: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Detached daemon processes tracked by pid files, and who holds a port.
+
+Shared by the local HDFS and the standalone Spark cluster: each daemon is a
+``java`` process started in its own session (so it outlives the caller and a
+Ctrl-C in the caller does not reach it), with ``<name>.pid`` and
+``logs/<name>.log`` in a state dir.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Mapping
+
+
+class ProcessHandle:
+    """A daemon identified by a pid file; ``marker`` must occur in its command line.
+
+    The marker guards against a stale pid file whose pid the OS has since given
+    to an unrelated process.
+    """
+
+    def __init__(self, name: str, marker: str, state_dir: Path):
+        self.name = name
+        self.marker = marker
+        self.state_dir = Path(state_dir)
+        self.pid_file = self.state_dir / f"{name}.pid"
+        self.log_file = self.state_dir / "logs" / f"{name}.log"
+
+    def pid(self) -> int | None:
+        try:
+            return int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def alive(self) -> bool:
+        pid = self.pid()
+        return pid is not None and process_matches(pid, self.marker)
+
+    def clear_if_stale(self) -> bool:
+        """Remove a pid file whose process is gone; True when one was removed."""
+        if self.pid_file.exists() and not self.alive():
+            self.pid_file.unlink(missing_ok=True)
+            return True
+        return False
+
+    def start(self, command: list[str], env: Mapping[str, str] | None = None) -> int:
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "ab") as log:
+            log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {self.name}\n".encode())
+            log.flush()
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, close_fds=True, env=dict(env) if env is not None else None,
+            )
+        self.pid_file.write_text(f"{process.pid}\n")
+        return process.pid
+
+    def stop(self, timeout: float = 20) -> bool:
+        """SIGTERM, then SIGKILL after ``timeout`` s; removes the pid file. True if it was running."""
+        pid = self.pid()
+        was_running = pid is not None and process_matches(pid, self.marker)
+        if was_running:
+            _signal(pid, signal.SIGTERM)
+            if not wait_for_exit(pid, timeout):
+                _signal(pid, signal.SIGKILL)
+                wait_for_exit(pid, 10)
+        self.pid_file.unlink(missing_ok=True)
+        return was_running
+
+
+def process_matches(pid: int, marker: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    state = stat.rsplit(")", 1)[-1].split()[0]
+    return marker in cmdline and state != "Z"
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def wait_for_exit(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.waitpid(pid, os.WNOHANG)  # reap it if it is our own child
+        except ChildProcessError:
+            pass
+        if not Path(f"/proc/{pid}").exists() or _is_zombie(pid):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def port_owner(port: int) -> dict | None:
+    """``{"pid": int|None, "name": str}`` of the process listening on TCP ``port``, or None if free."""
+    try:
+        out = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    if out.strip():
+        match = re.search(r'users:\(\("([^"]*)",pid=(\d+)', out)
+        return {"pid": int(match.group(2)), "name": match.group(1)} if match else {"pid": None, "name": "unknown"}
+    if port_in_use(port):
+        return {"pid": None, "name": "unknown"}
+    return None
+
+
+def wait_for_port_free(port: int, timeout: float = 5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not port_in_use(port):
+            return True
+        time.sleep(0.2)
+    return False
