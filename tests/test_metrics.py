@@ -93,3 +93,15 @@ def test_bad_inputs_raise():
         m.binary_report([0, 2], [0.1, 0.2])
     with pytest.raises(ValueError):
         m.roc_curve([0, 1], [0.1])
+
+
+def test_plots_render_png(tmp_path):
+    from cxr_pipeline import plots
+
+    y, s = [0, 0, 1, 1, 1], [0.1, 0.6, 0.4, 0.8, 0.9]
+    fpr, tpr, _ = m.roc_curve(y, s)
+    data = plots.plot_roc(fpr, tpr, m.roc_auc(y, s), out=tmp_path / "roc.png", operating_points={"0.5": (0.5, 0.67)})
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "roc.png").read_bytes() == data
+    p, r, _ = m.pr_curve(y, s)
+    assert plots.plot_pr(p, r, m.average_precision(y, s), prevalence=0.6)[:4] == b"\x89PNG"
+    assert plots.plot_confusion_matrix(m.confusion_matrix(y, m.predict_at(s, 0.5)), ["NORMAL", "PNEUMONIA"])[:4] == b"\x89PNG"
