@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .. import paths
+from .. import paths, storage
 from . import provision
 from .processes import ProcessHandle, port_owner, wait_for_port_free
 
@@ -34,7 +34,8 @@ NAMENODE_CLASS = "org.apache.hadoop.hdfs.server.namenode.NameNode"
 DATANODE_CLASS = "org.apache.hadoop.hdfs.server.datanode.DataNode"
 CONFIG_TEMPLATES = ("core-site.xml", "hdfs-site.xml")
 LOG4J_PROPERTIES = """\
-log4j.rootLogger=INFO,console
+hadoop.root.logger=INFO,console
+log4j.rootLogger=${hadoop.root.logger}
 log4j.appender.console=org.apache.log4j.ConsoleAppender
 log4j.appender.console.target=System.err
 log4j.appender.console.layout=org.apache.log4j.PatternLayout
@@ -70,6 +71,7 @@ class LocalHdfs:
         self.conf_dir = self.state_dir / "conf"
         self.namenode = ProcessHandle("namenode", NAMENODE_CLASS, self.state_dir)
         self.datanode = ProcessHandle("datanode", DATANODE_CLASS, self.state_dir)
+        storage.register_webhdfs(self.namenode_uri, self.webhdfs_url)
 
     # -- addresses -----------------------------------------------------------
     @property
@@ -139,10 +141,9 @@ class LocalHdfs:
     def up(self, timeout: float = 90) -> "LocalHdfs":
         """Start (formatting on first use) and wait until writable; a no-op when already up."""
         with self._lock():
+            self.write_config()  # also refreshes the client config of a running instance
             if self.is_running() and self._is_ready():
                 return self
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            self.write_config()
             for handle in (self.namenode, self.datanode):
                 handle.clear_if_stale()
             self._check_ports_free()

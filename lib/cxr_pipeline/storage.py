@@ -1,0 +1,483 @@
+"""Files by Hadoop URI: the one place the project reads and writes storage outside Spark.
+
+Schemes:
+
+* plain paths and ``file://`` URIs: the local filesystem;
+* ``hdfs://host:port/path``: HDFS through WebHDFS (HdfsCLI ``InsecureClient``).
+  The WebHDFS URL of a NameNode is, first found wins: one registered with
+  :func:`register_webhdfs` (the local HDFS instances register themselves),
+  ``$CXR_WEBHDFS_URL``, ``hdfs.webhdfs_url`` of the config (when the URI's
+  NameNode is the config's ``hdfs.namenode_uri``), else ``http://<host>:9870``.
+
+Results keep the form they were asked in: listing ``/data`` gives plain paths,
+listing ``file:///data`` gives ``file://`` URIs, ``hdfs://...`` gives ``hdfs://`` URIs.
+Writes are atomic: the bytes go to a hidden temporary name in the same folder
+(``.name.tmp-xxxxxxxx``, skipped by Spark/Hadoop readers) and are renamed into
+place, so a reader never sees a half-written file.
+
+Errors are ``OSError`` subclasses: ``FileNotFoundError``, ``FileExistsError``,
+``StorageUnavailable`` (nothing answers at the WebHDFS URL) and ``StorageError``.
+"""
+from __future__ import annotations
+
+import getpass
+import os
+import posixpath
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlparse
+
+from . import paths
+
+DEFAULT_WEBHDFS_PORT = 9870
+LOCAL_SCHEMES = ("", "file")
+CHUNK = 4 * 1024 * 1024
+
+
+class StorageError(OSError):
+    """A storage operation failed for a reason other than not-found/exists/unavailable."""
+
+
+class StorageUnavailable(StorageError):
+    """The storage service (e.g. the HDFS NameNode's WebHDFS endpoint) cannot be reached."""
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    uri: str
+    size: int
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.uri.rstrip("/"))
+
+
+# --------------------------------------------------------------------------- URIs
+def is_remote(uri: str | os.PathLike) -> bool:
+    """True for anything that is not the local filesystem (hdfs://, s3a://, ...)."""
+    return _scheme(uri) not in LOCAL_SCHEMES
+
+
+def join(uri: str | os.PathLike, *parts: str) -> str:
+    """``join("hdfs://nn:9000/data", "train", "x.jpeg")`` -> ``"hdfs://nn:9000/data/train/x.jpeg"``."""
+    base = os.fspath(uri)
+    cleaned = [str(p).strip("/") for p in parts if str(p).strip("/")]
+    if not cleaned:
+        return base
+    if not base:
+        return "/".join(cleaned)
+    return base.rstrip("/") + "/" + "/".join(cleaned)
+
+
+def to_local_path(uri: str | os.PathLike) -> Path:
+    """The local path of a plain path or ``file://`` URI; ValueError for remote URIs."""
+    text = os.fspath(uri)
+    scheme = _scheme(text)
+    if scheme == "":
+        return Path(text)
+    if scheme != "file":
+        raise ValueError(f"{text} is not a local path (scheme {scheme}://)")
+    parsed = urlparse(text)
+    if parsed.netloc not in ("", "localhost"):
+        raise ValueError(f"{text}: file:// URIs with a host are not supported")
+    return Path(parsed.path)
+
+
+def _scheme(uri: str | os.PathLike) -> str:
+    text = os.fspath(uri)
+    if "://" not in text and not text.startswith("file:"):
+        return ""
+    return urlparse(text).scheme.lower()
+
+
+def _check_supported(uri: str) -> str:
+    scheme = _scheme(uri)
+    if scheme not in LOCAL_SCHEMES + ("hdfs",):
+        raise ValueError(f"{uri}: storage handles plain paths, file:// and hdfs:// (Spark reads {scheme}:// directly)")
+    return scheme
+
+
+# ------------------------------------------------------------------- public API
+def list_files(uri: str | os.PathLike, recursive: bool = True) -> list[FileInfo]:
+    """The files (not folders) at ``uri``, sorted by URI; a file URI lists itself."""
+    backend, path = _resolve(uri)
+    return sorted(backend.list_files(path, recursive), key=lambda info: info.uri)
+
+
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    backend, path = _resolve(uri)
+    return backend.read_bytes(path)
+
+
+def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
+    """Write (replacing) atomically; parent folders are created."""
+    backend, path = _resolve(uri)
+    backend.write_bytes(path, bytes(data))
+
+
+def upload_file(local_path: str | os.PathLike, uri: str | os.PathLike) -> None:
+    """Copy one local file to ``uri`` (atomically, replacing)."""
+    local = Path(local_path)
+    if not local.is_file():
+        raise FileNotFoundError(f"{local} is not a file")
+    backend, path = _resolve(uri)
+    backend.upload_file(local, path)
+
+
+def download_file(uri: str | os.PathLike, local_path: str | os.PathLike) -> None:
+    """Copy one file at ``uri`` to a local path (atomically, replacing)."""
+    backend, path = _resolve(uri)
+    local = Path(local_path)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as out:
+            backend.read_into(path, out)
+        os.replace(tmp, local)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def upload_dir(local_dir: str | os.PathLike, uri: str | os.PathLike) -> list[str]:
+    """Copy a local folder tree under ``uri`` (relative paths kept); returns the URIs written."""
+    root = Path(local_dir)
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root} is not a folder")
+    makedirs(uri)
+    written = []
+    for local in sorted(p for p in root.rglob("*") if p.is_file()):
+        target = join(uri, *local.relative_to(root).parts)
+        upload_file(local, target)
+        written.append(target)
+    return written
+
+
+def download_dir(uri: str | os.PathLike, local_dir: str | os.PathLike) -> list[Path]:
+    """Copy every file under ``uri`` into ``local_dir`` (relative paths kept); returns the local paths."""
+    base = os.fspath(uri).rstrip("/")
+    root = Path(local_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    written = []
+    for info in list_files(base, recursive=True):
+        relative = info.uri[len(base):].lstrip("/")
+        if not relative:  # uri is a single file
+            relative = info.name
+        target = root.joinpath(*relative.split("/"))
+        download_file(info.uri, target)
+        written.append(target)
+    return written
+
+
+def exists(uri: str | os.PathLike) -> bool:
+    backend, path = _resolve(uri)
+    return backend.exists(path)
+
+
+def makedirs(uri: str | os.PathLike) -> None:
+    backend, path = _resolve(uri)
+    backend.makedirs(path)
+
+
+def delete(uri: str | os.PathLike, recursive: bool = False) -> bool:
+    """Remove a file, or a folder (non-empty only with ``recursive``); False when nothing was there."""
+    backend, path = _resolve(uri)
+    return backend.delete(path, recursive)
+
+
+def rename(src_uri: str | os.PathLike, dst_uri: str | os.PathLike) -> None:
+    """Move a file or folder within one filesystem; ``dst_uri`` must not exist (parents are created)."""
+    src_backend, src = _resolve(src_uri)
+    dst_backend, dst = _resolve(dst_uri)
+    if src_backend.key != dst_backend.key:
+        raise ValueError(f"cannot rename across filesystems: {src_uri} -> {dst_uri}")
+    if not src_backend.exists(src):
+        raise FileNotFoundError(f"{src_uri} does not exist")
+    if dst_backend.exists(dst):
+        raise FileExistsError(f"{dst_uri} already exists")
+    src_backend.rename(src, dst)
+
+
+def hdfs_dfs_command() -> list[str]:
+    """The argv prefix of ``hdfs dfs`` (the project's scripts/hdfs, else a Hadoop install's)."""
+    script = paths.REPO_ROOT / "scripts" / "hdfs"
+    if script.exists():
+        return [str(script), "dfs"]
+    real = shutil.which("hdfs")
+    if real:
+        return [real, "dfs"]
+    raise FileNotFoundError("no `hdfs` command: neither scripts/hdfs in the repo nor a Hadoop install on PATH")
+
+
+# ----------------------------------------------------------- WebHDFS endpoints
+_registered_webhdfs: dict[str, str] = {}
+_active_config: dict[str, Any] | None = None
+_lock = threading.Lock()
+
+
+def register_webhdfs(namenode_uri: str, webhdfs_url: str) -> None:
+    """Tell storage which WebHDFS URL serves ``namenode_uri`` (e.g. a second local HDFS on other ports)."""
+    _registered_webhdfs[_authority(namenode_uri)] = webhdfs_url.rstrip("/")
+
+
+def configure(config: Mapping[str, Any] | None) -> None:
+    """Use a job's loaded config (its ``hdfs`` section, with --set overrides) instead of conf/ defaults."""
+    global _active_config
+    _active_config = dict(config.get("hdfs") or {}) if config is not None else None
+    _client_for.cache_clear()
+
+
+def _hdfs_config() -> dict[str, Any]:
+    if _active_config is not None:
+        return _active_config
+    return _default_hdfs_config()
+
+
+@lru_cache(maxsize=1)
+def _default_hdfs_config() -> dict[str, Any]:
+    from .config import ConfigError, load_config
+
+    try:
+        return dict(load_config().get("hdfs") or {})
+    except (ConfigError, OSError):
+        return {}
+
+
+def _authority(uri: str) -> str:
+    parsed = urlparse(uri)
+    if parsed.netloc:
+        return parsed.netloc.lower()
+    default = _hdfs_config().get("namenode_uri") or "hdfs://127.0.0.1:9000"
+    netloc = urlparse(default).netloc.lower()
+    if not netloc:
+        raise ValueError(f"{uri} has no NameNode host and the config's hdfs.namenode_uri ({default}) gives none")
+    return netloc
+
+
+def webhdfs_url_for(uri: str) -> str:
+    authority = _authority(uri)
+    if authority in _registered_webhdfs:
+        return _registered_webhdfs[authority]
+    if os.environ.get("CXR_WEBHDFS_URL"):
+        return os.environ["CXR_WEBHDFS_URL"].rstrip("/")
+    conf = _hdfs_config()
+    conf_nn, conf_url = conf.get("namenode_uri"), conf.get("webhdfs_url")
+    if conf_url and conf_nn and urlparse(conf_nn).netloc.lower() in (authority, ""):
+        return str(conf_url).rstrip("/")
+    host = authority.rsplit(":", 1)[0] if ":" in authority else authority
+    return f"http://{host}:{DEFAULT_WEBHDFS_PORT}"
+
+
+@lru_cache(maxsize=16)
+def _client_for(webhdfs_url: str, user: str):
+    from hdfs import InsecureClient
+
+    # (connect, read) timeouts: a dead NameNode fails fast, a big read does not.
+    return InsecureClient(webhdfs_url, user=user, timeout=(5, 300))
+
+
+@lru_cache(maxsize=64)
+def _check_serves(webhdfs_url: str, namenode_uri: str) -> None:
+    """Refuse a WebHDFS URL whose NameNode listens on another RPC port than the URI names.
+
+    Without this, ``hdfs://host:9001/x`` would silently use the NameNode of
+    ``http://host:9870`` (the default guess), i.e. another filesystem. Skipped when
+    the NameNode's /jmx cannot be read (then the real call reports the problem).
+    """
+    import json
+    import urllib.request
+
+    wanted_port = urlparse(namenode_uri).port
+    if wanted_port is None:
+        return
+    try:
+        url = f"{webhdfs_url}/jmx?qry=Hadoop:service=NameNode,name=NameNodeStatus"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            beans = json.load(response).get("beans", [])
+        served = beans[0]["HostAndPort"] if beans else None
+    except (OSError, ValueError, KeyError):
+        return
+    if served and served.rsplit(":", 1)[-1] != str(wanted_port):
+        _check_serves.cache_clear()  # do not remember the failure: the setup may get fixed
+        raise StorageError(
+            f"WebHDFS at {webhdfs_url} belongs to the NameNode at {served}, not {namenode_uri}: "
+            "set hdfs.webhdfs_url (or CXR_WEBHDFS_URL) to that NameNode's HTTP address"
+        )
+
+
+# ------------------------------------------------------------------- backends
+def _resolve(uri: str | os.PathLike):
+    text = os.fspath(uri)
+    scheme = _check_supported(text)
+    if scheme in LOCAL_SCHEMES:
+        return _LocalBackend(text), to_local_path(text)
+    parsed = urlparse(text)
+    return _HdfsBackend(f"hdfs://{_authority(text)}"), posixpath.normpath(parsed.path or "/")
+
+
+class _LocalBackend:
+    def __init__(self, example_uri: str):
+        self.as_uri = _scheme(example_uri) == "file"
+        self.key = "local"
+
+    def _uri(self, path: Path) -> str:
+        return f"file://{path.resolve()}" if self.as_uri else str(path)
+
+    def list_files(self, path: Path, recursive: bool) -> list[FileInfo]:
+        if path.is_file():
+            return [FileInfo(self._uri(path), path.stat().st_size)]
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} does not exist")
+        found = path.rglob("*") if recursive else path.iterdir()
+        return [FileInfo(self._uri(p), p.stat().st_size) for p in found if p.is_file()]
+
+    def read_bytes(self, path: Path) -> bytes:
+        return path.read_bytes()
+
+    def read_into(self, path: Path, out) -> None:
+        with open(path, "rb") as src:
+            shutil.copyfileobj(src, out, CHUNK)
+
+    def _atomic(self, path: Path, fill) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            fill(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def write_bytes(self, path: Path, data: bytes) -> None:
+        self._atomic(path, lambda tmp: tmp.write_bytes(data))
+
+    def upload_file(self, local: Path, path: Path) -> None:
+        self._atomic(path, lambda tmp: shutil.copyfile(local, tmp))
+
+    def exists(self, path: Path) -> bool:
+        return path.exists()
+
+    def makedirs(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+
+    def delete(self, path: Path, recursive: bool) -> bool:
+        if not path.exists() and not path.is_symlink():
+            return False
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path) if recursive else path.rmdir()
+        else:
+            path.unlink()
+        return True
+
+    def rename(self, src: Path, dst: Path) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(src, dst)
+
+
+class _HdfsBackend:
+    def __init__(self, namenode_uri: str):
+        self.namenode_uri = namenode_uri
+        self.key = namenode_uri
+        self.webhdfs_url = webhdfs_url_for(namenode_uri)
+        user = _hdfs_config().get("user") or os.environ.get("HADOOP_USER_NAME") or getpass.getuser()
+        self.client = _client_for(self.webhdfs_url, user)
+        _check_serves(self.webhdfs_url, namenode_uri)
+
+    def _uri(self, path: str) -> str:
+        return f"{self.namenode_uri}{path}"
+
+    def _call(self, what: str, path: str, func, *args, **kwargs):
+        """Run one WebHDFS call, translating HdfsCLI/requests errors into OSError subclasses."""
+        import requests
+        from hdfs.util import HdfsError
+
+        try:
+            return func(*args, **kwargs)
+        except requests.exceptions.RequestException as exc:
+            raise StorageUnavailable(
+                f"cannot reach WebHDFS at {self.webhdfs_url} ({what} {self._uri(path)}): is HDFS running? "
+                f"try `make hdfs-up` (or set hdfs.webhdfs_url / CXR_WEBHDFS_URL); cause: {exc.__class__.__name__}"
+            ) from exc
+        except HdfsError as exc:
+            kind = getattr(exc, "exception", None) or ""
+            message = f"{what} {self._uri(path)}: {exc}"
+            if kind == "FileNotFoundException" or "does not exist" in str(exc):
+                raise FileNotFoundError(message) from exc
+            if kind == "FileAlreadyExistsException":
+                raise FileExistsError(message) from exc
+            raise StorageError(message) from exc
+
+    def _status(self, path: str) -> dict | None:
+        return self._call("stat", path, self.client.status, path, strict=False)
+
+    def list_files(self, path: str, recursive: bool) -> list[FileInfo]:
+        status = self._status(path)
+        if status is None:
+            raise FileNotFoundError(f"{self._uri(path)} does not exist")
+        if status["type"] == "FILE":
+            return [FileInfo(self._uri(path), int(status["length"]))]
+        if not recursive:
+            entries = self._call("list", path, self.client.list, path, status=True)
+            return [FileInfo(self._uri(posixpath.join(path, name)), int(st["length"]))
+                    for name, st in entries if st["type"] == "FILE"]
+        found = []
+        walk = self._call("walk", path, lambda: list(self.client.walk(path, status=True)))
+        for (folder, _status), _dirs, files in walk:
+            found.extend(FileInfo(self._uri(posixpath.join(folder, name)), int(st["length"])) for name, st in files)
+        return found
+
+    def read_bytes(self, path: str) -> bytes:
+        def read() -> bytes:
+            with self.client.read(path) as reader:
+                return reader.read()
+
+        return self._call("read", path, read)
+
+    def read_into(self, path: str, out) -> None:
+        def copy() -> None:
+            with self.client.read(path, chunk_size=CHUNK) as chunks:
+                for chunk in chunks:
+                    out.write(chunk)
+
+        self._call("read", path, copy)
+
+    def _atomic(self, path: str, data) -> None:
+        if path == "/":
+            raise IsADirectoryError("cannot write to /")
+        folder, name = posixpath.split(path)
+        tmp = posixpath.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            self._call("write", path, self.client.write, tmp, data=data, overwrite=True)
+            # WebHDFS RENAME with OVERWRITE replaces the target in one NameNode operation.
+            self._call("rename", path, self.client._rename, tmp, destination=path, renameoptions="OVERWRITE")
+        except BaseException:
+            self._call("cleanup", tmp, self.client.delete, tmp)
+            raise
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        self._atomic(path, data)
+
+    def upload_file(self, local: Path, path: str) -> None:
+        with open(local, "rb") as stream:
+            self._atomic(path, stream)
+
+    def exists(self, path: str) -> bool:
+        return self._status(path) is not None
+
+    def makedirs(self, path: str) -> None:
+        status = self._status(path)
+        if status is not None and status["type"] != "DIRECTORY":
+            raise FileExistsError(f"{self._uri(path)} exists and is a file")
+        self._call("mkdir", path, self.client.makedirs, path)
+
+    def delete(self, path: str, recursive: bool) -> bool:
+        if path == "/":
+            raise PermissionError("refusing to delete the HDFS root")
+        return bool(self._call("delete", path, self.client.delete, path, recursive=recursive))
+
+    def rename(self, src: str, dst: str) -> None:
+        self.makedirs(posixpath.dirname(dst) or "/")
+        self._call("rename", src, self.client.rename, src, dst)
