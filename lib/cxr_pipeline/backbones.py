@@ -1,0 +1,180 @@
+"""ImageNet backbones from ``keras.applications`` as feature extractors.
+
+``build_backbone("InceptionV3", feature_layer="mixed5")`` returns a Keras model
+that maps a *preprocessed* float32 batch ``[n, h, w, 3]`` to pooled features
+``[n, d]``; ``preprocess`` is each backbone's own input scaling (done here in
+numpy, identical to ``keras.applications.<module>.preprocess_input``) and
+``featurize_arrays`` runs both on ``uint8`` batches in fixed-size chunks.
+
+Weights: ``None`` = the provisioned file for the backbone (``make weights``,
+:mod:`cxr_pipeline.weights`), a local ``.weights.h5`` path, ``"imagenet"``
+(Keras' own download, needs internet) or ``"random"`` (seeded random init, for
+tests and benchmarks where the values do not matter).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+RANDOM_WEIGHTS = "random"
+RANDOM_SEED = 1234
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    constructor: str  # attribute of keras.applications
+    input_size: tuple[int, int]  # (height, width)
+    preprocessing: str  # "tf" ([-1, 1]), "caffe" (BGR, mean-subtracted), "torch" (ImageNet mean/std)
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "InceptionV3": BackboneSpec("InceptionV3", (299, 299), "tf"),
+    "Xception": BackboneSpec("Xception", (299, 299), "tf"),
+    "ResNet50": BackboneSpec("ResNet50", (224, 224), "caffe"),
+    "MobileNetV2": BackboneSpec("MobileNetV2", (224, 224), "tf"),
+    "DenseNet121": BackboneSpec("DenseNet121", (224, 224), "torch"),
+}
+
+_CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)
+_TORCH_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+_TORCH_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+class BackboneError(ValueError):
+    """Unknown backbone, unknown layer or unusable weights."""
+
+
+def spec(model_name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[model_name]
+    except KeyError:
+        raise BackboneError(
+            f"unknown backbone {model_name!r}; choose one of {', '.join(BACKBONES)}"
+        ) from None
+
+
+def input_size(model_name: str) -> tuple[int, int]:
+    """``(height, width)`` the backbone expects."""
+    return spec(model_name).input_size
+
+
+def preprocess(model_name: str, batch_uint8: np.ndarray) -> np.ndarray:
+    """The backbone's own input scaling of an RGB ``[n, h, w, 3]`` batch, as float32."""
+    x = np.asarray(batch_uint8, dtype=np.float32)
+    mode = spec(model_name).preprocessing
+    if mode == "tf":
+        return x / np.float32(127.5) - np.float32(1.0)
+    if mode == "caffe":
+        return x[..., ::-1] - _CAFFE_MEAN_BGR
+    return (x / np.float32(255.0) - _TORCH_MEAN) / _TORCH_STD
+
+
+def _resolve_weights_file(model_name: str, weights: str | os.PathLike | None) -> str | None:
+    """A local weights file path, ``"imagenet"`` or None (random init)."""
+    if weights is None:
+        from .weights import default_weights_path  # raises WeightsNotFound ("run `make weights`")
+
+        return str(default_weights_path(model_name))
+    weights = str(weights)
+    if weights == RANDOM_WEIGHTS:
+        return None
+    if weights == "imagenet":
+        return weights
+    if "://" in weights and not weights.startswith("file://"):
+        raise BackboneError(
+            f"weights {weights!r} is a remote URI: fetch it first "
+            "(cxr_pipeline.spark.featurizer does this on executors)"
+        )
+    path = weights[len("file://"):] if weights.startswith("file://") else weights
+    if not os.path.isfile(path):
+        raise BackboneError(
+            f"weights file {path} for {model_name} does not exist; run `make weights` to provision "
+            "the default InceptionV3/Xception files, or pass weights='imagenet' on a host with internet"
+        )
+    return path
+
+
+def build_backbone(
+    model_name: str = "InceptionV3",
+    weights: str | os.PathLike | None = None,
+    feature_layer: str | None = None,
+    pooling: str | None = "avg",
+) -> Any:
+    """A Keras model: preprocessed batch ``[n, h, w, 3]`` -> features ``[n, d]``.
+
+    ``feature_layer`` names the layer whose output is pooled (default: the last
+    layer of the no-top backbone, e.g. ``mixed10`` for InceptionV3). ``pooling``
+    is ``"avg"``, ``"max"`` or None (flatten).
+    """
+    import keras
+
+    model_spec = spec(model_name)
+    weights_file = _resolve_weights_file(model_name, weights)
+    if weights_file is None:
+        keras.utils.set_random_seed(RANDOM_SEED)  # same "random" model in every worker
+    constructor = getattr(keras.applications, model_spec.constructor)
+    base = constructor(
+        include_top=False,
+        weights="imagenet" if weights_file == "imagenet" else None,
+        input_shape=(*model_spec.input_size, 3),
+    )
+    if weights_file not in (None, "imagenet"):
+        try:
+            base.load_weights(weights_file)
+        except Exception as exc:  # noqa: BLE001 - turn h5/shape errors into one clear message
+            raise BackboneError(
+                f"cannot load weights {weights_file} into {model_name} (no top): {exc}. "
+                "Re-provision them with `make weights`."
+            ) from exc
+    output = _layer_output(base, feature_layer)
+    if len(output.shape) == 4:
+        if pooling == "avg":
+            output = keras.layers.GlobalAveragePooling2D(name="feature_pool")(output)
+        elif pooling == "max":
+            output = keras.layers.GlobalMaxPooling2D(name="feature_pool")(output)
+        elif pooling is None:
+            output = keras.layers.Flatten(name="feature_flatten")(output)
+        else:
+            raise BackboneError(f"pooling must be 'avg', 'max' or None, not {pooling!r}")
+    name = f"{model_name}_{feature_layer or 'last'}_features"
+    return keras.Model(base.inputs, output, name=name)
+
+
+def _layer_output(base: Any, feature_layer: str | None) -> Any:
+    if not feature_layer:
+        return base.output
+    try:
+        return base.get_layer(feature_layer).output
+    except ValueError:
+        blocks = [layer.name for layer in base.layers if not layer.name.startswith(("conv2d", "batch_norm", "activation"))]
+        raise BackboneError(
+            f"{base.name} has no layer {feature_layer!r}; some of its layers: {', '.join(blocks[-12:])}"
+        ) from None
+
+
+def feature_dim(model: Any) -> int:
+    return int(model.output.shape[-1])
+
+
+def featurize_arrays(model: Any, model_name: str, batch_uint8: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """Features ``[n, d]`` (float32) of a ``uint8`` batch, ``batch_size`` images per model call.
+
+    The last chunk is zero-padded to ``batch_size`` so the compiled predict
+    function is traced once and reused for every call.
+    """
+    batch_uint8 = np.asarray(batch_uint8)
+    n = len(batch_uint8)
+    if n == 0:
+        return np.zeros((0, feature_dim(model)), dtype=np.float32)
+    batch_size = max(1, min(int(batch_size), n))
+    outputs = []
+    for start in range(0, n, batch_size):
+        chunk = preprocess(model_name, batch_uint8[start:start + batch_size])
+        real = len(chunk)
+        if real < batch_size:
+            chunk = np.concatenate([chunk, np.zeros((batch_size - real, *chunk.shape[1:]), chunk.dtype)])
+        outputs.append(np.asarray(model.predict_on_batch(chunk), dtype=np.float32)[:real])
+    return np.concatenate(outputs)

@@ -1,0 +1,141 @@
+"""Decoding every awkward kind of input, without Spark or TensorFlow."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr_pipeline.imaging import (
+    ImageDecodeError,
+    decode_batch,
+    decode_image,
+    image_info,
+)
+
+
+def encode(image: Image.Image, fmt: str = "JPEG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def gradient(width: int, height: int) -> np.ndarray:
+    """A horizontal ramp 0..255: orientation and scaling errors show up in it."""
+    row = np.linspace(0, 255, width).astype(np.uint8)
+    return np.tile(row, (height, 1))
+
+
+def test_grayscale_jpeg_becomes_rgb_of_requested_size():
+    data = encode(Image.fromarray(gradient(120, 80), mode="L"))
+    out = decode_image(data, size=(32, 48))
+    assert out.shape == (32, 48, 3) and out.dtype == np.uint8
+    assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 1], out[..., 2])
+    # the ramp survives: dark on the left, bright on the right
+    assert out[:, :4].mean() < 30 and out[:, -4:].mean() > 225
+
+
+def test_rgb_png_keeps_colour_channels():
+    pixels = np.zeros((40, 40, 3), np.uint8)
+    pixels[..., 0] = 200  # pure red
+    out = decode_image(encode(Image.fromarray(pixels), "PNG"), size=(20, 20))
+    assert (out[..., 0] == 200).all() and (out[..., 1:] == 0).all()
+
+
+def test_16bit_png_is_windowed_to_its_range():
+    # 12-bit data stored in 16 bits, as scanner exports do: must not come out black.
+    ramp = np.tile(np.linspace(0, 4095, 64), (16, 1)).astype(np.uint16)
+    image = Image.fromarray(ramp)  # mode I;16
+    assert image.mode.startswith("I")
+    out = decode_image(encode(image, "PNG"), size=(16, 64))
+    assert out[..., 0].max() >= 250 and out[..., 0].min() <= 5
+
+
+def test_cmyk_jpeg_and_palette_and_alpha_become_rgb():
+    cmyk = Image.new("CMYK", (30, 30), (0, 255, 255, 0))  # red in CMYK
+    out = decode_image(encode(cmyk), size=(10, 10))
+    assert out.shape == (10, 10, 3)
+    assert out[..., 0].mean() > 200 and out[..., 1].mean() < 60
+
+    palette = Image.new("P", (30, 30), 0)
+    palette.putpalette([0, 0, 255] + [0] * 765)  # index 0 is blue
+    out = decode_image(encode(palette, "PNG"), size=(10, 10))
+    assert out[..., 2].mean() > 240 and out[..., 0].mean() < 10
+
+    rgba = Image.new("RGBA", (30, 30), (10, 250, 10, 128))
+    out = decode_image(encode(rgba, "PNG"), size=(10, 10))
+    assert out.shape == (10, 10, 3) and out[..., 1].mean() > 240
+
+
+def test_exif_orientation_is_applied():
+    image = Image.fromarray(gradient(80, 40), mode="L")  # wide, dark on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": the displayed image is tall
+    data = encode(image, exif=exif.tobytes())
+    out = decode_image(data, size=(80, 40))  # height 80, width 40
+    column_means = out[..., 0].mean(axis=1)
+    # after rotating 90 CW, the dark left edge is at the top
+    assert column_means[:5].mean() < 40 and column_means[-5:].mean() > 215
+
+
+def test_large_jpeg_draft_decode_matches_full_decode():
+    rng = np.random.default_rng(0)
+    # smooth "X-ray-like" content: low-frequency blobs + ramp
+    base = gradient(1500, 1200).astype(np.float32)
+    blobs = np.kron(rng.uniform(-40, 40, (12, 15)), np.ones((100, 100)))
+    pixels = np.clip(base * 0.7 + blobs + 40, 0, 255).astype(np.uint8)
+    data = encode(Image.fromarray(pixels, mode="L"), quality=90)
+    drafted = decode_image(data, size=(299, 299)).astype(np.float32)
+    full = np.asarray(Image.fromarray(pixels, mode="L").resize((299, 299), Image.Resampling.BILINEAR)).astype(np.float32)
+    assert np.abs(drafted[..., 0] - full).mean() < 3.0
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "zero-byte file"),
+        (None, "missing content"),
+        (b"this is a text file, not an image\n" * 10, "not an image"),
+        (b"\xff\xd8\xff\xe0" + b"\x00" * 200, "corrupt"),  # JPEG magic, garbage after
+    ],
+)
+def test_junk_is_rejected_with_a_reason(data, reason):
+    with pytest.raises(ImageDecodeError, match=reason):
+        decode_image(data, size=(8, 8))
+
+
+def test_truncated_jpeg_is_rejected():
+    rng = np.random.default_rng(1)
+    data = encode(Image.fromarray(rng.integers(0, 255, (200, 200), dtype=np.uint8), mode="L"))
+    with pytest.raises(ImageDecodeError, match="truncated"):
+        decode_image(data[: len(data) // 2], size=(8, 8))
+
+
+def test_pixel_count_guard_rejects_before_decoding():
+    data = encode(Image.new("L", (2000, 1500)), "PNG")
+    with pytest.raises(ImageDecodeError, match="too many pixels"):
+        decode_image(data, size=(8, 8), max_pixels=1_000_000)
+    assert decode_image(data, size=(8, 8), max_pixels=3_000_000).shape == (8, 8, 3)
+
+
+def test_image_info_reads_header_only():
+    data = encode(Image.new("L", (123, 45)), "PNG")
+    assert image_info(data) == (123, 45, "PNG")
+    with pytest.raises(ImageDecodeError):
+        image_info(b"nope")
+
+
+def test_decode_batch_separates_good_and_bad():
+    good = encode(Image.fromarray(gradient(50, 50), mode="L"))
+    arrays, good_idx, failed = decode_batch([good, b"", b"junk", good], size=(16, 16))
+    assert arrays.shape == (2, 16, 16, 3)
+    assert good_idx == [0, 3]
+    assert [i for i, _ in failed] == [1, 2]
+    assert failed[0][1] == "zero-byte file" and failed[1][1] == "not an image"
+    assert np.array_equal(arrays[0], decode_image(good, size=(16, 16)))
+
+
+def test_decode_batch_of_nothing():
+    arrays, good_idx, failed = decode_batch([], size=(16, 16))
+    assert arrays.shape == (0, 16, 16, 3) and good_idx == [] and failed == []
