@@ -161,18 +161,44 @@ def _display_function(scope: Mapping[str, Any]):
     return None
 
 
-def display_or_save(fig, name: str, namespace: Mapping[str, Any] | None = None, dpi: int = 100) -> Path:
-    """Write a matplotlib figure to ``<output_dir>/<name>.png``, show it where the notebook can, close it."""
-    import matplotlib.pyplot as plt
+def _show_png(data: bytes, scope: Mapping[str, Any]) -> bool:
+    if callable(scope.get("displayHTML")):          # Databricks
+        import base64
 
+        encoded = base64.b64encode(data).decode("ascii")
+        scope["displayHTML"](f'<img src="data:image/png;base64,{encoded}"/>')
+        return True
+    show = _display_function(scope)
+    if show is None:
+        return False
+    from IPython.display import Image
+
+    show(Image(data=data))
+    return True
+
+
+def display_or_save(fig, name: str, namespace: Mapping[str, Any] | None = None, dpi: int = 100) -> Path:
+    """Write a plot to ``<output_dir>/<name>.png`` and show it where the notebook can.
+
+    ``fig`` is a matplotlib figure (closed afterwards) or PNG bytes, as the
+    ``cxr_pipeline.plots.plot_*`` functions return.
+    """
     path = output_dir() / f"{_safe_name(name)}.png"
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    show = _display_function(_caller_globals(namespace))
-    if show is not None:
-        show(fig)
+    scope = _caller_globals(namespace)
+    if isinstance(fig, (bytes, bytearray)):
+        path.write_bytes(bytes(fig))
+        shown = _show_png(bytes(fig), scope)
     else:
+        import matplotlib.pyplot as plt
+
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        show = _display_function(scope)
+        shown = show is not None
+        if shown:
+            show(fig)
+        plt.close(fig)
+    if not shown:
         print(f"[plot] {path}")
-    plt.close(fig)
     return path
 
 
