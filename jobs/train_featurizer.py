@@ -1,0 +1,91 @@
+"""Train the pneumonia classifier on Spark: ImageFeaturizer -> StandardScaler -> LogisticRegression.
+
+    spark-submit --master local[2] jobs/train_featurizer.py \\
+        --data hdfs://127.0.0.1:9000/data/chest_xray --out hdfs://127.0.0.1:9000/runs/demo
+
+Writes the run folder (config.yaml, model/, classifier.json, metrics.json, roc.png,
+pr.png, confusion_matrix.png, threshold.png, rejected.csv, summary.txt) and prints
+the summary. Defaults come from conf/ (--conf-env local|standalone|yarn); every
+option can be overridden with --set section.key=value or the shortcuts below.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _ensure_importable() -> None:
+    try:
+        import cxr_pipeline  # noqa: F401
+    except ImportError:  # run from a checkout without `pip install`: use ../lib
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+
+
+_ensure_importable()
+
+from cxr_pipeline.cli import add_config_options, resolve_config  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="train_featurizer.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=None, help="dataset root URI with train/ val/ test/ (default: data.uri)")
+    parser.add_argument("--out", required=True, help="run folder URI (local path, file:// or hdfs://)")
+    add_config_options(parser)
+    t = parser.add_argument_group("training shortcuts (same as --set training.*)")
+    t.add_argument("--reg-param", type=float)
+    t.add_argument("--elastic-net-param", type=float)
+    t.add_argument("--max-iter", type=int)
+    t.add_argument("--class-weighting", dest="class_weighting", action="store_true", default=None)
+    t.add_argument("--no-class-weighting", dest="class_weighting", action="store_false")
+    t.add_argument("--tuning", choices=("none", "cv", "tvs"))
+    t.add_argument("--validation", choices=("carve", "folder"),
+                   help="carve = patient-grouped slice of train (default); folder = the dataset's val/")
+    t.add_argument("--validation-fraction", type=float)
+    t.add_argument("--target-sensitivity", type=float)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--features-cache", help="root URI of the feature cache (default: next to the run)")
+    f = parser.add_argument_group("featurizer shortcuts (same as --set featurizer.*)")
+    f.add_argument("--model-name")
+    f.add_argument("--feature-layer")
+    f.add_argument("--image-size", type=int, help="square input side (default: the backbone's own)")
+    f.add_argument("--batch-size", type=int)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = resolve_config(args, [
+        ("training.reg_param", args.reg_param), ("training.elastic_net_param", args.elastic_net_param),
+        ("training.max_iter", args.max_iter), ("training.class_weighting", args.class_weighting),
+        ("training.tuning", args.tuning), ("training.validation", args.validation),
+        ("training.validation_fraction", args.validation_fraction),
+        ("training.target_sensitivity", args.target_sensitivity), ("training.seed", args.seed),
+        ("training.features_cache", args.features_cache),
+        ("featurizer.model_name", args.model_name), ("featurizer.feature_layer", args.feature_layer),
+        ("featurizer.image_size", args.image_size), ("featurizer.batch_size", args.batch_size),
+    ])
+    from cxr_pipeline import config as cfg
+    from cxr_pipeline.spark.session import spark_session
+    from cxr_pipeline.training import TrainingError, train
+
+    data_uri = args.data or cfg.get(config, "data.uri")
+    spark = spark_session(config, app_name="cxr-train-featurizer", master=args.master)
+    try:
+        result = train(spark, config, data_uri, args.out)
+    except (TrainingError, cfg.ConfigError) as exc:
+        print(f"train_featurizer: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        spark.stop()
+    print("\n=== cxr-pipeline training summary ===")
+    print(result.summary, end="")
+    print(f"run folder: {result.run.root}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Command-line plumbing shared by the jobs: config options and job bootstrap."""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Sequence
+
+from .. import config as cfg
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("configuration (conf/defaults.yaml <- conf/ENV.yaml <- --conf <- --set)")
+    group.add_argument("--conf-env", default=None, choices=cfg.ENVIRONMENTS,
+                       help="environment config in conf/ (default: $CXR_ENV or local)")
+    group.add_argument("--conf", action="append", default=[], metavar="FILE", help="extra YAML config file(s)")
+    group.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one config value, e.g. --set training.reg_param=0.1 (repeatable)")
+    group.add_argument("--master", default=None, help="Spark master (default: spark-submit's, else spark.master)")
+
+
+def resolve_config(args: argparse.Namespace, shortcuts: Sequence[tuple[str, Any]] = ()) -> dict[str, Any]:
+    """Config from the files, then ``--set``, then the job's own shortcut options (``(dotted, value)``, None = unset)."""
+    overrides = list(args.set)
+    for dotted, value in shortcuts:
+        if value is not None:
+            overrides.append(f"{dotted}={_yaml_scalar(value)}")
+    return cfg.load_config(args.conf_env, args.conf, overrides)
+
+
+def _yaml_scalar(value: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()

@@ -1,0 +1,434 @@
+"""Training the Spark ML classifier: featurizer -> StandardScaler -> LogisticRegression.
+
+The flow of ``train`` (called by ``jobs/train_featurizer.py``):
+
+1. read the image tree (junk is rejected and listed, never fatal);
+2. featurize once into a Parquet cache keyed by data URI, backbone, layer and
+   image size, so re-training or tuning reuses the features;
+3. assign subsets: ``train``/``val`` carved from the training images grouped by
+   patient (or the dataset's own ``val`` folder), ``test`` = the test folder,
+   used only for the final report;
+4. fit StandardScaler + LogisticRegression (inverse-frequency weight column by
+   default; optional CrossValidator / TrainValidationSplit over a small grid);
+5. choose the decision threshold on validation for the target sensitivity;
+6. evaluate on test and write the run folder (see ``RunLayout``).
+
+The saved ``PipelineModel`` has all three stages, so it scores raw images.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from pyspark.ml import Pipeline, PipelineModel
+from pyspark.ml.classification import LogisticRegression
+from pyspark.ml.evaluation import BinaryClassificationEvaluator
+from pyspark.ml.feature import StandardScaler
+from pyspark.ml.functions import vector_to_array
+from pyspark.ml.tuning import CrossValidator, ParamGridBuilder, TrainValidationSplit
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from . import config as cfg
+from . import metrics as M
+from . import splits
+from .dataset_layout import invert_label_index, label_index, parse_image_path, patient_id
+
+log = logging.getLogger(__name__)
+
+FEATURES_COL = "features"
+SCALED_COL = "scaled_features"
+WEIGHT_COL = "weight"
+SCORE_COL = "p_pneumonia"
+POSITIVE_LABEL = "PNEUMONIA"
+TUNING_MODES = ("none", "cv", "tvs")
+
+
+class TrainingError(RuntimeError):
+    """The data cannot train a classifier (no images, one class in training, ...)."""
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The files of a run folder (local path or hdfs:// URI)."""
+
+    root: str
+
+    def _join(self, name: str) -> str:
+        return self.root.rstrip("/") + "/" + name
+
+    @property
+    def model(self) -> str:
+        return self._join("model")
+
+    def __getattr__(self, name: str) -> str:
+        files = {
+            "config": "config.yaml", "metrics": "metrics.json", "classifier": "classifier.json",
+            "roc": "roc.png", "pr": "pr.png", "confusion": "confusion_matrix.png",
+            "threshold_plot": "threshold.png", "rejected": "rejected.csv", "summary": "summary.txt",
+            "predictions": "test_predictions",
+        }
+        if name in files:
+            return self._join(files[name])
+        raise AttributeError(name)
+
+
+@dataclass
+class TrainingSettings:
+    reg_param: float = 0.01
+    elastic_net_param: float = 0.0
+    max_iter: int = 200
+    class_weighting: bool = True
+    tuning: str = "none"
+    tuning_folds: int = 3
+    grid: dict[str, list[float]] = field(default_factory=lambda: {"reg_param": [0.001, 0.01, 0.1]})
+    validation: str = "carve"
+    validation_fraction: float = 0.2
+    seed: int = 42
+    target_sensitivity: float = 0.95
+    features_cache: str | None = None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "TrainingSettings":
+        section = dict(cfg.get(config, "training", {}) or {})
+        known = {k: v for k, v in section.items() if k in cls.__dataclass_fields__}
+        unknown = sorted(set(section) - set(known))
+        if unknown:
+            raise cfg.ConfigError(f"unknown training option(s): {', '.join(unknown)}")
+        settings = cls(**known)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.tuning not in TUNING_MODES:
+            raise cfg.ConfigError(f"training.tuning must be one of {TUNING_MODES}, got {self.tuning!r}")
+        if self.validation not in ("carve", "folder"):
+            raise cfg.ConfigError(f"training.validation must be carve or folder, got {self.validation!r}")
+        if not 0.0 < float(self.validation_fraction) < 1.0:
+            raise cfg.ConfigError("training.validation_fraction must be in (0, 1)")
+        if not 0.0 < float(self.target_sensitivity) <= 1.0:
+            raise cfg.ConfigError("training.target_sensitivity must be in (0, 1]")
+        if self.tuning == "cv" and int(self.tuning_folds) < 2:
+            raise cfg.ConfigError("training.tuning_folds must be >= 2")
+
+
+@dataclass(frozen=True)
+class FeaturizerSettings:
+    model_name: str = "InceptionV3"
+    feature_layer: str | None = None
+    weights: str | None = None
+    batch_size: int = 16
+    image_size: int | None = None  # square side; None = the backbone's own input size
+    max_pixels: int | None = None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "FeaturizerSettings":
+        section = cfg.get(config, "featurizer", {}) or {}
+        return cls(
+            model_name=section.get("model_name", "InceptionV3"),
+            feature_layer=section.get("feature_layer"),
+            weights=section.get("weights"),
+            batch_size=int(section.get("batch_size", 16)),
+            image_size=section.get("image_size"),
+            max_pixels=cfg.get(config, "data.max_pixels"),
+        )
+
+    def cache_key(self) -> str:
+        size = self.image_size or "native"
+        return f"{self.model_name}_{self.feature_layer or 'top'}_{size}".replace("/", "-")
+
+
+# ---------------------------------------------------------------- featurization
+
+def build_featurizer(settings: FeaturizerSettings):
+    """The ``ImageFeaturizer`` stage for these settings (weights resolved on the driver)."""
+    from .spark.featurizer import ImageFeaturizer
+
+    params: dict[str, Any] = {"modelName": settings.model_name, "batchSize": settings.batch_size}
+    if settings.feature_layer:
+        params["featureLayer"] = settings.feature_layer
+    if settings.weights:
+        params["weights"] = settings.weights
+    if settings.max_pixels:
+        params["maxPixels"] = int(settings.max_pixels)
+    if settings.image_size:
+        if not ImageFeaturizer().hasParam("imageSize"):
+            raise cfg.ConfigError("featurizer.image_size is set but this ImageFeaturizer has no imageSize param")
+        params["imageSize"] = int(settings.image_size)
+    return ImageFeaturizer(**params)
+
+
+def features_cache_uri(data_uri: str, out_uri: str, settings: FeaturizerSettings, cache_root: str | None = None) -> str:
+    """``<cache_root>/<hash of data uri>/<backbone>_<layer>_<size>``; default root next to the run."""
+    root = cache_root or (out_uri.rstrip("/").rsplit("/", 1)[0] + "/_features_cache")
+    data_key = hashlib.sha1(data_uri.rstrip("/").encode()).hexdigest()[:10]
+    return f"{root.rstrip('/')}/{data_key}/{settings.cache_key()}"
+
+
+def _cache_matches(spark: SparkSession, cache_uri: str, images: DataFrame) -> bool:
+    from . import storage
+
+    if not storage.exists(cache_uri.rstrip("/") + "/_SUCCESS"):
+        return False
+    cached = spark.read.parquet(cache_uri).select("path")
+    current = images.select("path")
+    missing = current.join(cached, "path", "left_anti").limit(1).count()
+    extra = cached.join(current, "path", "left_anti").limit(1).count()
+    return missing == 0 and extra == 0
+
+
+def featurize_cached(spark: SparkSession, images: DataFrame, featurizer, cache_uri: str) -> tuple[DataFrame, bool]:
+    """Features for ``images`` from the cache, featurizing (and caching) when the image set changed.
+
+    Returns (DataFrame[path, split, label, label_name, features, featurize_error], reused).
+    """
+    if _cache_matches(spark, cache_uri, images):
+        log.info("reusing cached features at %s", cache_uri)
+        return spark.read.parquet(cache_uri), True
+    log.info("featurizing %s -> cache %s", featurizer.getOrDefault("modelName"), cache_uri)
+    error_col = featurizer.getOrDefault("errorCol")
+    featurized = featurizer.transform(images).select(
+        "path", "split", "label", "label_name", FEATURES_COL, F.col(error_col).alias("featurize_error")
+    )
+    featurized.write.mode("overwrite").parquet(cache_uri)
+    return spark.read.parquet(cache_uri), False
+
+
+# ---------------------------------------------------------------- subsets
+
+def assign_subsets(features: DataFrame, settings: TrainingSettings) -> tuple[DataFrame, dict[str, Any]]:
+    """Adds ``subset`` (train | val | test) and ``patient``.
+
+    ``carve``: training images and the dataset's small ``val`` folder are pooled
+    and split by patient; ``folder``: the folders are used as they are.
+    """
+    spark = features.sparkSession
+    rows = features.select("path", "split", "label").collect()
+    subset: dict[str, str] = {}
+    pool = [r for r in rows if r["split"] in ("train", "val")]
+    if settings.validation == "carve":
+        names = [parse_image_path(r["path"]).file_name for r in pool]
+        flags = splits.is_validation(names, [r["label"] for r in pool], settings.validation_fraction, settings.seed)
+        summary = splits.summarize(names, flags)
+        for r, is_val in zip(pool, flags):
+            subset[r["path"]] = "val" if is_val else "train"
+        info = {"mode": "carve", "fraction": settings.validation_fraction, "seed": settings.seed,
+                "train_patients": summary.train_patients, "val_patients": summary.val_patients}
+    else:
+        for r in pool:
+            subset[r["path"]] = r["split"]
+        info = {"mode": "folder"}
+    for r in rows:
+        if r["split"] == "test":
+            subset[r["path"]] = "test"
+    mapping = spark.createDataFrame(
+        [(p, s, patient_id(parse_image_path(p).file_name)) for p, s in subset.items()],
+        "path string, subset string, patient string",
+    )
+    return features.join(F.broadcast(mapping), "path", "inner"), info
+
+
+def counts_by_subset(df: DataFrame, label_names: list[str]) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    for row in df.groupBy("subset", "label").count().collect():
+        counts.setdefault(row["subset"], {name: 0 for name in label_names})[label_names[row["label"]]] = row["count"]
+    return counts
+
+
+# ---------------------------------------------------------------- classifier
+
+def add_class_weights(df: DataFrame, class_counts: list[int]) -> tuple[DataFrame, list[float]]:
+    """A ``weight`` column = n / (k * n_class) from the training counts (balanced => 1.0)."""
+    weights = M.inverse_frequency_weights(class_counts)
+    expr = F.lit(1.0)
+    for label, weight in enumerate(weights):
+        expr = F.when(F.col("label") == label, F.lit(float(weight))).otherwise(expr)
+    return df.withColumn(WEIGHT_COL, expr.cast("double")), weights
+
+
+def build_classifier(settings: TrainingSettings, weighted: bool) -> tuple[Pipeline, LogisticRegression]:
+    scaler = StandardScaler(inputCol=FEATURES_COL, outputCol=SCALED_COL, withMean=True, withStd=True)
+    lr = LogisticRegression(
+        featuresCol=SCALED_COL, labelCol="label",
+        regParam=float(settings.reg_param), elasticNetParam=float(settings.elastic_net_param),
+        maxIter=int(settings.max_iter), family="binomial",
+    )
+    if weighted:
+        lr.setWeightCol(WEIGHT_COL)
+    return Pipeline(stages=[scaler, lr]), lr
+
+
+def _param_grid(lr: LogisticRegression, grid: Mapping[str, list[float]]):
+    names = {"reg_param": lr.regParam, "elastic_net_param": lr.elasticNetParam, "max_iter": lr.maxIter}
+    builder = ParamGridBuilder()
+    for key, values in (grid or {}).items():
+        if key not in names:
+            raise cfg.ConfigError(f"training.grid.{key}: can tune only {', '.join(names)}")
+        builder = builder.addGrid(names[key], [int(v) if key == "max_iter" else float(v) for v in values])
+    return builder.build()
+
+
+def _patient_folds(df: DataFrame, folds: int, seed: int) -> DataFrame:
+    # Folds by patient (a salted hash), so CrossValidator never splits a patient either.
+    return df.withColumn("fold", F.pmod(F.xxhash64(F.lit(str(seed)), F.col("patient")), F.lit(folds)).cast("int"))
+
+
+def fit_classifier(train_df: DataFrame, settings: TrainingSettings, weighted: bool) -> tuple[PipelineModel, dict[str, Any]]:
+    """Fits scaler + LR (tuned or not). Returns (PipelineModel[scaler, lr], tuning info)."""
+    pipeline, lr = build_classifier(settings, weighted)
+    if settings.tuning == "none":
+        return pipeline.fit(train_df), {"mode": "none"}
+    grid = _param_grid(lr, settings.grid)
+    evaluator = BinaryClassificationEvaluator(labelCol="label", metricName="areaUnderROC")
+    if settings.tuning == "cv":
+        tuner = CrossValidator(estimator=pipeline, estimatorParamMaps=grid, evaluator=evaluator,
+                               numFolds=int(settings.tuning_folds), seed=int(settings.seed), foldCol="fold")
+        fitted = tuner.fit(_patient_folds(train_df, int(settings.tuning_folds), int(settings.seed)))
+        scores = list(fitted.avgMetrics)
+    else:
+        tuner = TrainValidationSplit(estimator=pipeline, estimatorParamMaps=grid, evaluator=evaluator,
+                                     trainRatio=0.8, seed=int(settings.seed))
+        fitted = tuner.fit(train_df)
+        scores = list(fitted.validationMetrics)
+    candidates = [
+        {**{p.name: m[p] for p in m}, "areaUnderROC": s} for m, s in zip(grid, scores)
+    ]
+    best = fitted.bestModel
+    best_lr = best.stages[-1]
+    info = {
+        "mode": settings.tuning, "metric": "areaUnderROC", "candidates": candidates,
+        "best": {"regParam": best_lr.getOrDefault("regParam"), "elasticNetParam": best_lr.getOrDefault("elasticNetParam"),
+                 "maxIter": best_lr.getOrDefault("maxIter")},
+    }
+    return best, info
+
+
+def with_scores(predictions: DataFrame) -> DataFrame:
+    """Adds ``p_pneumonia`` = probability of label 1 (PNEUMONIA)."""
+    return predictions.withColumn(SCORE_COL, vector_to_array(F.col("probability")).getItem(1))
+
+
+def collect_scores(predictions: DataFrame) -> tuple[list[int], list[float]]:
+    rows = predictions.select("label", SCORE_COL).collect()
+    return [int(r["label"]) for r in rows], [float(r[SCORE_COL]) for r in rows]
+
+
+def choose_threshold(val_labels: list[int], val_scores: list[float], target: float) -> M.ThresholdChoice:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", M.ThresholdWarning)
+        choice = M.threshold_for_sensitivity(val_labels, val_scores, target)
+    for w in caught:
+        log.warning("threshold: %s", w.message)
+    return choice
+
+
+# ---------------------------------------------------------------- the whole run
+
+@dataclass
+class TrainingResult:
+    run: RunLayout
+    model: PipelineModel
+    metrics: dict[str, Any]
+    summary: str
+
+
+def label_names_of(df: DataFrame) -> list[str]:
+    pairs = {(r["label"], r["label_name"]) for r in df.select("label", "label_name").distinct().collect()}
+    names = invert_label_index(label_index(name for _, name in pairs))
+    for label, name in pairs:
+        if names[label] != name:
+            raise TrainingError(f"label {label} is {name!r} but the layout says {names[label]!r}")
+    return names
+
+
+def train(spark: SparkSession, config: Mapping[str, Any], data_uri: str, out_uri: str) -> TrainingResult:
+    from . import evaluation, model_export, storage
+    from .spark.reader import read_images_with_rejections
+
+    settings = TrainingSettings.from_config(config)
+    fsettings = FeaturizerSettings.from_config(config)
+    run = RunLayout(out_uri.rstrip("/"))
+    storage.makedirs(run.root)
+    storage.write_bytes(run.config, cfg.dump_config({**config, "data": {**config.get("data", {}), "uri": data_uri},
+                                                      "run": {"out": run.root}}).encode())
+
+    read = read_images_with_rejections(spark, data_uri, source=cfg.get(config, "data.source", "binaryFile"))
+    images = read.images
+    featurizer = build_featurizer(fsettings)
+    cache_uri = features_cache_uri(data_uri, run.root, fsettings, settings.features_cache)
+    features, reused = featurize_cached(spark, images, featurizer, cache_uri)
+
+    failed = features.where(F.col(FEATURES_COL).isNull()).select("path", F.col("featurize_error").alias("reason"))
+    rejected = read.rejected.select("path", "reason").unionByName(failed).collect()
+    good = features.where(F.col(FEATURES_COL).isNotNull())
+    if good.limit(1).count() == 0:
+        raise TrainingError(f"no usable images under {data_uri} ({len(rejected)} rejected)")
+    label_names = label_names_of(good)
+    if len(label_names) != 2 or label_names[1] != POSITIVE_LABEL:
+        raise TrainingError(f"expected classes NORMAL and PNEUMONIA, found {label_names}")
+
+    data, split_info = assign_subsets(good, settings)
+    data = data.cache()
+    counts = counts_by_subset(data, label_names)
+    train_counts = [counts.get("train", {}).get(n, 0) for n in label_names]
+    if min(train_counts) == 0:
+        raise TrainingError(f"training subset has a single class: {dict(zip(label_names, train_counts))}")
+
+    train_df = data.where(F.col("subset") == "train")
+    class_weights = None
+    if settings.class_weighting:
+        train_df, class_weights = add_class_weights(train_df, train_counts)
+    classifier, tuning_info = fit_classifier(train_df, settings, weighted=settings.class_weighting)
+
+    scored = with_scores(classifier.transform(data.where(F.col("subset").isin("val", "test")))).cache()
+    val_labels, val_scores = collect_scores(scored.where(F.col("subset") == "val"))
+    choice = choose_threshold(val_labels, val_scores, settings.target_sensitivity)
+    model = PipelineModel(stages=[featurizer, *classifier.stages])
+    model.write().overwrite().save(run.model)
+
+    test = scored.where(F.col("subset") == "test")
+    report = evaluation.evaluate(test, choice, label_names)
+    report["validation"] = evaluation.validation_report(val_labels, val_scores, choice)
+    report.update({
+        "data": data_uri, "run": run.root, "counts": counts, "split": split_info,
+        "rejected": len(rejected), "class_weights": dict(zip(label_names, class_weights)) if class_weights else None,
+        "classifier": {"regParam": classifier.stages[-1].getOrDefault("regParam"),
+                       "elasticNetParam": classifier.stages[-1].getOrDefault("elasticNetParam"),
+                       "maxIter": classifier.stages[-1].getOrDefault("maxIter"),
+                       "iterations": classifier.stages[-1].summary.totalIterations
+                       if classifier.stages[-1].hasSummary else None},
+        "tuning": tuning_info,
+        "featurizer": {"model_name": fsettings.model_name, "feature_layer": fsettings.feature_layer,
+                       "image_size": fsettings.image_size, "cache": cache_uri, "cache_reused": reused},
+    })
+    evaluation.write_report(run, report, test, label_names)
+    storage.write_bytes(run.rejected, _rejections_csv(rejected).encode())
+    model_export.export_classifier(model, run.root, threshold=choice.threshold, label_names=label_names,
+                                   image_size=fsettings.image_size)
+    summary = evaluation.summary_text(report)
+    storage.write_bytes(run.summary, summary.encode())
+    data.unpersist()
+    scored.unpersist()
+    return TrainingResult(run=run, model=model, metrics=report, summary=summary)
+
+
+def _rejections_csv(rows) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["path", "reason"])
+    for r in rows:
+        writer.writerow([r["path"], r["reason"]])
+    return buf.getvalue()
+
+
+def load_metrics(run_uri: str) -> dict[str, Any]:
+    from . import storage
+
+    return json.loads(storage.read_bytes(RunLayout(run_uri).metrics))
