@@ -23,7 +23,7 @@ RUN        ?= hdfs://127.0.0.1:9000/runs/demo
 PYTEST_ARGS ?=
 
 .PHONY: help venv hadoop hdfs-up hdfs-down hdfs-status spark-up spark-down spark-status \
-        sample-data weights hdfs-load demo test test-fast bench wheel clean
+        sample-data weights hdfs-load demo test test-fast bench wheel clean browser serve
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -72,11 +72,18 @@ hdfs-load: hdfs-up sample-data ## push SRC (default: sample tree) to DEST in HDF
 demo: hdfs-load weights ## the main job end to end on the embedded default, metrics printed
 	$(VENV)/bin/spark-submit --master local[2] jobs/train_featurizer.py --data $(DEST) --out $(RUN)
 
-test: venv hadoop sample-data weights ## the whole test suite (real HDFS, real Spark, real weights)
+test: venv hadoop sample-data weights browser ## the whole test suite (real HDFS, real Spark, real weights, real browser)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: venv hadoop sample-data weights ## the test suite without the slow end-to-end tests
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+browser: ## Debian's chromium for the upload-page test (apt; idempotent)
+	@command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
+serve: venv ## serve a trained model: make serve MODEL=runs/<run> (page on http://127.0.0.1:8000/)
+	@test -n "$(MODEL)" || { echo "usage: make serve MODEL=<run folder of train_featurizer or train_cnn>"; exit 2; }
+	$(PY) -m cxr_pipeline.serving --model $(MODEL)
 
 wheel: venv ## build the project wheel (for spark-submit --py-files / YARN)
 	$(PY) -m pip wheel --no-deps -w dist .
