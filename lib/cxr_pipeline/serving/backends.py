@@ -1,0 +1,231 @@
+"""The models the service can serve, behind one small interface.
+
+A backend is loaded once at start-up and then answers ``predict(bytes)`` for
+one image; a backend that can explain itself also answers ``heatmap(bytes)``
+with a PNG (Grad-CAM over the image). Two kinds exist:
+
+* ``spark-lr``: a run folder of ``jobs/train_featurizer.py``. Served without
+  Spark from ``classifier.json`` (Keras backbone + the scaler and logistic
+  regression exported from the ``PipelineModel``) by
+  :class:`cxr_pipeline.model_export.LocalClassifier`.
+* ``cnn``: a run folder of ``jobs/train_cnn.py`` (or a ``.keras`` file), served
+  by :class:`cxr_pipeline.cnn.predict.LocalCnnClassifier`.
+
+Both classifiers take a list of image bytes and return one dict per image
+(probability, predicted_label, label_name, threshold, error), so one adapter
+serves both; the CNN one adds the heat map.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+SPARK_EXPORT_FILE = "classifier.json"
+CNN_META_FILE = "cnn.json"
+CNN_MODEL_FILE = "model.keras"
+
+
+class ModelLoadError(RuntimeError):
+    """The model folder is missing or is not a run folder of a training job."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str     # run name + short content hash: tells two versions of a run apart
+    kind: str         # "spark-lr" | "cnn"
+    name: str         # e.g. "InceptionV3 (mixed5) + logistic regression"
+    run: str          # the run folder / file the service was started with
+    label_names: tuple[str, ...]
+    threshold: float
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["label_names"] = list(self.label_names)
+        return data
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label_name: str
+    label_index: int
+    probability: float  # of the positive class (label_names[1], PNEUMONIA)
+    threshold: float
+
+
+class PredictionError(ValueError):
+    """The model could not score the image (its reason is the message)."""
+
+
+@runtime_checkable
+class ModelBackend(Protocol):
+    info: ModelInfo
+
+    @property
+    def supports_heatmap(self) -> bool: ...
+
+    def predict(self, data: bytes) -> Prediction: ...
+
+    def heatmap(self, data: bytes) -> bytes | None: ...
+
+
+class ClassifierBackend:
+    """Adapter over anything with ``predict_bytes(list_of_bytes) -> list[dict]``."""
+
+    def __init__(self, classifier: Any, info: ModelInfo):
+        self.classifier = classifier
+        self.info = info
+        # Keras models are not documented as safe to call from several threads;
+        # the request thread pool would do that, so calls are serialised.
+        self._lock = threading.Lock()
+
+    @property
+    def supports_heatmap(self) -> bool:
+        return False
+
+    def predict(self, data: bytes) -> Prediction:
+        with self._lock:
+            (result,) = self.classifier.predict_bytes([data])
+        if result.get("error"):
+            raise PredictionError(str(result["error"]))
+        return Prediction(
+            label_name=str(result["label_name"]),
+            label_index=int(result["predicted_label"]),
+            probability=float(result["probability"]),
+            threshold=float(result["threshold"]),
+        )
+
+    def heatmap(self, data: bytes) -> bytes | None:
+        return None
+
+
+class CnnBackend(ClassifierBackend):
+    """The CNN adapter: predictions plus a Grad-CAM heat map over the image."""
+
+    @property
+    def supports_heatmap(self) -> bool:
+        return True
+
+    def heatmap(self, data: bytes) -> bytes | None:
+        from cxr_pipeline.cnn.gradcam import gradcam_heatmap
+        from cxr_pipeline.imaging import decode_image
+
+        size = tuple(self.classifier.image_size)
+        image = decode_image(data, size=size)
+        batch = self.classifier.prepare(image[None, ...]) if hasattr(self.classifier, "prepare") else image[None, ...]
+        with self._lock:
+            heat = gradcam_heatmap(self.classifier.model, batch)
+        return overlay_heatmap_png(data, heat)
+
+
+def overlay_heatmap_png(image_bytes: bytes, heat, alpha: float = 0.45, max_side: int = 640) -> bytes:
+    """A PNG of the uploaded image with ``heat`` (2-D, any size, >= 0) blended on top in 'jet' colours.
+
+    Drawn at the image's own aspect ratio (at most ``max_side`` px), so the
+    map lines up with what the reader sees.
+    """
+    import numpy as np
+    from matplotlib import colormaps
+    from PIL import Image
+
+    with Image.open(io.BytesIO(image_bytes)) as img:
+        base = img.convert("RGB")
+    base.thumbnail((max_side, max_side))
+    heat = np.asarray(heat, dtype=np.float32).squeeze()
+    if heat.ndim != 2:
+        raise ValueError(f"heat map must be 2-D, got shape {heat.shape}")
+    heat = np.nan_to_num(heat - heat.min())
+    if heat.max() > 0:
+        heat = heat / heat.max()
+    heat_img = Image.fromarray((heat * 255).astype(np.uint8)).resize(base.size, Image.BILINEAR)
+    coloured = colormaps["jet"](np.asarray(heat_img) / 255.0)[..., :3]
+    blended = (1 - alpha) * np.asarray(base, dtype=np.float32) + alpha * coloured * 255.0
+    out = io.BytesIO()
+    Image.fromarray(blended.clip(0, 255).astype(np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
+# ----------------------------------------------------------------------------
+# Loading
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _read_small(path: str, name: str) -> bytes | None:
+    """Bytes of ``path/name`` (local path, file:// or any storage URI), None if absent."""
+    if _is_uri(path):
+        from cxr_pipeline import storage
+
+        uri = storage.join(path, name)
+        return storage.read_bytes(uri) if storage.exists(uri) else None
+    local = Path(path.removeprefix("file://")) / name
+    return local.read_bytes() if local.is_file() else None
+
+
+def _run_name(path: str) -> str:
+    return posixpath.basename(path.rstrip("/")) or path
+
+
+def _model_id(path: str, fingerprint: bytes) -> str:
+    return f"{_run_name(path)}@{hashlib.sha256(fingerprint).hexdigest()[:8]}"
+
+
+def detect_kind(model_path: str) -> str:
+    """``"spark-lr"`` or ``"cnn"`` from what the run folder holds."""
+    if model_path.endswith(".keras"):
+        return "cnn"
+    if _read_small(model_path, SPARK_EXPORT_FILE) is not None:
+        return "spark-lr"
+    if _read_small(model_path, CNN_META_FILE) is not None:
+        return "cnn"
+    raise ModelLoadError(
+        f"{model_path}: not a run folder of a training job: expected {SPARK_EXPORT_FILE} "
+        f"(jobs/train_featurizer.py) or {CNN_META_FILE} + {CNN_MODEL_FILE} (jobs/train_cnn.py)"
+    )
+
+
+def _spark_model_name(meta: dict[str, Any]) -> str:
+    backbone = meta.get("model_name", "backbone")
+    layer = meta.get("feature_layer")
+    return f"{backbone}{f' ({layer})' if layer else ''} + logistic regression"
+
+
+def load_backend(model_path: str | Path) -> ModelBackend:
+    """Load the model at ``model_path`` once; the returned backend is ready to predict."""
+    model_path = str(model_path)
+    kind = detect_kind(model_path)
+    if kind == "spark-lr":
+        from cxr_pipeline.model_export import LocalClassifier
+
+        meta_bytes = _read_small(model_path, SPARK_EXPORT_FILE) or b"{}"
+        meta = json.loads(meta_bytes)
+        classifier = LocalClassifier.load(model_path)
+        name = _spark_model_name(meta)
+        backend_cls: type[ClassifierBackend] = ClassifierBackend
+    else:
+        from cxr_pipeline.cnn.predict import LocalCnnClassifier
+
+        meta_bytes = b"" if model_path.endswith(".keras") else (_read_small(model_path, CNN_META_FILE) or b"{}")
+        meta = json.loads(meta_bytes) if meta_bytes else {}
+        classifier = LocalCnnClassifier.load(model_path)
+        name = f"{meta.get('model_name') or meta.get('model') or 'CNN'} (Keras CNN)"
+        backend_cls = CnnBackend
+    label_names = tuple(getattr(classifier, "label_names", None) or meta.get("label_names") or ("NORMAL", "PNEUMONIA"))
+    threshold = getattr(classifier, "threshold", None)
+    threshold = float(meta.get("threshold", 0.5) if threshold is None else threshold)
+    info = ModelInfo(
+        model_id=_model_id(model_path, meta_bytes or model_path.encode()),
+        kind=kind,
+        name=name,
+        run=model_path,
+        label_names=label_names,
+        threshold=threshold,
+    )
+    return backend_cls(classifier, info)
