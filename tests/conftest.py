@@ -59,6 +59,23 @@ def hdfs_cluster():
     return ensure_running()
 
 
+@pytest.fixture(scope="session")
+def spark_standalone():
+    """Master URL of the loopback standalone cluster (2 one-core workers).
+
+    Started on demand and stopped after the session if this session started it
+    (its three JVMs compete for the 2 cores); left alone if it was already up.
+    """
+    from cxr_pipeline.localstack.spark_cluster import LocalSparkStandalone
+
+    cluster = LocalSparkStandalone(workers=2)
+    was_running = cluster.is_running()
+    cluster.up()
+    yield cluster.master_url
+    if not was_running:
+        cluster.down()
+
+
 @pytest.fixture
 def hdfs_tmp(hdfs_cluster):
     """A fresh hdfs:// folder URI for one test, removed afterwards."""
