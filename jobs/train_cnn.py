@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Train a Keras CNN on the chest_xray tree (local path or any Hadoop URI, e.g. the local HDFS).
+
+    python jobs/train_cnn.py --data hdfs://127.0.0.1:9000/data/chest_xray \\
+        --out hdfs://127.0.0.1:9000/runs/cnn --model inception_v3 --epochs 5
+
+Runs on CPU, or on every local GPU (MirroredStrategy, mixed precision, XLA) with
+no change. Defaults: conf/defaults.yaml `cnn:` (+ `training:` for the validation
+carve, seed and target sensitivity); options below are shortcuts for --set cnn.KEY=V.
+Writes RUN/: model.keras, cnn.json, metrics.json, config.yaml, history.csv,
+training_curves.png, roc.png, confusion_matrix.png, confusion_matrix_0.5.png, rejected.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from cxr_pipeline import config as config_mod  # noqa: E402
+
+SHORTCUTS = {  # option dest -> config key
+    "model": "cnn.model",
+    "epochs": "cnn.epochs",
+    "batch_size": "cnn.batch_size",
+    "image_size": "cnn.image_size",
+    "learning_rate": "cnn.learning_rate",
+    "balance": "cnn.balance",
+    "cache": "cnn.cache",
+    "fine_tune_epochs": "cnn.fine_tune.epochs",
+    "cut_layer": "cnn.inception.cut_layer",
+    "weights": "cnn.inception.weights",
+    "seed": "training.seed",
+    "verbose": "cnn.verbose",
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help="dataset root URI (default: conf data.uri)")
+    parser.add_argument("--out", required=True, help="run folder: local path or hdfs:// URI")
+    parser.add_argument("--model", choices=("small_cnn", "inception_v3"))
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int, help="per replica (GPU); the global batch is this x replicas")
+    parser.add_argument("--image-size", type=int, help="square input side (small_cnn >= 32, inception_v3 >= 75)")
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--balance", choices=("class_weight", "oversample", "none"))
+    parser.add_argument("--cache", choices=("memory", "disk", "none"), help="where decoded images are cached")
+    parser.add_argument("--fine-tune-epochs", type=int, help="inception_v3: epochs of phase 2 (top blocks unfrozen)")
+    parser.add_argument("--cut-layer", help="inception_v3: last backbone block used (mixed0..mixed10)")
+    parser.add_argument("--weights", help="inception_v3: .weights.h5 file (default: provisioned by `make weights`)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--verbose", type=int, choices=(0, 1, 2), help="Keras progress: 1 bars, 2 epoch lines, 0 none")
+    parser.add_argument("--conf-env", default=None, help="conf/<env>.yaml on top of conf/defaults.yaml (default local)")
+    parser.add_argument("--conf", action="append", default=[], metavar="FILE", help="extra YAML config file(s)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. --set cnn.augment.flip=true (repeatable)")
+    return parser.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> dict:
+    overrides = list(args.set)
+    for dest, key in SHORTCUTS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    config = config_mod.load_config(args.conf_env, args.conf, overrides)
+    if args.data:
+        config.setdefault("data", {})["uri"] = args.data
+    return config
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    config = build_config(args)
+
+    from cxr_pipeline import storage
+    from cxr_pipeline.cnn.train import train_and_evaluate
+
+    storage.configure(config)
+    metrics = train_and_evaluate(config, config_mod.get(config, "data.uri"), args.out)
+    name = metrics["evaluated_on"]
+    summary = {k: metrics[name][k] for k in ("n", "auc")}
+    summary.update({f"{k}@0.5": metrics[name]["at_0.5"][k] for k in ("accuracy", "sensitivity", "specificity")})
+    summary["threshold"] = metrics["threshold"]
+    summary.update({f"{k}@threshold": metrics[name]["at_threshold"][k] for k in ("accuracy", "sensitivity", "specificity")})
+    print(json.dumps({name: summary}, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""The chest_xray tree (local or any Hadoop URI) as ``tf.data`` pipelines.
+
+Listing and labels come from ``storage.list_files`` + ``dataset_layout``, the
+validation carve from ``splits`` (patient-grouped, as in the Spark job), and
+pixels from ``imaging.decode_image`` inside ``tf.numpy_function``, so the CNN
+sees exactly the pixels the Spark featurizer sees.
+
+Files are read lazily (``tf.io.read_file`` for local paths, ``storage.read_bytes``
+for hdfs:// and other remote URIs) in parallel; decoded images are cached
+(memory or a cache file) so later epochs decode nothing. ``prepare`` runs the
+decode pass once before training: files that fail to decode are recorded as
+rejections and excluded, and the cache is complete when training starts.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from cxr_pipeline import dataset_layout, splits
+
+AUTOTUNE = tf.data.AUTOTUNE
+DEFAULT_MAX_PIXELS = 60_000_000
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    uri: str
+    label: int
+    split: str  # folder split: train | val | test
+    file_name: str
+
+
+@dataclass
+class Rejections:
+    """(uri, reason) of every file left out, appended to from tf.data worker threads."""
+
+    items: list[tuple[str, str]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, uri: str, reason: str) -> None:
+        with self._lock:
+            self.items.append((uri, reason))
+
+    def uris(self) -> set[str]:
+        with self._lock:
+            return {uri for uri, _ in self.items}
+
+    def to_csv(self) -> str:
+        with self._lock:
+            rows = [f'"{u}","{r}"' for u, r in self.items]
+        return "\n".join(['path,reason', *rows]) + "\n"
+
+
+@dataclass
+class DataSplits:
+    train: list[ImageRecord]
+    val: list[ImageRecord]
+    test: list[ImageRecord]
+    label_names: list[str]
+    rejections: Rejections
+
+    def counts(self) -> dict[str, list[int]]:
+        return {name: class_counts(getattr(self, name), len(self.label_names)) for name in ("train", "val", "test")}
+
+
+def class_counts(records: Sequence[ImageRecord], n_classes: int = 2) -> list[int]:
+    counts = [0] * n_classes
+    for r in records:
+        counts[r.label] += 1
+    return counts
+
+
+# ------------------------------------------------------------------ listing
+
+
+def list_image_tree(uri: str, rejections: Rejections | None = None) -> tuple[list[ImageRecord], list[str]]:
+    """Every image under ``uri`` (a ``<split>/<CLASS>/<file>`` tree) with its label;
+    junk (hidden, wrong extension, empty, outside the layout) goes to ``rejections``."""
+    from cxr_pipeline import storage
+
+    rejections = rejections if rejections is not None else Rejections()
+    candidates: list[tuple[str, dataset_layout.ImagePath]] = []
+    for info in storage.list_files(uri, recursive=True):
+        reason = dataset_layout.junk_reason(info.uri, info.size)
+        if reason is None:
+            try:
+                candidates.append((info.uri, dataset_layout.parse_image_path(info.uri)))
+                continue
+            except dataset_layout.LayoutError as exc:
+                reason = f"outside the split/CLASS layout ({exc})"
+        rejections.add(info.uri, reason)
+    if not candidates:
+        raise FileNotFoundError(f"no images found under {uri} (expected {uri}/train/NORMAL/x.jpeg ...)")
+    index = dataset_layout.label_index(p.label_name for _, p in candidates)
+    records = [ImageRecord(u, index[p.label_name], p.split, p.file_name) for u, p in sorted(candidates)]
+    return records, dataset_layout.invert_label_index(index)
+
+
+def split_records(
+    records: Sequence[ImageRecord], validation: str = "carve", val_fraction: float = 0.2, seed: int = 42
+) -> tuple[list[ImageRecord], list[ImageRecord], list[ImageRecord]]:
+    """(train, val, test) exactly as the Spark job splits (conf ``training.validation``):
+    ``carve`` = a patient-grouped slice of the ``train`` folder (``splits.is_validation``),
+    ``folder`` = the dataset's own ``val`` folder. ``test`` is for the final report only."""
+    train_folder = [r for r in records if r.split == "train"]
+    test = [r for r in records if r.split == "test"]
+    if validation == "folder":
+        return train_folder, [r for r in records if r.split == "val"], test
+    if validation != "carve":
+        raise ValueError(f"validation must be carve or folder, got {validation!r}")
+    flags = splits.is_validation([r.file_name for r in train_folder], [r.label for r in train_folder],
+                                 val_fraction, seed)
+    train = [r for r, is_val in zip(train_folder, flags) if not is_val]
+    val = [r for r, is_val in zip(train_folder, flags) if is_val]
+    return train, val, test
+
+
+def load_splits(uri: str, validation: str = "carve", val_fraction: float = 0.2, seed: int = 42) -> DataSplits:
+    rejections = Rejections()
+    records, label_names = list_image_tree(uri, rejections)
+    train, val, test = split_records(records, validation, val_fraction, seed)
+    if not train:
+        raise ValueError(f"{uri} has no training images (train/<CLASS>/...)")
+    return DataSplits(train, val, test, label_names, rejections)
+
+
+# ------------------------------------------------------------------ decoding
+
+
+def _read_remote(uri: bytes, rejections: Rejections) -> bytes:
+    from cxr_pipeline import storage
+
+    try:
+        return storage.read_bytes(uri.decode())
+    except Exception as exc:  # recorded, the pipeline goes on
+        rejections.add(uri.decode(), f"read failed: {type(exc).__name__}: {exc}")
+        return b""
+
+
+def _decoder(size: int, max_pixels: int, rejections: Rejections):
+    from cxr_pipeline import imaging
+
+    empty = np.zeros((size, size, 3), np.uint8)
+
+    def decode(uri: bytes, data: bytes):
+        if not data:  # unreadable: already recorded by the reader
+            return empty, False
+        try:
+            image = imaging.decode_image(data, size=(size, size), max_pixels=max_pixels)
+        except imaging.ImageDecodeError as exc:
+            rejections.add(uri.decode(), str(exc))
+            return empty, False
+        return np.ascontiguousarray(image, dtype=np.uint8), True
+
+    return decode
+
+
+def decoded_dataset(
+    records: Sequence[ImageRecord],
+    image_size: int,
+    rejections: Rejections,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    cache: str | None = "memory",
+) -> tf.data.Dataset:
+    """``(image uint8 [S, S, 3], label float32)`` for each record that decodes, in order.
+
+    ``cache``: "memory", a cache file path prefix, or None. Iterate it once with
+    :func:`prepare` before training so the cache is complete and rejections known.
+    """
+    if not records:
+        raise ValueError("no images to read")
+    uris = [r.uri for r in records]
+    labels = np.array([r.label for r in records], np.float32)
+    from cxr_pipeline import storage
+
+    local = not any(storage.is_remote(u) for u in uris)
+    if local:
+        uris = [str(storage.to_local_path(u)) for u in uris]
+    decode = _decoder(image_size, max_pixels, rejections)
+
+    def load(uri, label):  # noqa: E306
+        if local:
+            data = tf.io.read_file(uri)
+        else:
+            data = tf.numpy_function(lambda u: _read_remote(u, rejections), [uri], tf.string, stateful=False)
+        image, ok = tf.numpy_function(decode, [uri, data], (tf.uint8, tf.bool), stateful=False)
+        image.set_shape((image_size, image_size, 3))
+        ok.set_shape(())
+        return image, label, ok
+
+    ds = tf.data.Dataset.from_tensor_slices((uris, labels))
+    ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.filter(_decoded_ok).map(_drop_flag)
+    if cache == "memory":
+        ds = ds.cache()
+    elif cache:
+        ds = ds.cache(str(cache))
+    return ds
+
+
+def _decoded_ok(image, label, ok):
+    return ok
+
+
+def _drop_flag(image, label, ok):
+    return image, label
+
+
+def prepare(ds: tf.data.Dataset, records: Sequence[ImageRecord], rejections: Rejections) -> list[ImageRecord]:
+    """One pass over ``ds`` (fills its cache); the records that survived decoding."""
+    for _ in ds.batch(256).prefetch(2):
+        pass
+    from cxr_pipeline import storage
+
+    rejected = rejections.uris()
+    return [r for r in records if r.uri not in rejected
+            and (storage.is_remote(r.uri) or str(storage.to_local_path(r.uri)) not in rejected)]
+
+
+def with_length(ds: tf.data.Dataset, n: int) -> tf.data.Dataset:
+    """Declare the number of elements (known after :func:`prepare`) so Keras shows full progress bars."""
+    return ds.apply(tf.data.experimental.assert_cardinality(n))
+
+
+# ------------------------------------------------------------------ batching
+
+
+def augmenter(
+    rotation: float = 0.03,
+    shift: float = 0.05,
+    zoom: float = 0.1,
+    brightness: float = 0.1,
+    flip: bool = False,
+    seed: int = 42,
+):
+    """Radiograph-safe augmentation on uint8-range batches: small rotation (fraction
+    of a full turn), shift, zoom and brightness; horizontal flips only when asked
+    (the heart is on the left)."""
+    import keras
+    from keras import layers
+
+    steps = []
+    if rotation:
+        steps.append(layers.RandomRotation(rotation, fill_mode="nearest", seed=seed))
+    if shift:
+        steps.append(layers.RandomTranslation(shift, shift, fill_mode="nearest", seed=seed + 1))
+    if zoom:
+        steps.append(layers.RandomZoom(zoom, fill_mode="nearest", seed=seed + 2))
+    if brightness:
+        steps.append(layers.RandomBrightness(brightness, value_range=(0, 255), seed=seed + 3))
+    if flip:
+        steps.append(layers.RandomFlip("horizontal", seed=seed + 4))
+    return keras.Sequential(steps, name="augmentation") if steps else None
+
+
+def _to_float(images, labels):
+    return tf.cast(images, tf.float32), labels
+
+
+def _has_label(c: int):
+    def keep(image, label):
+        return tf.equal(label, float(c))
+
+    return keep
+
+
+def training_dataset(
+    decoded: tf.data.Dataset,
+    labels: Sequence[int],
+    batch_size: int,
+    seed: int = 42,
+    augment=None,
+    balance: str = "class_weight",
+    shuffle_buffer: int = 2048,
+) -> tuple[tf.data.Dataset, int | None]:
+    """Shuffled, augmented, batched, prefetched; returns (dataset, steps_per_epoch).
+
+    ``balance="oversample"`` draws both classes with equal probability from two
+    repeated streams (steps_per_epoch then says where an epoch ends); otherwise
+    one pass per epoch and steps_per_epoch is None.
+    """
+    n = len(labels)
+    steps = None
+    if balance == "oversample" and len(set(labels)) > 1:
+        per_class = [
+            decoded.filter(_has_label(c)).shuffle(shuffle_buffer, seed=seed + c).repeat() for c in (0, 1)
+        ]
+        ds = tf.data.Dataset.sample_from_datasets(per_class, weights=[0.5, 0.5], seed=seed)
+        steps = max(1, n // batch_size)
+    else:
+        ds = decoded.shuffle(min(shuffle_buffer, max(n, 1)), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size).map(_to_float, num_parallel_calls=AUTOTUNE)
+    if augment is not None:
+        def augment_batch(images, labels):
+            return augment(images, training=True), labels
+
+        ds = ds.map(augment_batch, num_parallel_calls=AUTOTUNE)
+    return ds.prefetch(AUTOTUNE), steps
+
+
+def eval_dataset(decoded: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
+    return decoded.batch(batch_size).map(_to_float, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+
+
+def labels_of(decoded: tf.data.Dataset) -> np.ndarray:
+    return np.concatenate([y.numpy() for _, y in decoded.batch(1024)]).astype(np.int64) if decoded else np.zeros(0)
+
+
+def images_from_bytes(blobs: Iterable[bytes], image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Decode for prediction: (uint8 batch of the good ones, good indexes, [(index, reason)])."""
+    from cxr_pipeline import imaging
+
+    good, idx, bad = [], [], []
+    for i, data in enumerate(blobs):
+        try:
+            good.append(imaging.decode_image(data, size=(image_size, image_size), max_pixels=max_pixels))
+            idx.append(i)
+        except imaging.ImageDecodeError as exc:
+            bad.append((i, str(exc)))
+    batch = np.stack(good) if good else np.zeros((0, image_size, image_size, 3), np.uint8)
+    return batch, idx, bad

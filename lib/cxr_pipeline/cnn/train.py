@@ -1,0 +1,418 @@
+"""Training the CNN: devices and distribution strategy, fit with callbacks, the
+optional fine-tuning phase, evaluation and the run folder.
+
+The same call runs on CPU or on every local GPU: GPU-only settings (memory
+growth, mixed precision, XLA, ``MirroredStrategy``) switch on only when
+``tf.config.list_physical_devices("GPU")`` is non-empty (or when forced in conf).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import keras
+import numpy as np
+
+from cxr_pipeline import config as config_mod
+from cxr_pipeline import metrics as M
+from cxr_pipeline import plots, storage
+
+from . import data, models
+
+DEFAULT_IMAGE_SIZE = {"small_cnn": 150, "inception_v3": 299}
+CNN_JSON = "cnn.json"
+MODEL_FILE = "model.keras"
+
+
+def log(message: str) -> None:
+    print(f"[train_cnn] {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ devices
+
+
+@dataclass
+class Devices:
+    gpus: list[str]
+    strategy_name: str
+    replicas: int
+    mixed_precision: bool
+    xla: bool
+
+    def describe(self) -> str:
+        where = f"{len(self.gpus)} GPU(s): {', '.join(self.gpus)}" if self.gpus else "CPU only (no GPU found)"
+        return (f"devices: {where}; strategy {self.strategy_name} x{self.replicas}; "
+                f"mixed precision {'on' if self.mixed_precision else 'off'}; XLA {'on' if self.xla else 'off'}")
+
+
+def _switch(value: Any, has_gpu: bool) -> bool:
+    return has_gpu if value in (None, "auto") else bool(value)
+
+
+def configure_devices(mixed_precision: Any = "auto", xla: Any = "auto"):
+    """(Devices, tf.distribute.Strategy). Must run before any model or tensor is made."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError as exc:  # already initialised by an earlier call in this process
+            log(f"memory growth not set on {gpu.name}: {exc}")
+    has_gpu = bool(gpus)
+    use_mp = _switch(mixed_precision, has_gpu)
+    keras.mixed_precision.set_global_policy("mixed_float16" if use_mp else "float32")
+    strategy = tf.distribute.MirroredStrategy() if has_gpu else tf.distribute.get_strategy()
+    devices = Devices(
+        gpus=[g.name for g in gpus],
+        strategy_name=type(strategy).__name__,
+        replicas=strategy.num_replicas_in_sync,
+        mixed_precision=use_mp,
+        xla=_switch(xla, has_gpu),
+    )
+    return devices, strategy
+
+
+# ------------------------------------------------------------------ settings
+
+
+@dataclass
+class Settings:
+    model: str = "small_cnn"
+    image_size: int = 150
+    batch_size: int = 32
+    epochs: int = 10
+    learning_rate: float = 1e-3
+    balance: str = "class_weight"
+    cache: str = "disk"
+    shuffle_buffer: int = 2048
+    seed: int = 42
+    validation: str = "carve"
+    validation_fraction: float = 0.2
+    target_sensitivity: float = 0.95
+    early_stopping_patience: int = 4
+    max_pixels: int = data.DEFAULT_MAX_PIXELS
+    verbose: int = 1
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "Settings":
+        cnn = config.get("cnn") or {}
+        training = config.get("training") or {}
+        model = cnn.get("model", cls.model)
+        if model not in models.MODEL_NAMES:
+            raise ValueError(f"cnn.model must be one of {', '.join(models.MODEL_NAMES)}, got {model!r}")
+        return cls(
+            model=model,
+            image_size=int(cnn.get("image_size") or DEFAULT_IMAGE_SIZE[model]),
+            batch_size=int(cnn.get("batch_size", cls.batch_size)),
+            epochs=int(cnn.get("epochs", cls.epochs)),
+            learning_rate=float(cnn.get("learning_rate", cls.learning_rate)),
+            balance=str(cnn.get("balance", cls.balance)),
+            cache=str(cnn.get("cache", cls.cache)),
+            shuffle_buffer=int(cnn.get("shuffle_buffer", cls.shuffle_buffer)),
+            seed=int(training.get("seed", cls.seed)),
+            validation=str(training.get("validation", cls.validation)),
+            validation_fraction=float(training.get("validation_fraction", cls.validation_fraction)),
+            target_sensitivity=float(training.get("target_sensitivity", cls.target_sensitivity)),
+            early_stopping_patience=int(cnn.get("early_stopping_patience", cls.early_stopping_patience)),
+            max_pixels=int(config_mod.get(config, "data.max_pixels", cls.max_pixels)),
+            verbose=int(cnn.get("verbose", cls.verbose)),
+        )
+
+
+def _model_options(config: Mapping[str, Any]) -> dict[str, Any]:
+    inception = config_mod.get(config, "cnn.inception", {}) or {}
+    return {k: inception[k] for k in ("weights", "cut_layer", "dense_units", "dropout") if k in inception}
+
+
+# ------------------------------------------------------------------ callbacks
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Seconds and training images/s of every epoch."""
+
+    def __init__(self, n_images: int):
+        super().__init__()
+        self.n_images = n_images
+        self.seconds: list[float] = []
+        self.images_per_s: list[float] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        elapsed = time.perf_counter() - self._start
+        self.seconds.append(round(elapsed, 3))
+        self.images_per_s.append(round(self.n_images / elapsed, 2) if elapsed else 0.0)
+
+
+def make_callbacks(checkpoint_path: Path, settings: Settings, reduce_lr: Mapping[str, Any],
+                   has_val: bool, best_so_far: float | None = None):
+    monitor = "val_auc" if has_val else "auc"
+    return [
+        keras.callbacks.ModelCheckpoint(
+            str(checkpoint_path), monitor=monitor, mode="max", save_best_only=True,
+            initial_value_threshold=best_so_far, verbose=0,
+        ),
+        keras.callbacks.EarlyStopping(
+            monitor=monitor, mode="max", patience=settings.early_stopping_patience, restore_best_weights=True,
+        ),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor=monitor, mode="max", factor=float(reduce_lr.get("factor", 0.3)),
+            patience=int(reduce_lr.get("patience", 2)), min_lr=float(reduce_lr.get("min_lr", 1e-6)), verbose=1,
+        ),
+    ]
+
+
+def compile_model(model, learning_rate: float, jit_compile: bool) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="binary_crossentropy",
+        metrics=[
+            keras.metrics.BinaryAccuracy(name="accuracy"),
+            keras.metrics.AUC(name="auc"),
+            keras.metrics.Precision(name="precision"),
+            keras.metrics.Recall(name="recall"),
+        ],
+        jit_compile=jit_compile if jit_compile else False,
+    )
+
+
+def class_weights(counts: list[int]) -> dict[int, float] | None:
+    weights = M.inverse_frequency_weights(counts)
+    return {i: float(w) for i, w in enumerate(weights) if counts[i] > 0} if all(counts) else None
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+def _report(y: np.ndarray, p: np.ndarray, threshold: float, label_names: list[str]) -> dict[str, Any]:
+    report = M.binary_report(y, p, threshold)
+    cm = M.confusion_matrix(y, M.predict_at(p, threshold))
+    return {**report.to_dict(), "recall": report.sensitivity, "confusion_matrix": cm.tolist(),
+            "label_names": label_names}
+
+
+def evaluate(y: np.ndarray, p: np.ndarray, threshold: float, label_names: list[str]) -> dict[str, Any]:
+    """AUC + reports at 0.5 and at the validation-chosen threshold."""
+    return {
+        "n": int(y.size),
+        "class_counts": M.class_counts(y),
+        "auc": M.roc_auc(y, p),
+        "average_precision": M.average_precision(y, p),
+        "at_0.5": _report(y, p, M.DEFAULT_THRESHOLD, label_names),
+        "at_threshold": _report(y, p, threshold, label_names),
+    }
+
+
+def predict_scores(model, ds) -> np.ndarray:
+    if ds is None:
+        return np.zeros(0)
+    return np.asarray(model.predict(ds, verbose=0), dtype=np.float64).ravel()
+
+
+# ------------------------------------------------------------------ run
+
+
+def _cache_spec(cache: str, scratch: Path, name: str) -> str | None:
+    if cache == "memory":
+        return "memory"
+    if cache == "disk":
+        return str(scratch / f"cache_{name}")
+    return None
+
+
+def _decoded(records, settings: Settings, rejections, scratch: Path, name: str):
+    """(dataset, surviving records) for one split; None for an empty split."""
+    if not records:
+        return None, []
+    ds = data.decoded_dataset(records, settings.image_size, rejections, settings.max_pixels,
+                              _cache_spec(settings.cache, scratch, name))
+    good = data.prepare(ds, records, rejections)
+    return (data.with_length(ds, len(good)) if good else None), good
+
+
+def _write_outputs(stage: Path, out_uri: str) -> None:
+    if storage.is_remote(out_uri):
+        storage.makedirs(out_uri)
+        storage.upload_dir(str(stage), out_uri)
+    else:
+        out = storage.to_local_path(out_uri)
+        out.mkdir(parents=True, exist_ok=True)
+        for item in stage.iterdir():
+            if item.is_file():
+                shutil.copy2(item, out / item.name)
+
+
+def _history_csv(history: dict[str, list[float]]) -> str:
+    keys = list(history)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["epoch", *keys])
+    for i in range(max((len(v) for v in history.values()), default=0)):
+        writer.writerow([i + 1, *[history[k][i] if i < len(history[k]) else "" for k in keys]])
+    return buf.getvalue()
+
+
+def _merge_history(total: dict[str, list[float]], history: Mapping[str, list[float]]) -> None:
+    for key, values in history.items():
+        total.setdefault(key, []).extend(float(v) for v in values)
+
+
+def train_and_evaluate(config: Mapping[str, Any], data_uri: str, out_uri: str) -> dict[str, Any]:
+    """Train the configured CNN on ``data_uri`` and write the run folder to ``out_uri``.
+    Returns the metrics dict written to ``metrics.json``."""
+    settings = Settings.from_config(config)
+    cnn_conf = config.get("cnn") or {}
+    devices, strategy = configure_devices(cnn_conf.get("mixed_precision", "auto"), cnn_conf.get("xla", "auto"))
+    log(devices.describe())
+    keras.utils.set_random_seed(settings.seed)
+    started = time.perf_counter()
+
+    splits = data.load_splits(data_uri, settings.validation, settings.validation_fraction, settings.seed)
+    log(f"listed {data_uri}: train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)} images; "
+        f"{len(splits.rejections.items)} rejected while listing")
+
+    scratch = Path(tempfile.mkdtemp(prefix="cxr_cnn_"))
+    stage = scratch / "run"
+    stage.mkdir()
+    try:
+        train_ds, train_recs = _decoded(splits.train, settings, splits.rejections, scratch, "train")
+        val_ds, val_recs = _decoded(splits.val, settings, splits.rejections, scratch, "val")
+        test_ds, test_recs = _decoded(splits.test, settings, splits.rejections, scratch, "test")
+        if not train_recs:
+            raise ValueError("no training image could be decoded (see rejections)")
+        decode_s = time.perf_counter() - started
+        counts = {"train": data.class_counts(train_recs), "val": data.class_counts(val_recs),
+                  "test": data.class_counts(test_recs)}
+        log(f"decoded in {decode_s:.1f}s; class counts (NORMAL, PNEUMONIA) {counts}; "
+            f"{len(splits.rejections.items)} rejected in all")
+
+        global_batch = settings.batch_size * devices.replicas
+        augment_conf = dict(cnn_conf.get("augment") or {})
+        augment = data.augmenter(**augment_conf, seed=settings.seed) if augment_conf else None
+        train_labels = [r.label for r in train_recs]
+        train_input, steps = data.training_dataset(
+            train_ds, train_labels, global_batch, settings.seed, augment,
+            balance=settings.balance, shuffle_buffer=settings.shuffle_buffer,
+        )
+        val_input = data.eval_dataset(val_ds, global_batch) if val_ds is not None else None
+        weights = class_weights(counts["train"]) if settings.balance == "class_weight" else None
+
+        with strategy.scope():
+            model = models.build_model(settings.model, settings.image_size, **(
+                _model_options(config) if settings.model == "inception_v3" else {}))
+            compile_model(model, settings.learning_rate, devices.xla)
+        log(f"model {model.name}: {models.trainable_summary(model)} parameters; "
+            f"batch {global_batch}; class weights {weights}")
+
+        checkpoint = scratch / "best.keras"
+        timer = EpochTimer(len(train_recs) if steps is None else steps * global_batch)
+        reduce_lr = cnn_conf.get("reduce_lr") or {}
+        history: dict[str, list[float]] = {}
+        fit = model.fit(
+            train_input, validation_data=val_input, epochs=settings.epochs, steps_per_epoch=steps,
+            class_weight=weights, verbose=settings.verbose, shuffle=False,
+            callbacks=[*make_callbacks(checkpoint, settings, reduce_lr, val_input is not None), timer],
+        )
+        _merge_history(history, fit.history)
+
+        fine_tune = cnn_conf.get("fine_tune") or {}
+        if settings.model == "inception_v3" and int(fine_tune.get("epochs", 0)) > 0:
+            monitor = "val_auc" if val_input is not None else "auc"
+            best = max(history.get(monitor, [0.0]))
+            with strategy.scope():
+                unfrozen = models.unfreeze_top_blocks(model, int(fine_tune.get("blocks", 2)))
+                compile_model(model, float(fine_tune.get("learning_rate", 1e-5)), devices.xla)
+            log(f"fine-tuning: {len(unfrozen)} layers of the top {fine_tune.get('blocks', 2)} blocks unfrozen, "
+                f"{models.trainable_summary(model)}")
+            done = len(history.get("loss", []))
+            fit = model.fit(
+                train_input, validation_data=val_input, epochs=done + int(fine_tune["epochs"]),
+                initial_epoch=done, steps_per_epoch=steps, class_weight=weights, verbose=settings.verbose, shuffle=False,
+                callbacks=[*make_callbacks(checkpoint, settings, reduce_lr, val_input is not None, best), timer],
+            )
+            _merge_history(history, fit.history)
+
+        if checkpoint.exists():
+            with strategy.scope():
+                model = keras.models.load_model(checkpoint)
+        model.save(stage / MODEL_FILE)
+
+        val_y = np.array([r.label for r in val_recs], np.int64)
+        val_p = predict_scores(model, val_input)
+        choice = M.threshold_for_sensitivity(val_y, val_p, settings.target_sensitivity)
+        threshold = choice.threshold
+        eval_name, eval_recs, eval_ds = ("test", test_recs, test_ds) if test_recs else ("val", val_recs, val_ds)
+        eval_y = np.array([r.label for r in eval_recs], np.int64)
+        eval_p = predict_scores(model, data.eval_dataset(eval_ds, global_batch)) if eval_ds is not None else val_p
+
+        metrics = {
+            "model": settings.model,
+            "image_size": settings.image_size,
+            "data": data_uri,
+            "devices": asdict(devices),
+            "evaluated_on": eval_name,
+            "label_names": splits.label_names,
+            "class_counts": counts,
+            "rejected": len(splits.rejections.items),
+            "threshold": threshold,
+            "threshold_choice": choice.to_dict(),
+            "validation": evaluate(val_y, val_p, threshold, splits.label_names) if val_y.size else None,
+            eval_name: evaluate(eval_y, eval_p, threshold, splits.label_names),
+            "history": history,
+            "epoch_seconds": timer.seconds,
+            "train_images_per_s": timer.images_per_s,
+            "decode_seconds": round(decode_s, 2),
+            "total_seconds": round(time.perf_counter() - started, 2),
+        }
+        _write_run(stage, config, settings, metrics, splits, eval_y, eval_p, threshold)
+        _write_outputs(stage, out_uri)
+        log(f"wrote {out_uri}: {eval_name} AUC {M.fmt(metrics[eval_name]['auc'])}, "
+            f"accuracy@0.5 {M.fmt(metrics[eval_name]['at_0.5']['accuracy'])}, "
+            f"threshold {threshold:.3f}")
+        return metrics
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _write_run(stage: Path, config, settings: Settings, metrics, splits, y, p, threshold: float) -> None:
+    eval_name = metrics["evaluated_on"]
+    (stage / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    (stage / "config.yaml").write_text(config_mod.dump_config(config))
+    (stage / CNN_JSON).write_text(json.dumps({
+        "model_name": settings.model,
+        "model_file": MODEL_FILE,
+        "image_size": settings.image_size,
+        "label_names": splits.label_names,
+        "threshold": threshold,
+        "default_threshold": M.DEFAULT_THRESHOLD,
+        "max_pixels": settings.max_pixels,
+    }, indent=2))
+    (stage / "rejected.csv").write_text(splits.rejections.to_csv())
+    (stage / "history.csv").write_text(_history_csv(metrics["history"]))
+    plots.plot_training_curves(metrics["history"], out=stage / "training_curves.png")
+    report = metrics[eval_name]
+    cm = report["at_threshold"]["confusion_matrix"]
+    plots.plot_confusion_matrix(cm, splits.label_names, out=stage / "confusion_matrix.png",
+                                title=f"Confusion matrix ({eval_name}, threshold {threshold:.3f})")
+    plots.plot_confusion_matrix(report["at_0.5"]["confusion_matrix"], splits.label_names,
+                                out=stage / "confusion_matrix_0.5.png",
+                                title=f"Confusion matrix ({eval_name}, threshold 0.5)")
+    if M.has_both_classes(y):
+        fpr, tpr, _ = M.roc_curve(y, p)
+        points = {name: (1 - (r["specificity"] or 0.0), r["sensitivity"] or 0.0)
+                  for name, r in (("0.5", report["at_0.5"]), (f"{threshold:.3f}", report["at_threshold"]))}
+        plots.plot_roc(fpr, tpr, report["auc"], out=stage / "roc.png", title=f"ROC curve ({eval_name})",
+                       operating_points=points)
+    else:
+        plots.plot_roc([0, 1], [0, 1], None, out=stage / "roc.png",
+                       title=f"ROC curve ({eval_name}): undefined, one class only")
