@@ -222,7 +222,9 @@ def create_app(
         backend = load_backend(model_dir)
     settings = settings_from(config, max_upload_mb=max_upload_mb, keep_uploads=keep_uploads, upload_dir=upload_dir)
     info = backend.info
-    input_size = _input_size(backend)
+    input_size = backend.input_size
+    # The model's own decompression-bomb guard, as the batch job applies it.
+    max_pixels = backend.max_pixels or settings.max_pixels
 
     app = FastAPI(
         title="Chest X-ray pneumonia classifier",
@@ -258,7 +260,7 @@ def create_app(
     )
 
     def score(data: bytes, with_heatmap: bool) -> Scored:
-        checked = check_upload(data, settings.max_bytes, size=input_size, max_pixels=settings.max_pixels)
+        checked = check_upload(data, settings.max_bytes, size=input_size, max_pixels=max_pixels)
         try:
             prediction = backend.predict(data)
         except PredictionError as err:
@@ -326,9 +328,6 @@ def create_app(
     return app
 
 
-def _input_size(backend: ModelBackend) -> tuple[int, int]:
-    size = getattr(getattr(backend, "classifier", None), "image_size", None)
-    return tuple(int(s) for s in size[:2]) if size else (299, 299)
 
 
 def data_uri(data: bytes, mime: str) -> str:

@@ -69,6 +69,12 @@ class ModelBackend(Protocol):
     @property
     def supports_heatmap(self) -> bool: ...
 
+    @property
+    def input_size(self) -> tuple[int, int]: ...
+
+    @property
+    def max_pixels(self) -> int | None: ...
+
     def predict(self, data: bytes) -> Prediction: ...
 
     def heatmap(self, data: bytes) -> bytes | None: ...
@@ -103,6 +109,30 @@ class ClassifierBackend:
     def heatmap(self, data: bytes) -> bytes | None:
         return None
 
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) the model decodes images to."""
+        return size_pair(getattr(self.classifier, "image_size", None) or (299, 299))
+
+    @property
+    def max_pixels(self) -> int | None:
+        spec = getattr(self.classifier, "spec", None) or {}
+        return spec.get("max_pixels") or getattr(self.classifier, "max_pixels", None)
+
+    def warm_up(self) -> None:
+        """One prediction on a blank image: builds the backbone and traces the graph before the first request."""
+        from PIL import Image
+
+        blank = io.BytesIO()
+        Image.new("L", (max(self.input_size), max(self.input_size)), color=128).save(blank, format="PNG")
+        self.predict(blank.getvalue())
+
+
+def size_pair(size) -> tuple[int, int]:
+    if isinstance(size, (int, float)):
+        return int(size), int(size)
+    return int(size[0]), int(size[1])
+
 
 class CnnBackend(ClassifierBackend):
     """The CNN adapter: predictions plus a Grad-CAM heat map over the image."""
@@ -115,9 +145,9 @@ class CnnBackend(ClassifierBackend):
         from cxr_pipeline.cnn.gradcam import gradcam_heatmap
         from cxr_pipeline.imaging import decode_image
 
-        size = tuple(self.classifier.image_size)
-        image = decode_image(data, size=size)
-        batch = self.classifier.prepare(image[None, ...]) if hasattr(self.classifier, "prepare") else image[None, ...]
+        image = decode_image(data, size=self.input_size, **({"max_pixels": self.max_pixels} if self.max_pixels else {}))
+        # The saved CNN rescales inside the model: it takes 0..255 pixels as they are.
+        batch = image[None, ...].astype("float32")
         with self._lock:
             heat = gradcam_heatmap(self.classifier.model, batch)
         return overlay_heatmap_png(data, heat)
@@ -228,4 +258,6 @@ def load_backend(model_path: str | Path) -> ModelBackend:
         label_names=label_names,
         threshold=threshold,
     )
-    return backend_cls(classifier, info)
+    backend = backend_cls(classifier, info)
+    backend.warm_up()
+    return backend
