@@ -69,10 +69,12 @@ def main(argv=None) -> int:
         ("featurizer.image_size", args.image_size), ("featurizer.batch_size", args.batch_size),
     ])
     from cxr_pipeline import config as cfg
+    from cxr_pipeline import storage
     from cxr_pipeline.spark.session import spark_session
     from cxr_pipeline.training import TrainingError, train
 
     data_uri = args.data or cfg.get(config, "data.uri")
+    storage.configure(config)
     spark = spark_session(config, app_name="cxr-train-featurizer", master=args.master)
     try:
         result = train(spark, config, data_uri, args.out)

@@ -1,0 +1,66 @@
+"""Apply a trained run to new images: one row per image (path, probability, class, threshold).
+
+    spark-submit --master local[2] jobs/predict.py --model hdfs://127.0.0.1:9000/runs/demo \\
+        --images hdfs://127.0.0.1:9000/incoming/ --out hdfs://127.0.0.1:9000/predictions/today --csv
+
+--images is a folder (searched recursively, any layout) or a Parquet table with
+path + content columns (name ending in .parquet). Writes OUT/predictions.parquet,
+OUT/predictions_csv/ with --csv, and OUT/unreadable.csv listing files that could
+not be scored (they are reported, not fatal).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _ensure_importable() -> None:
+    try:
+        import cxr_pipeline  # noqa: F401
+    except ImportError:  # run from a checkout without `pip install`: use ../lib
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+
+
+_ensure_importable()
+
+from cxr_pipeline.cli import add_config_options, resolve_config  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="predict.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="run folder written by train_featurizer.py")
+    parser.add_argument("--images", required=True, help="folder or .parquet table of images (URI)")
+    parser.add_argument("--out", required=True, help="output folder URI")
+    parser.add_argument("--csv", action="store_true", help="also write CSV")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="decision threshold on P(PNEUMONIA) (default: the run's validation-chosen one)")
+    add_config_options(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    config = resolve_config(args)
+    from cxr_pipeline import storage
+    from cxr_pipeline.prediction import predict_images
+    from cxr_pipeline.spark.session import spark_session
+
+    storage.configure(config)
+    spark = spark_session(config, app_name="cxr-predict", master=args.master)
+    try:
+        summary = predict_images(spark, args.model, args.images, args.out, csv=args.csv, threshold=args.threshold)
+    except FileNotFoundError as exc:
+        print(f"predict: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        spark.stop()
+    classes = ", ".join(f"{k} {v}" for k, v in sorted(summary.by_class.items())) or "none"
+    print(f"scored {summary.scored} image(s): {classes}; unreadable {summary.unreadable}")
+    print(f"predictions: {summary.out}/predictions.parquet")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

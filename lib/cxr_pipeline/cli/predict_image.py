@@ -1,0 +1,99 @@
+"""Classify one or more chest X-ray files on this computer (no Spark, no cluster).
+
+    cxr-predict-image --model runs/demo scan1.jpeg scan2.png
+    python -m cxr_pipeline.cli.predict_image --model runs/cnn/model.keras scan.jpeg --json
+
+--model is a run folder of jobs/train_featurizer.py (classifier.json), a run folder
+of jobs/train_cnn.py (cnn.json) or a saved .keras CNN; local paths or hdfs:// URIs.
+Prints one line per image: class, P(PNEUMONIA) and the threshold used. Exit status
+1 when some file could not be read or decoded (it is reported, the others are still
+classified).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def is_cnn_model(model: str) -> bool:
+    if model.endswith(".keras"):
+        return True
+    from .. import storage
+
+    return storage.exists(model.rstrip("/") + "/cnn.json")
+
+
+def load_classifier(model: str):
+    """A classifier with ``predict_bytes(list[bytes], threshold=None)`` for a Spark run or a CNN."""
+    if is_cnn_model(model):
+        from ..cnn.predict import LocalCnnClassifier  # lazy: only CNN users need it
+
+        return LocalCnnClassifier.load(model)
+    from ..model_export import LocalClassifier
+
+    return LocalClassifier.load(model)
+
+
+def read_inputs(files: Sequence[str]) -> tuple[list[bytes | None], dict[int, str]]:
+    from .. import storage
+
+    contents: list[bytes | None] = []
+    errors: dict[int, str] = {}
+    for i, name in enumerate(files):
+        try:
+            contents.append(storage.read_bytes(name) if "://" in name else Path(name).read_bytes())
+        except OSError as exc:
+            contents.append(None)
+            errors[i] = f"cannot read file ({exc.strerror or type(exc).__name__})"
+    return contents, errors
+
+
+def classify(model: str, files: Sequence[str], threshold: float | None = None) -> list[dict[str, Any]]:
+    classifier = load_classifier(model)
+    contents, read_errors = read_inputs(files)
+    readable = [i for i in range(len(files)) if i not in read_errors]
+    kwargs = {"threshold": threshold} if threshold is not None else {}
+    scored = classifier.predict_bytes([contents[i] for i in readable], **kwargs) if readable else []
+    results: list[dict[str, Any]] = [dict() for _ in files]
+    for i, res in zip(readable, scored):
+        results[i] = dict(res)
+    for i, reason in read_errors.items():
+        results[i] = {"probability": None, "predicted_label": None, "label_name": None,
+                      "threshold": threshold, "error": reason}
+    for name, res in zip(files, results):
+        res["file"] = name
+    return results
+
+
+def format_line(res: dict[str, Any]) -> str:
+    if res.get("error"):
+        return f"{res['file']}: unreadable ({res['error']})"
+    return f"{res['file']}: {res['label_name']}  P(PNEUMONIA)={res['probability']:.4f}  threshold={res['threshold']:.4f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cxr-predict-image", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="run folder (Spark or CNN) or a .keras file")
+    parser.add_argument("images", nargs="+", help="image file(s): JPEG/PNG, local or hdfs://")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="decision threshold on P(PNEUMONIA) (default: the model's validation-chosen one)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per image")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        results = classify(args.model, args.images, args.threshold)
+    except FileNotFoundError as exc:
+        print(f"cxr-predict-image: error: {exc}", file=sys.stderr)
+        return 2
+    for res in results:
+        print(json.dumps(res) if args.json else format_line(res))
+    return 1 if any(r.get("error") for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
