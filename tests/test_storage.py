@@ -1,0 +1,245 @@
+"""cxr_pipeline.storage on the local filesystem (plain paths, file://) and the real local HDFS."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from cxr_pipeline import storage
+
+PAYLOAD = bytes(range(256)) * 64 + b"\x00tail\xff"  # every byte value, 16 KiB + a tail
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(params=[
+    "path",
+    "file_uri",
+    pytest.param("hdfs", marks=pytest.mark.hdfs),
+])
+def root(request, tmp_path) -> str:
+    """A fresh, empty folder URI in each storage form."""
+    if request.param == "path":
+        return str(tmp_path / "store")
+    if request.param == "file_uri":
+        return f"file://{tmp_path}/store"
+    return request.getfixturevalue("hdfs_tmp")
+
+
+def hidden_leftovers(root: str) -> list[str]:
+    return [info.uri for info in storage.list_files(root) if info.name.startswith(".")]
+
+
+# ----------------------------------------------------------------- pure URI helpers
+def test_is_remote():
+    assert storage.is_remote("hdfs://127.0.0.1:9000/x")
+    assert storage.is_remote("s3a://bucket/x")
+    assert not storage.is_remote("/tmp/x")
+    assert not storage.is_remote("relative/x")
+    assert not storage.is_remote("file:///tmp/x")
+    assert not storage.is_remote(Path("/tmp/x"))
+
+
+def test_join_keeps_scheme_and_strips_extra_slashes():
+    assert storage.join("hdfs://nn:9000/data/", "/train/", "a.jpeg") == "hdfs://nn:9000/data/train/a.jpeg"
+    assert storage.join("hdfs://nn:9000", "data") == "hdfs://nn:9000/data"
+    assert storage.join("file:///tmp", "a", "b") == "file:///tmp/a/b"
+    assert storage.join("/", "a") == "/a"
+    assert storage.join("rel", "b") == "rel/b"
+    assert storage.join("/x/y") == "/x/y"
+
+
+def test_to_local_path():
+    assert storage.to_local_path("file:///tmp/a b/c.jpeg") == Path("/tmp/a b/c.jpeg")
+    assert storage.to_local_path("file:/tmp/c") == Path("/tmp/c")
+    assert storage.to_local_path("/tmp/c") == Path("/tmp/c")
+    with pytest.raises(ValueError, match="not a local path"):
+        storage.to_local_path("hdfs://127.0.0.1:9000/x")
+
+
+def test_unsupported_scheme_is_a_clear_error():
+    with pytest.raises(ValueError, match="s3a"):
+        storage.read_bytes("s3a://bucket/key")
+
+
+def test_webhdfs_url_resolution_order(monkeypatch):
+    authority = f"127.0.0.1:{free_port()}"
+    monkeypatch.delenv("CXR_WEBHDFS_URL", raising=False)
+    assert storage.webhdfs_url_for(f"hdfs://{authority}/x") == "http://127.0.0.1:9870"
+    monkeypatch.setenv("CXR_WEBHDFS_URL", "http://example.invalid:1234/")
+    assert storage.webhdfs_url_for(f"hdfs://{authority}/x") == "http://example.invalid:1234"
+    storage.register_webhdfs(f"hdfs://{authority}", "http://127.0.0.1:5555")
+    assert storage.webhdfs_url_for(f"hdfs://{authority}/x") == "http://127.0.0.1:5555"
+
+
+def test_unreachable_namenode_raises_storage_unavailable():
+    authority = f"127.0.0.1:{free_port()}"
+    dead_url = f"http://127.0.0.1:{free_port()}"
+    storage.register_webhdfs(f"hdfs://{authority}", dead_url)
+    with pytest.raises(storage.StorageUnavailable) as caught:
+        storage.read_bytes(f"hdfs://{authority}/anything")
+    assert isinstance(caught.value, OSError)
+    assert dead_url in str(caught.value) and "make hdfs-up" in str(caught.value)
+    with pytest.raises(storage.StorageUnavailable):
+        storage.list_files(f"hdfs://{authority}/")
+
+
+@pytest.mark.hdfs
+def test_webhdfs_of_another_namenode_is_refused(hdfs_cluster):
+    # hdfs://127.0.0.1:<port> with no registration would be guessed to be the default
+    # WebHDFS (9870), which serves the NameNode on 9000: a different filesystem.
+    authority = f"127.0.0.1:{free_port()}"
+    with pytest.raises(storage.StorageError, match="belongs to the NameNode"):
+        storage.exists(f"hdfs://{authority}/x")
+
+
+# ------------------------------------------------- API round trips, every backend
+def test_write_then_read_bytes_is_identical_and_atomic(root):
+    uri = storage.join(root, "nested", "deeper", "blob.bin")
+    storage.write_bytes(uri, PAYLOAD)
+    assert storage.read_bytes(uri) == PAYLOAD
+    storage.write_bytes(uri, b"replaced")
+    assert storage.read_bytes(uri) == b"replaced"
+    assert hidden_leftovers(root) == []
+
+
+def test_empty_file_round_trip(root):
+    uri = storage.join(root, "empty")
+    storage.write_bytes(uri, b"")
+    assert storage.exists(uri)
+    assert storage.read_bytes(uri) == b""
+    assert storage.list_files(uri)[0].size == 0
+
+
+def test_list_files_recursive_and_flat(root):
+    storage.write_bytes(storage.join(root, "a.bin"), b"1")
+    storage.write_bytes(storage.join(root, "sub", "b.bin"), b"22")
+    storage.write_bytes(storage.join(root, "sub", "deep", "c.bin"), b"333")
+    storage.makedirs(storage.join(root, "empty_dir"))
+
+    everything = storage.list_files(root)
+    assert [(i.uri, i.size) for i in everything] == [
+        (storage.join(root, "a.bin"), 1),
+        (storage.join(root, "sub", "b.bin"), 2),
+        (storage.join(root, "sub", "deep", "c.bin"), 3),
+    ]
+    assert [i.uri for i in storage.list_files(root, recursive=False)] == [storage.join(root, "a.bin")]
+    single = storage.join(root, "sub", "b.bin")
+    assert storage.list_files(single) == [storage.FileInfo(single, 2)]
+
+
+def test_missing_things_raise_file_not_found(root):
+    missing = storage.join(root, "nope")
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(missing)
+    with pytest.raises(FileNotFoundError):
+        storage.list_files(missing)
+    with pytest.raises(FileNotFoundError):
+        storage.download_file(missing, "/tmp/never-written-by-storage-tests")
+    assert not os.path.exists("/tmp/never-written-by-storage-tests")
+
+
+def test_upload_and_download_file_byte_identical(root, tmp_path):
+    source = tmp_path / "in.bin"
+    source.write_bytes(PAYLOAD)
+    uri = storage.join(root, "up", "in.bin")
+    storage.upload_file(source, uri)
+    assert storage.read_bytes(uri) == PAYLOAD
+    target = tmp_path / "out" / "copy.bin"
+    storage.download_file(uri, target)
+    assert target.read_bytes() == PAYLOAD
+    assert sorted(p.name for p in target.parent.iterdir()) == ["copy.bin"]  # no temp file left
+    with pytest.raises(FileNotFoundError):
+        storage.upload_file(tmp_path / "absent.bin", uri)
+
+
+def test_upload_and_download_dir_tree(root, tmp_path):
+    tree = tmp_path / "tree"
+    files = {"x.bin": PAYLOAD, "NORMAL/a.jpeg": b"\xff\xd8normal", "PNEUMONIA/deep/b.jpeg": b"\xff\xd8pneu"}
+    for relative, data in files.items():
+        (tree / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tree / relative).write_bytes(data)
+
+    written = storage.upload_dir(tree, storage.join(root, "copy"))
+    assert sorted(written) == sorted(storage.join(root, "copy", r) for r in files)
+    for relative, data in files.items():
+        assert storage.read_bytes(storage.join(root, "copy", relative)) == data
+
+    back = tmp_path / "back"
+    local_paths = storage.download_dir(storage.join(root, "copy"), back)
+    assert len(local_paths) == len(files)
+    for relative, data in files.items():
+        assert (back / relative).read_bytes() == data
+
+
+def test_exists_makedirs_delete(root):
+    folder = storage.join(root, "d1", "d2")
+    assert not storage.exists(folder)
+    storage.makedirs(folder)
+    storage.makedirs(folder)  # idempotent
+    assert storage.exists(folder)
+    assert storage.list_files(folder) == []
+
+    blob = storage.join(folder, "f.bin")
+    storage.write_bytes(blob, b"x")
+    with pytest.raises(OSError):
+        storage.delete(storage.join(root, "d1"))  # not empty, not recursive
+    assert storage.exists(blob)
+    assert storage.delete(blob) is True
+    assert not storage.exists(blob)
+    assert storage.delete(blob) is False
+    storage.write_bytes(blob, b"x")
+    assert storage.delete(storage.join(root, "d1"), recursive=True) is True
+    assert not storage.exists(storage.join(root, "d1"))
+
+
+def test_rename_file_and_folder(root):
+    storage.write_bytes(storage.join(root, "src", "f.bin"), PAYLOAD)
+    storage.rename(storage.join(root, "src", "f.bin"), storage.join(root, "moved", "g.bin"))
+    assert storage.read_bytes(storage.join(root, "moved", "g.bin")) == PAYLOAD
+    assert not storage.exists(storage.join(root, "src", "f.bin"))
+
+    storage.rename(storage.join(root, "moved"), storage.join(root, "final"))
+    assert storage.read_bytes(storage.join(root, "final", "g.bin")) == PAYLOAD
+
+    storage.write_bytes(storage.join(root, "other"), b"o")
+    with pytest.raises(FileExistsError):
+        storage.rename(storage.join(root, "other"), storage.join(root, "final"))
+    with pytest.raises(FileNotFoundError):
+        storage.rename(storage.join(root, "ghost"), storage.join(root, "ghost2"))
+
+
+def test_rename_across_filesystems_is_refused(tmp_path):
+    storage.write_bytes(tmp_path / "a", b"a")
+    with pytest.raises(ValueError, match="across filesystems"):
+        storage.rename(str(tmp_path / "a"), "hdfs://127.0.0.1:9000/a")
+
+
+def test_local_listing_keeps_the_form_it_was_asked_in(tmp_path):
+    storage.write_bytes(tmp_path / "f.bin", b"1")
+    assert storage.list_files(str(tmp_path))[0].uri == str(tmp_path / "f.bin")
+    assert storage.list_files(f"file://{tmp_path}")[0].uri == f"file://{tmp_path}/f.bin"
+
+
+# ------------------------------------------------------------- Spark reads it back
+@pytest.mark.hdfs
+def test_spark_binary_file_reads_what_storage_wrote(spark, hdfs_tmp):
+    blobs = {"a.bin": PAYLOAD, "b.bin": PAYLOAD[::-1], "sub/c.bin": b"\x00" * 10}
+    for relative, data in blobs.items():
+        storage.write_bytes(storage.join(hdfs_tmp, relative), data)
+    assert hdfs_tmp.startswith("hdfs://127.0.0.1:9000/")
+
+    rows = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
+            .load(hdfs_tmp).select("path", "length", "content").collect())
+    by_path = {row.path: row for row in rows}
+    assert len(by_path) == len(blobs)
+    for relative, data in blobs.items():
+        row = by_path[storage.join(hdfs_tmp, relative)]
+        assert row.length == len(data)
+        assert bytes(row.content) == data
