@@ -91,17 +91,19 @@ class LocalCnnClassifier:
     def decode(self, blobs: Sequence[bytes]):
         return data.images_from_bytes(blobs, self.image_size, self.max_pixels)
 
-    def predict_bytes(self, blobs: Sequence[bytes]) -> list[dict[str, Any]]:
+    def predict_bytes(self, blobs: Sequence[bytes], threshold: float | None = None) -> list[dict[str, Any]]:
         """One dict per input, in order: probability, predicted_label, label_name, threshold, error
-        (an undecodable image gets error=reason and None elsewhere)."""
+        (an undecodable image gets error=reason and None elsewhere). ``threshold`` overrides
+        the saved one for this call."""
+        threshold = self.threshold if threshold is None else float(threshold)
         batch, good_idx, bad = self.decode(blobs)
         scores = self.predict_arrays(batch)
         results: list[dict[str, Any]] = [{}] * len(blobs)
         for i, p in zip(good_idx, scores):
-            label = int(p >= self.threshold)
+            label = int(p >= threshold)
             results[i] = {"probability": float(p), "predicted_label": label, "label_name": self.label_names[label],
-                          "threshold": self.threshold, "error": None}
+                          "threshold": threshold, "error": None}
         for i, reason in bad:
             results[i] = {"probability": None, "predicted_label": None, "label_name": None,
-                          "threshold": self.threshold, "error": reason}
+                          "threshold": threshold, "error": reason}
         return results
