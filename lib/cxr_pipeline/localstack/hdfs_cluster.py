@@ -179,7 +179,9 @@ class LocalHdfs:
         }
         jmx = self._jmx_state()
         info.update(jmx or {"safemode": None, "live_datanodes": None})
-        info["ready"] = bool(info["running"] and jmx and not jmx["safemode"] and jmx["live_datanodes"] >= 1)
+        info["datanode_registered"] = self._datanode_registered()
+        info["ready"] = bool(info["running"] and jmx and not jmx["safemode"] and jmx["live_datanodes"] >= 1
+                             and info["datanode_registered"])
         return info
 
     # -- helpers ---------------------------------------------------------------
@@ -205,14 +207,25 @@ class LocalHdfs:
                 f"port {port} ({name}) is in use by {who}: stop it, or start this HDFS on other ports "
                 f"(--rpc-port/--http-port/--datanode-ports)")
 
-    def _jmx(self, bean: str) -> dict[str, Any] | None:
-        url = f"{self.webhdfs_url}/jmx?qry={bean}"
+    def _jmx(self, bean: str, base_url: str | None = None) -> dict[str, Any] | None:
+        url = f"{base_url or self.webhdfs_url}/jmx?qry={bean}"
         try:
             with urllib.request.urlopen(url, timeout=3) as response:
                 beans = json.load(response).get("beans", [])
         except (OSError, ValueError):
             return None
         return beans[0] if beans else None
+
+    def _datanode_registered(self) -> bool:
+        """Our DataNode process has heartbeated and sent its block report.
+
+        The NameNode alone is not enough: after a DataNode crash it still counts
+        the dead one as live for minutes, and would send clients to a port that
+        nothing serves yet.
+        """
+        activity = self._jmx("Hadoop:service=DataNode,name=DataNodeActivity-*",
+                             base_url=f"http://127.0.0.1:{self.datanode_ports[1]}")
+        return bool(activity and activity.get("HeartbeatsNumOps", 0) >= 1 and activity.get("BlockReportsNumOps", 0) >= 1)
 
     def _jmx_state(self) -> dict[str, Any] | None:
         info = self._jmx("Hadoop:service=NameNode,name=NameNodeInfo")
@@ -223,7 +236,7 @@ class LocalHdfs:
 
     def _is_ready(self) -> bool:
         state = self._jmx_state()
-        return bool(state and not state["safemode"] and state["live_datanodes"] >= 1)
+        return bool(state and not state["safemode"] and state["live_datanodes"] >= 1 and self._datanode_registered())
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

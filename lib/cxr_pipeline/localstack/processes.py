@@ -58,6 +58,11 @@ class ProcessHandle:
                 start_new_session=True, close_fds=True, env=dict(env) if env is not None else None,
             )
         self.pid_file.write_text(f"{process.pid}\n")
+        # Until exec() the child's command line is still ours: wait for the marker
+        # so that alive() right after start() is not a false "exited".
+        deadline = time.monotonic() + 10
+        while process.poll() is None and not process_matches(process.pid, self.marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
         return process.pid
 
     def stop(self, timeout: float = 20) -> bool:
