@@ -378,14 +378,10 @@ def _checksums_match(recorded: dict, actual: dict, tolerance: float = TOLERANCE)
     return np.allclose(recorded["samples"], actual["samples"], rtol=tolerance, atol=tolerance)
 
 
-def _weight_count(model) -> int:
-    return len(model.weights)
-
-
 def _model_checks(model_name: str, model, reference_features: dict[str, np.ndarray]) -> dict:
     """Checksums of ``model``'s pooled features, and the largest gap to a reference model's."""
     x = check_input(model_name)
-    entry = {"keras_arrays_total": _weight_count(model), "feature_checksum": {}, "reference_max_abs_diff": {}}
+    entry = {"keras_arrays_total": len(model.weights), "feature_checksum": {}, "reference_max_abs_diff": {}}
     for layer_name, expected in reference_features.items():
         features = pooled_features(model, x, None if layer_name == "output" else layer_name)
         entry["feature_checksum"][layer_name] = feature_checksum(features)
@@ -393,13 +389,11 @@ def _model_checks(model_name: str, model, reference_features: dict[str, np.ndarr
     return entry
 
 
-def _provision_inception_v3(weights_dir: Path) -> dict:
+def _convert_inception_v3():
     tarball = registry_assets.fetch(registry_assets.NSFWJS)
     _log(f"InceptionV3: decoding {tarball.name}")
     tfjs = load_nsfwjs_inception(tarball)
     model, counts = convert_inception_v3(tfjs)
-    out = weights_dir / WEIGHT_FILES["InceptionV3"]
-    model.save_weights(out)
     reference = tfjs_reference_model(tfjs)
     x = check_input("InceptionV3")
     compare = {"mixed5": pooled_features(reference, x, "mixed5"), "output": pooled_features(reference, x, "mixed10")}
@@ -414,19 +408,17 @@ def _provision_inception_v3(weights_dir: Path) -> dict:
                     "fine-tuned on the nsfwjs task. Prefer feature_layer=mixed5. Weights are uint8-dequantized."),
         "preprocessing": "keras.applications.inception_v3.preprocess_input (pixels to [-1, 1])",
     }
-    return entry
+    return model, entry
 
 
-def _provision_xception(weights_dir: Path) -> dict:
+def _convert_xception():
     wheel = registry_assets.fetch(registry_assets.PNEUMONIA_MODEL_PACKAGE)
     _log(f"Xception: loading the backbone from {wheel.name}")
     full, backbone = load_wheel_xception(wheel)
     model, counts = convert_xception(backbone)
-    out = weights_dir / WEIGHT_FILES["Xception"]
-    model.save_weights(out)
     compare = {"output": pooled_features(backbone, check_input("Xception"))}
     del full, backbone
-    return {
+    return model, {
         "source": (f"PyPI {registry_assets.PNEUMONIA_MODEL_PACKAGE.spec} {registry_assets.WHEEL_XCEPTION_MODEL} "
                    f"(wheel sha256 {registry_assets.PNEUMONIA_MODEL_PACKAGE.sha256})"),
         "reference": "the wheel's own frozen Xception backbone",
@@ -437,9 +429,10 @@ def _provision_xception(weights_dir: Path) -> dict:
     }
 
 
-PROVISIONERS: dict[str, Callable[[Path], dict]] = {
-    "InceptionV3": _provision_inception_v3,
-    "Xception": _provision_xception,
+# model name -> () -> (converted keras model, manifest entry)
+CONVERTERS: dict[str, Callable[[], tuple]] = {
+    "InceptionV3": _convert_inception_v3,
+    "Xception": _convert_xception,
 }
 
 
@@ -471,15 +464,19 @@ def provision(models=tuple(WEIGHT_FILES), weights_dir: Path | None = None, force
     weights_dir.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(weights_dir)
     for model_name in models:
-        if model_name not in PROVISIONERS:
+        if model_name not in CONVERTERS:
             default_weights_path(model_name, weights_dir)  # raises the explanatory error
         path = weights_dir / WEIGHT_FILES[model_name]
         entry = manifest.get(model_name)
         if not force and entry and path.exists() and registry_assets.sha256_of(path) == entry["sha256"]:
             _log(f"{model_name}: {path} already provisioned")
             continue
-        entry = PROVISIONERS[model_name](weights_dir)
+        model, entry = CONVERTERS[model_name]()
         _validate_entry(model_name, entry)
+        staging = path.with_name(".partial-" + path.name)  # Keras wants the .weights.h5 suffix
+        model.save_weights(staging)
+        os.replace(staging, path)
+        del model
         entry.update(file=path.name, sha256=registry_assets.sha256_of(path), bytes=path.stat().st_size)
         manifest[model_name] = entry
         _write_manifest(weights_dir, manifest)
@@ -502,7 +499,7 @@ def verify(models=None, weights_dir: Path | None = None) -> dict:
         if actual_sha != entry["sha256"]:
             raise WeightsVerificationError(
                 f"{model_name}: {path} sha256 {actual_sha} does not match the manifest's {entry['sha256']}; "
-                f"the file is corrupt or was replaced: delete it and {paths.WEIGHTS_DIR / STAMP_NAME}, "
+                f"the file is corrupt or was replaced: delete it and {weights_dir / STAMP_NAME}, "
                 f"then run `make weights`")
         model = build_notop_model(model_name)
         model.load_weights(path)
@@ -514,7 +511,7 @@ def verify(models=None, weights_dir: Path | None = None) -> dict:
                     f"{model_name}: feature checksum at {layer_name} is {actual['sum']:.6g}, manifest says "
                     f"{recorded['sum']:.6g} (tolerance {TOLERANCE})")
         results[model_name] = "ok"
-        _log(f"{model_name}: {path.name} verified (sha256, {_weight_count(model)} arrays, feature checksums)")
+        _log(f"{model_name}: {path.name} verified (sha256, {len(model.weights)} arrays, feature checksums)")
         del model
     return results
 
