@@ -1,0 +1,216 @@
+"""Worker-side half of the featurizer: runs inside Spark's Python workers.
+
+One Keras model per ``(model_name, feature_layer, weights)`` lives in the
+module-level ``_MODELS`` dict of each Python worker, so with
+``spark.python.worker.reuse=true`` the Keras model is built and its weights
+loaded once per worker and reused by every batch of every later task.
+TensorFlow's thread pools are sized to the task's cores before TensorFlow
+starts, so two tasks on two cores do not each spawn a pool per machine core.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+from .. import backbones
+from ..imaging import DEFAULT_MAX_PIXELS, decode_batch
+
+_MODELS: dict[tuple, object] = {}  # (model_name, feature_layer, weights) -> keras.Model
+_LOCK = threading.Lock()
+_TF_CONFIGURED = False
+
+
+@dataclass(frozen=True)
+class FeaturizerSettings:
+    """Everything a worker needs, pickled into the UDF closure (no SparkContext inside)."""
+
+    model_name: str = "InceptionV3"
+    feature_layer: str | None = None
+    weights: str | None = None  # None | local path | "imagenet" | "random" | remote URI
+    weights_spark_file: str | None = None  # name registered with SparkContext.addFile, if any
+    batch_size: int = 16
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    tf_threads: int = 0  # 0 = the task's cores (spark.task.cpus)
+
+    @property
+    def cache_key(self) -> tuple:
+        return (self.model_name, self.feature_layer, self.weights)
+
+
+def configure_tensorflow_threads(threads: int = 0) -> int:
+    """Size TensorFlow's pools (once per process, before TF starts); returns the intra-op size."""
+    global _TF_CONFIGURED
+    if threads <= 0:
+        threads = _task_cpus()
+    if _TF_CONFIGURED:
+        return threads
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+    except RuntimeError:
+        pass  # TF already initialised in this process (e.g. the driver in tests): keep its pools
+    _TF_CONFIGURED = True
+    return threads
+
+
+def _task_cpus() -> int:
+    try:
+        from pyspark import TaskContext
+
+        context = TaskContext.get()
+        if context is not None:
+            return max(1, int(context.cpus()))
+    except Exception:  # noqa: BLE001 - outside a task, or an old TaskContext
+        pass
+    return os.cpu_count() or 1
+
+
+def local_weights(settings: FeaturizerSettings) -> str | None:
+    """The weights argument for :func:`backbones.build_backbone`, fetched locally if remote."""
+    weights = settings.weights
+    if weights is None or weights in (backbones.RANDOM_WEIGHTS, "imagenet"):
+        return weights
+    from .. import storage
+
+    if not storage.is_remote(weights):
+        return weights
+    if settings.weights_spark_file:
+        from pyspark import SparkFiles
+
+        try:
+            shipped = SparkFiles.get(settings.weights_spark_file)
+            if os.path.isfile(shipped):
+                return shipped
+        except Exception:  # noqa: BLE001 - no SparkFiles root here: download instead
+            pass
+    # Fetched once per worker host: a stable folder named after the URI.
+    folder = os.path.join(tempfile.gettempdir(), "cxr-weights", hashlib.sha1(weights.encode()).hexdigest()[:16])
+    target = os.path.join(folder, os.path.basename(weights.rstrip("/")))
+    if not os.path.isfile(target):
+        os.makedirs(folder, exist_ok=True)
+        partial = f"{target}.part-{os.getpid()}"
+        storage.download_file(weights, partial)
+        os.replace(partial, target)
+    return target
+
+
+def cached_model(settings: FeaturizerSettings):
+    """The backbone for ``settings``, built at most once per Python worker."""
+    with _LOCK:
+        model = _MODELS.get(settings.cache_key)
+        if model is None:
+            configure_tensorflow_threads(settings.tf_threads)
+            model = backbones.build_backbone(
+                settings.model_name, weights=local_weights(settings), feature_layer=settings.feature_layer
+            )
+            _MODELS[settings.cache_key] = model
+        return model
+
+
+class WorkerFeaturizer:
+    """The decode -> preprocess -> predict loop of one task, on the worker's cached model.
+
+    Only ``batch_size`` images are decoded at a time, so memory stays bounded by
+    the batch (plus the Arrow batch of encoded bytes), not by the partition.
+    """
+
+    def __init__(self, settings: FeaturizerSettings):
+        self.settings = settings
+        self.size = backbones.input_size(settings.model_name)
+        self.model = cached_model(settings)
+        self.decode_seconds = 0.0
+        self.predict_seconds = 0.0
+
+    def featurize_contents(self, contents: pd.Series) -> pd.DataFrame:
+        """``features`` (float32 arrays, None for failures) and ``error`` (reason or None)."""
+        n = len(contents)
+        features: list = [None] * n
+        errors: list = [None] * n
+        step = max(1, self.settings.batch_size)
+        values = contents.tolist()
+        for start in range(0, n, step):
+            began = time.perf_counter()
+            arrays, good, failed = self._decode(values[start:start + step])
+            decoded = time.perf_counter()
+            for index, reason in failed:
+                errors[start + index] = reason
+            if good:
+                vectors = backbones.featurize_arrays(self.model, self.settings.model_name, arrays, step)
+                for index, vector in zip(good, vectors):
+                    features[start + index] = vector
+            self.decode_seconds += decoded - began
+            self.predict_seconds += time.perf_counter() - decoded
+        return pd.DataFrame({"features": features, "error": errors})
+
+    def _decode(self, chunk: list) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+        if chunk and isinstance(chunk[0], dict):  # Spark image source structs
+            return decode_image_structs(chunk, self.size, self.settings.max_pixels)
+        return decode_batch(chunk, self.size, self.settings.max_pixels)
+
+
+def featurize_batches(settings: FeaturizerSettings, batches: Iterator, timers=None) -> Iterator[pd.DataFrame]:
+    """Body of the scalar-iterator pandas UDF: set-up once, then one frame per Arrow batch.
+
+    ``timers``: optional ``(decode, predict)`` Spark accumulators that receive
+    the seconds spent in each stage (the benchmark uses them).
+    """
+    runner = WorkerFeaturizer(settings)
+    try:
+        for contents in batches:
+            if isinstance(contents, pd.DataFrame):  # struct input (Spark image source) arrives as a frame
+                contents = pd.Series(contents.to_dict("records"))
+            yield runner.featurize_contents(contents)
+    finally:
+        if timers is not None:
+            timers[0].add(runner.decode_seconds)
+            timers[1].add(runner.predict_seconds)
+
+
+# ----------------------------------------------------------- Spark image source
+_OCV_CHANNELS = {0: 1, 16: 3, 24: 4}  # OpenCV types Spark's ImageSchema uses: CV_8UC1/3/4
+
+
+def image_struct_to_array(image: dict, size: tuple[int, int], max_pixels: int) -> np.ndarray:
+    """A Spark image-source struct (BGR[A] bytes, row-major) -> resized RGB ``uint8`` array."""
+    from PIL import Image
+
+    from ..imaging import ImageDecodeError
+
+    height, width, channels = image.get("height"), image.get("width"), image.get("nChannels")
+    if height is None or height <= 0 or image.get("data") is None:
+        raise ImageDecodeError("not decodable by Spark's image source")
+    if height * width > max_pixels:
+        raise ImageDecodeError(f"too many pixels ({width}x{height} > max_pixels {max_pixels})")
+    pixels = np.frombuffer(image["data"], dtype=np.uint8).reshape(height, width, channels)
+    if channels == 1:
+        picture = Image.fromarray(pixels[..., 0], mode="L")
+    else:
+        picture = Image.fromarray(np.ascontiguousarray(pixels[..., 2::-1]), mode="RGB")
+    out = picture.resize((size[1], size[0]), Image.Resampling.BILINEAR).convert("RGB")
+    return np.asarray(out, dtype=np.uint8)
+
+
+def decode_image_structs(chunk: list, size: tuple[int, int], max_pixels: int):
+    from ..imaging import ImageDecodeError
+
+    arrays = np.empty((len(chunk), size[0], size[1], 3), dtype=np.uint8)
+    good: list[int] = []
+    failed: list[tuple[int, str]] = []
+    for index, image in enumerate(chunk):
+        try:
+            arrays[len(good)] = image_struct_to_array(image or {}, size, max_pixels)
+        except (ImageDecodeError, ValueError) as exc:
+            failed.append((index, str(exc)))
+        else:
+            good.append(index)
+    return arrays[: len(good)], good, failed

@@ -1,0 +1,249 @@
+"""``ImageFeaturizer``: a Spark ML Transformer from image bytes to backbone features.
+
+What sparkdl's ``DeepImageFeaturizer`` did, done with a scalar-iterator pandas
+UDF: each task decodes and resizes ``batchSize`` images at a time with Pillow
+(:mod:`cxr_pipeline.imaging`) and runs them through a ``keras.applications``
+backbone built once per Python worker (:mod:`cxr_pipeline.spark._udf`).
+
+    featurizer = ImageFeaturizer(inputCol="content", outputCol="features",
+                                 modelName="InceptionV3", featureLayer="mixed5")
+    features = featurizer.transform(read_image_tree(spark, "hdfs://nn:9000/data/chest_xray"))
+
+Adds ``outputCol`` (an ML ``DenseVector``; null when the image could not be
+decoded) and ``errorCol`` (the reason, e.g. "truncated image", else null).
+``inputCol`` may also be the ``image`` struct column of Spark's image source.
+Persisted through its Params only (``DefaultParamsWritable/Readable``), so it
+saves and loads on its own and inside a ``Pipeline``/``PipelineModel``.
+
+``weights``: null = the provisioned file (``make weights``), a local path, an
+``hdfs://`` (any Hadoop) URI shipped to executors once with
+``SparkContext.addFile``, ``"imagenet"`` (Keras' download) or ``"random"``.
+"""
+from __future__ import annotations
+
+import logging
+import posixpath
+from typing import Iterator
+
+import pandas as pd
+from pyspark import keyword_only
+from pyspark.ml import Transformer
+from pyspark.ml.functions import array_to_vector
+from pyspark.ml.param import Param, Params, TypeConverters
+from pyspark.ml.param.shared import HasInputCol, HasOutputCol
+from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from .. import backbones
+from ..imaging import DEFAULT_MAX_PIXELS
+from ._udf import FeaturizerSettings, featurize_batches
+
+log = logging.getLogger(__name__)
+
+RESULT_TYPE = T.StructType(
+    [
+        T.StructField("features", T.ArrayType(T.FloatType())),
+        T.StructField("error", T.StringType()),
+    ]
+)
+ARROW_RECORDS_PER_BATCH = 64
+ARROW_MAX_BYTES_PER_BATCH = 64 * 1024 * 1024
+
+
+def configure_arrow_for_images(spark: SparkSession, records: int = ARROW_RECORDS_PER_BATCH) -> None:
+    """Cap Arrow batches for image UDFs (Spark's default of 10,000 rows would be GBs of JPEGs).
+
+    Only ever lowers the limits: a smaller setting chosen by the user is kept.
+    """
+    current = int(spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch", "10000"))
+    if current <= 0 or current > records:
+        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(records))
+    current_bytes = int(spark.conf.get("spark.sql.execution.arrow.maxBytesPerBatch", str(2**31 - 1)))
+    if current_bytes > ARROW_MAX_BYTES_PER_BATCH:
+        spark.conf.set("spark.sql.execution.arrow.maxBytesPerBatch", str(ARROW_MAX_BYTES_PER_BATCH))
+
+
+def make_featurize_udf(settings: FeaturizerSettings, timers=None):
+    """The scalar-iterator pandas UDF: image bytes (or image structs) -> struct(features, error)."""
+
+    @F.pandas_udf(RESULT_TYPE)
+    def featurize(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+        yield from featurize_batches(settings, batches, timers)
+
+    return featurize
+
+
+class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReadable, DefaultParamsWritable):
+    """Image bytes -> pooled features of a ``keras.applications`` backbone (see module doc)."""
+
+    errorCol = Param(Params._dummy(), "errorCol", "output column: why an image was not featurized (null if it was)",
+                     typeConverter=TypeConverters.toString)
+    modelName = Param(Params._dummy(), "modelName", f"backbone: {', '.join(backbones.BACKBONES)}",
+                      typeConverter=TypeConverters.toString)
+    featureLayer = Param(Params._dummy(), "featureLayer", "layer whose output is pooled (null = the last)",
+                         typeConverter=TypeConverters.toString)
+    weights = Param(Params._dummy(), "weights",
+                    "null (provisioned default), a local path, a Hadoop URI, 'imagenet' or 'random'",
+                    typeConverter=TypeConverters.toString)
+    batchSize = Param(Params._dummy(), "batchSize", "images decoded and run through the model at a time",
+                      typeConverter=TypeConverters.toInt)
+    maxPixels = Param(Params._dummy(), "maxPixels", "decompression-bomb guard: reject images above width*height",
+                      typeConverter=TypeConverters.toInt)
+    arrowBatchSize = Param(Params._dummy(), "arrowBatchSize",
+                           "cap for spark.sql.execution.arrow.maxRecordsPerBatch while featurizing",
+                           typeConverter=TypeConverters.toInt)
+
+    @keyword_only
+    def __init__(
+        self,
+        *,
+        inputCol: str = "content",
+        outputCol: str = "features",
+        errorCol: str = "featurize_error",
+        modelName: str = "InceptionV3",
+        featureLayer: str | None = None,
+        weights: str | None = None,
+        batchSize: int = 16,
+        maxPixels: int = DEFAULT_MAX_PIXELS,
+        arrowBatchSize: int = ARROW_RECORDS_PER_BATCH,
+    ):
+        super().__init__()
+        self._setDefault(
+            inputCol="content", outputCol="features", errorCol="featurize_error", modelName="InceptionV3",
+            featureLayer=None, weights=None, batchSize=16, maxPixels=DEFAULT_MAX_PIXELS,
+            arrowBatchSize=ARROW_RECORDS_PER_BATCH,
+        )
+        self._set(**self._input_kwargs)
+
+    @keyword_only
+    def setParams(self, **kwargs) -> "ImageFeaturizer":
+        return self._set(**self._input_kwargs)
+
+    # Getters / setters, pyspark.ml style.
+    def setInputCol(self, value: str) -> "ImageFeaturizer":
+        return self._set(inputCol=value)
+
+    def setOutputCol(self, value: str) -> "ImageFeaturizer":
+        return self._set(outputCol=value)
+
+    def getErrorCol(self) -> str:
+        return self.getOrDefault(self.errorCol)
+
+    def setErrorCol(self, value: str) -> "ImageFeaturizer":
+        return self._set(errorCol=value)
+
+    def getModelName(self) -> str:
+        return self.getOrDefault(self.modelName)
+
+    def setModelName(self, value: str) -> "ImageFeaturizer":
+        return self._set(modelName=value)
+
+    def getFeatureLayer(self) -> str | None:
+        return self.getOrDefault(self.featureLayer)
+
+    def setFeatureLayer(self, value: str | None) -> "ImageFeaturizer":
+        return self._set(featureLayer=value)
+
+    def getWeights(self) -> str | None:
+        return self.getOrDefault(self.weights)
+
+    def setWeights(self, value: str | None) -> "ImageFeaturizer":
+        return self._set(weights=value)
+
+    def getBatchSize(self) -> int:
+        return self.getOrDefault(self.batchSize)
+
+    def setBatchSize(self, value: int) -> "ImageFeaturizer":
+        return self._set(batchSize=value)
+
+    def getMaxPixels(self) -> int:
+        return self.getOrDefault(self.maxPixels)
+
+    def setMaxPixels(self, value: int) -> "ImageFeaturizer":
+        return self._set(maxPixels=value)
+
+    def getArrowBatchSize(self) -> int:
+        return self.getOrDefault(self.arrowBatchSize)
+
+    # ------------------------------------------------------------------ logic
+    def image_size(self) -> tuple[int, int]:
+        """``(height, width)`` images are resized to (the backbone's input)."""
+        return backbones.input_size(self.getModelName())
+
+    def settings(self, spark: SparkSession | None = None) -> FeaturizerSettings:
+        """What the workers need; ships a remote weights file with ``addFile`` when ``spark`` is given."""
+        backbones.spec(self.getModelName())  # fail fast on an unknown backbone
+        weights = self.getWeights()
+        spark_file = None
+        if spark is not None and weights and "://" in weights and not weights.startswith("file://"):
+            spark_file = _ship_file(spark, weights)
+        elif spark is not None and weights is None and _is_local_master(spark):
+            from ..weights import default_weights_path
+
+            default_weights_path(self.getModelName())  # raises WeightsNotFound: "run `make weights`"
+        return FeaturizerSettings(
+            model_name=self.getModelName(),
+            feature_layer=self.getFeatureLayer() or None,
+            weights=weights,
+            weights_spark_file=spark_file,
+            batch_size=self.getBatchSize(),
+            max_pixels=self.getMaxPixels(),
+        )
+
+    def _transform(self, dataset: DataFrame) -> DataFrame:
+        input_col, output_col, error_col = self.getInputCol(), self.getOutputCol(), self.getErrorCol()
+        if input_col not in dataset.columns:
+            raise ValueError(f"input column {input_col!r} not in {dataset.columns}")
+        for taken in (output_col, error_col):
+            if taken in dataset.columns:
+                raise ValueError(f"output column {taken!r} already exists")
+        spark = dataset.sparkSession
+        configure_arrow_for_images(spark, self.getArrowBatchSize())
+        featurize = make_featurize_udf(self.settings(spark))
+        result = "__featurized"
+        features = F.col(f"{result}.features")
+        return (
+            dataset.withColumn(result, featurize(F.col(input_col)))
+            # array_to_vector fails on null: failed images keep a null vector
+            .withColumn(output_col, F.when(features.isNotNull(), array_to_vector(features)))
+            .withColumn(error_col, F.col(f"{result}.error"))
+            .drop(result)
+        )
+
+
+def _is_local_master(spark: SparkSession) -> bool:
+    return spark.sparkContext.master.startswith("local")
+
+
+def _ship_file(spark: SparkSession, uri: str) -> str | None:
+    """``SparkContext.addFile(uri)`` once; the name executors pass to ``SparkFiles.get``.
+
+    None when another file of the same name is already registered: workers then
+    download the URI themselves (once per host).
+    """
+    context = spark.sparkContext
+    name = posixpath.basename(uri.rstrip("/"))
+    try:
+        registered = list(context.listFiles)
+    except Exception:  # noqa: BLE001 - older PySpark without listFiles
+        registered = []
+    if any(path.rstrip("/") == uri.rstrip("/") for path in registered):
+        return name
+    if any(posixpath.basename(path.rstrip("/")) == name for path in registered):
+        log.warning("a different file named %s is already shipped; workers will download %s", name, uri)
+        return None
+    try:
+        context.addFile(uri)
+    except Exception as exc:  # noqa: BLE001 - e.g. a name clash Spark detected itself
+        log.warning("addFile(%s) failed (%s); workers will download it", uri, exc)
+        return None
+    return name
+
+
+def split_failures(featurized: DataFrame, error_col: str = "featurize_error", path_col: str = "path") -> tuple[DataFrame, DataFrame]:
+    """``(images that got features, [path, reason] of those that did not)``."""
+    good = featurized.where(F.col(error_col).isNull())
+    failed = featurized.where(F.col(error_col).isNotNull()).select(path_col, F.col(error_col).alias("reason"))
+    return good, failed

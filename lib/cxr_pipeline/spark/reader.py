@@ -1,0 +1,202 @@
+"""Reading a ``chest_xray``-style image tree (or a packed image table) into Spark.
+
+``read_images_with_rejections(spark, "hdfs://nn:9000/data/chest_xray")`` returns
+a :class:`ReadResult`: ``images`` with the columns
+
+    path (string, full URI), split, label (int), label_name, content (binary), length (long)
+
+and ``rejected`` (``path``, ``reason``) listing every file that was left out.
+Folder names are not ``key=value``, so Spark's partition discovery does not
+apply: split and class come from the path (:mod:`cxr_pipeline.dataset_layout`),
+and the integer label is the index of the class folder name in sorted order
+(NORMAL=0, PNEUMONIA=1; any number of classes works).
+
+Rejections made here are the ones file metadata can tell (wrong layout, not an
+image extension, zero bytes) and never touch the file contents; files whose
+*bytes* are bad (not an image, truncated or corrupt JPEG) are reported by the
+featurizer in its error column. Hadoop itself skips hidden files (``.x``, ``_x``).
+
+Sources: ``binaryFile`` (default: raw bytes, decoded later in pandas UDFs),
+``image`` (Spark's built-in image source, decoded by the JVM into an ``image``
+struct column instead of ``content``) and ``parquet`` (a table written by
+:mod:`cxr_pipeline.spark.packing`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from ..dataset_layout import LayoutError, junk_reason, label_index, parse_image_path
+
+SOURCES = ("binaryFile", "image", "parquet")
+IMAGE_COLUMNS = ("path", "split", "label", "label_name", "content", "length")
+REJECTED_SCHEMA = "path string, reason string"
+
+_META_TYPE = T.StructType(
+    [
+        T.StructField("split", T.StringType()),
+        T.StructField("label_name", T.StringType()),
+        T.StructField("reason", T.StringType()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ReadResult:
+    images: DataFrame  # path, split, label, label_name, content, length
+    rejected: DataFrame  # path, reason
+    label_names: tuple[str, ...]  # index i is label i
+
+
+def classify_path(path: str, length: int | None) -> tuple[str | None, str | None, str | None]:
+    """``(split, label_name, None)`` for a usable file, ``(None, None, reason)`` otherwise."""
+    try:
+        parsed = parse_image_path(path)
+    except LayoutError:
+        return None, None, "not in a <split>/<CLASS>/ folder"
+    reason = junk_reason(parsed.file_name, length)
+    if reason:
+        return None, None, reason
+    return parsed.split, parsed.label_name, None
+
+
+@F.pandas_udf(_META_TYPE)
+def _classify(paths: pd.Series, lengths: pd.Series) -> pd.DataFrame:
+    rows = [classify_path(p, None if pd.isna(n) else int(n)) for p, n in zip(paths, lengths)]
+    return pd.DataFrame(rows, columns=["split", "label_name", "reason"])
+
+
+def _with_labels(df: DataFrame, label_names: Sequence[str]) -> DataFrame:
+    index = label_index(label_names)
+    mapping = F.create_map(*[F.lit(x) for pair in index.items() for x in pair])
+    return df.withColumn("label", mapping[F.col("label_name")].cast("int"))
+
+
+def _discover_label_names(classified: DataFrame) -> tuple[str, ...]:
+    # Metadata only: binaryFile does not read file contents for this query.
+    rows = classified.where("_meta.reason IS NULL").select("_meta.label_name").distinct().collect()
+    names = sorted(row[0] for row in rows)
+    if not names:
+        raise LayoutError("no images found in <split>/<CLASS>/ folders")
+    return tuple(names)
+
+
+def _load_raw(spark: SparkSession, uri: str, source: str, path_glob: str | None) -> DataFrame:
+    if source == "binaryFile":
+        reader = spark.read.format("binaryFile").option("recursiveFileLookup", "true")
+        if path_glob:
+            reader = reader.option("pathGlobFilter", path_glob)
+        return reader.load(uri).select("path", "content", "length")
+    if source == "image":
+        reader = spark.read.format("image").option("dropInvalid", "false").option("recursiveFileLookup", "true")
+        if path_glob:
+            reader = reader.option("pathGlobFilter", path_glob)
+        raw = reader.load(uri)
+        return raw.select(
+            F.col("image.origin").alias("path"),
+            "image",
+            F.when(F.col("image.height") > 0, F.length("image.data")).otherwise(F.lit(None)).cast("long").alias("length"),
+        )
+    raise ValueError(f"unknown image source {source!r}; choose one of {', '.join(SOURCES)}")
+
+
+def read_images_with_rejections(
+    spark: SparkSession,
+    uri: str,
+    source: str = "binaryFile",
+    label_names: Iterable[str] | None = None,
+    path_glob: str | None = None,
+) -> ReadResult:
+    """The tree (or packed table) at ``uri``, with the files left out and why.
+
+    ``label_names`` fixes the class list (e.g. the one a model was trained on);
+    by default it is discovered from the class folders. ``path_glob`` is
+    Spark's ``pathGlobFilter`` (e.g. ``"*.jpeg"``): files it hides are not reported.
+    """
+    if source == "parquet":
+        return read_image_table_with_rejections(spark, uri, label_names)
+    raw = _load_raw(spark, uri, source, path_glob)
+    # Spark's image source marks undecodable files with height -1 instead of failing.
+    length = F.col("length") if source == "binaryFile" else F.coalesce("length", F.lit(1))
+    classified = raw.withColumn("_meta", _classify(F.col("path"), length))
+    if source == "image":
+        bad_image = F.col("image.height") < 0
+        classified = classified.withColumn(
+            "_meta",
+            F.when(
+                F.col("_meta.reason").isNull() & bad_image,
+                F.struct(F.lit(None).cast("string").alias("split"), F.lit(None).cast("string").alias("label_name"),
+                         F.lit("not decodable by Spark's image source").alias("reason")),
+            ).otherwise(F.col("_meta")),
+        )
+    names = tuple(sorted(set(label_names))) if label_names is not None else _discover_label_names(classified)
+
+    known = F.col("_meta.label_name").isin(list(names))
+    good = classified.where(F.col("_meta.reason").isNull() & known)
+    payload = "content" if source == "binaryFile" else "image"
+    images = _with_labels(
+        good.select("path", F.col("_meta.split").alias("split"), F.col("_meta.label_name").alias("label_name"), payload, "length"),
+        names,
+    ).select("path", "split", "label", "label_name", payload, "length")
+    rejected = classified.where(F.col("_meta.reason").isNotNull() | ~known).select(
+        "path",
+        F.coalesce(F.col("_meta.reason"), F.concat(F.lit("class folder not in "), F.lit(",".join(names)))).alias("reason"),
+    )
+    return ReadResult(images=images, rejected=rejected.unionByName(_unscanned_files(spark, raw)), label_names=names)
+
+
+def _hadoop_path_form(uri: str) -> str:
+    # inputFiles() says file:///x where the scan's path column says file:/x
+    return "file:/" + uri[len("file:///"):] if uri.startswith("file:///") else uri
+
+
+def _unscanned_files(spark: SparkSession, raw: DataFrame) -> DataFrame:
+    """Listed files the scan produced no row for: Spark's file sources skip zero-byte files."""
+    listed = [(_hadoop_path_form(uri),) for uri in raw.inputFiles()]
+    if not listed:
+        return spark.createDataFrame([], REJECTED_SCHEMA)
+    return (
+        spark.createDataFrame(listed, "path string")
+        .join(raw.select("path"), "path", "left_anti")
+        .withColumn("reason", F.lit("zero-byte file"))
+    )
+
+
+def read_image_tree(spark: SparkSession, uri: str, source: str = "binaryFile", **options) -> DataFrame:
+    """Only the usable images of the tree at ``uri`` (see :func:`read_images_with_rejections`)."""
+    return read_images_with_rejections(spark, uri, source, **options).images
+
+
+def read_image_table_with_rejections(
+    spark: SparkSession, uri: str, label_names: Iterable[str] | None = None
+) -> ReadResult:
+    """A packed Parquet image table; its own rejections were recorded when it was packed."""
+    table = spark.read.parquet(uri)
+    missing = [c for c in ("path", "split", "label_name", "content") if c not in table.columns]
+    if missing:
+        raise ValueError(f"{uri} is not a packed image table: missing column(s) {', '.join(missing)}")
+    if label_names is None:
+        names = tuple(sorted(r[0] for r in table.select("label_name").distinct().collect()))
+    else:
+        names = tuple(sorted(set(label_names)))
+    known = F.col("label_name").isin(list(names))
+    images = _with_labels(table.where(known), names).select(*IMAGE_COLUMNS)
+    rejected = table.where(~known).select(
+        "path", F.concat(F.lit("class folder not in "), F.lit(",".join(names))).alias("reason")
+    )
+    return ReadResult(images=images, rejected=rejected, label_names=names)
+
+
+def read_image_table(spark: SparkSession, uri: str) -> DataFrame:
+    """The images of a packed Parquet table (:mod:`cxr_pipeline.spark.packing`)."""
+    return read_image_table_with_rejections(spark, uri).images
+
+
+def read_images(spark: SparkSession, uri: str, source: str = "binaryFile", **options) -> DataFrame:
+    """Dispatch on ``source``: ``binaryFile`` / ``image`` (a tree) or ``parquet`` (a packed table)."""
+    return read_images_with_rejections(spark, uri, source, **options).images
