@@ -134,13 +134,17 @@ def test_image_stats_on_spark(spark, tiny_tree):
     samples = ex.sample_images(images, per_class=2, seed=3)
     assert samples.groupby("label_name").size().to_dict() == {"NORMAL": 2, "PNEUMONIA": 2}
     assert samples.equals(ex.sample_images(images, per_class=2, seed=3))   # stable pick
+    bad = stats.loc[stats["error"].notna(), "path"]
+    picked = ex.sample_images(images, per_class=5, exclude=bad)
+    assert len(picked) == 4 and set(bad).isdisjoint(picked["path"])
 
 
 @pytest.mark.hdfs
 def test_dataset_overview_on_hdfs(spark, hdfs_tmp, tiny_tree):
     from cxr_pipeline import storage
 
-    (tiny_tree / "train" / "NORMAL" / ".DS_Store").write_bytes(b"junk")
+    (tiny_tree / "train" / "NORMAL" / "notes.txt").write_bytes(b"junk")
+    (tiny_tree / "test" / "NORMAL" / "empty.jpeg").write_bytes(b"")
     uri = f"{hdfs_tmp}/chest_xray"
     storage.upload_dir(str(tiny_tree), uri)
     overview = ex.dataset_overview(spark, uri)
@@ -148,6 +152,7 @@ def test_dataset_overview_on_hdfs(spark, hdfs_tmp, tiny_tree):
     assert overview.stats["path"].str.startswith("hdfs://").all()
     problems = ex.problem_files(overview)
     reasons = dict(zip(problems["path"].str.rsplit("/", n=1).str[-1], problems["reason"]))
-    assert set(reasons) == {".DS_Store", "p2.jpeg"}
+    assert set(reasons) == {"notes.txt", "empty.jpeg", "p2.jpeg"}
     assert "truncated" in reasons["p2.jpeg"]
+    assert "zero-byte" in reasons["empty.jpeg"]      # Spark's binaryFile drops it silently; the listing does not
     assert ex.file_size_ratio(overview.stats) > 1.0

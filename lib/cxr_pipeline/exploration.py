@@ -13,8 +13,9 @@
 """
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -70,21 +71,59 @@ def image_stats(images, max_pixels: int = DEFAULT_MAX_PIXELS):
 class Overview:
     stats: pd.DataFrame      # one row per image the reader kept (STATS_COLUMNS)
     rejected: pd.DataFrame   # [path, reason]: files the reader excluded as junk
+    images: object = None    # the reader's Spark DataFrame (for sample_images), when read from Spark
 
     @property
     def good(self) -> pd.DataFrame:
         return self.stats[self.stats["error"].isna()]
 
 
+def files_not_read(uri: str, seen_paths: Iterable[str]) -> pd.DataFrame | None:
+    """Files under ``uri`` that Spark's reader never returned, as ``[path, reason]``.
+
+    Spark's ``binaryFile`` source skips zero-byte files (and Hadoop hides ``.x``
+    and ``_x`` files) without a word; listing the tree directly shows them. None
+    when :mod:`cxr_pipeline.storage` cannot list this scheme (e.g. ``dbfs:/``).
+    """
+    from . import storage
+    from .dataset_layout import LayoutError, relative_image_path
+
+    try:
+        listed = storage.list_files(uri)
+    except ValueError:
+        return None
+
+    def relative(path: str) -> str | None:
+        try:
+            return relative_image_path(path, uri)
+        except LayoutError:
+            return None
+
+    seen = {relative(p) for p in seen_paths}
+    rows = [
+        (info.uri, "zero-byte file (skipped by Spark)" if info.size == 0 else "hidden file (skipped by Hadoop)"
+         if posixpath.basename(info.uri).startswith((".", "_")) else "not returned by the Spark reader")
+        for info in listed if relative(info.uri) not in seen
+    ]
+    return pd.DataFrame(rows, columns=["path", "reason"])
+
+
 def dataset_overview(spark, uri: str, source: str = "binaryFile", max_pixels: int = DEFAULT_MAX_PIXELS) -> Overview:
-    """Read the tree at ``uri`` with the project's reader and collect per-image stats and rejections."""
+    """Read the tree at ``uri`` with the project's reader and collect per-image stats and rejections.
+
+    ``rejected`` has the reader's rejections plus the files Spark did not return at all.
+    """
     from .spark.reader import read_images_with_rejections
 
     result = read_images_with_rejections(spark, uri, source=source)
     stats = image_stats(result.images, max_pixels).toPandas()
     rejected = result.rejected.select("path", "reason").toPandas()
+    unread = files_not_read(uri, list(stats["path"]) + list(rejected["path"]))
+    if unread is not None and len(unread):
+        rejected = pd.concat([rejected, unread], ignore_index=True)
     return Overview(stats=stats.sort_values("path").reset_index(drop=True),
-                    rejected=rejected.sort_values("path").reset_index(drop=True))
+                    rejected=rejected.sort_values("path").reset_index(drop=True),
+                    images=result.images)
 
 
 # ---- pure summaries -------------------------------------------------------------------------
@@ -156,11 +195,18 @@ def problem_files(overview: Overview) -> pd.DataFrame:
 
 # ---- samples and plots -------------------------------------------------------------------------
 
-def sample_images(images, per_class: int = 4, seed: int = 0, split: str | None = None) -> pd.DataFrame:
-    """Up to ``per_class`` images of each class (a stable pseudo-random pick): pandas ``[path, label_name, content]``."""
+def sample_images(images, per_class: int = 4, seed: int = 0, split: str | None = None,
+                  exclude: Iterable[str] = ()) -> pd.DataFrame:
+    """Up to ``per_class`` images of each class (a stable pseudo-random pick): pandas ``[path, label_name, content]``.
+
+    ``exclude``: paths not to pick (e.g. the files that do not decode).
+    """
     from pyspark.sql import Window, functions as F
 
     frame = images if split is None else images.where(F.col("split") == split)
+    excluded = list(exclude)
+    if excluded:
+        frame = frame.where(~F.col("path").isin(excluded))
     rank = F.row_number().over(Window.partitionBy("label_name").orderBy(F.xxhash64("path", F.lit(seed))))
     picked = frame.select("path", "label_name", "content").withColumn("_rank", rank).where(F.col("_rank") <= per_class)
     return picked.drop("_rank").toPandas().sort_values(["label_name", "path"]).reset_index(drop=True)
@@ -212,12 +258,13 @@ def plot_sample_grid(samples: pd.DataFrame, thumb_height: int = 256, title: str 
         for col, item in enumerate(samples[samples["label_name"] == label].itertuples()):
             ax = axes[row, col]
             image = thumbnail(item.content, thumb_height)
-            name = str(item.path).rsplit("/", 1)[-1]
+            parts = str(item.path).rsplit("/", 3)
+            name = f"{parts[-3]}/{parts[-1]}" if len(parts) >= 3 else parts[-1]
             if image is None:
                 ax.text(0.5, 0.5, "does not decode", ha="center", va="center", color="red")
             else:
                 ax.imshow(image)
-            ax.set_title(f"{label}\n{name[:28]}", fontsize=7)
+            ax.set_title(f"{label}\n{name[:34]}", fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
