@@ -245,7 +245,7 @@ def load_backend(model_path: str | Path) -> ModelBackend:
         meta_bytes = b"" if model_path.endswith(".keras") else (_read_small(model_path, CNN_META_FILE) or b"{}")
         meta = json.loads(meta_bytes) if meta_bytes else {}
         classifier = LocalCnnClassifier.load(model_path)
-        name = f"{meta.get('model_name') or meta.get('model') or 'CNN'} (Keras CNN)"
+        name = f"{getattr(classifier, 'model_name', None) or meta.get('model_name') or 'CNN'} (Keras CNN)"
         backend_cls = CnnBackend
     label_names = tuple(getattr(classifier, "label_names", None) or meta.get("label_names") or ("NORMAL", "PNEUMONIA"))
     threshold = getattr(classifier, "threshold", None)

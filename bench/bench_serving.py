@@ -1,0 +1,182 @@
+"""Benchmark the prediction service on loopback: single-image latency and throughput.
+
+    PYTHONPATH=lib .venv/bin/python bench/bench_serving.py --model runs/demo [--image x.jpeg]
+
+Starts ``python -m cxr_pipeline.serving`` on 127.0.0.1 (a free port), waits for
+/health, then
+
+1. sends ``--sequential`` requests one after another: median and p95 latency;
+2. sends ``--requests`` requests from ``--concurrency`` client threads, stopping
+   at ``--time-cap`` seconds: requests/s and latency under that bounded load.
+
+Only the machine itself is contacted. Figures are printed, not asserted; on a
+shared machine compare them only within one run.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def multipart(data: bytes, filename: str = "image.jpeg") -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    body = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
+        f"Content-Type: application/octet-stream\r\n\r\n"
+    ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+class Client:
+    """One keep-alive HTTP connection (one per client thread)."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.conn = http.client.HTTPConnection(HOST, port, timeout=120)
+
+    def post(self, body: bytes, content_type: str) -> tuple[int, float, dict]:
+        start = time.perf_counter()
+        self.conn.request("POST", "/predict", body=body, headers={"Content-Type": content_type})
+        response = self.conn.getresponse()
+        payload = response.read()
+        elapsed = time.perf_counter() - start
+        return response.status, elapsed, json.loads(payload)
+
+
+def wait_healthy(port: int, server: subprocess.Popen, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the service exited with code {server.returncode}")
+        try:
+            conn = http.client.HTTPConnection(HOST, port, timeout=2)
+            conn.request("GET", "/health")
+            response = conn.getresponse()
+            if response.status == 200:
+                return json.loads(response.read())
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"the service did not answer /health within {timeout:.0f} s")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def describe(latencies: list[float]) -> str:
+    ms = [v * 1000 for v in latencies]
+    return f"median {statistics.median(ms):7.1f} ms   p95 {percentile(ms, 95):7.1f} ms   (n={len(ms)})"
+
+
+def default_image() -> Path:
+    sys.path.insert(0, str(REPO / "lib"))
+    from cxr_pipeline import paths
+
+    images = sorted(paths.SAMPLE_TREE.rglob("*.jpeg"))
+    if not images:
+        raise SystemExit("no --image given and no sample tree: run `make sample-data` or pass --image")
+    return images[0]
+
+
+def run_load(port: int, body: bytes, content_type: str, n_requests: int, concurrency: int,
+             time_cap: float) -> tuple[list[float], int, float]:
+    deadline = time.monotonic() + time_cap
+    counter = iter(range(n_requests))
+
+    def worker(_: int) -> tuple[list[float], int]:
+        client, latencies, errors = Client(port), [], 0
+        for _ in counter:  # shared iterator: each request is taken once (next() on range iterators is atomic)
+            if time.monotonic() > deadline:
+                break
+            status, elapsed, _payload = client.post(body, content_type)
+            if status == 200:
+                latencies.append(elapsed)
+            else:
+                errors += 1
+        return latencies, errors
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(worker, range(concurrency)))
+    wall = time.perf_counter() - start
+    latencies = [v for lat, _ in results for v in lat]
+    return latencies, sum(e for _, e in results), wall
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="run folder (train_featurizer or train_cnn) to serve")
+    parser.add_argument("--image", type=Path, help="image to send (default: first image of the sample tree)")
+    parser.add_argument("--sequential", type=int, default=30, help="one-at-a-time requests (default 30)")
+    parser.add_argument("--requests", type=int, default=200, help="requests under load (default 200)")
+    parser.add_argument("--concurrency", type=int, default=4, help="client threads under load (default 4)")
+    parser.add_argument("--time-cap", type=float, default=60.0, help="stop the load phase after this many s")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
+    parser.add_argument("--startup-timeout", type=float, default=180.0)
+    args = parser.parse_args(argv)
+
+    image = args.image or default_image()
+    data = image.read_bytes()
+    body, content_type = multipart(data, image.name)
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=f"{REPO / 'lib'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               TF_CPP_MIN_LOG_LEVEL="2")
+    command = [sys.executable, "-m", "cxr_pipeline.serving", "--model", args.model, "--host", HOST,
+               "--port", str(port), "--workers", str(args.workers), "--log-level", "warning"]
+    started = time.perf_counter()
+    server = subprocess.Popen(command, env=env, cwd=REPO)
+    try:
+        health = wait_healthy(port, server, args.startup_timeout)
+        startup = time.perf_counter() - started
+        model = health["model"]
+        print(f"service: {model['model_id']} ({model['name']}), {args.workers} worker(s), "
+              f"ready in {startup:.1f} s")
+        print(f"image:   {image} ({len(data) / 1024:.0f} kB)")
+
+        client = Client(port)
+        status, _, first = client.post(body, content_type)  # warm the connection and any lazy state
+        if status != 200:
+            raise SystemExit(f"the service rejected the image: {first}")
+        print(f"answer:  class {first['class']}, probability {first['probability']:.6f}, "
+              f"threshold {first['threshold']:.4f}")
+
+        sequential = [client.post(body, content_type)[1] for _ in range(args.sequential)]
+        print(f"single image, sequential:    {describe(sequential)}   -> {len(sequential) / sum(sequential):.1f} req/s")
+
+        latencies, errors, wall = run_load(port, body, content_type, args.requests, args.concurrency, args.time_cap)
+        capped = " (time cap reached)" if len(latencies) + errors < args.requests else ""
+        print(f"load, concurrency {args.concurrency}:        {describe(latencies)}   "
+              f"-> {len(latencies) / wall:.1f} req/s over {wall:.1f} s, {errors} errors{capped}")
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
