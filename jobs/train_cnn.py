@@ -7,7 +7,7 @@
 Runs on CPU, or on every local GPU (MirroredStrategy, mixed precision, XLA) with
 no change. Defaults: conf/defaults.yaml `cnn:` (+ `training:` for the validation
 carve, seed and target sensitivity); options below are shortcuts for --set cnn.KEY=V.
-Writes RUN/: model.keras, cnn.json, metrics.json, config.yaml, history.csv,
+Writes RUN/: model.keras, cnn.json, metrics.json, config.yaml, history.csv, predictions.csv,
 training_curves.png, roc.png, confusion_matrix.png, confusion_matrix_0.5.png, rejected.csv.
 """
 from __future__ import annotations

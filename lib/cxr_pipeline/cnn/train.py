@@ -262,6 +262,15 @@ def _history_csv(history: dict[str, list[float]]) -> str:
     return buf.getvalue()
 
 
+def _predictions_csv(scored) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["path", "used_as", "label", "probability"])
+    for used_as, record, p in scored:
+        writer.writerow([record.uri, used_as, record.label, repr(float(p))])
+    return buf.getvalue()
+
+
 def _merge_history(total: dict[str, list[float]], history: Mapping[str, list[float]]) -> None:
     for key, values in history.items():
         total.setdefault(key, []).extend(float(v) for v in values)
@@ -337,7 +346,8 @@ def train_and_evaluate(config: Mapping[str, Any], data_uri: str, out_uri: str) -
             done = len(history.get("loss", []))
             fit = model.fit(
                 train_input, validation_data=val_input, epochs=done + int(fine_tune["epochs"]),
-                initial_epoch=done, steps_per_epoch=steps, class_weight=weights, verbose=settings.verbose, shuffle=False,
+                initial_epoch=done, steps_per_epoch=steps, class_weight=weights, verbose=settings.verbose,
+                shuffle=False,
                 callbacks=[*make_callbacks(checkpoint, settings, reduce_lr, val_input is not None, best), timer],
             )
             _merge_history(history, fit.history)
@@ -374,6 +384,10 @@ def train_and_evaluate(config: Mapping[str, Any], data_uri: str, out_uri: str) -
             "decode_seconds": round(decode_s, 2),
             "total_seconds": round(time.perf_counter() - started, 2),
         }
+        scored = [("val", r, p) for r, p in zip(val_recs, val_p)]
+        if eval_name == "test":
+            scored += [("test", r, p) for r, p in zip(test_recs, eval_p)]
+        (stage / "predictions.csv").write_text(_predictions_csv(scored))
         _write_run(stage, config, settings, metrics, splits, eval_y, eval_p, threshold)
         _write_outputs(stage, out_uri)
         log(f"wrote {out_uri}: {eval_name} AUC {M.fmt(metrics[eval_name]['auc'])}, "
