@@ -77,7 +77,7 @@ def evaluate(test: DataFrame, choice: M.ThresholdChoice, label_names: Sequence[s
     scores = [float(r[1]) for r in rows]
     both = M.has_both_classes(labels)
     thresholds = {"chosen": choice.threshold, "default_0.5": M.DEFAULT_THRESHOLD}
-    test_block: dict[str, Any] = {"n": len(labels), **spark_auc(test, both) if labels else {}}
+    test_block: dict[str, Any] = {"n": len(labels), **(spark_auc(test, both) if labels else {})}
     test_block["numpy_roc_auc"] = M.roc_auc(labels, scores) if labels else None
     test_block["numpy_average_precision"] = M.average_precision(labels, scores) if labels else None
     for key, t in thresholds.items():
