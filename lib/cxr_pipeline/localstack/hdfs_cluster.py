@@ -32,6 +32,7 @@ from .processes import ProcessHandle, port_owner, wait_for_port_free
 
 NAMENODE_CLASS = "org.apache.hadoop.hdfs.server.namenode.NameNode"
 DATANODE_CLASS = "org.apache.hadoop.hdfs.server.datanode.DataNode"
+BLOCK_REPORT_SENT = b"Successfully sent block report"
 CONFIG_TEMPLATES = ("core-site.xml", "hdfs-site.xml")
 LOG4J_PROPERTIES = """\
 hadoop.root.logger=INFO,console
@@ -41,6 +42,11 @@ log4j.appender.console.target=System.err
 log4j.appender.console.layout=org.apache.log4j.PatternLayout
 log4j.appender.console.layout.ConversionPattern=%d{ISO8601} %p %c{2}: %m%n
 log4j.logger.org.apache.hadoop.util.NativeCodeLoader=ERROR
+# One line per block/file operation otherwise: the logs would grow without bound.
+log4j.logger.org.apache.hadoop.hdfs.server.namenode.FSNamesystem.audit=WARN
+log4j.logger.org.apache.hadoop.hdfs.server.datanode.DataNode.clienttrace=WARN
+log4j.logger.org.apache.hadoop.hdfs.StateChange=WARN
+log4j.logger.BlockStateChange=WARN
 """
 
 
@@ -71,6 +77,7 @@ class LocalHdfs:
         self.conf_dir = self.state_dir / "conf"
         self.namenode = ProcessHandle("namenode", NAMENODE_CLASS, self.state_dir)
         self.datanode = ProcessHandle("datanode", DATANODE_CLASS, self.state_dir)
+        self._registered_pid: int | None = None
         storage.register_webhdfs(self.namenode_uri, self.webhdfs_url)
 
     # -- addresses -----------------------------------------------------------
@@ -217,15 +224,22 @@ class LocalHdfs:
         return beans[0] if beans else None
 
     def _datanode_registered(self) -> bool:
-        """Our DataNode process has heartbeated and sent its block report.
+        """Our DataNode process has registered and sent its first block report.
 
         The NameNode alone is not enough: after a DataNode crash it still counts
-        the dead one as live for minutes, and would send clients to a port that
-        nothing serves yet.
+        the dead one as live for minutes and would send clients to a DataNode
+        that has not joined yet. The DataNode's own metrics lag up to 10 s
+        behind (JMX cache), so read its log from where this process started.
         """
-        activity = self._jmx("Hadoop:service=DataNode,name=DataNodeActivity-*",
-                             base_url=f"http://127.0.0.1:{self.datanode_ports[1]}")
-        return bool(activity and activity.get("HeartbeatsNumOps", 0) >= 1 and activity.get("BlockReportsNumOps", 0) >= 1)
+        pid = self.datanode.pid()
+        if pid is None or not self.datanode.alive():
+            return False
+        if self._registered_pid == pid:
+            return True
+        if self.datanode.log_contains_since_start(BLOCK_REPORT_SENT):
+            self._registered_pid = pid
+            return True
+        return False
 
     def _jmx_state(self) -> dict[str, Any] | None:
         info = self._jmx("Hadoop:service=NameNode,name=NameNodeInfo")

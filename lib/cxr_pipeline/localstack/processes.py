@@ -30,6 +30,7 @@ class ProcessHandle:
         self.state_dir = Path(state_dir)
         self.pid_file = self.state_dir / f"{name}.pid"
         self.log_file = self.state_dir / "logs" / f"{name}.log"
+        self.log_start_file = self.state_dir / f"{name}.logstart"
 
     def pid(self) -> int | None:
         try:
@@ -51,6 +52,7 @@ class ProcessHandle:
     def start(self, command: list[str], env: Mapping[str, str] | None = None) -> int:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
+            self.log_start_file.write_text(f"{log.tell()}\n")
             log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {self.name}\n".encode())
             log.flush()
             process = subprocess.Popen(
@@ -65,6 +67,24 @@ class ProcessHandle:
             time.sleep(0.05)
         return process.pid
 
+    def log_contains_since_start(self, needle: bytes, chunk: int = 1 << 20) -> bool:
+        """Whether the daemon wrote ``needle`` to its log since its latest start()."""
+        try:
+            offset = int(self.log_start_file.read_text())
+        except (OSError, ValueError):
+            offset = 0
+        try:
+            with open(self.log_file, "rb") as log:
+                log.seek(offset)
+                tail = b""
+                while block := log.read(chunk):
+                    if needle in tail + block:
+                        return True
+                    tail = block[-len(needle):]
+        except OSError:
+            return False
+        return False
+
     def stop(self, timeout: float = 20) -> bool:
         """SIGTERM, then SIGKILL after ``timeout`` s; removes the pid file. True if it was running."""
         pid = self.pid()
@@ -75,6 +95,7 @@ class ProcessHandle:
                 _signal(pid, signal.SIGKILL)
                 wait_for_exit(pid, 10)
         self.pid_file.unlink(missing_ok=True)
+        self.log_start_file.unlink(missing_ok=True)
         return was_running
 
 
