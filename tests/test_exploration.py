@@ -154,5 +154,5 @@ def test_dataset_overview_on_hdfs(spark, hdfs_tmp, tiny_tree):
     reasons = dict(zip(problems["path"].str.rsplit("/", n=1).str[-1], problems["reason"]))
     assert set(reasons) == {"notes.txt", "empty.jpeg", "p2.jpeg"}
     assert "truncated" in reasons["p2.jpeg"]
-    assert "zero-byte" in reasons["empty.jpeg"]      # Spark's binaryFile drops it silently; the listing does not
+    assert "zero-byte" in reasons["empty.jpeg"]      # Spark's binaryFile skips it; the reader lists it
     assert ex.file_size_ratio(overview.stats) > 1.0

@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import posixpath
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -78,49 +77,13 @@ class Overview:
         return self.stats[self.stats["error"].isna()]
 
 
-def files_not_read(uri: str, seen_paths: Iterable[str]) -> pd.DataFrame | None:
-    """Files under ``uri`` that Spark's reader never returned, as ``[path, reason]``.
-
-    Spark's ``binaryFile`` source skips zero-byte files (and Hadoop hides ``.x``
-    and ``_x`` files) without a word; listing the tree directly shows them. None
-    when :mod:`cxr_pipeline.storage` cannot list this scheme (e.g. ``dbfs:/``).
-    """
-    from . import storage
-    from .dataset_layout import LayoutError, relative_image_path
-
-    try:
-        listed = storage.list_files(uri)
-    except ValueError:
-        return None
-
-    def relative(path: str) -> str | None:
-        try:
-            return relative_image_path(path, uri)
-        except LayoutError:
-            return None
-
-    seen = {relative(p) for p in seen_paths}
-    rows = [
-        (info.uri, "zero-byte file (skipped by Spark)" if info.size == 0 else "hidden file (skipped by Hadoop)"
-         if posixpath.basename(info.uri).startswith((".", "_")) else "not returned by the Spark reader")
-        for info in listed if relative(info.uri) not in seen
-    ]
-    return pd.DataFrame(rows, columns=["path", "reason"])
-
-
 def dataset_overview(spark, uri: str, source: str = "binaryFile", max_pixels: int = DEFAULT_MAX_PIXELS) -> Overview:
-    """Read the tree at ``uri`` with the project's reader and collect per-image stats and rejections.
-
-    ``rejected`` has the reader's rejections plus the files Spark did not return at all.
-    """
+    """Read the tree at ``uri`` with the project's reader and collect per-image stats and rejections."""
     from .spark.reader import read_images_with_rejections
 
     result = read_images_with_rejections(spark, uri, source=source)
     stats = image_stats(result.images, max_pixels).toPandas()
     rejected = result.rejected.select("path", "reason").toPandas()
-    unread = files_not_read(uri, list(stats["path"]) + list(rejected["path"]))
-    if unread is not None and len(unread):
-        rejected = pd.concat([rejected, unread], ignore_index=True)
     return Overview(stats=stats.sort_values("path").reset_index(drop=True),
                     rejected=rejected.sort_values("path").reset_index(drop=True),
                     images=result.images)
