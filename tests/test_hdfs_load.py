@@ -1,0 +1,342 @@
+"""make hdfs-load: planning (pure), and loads against the real local HDFS.
+
+Interruptions are real: the loader process gets SIGINT/SIGKILL midway, and a
+throwaway second HDFS instance (own ports and state dir) has its NameNode
+stopped midway. The default instance is never stopped here.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cxr_pipeline import hdfs_load, storage
+from cxr_pipeline.hdfs_load import LocalFile, make_plan, merge_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "hdfs_load.py"
+
+
+# -- helpers ------------------------------------------------------------------
+
+def tiny_jpeg(seed: int, size: int = 24) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (size, size), color=(seed * 37) % 256).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def make_tree(root: Path, n: int) -> Path:
+    """``n`` tiny JPEGs spread over train/val/test x NORMAL/PNEUMONIA."""
+    for i in range(n):
+        split = ("train", "val", "test")[i % 3]
+        label = ("NORMAL", "PNEUMONIA")[(i // 3) % 2]
+        path = root / split / label / f"img{i:03d}.jpeg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(tiny_jpeg(i, size=24 + i % 7))
+    return root
+
+
+def add_junk(root: Path) -> dict[str, str]:
+    """Junk files and the reason the loader must give for each."""
+    (root / "train" / "NORMAL" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / "train" / "NORMAL" / "empty.jpeg").write_bytes(b"")
+    (root / "val" / "PNEUMONIA" / "notes.txt").write_text("not an image")
+    (root / "test" / "NORMAL" / "fake.jpeg").write_text("<html>not a jpeg</html>")
+    (root / "README.md").write_text("readme")
+    (root / "extra" / "NORMAL").mkdir(parents=True)
+    (root / "extra" / "NORMAL" / "x.jpeg").write_bytes(tiny_jpeg(1))
+    return {
+        "train/NORMAL/.DS_Store": "hidden file",
+        "train/NORMAL/empty.jpeg": "zero-byte file",
+        "val/PNEUMONIA/notes.txt": "not an image extension",
+        "test/NORMAL/fake.jpeg": "not an image (bad magic bytes)",
+        "README.md": "not in the split/CLASS/file layout",
+        "extra/NORMAL/x.jpeg": "unknown split folder 'extra'",
+    }
+
+
+def local_images(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes()
+            for p in root.rglob("*.jpeg") if p.stat().st_size and p.name != "fake.jpeg"
+            and p.relative_to(root).parts[0] in ("train", "val", "test")}
+
+
+def visible_files(target: str) -> dict[str, int]:
+    """What a reader of the target sees: files outside hidden names (staging, manifest)."""
+    if not storage.exists(target):
+        return {}
+    found = {}
+    for info in storage.list_files(target, recursive=True):
+        rel = info.uri[len(target.rstrip("/")) + 1:]
+        if not any(part.startswith(".") for part in rel.split("/")):
+            found[rel] = info.size
+    return found
+
+
+def assert_byte_identical(root: Path, target: str) -> None:
+    expected = local_images(root)
+    assert set(visible_files(target)) == set(expected)
+    for rel, data in expected.items():
+        assert storage.read_bytes(f"{target}/{rel}") == data, rel
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args, "--no-progress"], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_file(rel: str, data: bytes) -> LocalFile:
+    return LocalFile(rel, Path("/nowhere") / rel, len(data), hashlib.md5(data).hexdigest())
+
+
+# -- pure: layout, junk, plan --------------------------------------------------
+
+@pytest.mark.parametrize("rel, reason", [
+    ("train/NORMAL/a.jpeg", None),
+    ("val/PNEUMONIA/b.png", None),
+    ("train/NORMAL/.DS_Store", "hidden file"),
+    ("train/.DS_Store", "hidden file"),
+    ("a.jpeg", "not in the split/CLASS/file layout (0 folder levels)"),
+    ("train/NORMAL/sub/a.jpeg", "not in the split/CLASS/file layout (3 folder levels)"),
+    ("training/NORMAL/a.jpeg", "unknown split folder 'training' (want one of train, val, test)"),
+    ("train/.hidden/a.jpeg", "inside hidden folder '.hidden'"),
+])
+def test_classify_relative_path(rel, reason):
+    assert hdfs_load.classify_relative_path(rel) == reason
+
+
+def test_scan_skips_and_reports_junk_and_hashes_images(tmp_path):
+    root = make_tree(tmp_path / "chest_xray", 6)
+    expected_junk = add_junk(root)
+    scan = hdfs_load.scan_local_tree(root)
+    assert {f.rel for f in scan.files} == set(local_images(root))
+    reasons = {s.rel: s.reason for s in scan.skipped}
+    assert set(reasons) == set(expected_junk)
+    for rel, reason in expected_junk.items():
+        assert reasons[rel].startswith(reason), (rel, reasons[rel])
+    one = scan.files[0]
+    assert one.md5 == hashlib.md5(one.path.read_bytes()).hexdigest()
+    assert one.size == one.path.stat().st_size
+
+
+def test_scan_errors_are_clear(tmp_path):
+    with pytest.raises(hdfs_load.SourceError, match="does not exist"):
+        hdfs_load.scan_local_tree(tmp_path / "missing")
+    (tmp_path / "file.jpeg").write_bytes(tiny_jpeg(0))
+    with pytest.raises(hdfs_load.SourceError, match="is a file"):
+        hdfs_load.scan_local_tree(tmp_path / "file.jpeg")
+    (tmp_path / "empty" / "train" / "NORMAL").mkdir(parents=True)
+    (tmp_path / "empty" / "train" / "NORMAL" / ".DS_Store").write_text("x")
+    with pytest.raises(hdfs_load.SourceError, match="no images .* 1 file\\(s\\) skipped"):
+        hdfs_load.scan_local_tree(tmp_path / "empty")
+
+
+def test_plan_uploads_missing_resized_and_changed_files_only():
+    same, resized, changed, unrecorded, new = (local_file(f"train/NORMAL/{n}.jpeg", tiny_jpeg(i))
+                                               for i, n in enumerate(["same", "resized", "changed", "unrec", "new"]))
+    remote = {same.rel: same.size, resized.rel: resized.size + 1, changed.rel: changed.size,
+              unrecorded.rel: unrecorded.size, "train/NORMAL/only_remote.jpeg": 10}
+    manifest = {same.rel: {"size": same.size, "md5": same.md5},
+                changed.rel: {"size": changed.size, "md5": "0" * 32}}
+    plan = make_plan([same, resized, changed, unrecorded, new], remote, manifest)
+    assert {f.rel: why for f, why in plan.to_upload} == {
+        resized.rel: "size differs", changed.rel: "checksum differs", new.rel: "missing"}
+    assert {f.rel for f in plan.unchanged} == {same.rel, unrecorded.rel}
+    assert plan.size_only == [unrecorded.rel]
+    assert plan.extra_remote == ["train/NORMAL/only_remote.jpeg"]
+    assert plan.replacing == {resized.rel, changed.rel}
+
+
+def test_merge_manifest_keeps_true_records_and_adds_placed():
+    a, b = local_file("train/NORMAL/a.jpeg", b"aaaa"), local_file("train/NORMAL/b.jpeg", b"bb")
+    previous = {a.rel: {"size": 4, "md5": a.md5}, "gone.jpeg": {"size": 3, "md5": "x"},
+                "resized.jpeg": {"size": 3, "md5": "y"}}
+    merged = merge_manifest(previous, {a.rel: 4, "resized.jpeg": 5, b.rel: 2}, [b])
+    assert merged == {a.rel: {"size": 4, "md5": a.md5}, b.rel: {"size": 2, "md5": b.md5}}
+
+
+def test_cli_batches_cover_every_file_once():
+    files = [local_file(f"train/NORMAL/{i}.jpeg", b"x" * (i + 1)) for i in range(230)]
+    batches = hdfs_load.cli_batches(files, workers=4)
+    assert [f for batch in batches for f in batch] == files
+    assert len(batches) == 8 and all(len(b) <= 29 for b in batches)
+    assert len(hdfs_load.cli_batches(files[:10], workers=8)) == 1  # too few files for a second JVM
+
+
+def test_resolve_target():
+    address = hdfs_load.resolve_target("hdfs://127.0.0.1:9000/data/chest_xray/", webhdfs_url="http://h:1/")
+    assert (address.namenode_uri, address.webhdfs_url, address.path) == (
+        "hdfs://127.0.0.1:9000", "http://h:1", "/data/chest_xray")
+    assert hdfs_load.resolve_target("/data/x", "hdfs://nn:8020", "http://nn:9870").uri("a") == "hdfs://nn:8020/data/x/a"
+    with pytest.raises(hdfs_load.SourceError, match="HDFS root"):
+        hdfs_load.resolve_target("hdfs://127.0.0.1:9000/")
+    with pytest.raises(hdfs_load.SourceError, match="hdfs://"):
+        hdfs_load.resolve_target("s3a://bucket/x")
+
+
+def test_cli_help_and_missing_source(tmp_path):
+    assert run_cli("--help").returncode == 0
+    result = run_cli(str(tmp_path / "nope"), "hdfs://127.0.0.1:9000/tests/never")
+    assert result.returncode == 2
+    assert "source folder" in result.stderr and "does not exist" in result.stderr
+
+
+def test_unreachable_namenode_exit_3(tmp_path):
+    root = make_tree(tmp_path / "chest_xray", 3)
+    port = free_port()
+    result = run_cli(str(root), f"hdfs://127.0.0.1:{port}/data/chest_xray",
+                     "--webhdfs-url", f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 3, result.stderr
+    assert f"NameNode at hdfs://127.0.0.1:{port} does not answer" in result.stderr
+    assert "make hdfs-up" in result.stderr
+
+
+# -- against the real local HDFS ------------------------------------------------
+
+@pytest.mark.hdfs
+def test_load_sample_tree_then_second_load_uploads_nothing(sample_tree, hdfs_tmp):
+    target = f"{hdfs_tmp}/chest_xray"
+    first = hdfs_load.load_tree(sample_tree, target, via="webhdfs", workers=4, progress=False)
+    assert first.ok and first.mismatches == []
+    assert len(first.placed) == len(first.scan.files) == 16
+    assert_byte_identical(sample_tree, target)
+    assert storage.exists(f"{target}/{hdfs_load.MANIFEST_NAME}")
+    assert not [n for n in storage.list_files(target) if "/.staging-" in n.uri]
+    summary = hdfs_load.format_summary(first)
+    assert "verified: 16 file(s)" in summary and "uploaded 16 file(s)" in summary
+
+    second = hdfs_load.load_tree(sample_tree, target, via="cli", workers=4, progress=False)
+    assert second.ok and second.placed == [] and second.plan.to_upload == []
+    assert len(second.plan.unchanged) == 16 and second.plan.size_only == []
+
+
+@pytest.mark.hdfs
+def test_cli_transport_and_changed_files_are_reuploaded(tmp_path, hdfs_tmp):
+    root = make_tree(tmp_path / "chest_xray", 12)
+    target = f"{hdfs_tmp}/chest_xray"
+    first = hdfs_load.load_tree(root, target, via="cli", workers=2, progress=False)
+    assert first.ok and len(first.placed) == 12
+    assert_byte_identical(root, target)
+
+    same_size = root / "train" / "NORMAL" / "img000.jpeg"  # same size, other bytes: only the MD5 tells
+    data = bytearray(same_size.read_bytes())
+    data[-3] ^= 0xFF
+    same_size.write_bytes(bytes(data))
+    grown = root / "val" / "NORMAL" / "img001.jpeg"
+    grown.write_bytes(tiny_jpeg(99, size=60))
+    second = hdfs_load.load_tree(root, target, via="webhdfs", workers=2, progress=False)
+    assert {f.rel: why for f, why in second.plan.to_upload} == {
+        "train/NORMAL/img000.jpeg": "checksum differs", "val/NORMAL/img001.jpeg": "size differs"}
+    assert second.ok and len(second.placed) == 2
+    assert_byte_identical(root, target)
+
+
+@pytest.mark.hdfs
+def test_junk_is_skipped_and_reported_by_the_cli(tmp_path, hdfs_tmp):
+    root = make_tree(tmp_path / "chest_xray", 6)
+    junk = add_junk(root)
+    target = f"{hdfs_tmp}/chest_xray"
+    result = run_cli(str(root), target, "--via", "webhdfs")
+    assert result.returncode == 0, result.stderr
+    assert f"skipped {len(junk)} file(s)" in result.stdout
+    for rel, reason in junk.items():
+        assert f"{rel}: {reason}" in result.stdout
+    assert "verified: 6 file(s)" in result.stdout
+    assert set(visible_files(target)) == set(local_images(root))
+
+
+@pytest.mark.hdfs
+def test_dry_run_writes_nothing(tmp_path, hdfs_tmp):
+    root = make_tree(tmp_path / "chest_xray", 4)
+    result = run_cli(str(root), f"{hdfs_tmp}/chest_xray", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "DRY RUN" in result.stdout and "planned uploads: 4 missing" in result.stdout
+    assert not storage.exists(f"{hdfs_tmp}/chest_xray")
+
+
+@pytest.mark.hdfs
+@pytest.mark.parametrize("sig, via", [
+    pytest.param(signal.SIGINT, "webhdfs", id="sigint-webhdfs"),
+    pytest.param(signal.SIGKILL, "webhdfs", id="sigkill-webhdfs"),
+    pytest.param(signal.SIGINT, "cli", id="sigint-cli", marks=pytest.mark.slow),
+])
+def test_interrupted_load_leaves_no_partial_file_and_resumes(tmp_path, hdfs_tmp, sig, via):
+    n = 45 if via == "webhdfs" else 75  # cli: 3 JVM batches of 25, one at a time
+    root = make_tree(tmp_path / "chest_xray", n)
+    target = f"{hdfs_tmp}/chest_xray"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(root), target, "--via", via, "--workers", "1",
+                             "--no-progress"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while len(visible_files(target)) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    expected = local_images(root)
+    seen = visible_files(target)
+    assert 0 < len(seen) < n, "the load was not interrupted midway"
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "Run the same command again" in stderr, stderr
+    for rel, size in seen.items():  # whatever is visible is complete
+        assert size == len(expected[rel]) and storage.read_bytes(f"{target}/{rel}") == expected[rel]
+
+    result = run_cli(str(root), target, "--via", via, "--workers", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "verified: %d file(s)" % n in result.stdout
+    if sig == signal.SIGKILL:  # no chance to clean up: the next load removes the staging folder
+        assert "removed staging left by interrupted loads: .staging-" in result.stdout
+    assert_byte_identical(root, target)
+    assert not [i for i in storage.list_files(target) if "/.staging-" in i.uri]
+
+
+@pytest.mark.hdfs
+@pytest.mark.slow
+def test_namenode_stopped_midway_then_resume(tmp_path):
+    """A throwaway HDFS on its own ports: its NameNode is killed during a load."""
+    from cxr_pipeline.localstack.hdfs_cluster import LocalHdfs
+
+    hdfs = LocalHdfs(tmp_path / "hdfs", rpc_port=free_port(), http_port=free_port(),
+                     datanode_ports=(free_port(), free_port(), free_port()), heap="256m")
+    hdfs.up()
+    try:
+        root = make_tree(tmp_path / "chest_xray", 30)
+        target = f"{hdfs.namenode_uri}/data/chest_xray"
+        placed = []
+
+        def stop_namenode_after_five(f: LocalFile) -> None:
+            placed.append(f)
+            if len(placed) == 5:
+                hdfs.namenode.stop(timeout=10)
+
+        with pytest.raises(hdfs_load.LoadError) as failure:
+            hdfs_load.load_tree(root, target, via="webhdfs", workers=2, webhdfs_url=hdfs.webhdfs_url,
+                                progress=False, on_placed=stop_namenode_after_five)
+        assert isinstance(failure.value, hdfs_load.HdfsUnavailable), failure.value
+        assert "unreachable" in str(failure.value) or "does not answer" in str(failure.value)
+
+        hdfs.up()
+        expected = local_images(root)
+        seen = visible_files(target)
+        assert 5 <= len(seen) < 30
+        for rel in seen:
+            assert storage.read_bytes(f"{target}/{rel}") == expected[rel]
+        report = hdfs_load.load_tree(root, target, via="webhdfs", workers=2, webhdfs_url=hdfs.webhdfs_url,
+                                     progress=False)
+        assert report.ok and report.stale_staging_removed
+        assert_byte_identical(root, target)
+    finally:
+        hdfs.down()
