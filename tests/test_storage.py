@@ -225,12 +225,19 @@ def test_local_listing_keeps_the_form_it_was_asked_in(tmp_path):
     storage.write_bytes(tmp_path / "f.bin", b"1")
     assert storage.list_files(str(tmp_path))[0].uri == str(tmp_path / "f.bin")
     assert storage.list_files(f"file://{tmp_path}")[0].uri == f"file://{tmp_path}/f.bin"
+    assert storage.list_files(f"file:{tmp_path}")[0].uri == f"file:{tmp_path}/f.bin"
+
+
+def test_hadoop_uri_matches_what_spark_reports(tmp_path):
+    assert storage.hadoop_uri(tmp_path / "a b.jpeg") == f"file:{tmp_path}/a b.jpeg"
+    assert storage.hadoop_uri(f"file://{tmp_path}/x") == f"file:{tmp_path}/x"
+    assert storage.hadoop_uri("hdfs://127.0.0.1:9000/data//x/") == "hdfs://127.0.0.1:9000/data/x"
 
 
 # ------------------------------------------------------------- Spark reads it back
 @pytest.mark.hdfs
 def test_spark_binary_file_reads_what_storage_wrote(spark, hdfs_tmp):
-    blobs = {"a.bin": PAYLOAD, "b.bin": PAYLOAD[::-1], "sub/c.bin": b"\x00" * 10}
+    blobs = {"a.bin": PAYLOAD, "b.bin": PAYLOAD[::-1], "sub dir/c d.bin": b"\x00" * 10}
     for relative, data in blobs.items():
         storage.write_bytes(storage.join(hdfs_tmp, relative), data)
     assert hdfs_tmp.startswith("hdfs://127.0.0.1:9000/")
@@ -238,8 +245,8 @@ def test_spark_binary_file_reads_what_storage_wrote(spark, hdfs_tmp):
     rows = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
             .load(hdfs_tmp).select("path", "length", "content").collect())
     by_path = {row.path: row for row in rows}
-    assert len(by_path) == len(blobs)
+    assert len(by_path) == len(blobs)  # the hidden temp names of the atomic writes are gone
     for relative, data in blobs.items():
-        row = by_path[storage.join(hdfs_tmp, relative)]
+        row = by_path[storage.hadoop_uri(storage.join(hdfs_tmp, relative))]
         assert row.length == len(data)
         assert bytes(row.content) == data

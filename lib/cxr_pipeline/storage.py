@@ -74,6 +74,18 @@ def join(uri: str | os.PathLike, *parts: str) -> str:
     return base.rstrip("/") + "/" + "/".join(cleaned)
 
 
+def hadoop_uri(uri: str | os.PathLike) -> str:
+    """The form Spark/Hadoop report paths in (e.g. binaryFile's ``path``): local -> ``file:/abs/path``.
+
+    Use it to compare storage URIs with paths coming back from Spark.
+    """
+    text = os.fspath(uri)
+    if _scheme(text) in LOCAL_SCHEMES:
+        return f"file:{to_local_path(text).resolve()}"
+    parsed = urlparse(text)
+    return f"{parsed.scheme}://{parsed.netloc}{posixpath.normpath(parsed.path or '/')}" if parsed.path else text
+
+
 def to_local_path(uri: str | os.PathLike) -> Path:
     """The local path of a plain path or ``file://`` URI; ValueError for remote URIs."""
     text = os.fspath(uri)
@@ -321,11 +333,13 @@ def _resolve(uri: str | os.PathLike):
 
 class _LocalBackend:
     def __init__(self, example_uri: str):
-        self.as_uri = _scheme(example_uri) == "file"
+        # Answer in the form asked: "file:///x" (RFC) or "file:/x" (Hadoop/Spark's own).
+        text = os.fspath(example_uri)
+        self.prefix = None if _scheme(text) != "file" else ("file://" if text.startswith("file://") else "file:")
         self.key = "local"
 
     def _uri(self, path: Path) -> str:
-        return f"file://{path.resolve()}" if self.as_uri else str(path)
+        return f"{self.prefix}{path.resolve()}" if self.prefix else str(path)
 
     def list_files(self, path: Path, recursive: bool) -> list[FileInfo]:
         if path.is_file():
