@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""Training throughput of the CNN job, per model, and how much of a step waits for input.
+
+For each model it builds the job's own pipeline (imaging decode -> cache ->
+shuffle -> augmentation -> batch -> prefetch) over a tree of full-size JPEGs and
+measures, in one process:
+
+* epoch 1: decode + cache fill + training (cold), and epoch 2 from the cache (warm),
+  in training images/s;
+* compute only: the same number of steps on one batch already in memory (no input);
+* input only: the pipeline iterated without a model, images/s;
+* input-wait share = 1 - compute-only time / warm-epoch time (0 = input never waits).
+
+Runs on whatever devices TensorFlow sees (prints which); compare figures as
+ratios within one run (other processes on the same cores change absolute values).
+
+    PYTHONPATH=lib .venv/bin/python bench/bench_cnn.py --n 256 --models small_cnn,inception_v3
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "lib"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+DEFAULT_SIZES = {"small_cnn": 150, "inception_v3": 299}
+
+
+def make_tree(root: Path, n: int, size: str) -> Path:
+    from cxr_pipeline.datasets import synthetic
+
+    tree = root / "chest_xray"
+    width, height = synthetic.parse_size(size)
+    synthetic.generate(tree, n, width, height, splits=("train",))
+    return tree
+
+
+def bench_model(name: str, image_size: int, records, batch_size: int, devices, strategy, cut_layer: str) -> dict:
+    import tensorflow as tf
+
+    from cxr_pipeline.cnn import data, models
+    from cxr_pipeline.cnn.train import EpochTimer, compile_model
+
+    rejections = data.Rejections()
+    decoded = data.with_length(data.decoded_dataset(records, image_size, rejections, cache="memory"), len(records))
+    labels = [r.label for r in records]
+    augment = data.augmenter(seed=1)
+    train_input, _ = data.training_dataset(decoded, labels, batch_size, seed=1, augment=augment)
+    with strategy.scope():
+        options = {"cut_layer": cut_layer} if name == "inception_v3" else {}
+        model = models.build_model(name, image_size, **options)
+        compile_model(model, 1e-3, devices.xla)
+
+    # Cold epoch (decode + cache fill + train), then a warm one from the cache.
+    timer = EpochTimer(len(records))
+    model.fit(train_input, epochs=2, verbose=0, callbacks=[timer], shuffle=False)
+    cold_s, warm_s = timer.seconds
+    steps = -(-len(records) // batch_size)
+
+    # Compute only: the same steps on one in-memory batch (input never waits).
+    x, y = next(iter(train_input))
+    resident = tf.data.Dataset.from_tensors((x, y)).repeat(steps)
+    model.fit(resident, epochs=1, verbose=0, shuffle=False)  # traces for this input signature
+    start = time.perf_counter()
+    model.fit(resident, epochs=1, verbose=0, shuffle=False)
+    compute_s = (time.perf_counter() - start) * len(records) / (steps * batch_size)
+
+    # Input only: the warm pipeline without a model.
+    start = time.perf_counter()
+    for _ in train_input:
+        pass
+    input_s = time.perf_counter() - start
+    n = len(records)
+    return {
+        "model": name, "size": image_size, "images": n - len(rejections.items),
+        "cold_img_s": n / cold_s, "warm_img_s": n / warm_s, "compute_img_s": n / compute_s,
+        "input_img_s": n / input_s, "wait_share": max(0.0, 1.0 - compute_s / warm_s),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=256, help="synthetic training images (default: %(default)s)")
+    parser.add_argument("--jpeg-size", default="1200x1000", help="WIDTHxHEIGHT of the JPEGs (default: %(default)s)")
+    parser.add_argument("--models", default="small_cnn,inception_v3")
+    parser.add_argument("--batch-size", type=int, default=32, help="per replica (default: %(default)s)")
+    parser.add_argument("--inception-size", type=int, default=DEFAULT_SIZES["inception_v3"])
+    parser.add_argument("--cut-layer", default="mixed7", help="inception_v3 backbone end (default: %(default)s)")
+    parser.add_argument("--data", help="use this tree instead of generating one (local path or hdfs:// URI)")
+    args = parser.parse_args(argv)
+
+    import keras
+
+    from cxr_pipeline.cnn import data
+    from cxr_pipeline.cnn.train import configure_devices
+
+    devices, strategy = configure_devices()
+    keras.utils.set_random_seed(1)
+    print(devices.describe())
+    with tempfile.TemporaryDirectory(prefix="bench_cnn_") as tmp:
+        tree = args.data or str(make_tree(Path(tmp), args.n, args.jpeg_size))
+        records, _ = data.list_image_tree(tree)
+        records = [r for r in records if r.split == "train"][: args.n]
+        batch = args.batch_size * devices.replicas
+        print(f"{len(records)} training JPEGs ({args.jpeg_size if not args.data else tree}), batch {batch}, "
+              f"augmentation on, cache in memory")
+        header = (f"{'model':13s} {'px':>4s} {'epoch1 img/s':>13s} {'epoch2 img/s':>13s} {'compute img/s':>14s} "
+                  f"{'input img/s':>12s} {'input wait':>11s}")
+        print(header)
+        for name in args.models.split(","):
+            size = args.inception_size if name == "inception_v3" else DEFAULT_SIZES[name]
+            r = bench_model(name, size, records, batch, devices, strategy, args.cut_layer)
+            print(f"{r['model']:13s} {r['size']:4d} {r['cold_img_s']:13.1f} {r['warm_img_s']:13.1f} "
+                  f"{r['compute_img_s']:14.1f} {r['input_img_s']:12.1f} {r['wait_share']:10.0%}", flush=True)
+    print("epoch1 = decode + cache fill + train; epoch2 = from the cache; compute = one resident batch; "
+          "input wait = 1 - compute time / epoch2 time")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
