@@ -59,6 +59,7 @@ def test_to_local_path():
     assert storage.to_local_path("file:///tmp/a b/c.jpeg") == Path("/tmp/a b/c.jpeg")
     assert storage.to_local_path("file:/tmp/c") == Path("/tmp/c")
     assert storage.to_local_path("/tmp/c") == Path("/tmp/c")
+    assert storage.to_local_path("file:///tmp/odd #name?.jpeg") == Path("/tmp/odd #name?.jpeg")
     with pytest.raises(ValueError, match="not a local path"):
         storage.to_local_path("hdfs://127.0.0.1:9000/x")
 
@@ -213,6 +214,16 @@ def test_rename_file_and_folder(root):
         storage.rename(storage.join(root, "other"), storage.join(root, "final"))
     with pytest.raises(FileNotFoundError):
         storage.rename(storage.join(root, "ghost"), storage.join(root, "ghost2"))
+
+
+@pytest.mark.hdfs
+def test_hdfs_uri_without_authority_uses_the_configured_namenode(hdfs_tmp):
+    path = hdfs_tmp.split("127.0.0.1:9000", 1)[1]
+    storage.write_bytes(f"hdfs://{path}/no-authority.bin", b"via hdfs:///")
+    storage.write_bytes(f"hdfs:{path}/hadoop-style.bin", b"via hdfs:/")
+    assert storage.read_bytes(f"{hdfs_tmp}/no-authority.bin") == b"via hdfs:///"
+    assert storage.read_bytes(f"{hdfs_tmp}//hadoop-style.bin") == b"via hdfs:/"
+    assert [i.name for i in storage.list_files(f"hdfs://{path}")] == ["hadoop-style.bin", "no-authority.bin"]
 
 
 def test_rename_across_filesystems_is_refused(tmp_path):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import getpass
 import os
 import posixpath
+import re
 import shutil
 import threading
 import uuid
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
+from typing import NamedTuple
 from urllib.parse import urlparse
 
 from . import paths
@@ -80,31 +82,49 @@ def hadoop_uri(uri: str | os.PathLike) -> str:
     Use it to compare storage URIs with paths coming back from Spark.
     """
     text = os.fspath(uri)
-    if _scheme(text) in LOCAL_SCHEMES:
+    parts = _split(text)
+    if parts.scheme in LOCAL_SCHEMES:
         return f"file:{to_local_path(text).resolve()}"
-    parsed = urlparse(text)
-    return f"{parsed.scheme}://{parsed.netloc}{posixpath.normpath(parsed.path or '/')}" if parsed.path else text
+    return f"{parts.scheme}://{parts.netloc}{_clean_path(parts.path)}"
 
 
 def to_local_path(uri: str | os.PathLike) -> Path:
     """The local path of a plain path or ``file://`` URI; ValueError for remote URIs."""
     text = os.fspath(uri)
-    scheme = _scheme(text)
-    if scheme == "":
+    parts = _split(text)
+    if parts.scheme == "":
         return Path(text)
-    if scheme != "file":
-        raise ValueError(f"{text} is not a local path (scheme {scheme}://)")
-    parsed = urlparse(text)
-    if parsed.netloc not in ("", "localhost"):
+    if parts.scheme != "file":
+        raise ValueError(f"{text} is not a local path (scheme {parts.scheme}://)")
+    if parts.netloc not in ("", "localhost"):
         raise ValueError(f"{text}: file:// URIs with a host are not supported")
-    return Path(parsed.path)
+    return Path(parts.path)
+
+
+class _UriParts(NamedTuple):
+    scheme: str
+    netloc: str
+    path: str
+
+
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(?://([^/]*))?(.*)$", re.DOTALL)
+
+
+def _split(text: str) -> _UriParts:
+    """Hadoop-style URI split: ``scheme://authority/path`` or ``scheme:/path``; no query/fragment
+    parsing, since ``?`` and ``#`` are legal in file names."""
+    match = _URI.match(text)
+    if not match:
+        return _UriParts("", "", text)
+    return _UriParts(match.group(1).lower(), match.group(2) or "", match.group(3) or "/")
+
+
+def _clean_path(path: str) -> str:
+    return posixpath.normpath("/" + path.lstrip("/"))
 
 
 def _scheme(uri: str | os.PathLike) -> str:
-    text = os.fspath(uri)
-    if "://" not in text and not text.startswith("file:"):
-        return ""
-    return urlparse(text).scheme.lower()
+    return _split(os.fspath(uri)).scheme
 
 
 def _check_supported(uri: str) -> str:
@@ -260,9 +280,9 @@ def _default_hdfs_config() -> dict[str, Any]:
 
 
 def _authority(uri: str) -> str:
-    parsed = urlparse(uri)
-    if parsed.netloc:
-        return parsed.netloc.lower()
+    netloc = _split(uri).netloc
+    if netloc:
+        return netloc.lower()
     default = _hdfs_config().get("namenode_uri") or "hdfs://127.0.0.1:9000"
     netloc = urlparse(default).netloc.lower()
     if not netloc:
@@ -327,8 +347,7 @@ def _resolve(uri: str | os.PathLike):
     scheme = _check_supported(text)
     if scheme in LOCAL_SCHEMES:
         return _LocalBackend(text), to_local_path(text)
-    parsed = urlparse(text)
-    return _HdfsBackend(f"hdfs://{_authority(text)}"), posixpath.normpath(parsed.path or "/")
+    return _HdfsBackend(f"hdfs://{_authority(text)}"), _clean_path(_split(text).path)
 
 
 class _LocalBackend:
