@@ -1,0 +1,299 @@
+"""The Spark training job: settings, subsets, weights, tuning, and the job end to end.
+
+End-to-end tests use the REAL featurizer (InceptionV3 up to mixed5, provisioned
+weights) on the 16-image sample tree in the REAL local HDFS. The features are
+cached once per pytest session (see ``shared_sample_run``) so that the second
+training and test_predict.py reuse them instead of featurizing again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from cxr_pipeline import config as cfg
+from cxr_pipeline import training as T
+
+REPO = Path(__file__).resolve().parents[1]
+FAST_FEATURES = ["featurizer.feature_layer=mixed5", "featurizer.batch_size=8"]
+
+
+# ------------------------------------------------------------------ pure
+
+def test_settings_from_config_and_validation():
+    config = cfg.load_config("local", overrides=["training.reg_param=0.5", "training.tuning=cv"])
+    s = T.TrainingSettings.from_config(config)
+    assert s.reg_param == 0.5 and s.tuning == "cv" and s.target_sensitivity == 0.95 and s.class_weighting
+    for bad in ("training.tuning=grid", "training.validation_fraction=1.5", "training.bogus=1",
+                "training.validation=random"):
+        with pytest.raises(cfg.ConfigError):
+            T.TrainingSettings.from_config(cfg.load_config("local", overrides=[bad]))
+
+
+def test_feature_cache_key_depends_on_data_backbone_layer_size():
+    base = T.FeaturizerSettings(model_name="InceptionV3", feature_layer="mixed5")
+    a = T.features_cache_uri("hdfs://nn/data/x", "hdfs://nn/runs/r1", base)
+    assert a.startswith("hdfs://nn/runs/_features_cache/") and a.endswith("/InceptionV3_mixed5_native")
+    assert a == T.features_cache_uri("hdfs://nn/data/x/", "hdfs://nn/runs/r2", base)  # same data, other run
+    others = {
+        T.features_cache_uri("hdfs://nn/data/y", "hdfs://nn/runs/r1", base),
+        T.features_cache_uri("hdfs://nn/data/x", "hdfs://nn/runs/r1", T.FeaturizerSettings(feature_layer="mixed7")),
+        T.features_cache_uri("hdfs://nn/data/x", "hdfs://nn/runs/r1",
+                             T.FeaturizerSettings(feature_layer="mixed5", image_size=150)),
+        T.features_cache_uri("hdfs://nn/data/x", "hdfs://nn/runs/r1", base, cache_root="/tmp/c"),
+    }
+    assert a not in others and len(others) == 4
+
+
+def test_job_help_and_bad_option_exit_codes():
+    env = {**os.environ, "PYTHONPATH": str(REPO / "lib")}
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / "train_featurizer.py"), "--help"],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "--target-sensitivity" in out.stdout and "--set" in out.stdout
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / "train_featurizer.py"), "--out", "/tmp/x",
+                          "--tuning", "bogus"], capture_output=True, text=True, env=env)
+    assert out.returncode == 2
+
+
+# ------------------------------------------------------------------ Spark, no featurizer
+
+def kermany_rows(n_patients=40, seed=0):
+    """(path, split, label, label_name) rows for a fake tree: several images per patient."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(n_patients):
+        label = p % 2
+        for i in range(int(rng.integers(1, 4))):
+            name = f"person{p}_bacteria_{i}.jpeg" if label else f"IM-{p:04d}-{i + 1:04d}.jpeg"
+            cls = "PNEUMONIA" if label else "NORMAL"
+            rows.append((f"hdfs://nn/d/train/{cls}/{name}", "train", label, cls))
+    rows += [(f"hdfs://nn/d/test/NORMAL/IM-9{i}-0001.jpeg", "test", 0, "NORMAL") for i in range(3)]
+    return rows
+
+
+def test_assign_subsets_is_patient_grouped_and_keeps_test(spark):
+    from cxr_pipeline.dataset_layout import parse_image_path, patient_id
+
+    rows = kermany_rows()
+    df = spark.createDataFrame(rows, "path string, split string, label int, label_name string")
+    out, info = T.assign_subsets(df, T.TrainingSettings(validation_fraction=0.25, seed=3))
+    got = {r["path"]: r["subset"] for r in out.collect()}
+    assert len(got) == len(rows)
+    assert {p for p, s in got.items() if s == "test"} == {r[0] for r in rows if r[1] == "test"}
+    sides: dict[str, set] = {}
+    for path, subset in got.items():
+        sides.setdefault(patient_id(parse_image_path(path).file_name), set()).add(subset)
+    assert all(len(s) == 1 for s in sides.values()), "a patient is on both sides"
+    assert {"train", "val"} <= set(got.values())
+    assert info["mode"] == "carve" and info["val_patients"] > 0
+
+
+def test_class_weights_balance_the_classes(spark):
+    df = spark.createDataFrame([(0,)] * 2 + [(1,)] * 6, "label int")
+    weighted, weights = T.add_class_weights(df, [2, 6])
+    totals = {r["label"]: r["w"] for r in weighted.groupBy("label").agg({"weight": "sum"})
+              .withColumnRenamed("sum(weight)", "w").collect()}
+    assert totals[0] == pytest.approx(totals[1]) == pytest.approx(4.0)
+    assert weights == pytest.approx([2.0, 2 / 3])
+
+
+def _vector_df(spark, n=80, seed=0):
+    from pyspark.ml.linalg import Vectors
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        label = int(i % 4 != 0)  # 75 % positives
+        x = rng.normal(size=5) + (1.5 * label) * np.array([1, 0, 0, 0, 0])
+        rows.append((f"person{i}_x.jpeg", label, Vectors.dense(x.tolist())))
+    return spark.createDataFrame(rows, ["patient", "label", "features"])
+
+
+@pytest.mark.parametrize("tuning", ["none", "cv", "tvs"])
+def test_fit_classifier_learns_and_tunes(spark, tuning):
+    from cxr_pipeline import metrics as M
+
+    df = _vector_df(spark)
+    settings = T.TrainingSettings(tuning=tuning, tuning_folds=2, grid={"reg_param": [0.01, 1.0]})
+    df_w, _ = T.add_class_weights(df, [20, 60])
+    model, info = T.fit_classifier(df_w, settings, weighted=True)
+    assert info["mode"] == tuning
+    if tuning != "none":
+        assert len(info["candidates"]) == 2 and info["best"]["regParam"] in (0.01, 1.0)
+    scored = T.with_scores(model.transform(df))
+    labels, scores = T.collect_scores(scored)
+    assert M.roc_auc(labels, scores) > 0.85
+
+
+def test_label_names_of_rejects_inconsistent_mapping(spark):
+    good = spark.createDataFrame([(0, "NORMAL"), (1, "PNEUMONIA")], "label int, label_name string")
+    assert T.label_names_of(good) == ["NORMAL", "PNEUMONIA"]
+    both_one = spark.createDataFrame([(1, "NORMAL"), (1, "PNEUMONIA")], "label int, label_name string")
+    with pytest.raises(T.TrainingError):  # the seeds' bug: both classes labelled 1
+        T.label_names_of(both_one)
+
+
+def test_single_class_validation_falls_back_to_half():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback is logged, not raised as a warning
+        choice = T.choose_threshold([1, 1], [0.3, 0.9], 0.95)
+    assert choice.threshold == 0.5 and "single class" in choice.fallback
+
+
+# ------------------------------------------------------------------ end to end (real featurizer + HDFS)
+
+def shared_sample_run(hdfs_cluster, sample_tree, pytestconfig):
+    """The sample tree in HDFS and a feature-cache root, both fixed for this pytest process
+    (so test_predict.py reuses the features) and removed when the session ends."""
+    from cxr_pipeline import storage
+
+    base = f"{hdfs_cluster.namenode_uri}/tests/cxr-train-{os.getpid()}"
+    data = f"{base}/chest_xray"
+    if not storage.exists(f"{data}/test"):
+        storage.upload_dir(str(sample_tree), data)
+        pytestconfig.add_cleanup(lambda: storage.delete(base, recursive=True))
+    return base, data
+
+
+def train_on_sample(spark, base, data, name, overrides=()):
+    config = cfg.load_config("local", overrides=[*FAST_FEATURES, f"training.features_cache={base}/_cache",
+                                                 *overrides])
+    return T.train(spark, config, data, f"{base}/{name}")
+
+
+@pytest.fixture(scope="module")
+def trained(spark, hdfs_cluster, sample_tree, pytestconfig):
+    base, data = shared_sample_run(hdfs_cluster, sample_tree, pytestconfig)
+    result = train_on_sample(spark, base, data, "run_default")
+    yield base, data, result
+
+
+@pytest.mark.slow
+@pytest.mark.hdfs
+def test_run_folder_is_complete(trained):
+    from cxr_pipeline import storage
+
+    _, _, result = trained
+    names = {Path(f.uri).name for f in storage.list_files(result.run.root, recursive=False)}
+    names |= {f.uri.rstrip("/").split("/")[-1] for f in storage.list_files(result.run.root, recursive=True)
+              if "/model/" in f.uri}
+    for expected in ("config.yaml", "metrics.json", "classifier.json", "roc.png", "pr.png",
+                     "confusion_matrix.png", "rejected.csv", "summary.txt"):
+        assert expected in names, expected
+    assert storage.exists(result.run.model + "/metadata")
+    saved_config = yaml.safe_load(storage.read_bytes(result.run.config))
+    assert saved_config["featurizer"]["feature_layer"] == "mixed5"
+    assert saved_config["training"]["target_sensitivity"] == 0.95
+
+
+@pytest.mark.slow
+@pytest.mark.hdfs
+def test_metrics_are_well_formed(trained):
+    from cxr_pipeline import storage
+
+    _, _, result = trained
+    m = json.loads(storage.read_bytes(result.run.metrics))
+    assert m["label_names"] == ["NORMAL", "PNEUMONIA"]
+    total = sum(sum(c.values()) for c in m["counts"].values())
+    assert total + m["rejected"] == 16
+    assert m["counts"]["test"] == {"NORMAL": 2, "PNEUMONIA": 2}
+    t = m["test"]
+    assert t["n"] == 4
+    for key in ("at_chosen", "at_default_0.5"):
+        block = t[key]
+        assert sum(map(sum, block["confusion_matrix"])) == 4
+        assert block["tn"] + block["fp"] == 2 and block["fn"] + block["tp"] == 2
+        for name in ("accuracy", "f1", "weightedPrecision", "weightedRecall"):
+            assert 0.0 <= block["spark"][name] <= 1.0
+        assert block["spark"]["accuracy"] == pytest.approx(block["accuracy"])
+        assert block["spark"]["truePositiveRateByLabel"]["PNEUMONIA"] == pytest.approx(block["sensitivity"])
+        assert block["spark"]["truePositiveRateByLabel"]["NORMAL"] == pytest.approx(block["specificity"])
+    assert t["areaUnderROC"] == pytest.approx(t["numpy_roc_auc"])
+    th = m["threshold"]
+    assert 0.0 < th["threshold"] <= 1.0 and th["target_sensitivity"] == 0.95
+    assert th["fallback"] is not None or th["sensitivity"] >= 0.95
+    assert "AUC-ROC" in result.summary and "threshold" in result.summary
+
+
+@pytest.mark.slow
+@pytest.mark.hdfs
+def test_label_mapping_follows_class_folders(trained, spark):
+    _, _, result = trained
+    cache = result.metrics["featurizer"]["cache"]
+    rows = spark.read.parquet(cache).select("path", "label", "label_name").collect()
+    assert len(rows) == 16
+    for r in rows:
+        folder = r["path"].rstrip("/").split("/")[-2]
+        assert r["label_name"] == folder
+        assert r["label"] == {"NORMAL": 0, "PNEUMONIA": 1}[folder]
+
+
+@pytest.mark.slow
+@pytest.mark.hdfs
+def test_model_reloads_with_identical_predictions_and_local_export_agrees(trained, spark):
+    from pyspark.ml import PipelineModel
+
+    from cxr_pipeline import storage
+    from cxr_pipeline.model_export import LocalClassifier
+    from cxr_pipeline.spark.reader import read_image_tree
+
+    _, data, result = trained
+    images = read_image_tree(spark, data + "/test")
+    before = {r["path"]: r["p"] for r in T.with_scores(result.model.transform(images))
+              .selectExpr("path", f"{T.SCORE_COL} as p").collect()}
+    reloaded = PipelineModel.load(result.run.model)
+    after = {r["path"]: r["p"] for r in T.with_scores(reloaded.transform(images))
+             .selectExpr("path", f"{T.SCORE_COL} as p").collect()}
+    assert len(before) == 4 and before == after
+    local = LocalClassifier.load(result.run.root)
+    paths = sorted(before)
+    out = local.predict_bytes([storage.read_bytes(p) for p in paths])
+    for path, res in zip(paths, out):
+        assert res["error"] is None
+        assert res["probability"] == pytest.approx(before[path], abs=1e-4)
+        assert res["threshold"] == pytest.approx(result.metrics["threshold"]["threshold"])
+    spec = json.loads(storage.read_bytes(result.run.classifier))
+    assert spec["feature_layer"] == "mixed5" and spec["label_names"] == ["NORMAL", "PNEUMONIA"]
+
+
+@pytest.mark.slow
+@pytest.mark.hdfs
+def test_retraining_reuses_features_with_tuning_and_no_weights(trained, spark):
+    base, data, first = trained
+    result = train_on_sample(spark, base, data, "run_cv",
+                             ["training.tuning=cv", "training.tuning_folds=2", "training.class_weighting=false",
+                              "training.grid={reg_param: [0.01, 0.1]}"])
+    m = result.metrics
+    assert m["featurizer"]["cache_reused"] is True
+    assert m["featurizer"]["cache"] == first.metrics["featurizer"]["cache"]
+    assert m["tuning"]["mode"] == "cv" and len(m["tuning"]["candidates"]) == 2
+    assert m["class_weights"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.hdfs
+@pytest.mark.cluster
+def test_job_on_standalone_cluster_via_spark_submit(spark_standalone, hdfs_cluster, sample_tree, hdfs_tmp,
+                                                    pytestconfig):
+    from cxr_pipeline import storage
+
+    base, data = shared_sample_run(hdfs_cluster, sample_tree, pytestconfig)
+    out = f"{hdfs_tmp}/run"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "lib"), "PYSPARK_PYTHON": sys.executable,
+           "PYSPARK_DRIVER_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
+    cmd = [str(Path(sys.executable).parent / "spark-submit"), "--master", spark_standalone,
+           str(REPO / "jobs" / "train_featurizer.py"), "--conf-env", "standalone", "--data", data, "--out", out,
+           "--feature-layer", "mixed5", "--features-cache", f"{hdfs_tmp}/cache"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training summary" in proc.stdout and "AUC-ROC" in proc.stdout
+    m = json.loads(storage.read_bytes(out + "/metrics.json"))
+    assert m["test"]["n"] == 4 and m["featurizer"]["cache_reused"] is False
+    assert storage.exists(out + "/model/metadata")
