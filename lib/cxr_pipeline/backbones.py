@@ -72,7 +72,7 @@ def preprocess(model_name: str, batch_uint8: np.ndarray) -> np.ndarray:
     return (x / np.float32(255.0) - _TORCH_MEAN) / _TORCH_STD
 
 
-def _resolve_weights_file(model_name: str, weights: str | os.PathLike | None) -> str | None:
+def resolve_weights_file(model_name: str, weights: str | os.PathLike | None) -> str | None:
     """A local weights file path, ``"imagenet"`` or None (random init)."""
     if weights is None:
         from .weights import default_weights_path  # raises WeightsNotFound ("run `make weights`")
@@ -112,7 +112,7 @@ def build_backbone(
     import keras
 
     model_spec = spec(model_name)
-    weights_file = _resolve_weights_file(model_name, weights)
+    weights_file = resolve_weights_file(model_name, weights)
     if weights_file is None:
         keras.utils.set_random_seed(RANDOM_SEED)  # same "random" model in every worker
     constructor = getattr(keras.applications, model_spec.constructor)

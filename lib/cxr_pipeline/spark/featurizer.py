@@ -179,10 +179,9 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         spark_file = None
         if spark is not None and weights and "://" in weights and not weights.startswith("file://"):
             spark_file = _ship_file(spark, weights)
-        elif spark is not None and weights is None and _is_local_master(spark):
-            from ..weights import default_weights_path
-
-            default_weights_path(self.getModelName())  # raises WeightsNotFound: "run `make weights`"
+        elif spark is not None and _is_local_master(spark):
+            # Executors share this machine: a missing file fails here, before any task starts.
+            backbones.resolve_weights_file(self.getModelName(), weights)
         return FeaturizerSettings(
             model_name=self.getModelName(),
             feature_layer=self.getFeatureLayer() or None,

@@ -98,7 +98,8 @@ def _load_raw(spark: SparkSession, uri: str, source: str, path_glob: str | None)
             reader = reader.option("pathGlobFilter", path_glob)
         raw = reader.load(uri)
         return raw.select(
-            F.col("image.origin").alias("path"),
+            # origin says file:///x where binaryFile's path says file:/x
+            F.regexp_replace("image.origin", "^file:///", "file:/").alias("path"),
             "image",
             F.when(F.col("image.height") > 0, F.length("image.data")).otherwise(F.lit(None)).cast("long").alias("length"),
         )

@@ -1,0 +1,130 @@
+"""Packing an image tree once into a Parquet image table.
+
+Thousands of 50-500 kB JPEGs are thousands of HDFS blocks, NameNode objects and
+file opens per run; the packed table is a handful of ~128 MB files with one row
+per image:
+
+    path, split (folder partition), label, label_name, content (bytes), length,
+    width, height, format, sha256
+
+``width``/``height``/``format`` come from the image header (no pixel decoding);
+``sha256`` of the bytes finds exact duplicates. Next to the table (hidden from
+Spark readers, which skip ``_``-prefixed names) are ``_rejected/`` (CSV: path,
+reason) and ``_duplicates/`` (CSV: sha256, paths, count).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from ..imaging import DEFAULT_MAX_PIXELS, ImageDecodeError, image_info
+from .reader import read_images_with_rejections
+
+TARGET_FILE_MB = 128
+_HEADER_TYPE = T.StructType(
+    [
+        T.StructField("width", T.IntegerType()),
+        T.StructField("height", T.IntegerType()),
+        T.StructField("format", T.StringType()),
+        T.StructField("reason", T.StringType()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class PackSummary:
+    table_uri: str
+    images: int
+    rejected: int
+    duplicate_groups: int
+    duplicate_images: int
+    files: int
+    total_bytes: int
+    label_names: tuple[str, ...]
+
+    def lines(self) -> list[str]:
+        return [
+            f"packed table: {self.table_uri}",
+            f"images: {self.images} ({self.total_bytes / 1e6:.1f} MB) in {self.files} file(s) per split at most",
+            f"classes: {', '.join(f'{i}={n}' for i, n in enumerate(self.label_names))}",
+            f"rejected: {self.rejected} (see {self.table_uri}/_rejected)",
+            f"exact duplicates: {self.duplicate_images} images in {self.duplicate_groups} groups "
+            f"(see {self.table_uri}/_duplicates)",
+        ]
+
+
+def _header_reader(max_pixels: int):
+    @F.pandas_udf(_HEADER_TYPE)
+    def read_headers(contents: pd.Series) -> pd.DataFrame:
+        rows = []
+        for data in contents:
+            try:
+                rows.append((*image_info(data, max_pixels), None))
+            except ImageDecodeError as exc:
+                rows.append((None, None, None, str(exc)))
+        return pd.DataFrame(rows, columns=["width", "height", "format", "reason"])
+
+    return read_headers
+
+
+def pack_image_tree(
+    spark: SparkSession,
+    source_uri: str,
+    table_uri: str,
+    target_file_mb: int = TARGET_FILE_MB,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    overwrite: bool = False,
+) -> PackSummary:
+    """Write the tree at ``source_uri`` as a Parquet image table at ``table_uri``."""
+    read = read_images_with_rejections(spark, source_uri)
+    with_header = read.images.withColumn("_h", _header_reader(max_pixels)(F.col("content"))).cache()
+    try:
+        table = with_header.where("_h.reason IS NULL").select(
+            "path", "split", "label", "label_name", "content", "length",
+            F.col("_h.width").alias("width"), F.col("_h.height").alias("height"),
+            F.col("_h.format").alias("format"), F.sha2("content", 256).alias("sha256"),
+        )
+        header_rejects = with_header.where("_h.reason IS NOT NULL").select("path", F.col("_h.reason").alias("reason"))
+        rejected = read.rejected.unionByName(header_rejects).cache()
+
+        totals = table.agg(F.count("*").alias("n"), F.coalesce(F.sum("length"), F.lit(0)).alias("bytes")).first()
+        files = max(1, math.ceil(totals["bytes"] / (target_file_mb * 1024 * 1024)))
+        mode = "overwrite" if overwrite else "errorifexists"
+        (
+            table.repartitionByRange(files, "split", "path")
+            .sortWithinPartitions("split", "path")
+            .write.mode(mode)
+            .partitionBy("split")
+            .parquet(table_uri)
+        )
+        rejected.coalesce(1).write.mode("overwrite").option("header", True).csv(f"{table_uri.rstrip('/')}/_rejected")
+        # Read back from the written table: no second pass over the source tree.
+        duplicates = find_duplicates(spark.read.parquet(table_uri)).cache()
+        duplicates.withColumn("paths", F.concat_ws(";", "paths")).coalesce(1).write.mode("overwrite").option("header", True).csv(f"{table_uri.rstrip('/')}/_duplicates")
+        dup_stats = duplicates.agg(F.count("*").alias("groups"), F.coalesce(F.sum("count"), F.lit(0)).alias("images")).first()
+        return PackSummary(
+            table_uri=table_uri,
+            images=int(totals["n"]),
+            rejected=rejected.count(),
+            duplicate_groups=int(dup_stats["groups"]),
+            duplicate_images=int(dup_stats["images"]),
+            files=files,
+            total_bytes=int(totals["bytes"]),
+            label_names=read.label_names,
+        )
+    finally:
+        with_header.unpersist()
+
+
+def find_duplicates(table: DataFrame) -> DataFrame:
+    """``sha256, count, paths`` of exact duplicate images in a packed table (or any frame with sha256)."""
+    return (
+        table.groupBy("sha256")
+        .agg(F.count("*").alias("count"), F.sort_array(F.collect_list("path")).alias("paths"))
+        .where("count > 1")
+    )

@@ -1,0 +1,154 @@
+"""Reading image trees (local and the real local HDFS) and packed image tables."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr_pipeline.spark.reader import classify_path, read_images, read_images_with_rejections
+
+CLASSES = ("NORMAL", "PNEUMONIA")
+
+
+def jpeg_bytes(seed: int, size=(40, 32)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0]), dtype=np.uint8), mode="L").save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def make_tree(root: Path, per_class: int = 2, classes=CLASSES, junk: bool = True) -> dict[str, str]:
+    """A tiny chest_xray tree; returns {relative path: expected rejection reason} for the junk."""
+    seed = 0
+    for split in ("train", "test"):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                seed += 1
+                (folder / f"person{seed}_img{i}.jpeg").write_bytes(jpeg_bytes(seed))
+    if not junk:
+        return {}
+    good = (root / "train" / classes[0] / "person1_img0.jpeg").read_bytes()
+    (root / "train" / classes[0] / "empty.jpeg").write_bytes(b"")
+    (root / "train" / classes[0] / "notes.txt").write_text("not an image")
+    (root / "stray.jpeg").write_bytes(good)
+    # content-level junk: the reader keeps it, the featurizer reports it
+    (root / "train" / classes[1] / "text.jpeg").write_bytes(b"hello, I am text")
+    (root / "test" / classes[0] / "truncated.jpeg").write_bytes(good[: len(good) // 2])
+    return {
+        "train/NORMAL/empty.jpeg": "zero-byte file",
+        "train/NORMAL/notes.txt": "not an image extension",
+        "stray.jpeg": "not in a <split>/<CLASS>/ folder",
+    }
+
+
+def rel(uri: str) -> str:
+    parts = uri.split("/")
+    return "/".join(parts[-3:]) if parts[-3] in ("train", "val", "test") else parts[-1]
+
+
+@pytest.mark.parametrize(
+    "path, length, expected",
+    [
+        ("hdfs://nn:9000/d/chest_xray/train/NORMAL/a.jpeg", 10, ("train", "NORMAL", None)),
+        ("file:/d/test/PNEUMONIA/b.JPG", 10, ("test", "PNEUMONIA", None)),
+        ("hdfs://nn:9000/d/chest_xray/train/NORMAL/a.jpeg", 0, (None, None, "zero-byte file")),
+        ("/d/chest_xray/train/NORMAL/readme.md", 5, (None, None, "not an image extension")),
+        ("/d/chest_xray/NORMAL/a.jpeg", 5, (None, None, "not in a <split>/<CLASS>/ folder")),
+    ],
+)
+def test_classify_path(path, length, expected):
+    assert classify_path(path, length) == expected
+
+
+def test_tree_labels_split_and_rejections(spark, tmp_path):
+    expected_junk = make_tree(tmp_path)
+    result = read_images_with_rejections(spark, str(tmp_path))
+    assert result.label_names == ("NORMAL", "PNEUMONIA")
+    rows = result.images.collect()
+    assert list(result.images.columns) == ["path", "split", "label", "label_name", "content", "length"]
+    # 8 good + the two content-level bad files (text.jpeg, truncated.jpeg)
+    assert len(rows) == 10
+    for row in rows:
+        split, label_name = row.path.split("/")[-3:-1]
+        assert (row.split, row.label_name) == (split, label_name)
+        assert row.label == {"NORMAL": 0, "PNEUMONIA": 1}[label_name]
+        assert row.length == len(row.content) > 0
+        assert row.path.startswith("file:")
+    rejected = {rel(r.path): r.reason for r in result.rejected.collect()}
+    assert rejected == expected_junk
+
+
+def test_any_number_of_classes_sorted(spark, tmp_path):
+    make_tree(tmp_path, per_class=1, classes=("PNEUMONIA", "COVID", "NORMAL"), junk=False)
+    result = read_images_with_rejections(spark, str(tmp_path))
+    assert result.label_names == ("COVID", "NORMAL", "PNEUMONIA")
+    labels = {(r.label_name, r.label) for r in result.images.select("label_name", "label").collect()}
+    assert labels == {("COVID", 0), ("NORMAL", 1), ("PNEUMONIA", 2)}
+
+
+def test_fixed_label_names_reject_unknown_classes(spark, tmp_path):
+    make_tree(tmp_path, per_class=1, classes=("NORMAL", "PNEUMONIA", "COVID"), junk=False)
+    result = read_images_with_rejections(spark, str(tmp_path), label_names=["PNEUMONIA", "NORMAL"])
+    assert result.label_names == ("NORMAL", "PNEUMONIA")
+    assert result.images.count() == 4
+    reasons = [r.reason for r in result.rejected.collect()]
+    assert len(reasons) == 2 and all("class folder not in" in r for r in reasons)
+
+
+def test_spark_image_source(spark, tmp_path):
+    make_tree(tmp_path, per_class=1, junk=False)
+    (tmp_path / "train" / "NORMAL" / "broken.jpeg").write_bytes(b"\xff\xd8\xff\xe0 garbage")
+    result = read_images_with_rejections(spark, str(tmp_path), source="image")
+    assert "image" in result.images.columns and "content" not in result.images.columns
+    rows = result.images.collect()
+    assert len(rows) == 4
+    assert all(r.image.height == 32 and r.image.width == 40 for r in rows)
+    assert [(rel(r.path), r.reason) for r in result.rejected.collect()] == [
+        ("train/NORMAL/broken.jpeg", "not decodable by Spark's image source")
+    ]
+
+
+@pytest.mark.hdfs
+def test_tree_in_real_hdfs(spark, tmp_path, hdfs_tmp):
+    from cxr_pipeline import storage
+
+    expected_junk = make_tree(tmp_path)
+    storage.upload_dir(str(tmp_path), f"{hdfs_tmp}/chest_xray")
+    result = read_images_with_rejections(spark, f"{hdfs_tmp}/chest_xray")
+    rows = result.images.select("path", "label", "content").collect()
+    assert len(rows) == 10 and all(r.path.startswith("hdfs://") for r in rows)
+    for row in rows:
+        assert row.content == (tmp_path / rel(row.path)).read_bytes()
+    assert {rel(r.path): r.reason for r in result.rejected.collect()} == expected_junk
+
+
+def test_pack_and_read_table(spark, tmp_path):
+    from cxr_pipeline.spark.packing import pack_image_tree
+
+    tree = tmp_path / "tree"
+    make_tree(tree)
+    # an exact duplicate under another name
+    (tree / "test" / "PNEUMONIA" / "copy.jpeg").write_bytes((tree / "train" / "NORMAL" / "person1_img0.jpeg").read_bytes())
+    table = str(tmp_path / "table")
+    summary = pack_image_tree(spark, str(tree), table)
+    # text.jpeg has no readable header: rejected at packing; truncated.jpeg has one: kept
+    assert summary.images == 10 and summary.rejected == 4
+    assert (summary.duplicate_groups, summary.duplicate_images) == (1, 2)
+    packed = read_images(spark, table, source="parquet")
+    from_tree = {r.path: r for r in read_images(spark, str(tree)).collect()}
+    rows = packed.collect()
+    assert len(rows) == 10
+    for row in rows:
+        original = from_tree[row.path]
+        assert (row.split, row.label, row.label_name, row.content) == (
+            original.split, original.label, original.label_name, original.content)
+    full = spark.read.parquet(table)
+    assert {"width", "height", "sha256", "format"} <= set(full.columns)
+    assert full.where("width = 40 AND height = 32").count() == 10
+    rejected = spark.read.option("header", True).csv(f"{table}/_rejected")
+    assert "text.jpeg" in {r.path.split("/")[-1] for r in rejected.collect()}
