@@ -173,10 +173,12 @@ def test_upload_and_download_dir_tree(root, tmp_path):
         assert storage.read_bytes(storage.join(root, "copy", relative)) == data
 
     back = tmp_path / "back"
-    local_paths = storage.download_dir(storage.join(root, "copy"), back)
-    assert len(local_paths) == len(files)
+    local_paths = storage.download_dir(storage.join(root, "copy") + "/", back)
+    assert sorted(local_paths) == sorted(back / r for r in files)
     for relative, data in files.items():
         assert (back / relative).read_bytes() == data
+    single = storage.download_dir(storage.join(root, "copy", "x.bin"), tmp_path / "single")
+    assert single == [tmp_path / "single" / "x.bin"] and single[0].read_bytes() == PAYLOAD
 
 
 def test_exists_makedirs_delete(root):
@@ -217,13 +219,15 @@ def test_rename_file_and_folder(root):
 
 
 @pytest.mark.hdfs
-def test_hdfs_uri_without_authority_uses_the_configured_namenode(hdfs_tmp):
+def test_hdfs_uri_without_authority_uses_the_configured_namenode(hdfs_tmp, tmp_path):
     path = hdfs_tmp.split("127.0.0.1:9000", 1)[1]
     storage.write_bytes(f"hdfs://{path}/no-authority.bin", b"via hdfs:///")
     storage.write_bytes(f"hdfs:{path}/hadoop-style.bin", b"via hdfs:/")
     assert storage.read_bytes(f"{hdfs_tmp}/no-authority.bin") == b"via hdfs:///"
     assert storage.read_bytes(f"{hdfs_tmp}//hadoop-style.bin") == b"via hdfs:/"
     assert [i.name for i in storage.list_files(f"hdfs://{path}")] == ["hadoop-style.bin", "no-authority.bin"]
+    back = storage.download_dir(f"hdfs://{path}", tmp_path / "back")
+    assert sorted(p.name for p in back) == ["hadoop-style.bin", "no-authority.bin"]
 
 
 def test_rename_across_filesystems_is_refused(tmp_path):
