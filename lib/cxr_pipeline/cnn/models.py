@@ -14,12 +14,16 @@ MODEL_NAMES = ("small_cnn", "inception_v3")
 # InceptionV3's block outputs, in order; cutting or unfreezing happens at these.
 INCEPTION_BLOCKS = tuple(f"mixed{i}" for i in range(11))
 INCEPTION_MIN_SIZE = 75
+# Keras' default 0.99 leaves the moving variance near its initial 1.0 for a few hundred
+# steps; activations here have far smaller variance, so inference-mode outputs collapse
+# to a constant early on. 0.9 tracks the statistics within tens of steps.
+BN_MOMENTUM = 0.9
 
 
 def _separable_block(x, filters: int, dropout: float = 0.0):
     x = layers.SeparableConv2D(filters, 3, activation="relu", padding="same")(x)
     x = layers.SeparableConv2D(filters, 3, activation="relu", padding="same")(x)
-    x = layers.BatchNormalization()(x)
+    x = layers.BatchNormalization(momentum=BN_MOMENTUM)(x)
     x = layers.MaxPooling2D(2)(x)
     if dropout:
         x = layers.Dropout(dropout)(x)
@@ -96,7 +100,7 @@ def build_inception_transfer(
     x = layers.GlobalAveragePooling2D()(x)
     x = layers.Dropout(dropout)(x)
     x = layers.Dense(dense_units, activation="relu")(x)
-    x = layers.BatchNormalization()(x)
+    x = layers.BatchNormalization(momentum=BN_MOMENTUM)(x)
     outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="probability")(x)
     return keras.Model(inputs, outputs, name="inception_v3_transfer")
 

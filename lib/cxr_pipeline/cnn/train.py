@@ -30,6 +30,9 @@ from . import data, models
 DEFAULT_IMAGE_SIZE = {"small_cnn": 150, "inception_v3": 299}
 CNN_JSON = "cnn.json"
 MODEL_FILE = "model.keras"
+# Keras' AUC bins scores on 200 evenly spaced thresholds: a confident model whose
+# scores all sit above 0.995 would read 0.5. Logit-spaced thresholds resolve both ends.
+AUC_THRESHOLDS = [float(t) for t in 1 / (1 + np.exp(-np.linspace(-12, 12, 601)))]
 
 
 def log(message: str) -> None:
@@ -178,7 +181,7 @@ def compile_model(model, learning_rate: float, jit_compile: bool) -> None:
         loss="binary_crossentropy",
         metrics=[
             keras.metrics.BinaryAccuracy(name="accuracy"),
-            keras.metrics.AUC(name="auc"),
+            keras.metrics.AUC(name="auc", thresholds=AUC_THRESHOLDS),
             keras.metrics.Precision(name="precision"),
             keras.metrics.Recall(name="recall"),
         ],
