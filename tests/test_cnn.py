@@ -296,3 +296,40 @@ def test_job_help():
     proc = subprocess.run([sys.executable, str(REPO / "jobs" / "train_cnn.py"), "--help"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--model" in proc.stdout and "--set" in proc.stdout
+
+
+def write_packed_table(tree: Path, table: Path) -> None:
+    """The packed-table layout of jobs/pack_images.py (split=<s>/part-*.parquet; path, content, ...)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for split_dir in sorted(p for p in tree.iterdir() if p.is_dir()):
+        files = sorted(split_dir.glob("*/*.jpeg"))
+        (table / f"split={split_dir.name}").mkdir(parents=True)
+        pq.write_table(pa.table({
+            "path": [f"file:{f}" for f in files],
+            "label_name": [f.parent.name for f in files],
+            "content": [f.read_bytes() for f in files],
+        }), table / f"split={split_dir.name}" / "part-00000.parquet", row_group_size=3)
+    (table / "_rejected").mkdir()
+    (table / "_rejected" / "part-0.csv").write_text("path,reason\n")
+
+
+def test_packed_parquet_table_gives_the_same_records_and_pixels(sample_tree, tmp_path):
+    write_packed_table(sample_tree, tmp_path / "table")
+    assert data.is_image_table(str(tmp_path / "table")) and not data.is_image_table(str(sample_tree))
+    table_splits = data.load_splits(str(tmp_path / "table"), "carve", 0.25, 42)
+    tree_splits = data.load_splits(str(sample_tree), "carve", 0.25, 42)
+    for name in ("train", "val", "test"):
+        got = [(Path(r.uri).name, r.label) for r in getattr(table_splits, name)]
+        want = [(Path(r.uri).name, r.label) for r in getattr(tree_splits, name)]
+        assert sorted(got) == sorted(want) and got
+    records = table_splits.train
+    ds = data.decoded_dataset(records, 48, data.Rejections(), cache=None)
+    tree_by_name = {Path(r.uri).name: r for r in tree_splits.train}
+    tree_ds = data.decoded_dataset([tree_by_name[Path(r.uri).name] for r in records], 48, data.Rejections(), cache=None)
+    pairs = list(zip(ds, tree_ds))
+    assert len(pairs) == len(records)
+    for (a, la), (b, lb) in pairs:
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+        assert float(la) == float(lb)

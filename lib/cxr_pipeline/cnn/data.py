@@ -6,13 +6,15 @@ pixels from ``imaging.decode_image`` inside ``tf.numpy_function``, so the CNN
 sees exactly the pixels the Spark featurizer sees.
 
 Files are read lazily (``tf.io.read_file`` for local paths, ``storage.read_bytes``
-for hdfs:// and other remote URIs) in parallel; decoded images are cached
+for hdfs:// and other remote URIs) in parallel; a packed Parquet image table
+(``jobs/pack_images.py``) is streamed one Parquet file at a time. Decoded images are cached
 (memory or a cache file) so later epochs decode nothing. ``prepare`` runs the
 decode pass once before training: files that fail to decode are recorded as
 rejections and excluded, and the cache is complete when training starts.
 """
 from __future__ import annotations
 
+import io
 import threading
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -32,6 +34,7 @@ class ImageRecord:
     label: int
     split: str  # folder split: train | val | test
     file_name: str
+    table_file: str | None = None  # packed Parquet file holding the bytes; None = read ``uri`` itself
 
 
 @dataclass
@@ -119,9 +122,54 @@ def split_records(
     return train, val, test
 
 
-def load_splits(uri: str, validation: str = "carve", val_fraction: float = 0.2, seed: int = 42) -> DataSplits:
+def _parquet_files(uri: str) -> list[str]:
+    from cxr_pipeline import storage
+
+    return [info.uri for info in storage.list_files(uri, recursive=True)
+            if info.uri.endswith(".parquet") and "/_" not in info.uri[len(uri.rstrip("/")):]]
+
+
+def _iter_table(table_file: str, columns: list[str], batch_size: int = 64):
+    """Row batches (as dicts of lists) of one Parquet file read through storage."""
+    import pyarrow.parquet as pq
+
+    from cxr_pipeline import storage
+
+    parquet = pq.ParquetFile(io.BytesIO(storage.read_bytes(table_file)))
+    for batch in parquet.iter_batches(batch_size=batch_size, columns=columns):
+        yield batch.to_pydict()
+
+
+def list_image_table(uri: str, rejections: Rejections | None = None) -> tuple[list[ImageRecord], list[str]]:
+    """The packed Parquet image table (``jobs/pack_images.py``: path, content, ... partitioned
+    by split) as records in table order; labels and splits come from each row's original path."""
+    rejections = rejections if rejections is not None else Rejections()
+    rows: list[tuple[str, dataset_layout.ImagePath, str]] = []
+    for table_file in _parquet_files(uri):
+        for batch in _iter_table(table_file, ["path"], batch_size=4096):
+            for path in batch["path"]:
+                try:
+                    rows.append((path, dataset_layout.parse_image_path(path), table_file))
+                except dataset_layout.LayoutError as exc:
+                    rejections.add(path, f"outside the split/CLASS layout ({exc})")
+    if not rows:
+        raise FileNotFoundError(f"no image rows in the Parquet table at {uri}")
+    index = dataset_layout.label_index(p.label_name for _, p, _ in rows)
+    records = [ImageRecord(path, index[p.label_name], p.split, p.file_name, f) for path, p, f in rows]
+    return records, dataset_layout.invert_label_index(index)
+
+
+def is_image_table(uri: str) -> bool:
+    """A packed Parquet image table: a ``.parquet`` path, or a folder whose files are Parquet."""
+    return uri.rstrip("/").endswith(".parquet") or bool(_parquet_files(uri))
+
+
+def load_splits(uri: str, validation: str = "carve", val_fraction: float = 0.2, seed: int = 42,
+                source: str = "auto") -> DataSplits:
+    """``source``: tree | parquet | auto (parquet when ``uri`` holds Parquet files)."""
     rejections = Rejections()
-    records, label_names = list_image_tree(uri, rejections)
+    table = source == "parquet" or (source == "auto" and is_image_table(uri))
+    records, label_names = (list_image_table if table else list_image_tree)(uri, rejections)
     train, val, test = split_records(records, validation, val_fraction, seed)
     if not train:
         raise ValueError(f"{uri} has no training images (train/<CLASS>/...)")
@@ -173,6 +221,10 @@ def decoded_dataset(
     """
     if not records:
         raise ValueError("no images to read")
+    decode = _decoder(image_size, max_pixels, rejections)
+    if any(r.table_file for r in records):
+        return _finish(_table_rows(records).map(_decode_map(decode, image_size), num_parallel_calls=AUTOTUNE),
+                       cache)
     uris = [r.uri for r in records]
     labels = np.array([r.label for r in records], np.float32)
     from cxr_pipeline import storage
@@ -180,25 +232,52 @@ def decoded_dataset(
     local = not any(storage.is_remote(u) for u in uris)
     if local:
         uris = [str(storage.to_local_path(u)) for u in uris]
-    decode = _decoder(image_size, max_pixels, rejections)
+    decode_one = _decode_map(decode, image_size)
 
-    def load(uri, label):  # noqa: E306
+    def load(uri, label):
         if local:
             data = tf.io.read_file(uri)
         else:
             data = tf.numpy_function(lambda u: _read_remote(u, rejections), [uri], tf.string, stateful=False)
+        return decode_one(uri, data, label)
+
+    ds = tf.data.Dataset.from_tensor_slices((uris, labels))
+    return _finish(ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=True), cache)
+
+
+def _decode_map(decode, image_size: int):
+    def decode_one(uri, data, label):
         image, ok = tf.numpy_function(decode, [uri, data], (tf.uint8, tf.bool), stateful=False)
         image.set_shape((image_size, image_size, 3))
         ok.set_shape(())
         return image, label, ok
 
-    ds = tf.data.Dataset.from_tensor_slices((uris, labels))
-    ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
+    return decode_one
+
+
+def _table_rows(records: Sequence[ImageRecord]) -> tf.data.Dataset:
+    """(path, content, label) of the wanted rows, in record order (records are in table
+    order), streaming one Parquet file at a time."""
+    labels = {r.uri: float(r.label) for r in records}
+    files = list(dict.fromkeys(r.table_file for r in records))
+
+    def rows():
+        for table_file in files:
+            for batch in _iter_table(table_file, ["path", "content"]):
+                for path, content in zip(batch["path"], batch["content"]):
+                    if path in labels:
+                        yield path, content, labels[path]
+
+    spec = (tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.float32))
+    return tf.data.Dataset.from_generator(rows, output_signature=spec)
+
+
+def _finish(ds: tf.data.Dataset, cache: str | None) -> tf.data.Dataset:
     ds = ds.filter(_decoded_ok).map(_drop_flag)
     if cache == "memory":
-        ds = ds.cache()
-    elif cache:
-        ds = ds.cache(str(cache))
+        return ds.cache()
+    if cache:
+        return ds.cache(str(cache))
     return ds
 
 

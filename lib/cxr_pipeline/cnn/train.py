@@ -289,7 +289,8 @@ def train_and_evaluate(config: Mapping[str, Any], data_uri: str, out_uri: str) -
     keras.utils.set_random_seed(settings.seed)
     started = time.perf_counter()
 
-    splits = data.load_splits(data_uri, settings.validation, settings.validation_fraction, settings.seed)
+    source = "parquet" if config_mod.get(config, "data.source") == "parquet" else "auto"
+    splits = data.load_splits(data_uri, settings.validation, settings.validation_fraction, settings.seed, source)
     log(f"listed {data_uri}: train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)} images; "
         f"{len(splits.rejections.items)} rejected while listing")
 
