@@ -225,23 +225,22 @@ def decoded_dataset(
     if any(r.table_file for r in records):
         return _finish(_table_rows(records).map(_decode_map(decode, image_size), num_parallel_calls=AUTOTUNE),
                        cache)
-    uris = [r.uri for r in records]
-    labels = np.array([r.label for r in records], np.float32)
     from cxr_pipeline import storage
 
+    uris = [r.uri for r in records]
+    labels = np.array([r.label for r in records], np.float32)
     local = not any(storage.is_remote(u) for u in uris)
-    if local:
-        uris = [str(storage.to_local_path(u)) for u in uris]
+    sources = [str(storage.to_local_path(u)) for u in uris] if local else uris
     decode_one = _decode_map(decode, image_size)
 
-    def load(uri, label):
+    def load(source, uri, label):
         if local:
-            data = tf.io.read_file(uri)
+            data = tf.io.read_file(source)
         else:
-            data = tf.numpy_function(lambda u: _read_remote(u, rejections), [uri], tf.string, stateful=False)
+            data = tf.numpy_function(lambda u: _read_remote(u, rejections), [source], tf.string, stateful=False)
         return decode_one(uri, data, label)
 
-    ds = tf.data.Dataset.from_tensor_slices((uris, labels))
+    ds = tf.data.Dataset.from_tensor_slices((sources, uris, labels))
     return _finish(ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=True), cache)
 
 
@@ -293,11 +292,8 @@ def prepare(ds: tf.data.Dataset, records: Sequence[ImageRecord], rejections: Rej
     """One pass over ``ds`` (fills its cache); the records that survived decoding."""
     for _ in ds.batch(256).prefetch(2):
         pass
-    from cxr_pipeline import storage
-
     rejected = rejections.uris()
-    return [r for r in records if r.uri not in rejected
-            and (storage.is_remote(r.uri) or str(storage.to_local_path(r.uri)) not in rejected)]
+    return [r for r in records if r.uri not in rejected]
 
 
 def with_length(ds: tf.data.Dataset, n: int) -> tf.data.Dataset:
