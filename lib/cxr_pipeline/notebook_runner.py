@@ -229,23 +229,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a notebook parameter (widget), passed as env var CXR_<NAME>; repeatable")
     parser.add_argument("--skip-magics", action="store_true",
                         help="skip %%sh/%%pip/%%run/... cells instead of refusing the notebook")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="run the remaining notebooks after one fails (the exit status still says it failed)")
     args = parser.parse_args(argv)
 
     os.environ.update(_param_env(args.param))
     # Plots go to files; no window to open on a CI machine.
     os.environ.setdefault("MPLBACKEND", "Agg")
+    status = 0
     for notebook in args.notebooks:
         out_dir = Path(args.out) / Path(notebook).stem if args.out else None
         try:
             result = run_notebook(notebook, out_dir, skip_magics=args.skip_magics)
         except (NotebookFormatError, UnsupportedMagicError, OSError) as err:
             print(f"error: {err}", file=sys.stderr)
-            return 2
-        if not result.ok:
-            failed = result.failed_cell
-            print(f"error: {notebook}: cell {failed.number} failed", file=sys.stderr)
-            return 1
-    return 0
+            status = status or 2
+        else:
+            if not result.ok:
+                print(f"error: {notebook}: cell {result.failed_cell.number} failed", file=sys.stderr)
+                status = status or 1
+        if status and not args.keep_going:
+            break
+    return status
 
 
 if __name__ == "__main__":

@@ -218,9 +218,323 @@ def show_table(table, name: str, namespace: Mapping[str, Any] | None = None, max
     show = _display_function(_caller_globals(namespace))
     if show is not None:
         show(table)
+    elif table.empty:
+        print(f"[{name}] (no rows)")
     else:
         with pd.option_context("display.width", 160, "display.max_columns", 20):
             print(table.head(max_rows).to_string(index=False))
         if len(table) > max_rows:
             print(f"... {len(table) - max_rows} more rows in {path}")
     return path
+
+
+# ---- settings from notebook parameters --------------------------------------------------------
+
+def with_settings(config: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with dotted keys (``"featurizer.feature_layer"``) set; a None value keeps the config's own."""
+    merged = dict(config)
+    for dotted, value in settings.items():
+        if value is None:
+            continue
+        node: Any = value
+        for key in reversed(dotted.split(".")):
+            node = {key: node}
+        merged = config_mod.deep_merge(merged, node)
+    return merged
+
+
+def image_key(path: str) -> str:
+    """``split/CLASS/file`` of an image path or URI: the same image whatever scheme wrote its path."""
+    from .dataset_layout import parse_image_path
+
+    parsed = parse_image_path(path)
+    return f"{parsed.split}/{parsed.label_name}/{parsed.file_name}"
+
+
+# ---- run folders: pipeline, metrics, figures --------------------------------------------------
+
+def describe_pipeline(pipeline) -> "pd.DataFrame":
+    """One row per stage of a (fitted or not) Spark ML Pipeline: class, input/output columns, parameters set."""
+    import pandas as pd
+
+    if isinstance(pipeline, (list, tuple)):
+        stages = list(pipeline)
+    else:
+        stages = pipeline.getStages() if hasattr(pipeline, "getStages") else pipeline.stages
+    rows = []
+    for index, stage in enumerate(stages):
+        params = {p.name: stage.getOrDefault(p) for p in stage.params if stage.isSet(p) or stage.hasDefault(p)}
+        columns = {k: params.pop(k) for k in list(params) if k.endswith("Col") or k.endswith("Cols")}
+        rows.append({
+            "stage": index,
+            "class": type(stage).__name__,
+            "columns": ", ".join(f"{k}={v}" for k, v in sorted(columns.items())),
+            "params": ", ".join(f"{k}={v}" for k, v in sorted(params.items()) if stage.isSet(stage.getParam(k))),
+        })
+    return pd.DataFrame(rows)
+
+
+_REPORT_COLUMNS = ("threshold", "n", "accuracy", "sensitivity", "specificity", "precision", "npv", "f1", "tn", "fp", "fn", "tp")
+
+
+def metrics_table(report: Mapping[str, Any]) -> "pd.DataFrame":
+    """The headline numbers of a Spark run's metrics.json: test (and validation) at the chosen threshold and 0.5."""
+    import pandas as pd
+
+    rows = []
+    blocks = (("test", report.get("test") or {}, "areaUnderROC"), ("validation", report.get("validation") or {}, "roc_auc"))
+    for subset, block, auc_key in blocks:
+        for key, name in (("at_chosen", "chosen on validation"), ("at_default_0.5", "0.5")):
+            values = block.get(key)
+            if not values or "accuracy" not in values:
+                continue
+            row = {"subset": subset, "threshold_rule": name, "auc": block.get(auc_key)}
+            row.update({k: values.get(k) for k in _REPORT_COLUMNS})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def counts_table(report: Mapping[str, Any]) -> "pd.DataFrame":
+    """Images per subset (train / val / test) and class from a run's metrics (``counts`` or ``class_counts``)."""
+    import pandas as pd
+
+    counts = report.get("counts")
+    if counts is None:   # CNN runs: class_counts = {subset: [n per label]}
+        names = report.get("label_names") or ["NORMAL", "PNEUMONIA"]
+        counts = {subset: dict(zip(names, values)) for subset, values in (report.get("class_counts") or {}).items()}
+    order = [s for s in ("train", "val", "test") if s in counts] + sorted(set(counts) - {"train", "val", "test"})
+    table = pd.DataFrame([{"subset": s, **counts[s]} for s in order])
+    if len(table):
+        table["total"] = table.drop(columns="subset").sum(axis=1)
+    return table
+
+
+def show_run_figures(run_uri: str, file_names, prefix: str = "", namespace: Mapping[str, Any] | None = None) -> list[Path]:
+    """Show the PNGs a training run wrote (``roc.png``, ...) and copy them to the notebook output; missing ones are named."""
+    from . import storage
+
+    scope = _caller_globals(namespace)
+    shown = []
+    for name in file_names:
+        uri = run_uri.rstrip("/") + "/" + name
+        if not storage.exists(uri):
+            print(f"[plot] {uri} not written by this run (e.g. a one-class test set has no ROC)")
+            continue
+        shown.append(display_or_save(storage.read_bytes(uri), prefix + name.rsplit(".", 1)[0], namespace=scope))
+    return shown
+
+
+# ---- test scores of the two kinds of model, and comparing them -------------------------------
+
+def spark_test_scores(spark, run_uri: str, data_uri: str | None = None) -> "pd.DataFrame":
+    """P(PNEUMONIA) of a Spark run's PipelineModel on the test images: ``[key, path, label, score]``.
+
+    Uses the run's features cache when it is still there (no re-featurizing),
+    else reads the test images from ``data_uri`` (default: the run's data).
+    """
+    from pyspark.ml import PipelineModel
+    from pyspark.sql import functions as F
+
+    from . import storage, training
+
+    run = training.RunLayout(run_uri.rstrip("/"))
+    report = training.load_metrics(run.root)
+    model = PipelineModel.load(run.model)
+    featurizer, classifier = model.stages[0], PipelineModel(stages=model.stages[1:])
+    features_col = featurizer.getOrDefault("outputCol")
+    cache = (report.get("featurizer") or {}).get("cache")
+    if cache and storage.exists(cache.rstrip("/") + "/_SUCCESS"):
+        features = spark.read.parquet(cache).where(F.col("split") == "test")
+    else:
+        from .spark.reader import read_images_with_rejections
+
+        images = read_images_with_rejections(spark, data_uri or report["data"]).images.where(F.col("split") == "test")
+        features = featurizer.transform(images)
+    scored = training.with_scores(classifier.transform(features.where(F.col(features_col).isNotNull())))
+    table = scored.select("path", "label", F.col(training.SCORE_COL).alias("score")).toPandas()
+    table.insert(0, "key", table["path"].map(image_key))
+    return table.sort_values("key").reset_index(drop=True)
+
+
+def cnn_test_scores(run_uri: str) -> "pd.DataFrame":
+    """The CNN run's own test predictions (``predictions.csv``): ``[key, path, label, score]``."""
+    import io
+
+    import pandas as pd
+
+    from . import storage
+
+    table = pd.read_csv(io.BytesIO(storage.read_bytes(run_uri.rstrip("/") + "/predictions.csv")))
+    table = table[table["used_as"] == "test"].rename(columns={"probability": "score"})
+    table.insert(0, "key", table["path"].map(image_key))
+    return table[["key", "path", "label", "score"]].sort_values("key").reset_index(drop=True)
+
+
+def run_threshold(run_uri: str) -> float:
+    """The validation-chosen threshold a run saved (classifier.json for Spark runs, cnn.json for CNN runs)."""
+    import json
+
+    from . import storage
+
+    root = run_uri.rstrip("/")
+    for name in ("classifier.json", "cnn.json"):
+        if storage.exists(f"{root}/{name}"):
+            return float(json.loads(storage.read_bytes(f"{root}/{name}"))["threshold"])
+    raise FileNotFoundError(f"{root} has neither classifier.json nor cnn.json: not a training run folder")
+
+
+def join_scores(scores: Mapping[str, "pd.DataFrame"]) -> "pd.DataFrame":
+    """Per-model score tables joined on the image (only images every model scored): ``[key, label, <model>...]``."""
+    joined = None
+    for name, table in scores.items():
+        part = table[["key", "label", "score"]].rename(columns={"score": name})
+        if joined is None:
+            joined = part
+        else:
+            joined = joined.merge(part, on="key", suffixes=("", "_other"))
+            if (joined["label"] != joined["label_other"]).any():
+                raise ValueError(f"{name}: labels disagree with the other models' for the same images")
+            joined = joined.drop(columns="label_other")
+    if joined is None:
+        raise ValueError("no models to compare")
+    return joined.reset_index(drop=True)
+
+
+def compare_models(joined: "pd.DataFrame", thresholds: Mapping[str, float]) -> "pd.DataFrame":
+    """Metrics of each model on the same images, at its own chosen threshold and at 0.5."""
+    import pandas as pd
+
+    from . import metrics as M
+
+    labels = joined["label"].to_numpy()
+    rows = []
+    for name, threshold in thresholds.items():
+        scores = joined[name].to_numpy()
+        for rule, t in (("chosen on validation", threshold), ("0.5", M.DEFAULT_THRESHOLD)):
+            report = M.binary_report(labels, scores, t).to_dict()
+            rows.append({"model": name, "threshold_rule": rule, "auc": M.roc_auc(labels, scores),
+                         **{k: report[k] for k in _REPORT_COLUMNS}})
+    return pd.DataFrame(rows)
+
+
+def agreement_table(joined: "pd.DataFrame", thresholds: Mapping[str, float]) -> "pd.DataFrame":
+    """How often the models' decisions (each at its own threshold) are right: both, only one, neither."""
+    import pandas as pd
+
+    from . import metrics as M
+
+    names = list(thresholds)
+    correct = {n: M.predict_at(joined[n], thresholds[n]) == joined["label"].to_numpy() for n in names}
+    rows = []
+    if len(names) == 2:
+        a, b = names
+        for label, mask in (("both right", correct[a] & correct[b]), (f"only {a} right", correct[a] & ~correct[b]),
+                            (f"only {b} right", ~correct[a] & correct[b]), ("both wrong", ~correct[a] & ~correct[b])):
+            rows.append({"outcome": label, "images": int(mask.sum())})
+    else:
+        rows = [{"outcome": f"{n} right", "images": int(c.sum())} for n, c in correct.items()]
+    return pd.DataFrame(rows)
+
+
+def threshold_table(labels, scores, thresholds=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)) -> "pd.DataFrame":
+    """Sensitivity / specificity trade-off at a few thresholds (the curve is in the run's threshold.png)."""
+    import pandas as pd
+
+    from . import metrics as M
+
+    rows = []
+    for t in thresholds:
+        r = M.binary_report(labels, scores, float(t))
+        rows.append({"threshold": float(t), "sensitivity": r.sensitivity, "specificity": r.specificity,
+                     "accuracy": r.accuracy, "fp": r.fp, "fn": r.fn})
+    return pd.DataFrame(rows)
+
+
+def plot_roc_comparison(joined: "pd.DataFrame", names, title: str = "ROC on the same test images") -> bytes:
+    """ROC curves of several models over the same images (PNG bytes)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from . import metrics as M
+
+    labels = joined["label"].to_numpy()
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    for name in names:
+        if M.has_both_classes(labels):
+            fpr, tpr, _ = M.roc_curve(labels, joined[name].to_numpy())
+            ax.plot(fpr, tpr, lw=2, label=f"{name} (AUC {M.fmt(M.roc_auc(labels, joined[name].to_numpy()))})")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    ax.set(xlabel="1 - specificity (FPR)", ylabel="sensitivity (TPR)", title=title, xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(loc="lower right", fontsize=8)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# ---- scoring files without Spark (a CNN run, or checking a Spark run's export) ---------------
+
+def score_files_local(classifier, uri: str, limit: int | None = None, threshold: float | None = None) -> "pd.DataFrame":
+    """Score the files under ``uri`` with a Spark-free classifier (``LocalClassifier``/``LocalCnnClassifier``).
+
+    Returns ``[path, probability, label_name, threshold, error, content]``, sorted by path.
+    Files that are not images come back with ``error`` set.
+    """
+    import pandas as pd
+
+    from . import storage
+
+    infos = sorted(storage.list_files(uri), key=lambda f: f.uri)[: limit or None]
+    contents = [storage.read_bytes(info.uri) for info in infos]
+    results = classifier.predict_bytes(contents, threshold=threshold) if contents else []
+    table = pd.DataFrame([{"path": info.uri, **{k: r.get(k) for k in ("probability", "label_name", "threshold", "error")}}
+                          for info, r in zip(infos, results)],
+                         columns=["path", "probability", "label_name", "threshold", "error"])
+    table["content"] = contents
+    return table
+
+
+def _path_only(uri: str) -> str:
+    # hdfs://nn:9000/a, file:/a, file:///a and /a all name /a.
+    text = re.sub(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*", "", str(uri))
+    return re.sub(r"^file:", "", text)
+
+
+def probability_gap(first: "pd.DataFrame", second: "pd.DataFrame") -> tuple[int, float]:
+    """(images scored in both, largest |probability difference|) of two ``[path, probability]`` tables."""
+    a = first[["path", "probability"]].dropna().assign(path=lambda d: d["path"].map(_path_only))
+    b = second[["path", "probability"]].dropna().assign(path=lambda d: d["path"].map(_path_only))
+    both = a.merge(b, on="path", suffixes=("_a", "_b"))
+    if both.empty:
+        return 0, float("nan")
+    return len(both), float((both["probability_a"] - both["probability_b"]).abs().max())
+
+
+def plot_predictions(scored: "pd.DataFrame", columns: int = 4, title: str = "Predictions") -> bytes:
+    """Thumbnails of scored images titled with the predicted class and P(PNEUMONIA) (PNG bytes)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from .exploration import thumbnail
+
+    n = max(1, len(scored))
+    rows = (n + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.8 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, item in zip(axes.ravel(), scored.itertuples()):
+        image = thumbnail(item.content, 192) if item.content is not None else None
+        if image is not None:
+            ax.imshow(image)
+        name = str(item.path).rsplit("/", 1)[-1][:28]
+        verdict = f"error: {item.error}" if item.error else f"{item.label_name} p={item.probability:.2f}"
+        ax.set_title(f"{name}\n{verdict}", fontsize=7, color="red" if item.error else "black")
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()

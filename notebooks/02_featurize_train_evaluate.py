@@ -1,0 +1,108 @@
+# Databricks notebook source
+# MAGIC %md
+# MAGIC # 2. Featurize, train and evaluate the Spark model
+# MAGIC
+# MAGIC The project's main job, step by step, with the library doing the work (`cxr_pipeline.training`):
+# MAGIC
+# MAGIC 1. read the image tree (junk is rejected and listed),
+# MAGIC 2. featurize every image with a pretrained Keras backbone inside a Spark ML `Transformer`
+# MAGIC    (`ImageFeaturizer`, a pandas UDF), cached as Parquet,
+# MAGIC 3. fit `StandardScaler` + `LogisticRegression` on the training images (validation carved out by patient),
+# MAGIC 4. choose the decision threshold on validation for a target sensitivity,
+# MAGIC 5. evaluate on the test images and write a run folder (model, metrics, figures).
+# MAGIC
+# MAGIC The saved `PipelineModel` (featurizer + scaler + classifier) scores raw images; notebook 4 uses it.
+
+# COMMAND ----------
+
+from pyspark.ml import Pipeline
+
+from cxr_pipeline import storage, training
+from cxr_pipeline.notebook_support import (
+    counts_table, default_runs_uri, describe_pipeline, display_or_save, get_param, metrics_table, notebook_config,
+    show_run_figures, show_table, spark_for_notebook, spark_test_scores, threshold_table, with_settings,
+)
+
+config = notebook_config(get_param("conf_env", "local", "Config environment (conf/<env>.yaml)"))
+data_uri = get_param("data_uri", config["data"]["uri"], "Dataset root (chest_xray folder URI)")
+run_uri = get_param("run_uri", default_runs_uri(config) + "/notebook_featurizer", "Run folder to write (URI)")
+config = with_settings(config, {
+    "featurizer.model_name": get_param("model_name", config["featurizer"]["model_name"], "Backbone"),
+    "featurizer.feature_layer": get_param("feature_layer", config["featurizer"]["feature_layer"],
+                                          "Feature layer (empty = last; mixed5 for InceptionV3)"),
+    "featurizer.batch_size": get_param("batch_size", config["featurizer"]["batch_size"], "Images per model call"),
+    "training.target_sensitivity": get_param("target_sensitivity", config["training"]["target_sensitivity"],
+                                             "Target sensitivity on validation"),
+    "training.tuning": get_param("tuning", config["training"]["tuning"], "Tuning: none | cv | tvs"),
+})
+
+spark = spark_for_notebook(config)
+storage.configure(config)
+print(f"data {data_uri}\nrun  {run_uri}\nbackbone {config['featurizer']['model_name']} "
+      f"layer {config['featurizer']['feature_layer'] or '(last)'}; Spark master {spark.sparkContext.master}")
+
+# COMMAND ----------
+
+# MAGIC %md
+# MAGIC ## The Pipeline
+# MAGIC The featurizer is a Spark ML `Transformer` with Params; the classifier is a regular Spark ML `Pipeline`.
+# MAGIC After fitting, the three stages are saved together as one `PipelineModel`.
+
+# COMMAND ----------
+
+featurizer = training.build_featurizer(training.FeaturizerSettings.from_config(config))
+settings = training.TrainingSettings.from_config(config)
+classifier_pipeline, _ = training.build_classifier(settings, weighted=settings.class_weighting)
+pipeline = Pipeline(stages=[featurizer, *classifier_pipeline.getStages()])
+show_table(describe_pipeline(pipeline), "pipeline_stages")
+
+# COMMAND ----------
+
+# MAGIC %md
+# MAGIC ## Train
+# MAGIC Featurizing is the expensive part (a CNN forward pass per image); the features are cached, so running this
+# MAGIC cell again with other classifier settings reuses them.
+
+# COMMAND ----------
+
+result = training.train(spark, config, data_uri, run_uri)
+print(result.summary)
+
+# COMMAND ----------
+
+show_table(describe_pipeline(result.model), "fitted_pipeline_model")
+show_table(counts_table(result.metrics), "images_per_subset")
+
+# COMMAND ----------
+
+# MAGIC %md
+# MAGIC ## Metrics
+# MAGIC Sensitivity = recall on PNEUMONIA, specificity = recall on NORMAL. The threshold is chosen on the validation
+# MAGIC images to reach the target sensitivity; 0.5 is shown for comparison.
+
+# COMMAND ----------
+
+show_table(metrics_table(result.metrics), "metrics")
+
+# COMMAND ----------
+
+# MAGIC %md
+# MAGIC ## ROC, precision-recall and confusion matrix (test)
+
+# COMMAND ----------
+
+show_run_figures(run_uri, ["roc.png", "pr.png", "confusion_matrix.png"])
+
+# COMMAND ----------
+
+# MAGIC %md
+# MAGIC ## Threshold trade-off: sensitivity vs specificity
+# MAGIC Lowering the threshold catches more pneumonia (sensitivity up) at the price of more false alarms on
+# MAGIC normal images (specificity down).
+
+# COMMAND ----------
+
+show_run_figures(run_uri, ["threshold.png"])
+test_scores = spark_test_scores(spark, run_uri)
+show_table(threshold_table(test_scores["label"], test_scores["score"]), "threshold_tradeoff")
+show_table(test_scores, "test_scores")
