@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cxr_pipeline import paths, storage
+from cxr_pipeline import storage
 from cxr_pipeline.localstack import provision
 from cxr_pipeline.localstack.hdfs_cluster import HdfsClusterError, LocalHdfs
 from cxr_pipeline.localstack.processes import ProcessHandle, port_in_use

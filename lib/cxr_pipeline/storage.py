@@ -25,7 +25,6 @@ import os
 import posixpath
 import re
 import shutil
-import threading
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
@@ -265,7 +264,6 @@ def hdfs_dfs_command() -> list[str]:
 # ----------------------------------------------------------- WebHDFS endpoints
 _registered_webhdfs: dict[str, str] = {}
 _active_config: dict[str, Any] | None = None
-_lock = threading.Lock()
 
 
 def register_webhdfs(namenode_uri: str, webhdfs_url: str) -> None:
