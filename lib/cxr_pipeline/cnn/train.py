@@ -233,14 +233,138 @@ def _cache_spec(cache: str, scratch: Path, name: str) -> str | None:
     return None
 
 
-def _decoded(records, settings: Settings, rejections, scratch: Path, name: str):
-    """(dataset, surviving records) for one split; None for an empty split."""
+@dataclass
+class Split:
+    """One split, decoded and cached: the dataset (None when empty) and its surviving records."""
+
+    ds: Any
+    records: list
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([r.label for r in self.records], np.int64)
+
+
+@dataclass
+class Prepared:
+    train: Split
+    val: Split
+    test: Split
+    label_names: list[str]
+    rejections: data.Rejections
+    decode_seconds: float
+
+    def counts(self) -> dict[str, list[int]]:
+        return {name: data.class_counts(getattr(self, name).records) for name in ("train", "val", "test")}
+
+
+def _decoded(records, settings: Settings, rejections, scratch: Path, name: str) -> Split:
     if not records:
-        return None, []
+        return Split(None, [])
     ds = data.decoded_dataset(records, settings.image_size, rejections, settings.max_pixels,
                               _cache_spec(settings.cache, scratch, name))
     good = data.prepare(ds, records, rejections)
-    return (data.with_length(ds, len(good)) if good else None), good
+    return Split(data.with_length(ds, len(good)) if good else None, good)
+
+
+def prepare_data(config: Mapping[str, Any], settings: Settings, data_uri: str, scratch: Path) -> Prepared:
+    """List, split, decode and cache every split once; rejections are known afterwards."""
+    started = time.perf_counter()
+    source = "parquet" if config_mod.get(config, "data.source") == "parquet" else "auto"
+    splits = data.load_splits(data_uri, settings.validation, settings.validation_fraction, settings.seed, source)
+    log(f"listed {data_uri}: train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)} images; "
+        f"{len(splits.rejections.items)} rejected while listing")
+    prepared = Prepared(
+        *(_decoded(getattr(splits, name), settings, splits.rejections, scratch, name)
+          for name in ("train", "val", "test")),
+        label_names=splits.label_names, rejections=splits.rejections,
+        decode_seconds=round(time.perf_counter() - started, 2),
+    )
+    if not prepared.train.records:
+        raise ValueError("no training image could be decoded (see rejected.csv)")
+    log(f"decoded in {prepared.decode_seconds:.1f}s; class counts (NORMAL, PNEUMONIA) {prepared.counts()}; "
+        f"{len(prepared.rejections.items)} rejected in all")
+    return prepared
+
+
+def fit(config: Mapping[str, Any], settings: Settings, devices: Devices, strategy, prepared: Prepared,
+        checkpoint: Path):
+    """Phase 1 (and the fine-tuning phase when configured); returns (best model, history, timer)."""
+    cnn_conf = config.get("cnn") or {}
+    batch = settings.batch_size * devices.replicas
+    augment_conf = dict(cnn_conf.get("augment") or {})
+    augment = data.augmenter(**augment_conf, seed=settings.seed) if augment_conf else None
+    train_input, steps = data.training_dataset(
+        prepared.train.ds, list(prepared.train.labels), batch, settings.seed, augment,
+        balance=settings.balance, shuffle_buffer=settings.shuffle_buffer,
+    )
+    val_input = data.eval_dataset(prepared.val.ds, batch) if prepared.val.ds is not None else None
+    weights = class_weights(prepared.counts()["train"]) if settings.balance == "class_weight" else None
+    with strategy.scope():
+        options = _model_options(config) if settings.model == "inception_v3" else {}
+        model = models.build_model(settings.model, settings.image_size, **options)
+        compile_model(model, settings.learning_rate, devices.xla)
+    log(f"model {model.name}: {models.trainable_summary(model)} parameters; batch {batch}; class weights {weights}")
+
+    timer = EpochTimer(len(prepared.train.records) if steps is None else steps * batch)
+    reduce_lr = cnn_conf.get("reduce_lr") or {}
+    monitor = "val_auc" if val_input is not None else "auc"
+    history: dict[str, list[float]] = {}
+
+    def run_phase(epochs: int, best: float | None = None) -> None:
+        done = len(history.get("loss", []))
+        result = model.fit(
+            train_input, validation_data=val_input, epochs=done + epochs, initial_epoch=done,
+            steps_per_epoch=steps, class_weight=weights, verbose=settings.verbose, shuffle=False,
+            callbacks=[*make_callbacks(checkpoint, settings, reduce_lr, val_input is not None, best), timer],
+        )
+        _merge_history(history, result.history)
+
+    run_phase(settings.epochs)
+    fine_tune = cnn_conf.get("fine_tune") or {}
+    if settings.model == "inception_v3" and int(fine_tune.get("epochs", 0)) > 0:
+        blocks = int(fine_tune.get("blocks", 2))
+        with strategy.scope():
+            unfrozen = models.unfreeze_top_blocks(model, blocks)
+            compile_model(model, float(fine_tune.get("learning_rate", 1e-5)), devices.xla)
+        log(f"fine-tuning: {len(unfrozen)} layers of the top {blocks} blocks unfrozen, "
+            f"{models.trainable_summary(model)}")
+        run_phase(int(fine_tune["epochs"]), best=max(history.get(monitor, [0.0])))
+
+    if checkpoint.exists():  # the best epoch on validation AUC, over both phases
+        with strategy.scope():
+            model = keras.models.load_model(checkpoint)
+    return model, history, timer
+
+
+def evaluate_run(model, settings: Settings, devices: Devices, prepared: Prepared) -> tuple[dict, list]:
+    """Threshold chosen on validation; reports on test (or validation when there is no test
+    split). Returns (metrics without timings, [(used_as, record, probability)])."""
+    batch = settings.batch_size * devices.replicas
+    val = prepared.val
+    val_p = predict_scores(model, data.eval_dataset(val.ds, batch) if val.ds is not None else None)
+    choice = M.threshold_for_sensitivity(val.labels, val_p, settings.target_sensitivity)
+    threshold = choice.threshold
+    scored = [("val", r, p) for r, p in zip(val.records, val_p)]
+    eval_name, final = ("test", prepared.test) if prepared.test.records else ("val", val)
+    final_p = val_p
+    if eval_name == "test":
+        final_p = predict_scores(model, data.eval_dataset(final.ds, batch))
+        scored += [("test", r, p) for r, p in zip(final.records, final_p)]
+    metrics = {
+        "model": settings.model,
+        "image_size": settings.image_size,
+        "devices": asdict(devices),
+        "evaluated_on": eval_name,
+        "label_names": prepared.label_names,
+        "class_counts": prepared.counts(),
+        "rejected": len(prepared.rejections.items),
+        "threshold": threshold,
+        "threshold_choice": choice.to_dict(),
+        "validation": evaluate(val.labels, val_p, threshold, prepared.label_names) if val.records else None,
+        eval_name: evaluate(final.labels, final_p, threshold, prepared.label_names),
+    }
+    return metrics, scored
 
 
 def _write_outputs(stage: Path, out_uri: str) -> None:
@@ -288,141 +412,58 @@ def train_and_evaluate(config: Mapping[str, Any], data_uri: str, out_uri: str) -
     log(devices.describe())
     keras.utils.set_random_seed(settings.seed)
     started = time.perf_counter()
-
-    source = "parquet" if config_mod.get(config, "data.source") == "parquet" else "auto"
-    splits = data.load_splits(data_uri, settings.validation, settings.validation_fraction, settings.seed, source)
-    log(f"listed {data_uri}: train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)} images; "
-        f"{len(splits.rejections.items)} rejected while listing")
-
     scratch = Path(tempfile.mkdtemp(prefix="cxr_cnn_"))
-    stage = scratch / "run"
-    stage.mkdir()
     try:
-        train_ds, train_recs = _decoded(splits.train, settings, splits.rejections, scratch, "train")
-        val_ds, val_recs = _decoded(splits.val, settings, splits.rejections, scratch, "val")
-        test_ds, test_recs = _decoded(splits.test, settings, splits.rejections, scratch, "test")
-        if not train_recs:
-            raise ValueError("no training image could be decoded (see rejections)")
-        decode_s = time.perf_counter() - started
-        counts = {"train": data.class_counts(train_recs), "val": data.class_counts(val_recs),
-                  "test": data.class_counts(test_recs)}
-        log(f"decoded in {decode_s:.1f}s; class counts (NORMAL, PNEUMONIA) {counts}; "
-            f"{len(splits.rejections.items)} rejected in all")
-
-        global_batch = settings.batch_size * devices.replicas
-        augment_conf = dict(cnn_conf.get("augment") or {})
-        augment = data.augmenter(**augment_conf, seed=settings.seed) if augment_conf else None
-        train_labels = [r.label for r in train_recs]
-        train_input, steps = data.training_dataset(
-            train_ds, train_labels, global_batch, settings.seed, augment,
-            balance=settings.balance, shuffle_buffer=settings.shuffle_buffer,
-        )
-        val_input = data.eval_dataset(val_ds, global_batch) if val_ds is not None else None
-        weights = class_weights(counts["train"]) if settings.balance == "class_weight" else None
-
-        with strategy.scope():
-            model = models.build_model(settings.model, settings.image_size, **(
-                _model_options(config) if settings.model == "inception_v3" else {}))
-            compile_model(model, settings.learning_rate, devices.xla)
-        log(f"model {model.name}: {models.trainable_summary(model)} parameters; "
-            f"batch {global_batch}; class weights {weights}")
-
-        checkpoint = scratch / "best.keras"
-        timer = EpochTimer(len(train_recs) if steps is None else steps * global_batch)
-        reduce_lr = cnn_conf.get("reduce_lr") or {}
-        history: dict[str, list[float]] = {}
-        fit = model.fit(
-            train_input, validation_data=val_input, epochs=settings.epochs, steps_per_epoch=steps,
-            class_weight=weights, verbose=settings.verbose, shuffle=False,
-            callbacks=[*make_callbacks(checkpoint, settings, reduce_lr, val_input is not None), timer],
-        )
-        _merge_history(history, fit.history)
-
-        fine_tune = cnn_conf.get("fine_tune") or {}
-        if settings.model == "inception_v3" and int(fine_tune.get("epochs", 0)) > 0:
-            monitor = "val_auc" if val_input is not None else "auc"
-            best = max(history.get(monitor, [0.0]))
-            with strategy.scope():
-                unfrozen = models.unfreeze_top_blocks(model, int(fine_tune.get("blocks", 2)))
-                compile_model(model, float(fine_tune.get("learning_rate", 1e-5)), devices.xla)
-            log(f"fine-tuning: {len(unfrozen)} layers of the top {fine_tune.get('blocks', 2)} blocks unfrozen, "
-                f"{models.trainable_summary(model)}")
-            done = len(history.get("loss", []))
-            fit = model.fit(
-                train_input, validation_data=val_input, epochs=done + int(fine_tune["epochs"]),
-                initial_epoch=done, steps_per_epoch=steps, class_weight=weights, verbose=settings.verbose,
-                shuffle=False,
-                callbacks=[*make_callbacks(checkpoint, settings, reduce_lr, val_input is not None, best), timer],
-            )
-            _merge_history(history, fit.history)
-
-        if checkpoint.exists():
-            with strategy.scope():
-                model = keras.models.load_model(checkpoint)
-        model.save(stage / MODEL_FILE)
-
-        val_y = np.array([r.label for r in val_recs], np.int64)
-        val_p = predict_scores(model, val_input)
-        choice = M.threshold_for_sensitivity(val_y, val_p, settings.target_sensitivity)
-        threshold = choice.threshold
-        eval_name, eval_recs, eval_ds = ("test", test_recs, test_ds) if test_recs else ("val", val_recs, val_ds)
-        eval_y = np.array([r.label for r in eval_recs], np.int64)
-        eval_p = predict_scores(model, data.eval_dataset(eval_ds, global_batch)) if eval_ds is not None else val_p
-
-        metrics = {
-            "model": settings.model,
-            "image_size": settings.image_size,
+        prepared = prepare_data(config, settings, data_uri, scratch)
+        model, history, timer = fit(config, settings, devices, strategy, prepared, scratch / "best.keras")
+        metrics, scored = evaluate_run(model, settings, devices, prepared)
+        metrics.update({
             "data": data_uri,
-            "devices": asdict(devices),
-            "evaluated_on": eval_name,
-            "label_names": splits.label_names,
-            "class_counts": counts,
-            "rejected": len(splits.rejections.items),
-            "threshold": threshold,
-            "threshold_choice": choice.to_dict(),
-            "validation": evaluate(val_y, val_p, threshold, splits.label_names) if val_y.size else None,
-            eval_name: evaluate(eval_y, eval_p, threshold, splits.label_names),
             "history": history,
             "epoch_seconds": timer.seconds,
             "train_images_per_s": timer.images_per_s,
-            "decode_seconds": round(decode_s, 2),
+            "decode_seconds": prepared.decode_seconds,
             "total_seconds": round(time.perf_counter() - started, 2),
-        }
-        scored = [("val", r, p) for r, p in zip(val_recs, val_p)]
-        if eval_name == "test":
-            scored += [("test", r, p) for r, p in zip(test_recs, eval_p)]
+        })
+        stage = scratch / "run"
+        stage.mkdir()
+        model.save(stage / MODEL_FILE)
         (stage / "predictions.csv").write_text(_predictions_csv(scored))
-        _write_run(stage, config, settings, metrics, splits, eval_y, eval_p, threshold)
+        _write_run(stage, config, settings, metrics, prepared, scored)
         _write_outputs(stage, out_uri)
-        log(f"wrote {out_uri}: {eval_name} AUC {M.fmt(metrics[eval_name]['auc'])}, "
-            f"accuracy@0.5 {M.fmt(metrics[eval_name]['at_0.5']['accuracy'])}, "
-            f"threshold {threshold:.3f}")
+        name = metrics["evaluated_on"]
+        log(f"wrote {out_uri}: {name} AUC {M.fmt(metrics[name]['auc'])}, "
+            f"accuracy@0.5 {M.fmt(metrics[name]['at_0.5']['accuracy'])}, threshold {metrics['threshold']:.3f}")
         return metrics
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _write_run(stage: Path, config, settings: Settings, metrics, splits, y, p, threshold: float) -> None:
+def _write_run(stage: Path, config, settings: Settings, metrics, prepared: Prepared, scored) -> None:
     eval_name = metrics["evaluated_on"]
+    threshold = metrics["threshold"]
+    final = [(r.label, p) for used_as, r, p in scored if used_as == eval_name]
+    y = np.array([label for label, _ in final], np.int64)
+    p = np.array([prob for _, prob in final], np.float64)
     (stage / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     (stage / "config.yaml").write_text(config_mod.dump_config(config))
     (stage / CNN_JSON).write_text(json.dumps({
         "model_name": settings.model,
         "model_file": MODEL_FILE,
         "image_size": settings.image_size,
-        "label_names": splits.label_names,
+        "label_names": prepared.label_names,
         "threshold": threshold,
         "default_threshold": M.DEFAULT_THRESHOLD,
         "max_pixels": settings.max_pixels,
     }, indent=2))
-    (stage / "rejected.csv").write_text(splits.rejections.to_csv())
+    (stage / "rejected.csv").write_text(prepared.rejections.to_csv())
     (stage / "history.csv").write_text(_history_csv(metrics["history"]))
     plots.plot_training_curves(metrics["history"], out=stage / "training_curves.png")
     report = metrics[eval_name]
     cm = report["at_threshold"]["confusion_matrix"]
-    plots.plot_confusion_matrix(cm, splits.label_names, out=stage / "confusion_matrix.png",
+    plots.plot_confusion_matrix(cm, prepared.label_names, out=stage / "confusion_matrix.png",
                                 title=f"Confusion matrix ({eval_name}, threshold {threshold:.3f})")
-    plots.plot_confusion_matrix(report["at_0.5"]["confusion_matrix"], splits.label_names,
+    plots.plot_confusion_matrix(report["at_0.5"]["confusion_matrix"], prepared.label_names,
                                 out=stage / "confusion_matrix_0.5.png",
                                 title=f"Confusion matrix ({eval_name}, threshold 0.5)")
     if M.has_both_classes(y):
