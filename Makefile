@@ -23,7 +23,7 @@ RUN        ?= hdfs://127.0.0.1:9000/runs/demo
 PYTEST_ARGS ?=
 
 .PHONY: help venv hadoop hdfs-up hdfs-down hdfs-status spark-up spark-down spark-status \
-        sample-data weights hdfs-load demo test test-fast bench wheel clean browser serve
+        sample-data weights hdfs-load demo test test-fast bench wheel clean browser serve notebooks
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -71,6 +71,11 @@ hdfs-load: hdfs-up sample-data ## push SRC (default: sample tree) to DEST in HDF
 
 demo: hdfs-load weights ## the main job end to end on the embedded default, metrics printed
 	$(VENV)/bin/spark-submit --master local[2] jobs/train_featurizer.py --data $(DEST) --out $(RUN)
+
+NOTEBOOK_OUT  ?= runs/notebooks
+NOTEBOOK_ARGS ?=
+notebooks: hdfs-load weights ## run the 4 Databricks notebooks locally on DEST, top to bottom (plots in runs/notebooks/)
+	CXR_DATA_URI=$(DEST) $(PY) -m cxr_pipeline.notebook_runner notebooks/0*.py --out $(NOTEBOOK_OUT) $(NOTEBOOK_ARGS)
 
 test: venv hadoop sample-data weights browser ## the whole test suite (real HDFS, real Spark, real weights, real browser)
 	$(PY) -m pytest $(PYTEST_ARGS)
