@@ -529,7 +529,7 @@ def plot_predictions(scored: "pd.DataFrame", columns: int = 4, title: str = "Pre
         image = thumbnail(item.content, 192) if item.content is not None else None
         if image is not None:
             ax.imshow(image)
-        name = str(item.path).rsplit("/", 1)[-1][:28]
+        name = str(item.path).rsplit("/", 1)[-1][:34]
         verdict = f"error: {item.error}" if item.error else f"{item.label_name} p={item.probability:.2f}"
         ax.set_title(f"{name}\n{verdict}", fontsize=7, color="red" if item.error else "black")
     fig.suptitle(title)
