@@ -223,3 +223,74 @@ def test_display_or_save_and_show_table(tmp_path, monkeypatch):
     assert pd.read_csv(csv)["k"].tolist() == [1, 2]
     with pytest.raises(ValueError):
         ns.display_or_save(plt.figure(), "///")
+
+
+# ---- notebook_support report helpers ---------------------------------------------------------
+
+def test_with_settings_and_image_key():
+    config = {"featurizer": {"feature_layer": None, "batch_size": 16}, "cnn": {"epochs": 10}}
+    merged = ns.with_settings(config, {"featurizer.feature_layer": "mixed5", "cnn.epochs": 1, "cnn.model": None})
+    assert merged["featurizer"] == {"feature_layer": "mixed5", "batch_size": 16}
+    assert merged["cnn"] == {"epochs": 1} and config["cnn"]["epochs"] == 10
+    assert ns.image_key("hdfs://nn:9000/d/chest_xray/test/NORMAL/a.jpeg") == "test/NORMAL/a.jpeg"
+    assert ns.image_key("file:/tmp/x/test/NORMAL/a.jpeg") == ns.image_key("/other/test/NORMAL/a.jpeg")
+
+
+def test_metrics_and_counts_tables_from_run_reports():
+    at = {"threshold": 0.3, "n": 4, "accuracy": 0.75, "sensitivity": 1.0, "specificity": 0.5, "precision": 0.67,
+          "npv": 1.0, "f1": 0.8, "tn": 1, "fp": 1, "fn": 0, "tp": 2}
+    report = {"test": {"areaUnderROC": 0.9, "at_chosen": at, "at_default_0.5": {**at, "threshold": 0.5}},
+              "validation": {"roc_auc": 1.0, "at_chosen": at, "at_default_0.5": None},
+              "counts": {"test": {"NORMAL": 2, "PNEUMONIA": 2}, "train": {"NORMAL": 5, "PNEUMONIA": 6}}}
+    table = ns.metrics_table(report)
+    assert list(table["subset"]) == ["test", "test", "validation"]
+    assert list(table["threshold"]) == [0.3, 0.5, 0.3] and table["auc"].tolist() == [0.9, 0.9, 1.0]
+    counts = ns.counts_table(report)
+    assert list(counts["subset"]) == ["train", "test"] and counts["total"].tolist() == [11, 4]
+    cnn = ns.counts_table({"label_names": ["NORMAL", "PNEUMONIA"], "class_counts": {"val": [1, 2], "train": [3, 4]}})
+    assert cnn.to_dict("records")[0] == {"subset": "train", "NORMAL": 3, "PNEUMONIA": 4, "total": 7}
+
+
+def test_join_compare_and_agreement_on_the_same_images():
+    import pandas as pd
+
+    spark_scores = pd.DataFrame({"key": ["t/N/a", "t/N/b", "t/P/c", "t/P/d"], "label": [0, 0, 1, 1],
+                                 "score": [0.1, 0.6, 0.9, 0.4]})
+    cnn_scores = pd.DataFrame({"key": ["t/N/a", "t/N/b", "t/P/c"], "label": [0, 0, 1], "score": [0.2, 0.3, 0.8]})
+    joined = ns.join_scores({"spark": spark_scores, "cnn": cnn_scores})
+    assert list(joined.columns) == ["key", "label", "spark", "cnn"] and len(joined) == 3   # only shared images
+    table = ns.compare_models(joined, {"spark": 0.5, "cnn": 0.25}).set_index(["model", "threshold_rule"])
+    assert table.loc[("spark", "0.5"), "fp"] == 1 and table.loc[("spark", "0.5"), "tp"] == 1
+    assert table.loc[("cnn", "chosen on validation"), "fp"] == 1      # 0.3 >= 0.25
+    assert table.loc[("cnn", "0.5"), "accuracy"] == 1.0
+    agreement = ns.agreement_table(joined, {"spark": 0.5, "cnn": 0.5}).set_index("outcome")["images"]
+    assert agreement.to_dict() == {"both right": 2, "only spark right": 0, "only cnn right": 1, "both wrong": 0}
+    bad = cnn_scores.assign(label=[1, 0, 1])
+    with pytest.raises(ValueError, match="labels disagree"):
+        ns.join_scores({"spark": spark_scores, "cnn": bad})
+    assert ns.plot_roc_comparison(joined, ["spark", "cnn"])[:4] == b"\x89PNG"
+
+
+def test_threshold_table_and_probability_gap():
+    import pandas as pd
+
+    table = ns.threshold_table([0, 0, 1, 1], [0.2, 0.6, 0.4, 0.9], thresholds=(0.1, 0.5, 0.95))
+    assert table["sensitivity"].tolist() == [1.0, 0.5, 0.0]
+    assert table["specificity"].tolist() == [0.0, 0.5, 1.0]
+    a = pd.DataFrame({"path": ["hdfs://nn:9000/x/a.jpeg", "hdfs://nn:9000/x/b.jpeg"], "probability": [0.5, None]})
+    b = pd.DataFrame({"path": ["/x/a.jpeg", "/x/b.jpeg"], "probability": [0.5004, 0.1]})
+    n, gap = ns.probability_gap(a, b)
+    assert n == 1 and gap == pytest.approx(0.0004)
+
+
+def test_describe_pipeline_lists_stages_and_set_params(spark):
+    from pyspark.ml import Pipeline
+    from pyspark.ml.classification import LogisticRegression
+    from pyspark.ml.feature import StandardScaler
+
+    pipeline = Pipeline(stages=[StandardScaler(inputCol="f", outputCol="s", withMean=True),
+                                LogisticRegression(featuresCol="s", regParam=0.1)])
+    table = ns.describe_pipeline(pipeline)
+    assert list(table["class"]) == ["StandardScaler", "LogisticRegression"]
+    assert "inputCol=f" in table.loc[0, "columns"] and "withMean=True" in table.loc[0, "params"]
+    assert "regParam=0.1" in table.loc[1, "params"] and "maxIter" not in table.loc[1, "params"]
