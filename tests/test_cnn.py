@@ -161,6 +161,26 @@ def test_devices_on_cpu_say_so():
     assert "CPU only" in devices.describe() and strategy.num_replicas_in_sync == 1
 
 
+@pytest.mark.parametrize("xla", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_gpu_settings_forced_on_cpu_train_in_mixed_precision(xla):
+    """The GPU path's switches (mixed precision, XLA) work when forced, even on CPU
+    (XLA compilation on 2 CPU cores takes over a minute, hence slow)."""
+    from cxr_pipeline.cnn.train import compile_model, configure_devices
+
+    try:
+        devices, strategy = configure_devices(mixed_precision=True, xla=xla)
+        assert devices.mixed_precision and devices.xla == xla
+        with strategy.scope():
+            model = models.build_small_cnn(32)
+            compile_model(model, 1e-3, devices.xla)
+        assert model.layers[1].compute_dtype == "float16" and model.output.dtype == "float32"
+        x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+        history = model.fit(x, np.array([0, 1, 0, 1], np.float32), epochs=1, verbose=0)
+        assert np.isfinite(history.history["loss"][0])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
 def test_small_cnn_run_outputs_are_well_formed(small_run):
     out, metrics = small_run
     for name in RUN_FILES:

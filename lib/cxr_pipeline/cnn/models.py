@@ -4,8 +4,6 @@ its own scaling, so a saved ``model.keras`` needs no outside preprocessing.
 from __future__ import annotations
 
 import os
-from typing import Sequence
-
 import keras
 from keras import layers
 
@@ -146,10 +144,9 @@ def trainable_summary(model: keras.Model) -> dict[str, int]:
     return {"trainable": count(model.trainable_weights), "frozen": count(model.non_trainable_weights)}
 
 
-def last_conv_layer_name(model: keras.Model, names: Sequence[str] | None = None) -> str:
+def last_conv_layer_name(model: keras.Model) -> str:
     """The top-level layer with the last 4-D output (a nested backbone counts as one)."""
     for layer in reversed(model.layers):
-        shape = getattr(layer, "output", None)
-        if shape is not None and len(layer.output.shape) == 4 and not isinstance(layer, layers.InputLayer):
+        if not isinstance(layer, layers.InputLayer) and len(layer.output.shape) == 4:
             return layer.name
     raise ValueError(f"{model.name} has no 4-D (convolutional) layer output")

@@ -185,7 +185,7 @@ def compile_model(model, learning_rate: float, jit_compile: bool) -> None:
             keras.metrics.Precision(name="precision"),
             keras.metrics.Recall(name="recall"),
         ],
-        jit_compile=jit_compile if jit_compile else False,
+        jit_compile=bool(jit_compile),
     )
 
 
