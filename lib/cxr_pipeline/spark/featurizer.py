@@ -72,7 +72,9 @@ def make_featurize_udf(settings: FeaturizerSettings, timers=None):
     def featurize(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         yield from featurize_batches(settings, batches, timers)
 
-    return featurize
+    # Deterministic UDFs get inlined: a filter on the error column would be pushed
+    # below the projection and run the whole model twice per image.
+    return featurize.asNondeterministic()
 
 
 class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReadable, DefaultParamsWritable):

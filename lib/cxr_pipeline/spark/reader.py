@@ -65,10 +65,14 @@ def classify_path(path: str, length: int | None) -> tuple[str | None, str | None
     return parsed.split, parsed.label_name, None
 
 
-@F.pandas_udf(_META_TYPE)
-def _classify(paths: pd.Series, lengths: pd.Series) -> pd.DataFrame:
+def _classify_batch(paths: pd.Series, lengths: pd.Series) -> pd.DataFrame:
     rows = [classify_path(p, None if pd.isna(n) else int(n)) for p, n in zip(paths, lengths)]
     return pd.DataFrame(rows, columns=["split", "label_name", "reason"])
+
+
+# Marked non-deterministic so the optimizer does not copy it into both the
+# filter and the projection (one Python round trip per file instead of two).
+_classify = F.pandas_udf(_classify_batch, _META_TYPE).asNondeterministic()
 
 
 def _with_labels(df: DataFrame, label_names: Sequence[str]) -> DataFrame:

@@ -1,0 +1,190 @@
+"""The ImageFeaturizer Transformer on a real local Spark (and the standalone cluster + HDFS).
+
+Every test featurizes with the same backbone settings where it can, so the
+Python workers of the session build the model once and reuse it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxr_pipeline.backbones import BackboneError, build_backbone, featurize_arrays
+from cxr_pipeline.imaging import decode_image
+from cxr_pipeline.spark.featurizer import ImageFeaturizer, split_failures
+from cxr_pipeline.spark.reader import read_images, read_images_with_rejections
+
+from test_reader import make_tree
+
+LAYER = "mixed0"  # cheap to compute, and ImageNet-trained in the provisioned weights
+REPO = Path(__file__).resolve().parents[1]
+
+
+def keras_features(paths: list[str], feature_layer: str = LAYER, weights=None) -> np.ndarray:
+    """A plain Keras predict on the same files: the reference the featurizer must match."""
+    model = build_backbone("InceptionV3", weights=weights, feature_layer=feature_layer)
+    batch = np.stack([decode_image(Path(p).read_bytes(), (299, 299)) for p in paths])
+    return featurize_arrays(model, "InceptionV3", batch, batch_size=len(batch))
+
+
+def local_path(uri: str) -> str:
+    return uri[len("file:"):] if uri.startswith("file:") else uri
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("featurizer_tree")
+    make_tree(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def featurized(spark, tree):
+    images = read_images(spark, str(tree))
+    featurizer = ImageFeaturizer(featureLayer=LAYER, batchSize=4)
+    return featurizer.transform(images).select("path", "label", "features", "featurize_error").collect()
+
+
+def test_features_equal_plain_keras_predict(featurized):
+    good = sorted((r for r in featurized if r.featurize_error is None), key=lambda r: r.path)
+    assert len(good) == 8
+    got = np.stack([r.features.toArray() for r in good])
+    expected = keras_features([local_path(r.path) for r in good])
+    assert got.shape == (8, 256)
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
+    assert np.abs(got).sum() > 0 and not np.allclose(got[0], got[1])
+
+
+def test_broken_files_are_reported_not_fatal(featurized, spark):
+    errors = {r.path.rsplit("/", 1)[-1]: r.featurize_error for r in featurized if r.featurize_error}
+    assert errors == {"text.jpeg": "not an image", "truncated.jpeg": "truncated image"}
+    assert all(r.features is None for r in featurized if r.featurize_error)
+    frame = spark.createDataFrame([("a", None), ("b", "truncated image")], "path string, featurize_error string")
+    good, failed = split_failures(frame)
+    assert [r.path for r in good.collect()] == ["a"]
+    assert [tuple(r) for r in failed.collect()] == [("b", "truncated image")]
+
+
+def test_pipeline_with_featurizer_saves_and_loads(spark, tree, tmp_path):
+    from pyspark.ml import Pipeline, PipelineModel
+    from pyspark.ml.classification import LogisticRegression
+
+    images = read_images(spark, str(tree)).where("path NOT LIKE '%text.jpeg' AND path NOT LIKE '%truncated.jpeg'")
+    pipeline = Pipeline(stages=[
+        ImageFeaturizer(featureLayer=LAYER, batchSize=4),
+        LogisticRegression(featuresCol="features", labelCol="label", maxIter=5),
+    ])
+    model = pipeline.fit(images)
+    model.write().overwrite().save(str(tmp_path / "pipeline"))
+    loaded = PipelineModel.load(str(tmp_path / "pipeline"))
+    featurizer = loaded.stages[0]
+    assert isinstance(featurizer, ImageFeaturizer)
+    assert (featurizer.getFeatureLayer(), featurizer.getBatchSize(), featurizer.getWeights()) == (LAYER, 4, None)
+    before = {r.path: r.probability[1] for r in model.transform(images).collect()}
+    after = {r.path: r.probability[1] for r in loaded.transform(images).collect()}
+    assert before.keys() == after.keys() and len(before) == 8
+    for path, p in before.items():
+        assert after[path] == pytest.approx(p, abs=1e-6)
+
+
+def test_featurizer_params_round_trip(tmp_path):
+    featurizer = ImageFeaturizer(inputCol="bytes", outputCol="vec", modelName="Xception", featureLayer="block4_pool",
+                                 weights="hdfs://nn:9000/w/x.weights.h5", batchSize=8, maxPixels=1000)
+    featurizer.save(str(tmp_path / "f"))
+    loaded = ImageFeaturizer.load(str(tmp_path / "f"))
+    for param in ("inputCol", "outputCol", "errorCol", "modelName", "featureLayer", "weights", "batchSize", "maxPixels"):
+        assert loaded.getOrDefault(param) == featurizer.getOrDefault(param), param
+    assert loaded.uid == featurizer.uid
+
+
+def test_missing_weights_file_fails_before_any_task(spark, tree):
+    images = read_images(spark, str(tree))
+    with pytest.raises(BackboneError, match="make weights"):
+        ImageFeaturizer(weights="/no/such/inception.weights.h5").transform(images)
+
+
+def test_unknown_backbone_is_rejected(spark, tree):
+    with pytest.raises(BackboneError, match="unknown backbone"):
+        ImageFeaturizer(modelName="VGG99").transform(read_images(spark, str(tree)))
+
+
+def test_spark_image_source_input(spark, tree, featurized):
+    """The image struct of Spark's own image source works as inputCol (JVM decoder: close, not equal)."""
+    images = read_images_with_rejections(spark, str(tree), source="image").images
+    rows = ImageFeaturizer(inputCol="image", featureLayer=LAYER, batchSize=4).transform(images).collect()
+    reference = {r.path: r.features.toArray() for r in featurized if r.features is not None}
+    good = [r for r in rows if r.features is not None]
+    # Java's ImageIO is lenient with the truncated JPEG Pillow rejects; "text.jpeg" fails in both
+    assert reference.keys() <= {r.path for r in good} and not any(r.path.endswith("text.jpeg") for r in good)
+    assert all(r.featurize_error is None for r in good)
+    for row in (r for r in good if r.path in reference):
+        a, b = row.features.toArray(), reference[row.path]
+        assert np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.98
+
+
+@pytest.mark.hdfs
+def test_weights_from_hdfs_are_fetched_by_executors(spark, tree, hdfs_tmp, featurized):
+    from cxr_pipeline.weights import stage_to_hdfs
+
+    uri = stage_to_hdfs("InceptionV3", f"{hdfs_tmp}/weights/")
+    assert uri.startswith("hdfs://")
+    images = read_images(spark, str(tree))
+    rows = ImageFeaturizer(featureLayer=LAYER, weights=uri, batchSize=4).transform(images).collect()
+    reference = {r.path: r.features.toArray() for r in featurized if r.features is not None}
+    got = {r.path: r.features.toArray() for r in rows if r.features is not None}
+    assert got.keys() == reference.keys()
+    for path in got:
+        np.testing.assert_allclose(got[path], reference[path], rtol=1e-4, atol=1e-5)
+
+
+CLUSTER_JOB = textwrap.dedent(
+    """
+    import json, sys
+    from pyspark.sql import SparkSession
+    from cxr_pipeline.spark.reader import read_images_with_rejections
+    from cxr_pipeline.spark.featurizer import ImageFeaturizer
+
+    master, data, out = sys.argv[1:4]
+    spark = (SparkSession.builder.master(master).appName("cxr-featurizer-cluster-test")
+             .config("spark.ui.enabled", "false").config("spark.executor.memory", "1g")
+             .config("spark.python.worker.reuse", "true").getOrCreate())
+    read = read_images_with_rejections(spark, data)
+    rows = ImageFeaturizer(featureLayer="mixed5", batchSize=8).transform(read.images) \\
+        .select("path", "features", "featurize_error").collect()
+    executors = spark.sparkContext._jsc.sc().getExecutorMemoryStatus().size() - 1
+    json.dump({"executors": executors,
+               "rows": [[r.path, None if r.features is None else r.features.toArray().tolist(), r.featurize_error]
+                        for r in rows]}, open(out, "w"))
+    spark.stop()
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.hdfs
+@pytest.mark.cluster
+def test_on_standalone_cluster_from_real_hdfs(spark_standalone, hdfs_tmp, sample_tree, tmp_path):
+    from cxr_pipeline import storage
+
+    storage.upload_dir(str(sample_tree), f"{hdfs_tmp}/chest_xray")
+    script = tmp_path / "job.py"
+    script.write_text(CLUSTER_JOB)
+    out = tmp_path / "features.json"
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'lib'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    done = subprocess.run([sys.executable, str(script), spark_standalone, f"{hdfs_tmp}/chest_xray", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["executors"] >= 1
+    rows = sorted(result["rows"])
+    assert len(rows) == len(list(sample_tree.rglob("*.jpeg"))) and all(r[2] is None for r in rows)
+    relative = ["/".join(path.split("/")[-3:]) for path, _, _ in rows]
+    expected = keras_features([str(sample_tree / rel) for rel in relative], feature_layer="mixed5")
+    np.testing.assert_allclose(np.array([r[1] for r in rows]), expected, rtol=1e-3, atol=1e-4)
