@@ -41,7 +41,9 @@ def make_tree(root: Path, n: int, size: str) -> Path:
     return tree
 
 
-def bench_model(name: str, image_size: int, records, batch_size: int, devices, strategy, cut_layer: str) -> dict:
+def bench_model(name: str, image_size: int, records, batch_size: int, devices, strategy, cut_layer: str,
+                augment_on: str) -> dict:
+    import keras
     import tensorflow as tf
 
     from cxr_pipeline.cnn import data, models
@@ -51,10 +53,13 @@ def bench_model(name: str, image_size: int, records, batch_size: int, devices, s
     decoded = data.with_length(data.decoded_dataset(records, image_size, rejections, cache="memory"), len(records))
     labels = [r.label for r in records]
     augment = data.augmenter(seed=1)
-    train_input, _ = data.training_dataset(decoded, labels, batch_size, seed=1, augment=augment)
+    in_model = augment_on == "model"
+    train_input, _ = data.training_dataset(decoded, labels, batch_size, seed=1, augment=None if in_model else augment)
     with strategy.scope():
         options = {"cut_layer": cut_layer} if name == "inception_v3" else {}
         model = models.build_model(name, image_size, **options)
+        if in_model:
+            model = keras.Sequential([keras.Input(model.input_shape[1:]), augment, model])
         compile_model(model, 1e-3, devices.xla)
 
     # Cold epoch (decode + cache fill + train), then a warm one from the cache.
@@ -92,30 +97,33 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="per replica (default: %(default)s)")
     parser.add_argument("--inception-size", type=int, default=DEFAULT_SIZES["inception_v3"])
     parser.add_argument("--cut-layer", default="mixed7", help="inception_v3 backbone end (default: %(default)s)")
+    parser.add_argument("--augment-on", choices=("auto", "pipeline", "model"), default="auto",
+                        help="where augmentation runs (auto: model on GPU, pipeline on CPU, as the job)")
     parser.add_argument("--data", help="use this tree instead of generating one (local path or hdfs:// URI)")
     args = parser.parse_args(argv)
 
     import keras
 
     from cxr_pipeline.cnn import data
-    from cxr_pipeline.cnn.train import configure_devices
+    from cxr_pipeline.cnn.train import augment_placement, configure_devices
 
     devices, strategy = configure_devices()
     keras.utils.set_random_seed(1)
     print(devices.describe())
+    augment_on = augment_placement(args.augment_on, devices)
     with tempfile.TemporaryDirectory(prefix="bench_cnn_") as tmp:
         tree = args.data or str(make_tree(Path(tmp), args.n, args.jpeg_size))
         records, _ = data.list_image_tree(tree)
         records = [r for r in records if r.split == "train"][: args.n]
         batch = args.batch_size * devices.replicas
         print(f"{len(records)} training JPEGs ({args.jpeg_size if not args.data else tree}), batch {batch}, "
-              f"augmentation on, cache in memory")
+              f"augmentation in the {augment_on}, cache in memory")
         header = (f"{'model':13s} {'px':>4s} {'epoch1 img/s':>13s} {'epoch2 img/s':>13s} {'compute img/s':>14s} "
                   f"{'input img/s':>12s} {'input wait':>11s}")
         print(header)
         for name in args.models.split(","):
             size = args.inception_size if name == "inception_v3" else DEFAULT_SIZES[name]
-            r = bench_model(name, size, records, batch, devices, strategy, args.cut_layer)
+            r = bench_model(name, size, records, batch, devices, strategy, args.cut_layer, augment_on)
             print(f"{r['model']:13s} {r['size']:4d} {r['cold_img_s']:13.1f} {r['warm_img_s']:13.1f} "
                   f"{r['compute_img_s']:14.1f} {r['input_img_s']:12.1f} {r['wait_share']:10.0%}", flush=True)
     print("epoch1 = decode + cache fill + train; epoch2 = from the cache; compute = one resident batch; "

@@ -250,6 +250,17 @@ def test_gradcam_points_at_the_informative_region():
 
 
 @pytest.mark.slow
+def test_augmentation_inside_the_model_saves_the_bare_model(sample_tree, tmp_path):
+    from cxr_pipeline.cnn.train import train_and_evaluate
+
+    config = cnn_config("cnn.image_size=48", "cnn.augment_on=model")
+    train_and_evaluate(config, str(sample_tree), str(tmp_path / "run"))
+    saved = keras.models.load_model(tmp_path / "run" / "model.keras")
+    assert saved.name == "small_cnn" and saved.input_shape == (None, 48, 48, 3)
+    assert not any(layer.name == "augmentation" for layer in saved.layers)
+
+
+@pytest.mark.slow
 def test_inception_transfer_one_epoch_with_fine_tuning(tree_with_junk, tmp_path):
     from cxr_pipeline.cnn.predict import LocalCnnClassifier
     from cxr_pipeline.cnn.train import train_and_evaluate

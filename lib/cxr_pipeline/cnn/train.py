@@ -294,8 +294,9 @@ def fit(config: Mapping[str, Any], settings: Settings, devices: Devices, strateg
     batch = settings.batch_size * devices.replicas
     augment_conf = dict(cnn_conf.get("augment") or {})
     augment = data.augmenter(**augment_conf, seed=settings.seed) if augment_conf else None
+    in_model = augment is not None and augment_placement(cnn_conf.get("augment_on"), devices) == "model"
     train_input, steps = data.training_dataset(
-        prepared.train.ds, list(prepared.train.labels), batch, settings.seed, augment,
+        prepared.train.ds, list(prepared.train.labels), batch, settings.seed, None if in_model else augment,
         balance=settings.balance, shuffle_buffer=settings.shuffle_buffer,
     )
     val_input = data.eval_dataset(prepared.val.ds, batch) if prepared.val.ds is not None else None
@@ -303,8 +304,11 @@ def fit(config: Mapping[str, Any], settings: Settings, devices: Devices, strateg
     with strategy.scope():
         options = _model_options(config) if settings.model == "inception_v3" else {}
         model = models.build_model(settings.model, settings.image_size, **options)
-        compile_model(model, settings.learning_rate, devices.xla)
-    log(f"model {model.name}: {models.trainable_summary(model)} parameters; batch {batch}; class weights {weights}")
+        # Augmenting inside the trained graph runs it on the accelerator; the saved model stays bare.
+        trained = keras.Sequential([keras.Input(model.input_shape[1:]), augment, model]) if in_model else model
+        compile_model(trained, settings.learning_rate, devices.xla)
+    log(f"model {model.name}: {models.trainable_summary(model)} parameters; batch {batch}; class weights {weights}; "
+        f"augmentation {'in the model' if in_model else 'in the input pipeline' if augment else 'off'}")
 
     timer = EpochTimer(len(prepared.train.records) if steps is None else steps * batch)
     reduce_lr = cnn_conf.get("reduce_lr") or {}
@@ -313,7 +317,7 @@ def fit(config: Mapping[str, Any], settings: Settings, devices: Devices, strateg
 
     def run_phase(epochs: int, best: float | None = None) -> None:
         done = len(history.get("loss", []))
-        result = model.fit(
+        result = trained.fit(
             train_input, validation_data=val_input, epochs=done + epochs, initial_epoch=done,
             steps_per_epoch=steps, class_weight=weights, verbose=settings.verbose, shuffle=False,
             callbacks=[*make_callbacks(checkpoint, settings, reduce_lr, val_input is not None, best), timer],
@@ -326,15 +330,26 @@ def fit(config: Mapping[str, Any], settings: Settings, devices: Devices, strateg
         blocks = int(fine_tune.get("blocks", 2))
         with strategy.scope():
             unfrozen = models.unfreeze_top_blocks(model, blocks)
-            compile_model(model, float(fine_tune.get("learning_rate", 1e-5)), devices.xla)
+            compile_model(trained, float(fine_tune.get("learning_rate", 1e-5)), devices.xla)
         log(f"fine-tuning: {len(unfrozen)} layers of the top {blocks} blocks unfrozen, "
             f"{models.trainable_summary(model)}")
         run_phase(int(fine_tune["epochs"]), best=max(history.get(monitor, [0.0])))
 
     if checkpoint.exists():  # the best epoch on validation AUC, over both phases
         with strategy.scope():
-            model = keras.models.load_model(checkpoint)
+            best_model = keras.models.load_model(checkpoint)
+        model = best_model.layers[-1] if in_model else best_model
     return model, history, timer
+
+
+def augment_placement(setting: Any, devices: Devices) -> str:
+    """Where augmentation runs: "model" (on the accelerator) or "pipeline" (tf.data on the CPU).
+    ``auto``: in the model when a GPU trains, so a few CPU cores cannot starve it."""
+    if setting in (None, "auto"):
+        return "model" if devices.gpus else "pipeline"
+    if setting not in ("model", "pipeline"):
+        raise ValueError(f"cnn.augment_on must be auto, model or pipeline, got {setting!r}")
+    return setting
 
 
 def evaluate_run(model, settings: Settings, devices: Devices, prepared: Prepared) -> tuple[dict, list]:
