@@ -25,6 +25,14 @@ HOST = "127.0.0.1"
 _runs: dict[str, Path] = {}
 
 
+def runs_base(tmp_path_factory) -> Path:
+    """Where the session's runs go: a fresh temporary folder, or $CXR_SERVING_TEST_RUNS to
+    reuse runs trained by an earlier session (for iterating on the service, not for CI)."""
+    base = Path(os.environ.get("CXR_SERVING_TEST_RUNS") or tmp_path_factory.getbasetemp() / "serving_runs")
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
 def job_env() -> dict[str, str]:
     return dict(
         os.environ,
@@ -48,23 +56,23 @@ def run_job(args: list[str], log: Path, timeout: float = 900) -> None:
 def spark_run(base: Path, data: Path) -> Path:
     """A tiny run of jobs/train_featurizer.py (InceptionV3 cut at mixed0, no tuning)."""
     out = base / "spark_run"
-    if str(out) not in _runs:
+    if str(out) not in _runs and not (out / "classifier.json").exists():
         run_job(["jobs/train_featurizer.py", "--data", str(data), "--out", str(out),
                  "--feature-layer", "mixed0", "--tuning", "none", "--validation", "folder",
                  "--features-cache", str(base / "features_cache")], base / "train_featurizer.log")
-        _runs[str(out)] = out
-    return _runs[str(out)]
+    _runs[str(out)] = out
+    return out
 
 
 def cnn_run(base: Path, data: Path) -> Path:
     """A one-epoch small CNN from jobs/train_cnn.py at 64 px."""
     out = base / "cnn_run"
-    if str(out) not in _runs:
+    if str(out) not in _runs and not (out / "cnn.json").exists():
         run_job(["jobs/train_cnn.py", "--data", str(data), "--out", str(out), "--model", "small_cnn",
                  "--epochs", "1", "--image-size", "64", "--batch-size", "8", "--verbose", "0",
                  "--set", "training.validation=folder"], base / "train_cnn.log")
-        _runs[str(out)] = out
-    return _runs[str(out)]
+    _runs[str(out)] = out
+    return out
 
 
 def sample_images(tree: Path) -> list[Path]:

@@ -19,18 +19,16 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="session")
 def runs_dir(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "serving_runs"
+    return support.runs_base(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def spark_run(runs_dir, sample_tree):
-    runs_dir.mkdir(exist_ok=True)
     return support.spark_run(runs_dir, sample_tree)
 
 
 @pytest.fixture(scope="session")
 def cnn_run(runs_dir, sample_tree):
-    runs_dir.mkdir(exist_ok=True)
     return support.cnn_run(runs_dir, sample_tree)
 
 

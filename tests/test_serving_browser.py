@@ -45,9 +45,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, sample_tree):
-    runs = tmp_path_factory.getbasetemp() / "serving_runs"
-    runs.mkdir(exist_ok=True)
-    model = support.cnn_run(runs, sample_tree)
+    model = support.cnn_run(support.runs_base(tmp_path_factory), sample_tree)
     with support.live_service(model, tmp_path_factory.mktemp("service") / "serve.log") as port:
         yield port
 
