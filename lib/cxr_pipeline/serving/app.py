@@ -239,6 +239,7 @@ def create_app(
     app.state.backend = backend
     app.state.settings = settings
     templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.filters["prob"] = format_probability
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     def render_page(request: Request | None, status_code: int = 200, **context: Any) -> HTMLResponse:
@@ -328,6 +329,11 @@ def create_app(
     return app
 
 
+
+
+def format_probability(p: float) -> str:
+    """4 decimals, or 2 significant digits below 1e-4 (so a tiny probability does not read as 0)."""
+    return f"{p:.4f}" if p == 0 or abs(p) >= 1e-4 else f"{p:.1e}"
 
 
 def data_uri(data: bytes, mime: str) -> str:
