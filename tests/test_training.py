@@ -269,7 +269,8 @@ def test_retraining_reuses_features_with_tuning_and_no_weights(trained, spark):
     base, data, first = trained
     result = train_on_sample(spark, base, data, "run_cv",
                              ["training.tuning=cv", "training.tuning_folds=2", "training.class_weighting=false",
-                              "training.grid={reg_param: [0.01, 0.1]}"])
+                              "training.grid.reg_param=[0.01, 0.1]", "training.grid.elastic_net_param=[0.0]",
+                              "training.max_iter=30"])
     m = result.metrics
     assert m["featurizer"]["cache_reused"] is True
     assert m["featurizer"]["cache"] == first.metrics["featurizer"]["cache"]
