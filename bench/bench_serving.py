@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=4, help="client threads under load (default 4)")
     parser.add_argument("--time-cap", type=float, default=60.0, help="stop the load phase after this many s")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="serving.max_batch for the service (default: the config's); 1 = no micro-batching")
     parser.add_argument("--startup-timeout", type=float, default=180.0)
     args = parser.parse_args(argv)
 
@@ -145,14 +147,17 @@ def main(argv: list[str] | None = None) -> int:
                TF_CPP_MIN_LOG_LEVEL="2")
     command = [sys.executable, "-m", "cxr_pipeline.serving", "--model", args.model, "--host", HOST,
                "--port", str(port), "--workers", str(args.workers), "--log-level", "warning"]
+    if args.max_batch is not None:
+        command += ["--set", f"serving.max_batch={args.max_batch}"]
     started = time.perf_counter()
     server = subprocess.Popen(command, env=env, cwd=REPO)
     try:
         health = wait_healthy(port, server, args.startup_timeout)
         startup = time.perf_counter() - started
         model = health["model"]
+        batching = "default" if args.max_batch is None else args.max_batch
         print(f"service: {model['model_id']} ({model['name']}), {args.workers} worker(s), "
-              f"ready in {startup:.1f} s")
+              f"max_batch {batching}, ready in {startup:.1f} s")
         print(f"image:   {image} ({len(data) / 1024:.0f} kB)")
 
         client = Client(port)

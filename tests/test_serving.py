@@ -114,6 +114,26 @@ def test_predict_matches_the_exported_classifier(lr_client, spark_run, images):
     assert len(seen) > 1, "every image got the same probability: the model is not being applied"
 
 
+def test_concurrent_requests_share_model_calls_and_get_their_own_answers(lr_client, lr_backend, images):
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    chosen = images[:8]
+    alone = {p.name: lr_client.post("/predict", files=upload(p.read_bytes(), p.name)).json()["probability"]
+             for p in chosen}
+    barrier = Barrier(len(chosen))
+
+    def send(path):
+        barrier.wait()
+        return path.name, lr_client.post("/predict", files=upload(path.read_bytes(), path.name)).json()
+
+    with ThreadPoolExecutor(len(chosen)) as pool:
+        together = dict(pool.map(send, chosen))
+    for name, body in together.items():
+        assert body["probability"] == pytest.approx(alone[name], abs=1e-6)
+    assert lr_backend._batcher.largest_batch > 1
+
+
 def test_service_equals_the_batch_prediction_job(lr_client, spark_run, images, tmp_path):
     """jobs/predict.py (Spark) on the same files gives the service's probabilities to 1e-5."""
     import pandas as pd

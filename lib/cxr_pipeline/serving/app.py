@@ -45,6 +45,7 @@ SERVING_DEFAULTS: dict[str, Any] = {
     "max_upload_mb": 10,
     "keep_uploads": False,
     "upload_dir": None,
+    "max_batch": 8,
 }
 # Room for the multipart envelope (boundaries, part headers) around the file itself.
 MULTIPART_OVERHEAD = 64 * 1024
@@ -171,6 +172,7 @@ class ServiceSettings:
     keep_uploads: bool
     upload_dir: Path | None
     max_pixels: int | None
+    max_batch: int
 
     @property
     def max_bytes(self) -> int:
@@ -199,6 +201,7 @@ def settings_from(config: Mapping[str, Any] | None, **overrides: Any) -> Service
         keep_uploads=bool(serving["keep_uploads"]),
         upload_dir=Path(upload_dir) if upload_dir else None,
         max_pixels=int(max_pixels) if max_pixels else None,
+        max_batch=int(serving.get("max_batch") or 1),
     )
 
 
@@ -216,11 +219,11 @@ def create_app(
     ``config`` is a loaded project config (its ``serving`` and ``data.max_pixels``
     are used); keyword arguments override it.
     """
+    settings = settings_from(config, max_upload_mb=max_upload_mb, keep_uploads=keep_uploads, upload_dir=upload_dir)
     if backend is None:
         if model_dir is None:
             raise ValueError("create_app needs model_dir or backend")
-        backend = load_backend(model_dir)
-    settings = settings_from(config, max_upload_mb=max_upload_mb, keep_uploads=keep_uploads, upload_dir=upload_dir)
+        backend = load_backend(model_dir, max_batch=settings.max_batch)
     info = backend.info
     input_size = backend.input_size
     # The model's own decompression-bomb guard, as the batch job applies it.

@@ -21,10 +21,12 @@ import hashlib
 import io
 import json
 import posixpath
+import queue
 import threading
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 SPARK_EXPORT_FILE = "classifier.json"
 CNN_META_FILE = "cnn.json"
@@ -80,23 +82,65 @@ class ModelBackend(Protocol):
     def heatmap(self, data: bytes) -> bytes | None: ...
 
 
+class MicroBatcher:
+    """Scores images that arrive while the model is busy together, in one call.
+
+    One thread owns the model calls: it takes the oldest waiting image plus
+    whatever else is already queued (up to ``max_batch``) and scores them as a
+    batch. A lone request waits for nothing; under concurrent load the model
+    sees batches, which is what a backbone (and a GPU) is fast at.
+    """
+
+    def __init__(self, score_many: Callable[[list[bytes]], list[dict]], lock: threading.Lock, max_batch: int = 8):
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self._score_many, self._lock, self.max_batch = score_many, lock, max_batch
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.largest_batch = 0  # observability: did concurrent requests share model calls?
+        threading.Thread(target=self._serve_forever, name="cxr-model-batcher", daemon=True).start()
+
+    def submit(self, data: bytes) -> dict:
+        future: Future = Future()
+        self._queue.put((data, future))
+        return future.result()
+
+    def _serve_forever(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self.largest_batch = max(self.largest_batch, len(batch))
+            try:
+                with self._lock:
+                    results = self._score_many([data for data, _ in batch])
+            except BaseException as err:  # noqa: BLE001 - handed to every waiting request
+                for _, future in batch:
+                    future.set_exception(err)
+            else:
+                for (_, future), result in zip(batch, results):
+                    future.set_result(result)
+
+
 class ClassifierBackend:
     """Adapter over anything with ``predict_bytes(list_of_bytes) -> list[dict]``."""
 
-    def __init__(self, classifier: Any, info: ModelInfo):
+    def __init__(self, classifier: Any, info: ModelInfo, max_batch: int = 8):
         self.classifier = classifier
         self.info = info
-        # Keras models are not documented as safe to call from several threads;
-        # the request thread pool would do that, so calls are serialised.
+        # Keras models are not documented as safe to call from several threads:
+        # the batcher's thread and Grad-CAM take turns through this lock.
         self._lock = threading.Lock()
+        self._batcher = MicroBatcher(classifier.predict_bytes, self._lock, max_batch)
 
     @property
     def supports_heatmap(self) -> bool:
         return False
 
     def predict(self, data: bytes) -> Prediction:
-        with self._lock:
-            (result,) = self.classifier.predict_bytes([data])
+        result = self._batcher.submit(data)
         if result.get("error"):
             raise PredictionError(str(result["error"]))
         return Prediction(
@@ -227,8 +271,11 @@ def _spark_model_name(meta: dict[str, Any]) -> str:
     return f"{backbone}{f' ({layer})' if layer else ''} + logistic regression"
 
 
-def load_backend(model_path: str | Path) -> ModelBackend:
-    """Load the model at ``model_path`` once; the returned backend is ready to predict."""
+def load_backend(model_path: str | Path, max_batch: int = 8) -> ModelBackend:
+    """Load the model at ``model_path`` once; the returned backend is ready to predict.
+
+    ``max_batch``: at most this many concurrent requests are scored in one model call.
+    """
     model_path = str(model_path)
     kind = detect_kind(model_path)
     if kind == "spark-lr":
@@ -258,6 +305,6 @@ def load_backend(model_path: str | Path) -> ModelBackend:
         label_names=label_names,
         threshold=threshold,
     )
-    backend = backend_cls(classifier, info)
+    backend = backend_cls(classifier, info, max_batch=max_batch)
     backend.warm_up()
     return backend
