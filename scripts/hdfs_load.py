@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"else the sample tree {paths.SAMPLE_TREE})")
     parser.add_argument("dest", nargs="?", help="target hdfs:// URI (default: hdfs_load.target, else data.uri)")
     parser.add_argument("--via", choices=hdfs_load.TRANSPORTS, help="how the bytes travel: cli = `hdfs dfs -put` "
-                        "batches, webhdfs = HdfsCLI thread pool, auto = cli when an hdfs command is available")
+                        "batches, webhdfs = HdfsCLI thread pool, auto = cli when an hdfs command is available "
+                        f"and >= {hdfs_load.AUTO_CLI_MIN_FILES} files are to upload, else webhdfs")
     parser.add_argument("--workers", type=int, help="parallel uploads (webhdfs threads / cli JVM batches)")
     parser.add_argument("--dry-run", action="store_true", help="scan and plan only; upload nothing")
     parser.add_argument("--webhdfs-url", help="WebHDFS URL of the target's NameNode (default: from config)")

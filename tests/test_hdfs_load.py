@@ -178,6 +178,15 @@ def test_cli_batches_cover_every_file_once():
     assert len(hdfs_load.cli_batches(files[:10], workers=8)) == 1  # too few files for a second JVM
 
 
+def test_auto_transport_uses_webhdfs_for_small_uploads():
+    assert hdfs_load.choose_transport("auto", 16) == "webhdfs"
+    expected_big = "cli" if hdfs_load.find_hdfs_command() else "webhdfs"
+    assert hdfs_load.choose_transport("auto", hdfs_load.AUTO_CLI_MIN_FILES) == expected_big
+    assert hdfs_load.choose_transport("webhdfs", 5000) == "webhdfs"
+    with pytest.raises(hdfs_load.SourceError, match="--via"):
+        hdfs_load.choose_transport("ftp")
+
+
 def test_resolve_target():
     address = hdfs_load.resolve_target("hdfs://127.0.0.1:9000/data/chest_xray/", webhdfs_url="http://h:1/")
     assert (address.namenode_uri, address.webhdfs_url, address.path) == (

@@ -16,8 +16,9 @@ upload
     under the final name. The next load removes stale staging folders.
     Transports for the bytes: ``cli`` runs ``hdfs dfs -put`` on a few batches of
     files in parallel (one JVM per batch instead of one per file); ``webhdfs``
-    uses a thread pool of HdfsCLI clients (one client per thread). Listing,
-    renames and the manifest go through WebHDFS in both cases.
+    uses a thread pool of HdfsCLI clients (one client per thread); ``auto`` takes
+    ``cli`` for big uploads when an ``hdfs`` command exists, else ``webhdfs``.
+    Listing, renames and the manifest go through WebHDFS in both cases.
 verify
     The target is listed again and every source image must be there with the
     same size; ``LoadReport.ok`` is False on any mismatch.
@@ -56,6 +57,8 @@ DEFAULT_WEBHDFS_PORT = 9870
 HEAD_BYTES = 16
 # A `hdfs dfs -put` JVM costs ~1.5 s to start; a small file ~0.2-0.4 s (Hadoop 2.7's completeFile back-off).
 MIN_FILES_PER_CLI_BATCH = 25
+# Fewer files than this go over WebHDFS under --via auto (see choose_transport).
+AUTO_CLI_MIN_FILES = 200
 
 
 # -- errors -------------------------------------------------------------------
@@ -453,11 +456,15 @@ def find_hdfs_command() -> list[str] | None:
     return [on_path, "dfs"] if on_path else None
 
 
-def choose_transport(via: str) -> str:
+def choose_transport(via: str, n_files: int | None = None) -> str:
+    """``auto``: ``hdfs dfs`` when one is available and there are enough files for its parallel JVM
+    batches to pay off (measured: 2,000 small files 5.5x faster than one plain put, WebHDFS 3.8x;
+    but for the 16-file sample one JVM takes ~10x longer than WebHDFS); else WebHDFS."""
     if via not in TRANSPORTS:
         raise SourceError(f"--via must be one of {', '.join(TRANSPORTS)}, not {via!r}")
     if via == "auto":
-        return "cli" if find_hdfs_command() else "webhdfs"
+        big_enough = n_files is None or n_files >= AUTO_CLI_MIN_FILES
+        return "cli" if big_enough and find_hdfs_command() else "webhdfs"
     if via == "cli" and not find_hdfs_command():
         raise SourceError("--via cli: no `hdfs` command on PATH and no provisioned scripts/hdfs (`make hadoop`)")
     return via
@@ -639,7 +646,7 @@ def load_tree(
     Raises SourceError / HdfsUnavailable / HdfsPermissionError / LoadError.
     """
     started = time.monotonic()
-    transport = choose_transport(via)
+    choose_transport(via)  # a bad --via fails before any work
     scan = scan_local_tree(source, workers=workers)
     address = resolve_target(target, default_namenode, webhdfs_url)
     remote = RemoteTree(address, user=user)
@@ -647,6 +654,7 @@ def load_tree(
     remote_sizes, stale, has_manifest = remote.list_tree() if exists else ({}, [], False)
     manifest = remote.read_manifest() if has_manifest else {}
     plan = make_plan(scan.files, remote_sizes, manifest)
+    transport = choose_transport(via, len(plan.to_upload))
     report = LoadReport(str(scan.root), address.uri(), transport, scan, plan, dry_run=dry_run)
     if dry_run:
         report.total_seconds = time.monotonic() - started
