@@ -194,6 +194,9 @@ def test_missing_file_part_is_a_422_with_a_message(lr_client):
     response = lr_client.post("/predict", data={"something": "else"})
     assert response.status_code == 422
     assert response.json()["code"] == "missing_file"
+    bad_flag = lr_client.post("/predict?heatmap=perhaps", files=upload(b"x"))
+    assert bad_flag.status_code == 422 and bad_flag.json()["code"] == "invalid_request"
+    assert "heatmap" in bad_flag.json()["detail"]
 
 
 @pytest.fixture(scope="module")

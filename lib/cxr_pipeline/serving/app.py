@@ -80,7 +80,7 @@ class PredictionResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str = Field(description="what was wrong with the upload, for a person")
-    code: str = Field(description="empty_upload | too_large | not_an_image | corrupt_image | missing_file")
+    code: str = Field(description="empty_upload | too_large | not_an_image | corrupt_image | missing_file | invalid_request")
 
 
 class HealthResponse(BaseModel):
@@ -269,7 +269,12 @@ def create_app(
             prediction = backend.predict(data)
         except PredictionError as err:
             raise UploadRejected(422, "corrupt_image", f"The model could not read this image: {err}.") from err
-        heatmap = backend.heatmap(data) if with_heatmap and backend.supports_heatmap else None
+        heatmap = None
+        if with_heatmap and backend.supports_heatmap:
+            try:
+                heatmap = backend.heatmap(data)
+            except Exception:  # noqa: BLE001 - the prediction stands without its explanation
+                log.exception("Grad-CAM failed for %s; answering without a heat map", info.model_id)
         if settings.keep_uploads:
             keep_upload(settings.upload_dir, data, checked, prediction, info.model_id)
         return Scored(checked, prediction, heatmap)
@@ -281,8 +286,13 @@ def create_app(
         return await file.read(settings.max_bytes + 1)
 
     @app.exception_handler(RequestValidationError)
-    async def missing_file(request: Request, exc: RequestValidationError) -> Response:
-        rejection = UploadRejected(422, "missing_file", "No image in the request: send it as the multipart field 'file'.")
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        errors = exc.errors()
+        if any(tuple(err.get("loc", ()))[-1:] == ("file",) for err in errors):
+            rejection = UploadRejected(422, "missing_file", "No image in the request: send it as the multipart field 'file'.")
+        else:
+            problems = "; ".join(f"{'.'.join(map(str, err.get('loc', ())))}: {err.get('msg')}" for err in errors)
+            rejection = UploadRejected(422, "invalid_request", f"Invalid request ({problems}).")
         return reject_response(request.scope, rejection)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
