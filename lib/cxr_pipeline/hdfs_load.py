@@ -660,13 +660,15 @@ def load_tree(
         report.total_seconds = time.monotonic() - started
         return report
 
-    for name in stale:
+    for name in stale:  # left by a killed load (one load per target at a time)
         remote.delete(name, recursive=True)
         report.stale_staging_removed.append(name)
     if plan.to_upload:
         _upload(remote, plan, transport, workers, report, manifest, remote_sizes, progress, on_placed)
-    elif merge_manifest(manifest, remote_sizes, []) != manifest or not has_manifest:
-        remote.write_manifest(merge_manifest(manifest, remote_sizes, []), new_run_id())
+    else:
+        still_true = merge_manifest(manifest, remote_sizes, [])
+        if still_true != manifest or not has_manifest:  # drop records of files changed by others
+            remote.write_manifest(still_true, new_run_id())
 
     after, _, _ = remote.list_tree()
     report.mismatches = verify(scan.files, after)
