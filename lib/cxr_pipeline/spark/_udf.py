@@ -19,6 +19,7 @@ from typing import Iterator
 
 import numpy as np
 import pandas as pd
+from pyspark.accumulators import AccumulatorParam
 
 from .. import backbones
 from ..imaging import DEFAULT_MAX_PIXELS, decode_batch
@@ -158,22 +159,64 @@ class WorkerFeaturizer:
         return decode_batch(chunk, self.size, self.settings.max_pixels)
 
 
-def featurize_batches(settings: FeaturizerSettings, batches: Iterator, timers=None) -> Iterator[pd.DataFrame]:
-    """Body of the scalar-iterator pandas UDF: set-up once, then one frame per Arrow batch.
+class _MaxParam(AccumulatorParam):
+    def zero(self, value):
+        return 0.0
 
-    ``timers``: optional ``(decode, predict)`` Spark accumulators that receive
-    the seconds spent in each stage (the benchmark uses them).
+    def addInPlace(self, a, b):
+        return max(a, b)
+
+
+class FeaturizerStats:
+    """Driver-side accumulators the workers report into (diagnostics and benchmarks).
+
+    Values are complete once the job that featurized has finished.
     """
+
+    def __init__(self, spark_context):
+        self.decode_seconds = spark_context.accumulator(0.0)
+        self.predict_seconds = spark_context.accumulator(0.0)
+        self.setup_seconds = spark_context.accumulator(0.0)
+        self.images = spark_context.accumulator(0)
+        self.peak_worker_rss_mb = spark_context.accumulator(0.0, _MaxParam())
+
+    def summary(self) -> dict:
+        decode, predict = self.decode_seconds.value, self.predict_seconds.value
+        return {
+            "images": self.images.value,
+            "decode_seconds": decode,
+            "predict_seconds": predict,
+            "setup_seconds": self.setup_seconds.value,
+            "decode_share": decode / (decode + predict) if decode + predict else 0.0,
+            "peak_worker_rss_mb": self.peak_worker_rss_mb.value,
+        }
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def featurize_batches(settings: FeaturizerSettings, batches: Iterator, stats: FeaturizerStats | None = None) -> Iterator[pd.DataFrame]:
+    """Body of the scalar-iterator pandas UDF: set-up once, then one frame per Arrow batch."""
+    began = time.perf_counter()
     runner = WorkerFeaturizer(settings)
+    setup = time.perf_counter() - began
+    images = 0
     try:
         for contents in batches:
             if isinstance(contents, pd.DataFrame):  # struct input (Spark image source) arrives as a frame
                 contents = pd.Series(contents.to_dict("records"))
+            images += len(contents)
             yield runner.featurize_contents(contents)
     finally:
-        if timers is not None:
-            timers[0].add(runner.decode_seconds)
-            timers[1].add(runner.predict_seconds)
+        if stats is not None:
+            stats.decode_seconds.add(runner.decode_seconds)
+            stats.predict_seconds.add(runner.predict_seconds)
+            stats.setup_seconds.add(setup)
+            stats.images.add(images)
+            stats.peak_worker_rss_mb.add(_peak_rss_mb())
 
 
 # ----------------------------------------------------------- Spark image source

@@ -38,7 +38,7 @@ from pyspark.sql import types as T
 
 from .. import backbones
 from ..imaging import DEFAULT_MAX_PIXELS
-from ._udf import FeaturizerSettings, featurize_batches
+from ._udf import FeaturizerSettings, FeaturizerStats, featurize_batches
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,12 @@ def configure_arrow_for_images(spark: SparkSession, records: int = ARROW_RECORDS
         spark.conf.set("spark.sql.execution.arrow.maxBytesPerBatch", str(ARROW_MAX_BYTES_PER_BATCH))
 
 
-def make_featurize_udf(settings: FeaturizerSettings, timers=None):
+def make_featurize_udf(settings: FeaturizerSettings, stats: FeaturizerStats | None = None):
     """The scalar-iterator pandas UDF: image bytes (or image structs) -> struct(features, error)."""
 
     @F.pandas_udf(RESULT_TYPE)
     def featurize(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
-        yield from featurize_batches(settings, batches, timers)
+        yield from featurize_batches(settings, batches, stats)
 
     # Deterministic UDFs get inlined: a filter on the error column would be pushed
     # below the projection and run the whole model twice per image.
@@ -169,6 +169,12 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
     def getArrowBatchSize(self) -> int:
         return self.getOrDefault(self.arrowBatchSize)
 
+    def track_stats(self, spark: SparkSession) -> FeaturizerStats:
+        """Accumulators filled by the workers of later transforms: decode/predict seconds,
+        images, peak worker RSS. Not a Param: not saved with the featurizer."""
+        self._stats = FeaturizerStats(spark.sparkContext)
+        return self._stats
+
     # ------------------------------------------------------------------ logic
     def image_size(self) -> tuple[int, int]:
         """``(height, width)`` images are resized to (the backbone's input)."""
@@ -202,7 +208,7 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
                 raise ValueError(f"output column {taken!r} already exists")
         spark = dataset.sparkSession
         configure_arrow_for_images(spark, self.getArrowBatchSize())
-        featurize = make_featurize_udf(self.settings(spark))
+        featurize = make_featurize_udf(self.settings(spark), getattr(self, "_stats", None))
         result = "__featurized"
         features = F.col(f"{result}.features")
         return (

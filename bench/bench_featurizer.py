@@ -1,0 +1,213 @@
+#!/usr/bin/env python3
+"""Benchmark the ImageFeaturizer against bare Keras and Spark's predict_batch_udf.
+
+On a synthetic tree of chest-X-ray-sized JPEGs (cxr_pipeline.datasets.synthetic)
+in the local HDFS, in one run and one Spark session (local[2] by default):
+
+  (a) bare Keras   model.predict on already-decoded, resized uint8 arrays (driver process)
+  (b) featurizer   read_images(hdfs://...) -> ImageFeaturizer, end to end from HDFS bytes
+  (c) spark-native a plain Pillow decode pandas UDF (full decode + resize to a float array)
+                   -> pyspark.ml.functions.predict_batch_udf with the same Keras model
+
+Each Spark variant is warmed up first (workers start, build and cache the model),
+then timed over the whole tree with a no-op write. Prints images/s, (b)/(a),
+(b)/(c), the decode share of (b)'s worker time and peak RSS per Python worker.
+Goal: (b)/(a) >= 0.9 and (b) faster than (c).
+
+    PYTHONPATH=lib .venv/bin/python bench/bench_featurizer.py [--n 1000] [--size 1500x1200]
+        [--layer mixed5] [--batch-size 16] [--master local[2]]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "lib"))
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=1000, help="number of images (default 1000)")
+    parser.add_argument("--size", default="1500x1200", help="WIDTHxHEIGHT of the synthetic JPEGs")
+    parser.add_argument("--model", default="InceptionV3")
+    parser.add_argument("--layer", default=None, help="feature layer (default: the last)")
+    parser.add_argument("--weights", default=None,
+                        help="weights file (default: the provisioned one, else 'random')")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per model call in every variant")
+    parser.add_argument("--master", default="local[2]")
+    parser.add_argument("--local-dir", default=None, help="where the synthetic tree is generated (kept, resumable)")
+    parser.add_argument("--hdfs-dir", default=None, help="hdfs:// folder for the tree (default /bench/featurizer_<n>_<size>)")
+    return parser.parse_args(argv)
+
+
+def prepare_tree(args) -> tuple[Path, str]:
+    from cxr_pipeline import storage
+    from cxr_pipeline.datasets import synthetic
+    from cxr_pipeline.localstack.hdfs_cluster import ensure_running
+
+    width, height = synthetic.parse_size(args.size)
+    local = Path(args.local_dir or Path(tempfile.gettempdir()) / f"cxr_bench_featurizer_{args.n}_{args.size}")
+    synthetic.generate(local, args.n, width, height)
+    hdfs = ensure_running()
+    remote = args.hdfs_dir or f"{hdfs.namenode_uri}/bench/featurizer_{args.n}_{args.size}"
+    local_count = sum(1 for p in local.rglob("*.jpeg"))
+    if not storage.exists(remote) or sum(1 for f in storage.list_files(remote) if f.uri.endswith(".jpeg")) != local_count:
+        if storage.exists(remote):
+            storage.delete(remote, recursive=True)
+        started = time.perf_counter()
+        storage.upload_dir(str(local), remote)
+        print(f"uploaded {local_count} files to {remote} in {time.perf_counter() - started:.1f}s")
+    return local, remote
+
+
+def resolve_weights(args) -> str:
+    if args.weights:
+        return args.weights
+    from cxr_pipeline.weights import WeightsNotFound, default_weights_path
+
+    try:
+        return str(default_weights_path(args.model))
+    except (WeightsNotFound, ValueError):
+        print("no provisioned weights: using random init (throughput does not depend on the values)")
+        return "random"
+
+
+def bench_bare_keras(args, files: list[Path], weights: str) -> float:
+    """(a): decode everything first (not timed), then time model.predict alone."""
+    import numpy as np
+
+    from cxr_pipeline.backbones import build_backbone, input_size, preprocess
+    from cxr_pipeline.imaging import decode_image
+
+    size = input_size(args.model)
+    arrays = np.stack([decode_image(p.read_bytes(), size) for p in files])
+    model = build_backbone(args.model, weights=weights, feature_layer=args.layer)
+    model.predict(preprocess(args.model, arrays[: args.batch_size]), batch_size=args.batch_size, verbose=0)  # warm-up
+    started = time.perf_counter()
+    model.predict(preprocess(args.model, arrays), batch_size=args.batch_size, verbose=0)
+    elapsed = time.perf_counter() - started
+    return len(files) / elapsed
+
+
+def run_noop(df) -> float:
+    started = time.perf_counter()
+    df.write.format("noop").mode("overwrite").save()
+    return time.perf_counter() - started
+
+
+def bench_featurizer(spark, args, remote: str, weights: str) -> tuple[float, dict, float]:
+    """(b): our reader + ImageFeaturizer from HDFS bytes."""
+    from cxr_pipeline.spark.featurizer import ImageFeaturizer
+    from cxr_pipeline.spark.reader import read_images
+
+    featurizer = ImageFeaturizer(modelName=args.model, featureLayer=args.layer, weights=weights,
+                                 batchSize=args.batch_size)
+    images = read_images(spark, remote)
+    warm = run_noop(featurizer.transform(images.limit(2 * args.batch_size).repartition(2)))
+    stats = featurizer.track_stats(spark)
+    elapsed = run_noop(featurizer.transform(images))
+    summary = stats.summary()
+    return summary["images"] / elapsed, summary, warm
+
+
+def bench_predict_batch_udf(spark, args, remote: str, weights: str) -> tuple[float, float]:
+    """(c): a plain decode UDF + pyspark.ml.functions.predict_batch_udf."""
+    import io
+
+    import numpy as np
+    import pandas as pd
+    from pyspark.ml.functions import predict_batch_udf
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    from cxr_pipeline.backbones import input_size
+
+    height, width = input_size(args.model)
+    model_name, layer = args.model, args.layer
+
+    @F.pandas_udf(T.ArrayType(T.FloatType()))
+    def decode(contents: pd.Series) -> pd.Series:
+        from PIL import Image
+
+        def one(data):
+            image = Image.open(io.BytesIO(data)).convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+            return np.asarray(image, dtype=np.float32).reshape(-1)
+
+        return pd.Series([one(d) for d in contents])
+
+    def make_predict_fn():
+        from cxr_pipeline.backbones import build_backbone, preprocess
+
+        model = build_backbone(model_name, weights=weights, feature_layer=layer)
+
+        def predict(inputs: np.ndarray) -> np.ndarray:
+            return model.predict(preprocess(model_name, inputs), verbose=0)
+
+        return predict
+
+    featurize = predict_batch_udf(make_predict_fn, return_type=T.ArrayType(T.FloatType()),
+                                  batch_size=args.batch_size, input_tensor_shapes=[[height, width, 3]])
+    from cxr_pipeline.spark.reader import read_images
+
+    images = read_images(spark, remote)
+
+    def plan(df):
+        return df.withColumn("pixels", decode("content")).withColumn("features", featurize("pixels")).drop("pixels")
+
+    warm = run_noop(plan(images.limit(2 * args.batch_size).repartition(2)))
+    count = images.count()
+    elapsed = run_noop(plan(images))
+    return count / elapsed, warm
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    local, remote = prepare_tree(args)
+    files = sorted(local.rglob("*.jpeg"))
+    weights = resolve_weights(args)
+    print(f"tree: {len(files)} JPEGs of {args.size}, mean {sum(p.stat().st_size for p in files) / len(files) / 1e3:.0f} kB, "
+          f"in {remote}")
+    print(f"model: {args.model} layer={args.layer or 'last'} weights={Path(weights).name} batch={args.batch_size} "
+          f"master={args.master} cores={os.cpu_count()}")
+
+    from cxr_pipeline.spark.featurizer import configure_arrow_for_images
+    from cxr_pipeline.spark.session import spark_session
+
+    spark = spark_session(
+        {"spark": {"conf": {"spark.ui.enabled": "false", "spark.python.worker.reuse": "true",
+                            "spark.driver.memory": "2g", "spark.sql.execution.arrow.pyspark.enabled": "true"}}},
+        app_name="bench-featurizer", master=args.master,
+    )
+    spark.sparkContext.setLogLevel("ERROR")
+    configure_arrow_for_images(spark)
+    partitions = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(remote).rdd.getNumPartitions()
+    try:
+        a = bench_bare_keras(args, files, weights)
+        print(f"(a) bare Keras predict on decoded arrays : {a:7.2f} images/s", flush=True)
+        b, stats, warm_b = bench_featurizer(spark, args, remote, weights)
+        print(f"(b) featurizer, HDFS bytes end to end    : {b:7.2f} images/s  (warm-up {warm_b:.1f}s)", flush=True)
+        c, warm_c = bench_predict_batch_udf(spark, args, remote, weights)
+        print(f"(c) decode UDF + predict_batch_udf        : {c:7.2f} images/s  (warm-up {warm_c:.1f}s)", flush=True)
+    finally:
+        spark.stop()
+    print()
+    print(f"images: {stats['images']} in {partitions} partitions")
+    print(f"(b)/(a) = {b / a:.3f}   (goal >= 0.9)")
+    print(f"(b)/(c) = {b / c:.3f}   (goal > 1)")
+    print(f"decode share of (b) worker time: {stats['decode_share']:.1%} "
+          f"(decode {stats['decode_seconds']:.1f}s, model {stats['predict_seconds']:.1f}s summed over tasks)")
+    print(f"peak RSS per Python worker (b): {stats['peak_worker_rss_mb']:.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
