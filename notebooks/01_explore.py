@@ -16,11 +16,23 @@
 
 # COMMAND ----------
 
+# Where the wheel is installed (or locally, PYTHONPATH=lib) this import just works; in a Databricks
+# Git folder the package is the repository's lib/ next to this notebooks/ folder.
+import os
+import sys
+
+try:
+    import cxr_pipeline  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.abspath(os.path.join(os.getcwd(), "..", "lib")))
+
 from cxr_pipeline import exploration
-from cxr_pipeline.notebook_support import display_or_save, get_param, notebook_config, show_table, spark_for_notebook
+from cxr_pipeline.notebook_support import (
+    default_data_uri, display_or_save, get_param, notebook_config, require, show_table, spark_for_notebook,
+)
 
 config = notebook_config(get_param("conf_env", "local", "Config environment (conf/<env>.yaml)"))
-data_uri = get_param("data_uri", config["data"]["uri"], "Dataset root (chest_xray folder URI)")
+data_uri = require("data_uri", get_param("data_uri", default_data_uri(config), "Dataset root (chest_xray folder URI)"))
 source = get_param("source", config["data"]["source"], "Reader: binaryFile | image")
 samples_per_class = get_param("samples_per_class", 4, "Sample images per class")
 

@@ -15,21 +15,34 @@
 
 # COMMAND ----------
 
+# Where the wheel is installed (or locally, PYTHONPATH=lib) this import just works; in a Databricks
+# Git folder the package is the repository's lib/ next to this notebooks/ folder.
+import os
+import sys
+
+try:
+    import cxr_pipeline  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.abspath(os.path.join(os.getcwd(), "..", "lib")))
+
 from pyspark.ml import Pipeline
 
 from cxr_pipeline import storage, training
 from cxr_pipeline.notebook_support import (
-    counts_table, default_runs_uri, describe_pipeline, display_or_save, get_param, metrics_table, notebook_config,
-    show_run_figures, show_table, spark_for_notebook, spark_test_scores, threshold_table, with_settings,
+    counts_table, default_data_uri, default_runs_uri, describe_pipeline, display_or_save, get_param, metrics_table,
+    notebook_config, require, show_run_figures, show_table, spark_for_notebook, spark_test_scores, threshold_table,
+    with_settings,
 )
 
 config = notebook_config(get_param("conf_env", "local", "Config environment (conf/<env>.yaml)"))
-data_uri = get_param("data_uri", config["data"]["uri"], "Dataset root (chest_xray folder URI)")
-run_uri = get_param("run_uri", default_runs_uri(config) + "/notebook_featurizer", "Run folder to write (URI)")
+data_uri = require("data_uri", get_param("data_uri", default_data_uri(config), "Dataset root (chest_xray folder URI)"))
+run_uri = get_param("run_uri", default_runs_uri(config, data_uri) + "/notebook_featurizer", "Run folder to write (URI)")
 config = with_settings(config, {
     "featurizer.model_name": get_param("model_name", config["featurizer"]["model_name"], "Backbone"),
     "featurizer.feature_layer": get_param("feature_layer", config["featurizer"]["feature_layer"],
                                           "Feature layer (empty = last; mixed5 for InceptionV3)"),
+    "featurizer.weights": get_param("weights", config["featurizer"]["weights"],
+                                    "Backbone weights: empty = provisioned (make weights), imagenet, or a .weights.h5 path"),
     "featurizer.batch_size": get_param("batch_size", config["featurizer"]["batch_size"], "Images per model call"),
     "training.target_sensitivity": get_param("target_sensitivity", config["training"]["target_sensitivity"],
                                              "Target sensitivity on validation"),

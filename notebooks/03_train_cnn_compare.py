@@ -11,17 +11,27 @@
 
 # COMMAND ----------
 
+# Where the wheel is installed (or locally, PYTHONPATH=lib) this import just works; in a Databricks
+# Git folder the package is the repository's lib/ next to this notebooks/ folder.
+import os
+import sys
+
+try:
+    import cxr_pipeline  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.abspath(os.path.join(os.getcwd(), "..", "lib")))
+
 from cxr_pipeline import storage
 from cxr_pipeline.cnn import train as cnn_train
 from cxr_pipeline.notebook_support import (
-    agreement_table, cnn_test_scores, compare_models, counts_table, default_runs_uri, display_or_save, get_param,
-    join_scores, notebook_config, plot_roc_comparison, run_threshold, show_run_figures, show_table,
-    spark_for_notebook, spark_test_scores, with_settings,
+    agreement_table, cnn_test_scores, compare_models, counts_table, default_data_uri, default_runs_uri,
+    display_or_save, get_param, join_scores, notebook_config, plot_roc_comparison, require, run_threshold,
+    show_run_figures, show_table, spark_for_notebook, spark_test_scores, with_settings,
 )
 
 config = notebook_config(get_param("conf_env", "local", "Config environment (conf/<env>.yaml)"))
-data_uri = get_param("data_uri", config["data"]["uri"], "Dataset root (chest_xray folder URI)")
-runs = default_runs_uri(config)
+data_uri = require("data_uri", get_param("data_uri", default_data_uri(config), "Dataset root (chest_xray folder URI)"))
+runs = default_runs_uri(config, data_uri)
 cnn_run_uri = get_param("cnn_run_uri", runs + "/notebook_cnn", "CNN run folder to write (URI)")
 spark_run_uri = get_param("spark_run_uri", runs + "/notebook_featurizer", "Spark run to compare with (notebook 2)")
 config = with_settings(config, {

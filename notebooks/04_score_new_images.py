@@ -12,18 +12,28 @@
 
 # COMMAND ----------
 
+# Where the wheel is installed (or locally, PYTHONPATH=lib) this import just works; in a Databricks
+# Git folder the package is the repository's lib/ next to this notebooks/ folder.
+import os
+import sys
+
+try:
+    import cxr_pipeline  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.abspath(os.path.join(os.getcwd(), "..", "lib")))
+
 from cxr_pipeline import storage
 from cxr_pipeline.cli.predict_image import is_cnn_model, load_classifier
 from cxr_pipeline.notebook_support import (
-    default_runs_uri, display_or_save, get_param, notebook_config, plot_predictions, probability_gap,
-    score_files_local, show_table, spark_for_notebook,
+    default_data_uri, default_runs_uri, display_or_save, get_param, notebook_config, plot_predictions,
+    probability_gap, require, score_files_local, show_table, spark_for_notebook,
 )
 from cxr_pipeline.prediction import predict_images
 
 config = notebook_config(get_param("conf_env", "local", "Config environment (conf/<env>.yaml)"))
-runs = default_runs_uri(config)
+data_uri = require("data_uri", get_param("data_uri", default_data_uri(config), "Dataset root (its test folder is the default input)"))
+runs = default_runs_uri(config, data_uri)
 model_uri = get_param("model_uri", runs + "/notebook_featurizer", "Saved run folder (Spark or CNN run)")
-data_uri = get_param("data_uri", config["data"]["uri"], "Dataset root (its test folder is the default input)")
 images_uri = get_param("images_uri", data_uri.rstrip("/") + "/test", "Folder of images to score (URI)")
 out_uri = get_param("out_uri", runs + "/notebook_predictions", "Where to write the predictions (URI)")
 threshold = get_param("threshold", None, "Decision threshold (empty = the run's validation-chosen one)")

@@ -294,3 +294,15 @@ def test_describe_pipeline_lists_stages_and_set_params(spark):
     assert list(table["class"]) == ["StandardScaler", "LogisticRegression"]
     assert "inputCol=f" in table.loc[0, "columns"] and "withMean=True" in table.loc[0, "params"]
     assert "regParam=0.1" in table.loc[1, "params"] and "maxIter" not in table.loc[1, "params"]
+
+
+def test_defaults_on_databricks_do_not_point_at_the_local_hdfs():
+    config = ns.notebook_config("local")
+    databricks = {"dbutils": FakeDbutils({})}
+    assert ns.default_data_uri(config, namespace={}) == config["data"]["uri"]
+    assert ns.default_data_uri(config, namespace=databricks) == ""          # loopback HDFS is meaningless there
+    assert ns.default_runs_uri(config, "/Volumes/main/cxr/files/chest_xray", namespace=databricks) \
+        == "/Volumes/main/cxr/files/runs"
+    assert ns.default_runs_uri(config, "x", namespace={}) == config["hdfs"]["namenode_uri"].rstrip("/") + "/runs"
+    with pytest.raises(ValueError, match="CXR_DATA_URI"):
+        ns.require("data_uri", "")

@@ -148,7 +148,7 @@ def test_02_featurize_train_evaluate(notebook_run):
     assert test_rows["accuracy"].between(0, 1).all()
     tradeoff = table(notebook_run, "02_featurize_train_evaluate", "threshold_tradeoff.csv")
     assert tradeoff["sensitivity"].is_monotonic_decreasing      # a higher threshold never finds more pneumonia
-    for name in ("classifier.json", "metrics.json", "model/metadata/part-00000"):
+    for name in ("classifier.json", "metrics.json", "model/metadata/_SUCCESS"):
         assert storage.exists(f"{notebook_run['spark_run']}/{name}"), name
 
 

@@ -92,16 +92,56 @@ def get_param(name: str, default: Any, label: str | None = None, namespace: Mapp
         raise ValueError(f"parameter {name!r} ({source}={raw!r}): {err}") from None
 
 
+def _find_conf_dir() -> Path | None:
+    """``conf/`` with ``defaults.yaml``: the package's repo (or ``$CXR_CONF_DIR``), else above the working directory
+    (a Databricks Git folder runs notebooks with the working directory ``<repo>/notebooks``)."""
+    from .paths import CONF_DIR
+
+    candidates = [Path(CONF_DIR)] + [folder / "conf" for folder in (Path.cwd(), *Path.cwd().parents)]
+    return next((c for c in candidates if (c / "defaults.yaml").is_file()), None)
+
+
 def notebook_config(env: str | None = None, overrides: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
     """The project config (``conf/``) for a notebook; ``CXR_ENV`` picks the environment (default local)."""
-    return config_mod.load_config(env, overrides=overrides)
+    conf_dir = _find_conf_dir()
+    if conf_dir is None:
+        raise config_mod.ConfigError(
+            "the project's conf/ folder was not found: open the notebooks from the repository (a Databricks "
+            "Git folder), or set the environment variable CXR_CONF_DIR to a copy of conf/"
+        )
+    return config_mod.load_config(env, overrides=overrides, conf_dir=conf_dir)
 
 
-def default_runs_uri(config: Mapping[str, Any]) -> str:
-    """Where notebook runs go unless a parameter says otherwise: ``runs.uri`` or ``<namenode>/runs``."""
+_LOOPBACK = re.compile(r"^[a-z][a-z0-9+.-]*://(127\.0\.0\.1|localhost)([:/]|$)", re.IGNORECASE)
+
+
+def default_data_uri(config: Mapping[str, Any], namespace: Mapping[str, Any] | None = None) -> str:
+    """``data.uri`` of the config; empty on Databricks when it names this project's loopback HDFS."""
+    uri = str(config_mod.get(config, "data.uri", "") or "")
+    if on_databricks(_caller_globals(namespace)) and _LOOPBACK.match(uri):
+        return ""
+    return uri
+
+
+def require(name: str, value: Any) -> Any:
+    """``value``, or a clear error naming the widget / environment variable to set."""
+    if value in (None, ""):
+        raise ValueError(f"parameter {name!r} is empty: set the {name} widget (Databricks) or {env_var_name(name)}")
+    return value
+
+
+def default_runs_uri(config: Mapping[str, Any], data_uri: str | None = None,
+                     namespace: Mapping[str, Any] | None = None) -> str:
+    """Where notebook runs go unless a parameter says otherwise.
+
+    ``runs.uri`` from the config if set; on Databricks ``runs/`` next to the data folder
+    (e.g. ``/Volumes/main/cxr/files/runs``); else ``<hdfs.namenode_uri>/runs``.
+    """
     configured = config_mod.get(config, "runs.uri")
     if configured:
         return str(configured).rstrip("/")
+    if data_uri and on_databricks(_caller_globals(namespace)):
+        return data_uri.rstrip("/").rsplit("/", 1)[0] + "/runs"
     namenode = str(config_mod.get(config, "hdfs.namenode_uri", "")).rstrip("/")
     return f"{namenode}/runs" if namenode else str(Path(tempfile.gettempdir()) / "cxr_runs")
 
