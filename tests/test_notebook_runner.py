@@ -219,6 +219,10 @@ def test_display_or_save_and_show_table(tmp_path, monkeypatch):
     path = ns.display_or_save(fig, "bars", namespace={"display": shown.append})
     assert path == tmp_path / "bars.png" and path.stat().st_size > 1000
     assert shown == [fig]
+    html = []
+    png_path = ns.display_or_save(path.read_bytes(), "bars again", namespace={"displayHTML": html.append})
+    assert png_path.read_bytes() == path.read_bytes()
+    assert len(html) == 1 and html[0].startswith('<img src="data:image/png;base64,')
     csv = ns.show_table(pd.DataFrame({"k": [1, 2]}), "table one", namespace={})
     assert pd.read_csv(csv)["k"].tolist() == [1, 2]
     with pytest.raises(ValueError):
