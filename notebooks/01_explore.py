@@ -33,7 +33,7 @@ from cxr_pipeline.notebook_support import (
 
 config = notebook_config(get_param("conf_env", "local", "Config environment (conf/<env>.yaml)"))
 data_uri = require("data_uri", get_param("data_uri", default_data_uri(config), "Dataset root (chest_xray folder URI)"))
-source = get_param("source", config["data"]["source"], "Reader: binaryFile | image")
+source = get_param("source", config["data"]["source"], "Reader: binaryFile | parquet (a packed table)")
 samples_per_class = get_param("samples_per_class", 4, "Sample images per class")
 
 spark = spark_for_notebook(config)

@@ -81,6 +81,8 @@ def dataset_overview(spark, uri: str, source: str = "binaryFile", max_pixels: in
     """Read the tree at ``uri`` with the project's reader and collect per-image stats and rejections."""
     from .spark.reader import read_images_with_rejections
 
+    if source == "image":
+        raise ValueError("exploration measures file sizes and decodes the raw bytes: use source binaryFile or parquet")
     result = read_images_with_rejections(spark, uri, source=source)
     stats = image_stats(result.images, max_pixels).toPandas()
     rejected = result.rejected.select("path", "reason").toPandas()
