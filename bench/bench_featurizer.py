@@ -26,6 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "lib"))
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
@@ -83,8 +86,6 @@ def resolve_weights(args) -> str:
 
 def bench_bare_keras(args, files: list[Path], weights: str) -> float:
     """(a): decode everything first (not timed), then time model.predict alone."""
-    import numpy as np
-
     from cxr_pipeline.backbones import build_backbone, input_size, preprocess
     from cxr_pipeline.imaging import decode_image
 
@@ -123,8 +124,6 @@ def bench_predict_batch_udf(spark, args, remote: str, weights: str) -> tuple[flo
     """(c): a plain decode UDF + pyspark.ml.functions.predict_batch_udf."""
     import io
 
-    import numpy as np
-    import pandas as pd
     from pyspark.ml.functions import predict_batch_udf
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
@@ -183,7 +182,7 @@ def main(argv=None) -> int:
     from cxr_pipeline.spark.session import spark_session
 
     spark = spark_session(
-        {"spark": {"conf": {"spark.ui.enabled": "false", "spark.python.worker.reuse": "true",
+        {"spark": {"conf": {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false", "spark.python.worker.reuse": "true",
                             "spark.driver.memory": "2g", "spark.sql.execution.arrow.pyspark.enabled": "true"}}},
         app_name="bench-featurizer", master=args.master,
     )

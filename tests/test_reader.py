@@ -51,18 +51,33 @@ def rel(uri: str) -> str:
     return "/".join(parts[-3:]) if parts[-3] in ("train", "val", "test") else parts[-1]
 
 
-@pytest.mark.parametrize(
-    "path, length, expected",
-    [
-        ("hdfs://nn:9000/d/chest_xray/train/NORMAL/a.jpeg", 10, ("train", "NORMAL", None)),
-        ("file:/d/test/PNEUMONIA/b.JPG", 10, ("test", "PNEUMONIA", None)),
-        ("hdfs://nn:9000/d/chest_xray/train/NORMAL/a.jpeg", 0, (None, None, "zero-byte file")),
-        ("/d/chest_xray/train/NORMAL/readme.md", 5, (None, None, "not an image extension")),
-        ("/d/chest_xray/NORMAL/a.jpeg", 5, (None, None, "not in a <split>/<CLASS>/ folder")),
-    ],
-)
+PATH_CASES = [
+    ("hdfs://nn:9000/d/chest_xray/train/NORMAL/a.jpeg", 10, ("train", "NORMAL", None)),
+    ("file:/d/test/PNEUMONIA/b.JPG", 10, ("test", "PNEUMONIA", None)),
+    ("s3a://bucket/val/COVID/x.png", 10, ("val", "COVID", None)),
+    ("hdfs://nn:9000/d/chest_xray/train/NORMAL/a.jpeg", 0, (None, None, "zero-byte file")),
+    ("/d/chest_xray/train/NORMAL/readme.md", 5, (None, None, "not an image extension")),
+    ("/d/chest_xray/train/NORMAL/.a.jpeg", 5, (None, None, "hidden file")),
+    ("/d/chest_xray/NORMAL/a.jpeg", 5, (None, None, "not in a <split>/<CLASS>/ folder")),
+    ("hdfs://nn:9000/NORMAL/a.jpeg", 5, (None, None, "not in a <split>/<CLASS>/ folder")),
+    ("file:/train/a.jpeg", 5, (None, None, "not in a <split>/<CLASS>/ folder")),
+    ("/d/training/NORMAL/a.jpeg", 5, (None, None, "not in a <split>/<CLASS>/ folder")),
+]
+
+
+@pytest.mark.parametrize("path, length, expected", PATH_CASES)
 def test_classify_path(path, length, expected):
     assert classify_path(path, length) == expected
+
+
+def test_sql_classification_agrees_with_python(spark):
+    from pyspark.sql import functions as F
+
+    from cxr_pipeline.spark.reader import classify_column
+
+    frame = spark.createDataFrame([(p, n) for p, n, _ in PATH_CASES], "path string, length long")
+    got = frame.select(classify_column(F.col("path"), F.col("length")).alias("m")).collect()
+    assert [tuple(row.m) for row in got] == [expected for _, _, expected in PATH_CASES]
 
 
 def test_tree_labels_split_and_rejections(spark, tmp_path):

@@ -26,25 +26,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-import pandas as pd
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
-from ..dataset_layout import LayoutError, junk_reason, label_index, parse_image_path
+from ..dataset_layout import IMAGE_EXTENSIONS, SPLITS, LayoutError, junk_reason, label_index, parse_image_path
 
 SOURCES = ("binaryFile", "image", "parquet")
 IMAGE_COLUMNS = ("path", "split", "label", "label_name", "content", "length")
 REJECTED_SCHEMA = "path string, reason string"
-
-_META_TYPE = T.StructType(
-    [
-        T.StructField("split", T.StringType()),
-        T.StructField("label_name", T.StringType()),
-        T.StructField("reason", T.StringType()),
-    ]
-)
-
+LAYOUT_REASON = "not in a <split>/<CLASS>/ folder"
 
 @dataclass(frozen=True)
 class ReadResult:
@@ -58,21 +48,38 @@ def classify_path(path: str, length: int | None) -> tuple[str | None, str | None
     try:
         parsed = parse_image_path(path)
     except LayoutError:
-        return None, None, "not in a <split>/<CLASS>/ folder"
+        return None, None, LAYOUT_REASON
     reason = junk_reason(parsed.file_name, length)
     if reason:
         return None, None, reason
     return parsed.split, parsed.label_name, None
 
 
-def _classify_batch(paths: pd.Series, lengths: pd.Series) -> pd.DataFrame:
-    rows = [classify_path(p, None if pd.isna(n) else int(n)) for p, n in zip(paths, lengths)]
-    return pd.DataFrame(rows, columns=["split", "label_name", "reason"])
+def classify_column(path: Column, length: Column) -> Column:
+    """:func:`classify_path` as a Spark SQL expression: ``struct(split, label_name, reason)``.
 
-
-# Marked non-deterministic so the optimizer does not copy it into both the
-# filter and the projection (one Python round trip per file instead of two).
-_classify = F.pandas_udf(_classify_batch, _META_TYPE).asNondeterministic()
+    Plain SQL rather than a Python UDF on purpose: an extra Python UDF in the
+    plan takes its own Python workers, which then do not hold the featurizer's
+    cached model. tests/test_reader.py checks both agree.
+    """
+    parts = r"([^/]+)/([^/]+)/([^/]+)$"
+    split, label_name, file_name = (F.regexp_extract(path, parts, i) for i in (1, 2, 3))
+    lower = F.lower(file_name)
+    has_image_extension = F.lit(False)
+    for extension in IMAGE_EXTENSIONS:
+        has_image_extension = has_image_extension | lower.endswith(extension)
+    reason = (
+        F.when(~split.isin(list(SPLITS)) | (label_name == "") | (file_name == ""), F.lit(LAYOUT_REASON))
+        .when(file_name.startswith("."), F.lit("hidden file"))
+        .when(~has_image_extension, F.lit("not an image extension"))
+        .when(length == 0, F.lit("zero-byte file"))
+    )
+    usable = reason.isNull()
+    return F.struct(
+        F.when(usable, split).alias("split"),
+        F.when(usable, label_name).alias("label_name"),
+        reason.alias("reason"),
+    )
 
 
 def _with_labels(df: DataFrame, label_names: Sequence[str]) -> DataFrame:
@@ -128,7 +135,7 @@ def read_images_with_rejections(
     raw = _load_raw(spark, uri, source, path_glob)
     # Spark's image source marks undecodable files with height -1 instead of failing.
     length = F.col("length") if source == "binaryFile" else F.coalesce("length", F.lit(1))
-    classified = raw.withColumn("_meta", _classify(F.col("path"), length))
+    classified = raw.withColumn("_meta", classify_column(F.col("path"), length))
     if source == "image":
         bad_image = F.col("image.height") < 0
         classified = classified.withColumn(
