@@ -97,8 +97,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="per replica (default: %(default)s)")
     parser.add_argument("--inception-size", type=int, default=DEFAULT_SIZES["inception_v3"])
     parser.add_argument("--cut-layer", default="mixed7", help="inception_v3 backbone end (default: %(default)s)")
-    parser.add_argument("--augment-on", choices=("auto", "pipeline", "model"), default="auto",
-                        help="where augmentation runs (auto: model on GPU, pipeline on CPU, as the job)")
+    parser.add_argument("--augment-on", default="auto",
+                        help="where augmentation runs: auto (as the job), pipeline, model, or a list "
+                             "such as pipeline,model to compare both in one run (default: %(default)s)")
     parser.add_argument("--data", help="use this tree instead of generating one (local path or hdfs:// URI)")
     args = parser.parse_args(argv)
 
@@ -110,22 +111,23 @@ def main(argv=None) -> int:
     devices, strategy = configure_devices()
     keras.utils.set_random_seed(1)
     print(devices.describe())
-    augment_on = augment_placement(args.augment_on, devices)
+    placements = [augment_placement(p, devices) for p in args.augment_on.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench_cnn_") as tmp:
         tree = args.data or str(make_tree(Path(tmp), args.n, args.jpeg_size))
         records, _ = data.list_image_tree(tree)
         records = [r for r in records if r.split == "train"][: args.n]
         batch = args.batch_size * devices.replicas
         print(f"{len(records)} training JPEGs ({args.jpeg_size if not args.data else tree}), batch {batch}, "
-              f"augmentation in the {augment_on}, cache in memory")
-        header = (f"{'model':13s} {'px':>4s} {'epoch1 img/s':>13s} {'epoch2 img/s':>13s} {'compute img/s':>14s} "
-                  f"{'input img/s':>12s} {'input wait':>11s}")
+              f"augmentation on, cache in memory")
+        header = (f"{'model':13s} {'px':>4s} {'augment in':>10s} {'epoch1 img/s':>13s} {'epoch2 img/s':>13s} "
+                  f"{'compute img/s':>14s} {'input img/s':>12s} {'input wait':>11s}")
         print(header)
         for name in args.models.split(","):
-            size = args.inception_size if name == "inception_v3" else DEFAULT_SIZES[name]
-            r = bench_model(name, size, records, batch, devices, strategy, args.cut_layer, augment_on)
-            print(f"{r['model']:13s} {r['size']:4d} {r['cold_img_s']:13.1f} {r['warm_img_s']:13.1f} "
-                  f"{r['compute_img_s']:14.1f} {r['input_img_s']:12.1f} {r['wait_share']:10.0%}", flush=True)
+            for augment_on in placements:
+                size = args.inception_size if name == "inception_v3" else DEFAULT_SIZES[name]
+                r = bench_model(name, size, records, batch, devices, strategy, args.cut_layer, augment_on)
+                print(f"{r['model']:13s} {r['size']:4d} {augment_on:>10s} {r['cold_img_s']:13.1f} {r['warm_img_s']:13.1f} "
+                      f"{r['compute_img_s']:14.1f} {r['input_img_s']:12.1f} {r['wait_share']:10.0%}", flush=True)
     print("epoch1 = decode + cache fill + train; epoch2 = from the cache; compute = one resident batch; "
           "input wait = 1 - compute time / epoch2 time")
     return 0
