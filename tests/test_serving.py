@@ -341,6 +341,7 @@ def test_cnn_predict_matches_its_classifier_and_draws_a_heatmap(cnn_client, cnn_
     original = Image.open(io.BytesIO(data))
     assert overlay.format == "PNG" and max(overlay.size) <= 640
     assert abs(overlay.width / overlay.height - original.width / original.height) < 0.02
+    assert isinstance(body["heatmap_flat"], bool)
     assert cnn_client.post("/predict", files=upload(data, path.name)).json()["heatmap_png_base64"] is None
 
 
@@ -348,6 +349,8 @@ def test_cnn_page_shows_the_heatmap(cnn_client, images):
     response = cnn_client.post("/", files=upload(images[0].read_bytes(), images[0].name))
     assert response.status_code == 200
     assert 'id="result-heatmap" src="data:image/png;base64,' in response.text
+    flat = cnn_client.post("/predict?heatmap=true", files=upload(images[0].read_bytes())).json()["heatmap_flat"]
+    assert ('id="heatmap-flat"' in response.text) == flat  # a flat map is said to be flat
 
 
 def test_cnn_rejects_what_imaging_rejects(cnn_client, images):

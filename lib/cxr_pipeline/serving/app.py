@@ -33,7 +33,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .backends import ModelBackend, Prediction, PredictionError, load_backend
+from .backends import HeatMap, ModelBackend, Prediction, PredictionError, load_backend
 from .validation import MIB, CheckedImage, UploadRejected, browser_image, check_upload, too_large
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class PredictionResponse(BaseModel):
     model_id: str
     model: ModelDescription
     heatmap_png_base64: str | None = Field(None, description="Grad-CAM overlay (CNN models, ?heatmap=true)")
+    heatmap_flat: bool | None = Field(None, description="true: the Grad-CAM map is flat, no region stands out")
 
     model_config = {"populate_by_name": True}
 
@@ -183,7 +184,7 @@ class ServiceSettings:
 class Scored:
     checked: CheckedImage
     prediction: Prediction
-    heatmap_png: bytes | None
+    heatmap: HeatMap | None
 
 
 def settings_from(config: Mapping[str, Any] | None, **overrides: Any) -> ServiceSettings:
@@ -314,7 +315,8 @@ def create_app(
             checked=scored.checked,
             filename=filename,
             image_uri=data_uri(shown, mime),
-            heatmap_uri=data_uri(scored.heatmap_png, "image/png") if scored.heatmap_png else None,
+            heatmap_uri=data_uri(scored.heatmap.png, "image/png") if scored.heatmap else None,
+            heatmap_flat=bool(scored.heatmap and scored.heatmap.flat),
         )
 
     @app.post(
@@ -362,7 +364,8 @@ def prediction_json(scored: Scored, info) -> dict[str, Any]:
         "threshold": p.threshold,
         "model_id": info.model_id,
         "model": info.as_dict(),
-        "heatmap_png_base64": base64.b64encode(scored.heatmap_png).decode("ascii") if scored.heatmap_png else None,
+        "heatmap_png_base64": base64.b64encode(scored.heatmap.png).decode("ascii") if scored.heatmap else None,
+        "heatmap_flat": scored.heatmap.flat if scored.heatmap else None,
     }
 
 

@@ -2,7 +2,7 @@
 
 A backend is loaded once at start-up and then answers ``predict(bytes)`` for
 one image; a backend that can explain itself also answers ``heatmap(bytes)``
-with a PNG (Grad-CAM over the image). Two kinds exist:
+with a :class:`HeatMap` (a Grad-CAM overlay PNG over the image). Two kinds exist:
 
 * ``spark-lr``: a run folder of ``jobs/train_featurizer.py``. Served without
   Spark from ``classifier.json`` (Keras backbone + the scaler and logistic
@@ -60,6 +60,12 @@ class Prediction:
     threshold: float
 
 
+@dataclass(frozen=True)
+class HeatMap:
+    png: bytes   # the image with the map blended in, at the image's aspect ratio
+    flat: bool   # no region stands out (all-zero map: often an undertrained model); png is the plain image
+
+
 class PredictionError(ValueError):
     """The model could not score the image (its reason is the message)."""
 
@@ -79,7 +85,7 @@ class ModelBackend(Protocol):
 
     def predict(self, data: bytes) -> Prediction: ...
 
-    def heatmap(self, data: bytes) -> bytes | None: ...
+    def heatmap(self, data: bytes) -> HeatMap | None: ...
 
 
 class MicroBatcher:
@@ -150,7 +156,7 @@ class ClassifierBackend:
             threshold=float(result["threshold"]),
         )
 
-    def heatmap(self, data: bytes) -> bytes | None:
+    def heatmap(self, data: bytes) -> HeatMap | None:
         return None
 
     @property
@@ -185,7 +191,7 @@ class CnnBackend(ClassifierBackend):
     def supports_heatmap(self) -> bool:
         return True
 
-    def heatmap(self, data: bytes) -> bytes | None:
+    def heatmap(self, data: bytes) -> HeatMap | None:
         from cxr_pipeline.cnn.gradcam import gradcam_heatmap
         from cxr_pipeline.imaging import decode_image
 
@@ -194,14 +200,15 @@ class CnnBackend(ClassifierBackend):
         batch = image[None, ...].astype("float32")
         with self._lock:
             heat = gradcam_heatmap(self.classifier.model, batch)
-        return overlay_heatmap_png(data, heat)
+        return overlay_heatmap(data, heat)
 
 
-def overlay_heatmap_png(image_bytes: bytes, heat, alpha: float = 0.45, max_side: int = 640) -> bytes:
-    """A PNG of the uploaded image with ``heat`` (2-D, any size, >= 0) blended on top in 'jet' colours.
+def overlay_heatmap(image_bytes: bytes, heat, alpha: float = 0.45, max_side: int = 640) -> HeatMap:
+    """The uploaded image with ``heat`` (2-D, any size, >= 0) blended on top in 'jet' colours.
 
     Drawn at the image's own aspect ratio (at most ``max_side`` px), so the
-    map lines up with what the reader sees.
+    map lines up with what the reader sees. A flat map is not painted (a uniform
+    colour wash would look like an explanation).
     """
     import numpy as np
     from matplotlib import colormaps
@@ -214,14 +221,17 @@ def overlay_heatmap_png(image_bytes: bytes, heat, alpha: float = 0.45, max_side:
     if heat.ndim != 2:
         raise ValueError(f"heat map must be 2-D, got shape {heat.shape}")
     heat = np.nan_to_num(heat - heat.min())
-    if heat.max() > 0:
-        heat = heat / heat.max()
+    flat = not heat.max() > 1e-6
+    out = io.BytesIO()
+    if flat:
+        base.save(out, format="PNG")
+        return HeatMap(png=out.getvalue(), flat=True)
+    heat = heat / heat.max()
     heat_img = Image.fromarray((heat * 255).astype(np.uint8)).resize(base.size, Image.BILINEAR)
     coloured = colormaps["jet"](np.asarray(heat_img) / 255.0)[..., :3]
     blended = (1 - alpha) * np.asarray(base, dtype=np.float32) + alpha * coloured * 255.0
-    out = io.BytesIO()
     Image.fromarray(blended.clip(0, 255).astype(np.uint8)).save(out, format="PNG")
-    return out.getvalue()
+    return HeatMap(png=out.getvalue(), flat=False)
 
 
 # ----------------------------------------------------------------------------
