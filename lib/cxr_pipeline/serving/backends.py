@@ -63,7 +63,7 @@ class Prediction:
 @dataclass(frozen=True)
 class HeatMap:
     png: bytes   # the image with the map blended in, at the image's aspect ratio
-    flat: bool   # no region stands out (all-zero map: often an undertrained model); png is the plain image
+    flat: bool   # all-zero map: no region raises the positive score (typical of a NORMAL call); png is the plain image
 
 
 class PredictionError(ValueError):
