@@ -58,23 +58,19 @@ class RunLayout:
 
     root: str
 
-    def _join(self, name: str) -> str:
+    def file(self, name: str) -> str:
         return self.root.rstrip("/") + "/" + name
 
-    @property
-    def model(self) -> str:
-        return self._join("model")
-
-    def __getattr__(self, name: str) -> str:
-        files = {
-            "config": "config.yaml", "metrics": "metrics.json", "classifier": "classifier.json",
-            "roc": "roc.png", "pr": "pr.png", "confusion": "confusion_matrix.png",
-            "threshold_plot": "threshold.png", "rejected": "rejected.csv", "summary": "summary.txt",
-            "predictions": "test_predictions",
-        }
-        if name in files:
-            return self._join(files[name])
-        raise AttributeError(name)
+    model = property(lambda self: self.file("model"))  # PipelineModel.save
+    config = property(lambda self: self.file("config.yaml"))
+    metrics = property(lambda self: self.file("metrics.json"))
+    classifier = property(lambda self: self.file("classifier.json"))
+    roc = property(lambda self: self.file("roc.png"))
+    pr = property(lambda self: self.file("pr.png"))
+    confusion = property(lambda self: self.file("confusion_matrix.png"))
+    threshold_plot = property(lambda self: self.file("threshold.png"))
+    rejected = property(lambda self: self.file("rejected.csv"))
+    summary = property(lambda self: self.file("summary.txt"))
 
 
 @dataclass
@@ -194,7 +190,10 @@ def featurize_cached(spark: SparkSession, images: DataFrame, featurizer, cache_u
     featurized = featurizer.transform(images).select(
         "path", "split", "label", "label_name", FEATURES_COL, F.col(error_col).alias("featurize_error")
     )
-    featurized.write.mode("overwrite").parquet(cache_uri)
+    # A few files, not one per input partition: later passes over the cache (split,
+    # training iterations, evaluation) then run a few tasks instead of hundreds.
+    parts = max(1, spark.sparkContext.defaultParallelism)
+    featurized.repartition(parts).write.mode("overwrite").parquet(cache_uri)
     return spark.read.parquet(cache_uri), False
 
 
