@@ -62,6 +62,12 @@ class Client:
         return response.status, elapsed, json.loads(payload)
 
 
+def get_health(port: int) -> dict:
+    conn = http.client.HTTPConnection(HOST, port, timeout=10)
+    conn.request("GET", "/health")
+    return json.loads(conn.getresponse().read())
+
+
 def wait_healthy(port: int, server: subprocess.Popen, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -155,9 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         health = wait_healthy(port, server, args.startup_timeout)
         startup = time.perf_counter() - started
         model = health["model"]
-        batching = "default" if args.max_batch is None else args.max_batch
+        max_batch = (health.get("batching") or {}).get("max_batch", "?")
         print(f"service: {model['model_id']} ({model['name']}), {args.workers} worker(s), "
-              f"max_batch {batching}, ready in {startup:.1f} s")
+              f"max_batch {max_batch}, ready in {startup:.1f} s")
         print(f"image:   {image} ({len(data) / 1024:.0f} kB)")
 
         client = Client(port)
@@ -170,7 +176,14 @@ def main(argv: list[str] | None = None) -> int:
         sequential = [client.post(body, content_type)[1] for _ in range(args.sequential)]
         print(f"single image, sequential:    {describe(sequential)}   -> {len(sequential) / sum(sequential):.1f} req/s")
 
+        before = get_health(port).get("batching")
         latencies, errors, wall = run_load(port, body, content_type, args.requests, args.concurrency, args.time_cap)
+        after = get_health(port).get("batching")
+        if before and after and args.workers == 1:  # with several workers each has its own counters
+            calls = after["model_calls"] - before["model_calls"]
+            images = after["images_scored"] - before["images_scored"]
+            print(f"under load: {images} images in {calls} model calls "
+                  f"({images / max(calls, 1):.2f} per call, largest batch {after['largest_batch']})")
         capped = " (time cap reached)" if len(latencies) + errors < args.requests else ""
         print(f"load, concurrency {args.concurrency}:        {describe(latencies)}   "
               f"-> {len(latencies) / wall:.1f} req/s over {wall:.1f} s, {errors} errors{capped}")

@@ -131,7 +131,9 @@ def test_concurrent_requests_share_model_calls_and_get_their_own_answers(lr_clie
         together = dict(pool.map(send, chosen))
     for name, body in together.items():
         assert body["probability"] == pytest.approx(alone[name], abs=1e-6)
-    assert lr_backend._batcher.largest_batch > 1
+    stats = lr_client.get("/health").json()["batching"]
+    assert stats["largest_batch"] > 1
+    assert stats["images_scored"] > stats["model_calls"]
 
 
 def test_service_equals_the_batch_prediction_job(lr_client, spark_run, images, tmp_path):

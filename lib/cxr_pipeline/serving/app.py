@@ -84,9 +84,17 @@ class ErrorResponse(BaseModel):
     code: str = Field(description="empty_upload | too_large | not_an_image | corrupt_image | missing_file | invalid_request")
 
 
+class BatchingStats(BaseModel):
+    max_batch: int = Field(description="most concurrent requests scored in one model call")
+    largest_batch: int = Field(description="largest batch seen since start-up")
+    model_calls: int
+    images_scored: int
+
+
 class HealthResponse(BaseModel):
     status: str
     model: ModelDescription
+    batching: BatchingStats | None = None
 
 
 UPLOAD_ERRORS = {
@@ -339,7 +347,8 @@ def create_app(
 
     @app.get("/health", response_model=HealthResponse, summary="Liveness and the loaded model")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": info.as_dict()}
+        stats = getattr(backend, "batching_stats", None)
+        return {"status": "ok", "model": info.as_dict(), "batching": stats() if stats else None}
 
     return app
 

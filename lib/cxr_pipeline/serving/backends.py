@@ -102,7 +102,8 @@ class MicroBatcher:
             raise ValueError("max_batch must be >= 1")
         self._score_many, self._lock, self.max_batch = score_many, lock, max_batch
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.largest_batch = 0  # observability: did concurrent requests share model calls?
+        # Observability (GET /health): do concurrent requests share model calls?
+        self.largest_batch = self.model_calls = self.images_scored = 0
         threading.Thread(target=self._serve_forever, name="cxr-model-batcher", daemon=True).start()
 
     def submit(self, data: bytes) -> dict:
@@ -119,6 +120,8 @@ class MicroBatcher:
                 except queue.Empty:
                     break
             self.largest_batch = max(self.largest_batch, len(batch))
+            self.model_calls += 1
+            self.images_scored += len(batch)
             try:
                 with self._lock:
                     results = self._score_many([data for data, _ in batch])
@@ -144,6 +147,11 @@ class ClassifierBackend:
     @property
     def supports_heatmap(self) -> bool:
         return False
+
+    def batching_stats(self) -> dict[str, int]:
+        b = self._batcher
+        return {"max_batch": b.max_batch, "largest_batch": b.largest_batch,
+                "model_calls": b.model_calls, "images_scored": b.images_scored}
 
     def predict(self, data: bytes) -> Prediction:
         result = self._batcher.submit(data)
