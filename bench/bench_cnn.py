@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="small_cnn,inception_v3")
     parser.add_argument("--batch-size", type=int, default=32, help="per replica (default: %(default)s)")
     parser.add_argument("--inception-size", type=int, default=DEFAULT_SIZES["inception_v3"])
-    parser.add_argument("--cut-layer", default="mixed7", help="inception_v3 backbone end (default: %(default)s)")
+    parser.add_argument("--cut-layer", default="mixed5", help="inception_v3 backbone end (default: %(default)s)")
     parser.add_argument("--augment-on", default="auto",
                         help="where augmentation runs: auto (as the job), pipeline, model, or a list "
                              "such as pipeline,model to compare both in one run (default: %(default)s)")

@@ -54,7 +54,7 @@ def build_small_cnn(input_size: int = 150) -> keras.Model:
 def inception_backbone(
     input_size: int = 299,
     weights: str | os.PathLike | None = None,
-    cut_layer: str | None = "mixed7",
+    cut_layer: str | None = "mixed5",
 ) -> keras.Model:
     """InceptionV3 without top, with the provisioned weights, ending at ``cut_layer``
     (the provisioned weights are ImageNet only up to about mixed5: see weights.py)."""
@@ -79,7 +79,7 @@ def inception_backbone(
 def build_inception_transfer(
     input_size: int = 299,
     weights: str | os.PathLike | None = None,
-    cut_layer: str | None = "mixed7",
+    cut_layer: str | None = "mixed5",
     dense_units: int = 128,
     dropout: float = 0.5,
 ) -> keras.Model:
