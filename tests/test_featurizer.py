@@ -93,6 +93,12 @@ def test_pipeline_with_featurizer_saves_and_loads(spark, tree, tmp_path):
         assert after[path] == pytest.approx(p, abs=1e-6)
 
 
+def test_filter_on_error_column_runs_the_model_once(spark, tree):
+    featurized = ImageFeaturizer(featureLayer=LAYER).transform(read_images(spark, str(tree)))
+    plan = featurized.where("featurize_error IS NULL")._jdf.queryExecution().executedPlan().toString()
+    assert plan.count("ArrowEvalPython") == 1, plan
+
+
 def test_featurizer_params_round_trip(tmp_path):
     featurizer = ImageFeaturizer(inputCol="bytes", outputCol="vec", modelName="Xception", featureLayer="block4_pool",
                                  weights="hdfs://nn:9000/w/x.weights.h5", batchSize=8, maxPixels=1000)
