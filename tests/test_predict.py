@@ -74,7 +74,7 @@ def test_score_matches_in_memory_predictions(run, incoming, spark):
 def test_predict_job_writes_parquet_csv_and_unreadable_list(run, incoming, spark, hdfs_tmp):
     from cxr_pipeline import storage
 
-    _, _, result = run
+    _, data, result = run
     env = {**os.environ, "PYTHONPATH": str(REPO / "lib")}
     out = f"{hdfs_tmp}/pred"
     proc = subprocess.run([str(Path(sys.executable).parent / "spark-submit"), "--master", "local[2]",
@@ -90,6 +90,18 @@ def test_predict_job_writes_parquet_csv_and_unreadable_list(run, incoming, spark
     assert {r["path"] for r in rows} == set(written)
     unreadable = storage.read_bytes(out + "/unreadable.csv").decode()
     assert "notes.txt" in unreadable and "broken.jpeg" in unreadable
+    # the job loaded the PipelineModel in a new Spark application: same probabilities as in memory
+    from cxr_pipeline import training as T
+    from cxr_pipeline.spark.reader import read_image_tree
+
+    in_memory = {r["path"].rsplit("/", 1)[-1]: r["p"] for r in
+                 T.with_scores(result.model.transform(read_image_tree(spark, data + "/test")))
+                 .selectExpr("path", f"{T.SCORE_COL} as p").collect()}
+    job = {p.rsplit("/", 1)[-1]: r["probability"] for p, r in written.items() if r["error"] is None}
+    assert job.keys() == in_memory.keys()
+    for name, p in job.items():
+        assert p == pytest.approx(in_memory[name], abs=1e-9)
+        assert written[f"{incoming}/{name}"]["predicted_label"] == int(p >= 0.5)
 
 
 def test_single_image_command(run, sample_tree):

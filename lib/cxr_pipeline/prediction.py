@@ -85,7 +85,7 @@ def score(run: SavedRun, images: DataFrame, threshold: float | None = None) -> D
     predicted = (F.col("probability") >= F.lit(threshold)).cast("int")
     ok = scored.select(
         "path", "probability", predicted.alias("predicted_label"),
-        names.getItem(predicted).alias("predicted_class"),
+        F.element_at(names, predicted + 1).alias("predicted_class"),
         F.lit(threshold).alias("threshold"), F.lit(None).cast("string").alias("error"))
     failed = featurized.where(F.col(features_col).isNull()).select("path", F.col(error_col).alias("error"))
     junk = images.where(F.col("junk").isNotNull()).select("path", F.col("junk").alias("error"))
