@@ -298,3 +298,25 @@ def test_job_on_standalone_cluster_via_spark_submit(spark_standalone, hdfs_clust
     m = json.loads(storage.read_bytes(out + "/metrics.json"))
     assert m["test"]["n"] == 4 and m["featurizer"]["cache_reused"] is False
     assert storage.exists(out + "/model/metadata")
+
+
+def test_report_with_single_class_sets_is_undefined_not_a_crash(spark, tmp_path):
+    from pyspark.ml.linalg import Vectors
+
+    from cxr_pipeline import evaluation
+
+    rows = [(1, Vectors.dense([1 - p, p]), p) for p in (0.2, 0.7, 0.9)]
+    test = spark.createDataFrame(rows, ["label", "probability", T.SCORE_COL])
+    choice = T.choose_threshold([1, 1], [0.6, 0.8], 0.95)  # validation with one class
+    report = evaluation.evaluate(test, choice, ["NORMAL", "PNEUMONIA"])
+    assert report["test"]["areaUnderROC"] is None and report["test"]["areaUnderPR"] is None
+    block = report["test"]["at_chosen"]
+    assert block["threshold"] == 0.5 and block["specificity"] is None and block["tp"] == 2
+    assert block["spark"]["truePositiveRateByLabel"]["NORMAL"] is None
+    report.update(run=str(tmp_path), data="x", counts={"test": {"NORMAL": 0, "PNEUMONIA": 3}})
+    run = T.RunLayout(str(tmp_path))
+    evaluation.write_report(run, report, test, ["NORMAL", "PNEUMONIA"])
+    saved = json.loads(Path(run.metrics).read_text())
+    assert saved["threshold"]["fallback"] and saved["figures"] == [run.confusion]
+    text = evaluation.summary_text(saved)
+    assert "AUC-ROC undefined" in text and "fallback" in text and "specificity undefined" in text
