@@ -26,10 +26,10 @@ LAYER = "mixed0"  # cheap to compute, and ImageNet-trained in the provisioned we
 REPO = Path(__file__).resolve().parents[1]
 
 
-def keras_features(paths: list[str], feature_layer: str = LAYER, weights=None) -> np.ndarray:
+def keras_features(paths: list[str], feature_layer: str = LAYER, weights=None, side: int = 299) -> np.ndarray:
     """A plain Keras predict on the same files: the reference the featurizer must match."""
-    model = build_backbone("InceptionV3", weights=weights, feature_layer=feature_layer)
-    batch = np.stack([decode_image(Path(p).read_bytes(), (299, 299)) for p in paths])
+    model = build_backbone("InceptionV3", weights=weights, feature_layer=feature_layer, image_size=side)
+    batch = np.stack([decode_image(Path(p).read_bytes(), (side, side)) for p in paths])
     return featurize_arrays(model, "InceptionV3", batch, batch_size=len(batch))
 
 
@@ -59,6 +59,15 @@ def test_features_equal_plain_keras_predict(featurized):
     assert got.shape == (8, 256)
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
     assert np.abs(got).sum() > 0 and not np.allclose(got[0], got[1])
+
+
+def test_smaller_image_size_matches_keras_at_that_size(spark, tree):
+    featurizer = ImageFeaturizer(featureLayer=LAYER, imageSize=96, batchSize=4)
+    assert featurizer.image_size() == (96, 96)
+    rows = featurizer.transform(read_images(spark, str(tree))).where("featurize_error IS NULL").collect()
+    rows.sort(key=lambda r: r.path)
+    expected = keras_features([local_path(r.path) for r in rows], side=96)
+    np.testing.assert_allclose(np.stack([r.features.toArray() for r in rows]), expected, rtol=1e-3, atol=1e-4)
 
 
 def test_broken_files_are_reported_not_fatal(featurized, spark):
@@ -101,10 +110,10 @@ def test_filter_on_error_column_runs_the_model_once(spark, tree):
 
 def test_featurizer_params_round_trip(tmp_path):
     featurizer = ImageFeaturizer(inputCol="bytes", outputCol="vec", modelName="Xception", featureLayer="block4_pool",
-                                 weights="hdfs://nn:9000/w/x.weights.h5", batchSize=8, maxPixels=1000)
+                                 weights="hdfs://nn:9000/w/x.weights.h5", batchSize=8, maxPixels=1000, imageSize=128)
     featurizer.save(str(tmp_path / "f"))
     loaded = ImageFeaturizer.load(str(tmp_path / "f"))
-    for param in ("inputCol", "outputCol", "errorCol", "modelName", "featureLayer", "weights", "batchSize", "maxPixels"):
+    for param in ("inputCol", "outputCol", "errorCol", "modelName", "featureLayer", "weights", "batchSize", "maxPixels", "imageSize"):
         assert loaded.getOrDefault(param) == featurizer.getOrDefault(param), param
     assert loaded.uid == featurizer.uid
 

@@ -61,6 +61,16 @@ def input_size(model_name: str) -> tuple[int, int]:
     return spec(model_name).input_size
 
 
+def resolve_image_size(model_name: str, image_size: int | tuple[int, int] | None = None) -> tuple[int, int]:
+    """``(height, width)``: ``image_size`` (an int means square) or the backbone's native size."""
+    if not image_size:
+        return input_size(model_name)
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    height, width = image_size
+    return (int(height), int(width))
+
+
 def preprocess(model_name: str, batch_uint8: np.ndarray) -> np.ndarray:
     """The backbone's own input scaling of an RGB ``[n, h, w, 3]`` batch, as float32."""
     x = np.asarray(batch_uint8, dtype=np.float32)
@@ -102,8 +112,13 @@ def build_backbone(
     weights: str | os.PathLike | None = None,
     feature_layer: str | None = None,
     pooling: str | None = "avg",
+    image_size: int | tuple[int, int] | None = None,
 ) -> Any:
     """A Keras model: preprocessed batch ``[n, h, w, 3]`` -> features ``[n, d]``.
+
+    ``image_size`` (a side or ``(height, width)``) runs the convolutional
+    backbone at another input size than its native one (faster, coarser);
+    None = :func:`input_size`.
 
     ``feature_layer`` names the layer whose output is pooled (default: the last
     layer of the no-top backbone, e.g. ``mixed10`` for InceptionV3). ``pooling``
@@ -119,7 +134,7 @@ def build_backbone(
     base = constructor(
         include_top=False,
         weights="imagenet" if weights_file == "imagenet" else None,
-        input_shape=(*model_spec.input_size, 3),
+        input_shape=(*resolve_image_size(model_name, image_size), 3),
     )
     if weights_file not in (None, "imagenet"):
         try:

@@ -24,7 +24,7 @@ from pyspark.accumulators import AccumulatorParam
 from .. import backbones
 from ..imaging import DEFAULT_MAX_PIXELS, decode_batch
 
-_MODELS: dict[tuple, object] = {}  # (model_name, feature_layer, weights) -> keras.Model
+_MODELS: dict[tuple, object] = {}  # FeaturizerSettings.cache_key -> keras.Model
 _LOCK = threading.Lock()
 _TF_CONFIGURED = False
 
@@ -40,10 +40,11 @@ class FeaturizerSettings:
     batch_size: int = 16
     max_pixels: int = DEFAULT_MAX_PIXELS
     tf_threads: int = 0  # 0 = the task's cores (spark.task.cpus)
+    image_size: tuple[int, int] | None = None  # None = the backbone's native input size
 
     @property
     def cache_key(self) -> tuple:
-        return (self.model_name, self.feature_layer, self.weights)
+        return (self.model_name, self.feature_layer, self.weights, self.image_size)
 
 
 def configure_tensorflow_threads(threads: int = 0) -> int:
@@ -112,7 +113,8 @@ def cached_model(settings: FeaturizerSettings):
         if model is None:
             configure_tensorflow_threads(settings.tf_threads)
             model = backbones.build_backbone(
-                settings.model_name, weights=local_weights(settings), feature_layer=settings.feature_layer
+                settings.model_name, weights=local_weights(settings), feature_layer=settings.feature_layer,
+                image_size=settings.image_size,
             )
             _MODELS[settings.cache_key] = model
         return model
@@ -127,7 +129,7 @@ class WorkerFeaturizer:
 
     def __init__(self, settings: FeaturizerSettings):
         self.settings = settings
-        self.size = backbones.input_size(settings.model_name)
+        self.size = backbones.resolve_image_size(settings.model_name, settings.image_size)
         self.model = cached_model(settings)
         self.decode_seconds = 0.0
         self.predict_seconds = 0.0

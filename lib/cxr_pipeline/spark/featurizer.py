@@ -93,6 +93,9 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
                       typeConverter=TypeConverters.toInt)
     maxPixels = Param(Params._dummy(), "maxPixels", "decompression-bomb guard: reject images above width*height",
                       typeConverter=TypeConverters.toInt)
+    imageSize = Param(Params._dummy(), "imageSize",
+                      "square input side images are resized to (null = the backbone's native size, e.g. 299)",
+                      typeConverter=TypeConverters.toInt)
     arrowBatchSize = Param(Params._dummy(), "arrowBatchSize",
                            "cap for spark.sql.execution.arrow.maxRecordsPerBatch while featurizing",
                            typeConverter=TypeConverters.toInt)
@@ -109,12 +112,13 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         weights: str | None = None,
         batchSize: int = 16,
         maxPixels: int = DEFAULT_MAX_PIXELS,
+        imageSize: int | None = None,
         arrowBatchSize: int = ARROW_RECORDS_PER_BATCH,
     ):
         super().__init__()
         self._setDefault(
             inputCol="content", outputCol="features", errorCol="featurize_error", modelName="InceptionV3",
-            featureLayer=None, weights=None, batchSize=16, maxPixels=DEFAULT_MAX_PIXELS,
+            featureLayer=None, weights=None, batchSize=16, maxPixels=DEFAULT_MAX_PIXELS, imageSize=None,
             arrowBatchSize=ARROW_RECORDS_PER_BATCH,
         )
         self._set(**self._input_kwargs)
@@ -166,6 +170,12 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
     def setMaxPixels(self, value: int) -> "ImageFeaturizer":
         return self._set(maxPixels=value)
 
+    def getImageSize(self) -> int | None:
+        return self.getOrDefault(self.imageSize)
+
+    def setImageSize(self, value: int | None) -> "ImageFeaturizer":
+        return self._set(imageSize=value)
+
     def getArrowBatchSize(self) -> int:
         return self.getOrDefault(self.arrowBatchSize)
 
@@ -177,8 +187,8 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
 
     # ------------------------------------------------------------------ logic
     def image_size(self) -> tuple[int, int]:
-        """``(height, width)`` images are resized to (the backbone's input)."""
-        return backbones.input_size(self.getModelName())
+        """``(height, width)`` images are resized to (``imageSize`` or the backbone's input)."""
+        return backbones.resolve_image_size(self.getModelName(), self.getImageSize())
 
     def settings(self, spark: SparkSession | None = None) -> FeaturizerSettings:
         """What the workers need; ships a remote weights file with ``addFile`` when ``spark`` is given."""
@@ -197,6 +207,7 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
             weights_spark_file=spark_file,
             batch_size=self.getBatchSize(),
             max_pixels=self.getMaxPixels(),
+            image_size=self.image_size() if self.getImageSize() else None,
         )
 
     def _transform(self, dataset: DataFrame) -> DataFrame:
