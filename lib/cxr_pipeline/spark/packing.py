@@ -50,7 +50,8 @@ class PackSummary:
     def lines(self) -> list[str]:
         return [
             f"packed table: {self.table_uri}",
-            f"images: {self.images} ({self.total_bytes / 1e6:.1f} MB) in {self.files} file(s) per split at most",
+            f"images: {self.images} ({self.total_bytes / 1e6:.1f} MB) in {self.files} range partition(s), "
+            "written under split=<split>/ folders",
             f"classes: {', '.join(f'{i}={n}' for i, n in enumerate(self.label_names))}",
             f"rejected: {self.rejected} (see {self.table_uri}/_rejected)",
             f"exact duplicates: {self.duplicate_images} images in {self.duplicate_groups} groups "
