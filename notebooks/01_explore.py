@@ -28,7 +28,8 @@ except ImportError:
 
 from cxr_pipeline import exploration
 from cxr_pipeline.notebook_support import (
-    default_data_uri, display_or_save, get_param, notebook_config, require, show_table, spark_for_notebook,
+    default_data_uri, display_or_save, get_param, notebook_config, require, show_table, spark_description,
+    spark_for_notebook,
 )
 
 config = notebook_config(get_param("conf_env", "local", "Config environment (conf/<env>.yaml)"))
@@ -37,7 +38,7 @@ source = get_param("source", config["data"]["source"], "Reader: binaryFile | par
 samples_per_class = get_param("samples_per_class", 4, "Sample images per class")
 
 spark = spark_for_notebook(config)
-print(f"data: {data_uri} (reader: {source}); Spark {spark.version}, master {spark.sparkContext.master}")
+print(f"data: {data_uri} (reader: {source}); {spark_description(spark)}")
 
 # COMMAND ----------
 

@@ -30,8 +30,8 @@ from pyspark.ml import Pipeline
 from cxr_pipeline import storage, training
 from cxr_pipeline.notebook_support import (
     counts_table, default_data_uri, default_runs_uri, describe_pipeline, display_or_save, get_param, metrics_table,
-    notebook_config, require, show_run_figures, show_table, spark_for_notebook, spark_test_scores, threshold_table,
-    with_settings,
+    notebook_config, require, show_run_figures, show_table, spark_description, spark_for_notebook, spark_test_scores,
+    threshold_table, with_settings,
 )
 
 config = notebook_config(get_param("conf_env", "local", "Config environment (conf/<env>.yaml)"))
@@ -52,7 +52,7 @@ config = with_settings(config, {
 spark = spark_for_notebook(config)
 storage.configure(config)
 print(f"data {data_uri}\nrun  {run_uri}\nbackbone {config['featurizer']['model_name']} "
-      f"layer {config['featurizer']['feature_layer'] or '(last)'}; Spark master {spark.sparkContext.master}")
+      f"layer {config['featurizer']['feature_layer'] or '(last)'}; {spark_description(spark)}")
 
 # COMMAND ----------
 

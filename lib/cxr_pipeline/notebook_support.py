@@ -177,6 +177,15 @@ def spark_for_notebook(config: Mapping[str, Any] | None = None, namespace: Mappi
     return session
 
 
+def spark_description(spark) -> str:
+    """``Spark 4.3.0, master local[2]``; the master is not visible through Spark Connect (serverless, shared clusters)."""
+    try:
+        master = spark.sparkContext.master
+    except Exception:  # noqa: BLE001 - Spark Connect sessions have no SparkContext
+        master = "(Spark Connect)"
+    return f"Spark {spark.version}, master {master}"
+
+
 def output_dir() -> Path:
     """Where plots and tables are written: ``$CXR_NOTEBOOK_OUT``, else a temp folder."""
     out = Path(os.environ.get(OUT_ENV) or Path(tempfile.gettempdir()) / "cxr_notebook_out")
