@@ -94,7 +94,9 @@ def bench_bare_keras(args, files: list[Path], weights: str) -> float:
     size = input_size(args.model)
     arrays = np.stack([decode_image(p.read_bytes(), size) for p in files])
     model = build_backbone(args.model, weights=weights, feature_layer=args.layer)
-    model.predict(preprocess(args.model, arrays[: args.batch_size]), batch_size=args.batch_size, verbose=0)  # warm-up
+    # Warm-up covers full batches and the last, partial one (its shape is traced separately).
+    warm = arrays[: 3 * args.batch_size + len(arrays) % args.batch_size]
+    model.predict(preprocess(args.model, warm), batch_size=args.batch_size, verbose=0)
     started = time.perf_counter()
     model.predict(preprocess(args.model, arrays), batch_size=args.batch_size, verbose=0)
     elapsed = time.perf_counter() - started
