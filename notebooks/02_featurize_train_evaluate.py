@@ -43,6 +43,8 @@ config = with_settings(config, {
                                           "Feature layer (empty = last; mixed5 for InceptionV3)"),
     "featurizer.weights": get_param("weights", config["featurizer"]["weights"],
                                     "Backbone weights: empty = provisioned (make weights), imagenet, or a .weights.h5 path"),
+    "featurizer.image_size": get_param("backbone_image_size", config["featurizer"].get("image_size"),
+                                       "Backbone input size in pixels (empty = the backbone's own, 299)", cast=int),
     "featurizer.batch_size": get_param("batch_size", config["featurizer"]["batch_size"], "Images per model call"),
     "training.target_sensitivity": get_param("target_sensitivity", config["training"]["target_sensitivity"],
                                              "Target sensitivity on validation"),

@@ -189,6 +189,10 @@ def test_get_param_env_then_default(monkeypatch):
     assert ns.get_param("use_cache", True) is False
     monkeypatch.setenv("CXR_FEATURE_LAYER", "none")
     assert ns.get_param("feature_layer", None) is None
+    monkeypatch.setenv("CXR_IMAGE_SIZE", "150")
+    assert ns.get_param("image_size", None, cast=int) == 150
+    monkeypatch.setenv("CXR_IMAGE_SIZE", "")
+    assert ns.get_param("image_size", None, cast=int) is None
     monkeypatch.setenv("CXR_RATE", "abc")
     with pytest.raises(ValueError, match="CXR_RATE"):
         ns.get_param("rate", 0.5)

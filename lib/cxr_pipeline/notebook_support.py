@@ -68,8 +68,9 @@ def on_databricks(namespace: Mapping[str, Any] | None = None) -> bool:
     return "dbutils" in _caller_globals(namespace)
 
 
-def get_param(name: str, default: Any, label: str | None = None, namespace: Mapping[str, Any] | None = None) -> Any:
-    """A notebook parameter, typed like ``default``.
+def get_param(name: str, default: Any, label: str | None = None, namespace: Mapping[str, Any] | None = None,
+              cast=None) -> Any:
+    """A notebook parameter, typed like ``default`` (or by ``cast``, e.g. ``int`` when the default is None).
 
     On Databricks a text widget ``name`` is created (showing ``default``) and
     read; elsewhere ``CXR_<NAME>`` from the environment wins over ``default``.
@@ -86,7 +87,8 @@ def get_param(name: str, default: Any, label: str | None = None, namespace: Mapp
         if raw is None:
             return default
     try:
-        return convert_like(raw, default)
+        value = convert_like(raw, default)
+        return cast(value) if cast is not None and value is not None else value
     except ValueError as err:
         source = "widget" if dbutils is not None else env_var_name(name)
         raise ValueError(f"parameter {name!r} ({source}={raw!r}): {err}") from None
