@@ -122,3 +122,28 @@ def test_single_image_command(run, sample_tree):
         assert x["threshold"] == pytest.approx(spec["threshold"])
         assert x["label_name"] == spec["label_names"][int(x["probability"] >= spec["threshold"])]
     assert "cannot read" in lines[2]["error"]
+
+
+def test_local_classifier_runs_the_backbone_at_the_exported_image_size(sample_tree):
+    """A run trained with imageSize=96 must be scored at 96 px, not the backbone's native 299."""
+    import numpy as np
+
+    from cxr_pipeline.backbones import build_backbone, featurize_arrays
+    from cxr_pipeline.imaging import decode_image
+    from cxr_pipeline.model_export import LocalClassifier, score_features
+
+    dim = 256  # InceptionV3 mixed0 channels
+    rng = np.random.default_rng(0)
+    spec = {
+        "model_name": "InceptionV3", "feature_layer": "mixed0", "image_size": [96, 96], "weights": "random",
+        "max_pixels": None, "label_names": ["NORMAL", "PNEUMONIA"], "positive_label": "PNEUMONIA",
+        "scaler": {"with_mean": True, "with_std": True, "mean": [0.0] * dim, "std": [1.0] * dim},
+        "coefficients": rng.normal(size=dim).tolist(), "intercept": 0.1, "threshold": 0.5,
+    }
+    content = next(sample_tree.glob("test/*/*.jpeg")).read_bytes()
+    [result] = LocalClassifier(spec).predict_bytes([content])
+    assert result["error"] is None
+
+    reference = build_backbone("InceptionV3", weights="random", feature_layer="mixed0", image_size=96)
+    features = featurize_arrays(reference, "InceptionV3", decode_image(content, size=(96, 96))[None], 16)
+    assert result["probability"] == pytest.approx(float(score_features(spec, features)[0]), abs=1e-5)

@@ -112,6 +112,8 @@ def _resolve_weights(name: str | None, run_dir: str) -> str | None:
     """A weights file name from classifier.json -> a local path (run folder, then .local/weights)."""
     if not name:
         return None
+    if name in ("imagenet", "random"):  # keywords build_backbone understands, not files
+        return name
     from . import paths
 
     for candidate in (Path(run_dir) / name, paths.WEIGHTS_DIR / name):
@@ -159,6 +161,7 @@ class LocalClassifier:
                 self.spec["model_name"],
                 weights=_resolve_weights(self.spec.get("weights"), self.run_dir),
                 feature_layer=self.spec.get("feature_layer"),
+                image_size=self.image_size,
             )
         return self._backbone
 
