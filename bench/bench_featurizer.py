@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="weights file (default: the provisioned one, else 'random')")
     parser.add_argument("--batch-size", type=int, default=16, help="images per model call in every variant")
     parser.add_argument("--master", default="local[2]")
+    parser.add_argument("--partitions", type=int, default=None,
+                        help="repartition the read images to N before (b) and (c) (default: as binaryFile splits them)")
     parser.add_argument("--local-dir", default=None, help="where the synthetic tree is generated (kept, resumable)")
     parser.add_argument("--hdfs-dir", default=None, help="hdfs:// folder for the tree (default /bench/featurizer_<n>_<size>)")
     return parser.parse_args(argv)
@@ -103,6 +105,10 @@ def bench_bare_keras(args, files: list[Path], weights: str) -> float:
     return len(files) / elapsed
 
 
+def _partitioned(images, partitions: int | None):
+    return images.repartition(partitions) if partitions else images
+
+
 def run_noop(df) -> float:
     started = time.perf_counter()
     df.write.format("noop").mode("overwrite").save()
@@ -116,7 +122,7 @@ def bench_featurizer(spark, args, remote: str, weights: str) -> tuple[float, dic
 
     featurizer = ImageFeaturizer(modelName=args.model, featureLayer=args.layer, weights=weights,
                                  batchSize=args.batch_size)
-    images = read_images(spark, remote)
+    images = _partitioned(read_images(spark, remote), args.partitions)
     warm = run_noop(featurizer.transform(images.limit(2 * args.batch_size).repartition(2)))
     stats = featurizer.track_stats(spark)
     elapsed = run_noop(featurizer.transform(images))
@@ -161,7 +167,7 @@ def bench_predict_batch_udf(spark, args, remote: str, weights: str) -> tuple[flo
                                   batch_size=args.batch_size, input_tensor_shapes=[[height, width, 3]])
     from cxr_pipeline.spark.reader import read_images
 
-    images = read_images(spark, remote)
+    images = _partitioned(read_images(spark, remote), args.partitions)
 
     def plan(df):
         return df.withColumn("pixels", decode("content")).withColumn("features", featurize("pixels")).drop("pixels")
