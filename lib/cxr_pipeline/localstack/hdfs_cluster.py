@@ -14,7 +14,6 @@ CLI: ``python -m cxr_pipeline.localstack.hdfs_cluster up|down|status``.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import shutil
@@ -22,13 +21,12 @@ import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .. import paths, storage
 from . import provision
-from .processes import ProcessHandle, port_owner, wait_for_port_free
+from .processes import ProcessHandle, describe_port_owner, port_owner, state_lock, wait_for_port_free
 
 NAMENODE_CLASS = "org.apache.hadoop.hdfs.server.namenode.NameNode"
 DATANODE_CLASS = "org.apache.hadoop.hdfs.server.datanode.DataNode"
@@ -147,7 +145,7 @@ class LocalHdfs:
 
     def up(self, timeout: float = 90) -> "LocalHdfs":
         """Start (formatting on first use) and wait until writable; a no-op when already up."""
-        with self._lock():
+        with state_lock(self.state_dir):
             self.write_config()  # also refreshes the client config of a running instance
             if self.is_running() and self._is_ready():
                 return self
@@ -167,7 +165,7 @@ class LocalHdfs:
 
     def down(self, timeout: float = 20) -> None:
         """Stop DataNode then NameNode: SIGTERM, then SIGKILL after ``timeout`` seconds."""
-        with self._lock():
+        with state_lock(self.state_dir):
             for handle in (self.datanode, self.namenode):
                 handle.stop(timeout)
             for port in self.all_ports.values():
@@ -192,24 +190,13 @@ class LocalHdfs:
         return info
 
     # -- helpers ---------------------------------------------------------------
-    @contextmanager
-    def _lock(self) -> Iterator[None]:
-        """Serialises up/down across processes (several test sessions may call ensure_running at once)."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.state_dir / ".lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
     def _check_ports_free(self) -> None:
         ours = {h.pid() for h in (self.namenode, self.datanode) if h.alive()}
         for name, port in self.all_ports.items():
             owner = port_owner(port)
             if owner is None or owner.get("pid") in ours:
                 continue
-            who = f"pid {owner['pid']} ({owner['name']})" if owner.get("pid") else "another process"
+            who = describe_port_owner(owner)
             raise HdfsClusterError(
                 f"port {port} ({name}) is in use by {who}: stop it, or start this HDFS on other ports "
                 f"(--rpc-port/--http-port/--datanode-ports)")

@@ -7,14 +7,16 @@ Ctrl-C in the caller does not reach it), with ``<name>.pid`` and
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import signal
 import socket
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 
 class ProcessHandle:
@@ -164,3 +166,20 @@ def wait_for_port_free(port: int, timeout: float = 5) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+@contextmanager
+def state_lock(state_dir: Path) -> Iterator[None]:
+    """Serialises up/down of one local service across processes (several test sessions may start it at once)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def describe_port_owner(owner: Mapping) -> str:
+    """``"pid 123 (java)"`` for a :func:`port_owner` result, for error messages."""
+    return f"pid {owner['pid']} ({owner['name']})" if owner.get("pid") else "another process"

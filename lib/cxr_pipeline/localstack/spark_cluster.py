@@ -14,18 +14,16 @@ On 2 cores the executors compete with the driver: keep it down when not in use.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .. import paths
-from .processes import ProcessHandle, port_owner, wait_for_port_free
+from .processes import ProcessHandle, describe_port_owner, port_owner, state_lock, wait_for_port_free
 
 MASTER_CLASS = "org.apache.spark.deploy.master.Master"
 WORKER_CLASS = "org.apache.spark.deploy.worker.Worker"
@@ -101,7 +99,7 @@ class LocalSparkStandalone:
 
     def up(self, timeout: float = 90) -> "LocalSparkStandalone":
         """Start the master and workers (those not running) and wait for N ALIVE workers."""
-        with self._lock():
+        with state_lock(self.state_dir):
             if self.is_running() and self.alive_workers() >= self.n_workers:
                 return self
             for handle in [self.master, *self.workers]:
@@ -124,7 +122,7 @@ class LocalSparkStandalone:
             return self
 
     def down(self, timeout: float = 20) -> None:
-        with self._lock():
+        with state_lock(self.state_dir):
             # Also workers of an earlier `up --workers N` with a larger N.
             extra = [ProcessHandle(p.stem, WORKER_CLASS, self.state_dir) for p in sorted(self.state_dir.glob("worker-*.pid"))
                      if p.stem not in {w.name for w in self.workers}]
@@ -159,21 +157,11 @@ class LocalSparkStandalone:
         }
 
     # -- helpers ---------------------------------------------------------------
-    @contextmanager
-    def _lock(self) -> Iterator[None]:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.state_dir / ".lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
     def _check_ports_free(self) -> None:
         for name, port in (("master", self.master_port), ("master web UI", self.web_port)):
             owner = port_owner(port)
             if owner is not None:
-                who = f"pid {owner['pid']} ({owner['name']})" if owner.get("pid") else "another process"
+                who = describe_port_owner(owner)
                 raise SparkClusterError(f"port {port} ({name}) is in use by {who}: stop it or use --master-port/--web-port")
 
     def _wait_ready(self, timeout: float) -> None:
