@@ -187,6 +187,35 @@ def test_auto_transport_uses_webhdfs_for_small_uploads():
         hdfs_load.choose_transport("ftp")
 
 
+LOST_NAMENODE = ("Failed on local exception: java.net.SocketException: Connection reset; Host Details : "
+                 'local host is: "vm/127.0.0.1"; destination host is: "localhost":48833;')
+
+
+@pytest.mark.parametrize("kind, message, expected", [
+    ("IOException", LOST_NAMENODE, hdfs_load.HdfsUnavailable),
+    ("ConnectException", "Call From vm to localhost:9000 failed", hdfs_load.HdfsUnavailable),
+    ("SafeModeException", "Name node is in safe mode.", hdfs_load.HdfsUnavailable),
+    ("AccessControlException", "Permission denied: user=x", hdfs_load.HdfsPermissionError),
+    ("IOException", "Quota exceeded", hdfs_load.LoadError),
+])
+def test_webhdfs_errors_are_classified(kind, message, expected):
+    from hdfs.util import HdfsError
+
+    address = hdfs_load.resolve_target("hdfs://127.0.0.1:9000/data/x", webhdfs_url="http://127.0.0.1:9870")
+    with pytest.raises(hdfs_load.LoadError) as failure:
+        with hdfs_load._hdfs_errors("uploading a.jpeg", address):
+            raise HdfsError(message, exception=kind)
+    assert type(failure.value) is expected
+    assert "uploading a.jpeg" in str(failure.value)
+
+
+def test_cli_errors_are_classified():
+    address = hdfs_load.resolve_target("hdfs://127.0.0.1:9000/data/x", webhdfs_url="http://127.0.0.1:9870")
+    assert type(hdfs_load._cli_error(f"put: {LOST_NAMENODE}", address)) is hdfs_load.HdfsUnavailable
+    assert type(hdfs_load._cli_error("put: Permission denied", address)) is hdfs_load.HdfsPermissionError
+    assert type(hdfs_load._cli_error("put: Quota exceeded", address)) is hdfs_load.LoadError
+
+
 def test_resolve_target():
     address = hdfs_load.resolve_target("hdfs://127.0.0.1:9000/data/chest_xray/", webhdfs_url="http://h:1/")
     assert (address.namenode_uri, address.webhdfs_url, address.path) == (

@@ -54,18 +54,28 @@ def test_threshold_reaches_target_sensitivity_and_is_highest():
     choice = m.threshold_for_sensitivity(y, s, target=0.95)
     assert choice.fallback is None
     assert m.binary_report(y, s, choice.threshold).sensitivity >= 0.95
-    # any higher score as threshold drops below the target
-    higher = np.unique(s[s > choice.threshold])
+    # the threshold sits strictly between the lowest included and the highest excluded score
+    lowest_included, highest_excluded = s[s >= choice.threshold].min(), s[s < choice.threshold].max()
+    assert choice.threshold == pytest.approx((lowest_included + highest_excluded) / 2)
+    # the same confusion matrix as the lowest included score itself, and any higher score drops below the target
+    assert m.binary_report(y, s, lowest_included).tp == m.binary_report(y, s, choice.threshold).tp
+    higher = np.unique(s[s > lowest_included])
     assert m.binary_report(y, s, higher.min()).sensitivity < 0.95
     assert choice.sensitivity >= 0.95 and 0 <= choice.specificity <= 1
 
 
 def test_threshold_exact_small_case():
-    # positives sorted: 0.9, 0.8, 0.3, 0.2 ; target 0.75 -> 3 of 4 -> threshold 0.3
+    # positives sorted: 0.9, 0.8, 0.3, 0.2 ; target 0.75 -> 3 of 4 -> 0.3 included, 0.2 next below -> 0.25
     choice = m.threshold_for_sensitivity([1, 1, 1, 1, 0, 0], [0.9, 0.2, 0.8, 0.3, 0.5, 0.1], target=0.75)
-    assert choice.threshold == pytest.approx(0.3)
+    assert choice.threshold == pytest.approx(0.25)
     assert choice.sensitivity == pytest.approx(0.75)
     assert choice.specificity == pytest.approx(0.5)
+
+
+def test_threshold_is_the_lowest_positive_when_nothing_scores_below_it():
+    choice = m.threshold_for_sensitivity([1, 0, 1], [0.2, 0.6, 0.9], target=1.0)
+    assert choice.threshold == pytest.approx(0.2)
+    assert choice.sensitivity == 1.0 and choice.specificity == 0.0
 
 
 def test_single_class_falls_back_to_default_with_warning():

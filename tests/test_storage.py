@@ -265,3 +265,14 @@ def test_spark_binary_file_reads_what_storage_wrote(spark, hdfs_tmp):
         row = by_path[storage.hadoop_uri(storage.join(hdfs_tmp, relative))]
         assert row.length == len(data)
         assert bytes(row.content) == data
+
+
+def test_lost_connection_is_recognised_in_hdfs_errors_and_stderr():
+    from hdfs.util import HdfsError
+
+    reset = HdfsError("Failed on local exception: java.net.SocketException: Connection reset", exception="IOException")
+    assert storage.is_lost_connection(reset)
+    assert storage.is_lost_connection(HdfsError("Call From a to b failed", exception="ConnectException"))
+    assert storage.is_lost_connection("put: Call From vm/127.0.0.1 to localhost:9000 failed: Connection refused")
+    assert not storage.is_lost_connection(HdfsError("/x does not exist", exception="FileNotFoundException"))
+    assert not storage.is_lost_connection("put: Permission denied: user=x")

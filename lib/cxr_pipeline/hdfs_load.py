@@ -48,6 +48,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from . import paths
+from .storage import is_lost_connection
 from .dataset_layout import SPLITS, LayoutError, junk_reason, parse_image_path
 
 MANIFEST_NAME = ".hdfs_load_manifest.json"
@@ -302,6 +303,9 @@ def _hdfs_errors(what: str, address: HdfsAddress) -> Iterator[None]:
         if kind in ("SafeModeException", "RetriableException") or "safe mode" in str(exc).lower():
             raise HdfsUnavailable(f"HDFS at {address.namenode_uri} is not writable while {what} "
                                   f"(safe mode): {_short(exc)}") from exc
+        if is_lost_connection(exc):
+            raise HdfsUnavailable(f"HDFS at {address.namenode_uri} became unreachable while {what}: "
+                                  f"{_short(exc)}. Is the NameNode up? (`make hdfs-status`)") from exc
         raise LoadError(f"HDFS error while {what}: {_short(exc)}") from exc
 
 
@@ -502,7 +506,7 @@ def upload_webhdfs(remote: RemoteTree, items: Sequence[tuple[LocalFile, str]], s
 def _cli_error(stderr: str, address: HdfsAddress) -> LoadError:
     lines = [ln for ln in stderr.splitlines() if ln.strip() and " WARN " not in ln]
     tail = "\n".join(lines[-5:])
-    if "Connection refused" in stderr or "UnknownHost" in stderr or "ConnectException" in stderr:
+    if "UnknownHost" in stderr or is_lost_connection(stderr):
         return HdfsUnavailable(f"HDFS at {address.namenode_uri} is unreachable (hdfs dfs): {tail}")
     if "Permission denied" in stderr or "AccessControlException" in stderr:
         return HdfsPermissionError(f"permission denied on HDFS (hdfs dfs): {tail}")

@@ -171,8 +171,11 @@ def threshold_for_sensitivity(
 ) -> ThresholdChoice:
     """The highest threshold whose sensitivity on (y_true, scores) is >= ``target``.
 
-    The highest such threshold keeps specificity as high as possible. It is the
-    score of a positive example, so ``score >= threshold`` includes it. With no
+    The highest such threshold keeps specificity as high as possible. It lies
+    halfway between the lowest included score (a positive's) and the next lower
+    score, so the validation confusion matrix is the same as with the positive's
+    own score, but an image scored again with float noise (alone instead of in a
+    batch, in Keras instead of Spark) does not flip class. With no
     positive or no negative example the choice is meaningless: ``default`` is
     returned with a warning and ``fallback`` says why.
     """
@@ -194,7 +197,7 @@ def threshold_for_sensitivity(
     # k positives at or above the threshold give sensitivity k / P.
     k = int(math.ceil(target * positives.size - 1e-9))
     k = min(max(k, 1), positives.size)
-    threshold = float(positives[k - 1])
+    threshold = _midpoint_below(float(positives[k - 1]), s)
     report = binary_report(y, s, threshold)
     return ThresholdChoice(
         threshold=threshold,
@@ -202,6 +205,13 @@ def threshold_for_sensitivity(
         sensitivity=report.sensitivity,
         specificity=report.specificity,
     )
+
+
+def _midpoint_below(lowest_included: float, scores: np.ndarray) -> float:
+    below = scores[scores < lowest_included]
+    if below.size == 0:
+        return lowest_included
+    return float((lowest_included + below.max()) / 2.0)
 
 
 def class_counts(labels: Sequence[int], n_classes: int = 2) -> list[int]:

@@ -48,6 +48,19 @@ class StorageUnavailable(StorageError):
     """The storage service (e.g. the HDFS NameNode's WebHDFS endpoint) cannot be reached."""
 
 
+# Java exceptions a DataNode's WebHDFS reports when *it* lost the NameNode mid-request
+# (e.g. "Failed on local exception: java.net.SocketException: Connection reset").
+_LOST_PEER_MARKERS = ("ConnectException", "Connection refused", "Connection reset",
+                      "Failed on local exception", "EOFException", "NoRouteToHostException",
+                      "SocketTimeoutException")
+
+
+def is_lost_connection(error: BaseException | str) -> bool:
+    """True if an HdfsCLI ``HdfsError`` (or a Hadoop client's stderr) says a Hadoop daemon was unreachable."""
+    text = error if isinstance(error, str) else f"{getattr(error, 'exception', '') or ''} {error}"
+    return any(marker in text for marker in _LOST_PEER_MARKERS)
+
+
 @dataclass(frozen=True)
 class FileInfo:
     uri: str
@@ -456,6 +469,9 @@ class _HdfsBackend:
                 raise FileNotFoundError(message) from exc
             if kind == "FileAlreadyExistsException":
                 raise FileExistsError(message) from exc
+            if is_lost_connection(exc):
+                raise StorageUnavailable(f"HDFS became unreachable: {message}; is the NameNode up? "
+                                         "(`make hdfs-status`)") from exc
             raise StorageError(message) from exc
 
     def _status(self, path: str) -> dict | None:
