@@ -2,6 +2,9 @@
 
 YARN itself cannot run here; these tests check the command, not its execution.
 """
+import os
+import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -54,5 +57,18 @@ def test_wheel_builds_with_the_package_and_jobs_import_it(tmp_path):
     for module in ("training.py", "prediction.py", "model_export.py", "yarn.py", "spark/session.py"):
         assert f"cxr_pipeline/{module}" in names
     assert any(n.endswith("entry_points.txt") for n in names)
+    # conf/ travels inside the wheel, so an installed package has its defaults without the repository
+    for name in ("defaults.yaml", "local.yaml", "yarn.yaml", "hadoop/core-site.xml"):
+        assert f"cxr_pipeline/_conf/{name}" in names
+    installed, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
+    zipfile.ZipFile(wheel).extractall(installed)
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
+    env["PYTHONPATH"] = str(installed)
+    probe = ("from cxr_pipeline import config, paths; c = config.load_config('yarn'); "
+             "print(paths.CONF_DIR); print(c['spark']['master'])")
+    shown = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert shown == [str(installed / "cxr_pipeline" / "_conf"), "yarn"]
     out = yarn.main(["jobs/train_featurizer.py", "--", "--out", "hdfs:///runs/x"])
     assert out == 0

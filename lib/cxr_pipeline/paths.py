@@ -27,7 +27,21 @@ def _find_repo_root() -> Path:
 
 
 REPO_ROOT = _find_repo_root()
-CONF_DIR = Path(os.environ.get("CXR_CONF_DIR", REPO_ROOT / "conf"))
+
+
+def _find_conf_dir() -> Path:
+    """``$CXR_CONF_DIR``, else the repository's ``conf/``, else the copy bundled in the wheel."""
+    env = os.environ.get("CXR_CONF_DIR")
+    if env:
+        return Path(env)
+    in_repo = REPO_ROOT / "conf"
+    bundled = Path(__file__).resolve().parent / "_conf"
+    if not (in_repo / "defaults.yaml").is_file() and (bundled / "defaults.yaml").is_file():
+        return bundled
+    return in_repo
+
+
+CONF_DIR = _find_conf_dir()
 LOCAL_DIR = Path(os.environ.get("CXR_LOCAL_DIR", REPO_ROOT / ".local"))
 CACHE_DIR = Path(os.environ.get("CXR_CACHE_DIR", Path.home() / ".cache" / "cxr_pipeline"))
 DATA_DIR = Path(os.environ.get("CXR_DATA_DIR", REPO_ROOT / "data"))
