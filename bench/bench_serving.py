@@ -17,10 +17,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -28,13 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-HOST = "127.0.0.1"
+sys.path.insert(0, str(REPO / "lib"))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+from cxr_pipeline.serving.launcher import HOST, get_json, running_service  # noqa: E402
 
 
 def multipart(data: bytes, filename: str = "image.jpeg") -> tuple[bytes, str]:
@@ -63,26 +56,7 @@ class Client:
 
 
 def get_health(port: int) -> dict:
-    conn = http.client.HTTPConnection(HOST, port, timeout=10)
-    conn.request("GET", "/health")
-    return json.loads(conn.getresponse().read())
-
-
-def wait_healthy(port: int, server: subprocess.Popen, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the service exited with code {server.returncode}")
-        try:
-            conn = http.client.HTTPConnection(HOST, port, timeout=2)
-            conn.request("GET", "/health")
-            response = conn.getresponse()
-            if response.status == 200:
-                return json.loads(response.read())
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"the service did not answer /health within {timeout:.0f} s")
+    return get_json(port, "/health")[1]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -97,7 +71,6 @@ def describe(latencies: list[float]) -> str:
 
 
 def default_image() -> Path:
-    sys.path.insert(0, str(REPO / "lib"))
     from cxr_pipeline import paths
 
     images = sorted(paths.SAMPLE_TREE.rglob("*.jpeg"))
@@ -148,17 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     image = args.image or default_image()
     data = image.read_bytes()
     body, content_type = multipart(data, image.name)
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=f"{REPO / 'lib'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               TF_CPP_MIN_LOG_LEVEL="2")
-    command = [sys.executable, "-m", "cxr_pipeline.serving", "--model", args.model, "--host", HOST,
-               "--port", str(port), "--workers", str(args.workers), "--log-level", "warning"]
+    extra = ["--workers", str(args.workers)]
     if args.max_batch is not None:
-        command += ["--set", f"serving.max_batch={args.max_batch}"]
+        extra += ["--set", f"serving.max_batch={args.max_batch}"]
     started = time.perf_counter()
-    server = subprocess.Popen(command, env=env, cwd=REPO)
-    try:
-        health = wait_healthy(port, server, args.startup_timeout)
+    with running_service(args.model, extra, timeout=args.startup_timeout) as (port, health):
         startup = time.perf_counter() - started
         model = health["model"]
         max_batch = (health.get("batching") or {}).get("max_batch", "?")
@@ -187,12 +154,6 @@ def main(argv: list[str] | None = None) -> int:
         capped = " (time cap reached)" if len(latencies) + errors < args.requests else ""
         print(f"load, concurrency {args.concurrency}:        {describe(latencies)}   "
               f"-> {len(latencies) / wall:.1f} req/s over {wall:.1f} s, {errors} errors{capped}")
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
     return 0
 
 

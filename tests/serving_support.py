@@ -12,15 +12,14 @@ import http.client
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
+from cxr_pipeline.serving.launcher import HOST, running_service
+
 REPO = Path(__file__).resolve().parents[1]
-HOST = "127.0.0.1"
 
 _runs: dict[str, Path] = {}
 
@@ -111,19 +110,6 @@ def png_bytes(width: int, height: int, seed: int = 0) -> bytes:
 # A live service (uvicorn in a subprocess) for end-to-end tests
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def get_json(port: int, path: str) -> tuple[int, dict]:
-    conn = http.client.HTTPConnection(HOST, port, timeout=30)
-    conn.request("GET", path)
-    response = conn.getresponse()
-    return response.status, json.loads(response.read())
-
-
 def post_image(port: int, data: bytes, filename: str = "image.jpeg") -> tuple[int, dict]:
     boundary = "cxrboundary7d1f"
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
@@ -137,29 +123,5 @@ def post_image(port: int, data: bytes, filename: str = "image.jpeg") -> tuple[in
 @contextlib.contextmanager
 def live_service(model: Path, log: Path, *extra: str, timeout: float = 180) -> Iterator[int]:
     """``python -m cxr_pipeline.serving`` on a free loopback port; yields the port once /health answers."""
-    port = free_port()
-    command = [sys.executable, "-m", "cxr_pipeline.serving", "--model", str(model), "--host", HOST,
-               "--port", str(port), "--log-level", "warning", *extra]
-    with log.open("w") as out:
-        server = subprocess.Popen(command, cwd=REPO, env=job_env(), stdout=out, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if server.poll() is not None:
-                    raise RuntimeError(f"service exited with {server.returncode}:\n{log.read_text()[-3000:]}")
-                try:
-                    if get_json(port, "/health")[0] == 200:
-                        break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"service not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
-            yield port
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+    with running_service(model, extra, log=log, timeout=timeout, env=job_env()) as (port, _health):
+        yield port
