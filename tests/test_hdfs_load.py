@@ -209,6 +209,16 @@ def test_webhdfs_errors_are_classified(kind, message, expected):
     assert "uploading a.jpeg" in str(failure.value)
 
 
+@pytest.mark.parametrize("error", ["ConnectionError", "ChunkedEncodingError", "ReadTimeout"])
+def test_transport_errors_mean_hdfs_unavailable(error):
+    import requests
+
+    address = hdfs_load.resolve_target("hdfs://127.0.0.1:9000/data/x", webhdfs_url="http://127.0.0.1:9870")
+    with pytest.raises(hdfs_load.HdfsUnavailable, match="make hdfs-up"):
+        with hdfs_load._hdfs_errors("uploading a.jpeg", address):
+            raise getattr(requests.exceptions, error)("peer went away")
+
+
 def test_cli_errors_are_classified():
     address = hdfs_load.resolve_target("hdfs://127.0.0.1:9000/data/x", webhdfs_url="http://127.0.0.1:9870")
     assert type(hdfs_load._cli_error(f"put: {LOST_NAMENODE}", address)) is hdfs_load.HdfsUnavailable

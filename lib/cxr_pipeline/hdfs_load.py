@@ -292,7 +292,7 @@ def _hdfs_errors(what: str, address: HdfsAddress) -> Iterator[None]:
 
     try:
         yield
-    except (requests.ConnectionError, requests.Timeout) as exc:
+    except requests.RequestException as exc:  # refused, reset, timed out, or a reply cut short
         raise HdfsUnavailable(
             f"HDFS at {address.namenode_uri} (WebHDFS {address.webhdfs_url}) is unreachable while {what}: "
             f"{_short(exc)}. Is the NameNode up? (`make hdfs-up`)") from exc
