@@ -20,23 +20,13 @@ import json
 import statistics
 import sys
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "lib"))
 
-from cxr_pipeline.serving.launcher import HOST, get_json, running_service  # noqa: E402
-
-
-def multipart(data: bytes, filename: str = "image.jpeg") -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    body = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
-        f"Content-Type: application/octet-stream\r\n\r\n"
-    ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={boundary}"
+from cxr_pipeline.serving.launcher import HOST, get_json, multipart_image, running_service  # noqa: E402
 
 
 class Client:
@@ -120,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     image = args.image or default_image()
     data = image.read_bytes()
-    body, content_type = multipart(data, image.name)
+    body, content_type = multipart_image(data, image.name)
     extra = ["--workers", str(args.workers)]
     if args.max_batch is not None:
         extra += ["--set", f"serving.max_batch={args.max_batch}"]

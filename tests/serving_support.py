@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from cxr_pipeline.serving.launcher import HOST, running_service
+from cxr_pipeline.serving.launcher import HOST, multipart_image, running_service
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,11 +111,9 @@ def png_bytes(width: int, height: int, seed: int = 0) -> bytes:
 
 
 def post_image(port: int, data: bytes, filename: str = "image.jpeg") -> tuple[int, dict]:
-    boundary = "cxrboundary7d1f"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
-            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    body, content_type = multipart_image(data, filename)
     conn = http.client.HTTPConnection(HOST, port, timeout=60)
-    conn.request("POST", "/predict", body=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    conn.request("POST", "/predict", body=body, headers={"Content-Type": content_type})
     response = conn.getresponse()
     return response.status, json.loads(response.read())
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +19,7 @@ from PIL import Image
 
 from cxr_pipeline import hdfs_load, storage
 from cxr_pipeline.hdfs_load import LocalFile, make_plan, merge_manifest
+from cxr_pipeline.localstack.processes import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "hdfs_load.py"
@@ -92,12 +91,6 @@ def assert_byte_identical(root: Path, target: str) -> None:
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *args, "--no-progress"], capture_output=True,
                           text=True, timeout=timeout, cwd=REPO)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def local_file(rel: str, data: bytes) -> LocalFile:

@@ -2,20 +2,14 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
 from cxr_pipeline import storage
+from cxr_pipeline.localstack.processes import free_port
 
 PAYLOAD = bytes(range(256)) * 64 + b"\x00tail\xff"  # every byte value, 16 KiB + a tail
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(params=[

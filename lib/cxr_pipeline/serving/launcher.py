@@ -10,22 +10,25 @@ import contextlib
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import IO, Iterator, Mapping, Sequence
 
+from ..localstack.processes import free_port
 from ..paths import REPO_ROOT
 
 HOST = "127.0.0.1"
 
 
-def free_port(host: str = HOST) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def multipart_image(data: bytes, filename: str = "image.jpeg") -> tuple[bytes, str]:
+    """``(body, content_type)`` of a multipart form with ``data`` as its ``file`` field."""
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
 
 
 def get_json(port: int, path: str, host: str = HOST, timeout: float = 30) -> tuple[int, dict]:
@@ -81,7 +84,7 @@ def stop(server: subprocess.Popen, grace: float = 20) -> None:
 def running_service(model: str | os.PathLike, extra: Sequence[str] = (), log: Path | None = None,
                     timeout: float = 180, env: Mapping[str, str] | None = None) -> Iterator[tuple[int, dict]]:
     """Yields ``(port, health)`` of a service serving ``model``; output goes to ``log`` (else inherited)."""
-    port = free_port()
+    port = free_port(HOST)
     with contextlib.ExitStack() as stack:
         out: IO | None = stack.enter_context(Path(log).open("w")) if log else None
         server = subprocess.Popen(service_command(model, port, extra), cwd=REPO_ROOT, env=child_env(env),
