@@ -215,6 +215,8 @@ def test_transport_errors_mean_hdfs_unavailable(error):
 def test_cli_errors_are_classified():
     address = hdfs_load.resolve_target("hdfs://127.0.0.1:9000/data/x", webhdfs_url="http://127.0.0.1:9870")
     assert type(hdfs_load._cli_error(f"put: {LOST_NAMENODE}", address)) is hdfs_load.HdfsUnavailable
+    unknown_host = "-put: java.net.UnknownHostException: namenode.example"
+    assert type(hdfs_load._cli_error(unknown_host, address)) is hdfs_load.HdfsUnavailable
     assert type(hdfs_load._cli_error("put: Permission denied", address)) is hdfs_load.HdfsPermissionError
     assert type(hdfs_load._cli_error("put: Quota exceeded", address)) is hdfs_load.LoadError
 

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
-from . import paths
+from . import paths, storage
 from .storage import is_lost_connection
 from .dataset_layout import SPLITS, LayoutError, junk_reason, parse_image_path
 
@@ -267,8 +267,6 @@ class HdfsAddress:
 def resolve_target(target: str, default_namenode: str = "hdfs://127.0.0.1:9000",
                    webhdfs_url: str | None = None) -> HdfsAddress:
     """Where ``target`` lives; the WebHDFS URL, unless given, is the one ``storage`` would use."""
-    from . import storage
-
     parsed = urlsplit(target)
     if not parsed.scheme and target.startswith("/"):
         namenode = default_namenode.rstrip("/")
@@ -506,7 +504,7 @@ def upload_webhdfs(remote: RemoteTree, items: Sequence[tuple[LocalFile, str]], s
 def _cli_error(stderr: str, address: HdfsAddress) -> LoadError:
     lines = [ln for ln in stderr.splitlines() if ln.strip() and " WARN " not in ln]
     tail = "\n".join(lines[-5:])
-    if "UnknownHost" in stderr or is_lost_connection(stderr):
+    if is_lost_connection(stderr):
         return HdfsUnavailable(f"HDFS at {address.namenode_uri} is unreachable (hdfs dfs): {tail}")
     if "Permission denied" in stderr or "AccessControlException" in stderr:
         return HdfsPermissionError(f"permission denied on HDFS (hdfs dfs): {tail}")

@@ -48,9 +48,10 @@ class StorageUnavailable(StorageError):
     """The storage service (e.g. the HDFS NameNode's WebHDFS endpoint) cannot be reached."""
 
 
-# Java exceptions a DataNode's WebHDFS reports when *it* lost the NameNode mid-request
-# (e.g. "Failed on local exception: java.net.SocketException: Connection reset").
-_LOST_PEER_MARKERS = ("ConnectException", "Connection refused", "Connection reset",
+# What a Hadoop client or daemon reports when it cannot reach another one, including a
+# DataNode's WebHDFS that lost the NameNode mid-request
+# ("Failed on local exception: java.net.SocketException: Connection reset").
+_LOST_PEER_MARKERS = ("ConnectException", "UnknownHostException", "Connection refused", "Connection reset",
                       "Failed on local exception", "EOFException", "NoRouteToHostException",
                       "SocketTimeoutException")
 
