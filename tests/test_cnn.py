@@ -110,12 +110,25 @@ def test_listing_labels_and_rejects_junk(tree_with_junk):
 def test_validation_carve_keeps_patients_together(tree_with_junk):
     records, _ = data.list_image_tree(str(tree_with_junk))
     train, val, test = data.split_records(records, "carve", 0.25, seed=42)
-    assert {r.split for r in train + val} == {"train"} and {r.split for r in test} == {"test"}
+    assert {r.split for r in test} == {"test"}
     train_patients = {dataset_layout.patient_id(r.file_name) for r in train}
     assert train_patients.isdisjoint(dataset_layout.patient_id(r.file_name) for r in val)
-    assert val and len(train) + len(val) == sum(r.split == "train" for r in records)
     folder_train, folder_val, _ = data.split_records(records, "folder")
-    assert {r.split for r in folder_val} == {"val"} and len(folder_train) == len(train) + len(val)
+    assert {r.split for r in folder_val} == {"val"} and {r.split for r in folder_train} == {"train"}
+    assert val and len(train) + len(val) == len(folder_train) + len(folder_val)
+
+
+def test_carve_pools_the_val_folder_like_the_spark_job(tree_with_junk):
+    """The Spark job (training.assign_subsets) carves from train + val pooled; so must the CNN."""
+    from cxr_pipeline import splits
+
+    records, _ = data.list_image_tree(str(tree_with_junk))
+    train, val, _ = data.split_records(records, "carve", 0.25, seed=42)
+    pooled = [r for r in records if r.split in ("train", "val")]
+    assert any(r.split == "val" for r in pooled)
+    assert sorted(r.uri for r in train + val) == sorted(r.uri for r in pooled)  # no val/ image dropped
+    spark_flags = splits.is_validation([r.file_name for r in pooled], [r.label for r in pooled], 0.25, 42)
+    assert sorted(r.uri for r in val) == sorted(r.uri for r, f in zip(pooled, spark_flags) if f)
 
 
 def test_decoding_matches_imaging_and_excludes_corrupt_files(tree_with_junk):

@@ -74,3 +74,9 @@ def test_single_patient_class_stays_in_training_and_zero_fraction():
     assert is_validation(names, labels, 0.0) == [False] * 4
     with pytest.raises(ValueError):
         is_validation(names, labels, 1.0)
+
+
+def test_carve_pool_is_train_and_val_folders():
+    from cxr_pipeline.splits import carve_pool
+
+    assert carve_pool(["train", "val", "test", "train"]) == [True, True, False, True]

@@ -91,6 +91,18 @@ def is_validation(
     return [patient_id(name) in chosen for name in file_names]
 
 
+CARVE_POOL = ("train", "val")  # folders pooled before the validation carve (Kermany's val/ has only 16 images)
+
+
+def carve_pool(folder_splits: Sequence[str]) -> list[bool]:
+    """Whether each image (by its folder split) joins the pool that ``carve`` splits into train/val.
+
+    The one rule shared by the Spark job and the CNN: the ``train`` and ``val``
+    folders are pooled, ``test`` stays apart for the final report.
+    """
+    return [s in CARVE_POOL for s in folder_splits]
+
+
 def summarize(file_names: Sequence[str], flags: Sequence[bool]) -> SplitSummary:
     train_p = {patient_id(n) for n, v in zip(file_names, flags) if not v}
     val_p = {patient_id(n) for n, v in zip(file_names, flags) if v}

@@ -107,18 +107,18 @@ def split_records(
     records: Sequence[ImageRecord], validation: str = "carve", val_fraction: float = 0.2, seed: int = 42
 ) -> tuple[list[ImageRecord], list[ImageRecord], list[ImageRecord]]:
     """(train, val, test) exactly as the Spark job splits (conf ``training.validation``):
-    ``carve`` = a patient-grouped slice of the ``train`` folder (``splits.is_validation``),
+    ``carve`` = a patient-grouped slice of the pooled ``train`` + ``val`` folders
+    (``splits.carve_pool`` + ``splits.is_validation``, as ``training.assign_subsets``),
     ``folder`` = the dataset's own ``val`` folder. ``test`` is for the final report only."""
-    train_folder = [r for r in records if r.split == "train"]
     test = [r for r in records if r.split == "test"]
     if validation == "folder":
-        return train_folder, [r for r in records if r.split == "val"], test
+        return [r for r in records if r.split == "train"], [r for r in records if r.split == "val"], test
     if validation != "carve":
         raise ValueError(f"validation must be carve or folder, got {validation!r}")
-    flags = splits.is_validation([r.file_name for r in train_folder], [r.label for r in train_folder],
-                                 val_fraction, seed)
-    train = [r for r, is_val in zip(train_folder, flags) if not is_val]
-    val = [r for r, is_val in zip(train_folder, flags) if is_val]
+    pool = [r for r, pooled in zip(records, splits.carve_pool([r.split for r in records])) if pooled]
+    flags = splits.is_validation([r.file_name for r in pool], [r.label for r in pool], val_fraction, seed)
+    train = [r for r, is_val in zip(pool, flags) if not is_val]
+    val = [r for r, is_val in zip(pool, flags) if is_val]
     return train, val, test
 
 
