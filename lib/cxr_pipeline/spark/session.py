@@ -2,23 +2,61 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Mapping
 
 from pyspark.sql import SparkSession
+
+MAX_FAILURES_KEY = "spark.task.maxFailures"
+# local, local[4], local[*]: one attempt per task (Spark ignores spark.task.maxFailures in local mode).
+_LOCAL_WITHOUT_RETRIES = re.compile(r"local(?:\[(\d+|\*)\])?")
+
+
+def with_local_retries(master: str | None, max_failures: Any) -> str | None:
+    """``local[N]`` -> ``local[N,max_failures]``; other masters (and ``local[N,F]``) unchanged.
+
+    Spark's local mode gives each task exactly one attempt unless the master string
+    carries a failure count, so one crashed Python worker would fail the whole job.
+    """
+    if master is None or max_failures is None:
+        return master
+    match = _LOCAL_WITHOUT_RETRIES.fullmatch(master.strip())
+    if not match:
+        return master
+    return f"local[{match.group(1) or 1},{int(max_failures)}]"
+
+
+def _launcher_master() -> str | None:
+    """The master spark-submit put in the driver JVM's system properties (it always sets one).
+
+    None when no driver JVM is running yet: starting one here would drop the config's
+    driver options (spark.driver.memory), which only apply at JVM launch.
+    """
+    from pyspark import SparkConf, SparkContext
+
+    if "PYSPARK_GATEWAY_PORT" not in os.environ:
+        return None
+    SparkContext._ensure_initialized()
+    return SparkConf().get("spark.master", None)
 
 
 def spark_session(config: Mapping[str, Any] | None = None, app_name: str | None = None, master: str | None = None) -> SparkSession:
     """A SparkSession for ``config["spark"]``; ``master``/``app_name`` override it.
 
-    Under ``spark-submit`` the master given there wins (we do not set it again
-    when ``spark.master`` is already in the launcher's conf).
+    Under ``spark-submit`` the master given there wins over the config's. Whatever
+    its origin, a local master gets ``spark.task.maxFailures`` attempts per task.
     """
     spark_conf = dict((config or {}).get("spark", {}))
+    settings = dict(spark_conf.get("conf") or {})
     builder = SparkSession.builder.appName(app_name or spark_conf.get("app_name", "cxr-pipeline"))
     launched_by_submit = "PYSPARK_GATEWAY_PORT" in os.environ or "SPARK_SUBMIT_OPTS" in os.environ
-    chosen_master = master or spark_conf.get("master")
-    if chosen_master and not (launched_by_submit and master is None):
+    if master is None and launched_by_submit:
+        chosen_master = _launcher_master()
+    else:
+        chosen_master = master or spark_conf.get("master")
+    chosen_master = with_local_retries(chosen_master, settings.get(MAX_FAILURES_KEY))
+    if chosen_master:
         builder = builder.master(chosen_master)
-    for key, value in (spark_conf.get("conf") or {}).items():
+    for key, value in settings.items():
         builder = builder.config(key, str(value))
     return builder.getOrCreate()
