@@ -139,3 +139,53 @@ def test_decode_batch_separates_good_and_bad():
 def test_decode_batch_of_nothing():
     arrays, good_idx, failed = decode_batch([], size=(16, 16))
     assert arrays.shape == (0, 16, 16, 3) and good_idx == [] and failed == []
+
+
+@pytest.mark.parametrize("stage", ["open", "load", "resize"])
+def test_out_of_memory_propagates_instead_of_becoming_a_rejection(monkeypatch, stage):
+    # A MemoryError says nothing about the image: it must reach the task (retried), never "corrupt image".
+    from PIL import ImageFile
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("simulated allocation failure")
+
+    target = {"open": (Image, "open"), "load": (ImageFile.ImageFile, "load"), "resize": (Image.Image, "resize")}[stage]
+    data = encode(Image.fromarray(gradient(40, 30), mode="L"))
+    monkeypatch.setattr(*target, no_memory)
+    with pytest.raises(MemoryError):
+        decode_image(data, size=(8, 8))
+    with pytest.raises(MemoryError):
+        decode_batch([data], size=(8, 8))
+
+
+def test_enomem_oserror_propagates_but_other_oserrors_are_rejections(monkeypatch):
+    import errno
+
+    from PIL import ImageFile
+
+    data = encode(Image.fromarray(gradient(40, 30), mode="L"))
+
+    def fail_with(err):
+        def load(*args, **kwargs):
+            raise OSError(err, "simulated")
+        return load
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", fail_with(errno.ENOMEM))
+    with pytest.raises(OSError):
+        decode_image(data, size=(8, 8))
+    monkeypatch.setattr(ImageFile.ImageFile, "load", fail_with(errno.EIO))
+    with pytest.raises(ImageDecodeError):
+        decode_image(data, size=(8, 8))
+
+
+def test_wide_images_are_windowed_in_strips_with_the_same_result(monkeypatch):
+    # The strip-wise window must equal the whole-image float64 formula it replaced, strip edges included.
+    import cxr_pipeline.imaging as imaging
+
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(100, 3900, (37, 53), dtype=np.uint16)
+    monkeypatch.setattr(imaging, "STRIP_PIXELS", 53 * 4)  # 4 rows a strip, last strip partial
+    out = decode_image(encode(Image.fromarray(pixels), "PNG"), size=(37, 53))[..., 0]
+    low, high = float(pixels.min()), float(pixels.max())
+    expected = ((pixels.astype(np.float64) - low) * (255.0 / (high - low))).round().astype(np.uint8)
+    assert np.array_equal(out, expected)

@@ -13,7 +13,11 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 SPLITS = ("train", "val", "test")
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png") + DICOM_EXTENSIONS
+# A DICOM file says "DICM" after a 128-byte preamble: callers that sniff a file's head must read this many bytes.
+DICOM_MAGIC_OFFSET = 128
+SNIFF_BYTES = DICOM_MAGIC_OFFSET + 4
 
 # Kermany file names carry the patient: person123_bacteria_456.jpeg,
 # IM-0117-0001.jpeg, NORMAL2-IM-1427-0001.jpeg (one patient can have several images).
@@ -97,11 +101,18 @@ def patient_id(file_name: str) -> str:
     return posixpath.splitext(base)[0]
 
 
+def is_dicom(head: bytes) -> bool:
+    """Whether the bytes start like a DICOM Part 10 file (128-byte preamble, then ``DICM``)."""
+    return head[DICOM_MAGIC_OFFSET:SNIFF_BYTES] == b"DICM"
+
+
 def sniff_image_format(head: bytes) -> str | None:
-    """``"jpeg"``/``"png"`` from the first bytes of a file, else None."""
+    """``"jpeg"``/``"png"``/``"dicom"`` from the first bytes of a file (``SNIFF_BYTES`` for DICOM), else None."""
     for magic, fmt in _MAGIC.items():
         if head.startswith(magic):
             return fmt
+    if is_dicom(head):
+        return "dicom"
     return None
 
 
@@ -119,5 +130,7 @@ def junk_reason(file_name: str, size: int | None = None, head: bytes | None = No
     if size == 0:
         return "zero-byte file"
     if head is not None and sniff_image_format(head) is None:
+        if len(head) < SNIFF_BYTES and base.lower().endswith(DICOM_EXTENSIONS):
+            return None  # too short a head to see DICM at byte 128: the decoder decides
         return "not an image (bad magic bytes)"
     return None

@@ -14,15 +14,30 @@ component sees exactly the same pixels.
 * Grayscale, 16-bit, float, CMYK, palette and alpha images all become 3-channel
   RGB. 16-bit/32-bit/float images are windowed to their own min..max range
   (scanner exports rarely use the whole 16-bit range).
+* DICOM (``DICM`` at byte 128) is decoded by :mod:`cxr_pipeline.dicom`: modality
+  LUT, VOI LUT / window or a percentile window, MONOCHROME1 inverted, then the
+  same resize as any other image.
 * The image is resized to ``size`` without keeping the aspect ratio, as
   ``keras.utils.image_dataset_from_directory`` does by default.
 * Anything that cannot be decoded raises :class:`ImageDecodeError` whose text is
   a short reason ("zero-byte file", "not an image", "truncated image", ...) that
   callers record next to the path. A pixel-count guard rejects decompression
   bombs before any pixel is decompressed.
+* Running out of memory is not a property of the image: ``MemoryError`` (and
+  ``OSError`` ENOMEM) propagate, so a Spark task is retried and nothing is
+  recorded as a rejection.
+
+Peak memory of one decode: the decoded source pixels as the decoder holds them
+(1 byte per pixel for 8-bit grayscale, 2 for 16-bit, 4 for 32-bit/float; 3 for
+RGB), plus the full-resolution 8-bit result (1 byte per pixel), plus a working
+strip of at most ``STRIP_PIXELS`` pixels (about 8 MB in float64), plus the input
+bytes. So at most about 4 bytes per source pixel plus the output, for every bit
+depth: a 7700x7700 16-bit PNG peaks near 200 MB (it was 1.5 GB when the window
+was computed on a whole float64 copy). ``bench/bench_decode.py --memory`` measures it.
 """
 from __future__ import annotations
 
+import errno
 import io
 import warnings
 from typing import Sequence
@@ -30,7 +45,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .dataset_layout import sniff_image_format
+from .dataset_layout import is_dicom, sniff_image_format
 
 DEFAULT_SIZE = (299, 299)  # (height, width), InceptionV3's input
 DEFAULT_MAX_PIXELS = 60_000_000  # width*height; chest X-rays are ~1-9 Mpx
@@ -39,10 +54,16 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "GIF", "WEBP", "PPM")
 
 _WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 _NATIVE_MODES = ("L", "RGB")
+STRIP_PIXELS = 1 << 20  # wide images are windowed this many pixels at a time (bounded float64 scratch)
 
 
 class ImageDecodeError(ValueError):
     """An input that is not a usable image; ``str(error)`` is a short reason."""
+
+
+def is_resource_error(exc: BaseException) -> bool:
+    """Out of memory is the machine's state, not the image's: such errors must propagate, never be a rejection."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM)
 
 
 def _open(data: bytes | None, max_pixels: int) -> Image.Image:
@@ -62,6 +83,8 @@ def _open(data: bytes | None, max_pixels: int) -> Image.Image:
         reason = f"corrupt {claimed.upper()} header" if claimed else "not an image"
         raise ImageDecodeError(reason) from None
     except Exception as exc:  # noqa: BLE001 - a broken header is a rejection, not a crash
+        if is_resource_error(exc):
+            raise
         raise ImageDecodeError(f"corrupt image header ({type(exc).__name__})") from None
     width, height = image.size
     if width <= 0 or height <= 0:
@@ -74,7 +97,12 @@ def _open(data: bytes | None, max_pixels: int) -> Image.Image:
 
 
 def image_info(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int, str]:
-    """``(width, height, format)`` from the header only (no pixel decoding)."""
+    """``(width, height, format)`` from the header only (no pixel decoding); format ``"DICOM"`` for DICOM."""
+    if data and is_dicom(data):
+        from . import dicom
+
+        header = dicom.read_image_header(data, max_pixels)
+        return header.width, header.height, "DICOM"
     image = _open(data, max_pixels)
     return image.size[0], image.size[1], image.format or "unknown"
 
@@ -101,10 +129,32 @@ def _load(image: Image.Image) -> None:
     try:
         image.load()
     except OSError as exc:
+        if is_resource_error(exc):
+            raise
         reason = "truncated image" if "truncated" in str(exc).lower() else f"corrupt image ({exc})"
         raise ImageDecodeError(reason) from None
     except Exception as exc:  # noqa: BLE001 - decoders raise SyntaxError, ValueError, struct.error...
+        if is_resource_error(exc):
+            raise
         raise ImageDecodeError(f"corrupt image ({type(exc).__name__}: {exc})") from None
+
+
+def _window_to_8bit(image: Image.Image) -> Image.Image:
+    """A 16/32-bit or float image windowed to its own min..max, a strip of rows at a time.
+
+    A whole-image float64 copy costs 8 bytes per pixel (1.5 GB for 7700x7700); the strips keep the
+    scratch space at ``STRIP_PIXELS`` whatever the image size.
+    """
+    low, high = (float(v) for v in image.getextrema())
+    scale = 255.0 / (high - low) if high > low else 0.0
+    width, height = image.size
+    out = np.empty((height, width), dtype=np.uint8)
+    rows = max(1, STRIP_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        strip = np.asarray(image.crop((0, top, width, bottom)), dtype=np.float64)
+        out[top:bottom] = ((strip - low) * scale).round()
+    return Image.fromarray(out, mode="L")
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -112,10 +162,7 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     if image.mode in _NATIVE_MODES:
         return image
     if image.mode in _WIDE_MODES:
-        pixels = np.asarray(image, dtype=np.float64)
-        low, high = float(pixels.min()), float(pixels.max())
-        scale = 255.0 / (high - low) if high > low else 0.0
-        return Image.fromarray(((pixels - low) * scale).round().astype(np.uint8), mode="L")
+        return _window_to_8bit(image)
     if image.mode in ("1", "LA", "La"):
         return image.convert("L")
     if image.mode == "P" and "transparency" in image.info:
@@ -134,14 +181,21 @@ def decode_image(
     Raises :class:`ImageDecodeError` with a short reason for anything unusable.
     """
     height, width = size
-    image = _open(data, max_pixels)
+    if data and is_dicom(data):
+        from . import dicom
+
+        image = dicom.decode_to_image(data, size, max_pixels)
+    else:
+        image = _open(data, max_pixels)
     try:
-        _draft(image, size)
-        _load(image)
-        try:
-            image = ImageOps.exif_transpose(image)
-        except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the image
-            pass
+        if image.format is not None:  # a file Pillow opened (a DICOM arrives decoded and windowed)
+            _draft(image, size)
+            _load(image)
+            try:
+                image = ImageOps.exif_transpose(image)
+            except Exception as exc:  # noqa: BLE001 - a broken EXIF block must not lose the image
+                if is_resource_error(exc):
+                    raise
         image = _to_8bit(image)
         # Resize while still 1-channel for grayscale X-rays: 3x less work.
         image = image.resize((width, height), Image.Resampling.BILINEAR)
@@ -151,6 +205,8 @@ def decode_image(
     except ImageDecodeError:
         raise
     except Exception as exc:  # noqa: BLE001 - never let one bad file crash a batch
+        if is_resource_error(exc):
+            raise
         raise ImageDecodeError(f"corrupt image ({type(exc).__name__}: {exc})") from None
     finally:
         image.close()
