@@ -1,0 +1,241 @@
+"""DICOM decoding, rejections and de-identification, on DICOM files made from the real sample X-rays
+(``datasets.dicom_from_images``) and on the real DICOM test files pydicom ships. No Spark here
+except the last tests (reader and packing outputs scanned for the planted identity)."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr_pipeline import dicom
+from cxr_pipeline.datasets.dicom_from_images import (
+    FAKE_IDENTITY,
+    gray_pixels,
+    jpeg_dicom,
+    native_dicom,
+    twelve_bit_with_window,
+)
+from cxr_pipeline.imaging import ImageDecodeError, decode_batch, decode_image, image_info
+
+SIZE = (299, 299)
+
+
+def pydicom_file(name: str) -> bytes:
+    import pydicom
+
+    return (Path(pydicom.__file__).parent / "data" / "test_files" / name).read_bytes()
+
+
+def png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "PNG")
+    return out.getvalue()
+
+
+def assert_no_planted_values(text: str) -> None:
+    for value in FAKE_IDENTITY.values():
+        assert value.lower() not in text.lower(), f"planted identifying value {value!r} leaked"
+
+
+@pytest.fixture(scope="module")
+def xrays(sample_tree) -> dict[str, bytes]:
+    """Two real sample X-rays per class (original JPEG bytes)."""
+    picked = {}
+    for label in ("NORMAL", "PNEUMONIA"):
+        for path in sorted((sample_tree / "train" / label).glob("*.jpeg"))[:2]:
+            picked[path.name] = path.read_bytes()
+    return picked
+
+
+@pytest.fixture(scope="module")
+def one_xray(xrays) -> bytes:
+    return next(iter(xrays.values()))
+
+
+# ---------------------------------------------------------------- same pixels as the JPEG
+
+
+def test_jpeg_wrapped_as_dicom_decodes_to_identical_pixels(xrays):
+    for name, jpeg in xrays.items():
+        wrapped = jpeg_dicom(jpeg)
+        assert np.array_equal(decode_image(wrapped, SIZE), decode_image(jpeg, SIZE)), name
+        width, height, _ = image_info(jpeg)
+        assert image_info(wrapped) == (width, height, "DICOM")
+
+
+def test_twelve_bit_with_window_tags_gives_the_full_resolution_pixels(one_xray):
+    # 16*v stored in 12 bits, window 2040.5/4081 (LINEAR) maps back to v exactly.
+    pixels = gray_pixels(one_xray)
+    assert np.array_equal(decode_image(twelve_bit_with_window(one_xray), SIZE), decode_image(png(pixels), SIZE))
+    # The JPEG path decodes in draft mode (reduced scale): same picture, within the draft-mode bound of test_imaging.
+    difference = np.abs(decode_image(one_xray, SIZE).astype(int) - decode_image(png(pixels), SIZE)).mean()
+    assert difference < 3.0
+
+
+def test_window_is_applied_after_the_rescale(one_xray):
+    pixels = gray_pixels(one_xray)
+    # value = 2*stored - 100; the window in those units maps 16*v back to v.
+    data = native_dicom(pixels.astype(np.uint16) * 16, 12, rescale=(2, -100), window=(3980.5, 8161))
+    assert np.array_equal(decode_image(data, SIZE), decode_image(png(pixels), SIZE))
+
+
+def test_percentile_window_ignores_a_linear_rescale_and_monochrome1_inverts(one_xray):
+    stored = gray_pixels(one_xray).astype(np.uint16) * 257
+    plain = decode_image(native_dicom(stored, 16), SIZE).astype(int)
+    rescaled = decode_image(native_dicom(stored, 16, rescale=(0.5, -1000)), SIZE).astype(int)
+    inverted = decode_image(native_dicom(stored, 16, photometric="MONOCHROME1"), SIZE).astype(int)
+    assert np.array_equal(plain, rescaled)
+    assert np.abs((255 - plain) - inverted).max() <= 1  # rounding of 255*(1-y) vs 255-255*y
+    # the robust window stretches the 0.5..99.5 % range to 0..255: both ends are reached
+    assert plain.min() == 0 and plain.max() == 255
+    signed = decode_image(native_dicom(stored.astype(np.int32).astype(np.int16) // 16 - 2048, 12), SIZE)
+    assert signed.shape == SIZE + (3,)
+
+
+def test_features_of_jpeg_and_dicom_agree(one_xray):
+    """Same pixels -> same features, within the float32 kernel tolerance of tests/tolerances.py.
+
+    The JPEG-wrapped DICOM decodes to the JPEG's very pixels; the 12-bit DICOM to the PNG of the full
+    decode (the .jpeg itself is decoded in draft mode, which is the JPEG path's own approximation).
+    """
+    from tolerances import assert_same_features
+
+    from cxr_pipeline.backbones import build_backbone, featurize_arrays
+
+    model = build_backbone("InceptionV3", feature_layer="mixed5")
+    full = png(gray_pixels(one_xray))
+    batch = np.stack([decode_image(d, SIZE) for d in (one_xray, jpeg_dicom(one_xray), full,
+                                                      twelve_bit_with_window(one_xray))])
+    features = featurize_arrays(model, "InceptionV3", batch)
+    assert_same_features(features[1], features[0])
+    assert_same_features(features[3], features[2])
+
+
+# ---------------------------------------------------------------- real DICOM files shipped with pydicom
+
+
+def test_one_image_in_five_transfer_syntaxes_decodes_the_same():
+    # native little/big endian, RLE (pydicom), JPEG 2000 lossless and JPEG-LS lossless (python-gdcm)
+    names = ["MR_small.dcm", "MR_small_bigendian.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm",
+             "MR_small_jpeg_ls_lossless.dcm"]
+    decoded = [decode_image(pydicom_file(n), (64, 64)) for n in names]
+    for name, image in zip(names[1:], decoded[1:]):
+        assert np.array_equal(image, decoded[0]), name
+    assert decoded[0].std() > 10
+
+
+def test_jpeg_lossless_colour_matches_its_uncompressed_twin():
+    lossless = decode_image(pydicom_file("SC_rgb_jpeg_gdcm.dcm"), (100, 100))  # JPEG process 14, python-gdcm
+    native = decode_image(pydicom_file("SC_rgb_rle.dcm"), (100, 100))
+    assert np.array_equal(lossless, native)
+
+
+def test_rescaled_ct_decodes():
+    assert decode_image(pydicom_file("CT_small.dcm"), (64, 64)).std() > 10
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("reportsi.dcm", "DICOM without an image (Basic Text SR Storage)"),
+        ("rtplan.dcm", "DICOM without an image (RT Plan Storage)"),
+        ("examples_ybr_color.dcm", "multi-frame DICOM (30 frames)"),
+        ("MR_truncated.dcm", "corrupt DICOM pixel data"),
+        ("examples_palette.dcm", "unsupported DICOM photometric interpretation PALETTE COLOR"),
+        ("JPGExtended.dcm", "no decoder for DICOM transfer syntax JPEG Extended"),
+        ("rtdose_1frame.dcm", "wider than 16 bits"),
+        ("badVR.dcm", "corrupt DICOM header"),
+    ],
+)
+def test_unusable_dicom_is_a_recorded_rejection(name, reason):
+    data = pydicom_file(name)
+    with pytest.raises(ImageDecodeError) as caught:
+        decode_image(data, (32, 32))
+    assert reason in str(caught.value)
+    arrays, good, failed = decode_batch([data], (32, 32))
+    assert good == [] and reason in failed[0][1]
+
+
+def test_missing_or_truncated_pixel_data_is_a_rejection(one_xray):
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(native_dicom(gray_pixels(one_xray)[:64, :64], 8)))
+    del ds.PixelData
+    out = io.BytesIO()
+    ds.save_as(out)
+    with pytest.raises(ImageDecodeError, match="DICOM without pixel data"):
+        decode_image(out.getvalue(), (32, 32))
+    truncated = jpeg_dicom(one_xray)
+    with pytest.raises(ImageDecodeError, match="DICOM without pixel data"):
+        decode_image(truncated[: len(truncated) // 2], (32, 32))
+
+
+def test_pixel_guard_applies_before_decompressing(one_xray):
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(jpeg_dicom(one_xray)))
+    ds.Rows, ds.Columns = 20_000, 20_000  # header of a decompression bomb; the frame is never opened
+    out = io.BytesIO()
+    ds.save_as(out)
+    with pytest.raises(ImageDecodeError, match=r"too many pixels \(20000x20000 = 400000000 > max_pixels 60000000\)"):
+        decode_image(out.getvalue(), SIZE)
+    with pytest.raises(ImageDecodeError, match="too many pixels"):
+        image_info(out.getvalue())
+
+
+def test_out_of_memory_while_decoding_dicom_propagates(monkeypatch):
+    import pydicom.pixels
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", no_memory)
+    with pytest.raises(MemoryError):
+        decode_image(pydicom_file("MR_small.dcm"), (32, 32))
+
+
+# ---------------------------------------------------------------- no patient data out
+
+
+def test_facts_carry_a_keyed_pseudonym_and_the_view_never_the_raw_id(one_xray):
+    data = jpeg_dicom(one_xray, view="LATERAL")
+    facts = dicom.read_facts(data, "site-secret")
+    assert facts.view_position == "LATERAL" and facts.modality == "DX"
+    assert facts.patient == dicom.patient_pseudonym(FAKE_IDENTITY.patient_id, "site-secret")
+    assert facts.patient != dicom.read_facts(data, "another-key").patient
+    assert facts.patient.startswith("pt-") and "." not in facts.patient
+    assert_no_planted_values(repr(facts))
+    assert not dicom.is_frontal("LATERAL") and dicom.is_frontal("pa") and dicom.is_frontal("AP")
+
+
+def test_pseudonym_is_its_own_patient_for_the_split(one_xray):
+    from cxr_pipeline.dataset_layout import patient_id
+
+    pseudonym = dicom.patient_pseudonym(FAKE_IDENTITY.patient_id, "k")
+    assert patient_id(pseudonym) == pseudonym
+
+
+def test_settings_come_from_the_config():
+    from cxr_pipeline import config
+
+    settings = dicom.DicomSettings.from_config(config.load_config(overrides=["dicom.frontal_only=true"]))
+    assert settings.frontal_only is True and settings.patient_key
+    with pytest.raises(ValueError, match="patient_key"):
+        dicom.DicomSettings.from_config({"dicom": {"patient_key": "", "frontal_only": False}})
+
+
+def test_no_warning_or_log_quotes_header_values(one_xray, caplog, recwarn):
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(jpeg_dicom(one_xray)))
+    ds.PatientBirthDate = FAKE_IDENTITY.birth_date + "-not-a-date"  # invalid DA: pydicom would warn, quoting it
+    out = io.BytesIO()
+    ds.save_as(out)
+    with caplog.at_level("DEBUG"):
+        dicom.read_facts(out.getvalue(), "k")
+        decode_image(out.getvalue(), (32, 32))
+    assert_no_planted_values(caplog.text + " ".join(str(w.message) for w in recwarn))
