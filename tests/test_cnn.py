@@ -17,6 +17,7 @@ keras = pytest.importorskip("keras")
 from cxr_pipeline import config as config_mod  # noqa: E402
 from cxr_pipeline import dataset_layout  # noqa: E402
 from cxr_pipeline.cnn import data, gradcam, models  # noqa: E402
+from tolerances import assert_same_probabilities  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -231,7 +232,7 @@ def test_saved_model_reloads_and_predicts_the_same_probabilities(small_run):
         classifier = LocalCnnClassifier.load(str(source))
         results = classifier.predict_bytes([Path(r["path"]).read_bytes() for r in rows] + [b"junk"])
         got = np.array([res["probability"] for res in results[:-1]])
-        np.testing.assert_allclose(got, [float(r["probability"]) for r in rows], rtol=1e-4, atol=1e-5)
+        assert_same_probabilities(got, [float(r["probability"]) for r in rows])
         assert results[-1]["error"] and results[-1]["probability"] is None
     assert classifier.threshold == metrics["threshold"]
 
@@ -285,7 +286,7 @@ def test_inception_transfer_one_epoch_with_fine_tuning(tree_with_junk, tmp_path)
     rows = list(csv.DictReader((tmp_path / "run" / "predictions.csv").open()))
     classifier = LocalCnnClassifier.load(str(tmp_path / "run"))
     got = [r["probability"] for r in classifier.predict_bytes([Path(r["path"]).read_bytes() for r in rows])]
-    np.testing.assert_allclose(got, [float(r["probability"]) for r in rows], rtol=1e-4, atol=1e-5)
+    assert_same_probabilities(got, [float(r["probability"]) for r in rows])
 
 
 @pytest.mark.hdfs
@@ -333,7 +334,7 @@ def test_train_from_and_to_the_real_hdfs(sample_tree, hdfs_tmp):
     assert all(r["path"].startswith("hdfs://") for r in rows)
     classifier = LocalCnnClassifier.load(out_uri)
     got = [r["probability"] for r in classifier.predict_bytes([storage.read_bytes(r["path"]) for r in rows])]
-    np.testing.assert_allclose(got, [float(r["probability"]) for r in rows], rtol=1e-4, atol=1e-5)
+    assert_same_probabilities(got, [float(r["probability"]) for r in rows])
 
 
 def test_job_help():
