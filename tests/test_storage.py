@@ -270,3 +270,82 @@ def test_lost_connection_is_recognised_in_hdfs_errors_and_stderr():
     assert storage.is_lost_connection("put: Call From vm/127.0.0.1 to localhost:9000 failed: Connection refused")
     assert not storage.is_lost_connection(HdfsError("/x does not exist", exception="FileNotFoundException"))
     assert not storage.is_lost_connection("put: Permission denied: user=x")
+
+
+LOST_NAMENODE = ("Failed on local exception: java.net.SocketException: Connection reset; Host Details : "
+                 'local host is: "vm/127.0.0.1"; destination host is: "localhost":48833;')
+
+
+def unreachable_hdfs() -> storage.HdfsFilesystem:
+    """An HdfsFilesystem whose calls are never made: for the error translation only."""
+    return storage.HdfsFilesystem(f"hdfs://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}")
+
+
+@pytest.mark.parametrize("kind, message, expected", [
+    ("IOException", LOST_NAMENODE, storage.StorageUnavailable),
+    ("ConnectException", "Call From vm to localhost:9000 failed", storage.StorageUnavailable),
+    ("SafeModeException", "Name node is in safe mode.", storage.StorageUnavailable),
+    ("RetriableException", "NameNode still not started", storage.StorageUnavailable),
+    ("AccessControlException", "Permission denied: user=x", storage.StoragePermissionError),
+    ("FileAlreadyExistsException", "/x for client 127.0.0.1 already exists", FileExistsError),
+    ("FileNotFoundException", "File does not exist: /x", FileNotFoundError),
+    ("IOException", "Quota exceeded", storage.StorageError),
+])
+def test_webhdfs_errors_are_translated(kind, message, expected):
+    from hdfs.util import HdfsError
+
+    def fail():
+        raise HdfsError(message, exception=kind)
+
+    with pytest.raises(OSError) as failure:
+        unreachable_hdfs()._call("upload", "/data/a.jpeg", fail)
+    assert type(failure.value) is expected
+    assert "upload hdfs://127.0.0.1:" in str(failure.value) and "/data/a.jpeg" in str(failure.value)
+    assert isinstance(storage.StoragePermissionError("x"), PermissionError)
+
+
+@pytest.mark.parametrize("error", ["ConnectionError", "ChunkedEncodingError", "ReadTimeout"])
+def test_transport_errors_mean_storage_unavailable(error):
+    import requests
+
+    def fail():
+        raise getattr(requests.exceptions, error)("peer went away")
+
+    with pytest.raises(storage.StorageUnavailable, match="make hdfs-up"):
+        unreachable_hdfs()._call("upload", "/data/a.jpeg", fail)
+
+
+def test_hadoop_command_errors_are_translated():
+    def error(stderr: str) -> type:
+        return type(storage.hadoop_command_error(stderr, "hdfs dfs -put", "hdfs://nn:9000"))
+
+    assert error(f"put: {LOST_NAMENODE}") is storage.StorageUnavailable
+    assert error("-put: java.net.UnknownHostException: namenode.example") is storage.StorageUnavailable
+    assert error("put: Cannot create file. Name node is in safe mode.") is storage.StorageUnavailable
+    assert error("put: Permission denied: user=x, access=WRITE") is storage.StoragePermissionError
+    assert error("put: Quota exceeded") is storage.StorageError
+    assert "hdfs dfs -put failed: put: Quota exceeded" in str(
+        storage.hadoop_command_error("19/01/01 WARN noise\nput: Quota exceeded", "hdfs dfs -put"))
+
+
+def test_check_namenode_names_the_silent_namenode():
+    fs = unreachable_hdfs()
+    with pytest.raises(storage.StorageUnavailable, match=f"NameNode at {fs.namenode_uri} does not answer.*make hdfs-up"):
+        fs.check_namenode()
+
+
+@pytest.mark.hdfs
+def test_hdfs_filesystem_exclusive_create_and_rename(hdfs_tmp):
+    fs = storage.hdfs_filesystem(hdfs_tmp)
+    base = hdfs_tmp.split("127.0.0.1:9000", 1)[1]
+    fs.check_namenode()
+    fs.create(f"{base}/lock", b"first", overwrite=False)
+    with pytest.raises(FileExistsError):
+        fs.create(f"{base}/lock", b"second", overwrite=False)
+    assert fs.read_bytes(f"{base}/lock") == b"first"
+    fs.create(f"{base}/new", b"new")
+    with pytest.raises(FileExistsError):
+        fs.rename_to(f"{base}/new", f"{base}/lock")
+    fs.rename_to(f"{base}/new", f"{base}/lock", replace=True)
+    assert fs.read_bytes(f"{base}/lock") == b"new" and not fs.exists(f"{base}/new")
+    assert fs.content_summary(base)["fileCount"] == 1 and fs.content_summary(f"{base}/none") is None

@@ -16,7 +16,14 @@ Writes are atomic: the bytes go to a hidden temporary name in the same folder
 place, so a reader never sees a half-written file.
 
 Errors are ``OSError`` subclasses: ``FileNotFoundError``, ``FileExistsError``,
-``StorageUnavailable`` (nothing answers at the WebHDFS URL) and ``StorageError``.
+``StorageUnavailable`` (nothing answers, the NameNode went away, or it is in safe mode),
+``StoragePermissionError`` (also a ``PermissionError``) and ``StorageError``.
+
+HDFS at the level of absolute paths (exclusive creates, rename without/with replace,
+content summaries, the "is this the NameNode" check) is :class:`HdfsFilesystem`,
+from :func:`hdfs_filesystem`; it is the one WebHDFS client of the project
+(``hdfs_load`` builds on it), and :func:`hadoop_command_error` translates an
+``hdfs dfs`` command's stderr into the same errors.
 """
 from __future__ import annotations
 
@@ -25,6 +32,8 @@ import os
 import posixpath
 import re
 import shutil
+import socket
+import threading
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
@@ -45,7 +54,11 @@ class StorageError(OSError):
 
 
 class StorageUnavailable(StorageError):
-    """The storage service (e.g. the HDFS NameNode's WebHDFS endpoint) cannot be reached."""
+    """The storage service (e.g. the HDFS NameNode's WebHDFS endpoint) cannot be reached, or cannot write now."""
+
+
+class StoragePermissionError(StorageError, PermissionError):
+    """The storage service refused the operation for this user (HDFS ``AccessControlException``)."""
 
 
 # What a Hadoop client or daemon reports when it cannot reach another one, including a
@@ -60,6 +73,32 @@ def is_lost_connection(error: BaseException | str) -> bool:
     """True if an HdfsCLI ``HdfsError`` (or a Hadoop client's stderr) says a Hadoop daemon was unreachable."""
     text = error if isinstance(error, str) else f"{getattr(error, 'exception', '') or ''} {error}"
     return any(marker in text for marker in _LOST_PEER_MARKERS)
+
+
+def _is_safe_mode(text: str) -> bool:
+    return "SafeModeException" in text or "RetriableException" in text or "safe mode" in text.lower()
+
+
+def _is_permission_denied(text: str) -> bool:
+    return "AccessControlException" in text or "Permission denied" in text
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def hadoop_command_error(stderr: str, what: str, namenode_uri: str = "HDFS") -> StorageError:
+    """The error a failed ``hdfs dfs`` command means, from its stderr (``what``: e.g. ``"hdfs dfs -put"``)."""
+    lines = [line for line in stderr.splitlines() if line.strip() and " WARN " not in line]
+    tail = "\n".join(lines[-5:])
+    if is_lost_connection(stderr):
+        return StorageUnavailable(f"{namenode_uri} is unreachable ({what}): {tail}")
+    if _is_safe_mode(stderr):
+        return StorageUnavailable(f"{namenode_uri} is not writable, it is in safe mode ({what}): {tail}")
+    if _is_permission_denied(stderr):
+        return StoragePermissionError(f"permission denied on {namenode_uri} ({what}): {tail}")
+    return StorageError(f"{what} failed: {tail}")
 
 
 @dataclass(frozen=True)
@@ -289,7 +328,6 @@ def configure(config: Mapping[str, Any] | None) -> None:
     """Use a job's loaded config (its ``hdfs`` section, with --set overrides) instead of conf/ defaults."""
     global _active_config
     _active_config = dict(config.get("hdfs") or {}) if config is not None else None
-    _client_for.cache_clear()
 
 
 def _hdfs_config() -> dict[str, Any]:
@@ -333,12 +371,31 @@ def webhdfs_url_for(uri: str) -> str:
     return f"http://{host}:{DEFAULT_WEBHDFS_PORT}"
 
 
-@lru_cache(maxsize=16)
-def _client_for(webhdfs_url: str, user: str):
-    from hdfs import InsecureClient
+_thread_clients = threading.local()
 
-    # (connect, read) timeouts: a dead NameNode fails fast, a big read does not.
-    return InsecureClient(webhdfs_url, user=user, timeout=(5, 300))
+
+def _client_for(webhdfs_url: str, user: str):
+    """One HdfsCLI client per thread and (URL, user): a requests Session is not meant to be shared by threads."""
+    clients = _thread_clients.__dict__.setdefault("by_key", {})
+    client = clients.get((webhdfs_url, user))
+    if client is None:
+        from hdfs import InsecureClient
+
+        # (connect, read) timeouts: a dead NameNode fails fast, a big read does not.
+        client = clients[(webhdfs_url, user)] = InsecureClient(webhdfs_url, user=user, timeout=(5, 300))
+    return client
+
+
+def _check_answers(namenode_uri: str) -> None:
+    """StorageUnavailable unless something accepts connections on the NameNode's RPC port."""
+    parsed = urlparse(namenode_uri)
+    host, port = parsed.hostname or "127.0.0.1", parsed.port or 8020
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as exc:
+        raise StorageUnavailable(
+            f"the NameNode at {namenode_uri} does not answer ({exc.strerror or exc}): is HDFS running? "
+            "(`make hdfs-up` starts the local one)") from exc
 
 
 @lru_cache(maxsize=64)
@@ -376,7 +433,7 @@ def _resolve(uri: str | os.PathLike):
     scheme = _check_supported(text)
     if scheme in LOCAL_SCHEMES:
         return _LocalBackend(text), to_local_path(text)
-    return _HdfsBackend(f"hdfs://{_authority(text)}"), _clean_path(_split(text).path)
+    return HdfsFilesystem(f"hdfs://{_authority(text)}"), _clean_path(_split(text).path)
 
 
 class _LocalBackend:
@@ -439,17 +496,40 @@ class _LocalBackend:
         os.rename(src, dst)
 
 
-class _HdfsBackend:
-    def __init__(self, namenode_uri: str):
+def hdfs_filesystem(uri: str, webhdfs_url: str | None = None, user: str | None = None) -> "HdfsFilesystem":
+    """The HDFS that serves ``uri`` (``hdfs://host:port[/...]``), for work on absolute paths.
+
+    ``webhdfs_url`` and ``user`` default to what the URI functions use (see the module docstring)."""
+    if _scheme(uri) != "hdfs":
+        raise ValueError(f"{uri} is not an hdfs:// URI")
+    return HdfsFilesystem(f"hdfs://{_authority(uri)}", webhdfs_url, user)
+
+
+class HdfsFilesystem:
+    """One NameNode through WebHDFS; every call translates HdfsCLI/requests errors into OSError subclasses.
+
+    Paths are absolute HDFS paths (``/data/x``); :meth:`uri` turns one into an ``hdfs://`` URI.
+    """
+
+    def __init__(self, namenode_uri: str, webhdfs_url: str | None = None, user: str | None = None):
         self.namenode_uri = namenode_uri
         self.key = namenode_uri
-        self.webhdfs_url = webhdfs_url_for(namenode_uri)
-        user = _hdfs_config().get("user") or os.environ.get("HADOOP_USER_NAME") or getpass.getuser()
-        self.client = _client_for(self.webhdfs_url, user)
+        self.webhdfs_url = (webhdfs_url or webhdfs_url_for(namenode_uri)).rstrip("/")
+        self.user = user or _hdfs_config().get("user") or os.environ.get("HADOOP_USER_NAME") or getpass.getuser()
         _check_serves(self.webhdfs_url, namenode_uri)
 
-    def _uri(self, path: str) -> str:
+    @property
+    def client(self):
+        return _client_for(self.webhdfs_url, self.user)
+
+    def uri(self, path: str) -> str:
         return f"{self.namenode_uri}{path}"
+
+    def check_namenode(self) -> None:
+        """Is this the NameNode? StorageUnavailable when its RPC port does not answer; StorageError when
+        the WebHDFS URL belongs to another NameNode (calls would reach another filesystem)."""
+        _check_answers(self.namenode_uri)
+        _check_serves(self.webhdfs_url, self.namenode_uri)
 
     def _call(self, what: str, path: str, func, *args, **kwargs):
         """Run one WebHDFS call, translating HdfsCLI/requests errors into OSError subclasses."""
@@ -458,40 +538,58 @@ class _HdfsBackend:
 
         try:
             return func(*args, **kwargs)
-        except requests.exceptions.RequestException as exc:
+        except requests.exceptions.RequestException as exc:  # refused, reset, timed out, or a reply cut short
             raise StorageUnavailable(
-                f"cannot reach WebHDFS at {self.webhdfs_url} ({what} {self._uri(path)}): is HDFS running? "
+                f"HDFS is unreachable: no answer from WebHDFS at {self.webhdfs_url} ({what} {self.uri(path)}): "
+                "is HDFS running? "
                 f"try `make hdfs-up` (or set hdfs.webhdfs_url / CXR_WEBHDFS_URL); cause: {exc.__class__.__name__}"
             ) from exc
         except HdfsError as exc:
-            kind = getattr(exc, "exception", None) or ""
-            message = f"{what} {self._uri(path)}: {exc}"
-            if kind == "FileNotFoundException" or "does not exist" in str(exc):
-                raise FileNotFoundError(message) from exc
-            if kind == "FileAlreadyExistsException":
-                raise FileExistsError(message) from exc
-            if is_lost_connection(exc):
-                raise StorageUnavailable(f"HDFS became unreachable: {message}; is the NameNode up? "
-                                         "(`make hdfs-status`)") from exc
-            raise StorageError(message) from exc
+            raise self._translate(exc, f"{what} {self.uri(path)}") from exc
 
-    def _status(self, path: str) -> dict | None:
+    @staticmethod
+    def _translate(exc, message: str) -> OSError:
+        kind = getattr(exc, "exception", None) or ""
+        text = f"{kind} {exc}"
+        message = f"{message}: {_short(str(exc))}"
+        if kind == "FileNotFoundException" or "does not exist" in str(exc):
+            return FileNotFoundError(message)
+        if kind == "FileAlreadyExistsException":
+            return FileExistsError(message)
+        if _is_permission_denied(text):
+            return StoragePermissionError(f"permission denied: {message}")
+        if _is_safe_mode(text):
+            return StorageUnavailable(f"HDFS is not writable now, the NameNode is in safe mode: {message}")
+        if is_lost_connection(exc):
+            return StorageUnavailable(f"HDFS became unreachable: {message}; is the NameNode up? "
+                                      "(`make hdfs-status`)")
+        return StorageError(message)
+
+    def status(self, path: str) -> dict | None:
+        """WebHDFS FileStatus (``type``, ``length``, ...), or None when nothing is there."""
         return self._call("stat", path, self.client.status, path, strict=False)
 
+    def list_status(self, path: str) -> list[tuple[str, dict]]:
+        """``[(name, FileStatus)]`` of a folder's entries."""
+        return self._call("list", path, self.client.list, path, status=True)
+
+    def content_summary(self, path: str) -> dict | None:
+        """WebHDFS ContentSummary (``fileCount``, ``length``, ...), or None when nothing is there."""
+        return self._call("summarize", path, self.client.content, path, strict=False)
+
     def list_files(self, path: str, recursive: bool) -> list[FileInfo]:
-        status = self._status(path)
+        status = self.status(path)
         if status is None:
-            raise FileNotFoundError(f"{self._uri(path)} does not exist")
+            raise FileNotFoundError(f"{self.uri(path)} does not exist")
         if status["type"] == "FILE":
-            return [FileInfo(self._uri(path), int(status["length"]))]
+            return [FileInfo(self.uri(path), int(status["length"]))]
         if not recursive:
-            entries = self._call("list", path, self.client.list, path, status=True)
-            return [FileInfo(self._uri(posixpath.join(path, name)), int(st["length"]))
-                    for name, st in entries if st["type"] == "FILE"]
+            return [FileInfo(self.uri(posixpath.join(path, name)), int(st["length"]))
+                    for name, st in self.list_status(path) if st["type"] == "FILE"]
         found = []
         walk = self._call("walk", path, lambda: list(self.client.walk(path, status=True)))
         for (folder, _status), _dirs, files in walk:
-            found.extend(FileInfo(self._uri(posixpath.join(folder, name)), int(st["length"])) for name, st in files)
+            found.extend(FileInfo(self.uri(posixpath.join(folder, name)), int(st["length"])) for name, st in files)
         return found
 
     def read_bytes(self, path: str) -> bytes:
@@ -502,12 +600,25 @@ class _HdfsBackend:
         return self._call("read", path, read)
 
     def read_into(self, path: str, out) -> None:
+        """Stream the file into ``out``: anything with ``write`` (a file) or ``update`` (a hashlib hash)."""
         def copy() -> None:
+            write = out.write if hasattr(out, "write") else out.update
             with self.client.read(path, chunk_size=CHUNK) as chunks:
                 for chunk in chunks:
-                    out.write(chunk)
+                    write(chunk)
 
         self._call("read", path, copy)
+
+    def create(self, path: str, data, overwrite: bool = False) -> None:
+        """One WebHDFS CREATE (not atomic: use :meth:`write_bytes` for that). Without ``overwrite`` the
+        NameNode refuses an existing file (FileExistsError), so the first of two creators wins."""
+        self._call("create", path, self.client.write, path, data=data, overwrite=overwrite)
+
+    def rename_to(self, src: str, dst: str, replace: bool = False) -> None:
+        """One NameNode rename: FileExistsError when ``dst`` exists, unless ``replace`` (then readers see the
+        old file or the new one, never neither). Unlike :meth:`rename`, never moves ``src`` into a folder."""
+        self._call("rename", src, self.client._rename, src, destination=dst,
+                   renameoptions="OVERWRITE" if replace else "NONE")
 
     def _atomic(self, path: str, data) -> None:
         if path == "/":
@@ -515,9 +626,8 @@ class _HdfsBackend:
         folder, name = posixpath.split(path)
         tmp = posixpath.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
-            self._call("write", path, self.client.write, tmp, data=data, overwrite=True)
-            # WebHDFS RENAME with OVERWRITE replaces the target in one NameNode operation.
-            self._call("rename", path, self.client._rename, tmp, destination=path, renameoptions="OVERWRITE")
+            self.create(tmp, data, overwrite=True)
+            self.rename_to(tmp, path, replace=True)
         except BaseException:
             self._call("cleanup", tmp, self.client.delete, tmp)
             raise
@@ -530,15 +640,15 @@ class _HdfsBackend:
             self._atomic(path, stream)
 
     def exists(self, path: str) -> bool:
-        return self._status(path) is not None
+        return self.status(path) is not None
 
     def makedirs(self, path: str) -> None:
-        status = self._status(path)
+        status = self.status(path)
         if status is not None and status["type"] != "DIRECTORY":
-            raise FileExistsError(f"{self._uri(path)} exists and is a file")
+            raise FileExistsError(f"{self.uri(path)} exists and is a file")
         self._call("mkdir", path, self.client.makedirs, path)
 
-    def delete(self, path: str, recursive: bool) -> bool:
+    def delete(self, path: str, recursive: bool = False) -> bool:
         if path == "/":
             raise PermissionError("refusing to delete the HDFS root")
         return bool(self._call("delete", path, self.client.delete, path, recursive=recursive))
