@@ -2,9 +2,11 @@
 """Push a local chest_xray tree into HDFS (`make hdfs-load`): resumable, verified, junk skipped.
 
     scripts/hdfs_load.py [SRC] [DEST] [--via auto|webhdfs|cli] [--workers N] [--dry-run]
+                         [--verify size|checksum] [--replace] [--break-lock]
 
-Exit codes: 0 loaded and verified; 1 verification mismatch; 2 usage, source or
-permission error; 3 HDFS unreachable; 130 interrupted (re-run to resume).
+Exit codes: 0 loaded and verified; 1 verification mismatch (including files kept because
+hdfs-load did not write them); 2 usage, source, permission or other HDFS error; 3 HDFS
+unreachable; 4 another load holds DEST's lock; 130 interrupted (re-run to resume).
 """
 from __future__ import annotations
 
@@ -23,9 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scripts/hdfs_load.py",
         description=__doc__.split("\n\n")[0],
-        epilog="Exit codes: 0 ok, 1 verification mismatch, 2 usage/source/permission error, "
-               "3 HDFS unreachable, 130 interrupted (a re-run resumes). Defaults come from the "
-               "config's hdfs_load section (conf/defaults.yaml).",
+        epilog="Exit codes: 0 ok, 1 verification mismatch (or files kept that hdfs-load did not write), "
+               "2 usage/source/permission/HDFS error, 3 HDFS unreachable, 4 DEST locked by another load, "
+               "130 interrupted (a re-run resumes). Defaults come from the config's hdfs_load section "
+               "(conf/defaults.yaml).",
     )
     parser.add_argument("src", nargs="?", help="local chest_xray folder (default: hdfs_load.source, "
                         f"else the sample tree {paths.SAMPLE_TREE})")
@@ -35,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
                         f"and >= {hdfs_load.AUTO_CLI_MIN_FILES} files are to upload, else webhdfs")
     parser.add_argument("--workers", type=int, help="parallel uploads (webhdfs threads / cli JVM batches)")
     parser.add_argument("--dry-run", action="store_true", help="scan and plan only; upload nothing")
+    parser.add_argument("--verify", choices=hdfs_load.VERIFY_MODES, help="size: compare sizes; checksum: also "
+                        "re-read every file from HDFS and compare its MD5 with the local file's (plan and "
+                        "verification); default: hdfs_load.verify")
+    parser.add_argument("--replace", action="store_true", help="overwrite files at DEST that hdfs-load did not "
+                        "write (by default they are kept and listed)")
+    parser.add_argument("--break-lock", action="store_true", help="remove DEST's lock left by a load that was "
+                        "killed (its holder is named when a load is refused); only when no load is running")
     parser.add_argument("--webhdfs-url", help="WebHDFS URL of the target's NameNode (default: from config)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--conf-env", default=None, help="config environment (conf/<env>.yaml; default local)")
@@ -42,6 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="config override, e.g. --set hdfs.user=alice --set hdfs_load.workers=8")
     return parser
+
+
+def exit_code(error: BaseException) -> int | None:
+    """The exit code of a load that stopped on ``error``; None for a bug (let it show its traceback)."""
+    if isinstance(error, hdfs_load.TargetLocked):
+        return 4
+    if isinstance(error, storage.StorageUnavailable):
+        return 3
+    if isinstance(error, (hdfs_load.SourceError, OSError)):  # storage errors are OSErrors
+        return 2
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,10 +92,16 @@ def main(argv: list[str] | None = None) -> int:
             default_namenode=conf.get(config, "hdfs.namenode_uri", "hdfs://127.0.0.1:9000"),
             dry_run=args.dry_run,
             progress=not args.no_progress and sys.stderr.isatty(),
+            replace=args.replace,
+            verify_mode=args.verify or section.get("verify") or "size",
+            break_lock=args.break_lock,
         )
-    except hdfs_load.LoadError as exc:
+    except Exception as exc:
+        code = exit_code(exc)
+        if code is None:
+            raise
         print(f"hdfs-load: ERROR: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return code
     except KeyboardInterrupt:
         print("hdfs-load: interrupted; files already in place are complete, nothing partial is visible. "
               "Run the same command again to finish.", file=sys.stderr)

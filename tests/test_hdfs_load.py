@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -145,6 +148,7 @@ def test_plan_uploads_missing_resized_and_changed_files_only():
     remote = {same.rel: same.size, resized.rel: resized.size + 1, changed.rel: changed.size,
               unrecorded.rel: unrecorded.size, "train/NORMAL/only_remote.jpeg": 10}
     manifest = {same.rel: {"size": same.size, "md5": same.md5},
+                resized.rel: {"size": resized.size + 1, "md5": "1" * 32},
                 changed.rel: {"size": changed.size, "md5": "0" * 32}}
     plan = make_plan([same, resized, changed, unrecorded, new], remote, manifest)
     assert {f.rel: why for f, why in plan.to_upload} == {
@@ -153,6 +157,23 @@ def test_plan_uploads_missing_resized_and_changed_files_only():
     assert plan.size_only == [unrecorded.rel]
     assert plan.extra_remote == ["train/NORMAL/only_remote.jpeg"]
     assert plan.replacing == {resized.rel, changed.rel}
+    assert plan.kept_foreign == []
+
+
+def test_plan_keeps_files_it_did_not_write_unless_replace():
+    unrecorded, rewritten, same_size = (local_file(f"train/NORMAL/{n}.jpeg", tiny_jpeg(i))
+                                        for i, n in enumerate(["unrecorded", "rewritten", "same_size"]))
+    remote = {unrecorded.rel: unrecorded.size + 5, rewritten.rel: rewritten.size + 1, same_size.rel: same_size.size}
+    manifest = {rewritten.rel: {"size": rewritten.size, "md5": rewritten.md5}}  # someone else changed it since
+    plan = make_plan([unrecorded, rewritten, same_size], remote, manifest)
+    assert plan.to_upload == [] and plan.replacing == set()
+    assert {f.rel: why for f, why in plan.kept_foreign} == {unrecorded.rel: "size differs",
+                                                            rewritten.rel: "size differs"}
+    assert plan.size_only == [same_size.rel]
+    by_content = make_plan([same_size], remote, {}, remote_md5={same_size.rel: "f" * 32})
+    assert [(f.rel, why) for f, why in by_content.kept_foreign] == [(same_size.rel, "content differs")]
+    forced = make_plan([unrecorded, rewritten, same_size], remote, manifest, replace=True)
+    assert {f.rel for f, _ in forced.to_upload} == forced.replacing == {unrecorded.rel, rewritten.rel}
 
 
 def test_merge_manifest_keeps_true_records_and_adds_placed():
@@ -180,45 +201,18 @@ def test_auto_transport_uses_webhdfs_for_small_uploads():
         hdfs_load.choose_transport("ftp")
 
 
-LOST_NAMENODE = ("Failed on local exception: java.net.SocketException: Connection reset; Host Details : "
-                 'local host is: "vm/127.0.0.1"; destination host is: "localhost":48833;')
+def test_cli_exit_codes_follow_storage_errors():
+    from importlib.util import module_from_spec, spec_from_file_location
 
-
-@pytest.mark.parametrize("kind, message, expected", [
-    ("IOException", LOST_NAMENODE, hdfs_load.HdfsUnavailable),
-    ("ConnectException", "Call From vm to localhost:9000 failed", hdfs_load.HdfsUnavailable),
-    ("SafeModeException", "Name node is in safe mode.", hdfs_load.HdfsUnavailable),
-    ("AccessControlException", "Permission denied: user=x", hdfs_load.HdfsPermissionError),
-    ("IOException", "Quota exceeded", hdfs_load.LoadError),
-])
-def test_webhdfs_errors_are_classified(kind, message, expected):
-    from hdfs.util import HdfsError
-
-    address = hdfs_load.resolve_target("hdfs://127.0.0.1:9000/data/x", webhdfs_url="http://127.0.0.1:9870")
-    with pytest.raises(hdfs_load.LoadError) as failure:
-        with hdfs_load._hdfs_errors("uploading a.jpeg", address):
-            raise HdfsError(message, exception=kind)
-    assert type(failure.value) is expected
-    assert "uploading a.jpeg" in str(failure.value)
-
-
-@pytest.mark.parametrize("error", ["ConnectionError", "ChunkedEncodingError", "ReadTimeout"])
-def test_transport_errors_mean_hdfs_unavailable(error):
-    import requests
-
-    address = hdfs_load.resolve_target("hdfs://127.0.0.1:9000/data/x", webhdfs_url="http://127.0.0.1:9870")
-    with pytest.raises(hdfs_load.HdfsUnavailable, match="make hdfs-up"):
-        with hdfs_load._hdfs_errors("uploading a.jpeg", address):
-            raise getattr(requests.exceptions, error)("peer went away")
-
-
-def test_cli_errors_are_classified():
-    address = hdfs_load.resolve_target("hdfs://127.0.0.1:9000/data/x", webhdfs_url="http://127.0.0.1:9870")
-    assert type(hdfs_load._cli_error(f"put: {LOST_NAMENODE}", address)) is hdfs_load.HdfsUnavailable
-    unknown_host = "-put: java.net.UnknownHostException: namenode.example"
-    assert type(hdfs_load._cli_error(unknown_host, address)) is hdfs_load.HdfsUnavailable
-    assert type(hdfs_load._cli_error("put: Permission denied", address)) is hdfs_load.HdfsPermissionError
-    assert type(hdfs_load._cli_error("put: Quota exceeded", address)) is hdfs_load.LoadError
+    spec = spec_from_file_location("hdfs_load_script", SCRIPT)
+    script = module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.exit_code(storage.StorageUnavailable("down")) == 3
+    assert script.exit_code(storage.StoragePermissionError("denied")) == 2
+    assert script.exit_code(storage.StorageError("quota")) == 2
+    assert script.exit_code(hdfs_load.SourceError("bad")) == 2
+    assert script.exit_code(hdfs_load.TargetLocked("busy")) == 4
+    assert script.exit_code(KeyError("bug")) is None
 
 
 def test_resolve_target():
@@ -337,11 +331,18 @@ def test_interrupted_load_leaves_no_partial_file_and_resumes(tmp_path, hdfs_tmp,
     for rel, size in seen.items():  # whatever is visible is complete
         assert size == len(expected[rel]) and storage.read_bytes(f"{target}/{rel}") == expected[rel]
 
-    result = run_cli(str(root), target, "--via", via, "--workers", "2")
+    if sig == signal.SIGKILL:  # no chance to clean up: its lock stays, naming the dead loader
+        refused = run_cli(str(root), target, "--via", via)
+        assert refused.returncode == 4, refused.stdout + refused.stderr
+        assert f"pid {proc.pid} " in refused.stderr and "no longer running" in refused.stderr
+        assert "--break-lock" in refused.stderr
+    result = run_cli(str(root), target, "--via", via, "--workers", "2",
+                     *(["--break-lock"] if sig == signal.SIGKILL else []))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "verified: %d file(s)" % n in result.stdout
-    if sig == signal.SIGKILL:  # no chance to clean up: the next load removes the staging folder
+    if sig == signal.SIGKILL:  # the next load removes the (marked) staging folder of the dead one
         assert "removed staging left by interrupted loads: .staging-" in result.stdout
+        assert "broke the lock of " in result.stdout
     assert_byte_identical(root, target)
     assert not [i for i in storage.list_files(target) if "/.staging-" in i.uri]
 
@@ -365,10 +366,9 @@ def test_namenode_stopped_midway_then_resume(tmp_path):
             if len(placed) == 5:
                 hdfs.namenode.stop(timeout=10)
 
-        with pytest.raises(hdfs_load.LoadError) as failure:
+        with pytest.raises(storage.StorageUnavailable) as failure:
             hdfs_load.load_tree(root, target, via="webhdfs", workers=2, webhdfs_url=hdfs.webhdfs_url,
                                 progress=False, on_placed=stop_namenode_after_five)
-        assert isinstance(failure.value, hdfs_load.HdfsUnavailable), failure.value
         assert "unreachable" in str(failure.value) or "does not answer" in str(failure.value)
 
         hdfs.up()
@@ -377,9 +377,141 @@ def test_namenode_stopped_midway_then_resume(tmp_path):
         assert 5 <= len(seen) < 30
         for rel in seen:
             assert storage.read_bytes(f"{target}/{rel}") == expected[rel]
+        with pytest.raises(hdfs_load.TargetLocked, match=f"pid {os.getpid()}"):  # its lock outlived HDFS
+            hdfs_load.load_tree(root, target, via="webhdfs", webhdfs_url=hdfs.webhdfs_url, progress=False)
         report = hdfs_load.load_tree(root, target, via="webhdfs", workers=2, webhdfs_url=hdfs.webhdfs_url,
-                                     progress=False)
-        assert report.ok and report.stale_staging_removed
+                                     progress=False, break_lock=True)
+        assert report.ok and report.stale_staging_removed and report.broken_lock.pid == os.getpid()
         assert_byte_identical(root, target)
     finally:
         hdfs.down()
+
+
+# -- touches only what it owns (issue 10 §5) -------------------------------------
+
+def marked_staging(target: str, name: str, pid: int) -> str:
+    """A staging folder with hdfs_load's marker, naming a loader on this host with ``pid``."""
+    owner = {"run_id": name, "host": socket.gethostname(), "pid": pid, "user": "someone",
+             "started_at": "2026-01-01T00:00:00Z", "written_by": "cxr_pipeline.hdfs_load"}
+    storage.write_bytes(f"{target}/.staging-{name}/.hdfs_load_staging.json", json.dumps(owner).encode())
+    storage.write_bytes(f"{target}/.staging-{name}/train/NORMAL/half.jpeg", b"partial")
+    return f".staging-{name}"
+
+
+@pytest.mark.hdfs
+def test_second_load_is_refused_while_one_holds_the_lock(tmp_path, hdfs_tmp):
+    root = make_tree(tmp_path / "chest_xray", 3)
+    target = f"{hdfs_tmp}/chest_xray"
+    second: list[subprocess.CompletedProcess] = []
+
+    def start_a_second_load(f: LocalFile) -> None:
+        if not second:
+            second.append(run_cli(str(root), target, "--via", "webhdfs"))
+
+    report = hdfs_load.load_tree(root, target, via="webhdfs", workers=1, progress=False, on_placed=start_a_second_load)
+    assert report.ok and len(report.placed) == 3
+    refused = second[0]
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    for who in (socket.gethostname(), f"pid {os.getpid()} ", "since 20",
+                "still running", "--break-lock", hdfs_load.RemoteTree(hdfs_load.resolve_target(target)).user):
+        assert who in refused.stderr, (who, refused.stderr)
+    assert not storage.exists(f"{target}/{hdfs_load.LOCK_NAME}")  # released at the end
+
+
+@pytest.mark.hdfs
+def test_only_its_own_stale_staging_folders_are_removed(tmp_path, hdfs_tmp):
+    root = make_tree(tmp_path / "chest_xray", 3)
+    target = f"{hdfs_tmp}/chest_xray"
+    users = f"{target}/.staging-foo/notes.txt"
+    storage.write_bytes(users, b"a user's own folder")
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    with subprocess.Popen(["sleep", "60"]) as alive:
+        try:
+            live = marked_staging(target, "live", alive.pid)
+            dead = marked_staging(target, "dead", finished.pid)
+            report = hdfs_load.load_tree(root, target, via="webhdfs", workers=2, progress=False)
+        finally:
+            alive.kill()
+    assert report.ok
+    assert report.stale_staging_removed == [dead] and not storage.exists(f"{target}/{dead}")
+    assert sorted(report.staging_left_alone) == [".staging-foo", live]
+    assert storage.read_bytes(users) == b"a user's own folder" and storage.exists(f"{target}/{live}")
+    assert "left alone (not this tool's, or its load still runs): " in hdfs_load.format_summary(report)
+
+
+@pytest.mark.hdfs
+def test_a_file_it_did_not_write_is_kept_and_listed_unless_replace(tmp_path, hdfs_tmp):
+    root = make_tree(tmp_path / "chest_xray", 3)
+    target = f"{hdfs_tmp}/chest_xray"
+    rel = "train/NORMAL/img000.jpeg"
+    storage.write_bytes(f"{target}/{rel}", b"someone else's file")
+    kept = hdfs_load.load_tree(root, target, via="webhdfs", progress=False)
+    assert not kept.ok and kept.not_replaced == [(rel, "size differs")]
+    assert storage.read_bytes(f"{target}/{rel}") == b"someone else's file"
+    summary = hdfs_load.format_summary(kept)
+    assert "NOT REPLACED: 1 file(s)" in summary and f"{rel}: size differs" in summary and "--replace" in summary
+
+    replaced = hdfs_load.load_tree(root, target, via="webhdfs", progress=False, replace=True)
+    assert replaced.ok and [f.rel for f in replaced.placed] == [rel] and replaced.not_replaced == []
+    assert_byte_identical(root, target)
+
+
+@pytest.mark.hdfs
+def test_manifest_records_the_bytes_sent_when_the_source_changes_during_the_upload(tmp_path, hdfs_tmp):
+    root = make_tree(tmp_path / "chest_xray", 4)
+    target = f"{hdfs_tmp}/chest_xray"
+    original: dict[str, bytes] = {}
+
+    def rewrite_a_later_file(f: LocalFile) -> None:  # one worker: the others have not been sent yet
+        if not original:
+            rel = sorted(set(local_images(root)) - {f.rel})[0]
+            original[rel] = (root / rel).read_bytes()
+            changed = bytearray(original[rel])
+            changed[-3] ^= 0xFF  # same size, other bytes
+            (root / rel).write_bytes(bytes(changed))
+
+    report = hdfs_load.load_tree(root, target, via="webhdfs", workers=1, progress=False,
+                                 on_placed=rewrite_a_later_file)
+    (rel, data), = original.items()
+    manifest = json.loads(storage.read_bytes(f"{target}/{hdfs_load.MANIFEST_NAME}"))["files"]
+    assert manifest[rel]["md5"] == hashlib.md5(storage.read_bytes(f"{target}/{rel}")).hexdigest()
+    assert report.ok and report.changed_during_upload == [rel]
+
+    (root / rel).write_bytes(data)  # back to what the scan saw: HDFS has the rewritten bytes
+    again = hdfs_load.load_tree(root, target, via="webhdfs", progress=False)
+    assert [(f.rel, why) for f, why in again.plan.to_upload] == [(rel, "checksum differs")]
+    assert_byte_identical(root, target)
+
+
+@pytest.mark.hdfs
+def test_hdfs_dfs_put_records_what_reached_hdfs_when_the_source_changed(tmp_path, hdfs_tmp):
+    root = make_tree(tmp_path / "chest_xray", 1)
+    scanned = hdfs_load.scan_local_tree(root).files[0]
+    remote = hdfs_load.RemoteTree(hdfs_load.resolve_target(hdfs_tmp))
+    remote.upload(scanned.path, "staged.jpeg")
+    assert hdfs_load.sent_by_cli(remote, scanned, "staged.jpeg") is scanned  # untouched: the scan's MD5
+    scanned.path.write_bytes(tiny_jpeg(50))  # rewritten after the copy: the staged bytes are re-read
+    storage.write_bytes(f"{hdfs_tmp}/staged.jpeg", b"what the put copied")
+    sent = hdfs_load.sent_by_cli(remote, scanned, "staged.jpeg")
+    assert (sent.size, sent.md5) == (19, hashlib.md5(b"what the put copied").hexdigest())
+
+
+@pytest.mark.hdfs
+def test_verify_checksum_compares_content(tmp_path, hdfs_tmp):
+    root = make_tree(tmp_path / "chest_xray", 3)
+    target = f"{hdfs_tmp}/chest_xray"
+    foreign, ours = "train/NORMAL/img000.jpeg", "val/NORMAL/img001.jpeg"
+    same_size_other_bytes = bytes(b ^ 0xFF for b in (root / foreign).read_bytes())
+    storage.write_bytes(f"{target}/{foreign}", same_size_other_bytes)  # not written by hdfs-load
+    first = hdfs_load.load_tree(root, target, via="webhdfs", progress=False)
+    assert first.ok and first.plan.size_only == [foreign]  # sizes alone cannot tell
+    storage.write_bytes(f"{target}/{ours}", bytes(b ^ 0xFF for b in (root / ours).read_bytes()))
+
+    result = run_cli(str(root), target, "--via", "webhdfs", "--verify", "checksum")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"{foreign}: content differs" in result.stdout and "NOT REPLACED: 1 file(s)" in result.stdout
+    assert "planned uploads: 1 content differs" in result.stdout  # its own file is put right
+    assert storage.read_bytes(f"{target}/{ours}") == (root / ours).read_bytes()
+    assert storage.read_bytes(f"{target}/{foreign}") == same_size_other_bytes
+    assert "VERIFY FAILED: 1 mismatch" in result.stdout and "content differs: MD5" in result.stdout
