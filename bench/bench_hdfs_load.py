@@ -8,6 +8,7 @@ then, in one run and against the same HDFS, times end to end (process start to e
   cli      scripts/hdfs_load.py SRC DEST --via cli     (scan+MD5, staged batches, rename, manifest, verify)
   webhdfs  scripts/hdfs_load.py SRC DEST --via webhdfs
   re-run   scripts/hdfs_load.py SRC DEST (cli target again: nothing to upload)
+  checksum scripts/hdfs_load.py SRC DEST --verify checksum (cli target again: every file re-read twice, MD5)
 
 and prints files/s, MB/s and the ratio ours/plain (> 1: ours is faster).
 
@@ -53,7 +54,8 @@ def main() -> int:
     parser.add_argument("--size", default="256x256", help="image size WxH (default %(default)s)")
     parser.add_argument("--workers", type=int, default=8, help="hdfs_load --workers (default %(default)s)")
     parser.add_argument("--tree", type=Path, help="reuse/keep the synthetic tree here (default: a temp dir)")
-    parser.add_argument("--modes", default="plain,cli,webhdfs,rerun", help="comma list (default %(default)s)")
+    parser.add_argument("--modes", default="plain,cli,webhdfs,rerun,checksum",
+                        help="comma list (default %(default)s; rerun and checksum need cli first)")
     parser.add_argument("--keep", action="store_true", help="keep the HDFS copies")
     args = parser.parse_args()
 
@@ -73,6 +75,8 @@ def main() -> int:
             "webhdfs": [*loader, f"{base}/webhdfs", "--via", "webhdfs", "--workers", str(args.workers),
                         "--no-progress"],
             "rerun": [*loader, f"{base}/cli", "--via", "cli", "--workers", str(args.workers), "--no-progress"],
+            "checksum": [*loader, f"{base}/cli", "--verify", "checksum", "--workers", str(args.workers),
+                         "--no-progress"],
         }
         storage.makedirs(base)
         results = {}
@@ -88,7 +92,9 @@ def main() -> int:
     for mode, seconds in results.items():
         ratio = f"{results['plain'] / seconds:10.2f}" if "plain" in results and mode != "plain" else f"{'':>10}"
         print(f"{mode:<8} {seconds:8.1f} {len(images) / seconds:8.1f} {n_bytes / 1e6 / seconds:7.2f} {ratio}")
-    print("(ours/plain = plain seconds / our seconds, i.e. throughput ratio; 'rerun' uploads nothing)")
+    print("(ours/plain = plain seconds / our seconds, i.e. throughput ratio; 'rerun' and 'checksum' upload nothing)")
+    if "rerun" in results and "checksum" in results:
+        print(f"--verify checksum re-run / size re-run: {results['checksum'] / results['rerun']:.2f}x the time")
     return 0
 
 
