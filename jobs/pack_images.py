@@ -7,8 +7,10 @@
 Later runs read the table instead of thousands of small files
 (`--set data.source=parquet --set data.uri=<table>`, or read_images(spark, uri, "parquet")).
 The table holds path, split, label, label_name, content, length, width, height,
-format, sha256; <out>/_rejected lists files left out (path, reason) and
-<out>/_duplicates the exact duplicates (same sha256).
+format, sha256, patient, view_position, source_format; <out>/_rejected lists files
+left out (path, reason) and <out>/_duplicates the exact duplicates (same sha256).
+DICOM files are stored decoded and windowed, without their header: the patient is
+the keyed hash of PatientID (dicom.patient_key), so the table holds no patient data.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     config = config_mod.load_config(args.conf_env, args.conf, args.set)
+    from cxr_pipeline.dicom import DicomSettings
     from cxr_pipeline.spark.packing import pack_image_tree
     from cxr_pipeline.spark.session import spark_session
 
@@ -51,6 +54,7 @@ def main(argv=None) -> int:
             target_file_mb=args.target_file_mb,
             max_pixels=int(config_mod.get(config, "data.max_pixels", 60_000_000)),
             overwrite=args.overwrite,
+            dicom=DicomSettings.from_config(config),
         )
     finally:
         spark.stop()

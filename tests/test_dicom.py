@@ -239,3 +239,104 @@ def test_no_warning_or_log_quotes_header_values(one_xray, caplog, recwarn):
         dicom.read_facts(out.getvalue(), "k")
         decode_image(out.getvalue(), (32, 32))
     assert_no_planted_values(caplog.text + " ".join(str(w.message) for w in recwarn))
+
+
+# ---------------------------------------------------------------- Spark reader and packed table: nothing identifying out
+
+KEY = "test-site-key"
+
+
+@pytest.fixture(scope="module")
+def dicom_tree(tmp_path_factory, sample_tree) -> Path:
+    """A small chest_xray tree of DICOM files made from the sample X-rays, planted identity in each."""
+    root = tmp_path_factory.mktemp("dicom") / "chest_xray"
+    normal = sorted((sample_tree / "train" / "NORMAL").glob("*.jpeg"))
+    pneumonia = sorted((sample_tree / "train" / "PNEUMONIA").glob("*.jpeg"))
+    files = {
+        "train/NORMAL/a.dcm": jpeg_dicom(normal[0].read_bytes(), view="PA"),
+        "train/NORMAL/b.dcm": jpeg_dicom(normal[1].read_bytes(), view="LATERAL"),
+        "train/NORMAL/" + normal[2].name: normal[2].read_bytes(),
+        "train/PNEUMONIA/c.dcm": twelve_bit_with_window(pneumonia[0].read_bytes(), view="AP",
+                                                        photometric="MONOCHROME2"),
+        "train/PNEUMONIA/d.dcm": native_dicom(gray_pixels(pneumonia[1].read_bytes()).astype(np.uint16) * 257, 16,
+                                              photometric="MONOCHROME1", view=None),
+        "train/PNEUMONIA/multi.dcm": pydicom_file("examples_ybr_color.dcm"),
+        "train/PNEUMONIA/report.dcm": pydicom_file("reportsi.dcm"),
+    }
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
+
+
+def strings_of(df, skip=("content",)) -> str:
+    columns = [c for c in df.columns if c not in skip]
+    return "\n".join(" ".join(str(v) for v in row) for row in df.select(*columns).collect())
+
+
+def test_reader_gives_pseudonymous_patients_and_keeps_frontal_views(spark, dicom_tree):
+    from cxr_pipeline.spark.reader import read_images_with_rejections
+
+    read = read_images_with_rejections(spark, str(dicom_tree), dicom=dicom.DicomSettings(KEY, frontal_only=True))
+    patients = {Path(r["path"]).name: (r["patient"], r["view_position"]) for r in read.patients.collect()}
+    pseudonym = dicom.patient_pseudonym(FAKE_IDENTITY.patient_id, KEY)
+    assert patients["a.dcm"] == (pseudonym, "PA") and patients["c.dcm"] == (pseudonym, "AP")
+    assert patients["d.dcm"] == (pseudonym, None)  # no ViewPosition: kept
+    jpeg_name = next(n for n in patients if n.endswith(".jpeg"))
+    assert patients[jpeg_name] == (jpeg_name.rsplit("-", 1)[0], None)  # the file-name patient, as before
+    assert "b.dcm" not in patients
+    rejected = {Path(r["path"]).name: r["reason"] for r in read.rejected.collect()}
+    assert rejected["b.dcm"] == "view LATERAL is not frontal (dicom.frontal_only)"
+    for frame in (read.images, read.rejected, read.patients):
+        assert_no_planted_values(strings_of(frame))
+
+
+def test_packed_dicom_table_holds_decoded_images_and_no_patient_data(spark, dicom_tree, tmp_path):
+    from cxr_pipeline.spark.packing import pack_image_tree
+    from cxr_pipeline.spark.reader import read_images_with_rejections
+
+    out = tmp_path / "packed.parquet"
+    summary = pack_image_tree(spark, str(dicom_tree), str(out), dicom=dicom.DicomSettings(KEY, frontal_only=False))
+    assert summary.images == 5 and summary.rejected == 2
+    # every byte written (parquet, _rejected, _duplicates, Spark's own files)...
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert_no_planted_values(path.read_bytes().decode("latin-1"))
+    table = spark.read.parquet(str(out))
+    # ...and every value read back (Parquet pages are compressed), reasons included
+    assert_no_planted_values(strings_of(table))
+    rows = {Path(r["path"]).name: r for r in table.collect()}
+    assert rows["a.dcm"]["format"] == "JPEG" and rows["c.dcm"]["format"] == "PNG"
+    assert {rows[n]["source_format"] for n in ("a.dcm", "b.dcm", "c.dcm", "d.dcm")} == {"DICOM"}
+    for name in ("a.dcm", "c.dcm", "d.dcm"):
+        content = bytes(rows[name]["content"])
+        assert b"DICM" not in content[:200]
+        assert np.array_equal(decode_image(content, SIZE), decode_image((dicom_tree / "train" / rows[name]["label_name"] / name).read_bytes(), SIZE)), name
+    rejected = spark.read.option("header", True).csv(str(out / "_rejected"))
+    reasons = {Path(r["path"]).name: r["reason"] for r in rejected.collect()}
+    assert reasons["multi.dcm"].startswith("multi-frame DICOM") and reasons["report.dcm"].startswith("DICOM without an image")
+    again = read_images_with_rejections(spark, str(out), source="parquet", dicom=dicom.DicomSettings(KEY, frontal_only=True))
+    assert {Path(r["path"]).name for r in again.rejected.collect()} == {"b.dcm"}
+    assert {r["patient"] for r in again.patients.collect() if r["path"].endswith(".dcm")} == {
+        dicom.patient_pseudonym(FAKE_IDENTITY.patient_id, KEY)}
+
+
+def test_service_checks_accept_dicom_and_never_send_its_header_back(one_xray):
+    from cxr_pipeline.serving.validation import UploadRejected, browser_image, check_upload
+
+    # A real MONOCHROME1 file: stored values are inverted (high = dark); displayed, it is the JPEG again.
+    data = native_dicom(4080 - gray_pixels(one_xray).astype(np.uint16) * 16, 12, photometric="MONOCHROME1",
+                        window=(2040.5, 4081))
+    assert np.array_equal(decode_image(data, SIZE), decode_image(png(gray_pixels(one_xray)), SIZE))
+    checked = check_upload(data, 64 << 20, SIZE)
+    assert (checked.format, checked.width, checked.height) == ("dicom",) + image_info(one_xray)[:2]
+    shown, mime = browser_image(data, checked, max_side=256)
+    assert mime == "image/png" and b"DICM" not in shown
+    assert_no_planted_values(shown.decode("latin-1") + repr(checked))
+    picture = np.asarray(Image.open(io.BytesIO(shown)).convert("L"), dtype=float)
+    # shown as displayed: the same picture as the JPEG, not its negative
+    reference = np.asarray(Image.open(io.BytesIO(one_xray)).convert("L").resize(picture.shape[::-1]), dtype=float)
+    assert np.corrcoef(picture.ravel(), reference.ravel())[0, 1] > 0.99
+    with pytest.raises(UploadRejected) as caught:
+        check_upload(pydicom_file("examples_ybr_color.dcm"), 64 << 20, SIZE)
+    assert caught.value.status_code == 422 and "multi-frame DICOM" in caught.value.message

@@ -301,11 +301,15 @@ def _gray_array_to_image(ds, pixels: np.ndarray, bits_stored: int) -> Image.Imag
     height, width = pixels.shape
     counts = np.zeros(high - low + 1, dtype=np.int64)
     for top, bottom in _strips(height, width):
-        counts += np.bincount((pixels[top:bottom].astype(np.int64) - low).ravel(), minlength=len(counts))
+        index = pixels[top:bottom].astype(np.int64)
+        index -= low
+        counts += np.bincount(index.ravel(), minlength=len(counts))
     table = gray_table(ds, low, high, counts, bits_stored)
     out = np.empty((height, width), dtype=np.uint8)
     for top, bottom in _strips(height, width):
-        out[top:bottom] = table[pixels[top:bottom].astype(np.int64) - low]
+        index = pixels[top:bottom].astype(np.int64)
+        index -= low
+        out[top:bottom] = table[index]
     return Image.fromarray(out, mode="L")
 
 
@@ -380,3 +384,28 @@ def decode_to_image(data: bytes, size: tuple[int, int], max_pixels: int) -> Imag
     if pixels.ndim != 3 or pixels.dtype != np.uint8:
         raise ImageDecodeError(f"unsupported colour DICOM ({pixels.dtype}, shape {pixels.shape})")
     return Image.fromarray(pixels, mode="RGB")  # pydicom converted YBR to RGB
+
+
+# ---------------------------------------------------------------- packing
+
+_FULL_SIZE = (1 << 30, 1 << 30)  # a draft target no image reaches: decode at full resolution
+
+
+def pack_payload(data: bytes, max_pixels: int) -> tuple[bytes, str, int, int]:
+    """``(bytes, format, width, height)`` that decode like the DICOM, with no header (no patient data).
+
+    A JPEG-baseline frame whose display table is the identity is stored as that JPEG, unchanged (later
+    decodes take the same draft-mode path); everything else as the windowed 8-bit PNG at full resolution.
+    """
+    with _quiet():
+        ds = _dataset(data)
+        header = _header(ds, max_pixels)
+        if header.transfer_syntax == _JPEG_BASELINE and header.photometric in _MONOCHROME:
+            identity = gray_table(ds, 0, 255, np.ones(256, dtype=np.int64), min(header.bits_stored, 8))
+            if np.array_equal(identity, np.arange(256)):
+                frame = _jpeg_frame(data)
+                return frame, "JPEG", header.width, header.height
+    image = decode_to_image(data, _FULL_SIZE, max_pixels)
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue(), "PNG", image.size[0], image.size[1]

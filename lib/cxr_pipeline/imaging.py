@@ -27,13 +27,15 @@ component sees exactly the same pixels.
   ``OSError`` ENOMEM) propagate, so a Spark task is retried and nothing is
   recorded as a rejection.
 
-Peak memory of one decode: the decoded source pixels as the decoder holds them
-(1 byte per pixel for 8-bit grayscale, 2 for 16-bit, 4 for 32-bit/float; 3 for
-RGB), plus the full-resolution 8-bit result (1 byte per pixel), plus a working
-strip of at most ``STRIP_PIXELS`` pixels (about 8 MB in float64), plus the input
-bytes. So at most about 4 bytes per source pixel plus the output, for every bit
-depth: a 7700x7700 16-bit PNG peaks near 200 MB (it was 1.5 GB when the window
-was computed on a whole float64 copy). ``bench/bench_decode.py --memory`` measures it.
+Peak memory of one decode, besides the input bytes: the decoded source pixels as
+the decoder holds them (1 byte per pixel for 8-bit grayscale, 2 for 16-bit, 4 for
+32-bit/float, 3 for RGB), plus the full-resolution 8-bit result (1 byte per
+pixel), plus one working strip of ``STRIP_PIXELS`` pixels (8 MB of float64 or
+int64) whatever the image size. That is about 4 bytes per source pixel for
+16-bit PNG, TIFF and DICOM alike (measured with ``bench/bench_decode.py --memory``
+on 7700x7700 16-bit: 237 MB for the PNG and for the uncompressed DICOM, where the
+whole-image float64 window took 1,542 MB), and the source's own size plus 1-2
+bytes per pixel for 32-bit/float images.
 """
 from __future__ import annotations
 
@@ -152,8 +154,10 @@ def _window_to_8bit(image: Image.Image) -> Image.Image:
     rows = max(1, STRIP_PIXELS // max(1, width))
     for top in range(0, height, rows):
         bottom = min(height, top + rows)
-        strip = np.asarray(image.crop((0, top, width, bottom)), dtype=np.float64)
-        out[top:bottom] = ((strip - low) * scale).round()
+        strip = np.array(image.crop((0, top, width, bottom)), dtype=np.float64)
+        strip -= low  # in place: one float64 strip of scratch, not four
+        strip *= scale
+        out[top:bottom] = np.round(strip, out=strip)
     return Image.fromarray(out, mode="L")
 
 

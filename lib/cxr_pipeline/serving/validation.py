@@ -29,7 +29,7 @@ class UploadRejected(Exception):
 
 @dataclass(frozen=True)
 class CheckedImage:
-    format: str          # "jpeg", "png", or what Pillow calls it
+    format: str          # "jpeg", "png", "dicom", or what Pillow calls it (never a DICOM header value)
     width: int
     height: int
 
@@ -60,20 +60,29 @@ def check_upload(data: bytes, max_bytes: int, size: tuple[int, int], max_pixels:
     except ImageDecodeError as err:
         if str(err) == NOT_AN_IMAGE:
             raise UploadRejected(
-                415, "not_an_image", "This file is not an image: upload a JPEG or PNG chest X-ray."
+                415, "not_an_image", "This file is not an image: upload a JPEG, PNG or DICOM chest X-ray."
             ) from err
         raise UploadRejected(422, "corrupt_image", f"The image could not be read ({err}).") from err
     return CheckedImage(format=fmt.lower(), width=width, height=height)
 
 
 def browser_image(data: bytes, checked: CheckedImage, max_side: int = 1024) -> tuple[bytes, str]:
-    """``(bytes, mime)`` a browser can show: the upload itself if JPEG/PNG, else a PNG copy."""
+    """``(bytes, mime)`` a browser can show: the upload itself if JPEG/PNG, else a PNG copy.
+
+    A DICOM is shown as the model sees it (windowed, MONOCHROME1 inverted) and never sent back as
+    DICOM: its header holds patient data.
+    """
     if checked.format in ("jpeg", "png"):
         return data, f"image/{checked.format}"
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as img:
-        copy = img.convert("RGB")
+    if checked.format == "dicom":
+        from cxr_pipeline import dicom
+
+        copy = dicom.decode_to_image(data, (max_side, max_side), checked.width * checked.height).convert("RGB")
+    else:
+        with Image.open(io.BytesIO(data)) as img:
+            copy = img.convert("RGB")
     copy.thumbnail((max_side, max_side))
     out = io.BytesIO()
     copy.save(out, format="PNG")

@@ -11,6 +11,13 @@ per image:
 ``sha256`` of the bytes finds exact duplicates. Next to the table (hidden from
 Spark readers, which skip ``_``-prefixed names) are ``_rejected/`` (CSV: path,
 reason) and ``_duplicates/`` (CSV: sha256, paths, count).
+
+Every row also has ``patient``, ``view_position`` and ``source_format``. DICOM files are
+stored *without their header*: decoded and windowed once (:func:`cxr_pipeline.dicom.pack_payload`)
+as an 8-bit PNG, or as the embedded JPEG itself when its display table is the identity; their
+``patient`` is the keyed hash of PatientID (``dicom.patient_key``) and ``view_position`` the
+header's. Later runs read plain images and never parse DICOM again; the table holds no name,
+birth date or raw id. Multi-frame and other unusable DICOM files are listed in ``_rejected``.
 """
 from __future__ import annotations
 
@@ -22,6 +29,8 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from ..dataset_layout import parse_image_path, patient_id
+from ..dicom import DicomSettings
 from ..imaging import DEFAULT_MAX_PIXELS, ImageDecodeError, image_info
 from .reader import read_images_with_rejections
 
@@ -32,6 +41,10 @@ _HEADER_TYPE = T.StructType(
         T.StructField("height", T.IntegerType()),
         T.StructField("format", T.StringType()),
         T.StructField("reason", T.StringType()),
+        T.StructField("packed", T.BinaryType()),  # replacement content (DICOM only)
+        T.StructField("patient", T.StringType()),
+        T.StructField("view_position", T.StringType()),
+        T.StructField("source_format", T.StringType()),
     ]
 )
 
@@ -59,16 +72,27 @@ class PackSummary:
         ]
 
 
-def _header_reader(max_pixels: int):
+def _pack_row(path: str, data: bytes | None, max_pixels: int, patient_key: str) -> tuple:
+    from .. import dicom
+    from ..dataset_layout import is_dicom
+
+    by_name = patient_id(parse_image_path(path).file_name)
+    try:
+        if data is not None and is_dicom(data):
+            facts = dicom.read_facts(data, patient_key)
+            packed, fmt, width, height = dicom.pack_payload(data, max_pixels)
+            return width, height, fmt, None, packed, facts.patient or by_name, facts.view_position, "DICOM"
+        width, height, fmt = image_info(data, max_pixels)
+        return width, height, fmt, None, None, by_name, None, fmt
+    except ImageDecodeError as exc:
+        return None, None, None, str(exc), None, None, None, None
+
+
+def _header_reader(max_pixels: int, patient_key: str):
     @F.pandas_udf(_HEADER_TYPE)
-    def read_headers(contents: pd.Series) -> pd.DataFrame:
-        rows = []
-        for data in contents:
-            try:
-                rows.append((*image_info(data, max_pixels), None))
-            except ImageDecodeError as exc:
-                rows.append((None, None, None, str(exc)))
-        return pd.DataFrame(rows, columns=["width", "height", "format", "reason"])
+    def read_headers(paths: pd.Series, contents: pd.Series) -> pd.DataFrame:
+        rows = [_pack_row(p, c, max_pixels, patient_key) for p, c in zip(paths, contents)]
+        return pd.DataFrame(rows, columns=[f.name for f in _HEADER_TYPE.fields])
 
     return read_headers
 
@@ -80,15 +104,25 @@ def pack_image_tree(
     target_file_mb: int = TARGET_FILE_MB,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     overwrite: bool = False,
+    dicom: DicomSettings | None = None,
 ) -> PackSummary:
-    """Write the tree at ``source_uri`` as a Parquet image table at ``table_uri``."""
-    read = read_images_with_rejections(spark, source_uri)
-    with_header = read.images.withColumn("_h", _header_reader(max_pixels)(F.col("content"))).cache()
+    """Write the tree at ``source_uri`` as a Parquet image table at ``table_uri``.
+
+    ``dicom``: the ``dicom:`` config section (patient key, frontal_only); default read from ``conf/``.
+    """
+    dicom = dicom or DicomSettings.default()
+    read = read_images_with_rejections(spark, source_uri, dicom=dicom)
+    header = _header_reader(max_pixels, dicom.patient_key)(F.col("path"), F.col("content"))
+    with_header = read.images.withColumn("_h", header).cache()
     try:
+        content = F.coalesce(F.col("_h.packed"), F.col("content"))
         table = with_header.where("_h.reason IS NULL").select(
-            "path", "split", "label", "label_name", "content", "length",
+            "path", "split", "label", "label_name", content.alias("content"),
+            F.length(content).cast("long").alias("length"),
             F.col("_h.width").alias("width"), F.col("_h.height").alias("height"),
-            F.col("_h.format").alias("format"), F.sha2("content", 256).alias("sha256"),
+            F.col("_h.format").alias("format"), F.sha2(content, 256).alias("sha256"),
+            F.col("_h.patient").alias("patient"), F.col("_h.view_position").alias("view_position"),
+            F.col("_h.source_format").alias("source_format"),
         )
         header_rejects = with_header.where("_h.reason IS NOT NULL").select("path", F.col("_h.reason").alias("reason"))
         rejected = read.rejected.unionByName(header_rejects).cache()

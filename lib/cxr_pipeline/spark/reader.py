@@ -20,27 +20,103 @@ Sources: ``binaryFile`` (default: raw bytes, decoded later in pandas UDFs),
 ``image`` (Spark's built-in image source, decoded by the JVM into an ``image``
 struct column instead of ``content``) and ``parquet`` (a table written by
 :mod:`cxr_pipeline.spark.packing`).
+
+DICOM (``.dcm``/``.dicom``) files are images like any other here; the featurizer
+decodes them (:mod:`cxr_pipeline.dicom`). ``ReadResult.patients`` gives, for every
+image, ``path, patient, view_position``: the patient is the keyed hash of the
+header's PatientID when there is one (``dicom.patient_key``; the raw id never
+leaves the Python worker), else the patient of the file name
+(:func:`cxr_pipeline.dataset_layout.patient_id`). With ``dicom.frontal_only`` the
+images whose ViewPosition is not PA/AP are rejected ("view LATERAL is not frontal").
+Reading DICOM headers reads the DICOM files once more; a packed table keeps the
+de-identified columns and skips that.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+import pandas as pd
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
-from ..dataset_layout import IMAGE_EXTENSIONS, SPLITS, LayoutError, junk_reason, label_index, parse_image_path
+from ..dataset_layout import (
+    DICOM_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    SPLITS,
+    LayoutError,
+    junk_reason,
+    label_index,
+    parse_image_path,
+    patient_id,
+)
+from ..dicom import FRONTAL_VIEWS, DicomSettings
 
 SOURCES = ("binaryFile", "image", "parquet")
 IMAGE_COLUMNS = ("path", "split", "label", "label_name", "content", "length")
 REJECTED_SCHEMA = "path string, reason string"
 LAYOUT_REASON = "not in a <split>/<CLASS>/ folder"
 
+PATIENT_SCHEMA = T.StructType([T.StructField("patient", T.StringType()), T.StructField("view_position", T.StringType())])
+
+
 @dataclass(frozen=True)
 class ReadResult:
     images: DataFrame  # path, split, label, label_name, content, length
     rejected: DataFrame  # path, reason
     label_names: tuple[str, ...]  # index i is label i
+    patients: DataFrame | None = None  # path, patient, view_position: one row per image (no raw header value)
+
+
+def is_dicom_path(path: Column) -> Column:
+    lower = F.lower(path)
+    result = F.lit(False)
+    for extension in DICOM_EXTENSIONS:
+        result = result | lower.endswith(extension)
+    return result
+
+
+def patient_facts_udf(patient_key: str):
+    """pandas UDF ``(path, content or null) -> struct(patient, view_position)``.
+
+    ``content`` is the bytes of a DICOM file (null for other files, whose patient comes from the name).
+    A header that cannot be read falls back to the name too: the featurizer records why it is unusable.
+    """
+    from .. import dicom
+    from ..imaging import ImageDecodeError
+
+    def one(path: str, content) -> tuple[str, str | None]:
+        by_name = patient_id(parse_image_path(path).file_name)
+        if content is None:
+            return by_name, None
+        try:
+            facts = dicom.read_facts(bytes(content), patient_key)
+        except ImageDecodeError:
+            return by_name, None
+        return facts.patient or by_name, facts.view_position
+
+    @F.pandas_udf(PATIENT_SCHEMA)
+    def facts(paths: pd.Series, contents: pd.Series) -> pd.DataFrame:
+        return pd.DataFrame([one(p, c) for p, c in zip(paths, contents)], columns=["patient", "view_position"])
+
+    return facts
+
+
+def _patients(images: DataFrame, settings: DicomSettings, has_dicom: bool) -> DataFrame:
+    content = F.when(is_dicom_path(F.col("path")), F.col("content")) if has_dicom else F.lit(None).cast("binary")
+    facts = patient_facts_udf(settings.patient_key)(F.col("path"), content)
+    return images.select("path", facts.alias("_f")).select("path", "_f.patient", "_f.view_position")
+
+
+def _keep_frontal(images: DataFrame, rejected: DataFrame, patients: DataFrame) -> tuple[DataFrame, DataFrame, DataFrame]:
+    """``dicom.frontal_only``: images with a ViewPosition other than PA/AP become rejections."""
+    other_view = patients.where(F.col("view_position").isNotNull() & ~F.upper("view_position").isin(list(FRONTAL_VIEWS)))
+    dropped = other_view.select(
+        "path", F.concat(F.lit("view "), F.col("view_position"), F.lit(" is not frontal (dicom.frontal_only)")).alias("reason")
+    )
+    return (images.join(dropped.select("path"), "path", "left_anti"), rejected.unionByName(dropped),
+            patients.join(dropped.select("path"), "path", "left_anti"))
 
 
 def classify_path(path: str, length: int | None) -> tuple[str | None, str | None, str | None]:
@@ -123,15 +199,18 @@ def read_images_with_rejections(
     source: str = "binaryFile",
     label_names: Iterable[str] | None = None,
     path_glob: str | None = None,
+    dicom: DicomSettings | None = None,
 ) -> ReadResult:
     """The tree (or packed table) at ``uri``, with the files left out and why.
 
     ``label_names`` fixes the class list (e.g. the one a model was trained on);
     by default it is discovered from the class folders. ``path_glob`` is
     Spark's ``pathGlobFilter`` (e.g. ``"*.jpeg"``): files it hides are not reported.
+    ``dicom``: the ``dicom:`` config section (default: read from ``conf/``).
     """
+    dicom = dicom or DicomSettings.default()
     if source == "parquet":
-        return read_image_table_with_rejections(spark, uri, label_names)
+        return read_image_table_with_rejections(spark, uri, label_names, dicom)
     raw = _load_raw(spark, uri, source, path_glob)
     # Spark's image source marks undecodable files with height -1 instead of failing.
     length = F.col("length") if source == "binaryFile" else F.coalesce("length", F.lit(1))
@@ -159,7 +238,13 @@ def read_images_with_rejections(
         "path",
         F.coalesce(F.col("_meta.reason"), F.concat(F.lit("class folder not in "), F.lit(",".join(names)))).alias("reason"),
     )
-    return ReadResult(images=images, rejected=rejected.unionByName(_unscanned_files(spark, raw)), label_names=names)
+    rejected = rejected.unionByName(_unscanned_files(spark, raw))
+    # Metadata only (path column), no file contents: is there any DICOM to read headers from?
+    has_dicom = source == "binaryFile" and bool(good.where(is_dicom_path(F.col("path"))).select("path").limit(1).collect())
+    patients = _patients(images, dicom, has_dicom)
+    if dicom.frontal_only and has_dicom:
+        images, rejected, patients = _keep_frontal(images, rejected, patients)
+    return ReadResult(images=images, rejected=rejected, label_names=names, patients=patients)
 
 
 def _hadoop_path_form(uri: str) -> str:
@@ -185,9 +270,14 @@ def read_image_tree(spark: SparkSession, uri: str, source: str = "binaryFile", *
 
 
 def read_image_table_with_rejections(
-    spark: SparkSession, uri: str, label_names: Iterable[str] | None = None
+    spark: SparkSession, uri: str, label_names: Iterable[str] | None = None, dicom: DicomSettings | None = None
 ) -> ReadResult:
-    """A packed Parquet image table; its own rejections were recorded when it was packed."""
+    """A packed Parquet image table; its own rejections were recorded when it was packed.
+
+    Tables packed from DICOM carry de-identified ``patient``/``view_position`` columns; older tables
+    get the patient from the file name.
+    """
+    dicom = dicom or DicomSettings.default()
     table = spark.read.parquet(uri)
     missing = [c for c in ("path", "split", "label_name", "content") if c not in table.columns]
     if missing:
@@ -201,7 +291,13 @@ def read_image_table_with_rejections(
     rejected = table.where(~known).select(
         "path", F.concat(F.lit("class folder not in "), F.lit(",".join(names))).alias("reason")
     )
-    return ReadResult(images=images, rejected=rejected, label_names=names)
+    if {"patient", "view_position"} <= set(table.columns):
+        patients = table.where(known).select("path", "patient", "view_position")
+        if dicom.frontal_only:
+            images, rejected, patients = _keep_frontal(images, rejected, patients)
+    else:
+        patients = _patients(images, dicom, has_dicom=False)
+    return ReadResult(images=images, rejected=rejected, label_names=names, patients=patients)
 
 
 def read_image_table(spark: SparkSession, uri: str) -> DataFrame:
