@@ -22,7 +22,8 @@ from tolerances import assert_same_probabilities  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RUN_FILES = ("model.keras", "cnn.json", "metrics.json", "config.yaml", "history.csv", "predictions.csv",
-             "training_curves.png", "roc.png", "confusion_matrix.png", "confusion_matrix_0.5.png", "rejected.csv")
+             "training_curves.png", "roc.png", "confusion_matrix.png", "confusion_matrix_0.5.png", "rejected.csv",
+             "calibration.png", "model_card.md")
 
 
 def cnn_config(*overrides: str) -> dict:
@@ -212,7 +213,16 @@ def test_small_cnn_run_outputs_are_well_formed(small_run):
     assert test["at_threshold"]["threshold"] == saved["threshold"]
     assert 0.0 <= test["auc"] <= 1.0
     assert saved["rejected"] == 2  # notes.txt + the corrupt JPEG
-    assert sum(saved["class_counts"]["train"] + saved["class_counts"]["val"]) == 8
+    assert sum(saved["class_counts"]["train"] + saved["class_counts"]["val"]) == 12  # train/ 8 + val/ 4, pooled
+    for key in ("at_0.5", "at_threshold"):
+        block = test["intervals"][key]
+        assert block["threshold"] == test[key]["threshold"] and block["accuracy"]["value"] == test[key]["accuracy"]
+        lo, hi = block["accuracy"]["ci95"]
+        assert lo <= block["accuracy"]["value"] <= hi
+    assert 0.0 <= test["brier"] <= 1.0 and sum(test["calibration"]["count"]) == 4
+    assert saved["threshold_choice"]["rule"] == "sensitivity"
+    card = (out / "model_card.md").read_text()
+    assert "Measured on: the dataset's test folder (n=4)" in card and "## Known failure modes" in card
     assert len(saved["history"]["loss"]) == 1 and saved["train_images_per_s"][0] > 0
     rejected = (out / "rejected.csv").read_text()
     assert "IM-0001-0001.jpeg" in rejected and "notes.txt" in rejected

@@ -115,3 +115,131 @@ def test_plots_render_png(tmp_path):
     p, r, _ = m.pr_curve(y, s)
     assert plots.plot_pr(p, r, m.average_precision(y, s), prevalence=0.6)[:4] == b"\x89PNG"
     assert plots.plot_confusion_matrix(m.confusion_matrix(y, m.predict_at(s, 0.5)), ["NORMAL", "PNEUMONIA"])[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------- threshold rules
+
+
+def brute_best(y, s, cost):
+    """The threshold (a score value) with the lowest cost over every distinct score; highest on ties."""
+    best = None
+    for t in sorted(set(s), reverse=True):
+        r = m.binary_report(y, s, t)
+        c = cost(r)
+        if best is None or c < best[0] - 1e-12:
+            best = (c, t)
+    return best[1]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cost_and_youden_rules_match_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    y = (rng.random(160) < 0.75).astype(int)  # imbalanced like the data: Youden (rates) != equal costs (counts)
+    s = np.round(rng.random(160) * 0.6 + y * 0.3, 2)
+    for rule, kwargs, cost in (
+        ("cost", {"cost_fn": 3.0, "cost_fp": 1.0}, lambda r: 3 * r.fn + r.fp),
+        ("cost", {"cost_fn": 1.0, "cost_fp": 4.0}, lambda r: r.fn + 4 * r.fp),
+        ("youden", {}, lambda r: -(r.sensitivity + r.specificity)),
+    ):
+        choice = m.choose_threshold_by_rule(y, s, rule, **kwargs)
+        lowest_included = brute_best(y, s, cost)
+        below = s[s < lowest_included]
+        assert below.max() < choice.threshold <= lowest_included  # halfway below, same confusion matrix
+        assert m.binary_report(y, s, choice.threshold).to_dict() | {"threshold": 0} == \
+            m.binary_report(y, s, lowest_included).to_dict() | {"threshold": 0}
+        assert choice.rule == rule and ("FN" if rule == "cost" else "Youden") in choice.describe()
+
+
+def test_higher_false_alarm_cost_raises_threshold_and_specificity():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 300)
+    s = np.clip(rng.normal(0.35 + 0.3 * y, 0.15), 0, 1)
+    cheap, dear = (m.choose_threshold_by_rule(y, s, "cost", cost_fn=1.0, cost_fp=c) for c in (0.2, 5.0))
+    assert dear.threshold > cheap.threshold and dear.specificity > cheap.specificity
+    assert m.choose_threshold_by_rule(y, s, "fixed", fixed=0.42).threshold == 0.42
+    assert m.choose_threshold_by_rule(y, s, "sensitivity", target_sensitivity=0.9).sensitivity >= 0.9
+
+
+def test_rules_fall_back_on_one_class_and_reject_bad_input():
+    with pytest.warns(m.ThresholdWarning):
+        choice = m.choose_threshold_by_rule([1, 1, 1], [0.2, 0.7, 0.9], "youden")
+    assert choice.threshold == 0.5 and choice.fallback and choice.rule == "youden"
+    with pytest.raises(ValueError):
+        m.choose_threshold_by_rule([0, 1], [0.2, 0.7], "median")
+    with pytest.raises(ValueError):
+        m.choose_threshold_by_rule([0, 1], [0.2, 0.7], "cost", cost_fn=-1.0)
+    assert m.rule_args_from_config({"threshold_rule": "cost", "cost_fn": 2, "seed": 1}) == {"rule": "cost", "cost_fn": 2.0}
+
+
+# ---------------------------------------------------------------- intervals, calibration
+
+
+def test_bootstrap_auc_of_each_resample_equals_auc_of_the_resampled_data():
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, 60)
+    s = np.round(rng.random(60) * 0.5 + y * 0.3, 1)  # ties
+    counts = m._resample_counts(60, 4, seed=9)
+    assert counts.sum(axis=1).tolist() == [60] * 4
+    aucs = m._weighted_auc(counts, y, s)
+    for row, auc in zip(counts, aucs):
+        idx = np.repeat(np.arange(60), row.astype(int))
+        assert auc == pytest.approx(brute_auc(y[idx], s[idx]))
+
+
+def test_intervals_cover_the_value_shrink_with_n_and_are_seeded():
+    rng = np.random.default_rng(0)
+
+    def sample(n):
+        y = rng.integers(0, 2, n)
+        return y, np.clip(rng.normal(0.35 + 0.3 * y, 0.2), 0, 1)
+
+    y, s = sample(600)
+    out = m.metrics_with_intervals(y, s, 0.5, n_boot=500, seed=1)
+    for name in m.INTERVAL_METRICS:
+        lo, hi = out[name]["ci95"]
+        assert lo <= out[name]["value"] <= hi and 0 < hi - lo < 0.15
+    assert out["brier"] == pytest.approx(np.mean((s - y) ** 2))
+    assert m.metrics_with_intervals(y, s, 0.5, n_boot=500, seed=1) == out
+    y_big, s_big = sample(6000)
+    big = m.bootstrap_intervals(y_big, s_big, 0.5, n_boot=500)
+    width = lambda ci: ci[1] - ci[0]  # noqa: E731
+    assert width(big["accuracy"]) < width(out["accuracy"]["ci95"]) / 2  # ~ 1/sqrt(10)
+    one_class = m.bootstrap_intervals([1, 1, 1, 1], [0.2, 0.6, 0.7, 0.9], 0.5, n_boot=50)
+    assert one_class["auc"] is None and one_class["specificity"] is None and one_class["sensitivity"] is not None
+    assert m.fmt_interval(out["auc"]).count("[") == 1 and m.fmt_interval({"value": None}) == "undefined"
+
+
+def test_calibration_curve_bins_and_error():
+    y = [0, 0, 1, 1, 1, 0]
+    s = [0.05, 0.15, 0.95, 0.85, 0.91, 0.99]
+    cal = m.calibration_curve(y, s, n_bins=10)
+    assert sum(cal.count) == 6 and cal.count[0] == 1 and cal.count[9] == 3
+    assert cal.observed_rate[9] == pytest.approx(2 / 3) and cal.mean_predicted[9] == pytest.approx((0.95 + 0.91 + 0.99) / 3)
+    assert cal.observed_rate[5] is None
+    perfect = m.calibration_curve([0, 1] * 50, [0.0, 1.0] * 50)
+    assert perfect.expected_calibration_error == pytest.approx(0.0) and m.brier_score([0, 1], [0.0, 1.0]) == 0.0
+
+
+def test_reporting_model_card_and_calibration_plot(tmp_path):
+    from cxr_pipeline import reporting
+
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 200)
+    s = np.clip(rng.normal(0.3 + 0.4 * y, 0.2), 0, 1)
+    choice = m.choose_threshold_by_rule(y, s, "cost", cost_fn=2.0, cost_fp=1.0)
+    honest = reporting.honest_metrics(y, s, {"at_chosen": choice.threshold, "at_default_0.5": 0.5})
+    assert set(honest["intervals"]) == {"at_chosen", "at_default_0.5"} and honest["brier"] > 0
+    png = reporting.write_calibration_plot(honest, str(tmp_path / reporting.CALIBRATION_PNG))
+    assert (tmp_path / "calibration.png").read_bytes().startswith(b"\x89PNG")  and png
+    card = reporting.model_card(
+        title="t", model_description="InceptionV3 mixed5 -> LR", data="hdfs://x/chest_xray",
+        counts={"train": {"NORMAL": 3, "PNEUMONIA": 5}, "test": {"NORMAL": 90, "PNEUMONIA": 110}},
+        label_names=["NORMAL", "PNEUMONIA"], split_description="carved by patient", threshold=choice,
+        honest=honest, test_description="the dataset's test folder (n=200)")
+    acc = honest["intervals"]["at_chosen"]["accuracy"]
+    assert f"{acc['value']:.3f} [{acc['ci95'][0]:.3f}, {acc['ci95'][1]:.3f}]" in card
+    for needle in ("## Intended use", "## Known failure modes", "False alarms on normal X-rays from other sites",
+                   "Measured on: the dataset's test folder (n=200)", "| test | 90 | 110 | 200 |", "2*FN + 1*FP",
+                   "Brier score"):
+        assert needle in card
+    assert any("95% CI @at_chosen" in line for line in reporting.interval_lines(honest))

@@ -18,7 +18,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from . import metrics as M
-from . import plots
+from . import plots, reporting
 
 SCORE_COL = "p_pneumonia"
 MULTICLASS_METRICS = ("accuracy", "f1", "weightedPrecision", "weightedRecall")
@@ -85,10 +85,12 @@ def evaluate(test: DataFrame, choice: M.ThresholdChoice, label_names: Sequence[s
         if labels:
             block["spark"] = spark_metrics_at(test, t, label_names)
         test_block[f"at_{key}"] = block
+    honest = reporting.honest_metrics(labels, scores, {f"at_{k}": t for k, t in thresholds.items()})
+    test_block.update(intervals=honest["intervals"], brier=honest["brier"], calibration=honest["calibration"])
     return {
         "label_names": list(label_names),
         "positive_label": label_names[1],
-        "threshold": {**choice.to_dict(), "default": M.DEFAULT_THRESHOLD},
+        "threshold": {**choice.to_dict(), "default": M.DEFAULT_THRESHOLD, "description": choice.describe()},
         "test": test_block,
         "_curves": {"labels": labels, "scores": scores},
     }
@@ -136,10 +138,41 @@ def write_report(run, report: dict[str, Any], test: DataFrame, label_names: Sequ
     from . import storage
 
     curves = report.pop("_curves")
-    choice = M.ThresholdChoice(**{k: report["threshold"][k] for k in
-                                  ("threshold", "target_sensitivity", "sensitivity", "specificity", "fallback")})
+    choice = threshold_choice_of(report)
     report["figures"] = write_figures(run, curves["labels"], curves["scores"], choice, label_names)
+    if M.has_both_classes(curves["labels"]):  # like ROC/PR: no figure for an undefined curve
+        report["figures"].append(reporting.write_calibration_plot(report["test"], run.file(reporting.CALIBRATION_PNG)))
     storage.write_bytes(run.metrics, json.dumps(_clean(report), indent=2, sort_keys=True).encode())
+    storage.write_bytes(run.file(reporting.MODEL_CARD), model_card_text(report, choice, label_names).encode())
+
+
+def threshold_choice_of(report: Mapping[str, Any]) -> M.ThresholdChoice:
+    fields = M.ThresholdChoice.__dataclass_fields__
+    return M.ThresholdChoice(**{k: v for k, v in report["threshold"].items() if k in fields})
+
+
+def model_card_text(report: Mapping[str, Any], choice: M.ThresholdChoice, label_names: Sequence[str]) -> str:
+    feat = report.get("featurizer") or {}
+    clf = report.get("classifier") or {}
+    split = report.get("split") or {}
+    if split.get("mode") == "carve":
+        split_text = (f"Validation: carved from the pooled train + val folders, grouped by patient "
+                      f"(fraction {split.get('fraction')}, seed {split.get('seed')}; {split.get('train_patients')} "
+                      f"train / {split.get('val_patients')} validation patients). It chose the threshold only.")
+    else:
+        split_text = "Validation: the dataset's own val folder. It chose the threshold only."
+    return reporting.model_card(
+        title=f"Spark ML pneumonia classifier ({report.get('run')})",
+        model_description=(f"{feat.get('model_name')} ImageNet features pooled at `{feat.get('feature_layer')}` "
+                           f"(image size {feat.get('image_size') or 'native'}) -> StandardScaler -> "
+                           f"LogisticRegression (regParam {clf.get('regParam')}, elasticNetParam "
+                           f"{clf.get('elasticNetParam')}, class weights {report.get('class_weights')})."),
+        data=str(report.get("data")), counts=report.get("counts", {}), label_names=label_names,
+        split_description=split_text, threshold=choice, honest=report["test"],
+        test_description=(f"the dataset's test folder (n={report['test'].get('n')}), never used for training "
+                          "or for choosing the threshold"),
+        validation=report.get("validation"),
+    )
 
 
 def summary_text(report: Mapping[str, Any]) -> str:
@@ -154,9 +187,7 @@ def summary_text(report: Mapping[str, Any]) -> str:
             lines.append(f"{subset:5s}  " + ", ".join(f"{k} {v}" for k, v in counts[subset].items()))
     if report.get("rejected"):
         lines.append(f"rejected images: {report['rejected']} (see rejected.csv)")
-    note = f"  [fallback: {th['fallback']}]" if th.get("fallback") else ""
-    lines.append(f"threshold: {th['threshold']:.4f} chosen on validation for sensitivity >= "
-                 f"{th['target_sensitivity']}{note}")
+    lines.append(f"threshold: {th['threshold']:.4f} chosen {threshold_choice_of(report).describe()}")
     lines.append(f"test n={t['n']}  AUC-ROC {f(t.get('areaUnderROC'))}  AUC-PR {f(t.get('areaUnderPR'))}")
     for key, label in (("at_chosen", "chosen"), ("at_default_0.5", "0.5")):
         b = t.get(key, {})
@@ -165,4 +196,6 @@ def summary_text(report: Mapping[str, Any]) -> str:
         lines.append(f"  @{label:6s} ({b['threshold']:.3f}): accuracy {f(b['accuracy'])}  sensitivity {f(b['sensitivity'])}"
                      f"  specificity {f(b['specificity'])}  F1 {f(b['spark']['f1'] if 'spark' in b else b['f1'])}"
                      f"  [[TN {b['tn']} FP {b['fp']}] [FN {b['fn']} TP {b['tp']}]]")
+    if t.get("intervals"):
+        lines += reporting.interval_lines(t)
     return "\n".join(lines) + "\n"

@@ -9,11 +9,13 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 DEFAULT_THRESHOLD = 0.5
+BOOTSTRAP_RESAMPLES = 1000  # every reported 95 % interval: this many resamples of the test images ...
+BOOTSTRAP_SEED = 0  # ... drawn with this seed, so a report is reproducible
 
 
 class ThresholdWarning(UserWarning):
@@ -151,6 +153,9 @@ def average_precision(y_true: Sequence[int], scores: Sequence[float]) -> float |
     return float(np.sum(np.diff(recall) * precision[1:]))
 
 
+THRESHOLD_RULES = ("sensitivity", "youden", "cost", "fixed")
+
+
 @dataclass(frozen=True)
 class ThresholdChoice:
     threshold: float
@@ -158,6 +163,19 @@ class ThresholdChoice:
     sensitivity: float | None
     specificity: float | None
     fallback: str | None = None  # why the default was used instead, if it was
+    rule: str = "sensitivity"  # one of THRESHOLD_RULES
+    cost_fn: float | None = None  # the costs the "cost" rule weighed
+    cost_fp: float | None = None
+
+    def describe(self) -> str:
+        """One line for humans: how the threshold was chosen."""
+        if self.rule == "cost":
+            how = f"minimising {self.cost_fn:g}*FN + {self.cost_fp:g}*FP on validation"
+        else:
+            how = {"sensitivity": f"for sensitivity >= {self.target_sensitivity} on validation",
+                   "youden": "maximising sensitivity + specificity - 1 (Youden's J) on validation",
+                   "fixed": "fixed in the configuration"}[self.rule]
+        return how + (f" [fallback: {self.fallback}]" if self.fallback else "")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -205,6 +223,211 @@ def threshold_for_sensitivity(
         sensitivity=report.sensitivity,
         specificity=report.specificity,
     )
+
+
+def _fallback(y: np.ndarray, s: np.ndarray, default: float, **fields) -> ThresholdChoice | None:
+    """The ``default`` threshold (with a warning) when validation cannot choose one, else None."""
+    if has_both_classes(y):
+        return None
+    reason = "validation set has a single class" if y.size else "validation set is empty"
+    warnings.warn(f"{reason}: using threshold {default}", ThresholdWarning, stacklevel=3)
+    report = binary_report(y, s, default) if y.size else None
+    return ThresholdChoice(threshold=float(default), sensitivity=report.sensitivity if report else None,
+                           specificity=report.specificity if report else None, fallback=reason, **fields)
+
+
+def threshold_minimising(y_true: Sequence[int], scores: Sequence[float], cost_fn: float, cost_fp: float,
+                         per_class: bool = False) -> float:
+    """The threshold minimising ``cost_fn * FN + cost_fp * FP`` over the ROC points (both classes needed).
+
+    ``per_class``: costs apply to the miss *rates* (1 - sensitivity, 1 - specificity) instead of
+    counts, so the validation prevalence does not matter; equal costs are then Youden's J.
+    Ties go to the highest threshold (fewer false alarms). Like ``threshold_for_sensitivity``,
+    the threshold sits halfway below the lowest score called positive.
+    """
+    y, s = _arrays(y_true, scores)
+    fpr, tpr, thresholds = roc_curve(y, s)
+    positives, negatives = int(y.sum()), int(y.size - y.sum())
+    if per_class:
+        cost = cost_fn * (1.0 - tpr) + cost_fp * fpr
+    else:
+        cost = cost_fn * (1.0 - tpr) * positives + cost_fp * fpr * negatives
+    cost[0] = np.inf  # "nothing is positive" is never a useful operating point
+    best = int(np.flatnonzero(cost <= cost.min() + 1e-12)[0])  # thresholds decrease: first = highest
+    return _midpoint_below(float(thresholds[best]), s)
+
+
+def rule_args_from_config(training: Mapping[str, Any]) -> dict[str, Any]:
+    """``choose_threshold_by_rule`` keyword arguments from the ``training`` config section (CNN job)."""
+    names = {"threshold_rule": "rule", "target_sensitivity": "target_sensitivity", "cost_fn": "cost_fn",
+             "cost_fp": "cost_fp", "fixed_threshold": "fixed"}
+    return {arg: training[key] if key == "threshold_rule" else float(training[key])
+            for key, arg in names.items() if key in training}
+
+
+def choose_threshold_by_rule(
+    y_true: Sequence[int],
+    scores: Sequence[float],
+    rule: str = "sensitivity",
+    target_sensitivity: float = 0.95,
+    cost_fn: float = 1.0,
+    cost_fp: float = 1.0,
+    fixed: float = DEFAULT_THRESHOLD,
+    default: float = DEFAULT_THRESHOLD,
+) -> ThresholdChoice:
+    """The decision threshold on validation by one of ``THRESHOLD_RULES``:
+
+    - ``sensitivity``: the highest threshold reaching ``target_sensitivity``;
+    - ``youden``: maximises sensitivity + specificity - 1 (independent of the validation prevalence);
+    - ``cost``: minimises ``cost_fn * FN + cost_fp * FP`` counted on validation (a clinician's
+      price of a missed pneumonia against a false alarm, at the validation prevalence);
+    - ``fixed``: ``fixed`` as is (the weighted model's probabilities are balanced, so 0.5 is a prior-free cut).
+    """
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"threshold rule must be one of {', '.join(THRESHOLD_RULES)}, got {rule!r}")
+    if rule == "sensitivity":
+        return threshold_for_sensitivity(y_true, scores, target_sensitivity, default)
+    if min(cost_fn, cost_fp) < 0 or cost_fn + cost_fp <= 0:
+        raise ValueError(f"costs must be >= 0 and not both 0, got cost_fn={cost_fn}, cost_fp={cost_fp}")
+    y, s = _arrays(y_true, scores)
+    fields = {"target_sensitivity": float(target_sensitivity), "rule": rule}
+    if rule == "cost":
+        fields.update(cost_fn=float(cost_fn), cost_fp=float(cost_fp))
+    if rule == "fixed":
+        threshold = float(fixed)
+    else:
+        fallback = _fallback(y, s, default, **fields)
+        if fallback is not None:
+            return fallback
+        threshold = threshold_minimising(y, s, 1.0, 1.0, per_class=True) if rule == "youden" \
+            else threshold_minimising(y, s, cost_fn, cost_fp)
+    report = binary_report(y, s, threshold) if y.size else None
+    return ThresholdChoice(threshold=threshold, sensitivity=report.sensitivity if report else None,
+                           specificity=report.specificity if report else None, **fields)
+
+
+# ---------------------------------------------------------------- intervals and calibration
+
+INTERVAL_METRICS = ("accuracy", "auc", "sensitivity", "specificity")
+
+
+def _resample_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """``[n_boot, n]``: how often each item is drawn in each bootstrap resample (with replacement)."""
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n, size=(n_boot, n)) + n * np.arange(n_boot)[:, None]
+    return np.bincount(draws.ravel(), minlength=n * n_boot).reshape(n_boot, n).astype(np.float64)
+
+
+def _weighted_auc(counts: np.ndarray, y: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """AUC (ties count one half) of each row of item multiplicities ``counts``; NaN where a class is absent."""
+    order = np.argsort(s, kind="mergesort")
+    s_sorted, y_sorted, c = s[order], y[order], counts[:, order]
+    ends = np.r_[np.nonzero(np.diff(s_sorted))[0], s_sorted.size - 1]  # last index of each tie group
+    neg_cum = np.cumsum(c * (y_sorted == 0), axis=1)[:, ends]
+    pos_cum = np.cumsum(c * (y_sorted == 1), axis=1)[:, ends]
+    neg_group = np.diff(neg_cum, axis=1, prepend=0.0)
+    pos_group = np.diff(pos_cum, axis=1, prepend=0.0)
+    wins = np.sum(pos_group * (neg_cum - neg_group + 0.5 * neg_group), axis=1)
+    pairs = pos_cum[:, -1] * neg_cum[:, -1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pairs > 0, wins / np.where(pairs > 0, pairs, 1.0), np.nan)
+
+
+def bootstrap_intervals(
+    y_true: Sequence[int],
+    scores: Sequence[float],
+    threshold: float,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, list[float] | None]:
+    """Percentile bootstrap intervals ``[low, high]`` of accuracy, AUC, sensitivity, specificity.
+
+    Images are resampled with replacement (``n_boot`` resamples, seeded: the same
+    data give the same interval). Resamples where a metric is undefined (one class)
+    are left out of that metric; a metric never defined is ``None``. Vectorised:
+    1,000 resamples of 600 images take about 0.1 s, of 5,000 images 1-2 s.
+    """
+    y, s = _arrays(y_true, scores)
+    if y.size == 0 or n_boot < 1:
+        return {name: None for name in INTERVAL_METRICS}
+    counts = _resample_counts(y.size, int(n_boot), int(seed))
+    pred = predict_at(s, threshold)
+    tp = counts @ ((y == 1) & (pred == 1)).astype(np.float64)
+    tn = counts @ ((y == 0) & (pred == 0)).astype(np.float64)
+    pos = counts @ (y == 1).astype(np.float64)
+    neg = counts @ (y == 0).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        values = {
+            "accuracy": (tp + tn) / y.size,
+            "auc": _weighted_auc(counts, y, s),
+            "sensitivity": np.where(pos > 0, tp / np.where(pos > 0, pos, 1), np.nan),
+            "specificity": np.where(neg > 0, tn / np.where(neg > 0, neg, 1), np.nan),
+        }
+    tail = 100.0 * (1.0 - level) / 2.0
+    out: dict[str, list[float] | None] = {}
+    for name, v in values.items():
+        v = v[~np.isnan(v)]
+        out[name] = [float(np.percentile(v, tail)), float(np.percentile(v, 100.0 - tail))] if v.size else None
+    return out
+
+
+def brier_score(y_true: Sequence[int], scores: Sequence[float]) -> float | None:
+    """Mean squared difference between P(PNEUMONIA) and the label (0 = perfect, 0.25 = always 0.5)."""
+    y, s = _arrays(y_true, scores)
+    return float(np.mean((s - y) ** 2)) if y.size else None
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Reliability diagram data: per probability bin, the mean prediction and the observed positive rate."""
+
+    bin_edges: list[float]
+    mean_predicted: list[float | None]
+    observed_rate: list[float | None]
+    count: list[int]
+    expected_calibration_error: float | None  # sum over bins of |observed - predicted| weighted by bin size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def calibration_curve(y_true: Sequence[int], scores: Sequence[float], n_bins: int = 10) -> Calibration:
+    y, s = _arrays(y_true, scores)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, n_bins - 1)
+    count = np.bincount(which, minlength=n_bins)
+    sum_s = np.bincount(which, weights=s, minlength=n_bins)
+    sum_y = np.bincount(which, weights=y.astype(np.float64), minlength=n_bins)
+    mean_p = [float(a / c) if c else None for a, c in zip(sum_s, count)]
+    observed = [float(a / c) if c else None for a, c in zip(sum_y, count)]
+    ece = float(np.sum(np.abs(sum_y - sum_s)) / y.size) if y.size else None
+    return Calibration([float(e) for e in edges], mean_p, observed, [int(c) for c in count], ece)
+
+
+def metrics_with_intervals(
+    y_true: Sequence[int], scores: Sequence[float], threshold: float, n_boot: int = 1000, seed: int = 0,
+) -> dict:
+    """Point values and 95 % bootstrap intervals at ``threshold``, plus the Brier score:
+    ``{"accuracy": {"value": v, "ci95": [lo, hi]}, ..., "brier": b, "n_bootstrap": n_boot}``."""
+    y, s = _arrays(y_true, scores)
+    report = binary_report(y, s, threshold)
+    values = {"accuracy": report.accuracy, "auc": roc_auc(y, s) if y.size else None,
+              "sensitivity": report.sensitivity, "specificity": report.specificity}
+    intervals = bootstrap_intervals(y, s, threshold, n_boot, seed)
+    out: dict = {name: {"value": values[name], "ci95": intervals[name]} for name in INTERVAL_METRICS}
+    out.update(threshold=float(threshold), n=int(y.size), brier=brier_score(y, s) if y.size else None,
+               n_bootstrap=int(n_boot), bootstrap_seed=int(seed))
+    return out
+
+
+def fmt_interval(block: dict | None, digits: int = 3) -> str:
+    """``0.912 [0.889, 0.934]`` from a ``{"value", "ci95"}`` block; "undefined" when missing."""
+    if not block or block.get("value") is None:
+        return "undefined"
+    ci = block.get("ci95")
+    text = f"{block['value']:.{digits}f}"
+    return text + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
 
 
 def _midpoint_below(lowest_included: float, scores: np.ndarray) -> float:

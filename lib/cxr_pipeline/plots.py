@@ -109,3 +109,21 @@ def plot_training_curves(history: dict[str, Sequence[float]], out: str | Path | 
     ax.set(xlabel="epoch", title=title)
     ax.legend(fontsize=8)
     return _finish(fig, out)
+
+
+def plot_calibration(mean_predicted: Sequence[float | None], observed_rate: Sequence[float | None],
+                     count: Sequence[int], brier: float | None = None, out: str | Path | None = None,
+                     title: str = "Calibration (test)") -> bytes:
+    """Reliability diagram: observed PNEUMONIA rate against mean P(PNEUMONIA) per bin (empty bins skipped),
+    with the bin sizes below."""
+    keep = [i for i, c in enumerate(count) if c]
+    x = [mean_predicted[i] for i in keep]
+    y = [observed_rate[i] for i in keep]
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(4.8, 5.4), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfectly calibrated")
+    ax.plot(x, y, marker="o", lw=2, label=f"model (Brier {_auc_text(brier)})")
+    ax.set(ylabel="observed fraction PNEUMONIA", title=title, xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(loc="upper left", fontsize=8)
+    hist.bar(x, [count[i] for i in keep], width=0.05, color="tab:blue")
+    hist.set(xlabel="mean predicted P(PNEUMONIA)", ylabel="images")
+    return _finish(fig, out)

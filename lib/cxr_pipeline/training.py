@@ -86,6 +86,10 @@ class TrainingSettings:
     validation_fraction: float = 0.2
     seed: int = 42
     target_sensitivity: float = 0.95
+    threshold_rule: str = "sensitivity"  # metrics.THRESHOLD_RULES
+    cost_fn: float = 1.0
+    cost_fp: float = 1.0
+    fixed_threshold: float = 0.5
     features_cache: str | None = None
 
     @classmethod
@@ -108,8 +112,17 @@ class TrainingSettings:
             raise cfg.ConfigError("training.validation_fraction must be in (0, 1)")
         if not 0.0 < float(self.target_sensitivity) <= 1.0:
             raise cfg.ConfigError("training.target_sensitivity must be in (0, 1]")
+        if self.threshold_rule not in M.THRESHOLD_RULES:
+            raise cfg.ConfigError(f"training.threshold_rule must be one of {M.THRESHOLD_RULES}, got {self.threshold_rule!r}")
+        if min(float(self.cost_fn), float(self.cost_fp)) < 0 or float(self.cost_fn) + float(self.cost_fp) <= 0:
+            raise cfg.ConfigError("training.cost_fn and training.cost_fp must be >= 0 and not both 0")
         if self.tuning == "cv" and int(self.tuning_folds) < 2:
             raise cfg.ConfigError("training.tuning_folds must be >= 2")
+
+    def threshold_rule_args(self) -> dict[str, Any]:
+        """Keyword arguments of ``metrics.choose_threshold_by_rule`` (the CNN job uses the same)."""
+        return {"rule": self.threshold_rule, "target_sensitivity": float(self.target_sensitivity),
+                "cost_fn": float(self.cost_fn), "cost_fp": float(self.cost_fp), "fixed": float(self.fixed_threshold)}
 
 
 @dataclass(frozen=True)
@@ -316,10 +329,16 @@ def collect_scores(predictions: DataFrame) -> tuple[list[int], list[float]]:
     return [int(r["label"]) for r in rows], [float(r[SCORE_COL]) for r in rows]
 
 
-def choose_threshold(val_labels: list[int], val_scores: list[float], target: float) -> M.ThresholdChoice:
+def choose_threshold(val_labels: list[int], val_scores: list[float], target: float | None = None,
+                     **rule: Any) -> M.ThresholdChoice:
+    """The validation threshold by ``training.threshold_rule`` (``rule``: ``TrainingSettings.threshold_rule_args``;
+    none = the highest threshold reaching sensitivity ``target``)."""
+    rule = {"rule": "sensitivity", **rule}
+    if target is not None:
+        rule["target_sensitivity"] = target
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", M.ThresholdWarning)
-        choice = M.threshold_for_sensitivity(val_labels, val_scores, target)
+        choice = M.choose_threshold_by_rule(val_labels, val_scores, **rule)
     for w in caught:
         log.warning("threshold: %s", w.message)
     return choice
@@ -385,7 +404,7 @@ def train(spark: SparkSession, config: Mapping[str, Any], data_uri: str, out_uri
 
     scored = with_scores(classifier.transform(data.where(F.col("subset").isin("val", "test")))).cache()
     val_labels, val_scores = collect_scores(scored.where(F.col("subset") == "val"))
-    choice = choose_threshold(val_labels, val_scores, settings.target_sensitivity)
+    choice = choose_threshold(val_labels, val_scores, **settings.threshold_rule_args())
     model = PipelineModel(stages=[featurizer, *classifier.stages])
     model.write().overwrite().save(run.model)
 

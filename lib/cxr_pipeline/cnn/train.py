@@ -14,7 +14,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,7 +23,7 @@ import numpy as np
 
 from cxr_pipeline import config as config_mod
 from cxr_pipeline import metrics as M
-from cxr_pipeline import plots, storage
+from cxr_pipeline import plots, reporting, storage
 
 from . import data, models
 
@@ -101,6 +101,7 @@ class Settings:
     validation: str = "carve"
     validation_fraction: float = 0.2
     target_sensitivity: float = 0.95
+    threshold_rule: dict[str, Any] = field(default_factory=dict)  # metrics.choose_threshold_by_rule kwargs
     early_stopping_patience: int = 4
     max_pixels: int = data.DEFAULT_MAX_PIXELS
     verbose: int = 1
@@ -125,6 +126,7 @@ class Settings:
             validation=str(training.get("validation", cls.validation)),
             validation_fraction=float(training.get("validation_fraction", cls.validation_fraction)),
             target_sensitivity=float(training.get("target_sensitivity", cls.target_sensitivity)),
+            threshold_rule=M.rule_args_from_config(training),
             early_stopping_patience=int(cnn.get("early_stopping_patience", cls.early_stopping_patience)),
             max_pixels=int(config_mod.get(config, "data.max_pixels", cls.max_pixels)),
             verbose=int(cnn.get("verbose", cls.verbose)),
@@ -358,7 +360,8 @@ def evaluate_run(model, settings: Settings, devices: Devices, prepared: Prepared
     batch = settings.batch_size * devices.replicas
     val = prepared.val
     val_p = predict_scores(model, data.eval_dataset(val.ds, batch) if val.ds is not None else None)
-    choice = M.threshold_for_sensitivity(val.labels, val_p, settings.target_sensitivity)
+    choice = M.choose_threshold_by_rule(val.labels, val_p, **{"target_sensitivity": settings.target_sensitivity,
+                                                              **settings.threshold_rule})
     threshold = choice.threshold
     scored = [("val", r, p) for r, p in zip(val.records, val_p)]
     eval_name, final = ("test", prepared.test) if prepared.test.records else ("val", val)
@@ -375,10 +378,12 @@ def evaluate_run(model, settings: Settings, devices: Devices, prepared: Prepared
         "class_counts": prepared.counts(),
         "rejected": len(prepared.rejections.items),
         "threshold": threshold,
-        "threshold_choice": choice.to_dict(),
+        "threshold_choice": {**choice.to_dict(), "description": choice.describe()},
         "validation": evaluate(val.labels, val_p, threshold, prepared.label_names) if val.records else None,
         eval_name: evaluate(final.labels, final_p, threshold, prepared.label_names),
     }
+    honest = reporting.honest_metrics(final.labels, final_p, {"at_threshold": threshold, "at_0.5": M.DEFAULT_THRESHOLD})
+    metrics[eval_name].update(honest)
     return metrics, scored
 
 
@@ -448,7 +453,10 @@ def train_and_evaluate(config: Mapping[str, Any], data_uri: str, out_uri: str) -
         _write_outputs(stage, out_uri)
         name = metrics["evaluated_on"]
         log(f"wrote {out_uri}: {name} AUC {M.fmt(metrics[name]['auc'])}, "
-            f"accuracy@0.5 {M.fmt(metrics[name]['at_0.5']['accuracy'])}, threshold {metrics['threshold']:.3f}")
+            f"accuracy@0.5 {M.fmt(metrics[name]['at_0.5']['accuracy'])}, threshold {metrics['threshold']:.3f} "
+            f"({metrics['threshold_choice']['description']})")
+        for line in reporting.interval_lines(metrics[name]):
+            log(line)
         return metrics
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -490,3 +498,35 @@ def _write_run(stage: Path, config, settings: Settings, metrics, prepared: Prepa
     else:
         plots.plot_roc([0, 1], [0, 1], None, out=stage / "roc.png",
                        title=f"ROC curve ({eval_name}): undefined, one class only")
+    reporting.write_calibration_plot(report, str(stage / reporting.CALIBRATION_PNG))
+    (stage / reporting.MODEL_CARD).write_text(_model_card(config, settings, metrics, prepared))
+
+
+def _model_card(config, settings: Settings, metrics, prepared: Prepared) -> str:
+    eval_name = metrics["evaluated_on"]
+    choice_fields = M.ThresholdChoice.__dataclass_fields__
+    choice = M.ThresholdChoice(**{k: v for k, v in metrics["threshold_choice"].items() if k in choice_fields})
+    if settings.model == "inception_v3":
+        inception = config_mod.get(config, "cnn.inception", {}) or {}
+        fine_tune = config_mod.get(config, "cnn.fine_tune", {}) or {}
+        description = (f"Keras InceptionV3 transfer model cut at `{inception.get('cut_layer')}`, {settings.image_size} px, "
+                       f"{settings.epochs} frozen + {fine_tune.get('epochs', 0)} fine-tuning epochs, "
+                       f"balance {settings.balance}.")
+    else:
+        description = f"Keras {settings.model} trained from scratch, {settings.image_size} px, balance {settings.balance}."
+    counts = {k: dict(zip(prepared.label_names, v)) for k, v in prepared.counts().items()}
+    split = (f"Validation: carved from the pooled train + val folders, grouped by patient (fraction "
+             f"{settings.validation_fraction}, seed {settings.seed}), as in the Spark job. It picked the best epoch "
+             "and the threshold." if settings.validation == "carve" else
+             "Validation: the dataset's own val folder. It picked the best epoch and the threshold.")
+    test = (f"the dataset's test folder (n={metrics[eval_name]['n']}), never used for training, epoch or threshold"
+            if eval_name == "test" else
+            f"VALIDATION (n={metrics[eval_name]['n']}): there was no test folder, so these figures are optimistic")
+    validation = metrics.get("validation") or {}
+    return reporting.model_card(
+        title=f"Keras CNN pneumonia classifier ({settings.model})", model_description=description,
+        data=str(metrics.get("data")), counts=counts, label_names=prepared.label_names, split_description=split,
+        threshold=choice, honest=metrics[eval_name], test_description=test,
+        validation={"n": validation.get("n"), "roc_auc": validation.get("auc"),
+                    "at_chosen": validation.get("at_threshold")} if validation else None,
+    )
