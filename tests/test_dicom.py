@@ -115,6 +115,15 @@ def test_features_of_jpeg_and_dicom_agree(one_xray):
     assert_same_features(features[3], features[2])
 
 
+def test_voi_functions_follow_the_standard():
+    # PS3.3 C.11.2.1.2.1 LINEAR: 0 for x <= c - 0.5 - (w-1)/2, 1 for x > c - 0.5 + (w-1)/2, else ((x - (c-0.5))/(w-1) + 0.5)
+    x = np.array([94.5, 95.0, 100.0, 105.5, 106.0])
+    assert np.allclose(dicom._window(x, 100, 11, "LINEAR"), [0.0, 0.05, 0.55, 1.0, 1.0])
+    # C.11.2.1.3.2 LINEAR_EXACT: (x - c)/w + 0.5 ; C.11.2.1.3.1 SIGMOID: 1 / (1 + exp(-4 (x - c) / w))
+    assert np.allclose(dicom._window(np.array([95.0, 100.0, 105.0]), 100, 10, "LINEAR_EXACT"), [0.0, 0.5, 1.0])
+    assert np.allclose(dicom._window(np.array([100.0, 110.0]), 100, 10, "SIGMOID"), [0.5, 1 / (1 + np.exp(-4))])
+
+
 # ---------------------------------------------------------------- real DICOM files shipped with pydicom
 
 
