@@ -40,14 +40,15 @@ hadoop: $(HADOOP_STAMP) ## provision Apache Hadoop 2.7.3 HDFS jars from the regi
 $(HADOOP_STAMP): | $(VENV_STAMP)
 	$(PY) -m cxr_pipeline.localstack.provision
 
-hdfs-up: hadoop ## start a local NameNode + DataNode on 127.0.0.1 (9000, WebHDFS 9870)
-	$(PY) -m cxr_pipeline.localstack.hdfs_cluster up
+HDFS_DATANODES ?= 1
+hdfs-up: hadoop ## start a local NameNode + DataNode on 127.0.0.1 (9000, WebHDFS 9870); HDFS_DATANODES=2: replication 2
+	$(PY) -m cxr_pipeline.localstack.hdfs_cluster up --datanodes $(HDFS_DATANODES)
 
 hdfs-down: ## stop the local HDFS
 	@test -x $(PY) && $(PY) -m cxr_pipeline.localstack.hdfs_cluster down || true
 
 hdfs-status: ## show whether the local HDFS is up
-	$(PY) -m cxr_pipeline.localstack.hdfs_cluster status
+	$(PY) -m cxr_pipeline.localstack.hdfs_cluster status --datanodes $(HDFS_DATANODES)
 
 spark-up: venv ## start a standalone Spark master + 2 workers on loopback (7077)
 	$(PY) -m cxr_pipeline.localstack.spark_cluster up

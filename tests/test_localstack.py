@@ -123,6 +123,28 @@ def test_stale_pid_file_is_not_a_running_daemon(tmp_path):
     assert not handle.alive()
 
 
+def test_default_layout_has_one_datanode_and_one_replica(tmp_path):
+    hdfs = LocalHdfs(tmp_path / "hdfs")
+    hdfs.write_config()
+    assert len(hdfs.datanodes) == 1 and hdfs.replication == 1
+    assert "<name>dfs.replication</name><value>1</value>" in (hdfs.conf_dir / "hdfs-site.xml").read_text()
+
+
+def test_replicated_layout_renders_two_datanodes_with_their_own_ports_and_data_dirs(tmp_path):
+    hdfs = LocalHdfs(tmp_path / "hdfs", rpc_port=19000, http_port=19870, datanode_ports=(19866, 19864, 19867),
+                     datanodes=2)
+    hdfs.write_config()
+    assert "<name>dfs.replication</name><value>2</value>" in (hdfs.conf_dir / "hdfs-site.xml").read_text()
+    assert [h.name for h in hdfs.datanodes] == ["datanode", "datanode-1"]
+    second = " ".join(hdfs.datanode_command(1))
+    assert f"dfs.datanode.data.dir=file://{hdfs.state_dir / 'data-1'}" in second
+    assert all(f"127.0.0.1:{port}" in second for port in (19876, 19874, 19877))
+    assert "-D" not in hdfs.datanode_command(0)  # DataNode 0 runs on the rendered hdfs-site.xml
+    assert {19866, 19876} <= set(hdfs.all_ports.values())
+    with pytest.raises(ValueError, match="datanode_ports"):
+        LocalHdfs(tmp_path / "bad", datanode_ports=(1, 2, 3, 4), datanodes=2)
+
+
 @pytest.mark.hdfs
 @pytest.mark.slow
 def test_second_instance_on_other_ports_with_stale_pids_and_a_crash(hdfs_cluster, tmp_path):
