@@ -13,6 +13,8 @@ tests and benchmarks where the values do not matter).
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +47,49 @@ _TORCH_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 class BackboneError(ValueError):
     """Unknown backbone, unknown layer or unusable weights."""
+
+
+class WeightsMismatchError(BackboneError):
+    """A weights file is not the one the model was trained with (its sha256 differs)."""
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:  # size/mtime: a rewritten file is hashed anew
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    stat = os.stat(path)
+    return _sha256_of(os.fspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+def weights_sha256(model_name: str, weights: str | None) -> str | None:
+    """The sha256 of the weights file ``weights`` stands for (None = the provisioned one; an
+    ``hdfs://`` URI is read through :mod:`cxr_pipeline.storage`); None for ``"random"``/``"imagenet"``."""
+    if weights in (RANDOM_WEIGHTS, "imagenet"):
+        return None
+    if weights is not None and "://" in str(weights) and not str(weights).startswith("file://"):
+        from . import storage
+
+        return hashlib.sha256(storage.read_bytes(weights)).hexdigest()
+    return file_sha256(resolve_weights_file(model_name, weights))
+
+
+def check_weights_file(path: str | None, expected_sha256: str | None, model_name: str) -> None:
+    """Refuse a weights file other than the recorded one (a silent swap would change every answer)."""
+    if not expected_sha256 or path in (None, "imagenet"):
+        return
+    actual = file_sha256(path)
+    if actual != expected_sha256:
+        raise WeightsMismatchError(
+            f"the {model_name} weights file {path} has sha256 {actual[:16]}..., but this model was trained "
+            f"with {expected_sha256[:16]}...: the file was replaced or re-provisioned. Put the original file "
+            "back (the run's config.yaml names it) or re-train; refusing to score with other weights."
+        )
 
 
 def spec(model_name: str) -> BackboneSpec:
@@ -113,6 +158,7 @@ def build_backbone(
     feature_layer: str | None = None,
     pooling: str | None = "avg",
     image_size: int | tuple[int, int] | None = None,
+    weights_sha256: str | None = None,
 ) -> Any:
     """A Keras model: preprocessed batch ``[n, h, w, 3]`` -> features ``[n, d]``.
 
@@ -122,12 +168,14 @@ def build_backbone(
 
     ``feature_layer`` names the layer whose output is pooled (default: the last
     layer of the no-top backbone, e.g. ``mixed10`` for InceptionV3). ``pooling``
-    is ``"avg"``, ``"max"`` or None (flatten).
+    is ``"avg"``, ``"max"`` or None (flatten). ``weights_sha256``: the file must have
+    this hash (:class:`WeightsMismatchError` otherwise); None = unchecked.
     """
     import keras
 
     model_spec = spec(model_name)
     weights_file = resolve_weights_file(model_name, weights)
+    check_weights_file(weights_file, weights_sha256, model_name)
     if weights_file is None:
         keras.utils.set_random_seed(RANDOM_SEED)  # same "random" model in every worker
     constructor = getattr(keras.applications, model_spec.constructor)

@@ -66,6 +66,8 @@ def classifier_spec(pipeline_model, threshold: float, label_names: Sequence[str]
         "feature_layer": _param(featurizer, "featureLayer"),
         "image_size": size,
         "weights": os.path.basename(str(weights)) if weights else None,
+        "weights_uri": str(weights) if weights else None,
+        "weights_sha256": _param(featurizer, "weightsSha256"),
         "max_pixels": _param(featurizer, "maxPixels"),
         "label_names": list(label_names),
         "positive_label": label_names[1],
@@ -108,18 +110,28 @@ def score_features(spec: dict[str, Any], features: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-margin))
 
 
-def _resolve_weights(name: str | None, run_dir: str) -> str | None:
-    """A weights file name from classifier.json -> a local path (run folder, then .local/weights)."""
+def _resolve_weights(spec: dict[str, Any], run_dir: str) -> str | None:
+    """The weights of classifier.json -> a local path: where training read it, the run folder, then
+    .local/weights. None = the provisioned default. A named file found nowhere is an error, never
+    "use the default instead" (its sha256 is checked when the backbone is built)."""
+    name = spec.get("weights")
     if not name:
         return None
     if name in ("imagenet", "random"):  # keywords build_backbone understands, not files
         return name
     from . import paths
 
-    for candidate in (Path(run_dir) / name, paths.WEIGHTS_DIR / name):
-        if "://" not in str(candidate) and candidate.exists():
-            return str(candidate)
-    return None  # the provisioned default for the model
+    original = spec.get("weights_uri") or ""
+    candidates = [] if "://" in original and not original.startswith("file://") else [original.replace("file://", "")]
+    candidates += [str(Path(run_dir) / name), str(paths.WEIGHTS_DIR / name)]
+    for candidate in candidates:
+        if candidate and "://" not in candidate and os.path.isfile(candidate):
+            return candidate
+    raise FileNotFoundError(
+        f"the backbone weights this model was trained with ({original or name}) are not on this machine: looked "
+        f"in {', '.join(c for c in candidates if c)}. Copy that file into the run folder; "
+        "scoring with other weights would give other answers."
+    )
 
 
 class LocalClassifier:
@@ -142,11 +154,23 @@ class LocalClassifier:
     def load(cls, run_dir: str, batch_size: int = 16) -> "LocalClassifier":
         from . import storage
 
+        from . import run_folder
+
+        run_folder.require_complete(str(run_dir))
         uri = str(run_dir).rstrip("/") + "/" + CLASSIFIER_FILE
         if not storage.exists(uri):
             raise FileNotFoundError(f"{uri} not found: is {run_dir} a run folder of jobs/train_featurizer.py?")
         spec = json.loads(storage.read_bytes(uri))
-        return cls(spec, str(run_dir), batch_size)
+        classifier = cls(spec, str(run_dir), batch_size)
+        classifier.check_weights()
+        return classifier
+
+    def check_weights(self) -> None:
+        """Fail at load time, not at the first request, when the trained-with weights are missing or replaced."""
+        from .backbones import check_weights_file, resolve_weights_file
+
+        local = resolve_weights_file(self.spec["model_name"], _resolve_weights(self.spec, self.run_dir))
+        check_weights_file(local, self.spec.get("weights_sha256"), self.spec["model_name"])
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -159,9 +183,10 @@ class LocalClassifier:
 
             self._backbone = build_backbone(
                 self.spec["model_name"],
-                weights=_resolve_weights(self.spec.get("weights"), self.run_dir),
+                weights=_resolve_weights(self.spec, self.run_dir),
                 feature_layer=self.spec.get("feature_layer"),
                 image_size=self.image_size,
+                weights_sha256=self.spec.get("weights_sha256"),
             )
         return self._backbone
 

@@ -85,9 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from ..backbones import BackboneError
+
     try:
         results = classify(args.model, args.images, args.threshold)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, BackboneError) as exc:  # incomplete run, missing or replaced weights
         print(f"cxr-predict-image: error: {exc}", file=sys.stderr)
         return 2
     for res in results:

@@ -37,6 +37,7 @@ class FeaturizerSettings:
     feature_layer: str | None = None
     weights: str | None = None  # None | local path | "imagenet" | "random" | remote URI
     weights_spark_file: str | None = None  # name registered with SparkContext.addFile, if any
+    weights_sha256: str | None = None  # checked on the worker before the weights are loaded
     batch_size: int = 16
     max_pixels: int = DEFAULT_MAX_PIXELS
     tf_threads: int = 0  # 0 = the task's cores (spark.task.cpus)
@@ -44,7 +45,7 @@ class FeaturizerSettings:
 
     @property
     def cache_key(self) -> tuple:
-        return (self.model_name, self.feature_layer, self.weights, self.image_size)
+        return (self.model_name, self.feature_layer, self.weights, self.weights_sha256, self.image_size)
 
 
 def configure_tensorflow_threads(threads: int = 0) -> int:
@@ -114,7 +115,7 @@ def cached_model(settings: FeaturizerSettings):
             configure_tensorflow_threads(settings.tf_threads)
             model = backbones.build_backbone(
                 settings.model_name, weights=local_weights(settings), feature_layer=settings.feature_layer,
-                image_size=settings.image_size,
+                image_size=settings.image_size, weights_sha256=settings.weights_sha256,
             )
             _MODELS[settings.cache_key] = model
         return model

@@ -89,6 +89,9 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
     weights = Param(Params._dummy(), "weights",
                     "null (provisioned default), a local path, a Hadoop URI, 'imagenet' or 'random'",
                     typeConverter=TypeConverters.toString)
+    weightsSha256 = Param(Params._dummy(), "weightsSha256",
+                          "sha256 the weights file must have on every executor (null = unchecked)",
+                          typeConverter=TypeConverters.toString)
     batchSize = Param(Params._dummy(), "batchSize", "images decoded and run through the model at a time",
                       typeConverter=TypeConverters.toInt)
     maxPixels = Param(Params._dummy(), "maxPixels", "decompression-bomb guard: reject images above width*height",
@@ -110,6 +113,7 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         modelName: str = "InceptionV3",
         featureLayer: str | None = None,
         weights: str | None = None,
+        weightsSha256: str | None = None,
         batchSize: int = 16,
         maxPixels: int = DEFAULT_MAX_PIXELS,
         imageSize: int | None = None,
@@ -118,8 +122,8 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         super().__init__()
         self._setDefault(
             inputCol="content", outputCol="features", errorCol="featurize_error", modelName="InceptionV3",
-            featureLayer=None, weights=None, batchSize=16, maxPixels=DEFAULT_MAX_PIXELS, imageSize=None,
-            arrowBatchSize=ARROW_RECORDS_PER_BATCH,
+            featureLayer=None, weights=None, weightsSha256=None, batchSize=16, maxPixels=DEFAULT_MAX_PIXELS,
+            imageSize=None, arrowBatchSize=ARROW_RECORDS_PER_BATCH,
         )
         self._set(**self._input_kwargs)
 
@@ -157,6 +161,12 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
 
     def setWeights(self, value: str | None) -> "ImageFeaturizer":
         return self._set(weights=value)
+
+    def getWeightsSha256(self) -> str | None:
+        return self.getOrDefault(self.weightsSha256)
+
+    def setWeightsSha256(self, value: str | None) -> "ImageFeaturizer":
+        return self._set(weightsSha256=value)
 
     def getBatchSize(self) -> int:
         return self.getOrDefault(self.batchSize)
@@ -198,13 +208,15 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         if spark is not None and weights and "://" in weights and not weights.startswith("file://"):
             spark_file = _ship_file(spark, weights)
         elif spark is not None and _is_local_master(spark):
-            # Executors share this machine: a missing file fails here, before any task starts.
-            backbones.resolve_weights_file(self.getModelName(), weights)
+            # Executors share this machine: a missing or replaced file fails here, before any task starts.
+            local = backbones.resolve_weights_file(self.getModelName(), weights)
+            backbones.check_weights_file(local, self.getWeightsSha256(), self.getModelName())
         return FeaturizerSettings(
             model_name=self.getModelName(),
             feature_layer=self.getFeatureLayer() or None,
             weights=weights,
             weights_spark_file=spark_file,
+            weights_sha256=self.getWeightsSha256(),
             batch_size=self.getBatchSize(),
             max_pixels=self.getMaxPixels(),
             image_size=self.image_size() if self.getImageSize() else None,
