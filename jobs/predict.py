@@ -32,7 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="run folder written by train_featurizer.py")
     parser.add_argument("--images", required=True, help="folder or .parquet table of images (URI)")
-    parser.add_argument("--out", required=True, help="output folder URI")
+    parser.add_argument("--out", required=True, help="output folder URI (new or empty unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace earlier predictions at --out")
     parser.add_argument("--csv", action="store_true", help="also write CSV")
     parser.add_argument("--threshold", type=float, default=None,
                         help="decision threshold on P(PNEUMONIA) (default: the run's validation-chosen one)")
@@ -43,15 +44,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     config = resolve_config(args)
-    from cxr_pipeline import storage
+    from cxr_pipeline import run_folder, storage
+    from cxr_pipeline.backbones import BackboneError
     from cxr_pipeline.prediction import predict_images
     from cxr_pipeline.spark.session import spark_session
 
     storage.configure(config)
+    try:
+        run_folder.require_complete(args.model)
+        run_folder.check_output(args.out, args.overwrite)
+    except (FileNotFoundError, run_folder.OutputExistsError, ValueError) as exc:
+        print(f"predict: error: {exc}", file=sys.stderr)
+        return 2
     spark = spark_session(config, app_name="cxr-predict", master=args.master)
     try:
-        summary = predict_images(spark, args.model, args.images, args.out, csv=args.csv, threshold=args.threshold)
-    except FileNotFoundError as exc:
+        summary = predict_images(spark, args.model, args.images, args.out, csv=args.csv, threshold=args.threshold,
+                                 overwrite=args.overwrite)
+    except (FileNotFoundError, BackboneError, run_folder.OutputExistsError) as exc:
         print(f"predict: error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="dataset root URI (default: conf data.uri)")
     parser.add_argument("--out", required=True, help="run folder: local path or hdfs:// URI")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing run folder at --out (only one this tool wrote)")
     parser.add_argument("--model", choices=("small_cnn", "inception_v3"))
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int, help="per replica (GPU); the global batch is this x replicas")
@@ -81,8 +83,14 @@ def main(argv=None) -> int:
     from cxr_pipeline import storage
     from cxr_pipeline.cnn.train import train_and_evaluate
 
+    from cxr_pipeline import run_folder
+
     storage.configure(config)
-    metrics = train_and_evaluate(config, config_mod.get(config, "data.uri"), args.out)
+    try:
+        metrics = train_and_evaluate(config, config_mod.get(config, "data.uri"), args.out, overwrite=args.overwrite)
+    except run_folder.OutputExistsError as exc:
+        print(f"train_cnn: error: {exc}", file=sys.stderr)
+        return 2
     name = metrics["evaluated_on"]
     summary = {k: metrics[name][k] for k in ("n", "auc")}
     summary.update({f"{k}@0.5": metrics[name]["at_0.5"][k] for k in ("accuracy", "sensitivity", "specificity")})

@@ -32,7 +32,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="train_featurizer.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, help="dataset root URI with train/ val/ test/ (default: data.uri)")
-    parser.add_argument("--out", required=True, help="run folder URI (local path, file:// or hdfs://)")
+    parser.add_argument("--out", required=True, help="run folder URI (local path, file:// or hdfs://); must be new "
+                        "or empty unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing run folder at --out (only one this tool wrote)")
     add_config_options(parser)
     t = parser.add_argument_group("training shortcuts (same as --set training.*)")
     t.add_argument("--reg-param", type=float)
@@ -69,16 +72,21 @@ def main(argv=None) -> int:
         ("featurizer.image_size", args.image_size), ("featurizer.batch_size", args.batch_size),
     ])
     from cxr_pipeline import config as cfg
-    from cxr_pipeline import storage
+    from cxr_pipeline import run_folder, storage
     from cxr_pipeline.spark.session import spark_session
     from cxr_pipeline.training import TrainingError, train
 
     data_uri = args.data or cfg.get(config, "data.uri")
     storage.configure(config)
+    try:
+        run_folder.check_output(args.out, args.overwrite)  # before Spark starts and hours of work
+    except (run_folder.OutputExistsError, ValueError) as exc:
+        print(f"train_featurizer: error: {exc}", file=sys.stderr)
+        return 2
     spark = spark_session(config, app_name="cxr-train-featurizer", master=args.master)
     try:
-        result = train(spark, config, data_uri, args.out)
-    except (TrainingError, cfg.ConfigError) as exc:
+        result = train(spark, config, data_uri, args.out, overwrite=args.overwrite)
+    except (TrainingError, cfg.ConfigError, run_folder.OutputExistsError) as exc:
         print(f"train_featurizer: error: {exc}", file=sys.stderr)
         return 2
     finally:

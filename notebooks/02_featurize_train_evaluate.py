@@ -37,6 +37,7 @@ from cxr_pipeline.notebook_support import (
 config = notebook_config(get_param("conf_env", "local", "Config environment (conf/<env>.yaml)"))
 data_uri = require("data_uri", get_param("data_uri", default_data_uri(config), "Dataset root (chest_xray folder URI)"))
 run_uri = get_param("run_uri", default_runs_uri(config, data_uri) + "/notebook_featurizer", "Run folder to write (URI)")
+overwrite = get_param("overwrite", True, "Replace this notebook's earlier run at run_uri (only a run folder)")
 config = with_settings(config, {
     "featurizer.model_name": get_param("model_name", config["featurizer"]["model_name"], "Backbone"),
     "featurizer.feature_layer": get_param("feature_layer", config["featurizer"]["feature_layer"],
@@ -80,7 +81,7 @@ show_table(describe_pipeline(pipeline), "pipeline_stages")
 
 # COMMAND ----------
 
-result = training.train(spark, config, data_uri, run_uri)
+result = training.train(spark, config, data_uri, run_uri, overwrite=overwrite)
 print(result.summary)
 
 # COMMAND ----------

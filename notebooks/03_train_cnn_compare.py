@@ -21,7 +21,7 @@ try:
 except ImportError:
     sys.path.insert(0, os.path.abspath(os.path.join(os.getcwd(), "..", "lib")))
 
-from cxr_pipeline import storage
+from cxr_pipeline import run_folder, storage
 from cxr_pipeline.cnn import train as cnn_train
 from cxr_pipeline.notebook_support import (
     agreement_table, cnn_test_scores, compare_models, counts_table, default_data_uri, default_runs_uri,
@@ -33,6 +33,7 @@ config = notebook_config(get_param("conf_env", "local", "Config environment (con
 data_uri = require("data_uri", get_param("data_uri", default_data_uri(config), "Dataset root (chest_xray folder URI)"))
 runs = default_runs_uri(config, data_uri)
 cnn_run_uri = get_param("cnn_run_uri", runs + "/notebook_cnn", "CNN run folder to write (URI)")
+overwrite = get_param("overwrite", True, "Replace this notebook's earlier CNN run at cnn_run_uri (only a run folder)")
 spark_run_uri = get_param("spark_run_uri", runs + "/notebook_featurizer", "Spark run to compare with (notebook 2)")
 config = with_settings(config, {
     "cnn.model": get_param("cnn_model", "small_cnn", "CNN: small_cnn | inception_v3"),
@@ -54,7 +55,7 @@ print(f"data {data_uri}\nCNN run {cnn_run_uri} ({config['cnn']['model']}, {confi
 
 # COMMAND ----------
 
-cnn_metrics = cnn_train.train_and_evaluate(config, data_uri, cnn_run_uri)
+cnn_metrics = cnn_train.train_and_evaluate(config, data_uri, cnn_run_uri, overwrite=overwrite)
 show_table(counts_table(cnn_metrics), "cnn_images_per_subset")
 show_run_figures(cnn_run_uri, ["training_curves.png", "roc.png", "confusion_matrix.png"], prefix="cnn_")
 
@@ -68,6 +69,7 @@ show_run_figures(cnn_run_uri, ["training_curves.png", "roc.png", "confusion_matr
 
 if not storage.exists(spark_run_uri.rstrip("/") + "/classifier.json"):
     raise FileNotFoundError(f"no Spark run at {spark_run_uri}: run notebook 2 first or set the spark_run_uri widget")
+run_folder.require_complete(spark_run_uri)  # a half-written run is refused, not compared
 
 spark = spark_for_notebook(config)
 scores = {"Spark LR on backbone features": spark_test_scores(spark, spark_run_uri), "CNN": cnn_test_scores(cnn_run_uri)}

@@ -36,6 +36,7 @@ runs = default_runs_uri(config, data_uri)
 model_uri = get_param("model_uri", runs + "/notebook_featurizer", "Saved run folder (Spark or CNN run)")
 images_uri = get_param("images_uri", data_uri.rstrip("/") + "/test", "Folder of images to score (URI)")
 out_uri = get_param("out_uri", runs + "/notebook_predictions", "Where to write the predictions (URI)")
+overwrite = get_param("overwrite", True, "Replace earlier predictions at out_uri (only a predictions folder)")
 threshold = get_param("threshold", None, "Decision threshold (empty = the run's validation-chosen one)", cast=float)
 preview = get_param("preview", 8, "Images to show")
 storage.configure(config)
@@ -51,7 +52,7 @@ print(f"{kind} model {model_uri}\nimages {images_uri}\nout {out_uri}")
 
 if kind == "Spark":
     spark = spark_for_notebook(config)
-    summary = predict_images(spark, model_uri, images_uri, out_uri, csv=True, threshold=threshold)
+    summary = predict_images(spark, model_uri, images_uri, out_uri, csv=True, threshold=threshold, overwrite=overwrite)
     print(f"scored {summary.scored} image(s) {summary.by_class}; unreadable {summary.unreadable}")
     predictions = spark.read.parquet(summary.out + "/predictions.parquet").orderBy("path").toPandas()
 else:

@@ -38,19 +38,23 @@ def test_settings_from_config_and_validation():
             T.TrainingSettings.from_config(cfg.load_config("local", overrides=[bad]))
 
 
-def test_feature_cache_key_depends_on_data_backbone_layer_size():
-    base = T.FeaturizerSettings(model_name="InceptionV3", feature_layer="mixed5")
-    a = T.features_cache_uri("hdfs://nn/data/x", "hdfs://nn/runs/r1", base)
-    assert a.startswith("hdfs://nn/runs/_features_cache/") and a.endswith("/InceptionV3_mixed5_native")
-    assert a == T.features_cache_uri("hdfs://nn/data/x/", "hdfs://nn/runs/r2", base)  # same data, other run
-    others = {
-        T.features_cache_uri("hdfs://nn/data/y", "hdfs://nn/runs/r1", base),
-        T.features_cache_uri("hdfs://nn/data/x", "hdfs://nn/runs/r1", T.FeaturizerSettings(feature_layer="mixed7")),
-        T.features_cache_uri("hdfs://nn/data/x", "hdfs://nn/runs/r1",
-                             T.FeaturizerSettings(feature_layer="mixed5", image_size=150)),
-        T.features_cache_uri("hdfs://nn/data/x", "hdfs://nn/runs/r1", base, cache_root="/tmp/c"),
-    }
-    assert a not in others and len(others) == 4
+def test_feature_cache_fingerprint_covers_everything_that_makes_a_feature():
+    from cxr_pipeline.feature_cache import fingerprint
+    from cxr_pipeline.spark.featurizer import ImageFeaturizer
+
+    def digest(source="binaryFile", dicom=None, **params):
+        base = {"featureLayer": "mixed5", "weightsSha256": "a" * 64, **params}
+        return json.dumps(fingerprint(ImageFeaturizer(**base), source, dicom), sort_keys=True)
+
+    base = digest()
+    assert base == digest(batchSize=3)  # batching does not change a feature vector
+    assert base == digest(weights="/elsewhere/same_file.h5")  # the file's hash is its identity, not its path
+    assert base == digest(dicom={"patient_key": "secret"})  # secrets never enter the cache's files
+    assert "secret" not in digest(dicom={"patient_key": "secret"})
+    changed = [digest(weightsSha256="b" * 64), digest(maxPixels=1000), digest(source="image"),
+               digest(imageSize=150), digest(featureLayer="mixed7"), digest(weights="random"),
+               digest(dicom={"window": "percentile"})]
+    assert len({base, *changed}) == len(changed) + 1
 
 
 def test_job_help_and_bad_option_exit_codes():
@@ -163,10 +167,10 @@ def shared_sample_run(hdfs_cluster, sample_tree, pytestconfig):
     return base, data
 
 
-def train_on_sample(spark, base, data, name, overrides=()):
+def train_on_sample(spark, base, data, name, overrides=(), overwrite=False):
     config = cfg.load_config("local", overrides=[*FAST_FEATURES, f"training.features_cache={base}/_cache",
                                                  *overrides])
-    return T.train(spark, config, data, f"{base}/{name}")
+    return T.train(spark, config, data, f"{base}/{name}", overwrite=overwrite)
 
 
 @pytest.fixture(scope="module")
@@ -274,8 +278,9 @@ def test_retraining_reuses_features_with_tuning_and_no_weights(trained, spark):
                               "training.grid.reg_param=[0.01, 0.1]", "training.grid.elastic_net_param=[0.0]",
                               "training.max_iter=30"])
     m = result.metrics
-    assert m["featurizer"]["cache_reused"] is True
-    assert m["featurizer"]["cache"] == first.metrics["featurizer"]["cache"]
+    cache, first_cache = m["featurizer"]["cache"], first.metrics["featurizer"]["cache"]
+    assert cache["featurized_rows"] == 0 and cache["reused_rows"] == 16, cache
+    assert cache["snapshot"] == first_cache["snapshot"] and cache["reason"] == "every image and every setting matched"
     assert m["tuning"]["mode"] == "cv" and len(m["tuning"]["candidates"]) == 2
     assert m["class_weights"] is None
 
@@ -298,7 +303,7 @@ def test_job_on_standalone_cluster_via_spark_submit(spark_standalone, hdfs_clust
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "training summary" in proc.stdout and "AUC-ROC" in proc.stdout
     m = json.loads(storage.read_bytes(out + "/metrics.json"))
-    assert m["test"]["n"] == 4 and m["featurizer"]["cache_reused"] is False
+    assert m["test"]["n"] == 4 and m["featurizer"]["cache"]["reused_rows"] == 0
     assert storage.exists(out + "/model/metadata")
 
 

@@ -39,13 +39,24 @@ class SavedRun:
 
 
 def load_run(run_uri: str) -> SavedRun:
-    from . import storage
+    """The run's PipelineModel and classifier.json; refuses an incomplete run or other backbone weights."""
+    from . import run_folder, storage
+    from .backbones import check_weights_file, resolve_weights_file
 
     root = run_uri.rstrip("/")
+    run_folder.require_complete(root)
     spec_uri = root + "/classifier.json"
     if not storage.exists(spec_uri):
         raise FileNotFoundError(f"{spec_uri} not found: --model must be a run folder of jobs/train_featurizer.py")
-    return SavedRun(model=PipelineModel.load(root + "/model"), spec=json.loads(storage.read_bytes(spec_uri)))
+    model = PipelineModel.load(root + "/model")
+    featurizer = model.stages[0]
+    weights = featurizer.getOrDefault("weights")
+    if weights is None or "://" not in weights or weights.startswith("file://"):
+        # Local files are checked here, on the driver, before any task; remote ones on each executor.
+        local = resolve_weights_file(featurizer.getOrDefault("modelName"), weights)
+        sha = featurizer.getOrDefault("weightsSha256") if featurizer.hasParam("weightsSha256") else None
+        check_weights_file(local, sha, featurizer.getOrDefault("modelName"))
+    return SavedRun(model=model, spec=json.loads(storage.read_bytes(spec_uri)))
 
 
 def read_new_images(spark: SparkSession, uri: str) -> DataFrame:
@@ -104,14 +115,25 @@ class PredictionSummary:
 
 
 def predict_images(spark: SparkSession, run_uri: str, images_uri: str, out_uri: str,
-                   csv: bool = False, threshold: float | None = None) -> PredictionSummary:
+                   csv: bool = False, threshold: float | None = None, overwrite: bool = False) -> PredictionSummary:
     """Writes ``OUT/predictions.parquet`` (and ``OUT/predictions_csv/`` with ``csv``) and
-    ``OUT/unreadable.csv`` (path, error) when some files could not be scored."""
-    from . import storage
+    ``OUT/unreadable.csv`` (path, error) when some files could not be scored; all or nothing,
+    ``_SUCCESS`` last (:mod:`cxr_pipeline.run_folder`)."""
+    from . import run_folder
 
     run = load_run(run_uri)
+    final = out_uri.rstrip("/")
+    with run_folder.staged_output(final, overwrite=overwrite, tool="predict") as stage:
+        summary = _write_predictions(spark, run, images_uri, stage, csv, threshold)
+    return PredictionSummary(out=final, scored=summary.scored, unreadable=summary.unreadable,
+                             by_class=summary.by_class)
+
+
+def _write_predictions(spark: SparkSession, run: SavedRun, images_uri: str, out: str, csv: bool,
+                       threshold: float | None) -> PredictionSummary:
+    from . import storage
+
     result = score(run, read_new_images(spark, images_uri), threshold)
-    out = out_uri.rstrip("/")
     result.write.mode("overwrite").parquet(out + "/predictions.parquet")
     written = spark.read.parquet(out + "/predictions.parquet")
     if csv:

@@ -17,7 +17,6 @@ The saved ``PipelineModel`` has all three stages, so it scores raw images.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import warnings
@@ -91,6 +90,7 @@ class TrainingSettings:
     cost_fp: float = 1.0
     fixed_threshold: float = 0.5
     features_cache: str | None = None
+    features_cache_lease_hours: float = 48.0
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "TrainingSettings":
@@ -146,10 +146,6 @@ class FeaturizerSettings:
             max_pixels=cfg.get(config, "data.max_pixels"),
         )
 
-    def cache_key(self) -> str:
-        size = self.image_size or "native"
-        return f"{self.model_name}_{self.feature_layer or 'top'}_{size}".replace("/", "-")
-
 
 # ---------------------------------------------------------------- featurization
 
@@ -162,52 +158,29 @@ def build_featurizer(settings: FeaturizerSettings):
         params["featureLayer"] = settings.feature_layer
     if settings.weights:
         params["weights"] = settings.weights
+    from .backbones import weights_sha256
+
+    params["weightsSha256"] = weights_sha256(settings.model_name, settings.weights)
     if settings.max_pixels:
         params["maxPixels"] = int(settings.max_pixels)
     if settings.image_size:
-        if not ImageFeaturizer().hasParam("imageSize"):
-            raise cfg.ConfigError("featurizer.image_size is set but this ImageFeaturizer has no imageSize param")
         params["imageSize"] = int(settings.image_size)
     return ImageFeaturizer(**params)
 
 
-def features_cache_uri(data_uri: str, out_uri: str, settings: FeaturizerSettings, cache_root: str | None = None) -> str:
-    """``<cache_root>/<hash of data uri>/<backbone>_<layer>_<size>``; default root next to the run."""
-    root = cache_root or (out_uri.rstrip("/").rsplit("/", 1)[0] + "/_features_cache")
-    data_key = hashlib.sha1(data_uri.rstrip("/").encode()).hexdigest()[:10]
-    return f"{root.rstrip('/')}/{data_key}/{settings.cache_key()}"
+def features_cache_root(out_uri: str, cache_root: str | None = None) -> str:
+    """``training.features_cache``, or ``_features_cache`` next to the run folder."""
+    return (cache_root or (out_uri.rstrip("/").rsplit("/", 1)[0] + "/_features_cache")).rstrip("/")
 
 
-def _cache_matches(spark: SparkSession, cache_uri: str, images: DataFrame) -> bool:
-    from . import storage
+def open_feature_cache(config: Mapping[str, Any], data_uri: str, out_uri: str, featurizer,
+                       settings: "TrainingSettings"):
+    from .feature_cache import FeatureCache, fingerprint
 
-    if not storage.exists(cache_uri.rstrip("/") + "/_SUCCESS"):
-        return False
-    cached = spark.read.parquet(cache_uri).select("path")
-    current = images.select("path")
-    missing = current.join(cached, "path", "left_anti").limit(1).count()
-    extra = cached.join(current, "path", "left_anti").limit(1).count()
-    return missing == 0 and extra == 0
-
-
-def featurize_cached(spark: SparkSession, images: DataFrame, featurizer, cache_uri: str) -> tuple[DataFrame, bool]:
-    """Features for ``images`` from the cache, featurizing (and caching) when the image set changed.
-
-    Returns (DataFrame[path, split, label, label_name, features, featurize_error], reused).
-    """
-    if _cache_matches(spark, cache_uri, images):
-        log.info("reusing cached features at %s", cache_uri)
-        return spark.read.parquet(cache_uri), True
-    log.info("featurizing %s -> cache %s", featurizer.getOrDefault("modelName"), cache_uri)
-    error_col = featurizer.getOrDefault("errorCol")
-    featurized = featurizer.transform(images).select(
-        "path", "split", "label", "label_name", FEATURES_COL, F.col(error_col).alias("featurize_error")
-    )
-    # A few files, not one per input partition: later passes over the cache (split,
-    # training iterations, evaluation) then run a few tasks instead of hundreds.
-    parts = max(1, spark.sparkContext.defaultParallelism)
-    featurized.repartition(parts).write.mode("overwrite").parquet(cache_uri)
-    return spark.read.parquet(cache_uri), False
+    source = cfg.get(config, "data.source", "binaryFile")
+    print_ = fingerprint(featurizer, source, cfg.get(config, "dicom", None))
+    return FeatureCache(features_cache_root(out_uri, settings.features_cache), data_uri, print_,
+                        lease_hours=settings.features_cache_lease_hours)
 
 
 # ---------------------------------------------------------------- subsets
@@ -363,23 +336,50 @@ def label_names_of(df: DataFrame) -> list[str]:
     return names
 
 
-def train(spark: SparkSession, config: Mapping[str, Any], data_uri: str, out_uri: str) -> TrainingResult:
-    from . import evaluation, model_export, storage
+def train(spark: SparkSession, config: Mapping[str, Any], data_uri: str, out_uri: str,
+          overwrite: bool = False) -> TrainingResult:
+    """Trains and evaluates into ``out_uri``, all or nothing (see :mod:`cxr_pipeline.run_folder`).
+
+    A non-empty ``out_uri`` is refused unless ``overwrite``; the run is written into a temporary
+    sibling and renamed into place with ``_SUCCESS`` last, so a failure leaves ``out_uri`` as it was.
+    """
+    from . import run_folder
+
+    final = out_uri.rstrip("/")
+    settings = TrainingSettings.from_config(config)
+    featurizer = build_featurizer(FeaturizerSettings.from_config(config))
+    with run_folder.staged_output(final, overwrite=overwrite, tool="train_featurizer") as stage:
+        result = _train_into(spark, config, data_uri, RunLayout(stage), final, settings, featurizer)
+    return TrainingResult(run=RunLayout(final), model=result.model, metrics=result.metrics, summary=result.summary)
+
+
+def _train_into(spark: SparkSession, config: Mapping[str, Any], data_uri: str, run: RunLayout, final: str,
+                settings: TrainingSettings, featurizer) -> TrainingResult:
+    from . import storage
     from .spark.reader import read_images_with_rejections
 
-    settings = TrainingSettings.from_config(config)
-    fsettings = FeaturizerSettings.from_config(config)
-    run = RunLayout(out_uri.rstrip("/"))
-    storage.makedirs(run.root)
     storage.write_bytes(run.config, cfg.dump_config({**config, "data": {**config.get("data", {}), "uri": data_uri},
-                                                      "run": {"out": run.root}}).encode())
+                                                      "run": {"out": final}}).encode())
+    source = cfg.get(config, "data.source", "binaryFile")
+    read = read_images_with_rejections(spark, data_uri, source=source)
+    cache = open_feature_cache(config, data_uri, final, featurizer, settings)
+    from .feature_cache import image_identities
 
-    read = read_images_with_rejections(spark, data_uri, source=cfg.get(config, "data.source", "binaryFile"))
-    images = read.images
-    featurizer = build_featurizer(fsettings)
-    cache_uri = features_cache_uri(data_uri, run.root, fsettings, settings.features_cache)
-    features, reused = featurize_cached(spark, images, featurizer, cache_uri)
+    cached, outcome, snapshot = cache.features_for(spark, read.images, image_identities(spark, data_uri, source),
+                                                   featurizer)
+    log.info("feature cache %s: %s", cache.uri, outcome.reason)
+    features = read.images.select("path", "split", "label", "label_name").join(cached, "path", "inner")
+    with cache.lease(snapshot):
+        result = _fit_and_report(spark, config, data_uri, run, final, settings, featurizer, read, features, outcome)
+    cache.prune(keep=snapshot)
+    return result
 
+
+def _fit_and_report(spark: SparkSession, config: Mapping[str, Any], data_uri: str, run: RunLayout, final: str,
+                    settings: TrainingSettings, featurizer, read, features: DataFrame, outcome) -> TrainingResult:
+    from . import evaluation, model_export, storage
+
+    fsettings = FeaturizerSettings.from_config(config)
     failed = features.where(F.col(FEATURES_COL).isNull()).select("path", F.col("featurize_error").alias("reason"))
     rejected = read.rejected.select("path", "reason").unionByName(failed).collect()
     good = features.where(F.col(FEATURES_COL).isNotNull())
@@ -406,13 +406,13 @@ def train(spark: SparkSession, config: Mapping[str, Any], data_uri: str, out_uri
     val_labels, val_scores = collect_scores(scored.where(F.col("subset") == "val"))
     choice = choose_threshold(val_labels, val_scores, **settings.threshold_rule_args())
     model = PipelineModel(stages=[featurizer, *classifier.stages])
-    model.write().overwrite().save(run.model)
+    model.write().save(run.model)
 
     test = scored.where(F.col("subset") == "test")
     report = evaluation.evaluate(test, choice, label_names)
     report["validation"] = evaluation.validation_report(val_labels, val_scores, choice)
     report.update({
-        "data": data_uri, "run": run.root, "counts": counts, "split": split_info,
+        "data": data_uri, "run": final, "counts": counts, "split": split_info,
         "rejected": len(rejected), "class_weights": dict(zip(label_names, class_weights)) if class_weights else None,
         "classifier": {"regParam": classifier.stages[-1].getOrDefault("regParam"),
                        "elasticNetParam": classifier.stages[-1].getOrDefault("elasticNetParam"),
@@ -421,7 +421,8 @@ def train(spark: SparkSession, config: Mapping[str, Any], data_uri: str, out_uri
                        if classifier.stages[-1].hasSummary else None},
         "tuning": tuning_info,
         "featurizer": {"model_name": fsettings.model_name, "feature_layer": fsettings.feature_layer,
-                       "image_size": fsettings.image_size, "cache": cache_uri, "cache_reused": reused},
+                       "image_size": fsettings.image_size, "weights_sha256": featurizer.getWeightsSha256(),
+                       "cache": outcome.as_dict()},
     })
     evaluation.write_report(run, report, test, label_names)
     storage.write_bytes(run.rejected, _rejections_csv(rejected).encode())

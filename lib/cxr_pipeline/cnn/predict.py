@@ -37,6 +37,10 @@ def _fetch(path: str, scratch: Path) -> tuple[Path, dict[str, Any]]:
     text = str(path).rstrip("/")
     folder, model_uri = (text.rsplit("/", 1)[0] if "/" in text else ".", text) if text.endswith(".keras") \
         else (text, storage.join(text, MODEL_FILE))
+    if not text.endswith(".keras"):
+        from .. import run_folder
+
+        run_folder.require_complete(text, "train_cnn run folder")
     meta_uri = storage.join(folder, CNN_JSON)
     meta = json.loads(storage.read_bytes(meta_uri)) if storage.exists(meta_uri) else {}
     if not text.endswith(".keras") and meta.get("model_file"):

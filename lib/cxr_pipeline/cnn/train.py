@@ -387,16 +387,12 @@ def evaluate_run(model, settings: Settings, devices: Devices, prepared: Prepared
     return metrics, scored
 
 
-def _write_outputs(stage: Path, out_uri: str) -> None:
-    if storage.is_remote(out_uri):
-        storage.makedirs(out_uri)
-        storage.upload_dir(str(stage), out_uri)
-    else:
-        out = storage.to_local_path(out_uri)
-        out.mkdir(parents=True, exist_ok=True)
-        for item in stage.iterdir():
-            if item.is_file():
-                shutil.copy2(item, out / item.name)
+def _write_outputs(stage: Path, out_uri: str, overwrite: bool) -> None:
+    """The finished local run folder -> ``out_uri``, all or nothing (:mod:`cxr_pipeline.run_folder`)."""
+    from .. import run_folder
+
+    with run_folder.staged_output(out_uri, overwrite=overwrite, tool="train_cnn") as target:
+        storage.upload_dir(str(stage), target)
 
 
 def _history_csv(history: dict[str, list[float]]) -> str:
@@ -423,9 +419,13 @@ def _merge_history(total: dict[str, list[float]], history: Mapping[str, list[flo
         total.setdefault(key, []).extend(float(v) for v in values)
 
 
-def train_and_evaluate(config: Mapping[str, Any], data_uri: str, out_uri: str) -> dict[str, Any]:
-    """Train the configured CNN on ``data_uri`` and write the run folder to ``out_uri``.
-    Returns the metrics dict written to ``metrics.json``."""
+def train_and_evaluate(config: Mapping[str, Any], data_uri: str, out_uri: str,
+                       overwrite: bool = False) -> dict[str, Any]:
+    """Train the configured CNN on ``data_uri`` and write the run folder to ``out_uri`` (new or
+    empty unless ``overwrite``). Returns the metrics dict written to ``metrics.json``."""
+    from .. import run_folder
+
+    run_folder.check_output(out_uri, overwrite)  # before the epochs, not after
     settings = Settings.from_config(config)
     cnn_conf = config.get("cnn") or {}
     devices, strategy = configure_devices(cnn_conf.get("mixed_precision", "auto"), cnn_conf.get("xla", "auto"))
@@ -450,7 +450,7 @@ def train_and_evaluate(config: Mapping[str, Any], data_uri: str, out_uri: str) -
         model.save(stage / MODEL_FILE)
         (stage / "predictions.csv").write_text(_predictions_csv(scored))
         _write_run(stage, config, settings, metrics, prepared, scored)
-        _write_outputs(stage, out_uri)
+        _write_outputs(stage, out_uri, overwrite)
         name = metrics["evaluated_on"]
         log(f"wrote {out_uri}: {name} AUC {M.fmt(metrics[name]['auc'])}, "
             f"accuracy@0.5 {M.fmt(metrics[name]['at_0.5']['accuracy'])}, threshold {metrics['threshold']:.3f} "
