@@ -1,0 +1,630 @@
+"""MLflow experiment tracking and model registry: every training run is also an MLflow run.
+
+The run folder stays the source of truth; MLflow is an addition. For each run of
+``jobs/train_featurizer.py``, ``jobs/train_cnn.py`` and notebooks 02/03 this records:
+
+* params: the resolved config, flattened (secrets redacted), plus backbone, layer, image size, weights sha256;
+* metrics: every number of ``metrics.json`` (validation and test, both thresholds, AUC, sensitivity,
+  specificity, ...) under its dotted name, ``validation_auc``/``test_auc``, and the CNN's per-epoch history
+  with ``step`` = epoch;
+* artifacts: the plots, ``metrics.json``, ``rejected.csv``, ``config.yaml`` at the top, and the complete run
+  folder under ``run_folder/`` (what ``models:/`` URIs resolve to, so the existing loaders serve it);
+* a dataset input (``mlflow.data``): the data URI and a digest of the image set (relative path + size);
+* tags: git commit, Spark master;
+* the model: Spark ``PipelineModel`` through ``mlflow.spark`` (loads as a pyfunc too), the CNN through the
+  Keras flavor, each with a signature and a real input example; registered under
+  ``tracking.model_names.<kind>``. The alias ``tracking.champion_alias`` moves to the new version only when
+  its VALIDATION AUC beats the current champion's (test figures never decide); the decision is printed and
+  recorded as the tag ``champion_decision`` on the run and the version.
+
+Where: ``tracking.uri`` null = an embedded SQLite store under ``.local/mlflow`` (``make mlflow-ui``);
+``databricks`` = the workspace; any other MLflow URI. ``tracking.enabled: false`` = off.
+Nothing here may lose a training result: :func:`log_spark_run` and :func:`log_cnn_run` warn
+(:class:`TrackingWarning`) and return None on any MLflow failure. A run folder can be logged later with
+``python -m cxr_pipeline.tracking log RUN``; ``python -m cxr_pipeline.tracking resolve models:/NAME@ALIAS``
+prints the local run folder a registry URI stands for.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+from urllib.parse import urlparse
+
+from . import config as cfg
+from . import paths
+
+log = logging.getLogger(__name__)
+
+KINDS = ("spark", "cnn")
+REGISTRY_PREFIX = "models:/"
+RUN_FOLDER_ARTIFACT = "run_folder"
+MODEL_ARTIFACT = "model"
+TOP_LEVEL_ARTIFACTS = ("metrics.json", "rejected.csv", "config.yaml", "summary.txt", "history.csv")
+SECRET_WORDS = ("key", "token", "secret", "password")
+REDACTED = "<redacted>"
+MAX_PARAM_CHARS = 6000
+
+
+class TrackingWarning(UserWarning):
+    """MLflow could not record a run; the run folder itself is complete."""
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    enabled: bool = True
+    uri: str | None = None
+    registry_uri: str | None = None
+    experiment: str | None = None
+    register: bool = True
+    model_names: Mapping[str, str] | None = None
+    champion_alias: str = "champion"
+    connect_timeout_s: float = 5.0
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "TrackingSettings":
+        section = dict(cfg.get(config, "tracking", {}) or {})
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(section) - names)
+        if unknown:
+            raise cfg.ConfigError(f"unknown tracking option(s): {', '.join(unknown)}")
+        settings = cls(**section)
+        missing = [k for k in KINDS if not (settings.model_names or {}).get(k)]
+        if settings.register and missing:
+            raise cfg.ConfigError(f"tracking.model_names needs a name for {', '.join(missing)}")
+        return settings
+
+    def tracking_uri(self) -> str:
+        if self.uri:
+            return str(self.uri)
+        return f"sqlite:///{default_store_dir() / 'mlflow.db'}"
+
+    def model_name(self, kind: str) -> str:
+        return str((self.model_names or {})[kind])
+
+
+def default_store_dir() -> Path:
+    """The embedded store: ``.local/mlflow`` (git-ignored) holds mlflow.db and artifacts/."""
+    return paths.LOCAL_DIR / "mlflow"
+
+
+def artifact_root_for(tracking_uri: str) -> str | None:
+    """Where a new experiment keeps artifacts: beside a SQLite file, else the server's own default."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
+    return None
+
+
+# ---------------------------------------------------------------- what a run records (pure)
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists and scalars are leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def is_secret(name: str) -> bool:
+    last = name.rsplit(".", 1)[-1].lower()
+    return any(word in last for word in SECRET_WORDS)
+
+
+def redact(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``config`` with secret values (dicom.patient_key, tokens, ...) replaced."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            out[key] = redact(value)
+        else:
+            out[key] = REDACTED if value is not None and is_secret(str(key)) else value
+    return out
+
+
+def config_params(config: Mapping[str, Any]) -> dict[str, str]:
+    params = {}
+    for name, value in flatten(redact(config)).items():
+        text = "null" if value is None else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        params[name] = text[:MAX_PARAM_CHARS]
+    return params
+
+
+def model_params(kind: str, metrics: Mapping[str, Any], run_meta: Mapping[str, Any]) -> dict[str, str]:
+    """The model's identity: backbone, layer, image size, weights sha256 (whatever the run has)."""
+    if kind == "spark":
+        f = metrics.get("featurizer") or {}
+        values = {"backbone": f.get("model_name"), "feature_layer": f.get("feature_layer"),
+                  "image_size": f.get("image_size"), "weights_sha256": f.get("weights_sha256")}
+    else:
+        values = {"backbone": run_meta.get("model_name") or metrics.get("model"),
+                  "feature_layer": run_meta.get("cut_layer"),
+                  "image_size": run_meta.get("image_size") or metrics.get("image_size"),
+                  "weights_sha256": run_meta.get("weights_sha256")}
+    return {f"model.{k}": "null" if v is None else str(v) for k, v in values.items()}
+
+
+def run_metrics(kind: str, metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Every number in metrics.json under its dotted name, plus validation_auc and test_auc."""
+    numbers = {}
+    for name, value in flatten({k: v for k, v in metrics.items() if k != "history"}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            numbers[name.replace("@", "_at_")] = float(value)
+    for subset in ("validation", "test"):
+        auc = subset_auc(kind, metrics, subset)
+        if auc is not None:
+            numbers[f"{subset}_auc"] = auc
+    return numbers
+
+
+def subset_auc(kind: str, metrics: Mapping[str, Any], subset: str) -> float | None:
+    block = metrics.get(subset) or {}
+    keys = ("roc_auc", "areaUnderROC", "numpy_roc_auc") if kind == "spark" else ("auc",)
+    for key in keys:
+        if isinstance(block.get(key), (int, float)):
+            return float(block[key])
+    return None
+
+
+def history_metrics(metrics: Mapping[str, Any]) -> list[tuple[str, float, int]]:
+    """(name, value, step) per epoch of the CNN's Keras history: ``epoch.<name>``, step = epoch index."""
+    rows = []
+    for name, values in (metrics.get("history") or {}).items():
+        for step, value in enumerate(values or []):
+            if isinstance(value, (int, float)) and value == value:  # NaN losses are skipped, not logged
+                rows.append((f"epoch.{name}", float(value), step))
+    return rows
+
+
+def image_set_listing(data_uri: str) -> list[tuple[str, int]]:
+    """(path relative to the data root, size) of every file under it, sorted: the image set's identity."""
+    from . import storage
+
+    root = data_uri.rstrip("/")
+    rows = []
+    for info in storage.list_files(root, recursive=True):
+        rel = info.uri[len(root):].lstrip("/") if info.uri.startswith(root) else info.uri
+        if not posixpath.basename(rel).startswith((".", "_")):
+            rows.append((rel, int(info.size)))
+    return sorted(rows)
+
+
+def listing_digest(rows: list[tuple[str, int]]) -> str:
+    return hashlib.sha256("".join(f"{p}\t{s}\n" for p, s in rows).encode()).hexdigest()
+
+
+def champion_decision(new_auc: float | None, champion_auc: float | None, champion_version: str | None,
+                      new_version: str, alias: str) -> tuple[bool, str]:
+    """(move the alias?, the sentence that says why). Only validation AUC decides."""
+    if new_auc is None:
+        return False, f"v{new_version} kept out of {alias}: it has no validation AUC"
+    if champion_version is None:
+        return True, f"v{new_version} is {alias}: first version (validation AUC {new_auc:.4f})"
+    if champion_auc is None:
+        return True, f"v{new_version} is {alias}: v{champion_version} has no validation AUC to beat"
+    if new_auc > champion_auc:
+        return True, (f"v{new_version} is {alias}: validation AUC {new_auc:.4f} beats "
+                      f"v{champion_version}'s {champion_auc:.4f}")
+    return False, (f"v{champion_version} stays {alias}: v{new_version}'s validation AUC {new_auc:.4f} does not "
+                   f"beat {champion_auc:.4f}")
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(paths.REPO_ROOT), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def pip_requirements() -> list[str]:
+    """The pinned packages a logged model needs (cxr_pipeline itself must be installed: make wheel)."""
+    from importlib import metadata
+
+    wanted = ("pyspark", "tensorflow-cpu", "keras", "numpy", "pandas", "pyarrow", "pillow", "mlflow")
+    out = []
+    for name in wanted:
+        try:
+            out.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+# ---------------------------------------------------------------- talking to MLflow
+
+def check_reachable(tracking_uri: str, timeout_s: float) -> None:
+    """Fails fast (OSError) when an http(s) tracking server does not answer, instead of MLflow's minutes of
+    retries."""
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    with socket.create_connection((parsed.hostname, port), timeout=timeout_s):
+        pass
+
+
+def use_store(settings: TrackingSettings) -> str:
+    """Points MLflow at the configured store; returns the tracking URI."""
+    import mlflow
+
+    uri = settings.tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    check_reachable(uri, settings.connect_timeout_s)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(settings.registry_uri or uri)
+    return uri
+
+
+def experiment_id(settings: TrackingSettings, uri: str) -> str | None:
+    """The configured experiment (created with its artifacts beside a SQLite store); None = the active one."""
+    from mlflow.tracking import MlflowClient
+
+    if not settings.experiment:
+        return None
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(settings.experiment)
+    if found is not None:
+        return found.experiment_id
+    root = artifact_root_for(uri)
+    location = f"{root}/{settings.experiment}" if root else None
+    return client.create_experiment(settings.experiment, artifact_location=location)
+
+
+@dataclass(frozen=True)
+class LoggedRun:
+    run_id: str
+    experiment_id: str
+    model_uri: str
+    registered_name: str | None
+    version: str | None
+    promoted: bool
+    decision: str | None
+    tracking_uri: str
+
+
+def _safely(kind: str, run_uri: str, config: Mapping[str, Any], body: Callable[[TrackingSettings], LoggedRun]):
+    try:
+        settings = TrackingSettings.from_config(config)
+    except cfg.ConfigError as exc:
+        _warn(f"tracking settings are invalid ({exc}); the run was not logged to MLflow", run_uri, kind)
+        return None
+    if not settings.enabled:
+        return None
+    try:
+        logged = body(settings)
+    except Exception as exc:  # noqa: BLE001 - MLflow must never lose a finished training run
+        log.debug("MLflow logging failed", exc_info=True)
+        _warn(f"MLflow at {settings.tracking_uri()} could not record this run: {type(exc).__name__}: "
+              f"{str(exc)[:300].rstrip('.')}", run_uri, kind)
+        return None
+    print(f"mlflow: run {logged.run_id} in {logged.tracking_uri}"
+          + (f"; registered {logged.registered_name} v{logged.version}" if logged.version else ""))
+    if logged.decision:
+        print(f"mlflow: {logged.decision}")
+    return logged
+
+
+def _warn(message: str, run_uri: str, kind: str) -> None:
+    text = (f"{message}. The run folder {run_uri} is complete and unaffected; log it later with "
+            f"`python -m cxr_pipeline.tracking log --kind {kind} {run_uri}` (or --set tracking.enabled=false).")
+    log.warning(text)
+    warnings.warn(text, TrackingWarning, stacklevel=3)
+
+
+def log_spark_run(config: Mapping[str, Any], result, data_uri: str, spark) -> LoggedRun | None:
+    """Logs a ``training.TrainingResult`` (needs the live Spark session for the model). Never raises."""
+    run_uri = result.run.root
+
+    def body(settings: TrackingSettings) -> LoggedRun:
+        return _log_run(settings, "spark", config, run_uri, result.metrics, data_uri,
+                        tags={"spark_master": spark.sparkContext.master},
+                        log_model=lambda local_run: _log_spark_model(result.model, spark, data_uri))
+
+    return _safely("spark", run_uri, config, body)
+
+
+def log_cnn_run(config: Mapping[str, Any], metrics: Mapping[str, Any], run_uri: str, data_uri: str) -> LoggedRun | None:
+    """Logs a finished ``cnn.train.train_and_evaluate`` run folder. Never raises."""
+
+    def body(settings: TrackingSettings) -> LoggedRun:
+        master = cfg.get(config, "spark.master")
+        return _log_run(settings, "cnn", config, run_uri, metrics, data_uri,
+                        tags={"spark_master": "none (Keras on the driver)" if master else "none"},
+                        log_model=lambda local_run: _log_keras_model(local_run, data_uri))
+
+    return _safely("cnn", run_uri, config, body)
+
+
+def _log_run(settings: TrackingSettings, kind: str, config: Mapping[str, Any], run_uri: str,
+             metrics: Mapping[str, Any], data_uri: str, tags: Mapping[str, str], log_model) -> LoggedRun:
+    import mlflow
+
+    from . import storage
+
+    uri = use_store(settings)
+    exp_id = experiment_id(settings, uri)
+    with tempfile.TemporaryDirectory(prefix="cxr_mlflow_") as tmp:
+        local_run = Path(tmp) / RUN_FOLDER_ARTIFACT
+        storage.download_dir(run_uri, local_run)
+        _redact_config_file(local_run / "config.yaml")
+        run_meta = _read_json(local_run / ("cnn.json" if kind == "cnn" else "classifier.json"))
+        with mlflow.start_run(experiment_id=exp_id, run_name=f"{kind}: {posixpath.basename(run_uri.rstrip('/'))}") \
+                as active:
+            mlflow.set_tags({"kind": kind, "run_folder": run_uri, "data_uri": data_uri,
+                             "git_commit": git_commit() or "unknown", **tags})
+            mlflow.log_params({**config_params(config), **model_params(kind, metrics, run_meta)})
+            _log_metrics(active.info.run_id, kind, metrics)
+            _log_dataset(data_uri)
+            for path in sorted(local_run.iterdir()):
+                if path.is_file() and (path.suffix == ".png" or path.name in TOP_LEVEL_ARTIFACTS):
+                    mlflow.log_artifact(str(path))
+            mlflow.log_artifacts(str(local_run), artifact_path=RUN_FOLDER_ARTIFACT)
+            model_info = log_model(local_run)
+            logged = LoggedRun(run_id=active.info.run_id, experiment_id=active.info.experiment_id,
+                               model_uri=model_info.model_uri, registered_name=None, version=None,
+                               promoted=False, decision=None, tracking_uri=uri)
+            if settings.register:
+                logged = _register(settings, kind, logged, subset_auc(kind, metrics, "validation"))
+    return logged
+
+
+def _log_metrics(run_id: str, kind: str, metrics: Mapping[str, Any]) -> None:
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    now = int(time.time() * 1000)
+    rows = [Metric(k, v, now, 0) for k, v in run_metrics(kind, metrics).items()]
+    rows += [Metric(k, v, now, step) for k, v, step in history_metrics(metrics)]
+    MlflowClient().log_batch(run_id, metrics=rows)
+
+
+def _log_dataset(data_uri: str) -> None:
+    import mlflow
+    import pandas as pd
+
+    rows = image_set_listing(data_uri)
+    frame = pd.DataFrame(rows, columns=["path", "size"])
+    parts = frame["path"].str.split("/")
+    frame["split"] = parts.map(lambda p: p[-3] if len(p) >= 3 else "")
+    frame["label_name"] = parts.map(lambda p: p[-2] if len(p) >= 2 else "")
+    digest = listing_digest(rows)
+    name = posixpath.basename(data_uri.rstrip("/")) or data_uri
+    try:
+        dataset = mlflow.data.from_pandas(frame, source=data_uri, name=name, digest=digest[:32])
+    except Exception:  # noqa: BLE001 - a URI scheme MLflow has no source class for (s3a://, ...)
+        dataset = mlflow.data.from_pandas(frame, name=data_uri, digest=digest[:32])
+    mlflow.log_input(dataset, context="training")
+    mlflow.log_param("data.images_sha256", digest)
+    mlflow.log_param("data.images", len(rows))
+
+
+def _log_spark_model(model, spark, data_uri: str):
+    """The PipelineModel through mlflow.spark: input = the raw image bytes column, output = prediction."""
+    import mlflow
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    example = pd.DataFrame({"content": [_example_image_bytes(data_uri)]})
+    signature = ModelSignature(inputs=Schema([ColSpec("binary", "content")]),
+                               outputs=Schema([ColSpec("double", "prediction")]))
+    return mlflow.spark.log_model(model, artifact_path=MODEL_ARTIFACT, signature=signature, input_example=example,
+                                  pip_requirements=pip_requirements())
+
+
+def _log_keras_model(local_run: Path, data_uri: str):
+    """The CNN through the Keras flavor: input = one decoded image at the model's size (uint8 range, float32)."""
+    import mlflow
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from .cnn.predict import LocalCnnClassifier
+
+    classifier = LocalCnnClassifier.load(str(local_run))
+    images, _good, bad = classifier.decode([_example_image_bytes(data_uri)])
+    if bad:
+        raise ValueError(f"the input example image does not decode: {bad[0][1]}")
+    example = np.asarray(images, np.float32)
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *example.shape[1:]), "image")]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1), "p_pneumonia")]))
+    from mlflow.models import Model
+
+    return Model.log(artifact_path=None, name=MODEL_ARTIFACT, flavor=_KerasFlavor(), model=classifier.model,
+                     signature=signature, input_example=example, pip_requirements=pip_requirements())
+
+
+class _KerasFlavor:
+    """``mlflow.keras`` with the model folder made first: mlflow 3.17.2's keras ``save_model`` writes
+    input_example.json before it creates the folder (FileNotFoundError whenever an input example is given)."""
+
+    def __getattr__(self, name: str):
+        import mlflow.keras
+
+        return getattr(mlflow.keras, name)
+
+    @staticmethod
+    def save_model(path, **kwargs):
+        import mlflow.keras
+
+        os.makedirs(path, exist_ok=True)
+        return mlflow.keras.save_model(path=path, **kwargs)
+
+
+def _example_image_bytes(data_uri: str) -> bytes:
+    """One real image of the data set (the first test image, else the first file)."""
+    from . import storage
+
+    files = [f for f in storage.list_files(data_uri, recursive=True)
+             if f.uri.lower().endswith((".jpeg", ".jpg", ".png", ".dcm"))]
+    if not files:
+        raise FileNotFoundError(f"no image under {data_uri} for the model's input example")
+    tests = [f for f in files if "/test/" in f.uri]
+    return storage.read_bytes(sorted(tests or files, key=lambda f: f.uri)[0].uri)
+
+
+def _register(settings: TrackingSettings, kind: str, logged: LoggedRun, validation_auc: float | None) -> LoggedRun:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    name, alias = settings.model_name(kind), settings.champion_alias
+    version = mlflow.register_model(logged.model_uri, name)
+    client = MlflowClient()
+    if validation_auc is not None:
+        client.set_model_version_tag(name, version.version, "validation_auc", f"{validation_auc:.6f}")
+    try:
+        champion = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        champion = None
+    champion_auc = _version_validation_auc(client, champion) if champion is not None else None
+    promote, decision = champion_decision(validation_auc, champion_auc, champion.version if champion else None,
+                                          version.version, alias)
+    if promote:
+        client.set_registered_model_alias(name, alias, version.version)
+    client.set_model_version_tag(name, version.version, "champion_decision", decision)
+    client.set_tag(logged.run_id, "champion_decision", decision)
+    return LoggedRun(**{**logged.__dict__, "registered_name": name, "version": str(version.version),
+                        "promoted": promote, "decision": f"{name}: {decision}"})
+
+
+def _version_validation_auc(client, version) -> float | None:
+    tag = (version.tags or {}).get("validation_auc")
+    if tag is not None:
+        return float(tag)
+    if version.run_id:
+        value = client.get_run(version.run_id).data.metrics.get("validation_auc")
+        return float(value) if value is not None else None
+    return None
+
+
+def _redact_config_file(path: Path) -> None:
+    import yaml
+
+    if path.is_file():
+        path.write_text(cfg.dump_config(redact(yaml.safe_load(path.read_text()) or {})))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# ---------------------------------------------------------------- registry URIs -> local run folders
+
+def is_registry_uri(model: str) -> bool:
+    return str(model).startswith(REGISTRY_PREFIX)
+
+
+def resolve_model(model: str, config: Mapping[str, Any] | None = None, dest: str | os.PathLike | None = None) -> str:
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> a local copy of that version's run folder (what
+    the run-folder loaders read). Anything else is returned as it is. Raises ValueError with what to do."""
+    if not is_registry_uri(model):
+        return model
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    settings = TrackingSettings.from_config(config or cfg.load_config("local"))
+    try:
+        use_store(settings)
+        client = MlflowClient()
+        version = _version_of(client, model)
+        target = Path(dest) if dest else default_store_dir() / "resolved" / version.name / f"v{version.version}"
+        if not (target / RUN_FOLDER_ARTIFACT / "_SUCCESS").is_file():
+            if not version.run_id:
+                raise ValueError(f"{model} (v{version.version}) has no MLflow run to take the run folder from")
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir(parents=True)
+            client.download_artifacts(version.run_id, RUN_FOLDER_ARTIFACT, str(target))
+    except (MlflowException, OSError) as exc:
+        raise ValueError(f"cannot resolve {model} in the MLflow registry at {settings.registry_uri or settings.tracking_uri()}: "
+                         f"{str(exc)[:300]} (check --set tracking.uri=... or list versions in `make mlflow-ui`)") from exc
+    return str(target / RUN_FOLDER_ARTIFACT)
+
+
+def _version_of(client, model: str):
+    rest = model[len(REGISTRY_PREFIX):].strip("/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    name, _, number = rest.rpartition("/")
+    if not name or not number.isdigit():
+        raise ValueError(f"{model}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    return client.get_model_version(name, number)
+
+
+# ---------------------------------------------------------------- command line
+
+def _log_later(args, config) -> int:
+    from . import storage, run_folder
+    from .training import RunLayout, TrainingResult, load_metrics
+
+    storage.configure(config)
+    run_folder.require_complete(args.run)
+    metrics = load_metrics(args.run)
+    data_uri = args.data or metrics.get("data") or cfg.get(config, "data.uri")
+    if args.kind == "cnn":
+        logged = log_cnn_run(config, metrics, args.run, data_uri)
+        return 0 if logged else 1
+    from pyspark.ml import PipelineModel
+
+    from .spark.session import spark_session
+
+    spark = spark_session(config, app_name="cxr-tracking-log", master=args.master)
+    try:
+        run = RunLayout(args.run)
+        result = TrainingResult(run=run, model=PipelineModel.load(run.model), metrics=metrics, summary="")
+        logged = log_spark_run(config, result, data_uri, spark)
+    finally:
+        spark.stop()
+    return 0 if logged else 1
+
+
+def main(argv=None) -> int:
+    from .cli import add_config_options, resolve_config
+
+    parser = argparse.ArgumentParser(prog="python -m cxr_pipeline.tracking", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_log = sub.add_parser("log", help="log a finished run folder to MLflow (e.g. after the server was down)")
+    p_log.add_argument("run", help="run folder URI of train_featurizer.py or train_cnn.py")
+    p_log.add_argument("--kind", choices=KINDS, required=True)
+    p_log.add_argument("--data", help="data URI the run was trained on (default: the one in metrics.json)")
+    add_config_options(p_log)
+    p_res = sub.add_parser("resolve", help="print the local run folder of models:/NAME@ALIAS or models:/NAME/N")
+    p_res.add_argument("model")
+    add_config_options(p_res)
+    args = parser.parse_args(argv)
+    config = resolve_config(args)
+    if args.command == "resolve":
+        try:
+            print(resolve_model(args.model, config))
+        except ValueError as exc:
+            print(f"tracking: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return _log_later(args, config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
