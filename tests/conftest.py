@@ -85,3 +85,13 @@ def hdfs_tmp(hdfs_cluster):
     storage.makedirs(uri)
     yield uri
     storage.delete(uri, recursive=True)
+
+
+@pytest.fixture(scope="session")
+def sample_run(spark, hdfs_cluster, sample_tree, pytestconfig):
+    """``(base, data, TrainingResult)``: ONE training run of the sample tree in the real HDFS, shared by
+    the training, prediction and integrity tests (each used to train its own identical run)."""
+    from test_training import shared_sample_run, train_on_sample
+
+    base, data = shared_sample_run(hdfs_cluster, sample_tree, pytestconfig)
+    return base, data, train_on_sample(spark, base, data, "run_default")

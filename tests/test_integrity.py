@@ -1,7 +1,7 @@
 """Answers that can be trusted (issue 10): a model is scored with the weights it was trained with
 or not at all, half-written runs are refused, and the feature cache never serves stale features.
 
-Uses one trained run of the shared sample data (``test_training.trained``'s fixture shape).
+Uses the one trained run of the sample data that the training and prediction tests share (``sample_run``).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from cxr_pipeline import run_folder, storage
 from cxr_pipeline.backbones import WeightsMismatchError
 
-from test_training import REPO, shared_sample_run, train_on_sample
+from test_training import REPO, train_on_sample
 
 pytestmark = [pytest.mark.slow, pytest.mark.hdfs]
 
@@ -26,9 +26,8 @@ class Boom(RuntimeError):
 
 
 @pytest.fixture(scope="module")
-def trained(spark, hdfs_cluster, sample_tree, pytestconfig):
-    base, data = shared_sample_run(hdfs_cluster, sample_tree, pytestconfig)
-    return base, data, train_on_sample(spark, base, data, "run_integrity")
+def trained(sample_run):
+    return sample_run
 
 
 @pytest.fixture
@@ -122,17 +121,18 @@ def test_retraining_into_a_run_is_refused_and_a_failed_overwrite_changes_nothing
     base, data, first = trained
     before = storage.read_bytes(first.run.classifier)
     with pytest.raises(run_folder.OutputExistsError, match="--overwrite"):
-        train_on_sample(spark, base, data, "run_integrity")
+        train_on_sample(spark, base, data, first.run.root.rsplit("/", 1)[-1])
 
     def die(*args, **kwargs):
         raise Boom("killed while exporting, after model/ was written")
 
     monkeypatch.setattr(model_export, "export_classifier", die)
     with pytest.raises(Boom):
-        train_on_sample(spark, base, data, "run_integrity", overwrite=True)
+        train_on_sample(spark, base, data, first.run.root.rsplit("/", 1)[-1], overwrite=True)
     assert storage.read_bytes(first.run.classifier) == before
     assert run_folder.is_complete(first.run.root)
-    leftovers = [f.uri for f in storage.list_files(base, recursive=True) if ".run_integrity." in f.uri]
+    name = first.run.root.rsplit("/", 1)[-1]
+    leftovers = [f.uri for f in storage.list_files(base, recursive=True) if f".{name}." in f.uri]
     assert leftovers == [], leftovers
 
 

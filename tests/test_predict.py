@@ -16,17 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from test_training import REPO, shared_sample_run, train_on_sample
+from test_training import REPO
 from tolerances import same_probability
 
 pytestmark = [pytest.mark.slow, pytest.mark.hdfs]
 
 
 @pytest.fixture(scope="module")
-def run(spark, hdfs_cluster, sample_tree, pytestconfig):
-    base, data = shared_sample_run(hdfs_cluster, sample_tree, pytestconfig)
-    result = train_on_sample(spark, base, data, "run_for_predict")
-    return base, data, result
+def run(sample_run):
+    return sample_run
 
 
 @pytest.fixture(scope="module")

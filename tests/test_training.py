@@ -174,10 +174,8 @@ def train_on_sample(spark, base, data, name, overrides=(), overwrite=False):
 
 
 @pytest.fixture(scope="module")
-def trained(spark, hdfs_cluster, sample_tree, pytestconfig):
-    base, data = shared_sample_run(hdfs_cluster, sample_tree, pytestconfig)
-    result = train_on_sample(spark, base, data, "run_default")
-    yield base, data, result
+def trained(sample_run):
+    return sample_run
 
 
 @pytest.mark.slow
