@@ -1,21 +1,29 @@
 """``python -m cxr_pipeline.serving --model RUN``: serve a saved model under uvicorn.
 
 The model is loaded once per worker process at start-up. Host, port, upload
-limit and upload keeping come from the ``serving`` section of the config
-(``--conf-env``, ``--conf FILE``, ``--set serving.port=8080``) or the flags.
+limit, load limits and upload keeping come from the ``serving`` section of the
+config (``--conf-env``, ``--conf FILE``, ``--set serving.port=8080``) or the flags.
+
+Binding to anything but a loopback address needs an API token (the
+``CXR_SERVE_API_TOKEN`` environment variable or ``--api-token-file``; clients
+send ``Authorization: Bearer <token>``) or an explicit ``--insecure``.
 """
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from cxr_pipeline.config import ConfigError, load_config
 
 ENV_MODEL = "CXR_SERVE_MODEL"
 ENV_CONFIG = "CXR_SERVE_CONFIG"
+ENV_TOKEN = "CXR_SERVE_API_TOKEN"
+MIN_TOKEN_CHARS = 16
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,10 +34,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--model", required=True,
                         help="run folder of jobs/train_featurizer.py or jobs/train_cnn.py (path or URI), or a .keras file")
-    parser.add_argument("--host", help="interface to bind (default serving.host, 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port (default serving.port, 8000)")
+    parser.add_argument("--host", help="interface to bind (default: serving.host, loopback)")
+    parser.add_argument("--port", type=int, help="port (default: serving.port)")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes, each loads the model (default 1)")
     parser.add_argument("--max-upload-mb", type=float, help="reject larger files (default serving.max_upload_mb)")
+    parser.add_argument("--api-token-file", type=Path,
+                        help=f"file holding the API token clients must send as 'Authorization: Bearer <token>' "
+                        f"(default: the {ENV_TOKEN} environment variable; none = no token on loopback)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow a non-loopback --host without an API token (only behind an authenticating proxy)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--conf-env", default=None, help="config environment: local | standalone | yarn")
     parser.add_argument("--conf", action="append", default=[], help="extra YAML config file (repeatable)")
@@ -42,7 +55,44 @@ def app_from_env():
     """uvicorn factory for ``--workers N``: each worker process builds its own app."""
     from .app import create_app
 
-    return create_app(os.environ[ENV_MODEL], config=json.loads(os.environ.get(ENV_CONFIG, "{}")))
+    return create_app(os.environ[ENV_MODEL], config=json.loads(os.environ[ENV_CONFIG]),
+                      api_token=os.environ.get(ENV_TOKEN) or None)
+
+
+def is_loopback(host: str) -> bool:
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def api_token(args: argparse.Namespace) -> str | None:
+    """The token from --api-token-file or the environment; SystemExit with a sentence if it is unusable."""
+    if args.api_token_file:
+        try:
+            token = args.api_token_file.read_text().strip()
+        except OSError as err:
+            raise SystemExit(f"cannot read --api-token-file: {err}") from None
+    else:
+        token = os.environ.get(ENV_TOKEN, "").strip()
+    if token and len(token) < MIN_TOKEN_CHARS:
+        raise SystemExit(f"the API token is {len(token)} characters; use at least {MIN_TOKEN_CHARS}, e.g. "
+                         "python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    return token or None
+
+
+def check_exposure(host: str, token: str | None, insecure: bool) -> None:
+    """Refuse a non-loopback bind without a token unless --insecure says a proxy guards it."""
+    if is_loopback(host) or token or insecure:
+        return
+    raise SystemExit(
+        f"refusing to serve on {host}: a non-loopback address needs an API token. Set {ENV_TOKEN} (or "
+        "--api-token-file FILE) and have clients send 'Authorization: Bearer <token>', or pass --insecure "
+        "if an authenticating proxy in front of the service guards it. Also add the name clients use to "
+        "serving.allowed_hosts."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,11 +103,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     serving = dict(config.get("serving") or {})
-    if args.max_upload_mb is not None:
-        serving["max_upload_mb"] = args.max_upload_mb
+    serving.update({key: value for key, value in (("host", args.host), ("port", args.port),
+                                                  ("max_upload_mb", args.max_upload_mb)) if value is not None})
     config["serving"] = serving
-    host = args.host or serving.get("host") or "127.0.0.1"
-    port = args.port or int(serving.get("port") or 8000)
+    from .app import ServingSettings
+
+    try:
+        settings = ServingSettings.from_config(config)
+        token = api_token(args)
+        check_exposure(settings.host, token, args.insecure)
+    except (ConfigError, SystemExit) as err:
+        print(f"cannot serve {args.model}: {err}", file=sys.stderr)
+        return 2
+    host, port = settings.host, int(settings.port)
+    if not is_loopback(host) and not ({"*"} & set(settings.allowed_hosts)):
+        print(f"note: only Host names in serving.allowed_hosts are answered ({', '.join(settings.allowed_hosts)})",
+              file=sys.stderr)
 
     import uvicorn
 
@@ -67,11 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers > 1:
         os.environ[ENV_MODEL] = args.model
         os.environ[ENV_CONFIG] = json.dumps(config, default=str)
+        if token:
+            os.environ[ENV_TOKEN] = token
         uvicorn.run("cxr_pipeline.serving.__main__:app_from_env", factory=True, host=host, port=port,
                     workers=args.workers, log_level=args.log_level)
         return 0
     try:
-        app = create_app(args.model, config=config)
+        app = create_app(args.model, config=config, api_token=token)
     except (ModelLoadError, FileNotFoundError, ValueError) as err:
         print(f"cannot serve {args.model}: {err}", file=sys.stderr)
         return 2

@@ -5,25 +5,43 @@ returns a FastAPI app with
 
 * ``GET /``          the upload page; ``POST /`` shows the result on the page,
 * ``POST /predict``  multipart image -> JSON (class, probability, threshold, model id),
-* ``GET /health``    liveness plus which model is loaded,
+* ``GET /health``    liveness, which model is loaded (its id, never its path) and the load,
 * ``GET /openapi.json`` the OpenAPI description.
 
-Uploads are held in memory (Starlette spools parts over 1 MB to an anonymous
-temporary file that is removed when the request ends); they are written to
-disk only when ``keep_uploads`` is on, and then under a generated name in
-``upload_dir``, never under the name or path the client sent.
+Under load (settings in the ``serving`` section of ``conf/defaults.yaml``):
+
+* at most ``max_active + max_queued`` uploads are admitted at once, counted from
+  the moment their headers arrive (before the body is read); the next one gets
+  ``503`` with ``Retry-After``. So the uploads held in memory are bounded too;
+* at most ``max_active`` uploads are decoded at once, each decoded once; the
+  pixels go to the model's batching thread;
+* Grad-CAM maps are drawn on their own thread, at most ``max_heatmaps`` requests
+  for them at once, and never hold up plain predictions.
+
+Exposure: only the Host names in ``allowed_hosts`` are served (a DNS-rebinding
+page cannot reach a loopback service); with an API token every route but
+``/health`` needs ``Authorization: Bearer <token>``. Uploads are held in memory
+(Starlette spools parts over 1 MB to an anonymous temporary file that is
+removed when the request ends); they are written to disk only when
+``keep_uploads`` is on, then under a generated name in ``upload_dir``, mode
+0600, within ``upload_quota_mb``.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
+import hmac
 import json
 import logging
+import os
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, Callable, Mapping
 
+import numpy as np
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -33,24 +51,81 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .backends import HeatMap, ModelBackend, Prediction, PredictionError, load_backend
+from .. import config as cfg
+from .backends import HeatMap, ModelBackend, Prediction, load_backend
 from .validation import MIB, CheckedImage, UploadRejected, browser_image, check_upload, too_large
 
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
-SERVING_DEFAULTS: dict[str, Any] = {
-    "host": "127.0.0.1",
-    "port": 8000,
-    "max_upload_mb": 10,
-    "keep_uploads": False,
-    "upload_dir": None,
-    "max_batch": 8,
-}
 # Room for the multipart envelope (boundaries, part headers) around the file itself.
 MULTIPART_OVERHEAD = 64 * 1024
 UPLOAD_PATHS = ("/", "/predict")
 DRAIN_LIMIT_FACTOR = 8
+# Reachable without the API token: liveness probes (it names the model id and the load, nothing else).
+OPEN_PATHS = ("/health",)
+
+
+# ----------------------------------------------------------------------------
+# Settings: the ``serving`` section of the config
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """``serving.*`` from the loaded config; ``conf/defaults.yaml`` holds every default."""
+
+    host: str
+    port: int
+    max_upload_mb: float
+    keep_uploads: bool
+    upload_dir: str | None
+    upload_quota_mb: float
+    max_batch: int
+    max_active: int
+    max_queued: int
+    max_heatmaps: int
+    retry_after_s: int
+    allowed_hosts: list[str]
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None = None, **overrides: Any) -> "ServingSettings":
+        """From a loaded config (``None``: the defaults); keyword arguments that are not None win."""
+        config = cfg.load_config() if config is None else config
+        section = dict(cfg.get(config, "serving", {}) or {})
+        section.update({k: v for k, v in overrides.items() if v is not None})
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(section) - names)
+        if unknown:
+            raise cfg.ConfigError(f"unknown serving option(s): {', '.join(unknown)} "
+                                  f"(known: {', '.join(sorted(names))})")
+        missing = sorted(names - set(section))
+        if missing:
+            raise cfg.ConfigError(f"serving option(s) missing: {', '.join(missing)}; conf/defaults.yaml defines "
+                                  "them (is CXR_CONF_DIR pointing at an old copy?)")
+        settings = cls(**section)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.keep_uploads and not self.upload_dir:
+            raise cfg.ConfigError("serving.keep_uploads is on but serving.upload_dir is not set")
+        for name, low in (("max_upload_mb", 0), ("upload_quota_mb", 0)):
+            if not float(getattr(self, name)) > low:
+                raise cfg.ConfigError(f"serving.{name} must be > {low}, got {getattr(self, name)!r}")
+        for name, low in (("max_batch", 1), ("max_active", 1), ("max_queued", 0), ("max_heatmaps", 1),
+                          ("retry_after_s", 1)):
+            if int(getattr(self, name)) < low:
+                raise cfg.ConfigError(f"serving.{name} must be >= {low}, got {getattr(self, name)!r}")
+        if isinstance(self.allowed_hosts, str) or not self.allowed_hosts:
+            raise cfg.ConfigError("serving.allowed_hosts must be a non-empty list of host names ('*' = any)")
+
+    @property
+    def max_bytes(self) -> int:
+        return int(float(self.max_upload_mb) * MIB)
+
+    @property
+    def max_admitted(self) -> int:
+        return int(self.max_active) + int(self.max_queued)
 
 
 # ----------------------------------------------------------------------------
@@ -61,7 +136,6 @@ class ModelDescription(BaseModel):
     model_id: str = Field(description="run name @ short hash of the exported model")
     kind: str = Field(description="spark-lr (Spark pipeline export) or cnn (Keras CNN)")
     name: str
-    run: str = Field(description="the run folder (or .keras file) the service loaded")
     label_names: list[str]
     threshold: float
 
@@ -81,7 +155,8 @@ class PredictionResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str = Field(description="what was wrong with the upload, for a person")
-    code: str = Field(description="empty_upload | too_large | not_an_image | corrupt_image | missing_file | invalid_request")
+    code: str = Field(description="empty_upload | too_large | not_an_image | corrupt_image | missing_file | "
+                                  "invalid_request | busy | host_not_allowed | unauthorized")
 
 
 class BatchingStats(BaseModel):
@@ -91,22 +166,146 @@ class BatchingStats(BaseModel):
     images_scored: int
 
 
+class LoadStats(BaseModel):
+    max_active: int = Field(description="uploads decoded at once")
+    max_queued: int = Field(description="uploads admitted beyond max_active; more get 503")
+    max_heatmaps: int = Field(description="Grad-CAM requests admitted at once; more get 503")
+    in_flight: int = Field(description="uploads admitted now (being received, decoded, scored or answered)")
+    peak_in_flight: int
+    heatmaps_in_flight: int
+    busy_rejections: int = Field(description="503 answers since start-up")
+
+
 class HealthResponse(BaseModel):
     status: str
     model: ModelDescription
     batching: BatchingStats | None = None
+    load: LoadStats
 
 
 UPLOAD_ERRORS = {
-    400: {"model": ErrorResponse, "description": "empty upload"},
+    400: {"model": ErrorResponse, "description": "empty upload, or a Host name not in serving.allowed_hosts"},
+    401: {"model": ErrorResponse, "description": "missing or wrong API token (when the service has one)"},
     413: {"model": ErrorResponse, "description": "file over the size limit"},
     415: {"model": ErrorResponse, "description": "not an image"},
     422: {"model": ErrorResponse, "description": "corrupt or truncated image (corrupt_image), or no file part (missing_file)"},
+    503: {"model": ErrorResponse, "description": "busy: too many uploads at once; retry after the Retry-After seconds"},
 }
 
 
 # ----------------------------------------------------------------------------
-# Size limit: refuse big bodies before they are parsed or spooled anywhere
+# Middleware: Host check, API token, admission (503), size limit (413)
+
+
+def host_name(header: str) -> str:
+    """The name part of a Host header: ``[::1]:8000`` -> ``::1``, ``Example.org.:80`` -> ``example.org``."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    if header.count(":") == 1:
+        header = header.split(":", 1)[0]
+    return header.rstrip(".")
+
+
+class HostCheck:
+    """ASGI middleware: only requests whose Host names a served host get through.
+
+    A DNS-rebinding page (evil.example resolving to 127.0.0.1) sends ``Host:
+    evil.example``: refused, so the page cannot use the loopback service.
+    """
+
+    def __init__(self, app: ASGIApp, allowed: list[str]):
+        self.app = app
+        self.any = "*" in allowed
+        self.allowed = {host_name(str(h)) for h in allowed}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.any:
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        if host_name(header) in self.allowed:
+            await self.app(scope, receive, send)
+            return
+        rejection = UploadRejected(400, "host_not_allowed", f"Host {header!r} is not served here; the service "
+                                   "answers the names in serving.allowed_hosts (add yours there).")
+        await JSONResponse(rejection.as_json(), status_code=400)(scope, receive, send)
+
+
+class BearerToken:
+    """ASGI middleware: every path but ``/health`` needs ``Authorization: Bearer <token>``."""
+
+    def __init__(self, app: ASGIApp, token: str):
+        self.app, self.expected = app, f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.expected):  # constant time: the compare leaks no prefix length
+            await self.app(scope, receive, send)
+            return
+        rejection = UploadRejected(401, "unauthorized", "This service needs an API token: send the header "
+                                   "'Authorization: Bearer <token>'.")
+        await JSONResponse(rejection.as_json(), status_code=401,
+                           headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+
+
+@dataclass
+class LoadCounters:
+    """What /health reports about the load; changed on the event loop only (no lock needed)."""
+
+    in_flight: int = 0
+    peak_in_flight: int = 0
+    heatmaps_in_flight: int = 0
+    busy_rejections: int = 0
+
+
+class Admission:
+    """ASGI middleware: at most ``limit`` uploads in flight; the next one gets 503 + Retry-After at once.
+
+    Counted from the moment a POST to an upload path arrives, before its body is
+    read: uploads waiting for their turn never pile up in memory.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, retry_after_s: int, counters: LoadCounters,
+                 reject: Callable[[Scope, UploadRejected], Response], max_body: int):
+        self.app, self.limit, self.retry_after_s, self.counters = app, limit, retry_after_s, counters
+        self.reject, self.max_body = reject, max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in UPLOAD_PATHS:
+            await self.app(scope, receive, send)
+            return
+        counters = self.counters
+        if counters.in_flight >= self.limit:
+            counters.busy_rejections += 1
+            await drain(receive, limit=DRAIN_LIMIT_FACTOR * self.max_body)
+            rejection = busy(f"{counters.in_flight} uploads are in progress", self.retry_after_s)
+            await self.reject(scope, rejection)(scope, receive, send)
+            return
+        counters.in_flight += 1
+        counters.peak_in_flight = max(counters.peak_in_flight, counters.in_flight)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            counters.in_flight -= 1
+
+
+def busy(reason: str, retry_after_s: int) -> UploadRejected:
+    return UploadRejected(503, "busy", f"The service is busy ({reason}): try again in {retry_after_s} s.")
+
+
+async def drain(receive: Receive, limit: int) -> None:
+    """Read (and drop) what the client is sending so it sees the answer rather than a reset
+    connection; past ``limit`` bytes the server closes the connection instead."""
+    seen = 0
+    while seen <= limit:
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
 
 
 class BodySizeLimit:
@@ -127,7 +326,7 @@ class BodySizeLimit:
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-            await self._drain(receive, limit=DRAIN_LIMIT_FACTOR * self.max_body)
+            await drain(receive, limit=DRAIN_LIMIT_FACTOR * self.max_body)
             await self.reject(scope, too_large(int(declared), self.max_file))(scope, receive, send)
             return
         seen = 0
@@ -159,33 +358,84 @@ class BodySizeLimit:
         if over and not started:
             await self.reject(scope, too_large(None, self.max_file))(scope, receive, send)
 
-    @staticmethod
-    async def _drain(receive: Receive, limit: int) -> None:
-        # Read (and drop) what the client is sending so a browser sees the answer rather
-        # than a reset connection; past ``limit`` the server closes the connection instead.
-        seen = 0
-        while seen <= limit:
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                return
+
+# ----------------------------------------------------------------------------
+# Decoding (once per upload) and keeping uploads
+
+
+def decode_upload(data: bytes, max_bytes: int, size: tuple[int, int], max_pixels: int | None
+                  ) -> tuple[CheckedImage, np.ndarray]:
+    """``(description, pixels at the model's size)``, or :class:`UploadRejected` with validation's verdict.
+
+    An accepted upload is decoded once, here (the model, Grad-CAM and the
+    page use these pixels); :func:`.validation.check_upload` is asked only about
+    bytes the decoder refuses, for its status and message.
+    """
+    from cxr_pipeline.imaging import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, image_info
+
+    max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+    if not data or len(data) > max_bytes:
+        check_upload(data, max_bytes, size=size, max_pixels=max_pixels)  # raises: empty / too large
+    try:
+        pixels = decode_image(data, size=size, max_pixels=max_pixels)
+        width, height, fmt = image_info(data, max_pixels)
+    except ImageDecodeError as err:
+        check_upload(data, max_bytes, size=size, max_pixels=max_pixels)  # raises validation's verdict
+        raise UploadRejected(422, "corrupt_image", f"The image could not be read ({err}).") from err
+    return CheckedImage(format=fmt.lower(), width=width, height=height), pixels
+
+
+class UploadKeeper:
+    """Saves accepted uploads (mode 0600, generated names) while ``upload_dir`` holds under ``quota_bytes``.
+
+    Never raises: a full quota or a failed write is logged, and the prediction is answered all the same.
+    """
+
+    def __init__(self, folder: Path, quota_bytes: int):
+        self.folder, self.quota_bytes = Path(folder), int(quota_bytes)
+        self._lock = threading.Lock()
+        self._used: int | None = None  # bytes in the folder, counted on first use
+        self.saved = self.skipped = 0
+
+    def keep(self, data: bytes, checked: CheckedImage, prediction: Prediction, model_id: str) -> Path | None:
+        stem = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:12]}"
+        image_path = self.folder / f"{stem}.{'jpeg' if checked.format == 'jpeg' else checked.format or 'img'}"
+        record = json.dumps({"model_id": model_id, "label_name": prediction.label_name,
+                             "probability": prediction.probability, "threshold": prediction.threshold,
+                             "width": checked.width, "height": checked.height}, indent=1).encode()
+        size = len(data) + len(record)
+        try:
+            with self._lock:
+                used = self._used if self._used is not None else self._count()
+                if used + size > self.quota_bytes:
+                    self.skipped += 1
+                    log.warning("upload not kept: %s would pass serving.upload_quota_mb (%d of %d bytes used)",
+                                self.folder, used, self.quota_bytes)
+                    return None
+                self._used = used + size
+            write_private(image_path, data)
+            write_private(self.folder / f"{stem}.json", record)
+        except OSError:
+            self.skipped += 1
+            log.exception("upload not kept: writing under %s failed; the prediction is answered anyway", self.folder)
+            return None
+        self.saved += 1
+        return image_path
+
+    def _count(self) -> int:
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file())
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """A new file readable by the service's user only (0600 whatever the umask); never overwrites."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
 
 
 # ----------------------------------------------------------------------------
 # The app
-
-
-@dataclass
-class ServiceSettings:
-    max_upload_mb: float
-    keep_uploads: bool
-    upload_dir: Path | None
-    max_pixels: int | None
-    max_batch: int
-
-    @property
-    def max_bytes(self) -> int:
-        return int(self.max_upload_mb * MIB)
 
 
 @dataclass
@@ -195,40 +445,23 @@ class Scored:
     heatmap: HeatMap | None
 
 
-def settings_from(config: Mapping[str, Any] | None, **overrides: Any) -> ServiceSettings:
-    serving = dict(SERVING_DEFAULTS)
-    serving.update((config or {}).get("serving") or {})
-    serving.update({k: v for k, v in overrides.items() if v is not None})
-    max_pixels = ((config or {}).get("data") or {}).get("max_pixels")
-    upload_dir = serving.get("upload_dir")
-    if serving["keep_uploads"] and not upload_dir:
-        raise ValueError("serving.keep_uploads is on but serving.upload_dir is not set")
-    if float(serving["max_upload_mb"]) <= 0:
-        raise ValueError("serving.max_upload_mb must be > 0")
-    return ServiceSettings(
-        max_upload_mb=float(serving["max_upload_mb"]),
-        keep_uploads=bool(serving["keep_uploads"]),
-        upload_dir=Path(upload_dir) if upload_dir else None,
-        max_pixels=int(max_pixels) if max_pixels else None,
-        max_batch=int(serving.get("max_batch") or 1),
-    )
-
-
 def create_app(
     model_dir: str | Path | None = None,
     *,
     backend: ModelBackend | None = None,
     config: Mapping[str, Any] | None = None,
-    max_upload_mb: float | None = None,
-    keep_uploads: bool | None = None,
-    upload_dir: str | Path | None = None,
+    api_token: str | None = None,
+    **serving: Any,
 ) -> FastAPI:
     """The service for the model in ``model_dir`` (or an already loaded ``backend``).
 
-    ``config`` is a loaded project config (its ``serving`` and ``data.max_pixels``
-    are used); keyword arguments override it.
+    ``config`` is a loaded project config (its ``serving`` section and
+    ``data.max_pixels`` are used; ``None``: the defaults); keyword arguments
+    override ``serving.*`` keys (``max_upload_mb=0.1``, ``keep_uploads=True``...).
+    ``api_token``: when set, every route but ``/health`` needs it as a bearer token.
     """
-    settings = settings_from(config, max_upload_mb=max_upload_mb, keep_uploads=keep_uploads, upload_dir=upload_dir)
+    config = cfg.load_config() if config is None else config
+    settings = ServingSettings.from_config(config, **serving)
     if backend is None:
         if model_dir is None:
             raise ValueError("create_app needs model_dir or backend")
@@ -236,7 +469,9 @@ def create_app(
     info = backend.info
     input_size = backend.input_size
     # The model's own decompression-bomb guard, as the batch job applies it.
-    max_pixels = backend.max_pixels or settings.max_pixels
+    max_pixels = backend.max_pixels or cfg.get(config, "data.max_pixels")
+    keeper = UploadKeeper(Path(settings.upload_dir), int(settings.upload_quota_mb * MIB)) \
+        if settings.keep_uploads else None
 
     app = FastAPI(
         title="Chest X-ray pneumonia classifier",
@@ -250,6 +485,7 @@ def create_app(
     )
     app.state.backend = backend
     app.state.settings = settings
+    app.state.keeper = keeper
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["prob"] = format_probability
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
@@ -260,39 +496,61 @@ def create_app(
         context.update(info=info, max_upload_mb=settings.max_upload_mb)
         return templates.TemplateResponse(request, "index.html", context, status_code=status_code)
 
-    def reject_response(scope: Scope, rejection: UploadRejected) -> Response:
+    def reject_response(scope: Scope, rejection: UploadRejected, filename: str = "") -> Response:
         if scope["path"] == "/":
-            return render_page(Request(scope), status_code=rejection.status_code, error=rejection)
-        return JSONResponse(rejection.as_json(), status_code=rejection.status_code)
+            response: Response = render_page(Request(scope), status_code=rejection.status_code, error=rejection,
+                                             filename=filename)
+        else:
+            response = JSONResponse(rejection.as_json(), status_code=rejection.status_code)
+        if rejection.status_code == 503:
+            response.headers["Retry-After"] = str(settings.retry_after_s)
+        return response
 
-    app.add_middleware(
-        BodySizeLimit,
-        max_body=settings.max_bytes + MULTIPART_OVERHEAD,
-        max_file=settings.max_bytes,
-        reject=reject_response,
-    )
+    # Added innermost first: a request meets HostCheck, then the token, then admission, then the size limit.
+    app.add_middleware(BodySizeLimit, max_body=settings.max_bytes + MULTIPART_OVERHEAD,
+                       max_file=settings.max_bytes, reject=reject_response)
+    counters = LoadCounters()
+    app.state.load = counters
+    app.add_middleware(Admission, limit=settings.max_admitted, retry_after_s=int(settings.retry_after_s),
+                       counters=counters, reject=reject_response, max_body=settings.max_bytes + MULTIPART_OVERHEAD)
+    if api_token:
+        app.add_middleware(BearerToken, token=api_token)
+    app.add_middleware(HostCheck, allowed=list(settings.allowed_hosts))
+    decode_slots = LoopLocal(lambda: asyncio.Semaphore(int(settings.max_active)))
 
-    def score(data: bytes, with_heatmap: bool) -> Scored:
-        checked = check_upload(data, settings.max_bytes, size=input_size, max_pixels=max_pixels)
+    async def score(data: bytes, with_heatmap: bool) -> Scored:
+        with_heatmap = with_heatmap and backend.supports_heatmap
+        if with_heatmap and counters.heatmaps_in_flight >= int(settings.max_heatmaps):
+            counters.busy_rejections += 1
+            raise busy(f"{counters.heatmaps_in_flight} heat maps are being drawn", int(settings.retry_after_s))
+        counters.heatmaps_in_flight += with_heatmap
         try:
-            prediction = backend.predict(data)
-        except PredictionError as err:
-            raise UploadRejected(422, "corrupt_image", f"The model could not read this image: {err}.") from err
-        heatmap = None
-        if with_heatmap and backend.supports_heatmap:
-            try:
-                heatmap = backend.heatmap(data)
-            except Exception:  # noqa: BLE001 - the prediction stands without its explanation
-                log.exception("Grad-CAM failed for %s; answering without a heat map", info.model_id)
-        if settings.keep_uploads:
-            keep_upload(settings.upload_dir, data, checked, prediction, info.model_id)
+            async with decode_slots.get():  # at most max_active decodes at once
+                checked, pixels = await run_in_threadpool(decode_upload, data, settings.max_bytes, input_size,
+                                                          max_pixels)
+            prediction = await asyncio.wrap_future(backend.submit(pixels))
+            heatmap = await draw_heatmap(pixels, data) if with_heatmap else None
+        finally:
+            counters.heatmaps_in_flight -= with_heatmap
+        if keeper is not None:
+            await run_in_threadpool(keeper.keep, data, checked, prediction, info.model_id)
         return Scored(checked, prediction, heatmap)
+
+    async def draw_heatmap(pixels: np.ndarray, data: bytes) -> HeatMap | None:
+        try:
+            return await asyncio.wrap_future(backend.submit_heatmap(pixels, data))
+        except Exception:  # noqa: BLE001 - the prediction stands without its explanation
+            log.exception("Grad-CAM failed for %s; answering without a heat map", info.model_id)
+            return None
 
     async def read_upload(file: UploadFile | None) -> bytes:
         if file is None:
             return b""
-        # One byte past the limit is enough to know it is over.
-        return await file.read(settings.max_bytes + 1)
+        try:
+            # One byte past the limit is enough to know it is over.
+            return await file.read(settings.max_bytes + 1)
+        finally:
+            await file.close()
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
@@ -309,14 +567,15 @@ def create_app(
         return render_page(request)
 
     @app.post("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page_predict(request: Request, file: UploadFile | None = File(None)) -> HTMLResponse:
+    async def page_predict(request: Request, file: UploadFile | None = File(None)) -> Response:
         data = await read_upload(file)
         filename = (file.filename if file else "") or ""
         try:
-            scored = await run_in_threadpool(score, data, True)
+            scored = await score(data, True)
         except UploadRejected as rejection:
-            return render_page(request, status_code=rejection.status_code, error=rejection, filename=filename)
-        shown, mime = browser_image(data, scored.checked)
+            return reject_response(request.scope, rejection, filename)
+        async with decode_slots.get():  # a TIFF or DICOM is converted for the browser: a decode, so bounded too
+            shown, mime = await run_in_threadpool(browser_image, data, scored.checked)
         return render_page(
             request,
             result=scored.prediction,
@@ -340,19 +599,36 @@ def create_app(
     ) -> Any:
         data = await read_upload(file)
         try:
-            scored = await run_in_threadpool(score, data, heatmap)
+            scored = await score(data, heatmap)
         except UploadRejected as rejection:
-            return JSONResponse(rejection.as_json(), status_code=rejection.status_code)
+            return reject_response({"type": "http", "path": "/predict"}, rejection)
         return prediction_json(scored, info)
 
-    @app.get("/health", response_model=HealthResponse, summary="Liveness and the loaded model")
+    @app.get("/health", response_model=HealthResponse, summary="Liveness, the loaded model and the load")
     async def health() -> dict[str, Any]:
         stats = getattr(backend, "batching_stats", None)
-        return {"status": "ok", "model": info.as_dict(), "batching": stats() if stats else None}
+        return {
+            "status": "ok",
+            "model": info.as_dict(),
+            "batching": stats() if stats else None,
+            "load": {"max_active": settings.max_active, "max_queued": settings.max_queued,
+                     "max_heatmaps": settings.max_heatmaps, **asdict(counters)},
+        }
 
     return app
 
 
+class LoopLocal:
+    """One value per running event loop (an asyncio primitive belongs to the loop it was made in)."""
+
+    def __init__(self, factory: Callable[[], Any]):
+        self.factory, self._loop, self._value = factory, None, None
+
+    def get(self) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop, self._value = loop, self.factory()
+        return self._value
 
 
 def format_probability(p: float) -> str:
@@ -376,15 +652,3 @@ def prediction_json(scored: Scored, info) -> dict[str, Any]:
         "heatmap_png_base64": base64.b64encode(scored.heatmap.png).decode("ascii") if scored.heatmap else None,
         "heatmap_flat": scored.heatmap.flat if scored.heatmap else None,
     }
-
-
-def keep_upload(upload_dir: Path, data: bytes, checked: CheckedImage, prediction: Prediction, model_id: str) -> Path:
-    """Write an accepted upload under a generated name (never the client's) with its prediction beside it."""
-    upload_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:12]}"
-    path = upload_dir / f"{stem}.{'jpeg' if checked.format == 'jpeg' else checked.format or 'img'}"
-    path.write_bytes(data)
-    record = {"model_id": model_id, "label_name": prediction.label_name, "probability": prediction.probability,
-              "threshold": prediction.threshold, "width": checked.width, "height": checked.height}
-    (upload_dir / f"{stem}.json").write_text(json.dumps(record, indent=1))
-    return path

@@ -1,8 +1,11 @@
 """The models the service can serve, behind one small interface.
 
-A backend is loaded once at start-up and then answers ``predict(bytes)`` for
-one image; a backend that can explain itself also answers ``heatmap(bytes)``
-with a :class:`HeatMap` (a Grad-CAM overlay PNG over the image). Two kinds exist:
+A backend is loaded once at start-up. The service decodes each upload once and
+hands the pixels to ``submit(pixels)``, which returns a future of the
+:class:`Prediction` (concurrent images share model calls, see
+:class:`MicroBatcher`); a backend that can explain itself also answers
+``submit_heatmap(pixels, bytes)`` with a future of a :class:`HeatMap` (a
+Grad-CAM overlay PNG over the image). Two kinds exist:
 
 * ``spark-lr``: a run folder of ``jobs/train_featurizer.py``. Served without
   Spark from ``classifier.json`` (Keras backbone + the scaler and logistic
@@ -11,9 +14,9 @@ with a :class:`HeatMap` (a Grad-CAM overlay PNG over the image). Two kinds exist
 * ``cnn``: a run folder of ``jobs/train_cnn.py`` (or a ``.keras`` file), served
   by :class:`cxr_pipeline.cnn.predict.LocalCnnClassifier`.
 
-Both classifiers take a list of image bytes and return one dict per image
-(probability, predicted_label, label_name, threshold, error), so one adapter
-serves both; the CNN one adds the heat map.
+Both score a uint8 batch decoded exactly as the batch jobs decode it
+(``imaging.decode_image`` at the model's size and pixel guard), so the service
+and ``predict_bytes`` give the same probabilities; the CNN one adds the heat map.
 """
 from __future__ import annotations
 
@@ -23,10 +26,12 @@ import json
 import posixpath
 import queue
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
+
+import numpy as np
 
 SPARK_EXPORT_FILE = "classifier.json"
 CNN_META_FILE = "cnn.json"
@@ -42,12 +47,14 @@ class ModelInfo:
     model_id: str     # run name + short content hash: tells two versions of a run apart
     kind: str         # "spark-lr" | "cnn"
     name: str         # e.g. "InceptionV3 (mixed5) + logistic regression"
-    run: str          # the run folder / file the service was started with
+    run: str          # the run folder / file the service was started with: server-side only, never answered
     label_names: tuple[str, ...]
     threshold: float
 
     def as_dict(self) -> dict[str, Any]:
+        """What clients are told about the model: its id, not where it lives on the server."""
         data = asdict(self)
+        del data["run"]
         data["label_names"] = list(self.label_names)
         return data
 
@@ -83,9 +90,11 @@ class ModelBackend(Protocol):
     @property
     def max_pixels(self) -> int | None: ...
 
-    def predict(self, data: bytes) -> Prediction: ...
+    def submit(self, pixels: np.ndarray) -> Future: ...
 
-    def heatmap(self, data: bytes) -> HeatMap | None: ...
+    def submit_heatmap(self, pixels: np.ndarray, image_bytes: bytes) -> Future: ...
+
+    def predict(self, data: bytes) -> Prediction: ...
 
 
 class MicroBatcher:
@@ -94,22 +103,25 @@ class MicroBatcher:
     One thread owns the model calls: it takes the oldest waiting image plus
     whatever else is already queued (up to ``max_batch``) and scores them as a
     batch. A lone request waits for nothing; under concurrent load the model
-    sees batches, which is what a backbone (and a GPU) is fast at.
+    sees batches, which is what a backbone (and a GPU) is fast at. The queue
+    itself is unbounded: the service admits a bounded number of requests
+    (``serving.max_active`` + ``serving.max_queued``), so it never holds more.
     """
 
-    def __init__(self, score_many: Callable[[list[bytes]], list[dict]], lock: threading.Lock, max_batch: int = 8):
+    def __init__(self, score_many: Callable[[np.ndarray], list[Prediction]], max_batch: int = 8):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
-        self._score_many, self._lock, self.max_batch = score_many, lock, max_batch
+        self._score_many, self.max_batch = score_many, max_batch
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         # Observability (GET /health): do concurrent requests share model calls?
         self.largest_batch = self.model_calls = self.images_scored = 0
         threading.Thread(target=self._serve_forever, name="cxr-model-batcher", daemon=True).start()
 
-    def submit(self, data: bytes) -> dict:
+    def submit(self, pixels: np.ndarray) -> Future:
+        """A future of the :class:`Prediction` for one decoded image ``[H, W, 3]`` uint8."""
         future: Future = Future()
-        self._queue.put((data, future))
-        return future.result()
+        self._queue.put((pixels, future))
+        return future
 
     def _serve_forever(self) -> None:
         while True:
@@ -123,8 +135,7 @@ class MicroBatcher:
             self.model_calls += 1
             self.images_scored += len(batch)
             try:
-                with self._lock:
-                    results = self._score_many([data for data, _ in batch])
+                results = self._score_many(np.stack([pixels for pixels, _ in batch]))
             except BaseException as err:  # noqa: BLE001 - handed to every waiting request
                 for _, future in batch:
                     future.set_exception(err)
@@ -134,15 +145,16 @@ class MicroBatcher:
 
 
 class ClassifierBackend:
-    """Adapter over anything with ``predict_bytes(list_of_bytes) -> list[dict]``."""
+    """Adapter over a loaded classifier: decoded images in, :class:`Prediction` out.
+
+    The service decodes each upload once (``serving.app``) and hands the pixels
+    here; the subclasses say how a batch of pixels becomes probabilities.
+    """
 
     def __init__(self, classifier: Any, info: ModelInfo, max_batch: int = 8):
         self.classifier = classifier
         self.info = info
-        # Keras models are not documented as safe to call from several threads:
-        # the batcher's thread and Grad-CAM take turns through this lock.
-        self._lock = threading.Lock()
-        self._batcher = MicroBatcher(classifier.predict_bytes, self._lock, max_batch)
+        self._batcher = MicroBatcher(self._score_many, max_batch)
 
     @property
     def supports_heatmap(self) -> bool:
@@ -153,19 +165,40 @@ class ClassifierBackend:
         return {"max_batch": b.max_batch, "largest_batch": b.largest_batch,
                 "model_calls": b.model_calls, "images_scored": b.images_scored}
 
-    def predict(self, data: bytes) -> Prediction:
-        result = self._batcher.submit(data)
-        if result.get("error"):
-            raise PredictionError(str(result["error"]))
-        return Prediction(
-            label_name=str(result["label_name"]),
-            label_index=int(result["predicted_label"]),
-            probability=float(result["probability"]),
-            threshold=float(result["threshold"]),
-        )
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """P(positive class) for a uint8 batch ``[n, H, W, 3]`` at ``input_size``."""
+        raise NotImplementedError
 
-    def heatmap(self, data: bytes) -> HeatMap | None:
-        return None
+    def _score_many(self, batch: np.ndarray) -> list[Prediction]:
+        threshold = float(self.info.threshold)
+        labels = self.info.label_names
+        predictions = []
+        for p in np.asarray(self.probabilities(batch), dtype=np.float64).ravel():
+            label = int(p >= threshold)
+            predictions.append(Prediction(label_name=str(labels[label]), label_index=label,
+                                          probability=float(p), threshold=threshold))
+        return predictions
+
+    def submit(self, pixels: np.ndarray) -> Future:
+        """A future of the :class:`Prediction` for one image decoded by :meth:`decode`."""
+        return self._batcher.submit(pixels)
+
+    def submit_heatmap(self, pixels: np.ndarray, image_bytes: bytes) -> Future:
+        raise PredictionError(f"{self.info.name} has no heat map")
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """The pixels the model takes, as the batch jobs decode them (``PredictionError`` if unusable)."""
+        from cxr_pipeline.imaging import ImageDecodeError, decode_image
+
+        try:
+            return decode_image(data, size=self.input_size,
+                                **({"max_pixels": self.max_pixels} if self.max_pixels else {}))
+        except ImageDecodeError as err:
+            raise PredictionError(str(err)) from err
+
+    def predict(self, data: bytes) -> Prediction:
+        """One image's bytes -> its prediction (for scripts and warm-up; the service decodes itself)."""
+        return self.submit(self.decode(data)).result()
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -192,23 +225,45 @@ def size_pair(size) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
+class SparkLrBackend(ClassifierBackend):
+    """A Spark run's export: Keras backbone features, then the exported scaler + logistic regression."""
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        from cxr_pipeline.model_export import score_features
+
+        return score_features(self.classifier.spec, self.classifier.features(batch))
+
+
 class CnnBackend(ClassifierBackend):
-    """The CNN adapter: predictions plus a Grad-CAM heat map over the image."""
+    """The CNN adapter: predictions plus a Grad-CAM heat map over the image.
+
+    Grad-CAM runs on its own thread (one map at a time) and shares no lock
+    with the batching thread: a heat map never holds up plain predictions.
+    TensorFlow runs the two threads' inference ops side by side; neither
+    changes the model's weights.
+    """
+
+    def __init__(self, classifier: Any, info: ModelInfo, max_batch: int = 8):
+        super().__init__(classifier, info, max_batch)
+        self._gradcam = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-gradcam")
 
     @property
     def supports_heatmap(self) -> bool:
         return True
 
-    def heatmap(self, data: bytes) -> HeatMap | None:
-        from cxr_pipeline.cnn.gradcam import gradcam_heatmap
-        from cxr_pipeline.imaging import decode_image
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        return self.classifier.predict_arrays(batch)
 
-        image = decode_image(data, size=self.input_size, **({"max_pixels": self.max_pixels} if self.max_pixels else {}))
+    def submit_heatmap(self, pixels: np.ndarray, image_bytes: bytes) -> Future:
+        """A future of the :class:`HeatMap` for already decoded ``pixels`` of ``image_bytes``."""
+        return self._gradcam.submit(self._heatmap, pixels, image_bytes)
+
+    def _heatmap(self, pixels: np.ndarray, image_bytes: bytes) -> HeatMap:
+        from cxr_pipeline.cnn import gradcam
+
         # The saved CNN rescales inside the model: it takes 0..255 pixels as they are.
-        batch = image[None, ...].astype("float32")
-        with self._lock:
-            heat = gradcam_heatmap(self.classifier.model, batch)
-        return overlay_heatmap(data, heat)
+        heat = gradcam.gradcam_heatmap(self.classifier.model, pixels[None, ...].astype("float32"))
+        return overlay_heatmap(image_bytes, heat)
 
 
 def overlay_heatmap(image_bytes: bytes, heat, alpha: float = 0.45, max_side: int = 640) -> HeatMap:
@@ -223,6 +278,7 @@ def overlay_heatmap(image_bytes: bytes, heat, alpha: float = 0.45, max_side: int
     from PIL import Image
 
     with Image.open(io.BytesIO(image_bytes)) as img:
+        img.draft("RGB", (max_side, max_side))  # JPEG: libjpeg decodes at 1/2..1/8 scale, not full size
         base = img.convert("RGB")
     base.thumbnail((max_side, max_side))
     heat = np.asarray(heat, dtype=np.float32).squeeze()
@@ -303,7 +359,7 @@ def load_backend(model_path: str | Path, max_batch: int = 8) -> ModelBackend:
         meta = json.loads(meta_bytes)
         classifier = LocalClassifier.load(model_path)
         name = _spark_model_name(meta)
-        backend_cls: type[ClassifierBackend] = ClassifierBackend
+        backend_cls: type[ClassifierBackend] = SparkLrBackend
     else:
         from cxr_pipeline.cnn.predict import LocalCnnClassifier
 

@@ -84,15 +84,32 @@ def stop(server: subprocess.Popen, grace: float = 20) -> None:
 def running_service(model: str | os.PathLike, extra: Sequence[str] = (), log: Path | None = None,
                     timeout: float = 180, env: Mapping[str, str] | None = None) -> Iterator[tuple[int, dict]]:
     """Yields ``(port, health)`` of a service serving ``model``; output goes to ``log`` (else inherited)."""
+    with service_process(model, extra, log, timeout, env) as (port, health, _server):
+        yield port, health
+
+
+@contextlib.contextmanager
+def service_process(model: str | os.PathLike, extra: Sequence[str] = (), log: Path | None = None,
+                    timeout: float = 180, env: Mapping[str, str] | None = None
+                    ) -> Iterator[tuple[int, dict, subprocess.Popen]]:
+    """As :func:`running_service`, plus the process (for its pid: memory figures)."""
     port = free_port(HOST)
     with contextlib.ExitStack() as stack:
         out: IO | None = stack.enter_context(Path(log).open("w")) if log else None
         server = subprocess.Popen(service_command(model, port, extra), cwd=REPO_ROOT, env=child_env(env),
                                   stdout=out, stderr=subprocess.STDOUT if out else None)
         try:
-            yield port, wait_healthy(port, server, timeout, log)
+            yield port, wait_healthy(port, server, timeout, log), server
         finally:
             stop(server)
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident set (VmHWM) in MiB, from /proc (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
 
 
 def _log_tail(log: Path | None, chars: int = 3000) -> str:
