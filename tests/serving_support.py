@@ -12,6 +12,7 @@ import http.client
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,10 +53,16 @@ def run_job(args: list[str], log: Path, timeout: float = 900) -> None:
         raise RuntimeError(f"{' '.join(args[:1])} failed with code {result.returncode}:\n{tail}")
 
 
+def complete(run: Path) -> bool:
+    """A run the jobs finished (``_SUCCESS`` last); anything else under the name is retrained."""
+    return (run / "_SUCCESS").exists()
+
+
 def spark_run(base: Path, data: Path) -> Path:
     """A tiny run of jobs/train_featurizer.py (InceptionV3 cut at mixed0, no tuning)."""
     out = base / "spark_run"
-    if str(out) not in _runs and not (out / "classifier.json").exists():
+    if str(out) not in _runs and not complete(out):
+        shutil.rmtree(out, ignore_errors=True)
         run_job(["jobs/train_featurizer.py", "--data", str(data), "--out", str(out),
                  "--feature-layer", "mixed0", "--tuning", "none", "--validation", "folder",
                  "--features-cache", str(base / "features_cache")], base / "train_featurizer.log")
@@ -66,7 +73,8 @@ def spark_run(base: Path, data: Path) -> Path:
 def cnn_run(base: Path, data: Path) -> Path:
     """A one-epoch small CNN from jobs/train_cnn.py at 64 px."""
     out = base / "cnn_run"
-    if str(out) not in _runs and not (out / "cnn.json").exists():
+    if str(out) not in _runs and not complete(out):
+        shutil.rmtree(out, ignore_errors=True)
         run_job(["jobs/train_cnn.py", "--data", str(data), "--out", str(out), "--model", "small_cnn",
                  "--epochs", "1", "--image-size", "64", "--batch-size", "8", "--verbose", "0",
                  "--set", "training.validation=folder"], base / "train_cnn.log")

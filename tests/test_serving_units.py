@@ -1,14 +1,16 @@
-"""Pure parts of the prediction service: upload checks, heat-map overlay, settings (no model, fast)."""
+"""Pure parts of the prediction service: upload checks, heat-map overlay, settings, exposure checks (no model, fast)."""
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import serving_support as support
-from cxr_pipeline.serving.app import format_probability, settings_from
+from cxr_pipeline.serving.app import ServingSettings, format_probability, host_name
 from cxr_pipeline.serving.backends import overlay_heatmap
 from cxr_pipeline.serving.validation import MIB, UploadRejected, browser_image, check_upload
 
@@ -82,14 +84,53 @@ def test_probability_text():
     assert format_probability(0.0) == "0.0000"
 
 
-def test_settings_from_config_and_overrides(tmp_path):
-    config = {"serving": {"max_upload_mb": 2, "max_batch": 4}, "data": {"max_pixels": 1000}}
-    settings = settings_from(config, max_upload_mb=0.5)
-    assert (settings.max_bytes, settings.max_batch, settings.max_pixels) == (MIB // 2, 4, 1000)
+def test_settings_come_from_the_config_and_are_checked(tmp_path):
+    from cxr_pipeline.config import ConfigError, load_config
+
+    settings = ServingSettings.from_config(load_config(overrides=["serving.max_upload_mb=2", "serving.max_queued=3"]),
+                                           max_upload_mb=0.5)
+    assert (settings.max_bytes, settings.max_admitted) == (MIB // 2, settings.max_active + 3)
     assert settings.keep_uploads is False
+    assert ServingSettings.from_config() == ServingSettings.from_config(load_config())  # defaults.yaml is the home
+    with pytest.raises(ConfigError, match="unknown serving option.*max_uploads"):
+        ServingSettings.from_config(load_config(overrides=["serving.max_uploads=3"]))
     with pytest.raises(ValueError, match="upload_dir"):
-        settings_from({"serving": {"keep_uploads": True}})
-    with pytest.raises(ValueError, match="max_upload_mb"):
-        settings_from(None, max_upload_mb=-1)
-    kept = settings_from(None, keep_uploads=True, upload_dir=tmp_path)
-    assert kept.keep_uploads and kept.upload_dir == tmp_path
+        ServingSettings.from_config(load_config(overrides=["serving.keep_uploads=true"]))
+    for bad in ("max_upload_mb=-1", "max_active=0", "retry_after_s=0", "allowed_hosts=[]"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            ServingSettings.from_config(load_config(overrides=[f"serving.{bad}"]))
+    kept = ServingSettings.from_config(None, keep_uploads=True, upload_dir=str(tmp_path))
+    assert kept.keep_uploads and kept.upload_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize("header, name", [
+    ("127.0.0.1:8000", "127.0.0.1"), ("LocalHost", "localhost"), ("[::1]:8000", "::1"), ("::1", "::1"),
+    ("example.org.:443", "example.org"), ("", ""),
+])
+def test_host_name_of_a_host_header(header, name):
+    assert host_name(header) == name
+
+
+def serve(*args: str, env_token: str | None = None) -> subprocess.CompletedProcess:
+    env = support.job_env()
+    env.pop("CXR_SERVE_API_TOKEN", None)
+    if env_token:
+        env["CXR_SERVE_API_TOKEN"] = env_token
+    return subprocess.run([sys.executable, "-m", "cxr_pipeline.serving", *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_a_non_loopback_bind_needs_a_token_or_insecure(tmp_path):
+    """Checked before the model is loaded: an empty folder shows how far start-up got."""
+    refused = serve("--model", str(tmp_path), "--host", "0.0.0.0")
+    assert refused.returncode == 2
+    assert "CXR_SERVE_API_TOKEN" in refused.stderr and "--insecure" in refused.stderr
+    assert "not a run folder" not in refused.stderr
+    short = serve("--model", str(tmp_path), "--host", "0.0.0.0", env_token="short")
+    assert short.returncode == 2 and "at least 16" in short.stderr
+    token_file = tmp_path / "token"
+    token_file.write_text("a-long-enough-token-0123456789\n")
+    for allowed in (serve("--model", str(tmp_path), "--host", "0.0.0.0", "--insecure"),
+                    serve("--model", str(tmp_path), "--host", "0.0.0.0", "--api-token-file", str(token_file)),
+                    serve("--model", str(tmp_path), "--host", "0.0.0.0", env_token="a-long-enough-token-0123456789")):
+        assert allowed.returncode == 2 and "not a run folder" in allowed.stderr  # got past the check
