@@ -23,7 +23,7 @@ RUN        ?= hdfs://127.0.0.1:9000/runs/demo
 PYTEST_ARGS ?=
 
 .PHONY: help venv hadoop hdfs-up hdfs-down hdfs-status spark-up spark-down spark-status \
-        sample-data weights hdfs-load demo test test-fast bench wheel clean browser serve notebooks
+        sample-data weights hdfs-load demo test test-fast bench wheel clean browser serve notebooks mlflow-ui
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -88,8 +88,12 @@ browser: ## Debian's chromium for the upload-page test (apt; idempotent)
 	@command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 
 serve: venv ## serve a trained model: make serve MODEL=runs/<run> (page on http://127.0.0.1:8000/)
-	@test -n "$(MODEL)" || { echo "usage: make serve MODEL=<run folder of train_featurizer or train_cnn>"; exit 2; }
+	@test -n "$(MODEL)" || { echo "usage: make serve MODEL=<run folder of train_featurizer or train_cnn, or models:/NAME@ALIAS>"; exit 2; }
 	$(PY) -m cxr_pipeline.serving --model $(MODEL)
+
+MLFLOW_PORT ?= 5000
+mlflow-ui: venv ## MLflow UI on the tracking store (default .local/mlflow), loopback only: http://127.0.0.1:5000/
+	$(PY) -m cxr_pipeline.tracking ui --port $(MLFLOW_PORT)
 
 wheel: venv ## build the project wheel (for spark-submit --py-files / YARN)
 	$(PY) -m pip wheel --no-deps -w dist .

@@ -30,7 +30,8 @@ from cxr_pipeline.cli import add_config_options, resolve_config  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="predict.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="run folder written by train_featurizer.py")
+    parser.add_argument("--model", required=True, help="run folder written by train_featurizer.py, or a registered "
+                        "model models:/cxr-pneumonia-spark@champion (MLflow, tracking.* settings)")
     parser.add_argument("--images", required=True, help="folder or .parquet table of images (URI)")
     parser.add_argument("--out", required=True, help="output folder URI (new or empty unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace earlier predictions at --out")
@@ -44,13 +45,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     config = resolve_config(args)
-    from cxr_pipeline import run_folder, storage
+    from cxr_pipeline import run_folder, storage, tracking
     from cxr_pipeline.backbones import BackboneError
     from cxr_pipeline.prediction import predict_images
     from cxr_pipeline.spark.session import spark_session
 
     storage.configure(config)
     try:
+        args.model = tracking.resolve_model(args.model, config)  # models:/NAME@ALIAS -> its run folder
         run_folder.require_complete(args.model)
         run_folder.check_output(args.out, args.overwrite)
     except (FileNotFoundError, run_folder.OutputExistsError, ValueError) as exc:

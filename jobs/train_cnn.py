@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     from cxr_pipeline import storage
     from cxr_pipeline.cnn.train import train_and_evaluate
 
-    from cxr_pipeline import run_folder
+    from cxr_pipeline import run_folder, tracking
 
     storage.configure(config)
     try:
@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     except run_folder.OutputExistsError as exc:
         print(f"train_cnn: error: {exc}", file=sys.stderr)
         return 2
+    tracking.log_cnn_run(config, metrics, args.out, config_mod.get(config, "data.uri"))  # MLflow trouble only warns
     name = metrics["evaluated_on"]
     summary = {k: metrics[name][k] for k in ("n", "auc")}
     summary.update({f"{k}@0.5": metrics[name]["at_0.5"][k] for k in ("accuracy", "sensitivity", "specificity")})

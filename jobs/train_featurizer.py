@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         ("featurizer.image_size", args.image_size), ("featurizer.batch_size", args.batch_size),
     ])
     from cxr_pipeline import config as cfg
-    from cxr_pipeline import run_folder, storage
+    from cxr_pipeline import run_folder, storage, tracking
     from cxr_pipeline.spark.session import spark_session
     from cxr_pipeline.training import TrainingError, train
 
@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     spark = spark_session(config, app_name="cxr-train-featurizer", master=args.master)
     try:
         result = train(spark, config, data_uri, args.out, overwrite=args.overwrite)
+        tracking.log_spark_run(config, result, data_uri, spark)  # MLflow trouble only warns: the run is kept
     except (TrainingError, cfg.ConfigError, run_folder.OutputExistsError) as exc:
         print(f"train_featurizer: error: {exc}", file=sys.stderr)
         return 2

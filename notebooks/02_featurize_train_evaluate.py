@@ -27,7 +27,7 @@ except ImportError:
 
 from pyspark.ml import Pipeline
 
-from cxr_pipeline import storage, training
+from cxr_pipeline import storage, tracking, training
 from cxr_pipeline.notebook_support import (
     counts_table, default_data_uri, default_runs_uri, describe_pipeline, display_or_save, get_param, metrics_table,
     notebook_config, require, show_run_figures, show_table, spark_description, spark_for_notebook, spark_test_scores,
@@ -83,6 +83,8 @@ show_table(describe_pipeline(pipeline), "pipeline_stages")
 
 result = training.train(spark, config, data_uri, run_uri, overwrite=overwrite)
 print(result.summary)
+# also an MLflow run + registry version (on Databricks: this notebook's experiment); only warns if MLflow fails
+tracking.log_spark_run(config, result, data_uri, spark)
 
 # COMMAND ----------
 

@@ -21,7 +21,7 @@ try:
 except ImportError:
     sys.path.insert(0, os.path.abspath(os.path.join(os.getcwd(), "..", "lib")))
 
-from cxr_pipeline import run_folder, storage
+from cxr_pipeline import run_folder, storage, tracking
 from cxr_pipeline.cnn import train as cnn_train
 from cxr_pipeline.notebook_support import (
     agreement_table, cnn_test_scores, compare_models, counts_table, default_data_uri, default_runs_uri,
@@ -56,6 +56,7 @@ print(f"data {data_uri}\nCNN run {cnn_run_uri} ({config['cnn']['model']}, {confi
 # COMMAND ----------
 
 cnn_metrics = cnn_train.train_and_evaluate(config, data_uri, cnn_run_uri, overwrite=overwrite)
+tracking.log_cnn_run(config, cnn_metrics, cnn_run_uri, data_uri)  # an MLflow run too; only warns if MLflow fails
 show_table(counts_table(cnn_metrics), "cnn_images_per_subset")
 show_run_figures(cnn_run_uri, ["training_curves.png", "roc.png", "confusion_matrix.png"], prefix="cnn_")
 

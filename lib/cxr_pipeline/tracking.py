@@ -17,12 +17,14 @@ The run folder stays the source of truth; MLflow is an addition. For each run of
   its VALIDATION AUC beats the current champion's (test figures never decide); the decision is printed and
   recorded as the tag ``champion_decision`` on the run and the version.
 
-Where: ``tracking.uri`` null = an embedded SQLite store under ``.local/mlflow`` (``make mlflow-ui``);
+Where: ``tracking.uri`` null = ``$MLFLOW_TRACKING_URI`` if set, else an embedded SQLite store under
+``.local/mlflow`` (``make mlflow-ui``);
 ``databricks`` = the workspace; any other MLflow URI. ``tracking.enabled: false`` = off.
 Nothing here may lose a training result: :func:`log_spark_run` and :func:`log_cnn_run` warn
 (:class:`TrackingWarning`) and return None on any MLflow failure. A run folder can be logged later with
 ``python -m cxr_pipeline.tracking log RUN``; ``python -m cxr_pipeline.tracking resolve models:/NAME@ALIAS``
-prints the local run folder a registry URI stands for.
+prints the local run folder a registry URI stands for; ``python -m cxr_pipeline.tracking ui`` (make mlflow-ui)
+starts the MLflow UI on the configured store, on loopback.
 """
 from __future__ import annotations
 
@@ -87,8 +89,14 @@ class TrackingSettings:
         return settings
 
     def tracking_uri(self) -> str:
+        """tracking.uri; null = $MLFLOW_TRACKING_URI when set (MLflow's own convention), on a Databricks cluster
+        ``databricks``, else the embedded store."""
         if self.uri:
             return str(self.uri)
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        if os.environ.get("DATABRICKS_RUNTIME_VERSION"):  # a Databricks cluster: its workspace's tracking server
+            return "databricks"
         return f"sqlite:///{default_store_dir() / 'mlflow.db'}"
 
     def model_name(self, kind: str) -> str:
@@ -277,8 +285,8 @@ def experiment_id(settings: TrackingSettings, uri: str) -> str | None:
     """The configured experiment (created with its artifacts beside a SQLite store); None = the active one."""
     from mlflow.tracking import MlflowClient
 
-    if not settings.experiment:
-        return None
+    if not settings.experiment or (uri.startswith("databricks") and not settings.experiment.startswith("/")):
+        return None  # the active experiment: in a Databricks notebook, the notebook's own
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(settings.experiment)
     if found is not None:
@@ -345,9 +353,8 @@ def log_cnn_run(config: Mapping[str, Any], metrics: Mapping[str, Any], run_uri: 
     """Logs a finished ``cnn.train.train_and_evaluate`` run folder. Never raises."""
 
     def body(settings: TrackingSettings) -> LoggedRun:
-        master = cfg.get(config, "spark.master")
         return _log_run(settings, "cnn", config, run_uri, metrics, data_uri,
-                        tags={"spark_master": "none (Keras on the driver)" if master else "none"},
+                        tags={"spark_master": "none (the CNN trains with Keras, not Spark)"},
                         log_model=lambda local_run: _log_keras_model(local_run, data_uri))
 
     return _safely("cnn", run_uri, config, body)
@@ -599,6 +606,17 @@ def _log_later(args, config) -> int:
     return 0 if logged else 1
 
 
+def ui_command(settings: TrackingSettings, port: int) -> list[str]:
+    """``mlflow ui`` on the configured store, bound to loopback only (one worker: 2-core machines)."""
+    uri = settings.tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "1"]
+    root = artifact_root_for(uri)
+    return command + (["--default-artifact-root", root] if root else [])
+
+
 def main(argv=None) -> int:
     from .cli import add_config_options, resolve_config
 
@@ -613,8 +631,16 @@ def main(argv=None) -> int:
     p_res = sub.add_parser("resolve", help="print the local run folder of models:/NAME@ALIAS or models:/NAME/N")
     p_res.add_argument("model")
     add_config_options(p_res)
+    p_ui = sub.add_parser("ui", help="the MLflow UI on the configured store, on 127.0.0.1 only (make mlflow-ui)")
+    p_ui.add_argument("--port", type=int, default=5000)
+    add_config_options(p_ui)
     args = parser.parse_args(argv)
     config = resolve_config(args)
+    if args.command == "ui":
+        command = ui_command(TrackingSettings.from_config(config), args.port)
+        print(f"MLflow UI on http://127.0.0.1:{args.port}/ ({command[command.index('--backend-store-uri') + 1]})",
+              flush=True)
+        os.execv(command[0], command)
     if args.command == "resolve":
         try:
             print(resolve_model(args.model, config))

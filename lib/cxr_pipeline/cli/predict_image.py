@@ -78,7 +78,8 @@ def format_line(res: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cxr-predict-image", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="run folder (Spark or CNN) or a .keras file")
+    parser.add_argument("--model", required=True, help="run folder (Spark or CNN), a .keras file, or a registered "
+                        "model models:/NAME@ALIAS or models:/NAME/VERSION (MLflow, tracking.* in conf/)")
     parser.add_argument("images", nargs="+", help="image file(s): JPEG/PNG, local or hdfs://")
     parser.add_argument("--threshold", type=float, default=None,
                         help="decision threshold on P(PNEUMONIA) (default: the model's validation-chosen one)")
@@ -87,8 +88,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from ..backbones import BackboneError
 
+    from .. import tracking
+
     try:
-        results = classify(args.model, args.images, args.threshold)
+        model = tracking.resolve_model(args.model)  # models:/NAME@ALIAS -> that version's run folder
+    except ValueError as exc:
+        print(f"cxr-predict-image: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        results = classify(model, args.images, args.threshold)
     except (FileNotFoundError, BackboneError) as exc:  # incomplete run, missing or replaced weights
         print(f"cxr-predict-image: error: {exc}", file=sys.stderr)
         return 2

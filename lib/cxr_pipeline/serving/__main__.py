@@ -33,7 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "GET /health, OpenAPI at /openapi.json.",
     )
     parser.add_argument("--model", required=True,
-                        help="run folder of jobs/train_featurizer.py or jobs/train_cnn.py (path or URI), or a .keras file")
+                        help="run folder of jobs/train_featurizer.py or jobs/train_cnn.py (path or URI), a .keras file, "
+                        "or a registered model models:/NAME@ALIAS (MLflow, tracking.* settings)")
     parser.add_argument("--host", help="interface to bind (default: serving.host, loopback)")
     parser.add_argument("--port", type=int, help="port (default: serving.port)")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes, each loads the model (default 1)")
@@ -106,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     serving.update({key: value for key, value in (("host", args.host), ("port", args.port),
                                                   ("max_upload_mb", args.max_upload_mb)) if value is not None})
     config["serving"] = serving
+    from .. import tracking
+
+    try:
+        args.model = tracking.resolve_model(args.model, config)  # models:/NAME@ALIAS -> that version's run folder
+    except ValueError as err:
+        print(f"cannot serve {args.model}: {err}", file=sys.stderr)
+        return 2
     from .app import ServingSettings
 
     try:
