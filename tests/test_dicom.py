@@ -351,3 +351,13 @@ def test_service_checks_accept_dicom_and_never_send_its_header_back(one_xray):
     with pytest.raises(UploadRejected) as caught:
         check_upload(pydicom_file("examples_ybr_color.dcm"), 64 << 20, SIZE)
     assert caught.value.status_code == 422 and "multi-frame DICOM" in caught.value.message
+
+
+def test_an_unexpected_error_in_a_dicom_is_a_rejection_without_its_message(monkeypatch, one_xray):
+    def odd_lut(*args, **kwargs):
+        raise KeyError(FAKE_IDENTITY.name)  # as if a message quoted a header value
+
+    monkeypatch.setattr(dicom, "gray_table", odd_lut)
+    with pytest.raises(ImageDecodeError) as caught:
+        decode_image(jpeg_dicom(one_xray), SIZE)
+    assert str(caught.value) == "corrupt DICOM (KeyError)"

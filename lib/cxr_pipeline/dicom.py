@@ -33,13 +33,14 @@ silenced while reading.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import io
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from collections.abc import Sequence
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -142,6 +143,24 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+def _rejecting_surprises(function):
+    """Any unexpected error from an odd header (a LUT, a VR) is a rejection, not a crash; running out of
+    memory still propagates. The reason names the error type only: a pydicom message may quote a value."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except ImageDecodeError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            if is_resource_error(exc):
+                raise
+            raise ImageDecodeError(f"corrupt DICOM ({type(exc).__name__})") from None
+
+    return wrapper
+
+
 def _dataset(data: bytes, stop_before_pixels: bool = True):
     import pydicom
 
@@ -188,12 +207,14 @@ def _header(ds, max_pixels: int) -> ImageHeader:
     return ImageHeader(columns, rows, _transfer_syntax(ds), photometric, bits_stored)
 
 
+@_rejecting_surprises
 def read_image_header(data: bytes, max_pixels: int) -> ImageHeader:
     """The header checks of :func:`decode_to_image`, without touching pixel data."""
     with _quiet():
         return _header(_dataset(data), max_pixels)
 
 
+@_rejecting_surprises
 def read_facts(data: bytes, patient_key: str) -> DicomFacts:
     """De-identified facts from the header; raises :class:`ImageDecodeError` for a broken header."""
     with _quiet():
@@ -366,6 +387,7 @@ def _decode_pixels(data: bytes, header: ImageHeader) -> np.ndarray:
         raise ImageDecodeError(f"corrupt DICOM pixel data ({type(exc).__name__}: {text[:160]})") from None
 
 
+@_rejecting_surprises
 def decode_to_image(data: bytes, size: tuple[int, int], max_pixels: int) -> Image.Image:
     """DICOM bytes -> windowed 8-bit Pillow image (``L``, or ``RGB`` for colour), not yet resized.
 
@@ -391,6 +413,7 @@ def decode_to_image(data: bytes, size: tuple[int, int], max_pixels: int) -> Imag
 _FULL_SIZE = (1 << 30, 1 << 30)  # a draft target no image reaches: decode at full resolution
 
 
+@_rejecting_surprises
 def pack_payload(data: bytes, max_pixels: int) -> tuple[bytes, str, int, int]:
     """``(bytes, format, width, height)`` that decode like the DICOM, with no header (no patient data).
 
