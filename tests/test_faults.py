@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from cxr_pipeline import storage
 from cxr_pipeline.config import get, load_config
+from cxr_pipeline.localstack import faults
 from cxr_pipeline.spark.session import MAX_FAILURES_KEY, with_local_retries
+from tolerances import assert_same_features
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,3 +83,95 @@ def test_a_crashed_python_worker_is_retried_under_spark_submit_local_master(tmp_
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"MASTER local[2,{configured_attempts()}]" in done.stdout
     assert "RESULT 285" in done.stdout
+
+
+# ------------------------------------------------------------------ kills on a private cluster + 2-DataNode HDFS
+FEATURE_LAYER, IMAGE_SIZE = "mixed0", 75  # cheap: the smallest InceptionV3 input, its first block
+
+
+@pytest.fixture(scope="module")
+def fault_stack(tmp_path_factory, sample_tree):
+    """A private HDFS (2 DataNodes, replication 2) + standalone cluster (master, 2 one-core workers), holding
+    the sample tree."""
+    stack = faults.FaultStack(tmp_path_factory.mktemp("fault-stack")).up()
+    try:
+        data = f"{stack.hdfs.namenode_uri}/data/chest_xray"
+        storage.upload_dir(str(sample_tree), data)
+        yield stack, data
+    finally:
+        stack.down()
+
+
+@pytest.fixture(scope="module")
+def featurize_passes(fault_stack, tmp_path_factory):
+    """One driver, three featurization passes: undisturbed, a Python worker SIGKILLed, DataNode 1 stopped."""
+    stack, data = fault_stack
+    run = faults.run_featurize_passes(stack, data, tmp_path_factory.mktemp("features"), passes=3,
+                                      faults={1: stack.kill_python_worker, 2: stack.stop_datanode},
+                                      layer=FEATURE_LAYER, image_size=IMAGE_SIZE)
+    stack.hdfs.up()  # DataNode 1 back for the next tests
+    assert run.returncode == 0, run.log[-4000:]
+    return run
+
+
+def assert_same_table(got: dict, reference: dict) -> None:
+    assert len(got["paths"]) == len(set(got["paths"])), "duplicate rows"
+    assert sorted(got["paths"]) == sorted(reference["paths"])
+    assert not got["errors"]
+    for path, vector in reference["features"].items():
+        assert_same_features(got["features"][path], vector)
+
+
+@pytest.mark.slow
+@pytest.mark.hdfs
+@pytest.mark.cluster
+def test_python_worker_killed_mid_featurization_gives_the_same_table(featurize_passes, sample_tree):
+    undisturbed, killed = featurize_passes.passes[0], featurize_passes.passes[1]
+    assert featurize_passes.injected[1].startswith("SIGKILL Python worker")
+    assert killed["failed_tasks"] >= 1, "the kill did not hit a running task"
+    reference = faults.read_feature_table(undisturbed["table"])
+    assert len(reference["paths"]) == len(list(sample_tree.rglob("*.jpeg"))) and not reference["errors"]
+    assert_same_table(faults.read_feature_table(killed["table"]), reference)
+
+
+@pytest.mark.slow
+@pytest.mark.hdfs
+@pytest.mark.cluster
+def test_datanode_stopped_while_featurization_reads(featurize_passes, fault_stack, sample_tree):
+    stack, data = fault_stack
+    assert featurize_passes.injected[2].startswith("stopped datanode-1")
+    reference = faults.read_feature_table(featurize_passes.passes[0]["table"])
+    assert_same_table(faults.read_feature_table(featurize_passes.passes[2]["table"]), reference)
+    assert faults.checksum_mismatches(sample_tree, data) == []
+
+
+@pytest.mark.slow
+@pytest.mark.hdfs
+@pytest.mark.xfail(strict=True, reason=(
+    "storage's WebHDFS client gives up on the first refused connection: for ~2 s after a DataNode stops, the "
+    "NameNode still redirects some creates/opens to it (then it is stale and avoided); a retry belongs in "
+    "storage.py / hdfs_load.py. Remove this marker when that lands."))
+def test_datanode_stopped_while_hdfs_load_writes(fault_stack, sample_tree):
+    stack, _ = fault_stack
+    target = f"{stack.hdfs.namenode_uri}/loads/chest_xray"
+    try:
+        run = faults.run_hdfs_load(stack, sample_tree, target, stop_datanode_after=4)
+        assert run.injected and run.injected.startswith("stopped datanode-1")
+        assert run.ok, run.error
+        assert faults.checksum_mismatches(sample_tree, target) == []
+    finally:
+        stack.hdfs.up()
+
+
+@pytest.mark.slow
+@pytest.mark.hdfs
+@pytest.mark.cluster
+def test_worker_jvm_killed_mid_training_job_completes_on_the_other_worker(fault_stack, tmp_path):
+    stack, data = fault_stack
+    run = faults.run_training(stack, data, tmp_path / "run", kill_worker=True, layer=FEATURE_LAYER,
+                              image_size=IMAGE_SIZE)
+    assert run.injected and "JVM" in run.injected, "no worker was featurizing: nothing was killed"
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert (tmp_path / "run" / "metrics.json").exists() and "training summary" in run.stdout
+    assert run.killed_executors and not any(faults.alive(pid) for pid in run.killed_executors)
+    assert len(stack.worker_pids()) == 1  # it finished with one worker left
