@@ -71,6 +71,7 @@ CRASH_ONCE_JOB = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_crashed_python_worker_is_retried_under_spark_submit_local_master(tmp_path):
     """`spark-submit --master local[2]` (the Makefile's demo) survives one killed Python worker."""
     script = tmp_path / "crash_once.py"
