@@ -85,3 +85,17 @@ def test_featurize_empty_batch():
     model = build_backbone("MobileNetV2", weights="random", feature_layer="block_1_project_BN")
     out = featurize_arrays(model, "MobileNetV2", np.zeros((0, 224, 224, 3), np.uint8))
     assert out.shape == (0, backbones.feature_dim(model))
+
+
+def test_several_layers_are_pooled_and_concatenated_in_one_model():
+    both = build_backbone("InceptionV3", weights="random", feature_layer="mixed0+mixed1", image_size=75)
+    first = build_backbone("InceptionV3", weights="random", feature_layer="mixed0", image_size=75)
+    second = build_backbone("InceptionV3", weights="random", feature_layer="mixed1", image_size=75)
+    batch = np.random.default_rng(1).integers(0, 256, (2, 75, 75, 3), dtype=np.uint8)
+    joined = featurize_arrays(both, "InceptionV3", batch)
+    assert joined.shape == (2, 256 + 288)
+    assert_same_features(joined, np.hstack([featurize_arrays(m, "InceptionV3", batch) for m in (first, second)]))
+    assert backbones.feature_layers("mixed4 + mixed5") == ["mixed4", "mixed5"] and backbones.feature_layers(None) == [None]
+    for bad in ("mixed4++mixed5", "mixed5+mixed5"):
+        with pytest.raises(BackboneError, match="once each"):
+            backbones.feature_layers(bad)

@@ -167,7 +167,8 @@ def build_backbone(
     None = :func:`input_size`.
 
     ``feature_layer`` names the layer whose output is pooled (default: the last
-    layer of the no-top backbone, e.g. ``mixed10`` for InceptionV3). ``pooling``
+    layer of the no-top backbone, e.g. ``mixed10`` for InceptionV3), or several joined
+    by ``+`` (``"mixed4+mixed5"``: each pooled, concatenated; see :func:`feature_layers`). ``pooling``
     is ``"avg"``, ``"max"`` or None (flatten). ``weights_sha256``: the file must have
     this hash (:class:`WeightsMismatchError` otherwise); None = unchecked.
     """
@@ -192,18 +193,39 @@ def build_backbone(
                 f"cannot load weights {weights_file} into {model_name} (no top): {exc}. "
                 "Re-provision them with `make weights`."
             ) from exc
-    output = _layer_output(base, feature_layer)
-    if len(output.shape) == 4:
-        if pooling == "avg":
-            output = keras.layers.GlobalAveragePooling2D(name="feature_pool")(output)
-        elif pooling == "max":
-            output = keras.layers.GlobalMaxPooling2D(name="feature_pool")(output)
-        elif pooling is None:
-            output = keras.layers.Flatten(name="feature_flatten")(output)
-        else:
-            raise BackboneError(f"pooling must be 'avg', 'max' or None, not {pooling!r}")
-    name = f"{model_name}_{feature_layer or 'last'}_features"
+    layers = feature_layers(feature_layer)
+    pooled = [_pool(keras, _layer_output(base, layer), pooling, "" if len(layers) == 1 else f"_{layer}")
+              for layer in layers]
+    output = pooled[0] if len(pooled) == 1 else keras.layers.Concatenate(name="feature_concat")(pooled)
+    name = f"{model_name}_{(feature_layer or 'last').replace(LAYER_SEPARATOR, '_')}_features"
     return keras.Model(base.inputs, output, name=name)
+
+
+LAYER_SEPARATOR = "+"
+
+
+def feature_layers(feature_layer: str | None) -> list[str | None]:
+    """``"mixed4+mixed5"`` -> ``["mixed4", "mixed5"]``: several layers, each pooled, concatenated in this order
+    (one forward pass; the spec travels as the one ``featureLayer`` string through the featurizer,
+    ``classifier.json`` and the Spark-free scorer). None / "" = the backbone's last layer."""
+    if not feature_layer:
+        return [None]
+    layers = [layer.strip() for layer in str(feature_layer).split(LAYER_SEPARATOR)]
+    if not all(layers) or len(set(layers)) != len(layers):
+        raise BackboneError(f"feature layer {feature_layer!r}: name layers once each, joined by {LAYER_SEPARATOR!r}")
+    return layers
+
+
+def _pool(keras: Any, output: Any, pooling: str | None, suffix: str) -> Any:
+    if len(output.shape) != 4:
+        return output
+    if pooling == "avg":
+        return keras.layers.GlobalAveragePooling2D(name="feature_pool" + suffix)(output)
+    if pooling == "max":
+        return keras.layers.GlobalMaxPooling2D(name="feature_pool" + suffix)(output)
+    if pooling is None:
+        return keras.layers.Flatten(name="feature_flatten" + suffix)(output)
+    raise BackboneError(f"pooling must be 'avg', 'max' or None, not {pooling!r}")
 
 
 def _layer_output(base: Any, feature_layer: str | None) -> Any:
