@@ -56,8 +56,8 @@ def pooled_model(image_size: int):
 
     from cxr_pipeline import backbones
 
-    full = backbones.build_backbone("InceptionV3", feature_layer="mixed5", pooling=None, image_size=image_size)
-    base = full  # flatten output unused: take the intermediate layers of the same graph
+    # the provisioned weights' graph; its own (flattened) output is unused, each layer is pooled three ways below
+    base = backbones.build_backbone("InceptionV3", feature_layer="mixed5", pooling=None, image_size=image_size)
     outputs = {}
     for layer in LAYERS:
         fmap = base.get_layer(layer).output
