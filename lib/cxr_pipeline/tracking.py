@@ -275,6 +275,7 @@ def use_store(settings: TrackingSettings) -> str:
     uri = settings.tracking_uri()
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in job logs
     check_reachable(uri, settings.connect_timeout_s)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(settings.registry_uri or uri)
@@ -283,6 +284,7 @@ def use_store(settings: TrackingSettings) -> str:
 
 def experiment_id(settings: TrackingSettings, uri: str) -> str | None:
     """The configured experiment (created with its artifacts beside a SQLite store); None = the active one."""
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     if not settings.experiment or (uri.startswith("databricks") and not settings.experiment.startswith("/")):
@@ -293,7 +295,13 @@ def experiment_id(settings: TrackingSettings, uri: str) -> str | None:
         return found.experiment_id
     root = artifact_root_for(uri)
     location = f"{root}/{settings.experiment}" if root else None
-    return client.create_experiment(settings.experiment, artifact_location=location)
+    try:
+        return client.create_experiment(settings.experiment, artifact_location=location)
+    except MlflowException:  # another job created it a moment ago
+        found = client.get_experiment_by_name(settings.experiment)
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 @dataclass(frozen=True)
@@ -441,7 +449,6 @@ def _log_spark_model(model, spark, data_uri: str):
 
 def _log_keras_model(local_run: Path, data_uri: str):
     """The CNN through the Keras flavor: input = one decoded image at the model's size (uint8 range, float32)."""
-    import mlflow
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
@@ -555,7 +562,9 @@ def resolve_model(model: str, config: Mapping[str, Any] | None = None, dest: str
         use_store(settings)
         client = MlflowClient()
         version = _version_of(client, model)
-        target = Path(dest) if dest else default_store_dir() / "resolved" / version.name / f"v{version.version}"
+        # keyed by the run too: two stores (a test's, the embedded one) both have a "v1"
+        target = Path(dest) if dest else (default_store_dir() / "resolved" / version.name
+                                          / f"v{version.version}-{(version.run_id or 'norun')[:12]}")
         if not (target / RUN_FOLDER_ARTIFACT / "_SUCCESS").is_file():
             if not version.run_id:
                 raise ValueError(f"{model} (v{version.version}) has no MLflow run to take the run folder from")
