@@ -85,7 +85,9 @@ def main(argv=None) -> int:
     m = json.loads(storage.read_bytes(out + "/metrics.json"))
     t = m["test"]
     print("\n=== PneumoniaMNIST accuracy check (held-out = npz val split) ===")
-    print(f"images: {json.dumps(m['counts'])}; feature cache reused: {m['featurizer']['cache_reused']}")
+    cache = m["featurizer"].get("cache") or {}
+    print(f"images: {json.dumps(m['counts'])}; feature cache: {cache.get('reused_rows')} rows reused, "
+          f"{cache.get('featurized_rows')} featurized")
     print(f"job wall time {job_seconds:.0f} s (total {time.time() - started:.0f} s)")
     print(f"threshold rule: {m['threshold'].get('description')}")
     from cxr_pipeline import metrics as M
