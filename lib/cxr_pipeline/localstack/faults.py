@@ -238,7 +238,7 @@ class FeaturizeRun:
 
 def run_featurize_passes(stack: FaultStack, data_uri: str, out_dir: Path, passes: int,
                          faults: dict[int, Callable[[], str]], layer: str = "mixed0", image_size: int = 96,
-                         timeout: float = 900) -> FeaturizeRun:
+                         timeout: float = 1800) -> FeaturizeRun:
     """Run the featurize driver on ``stack``; ``faults[i]()`` fires in the middle of pass i."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ui_port = free_port()
@@ -343,7 +343,7 @@ class TrainingRun:
 
 
 def run_training(stack: FaultStack, data_uri: str, run_dir: Path, kill_worker: bool,
-                 layer: str = "mixed0", image_size: int = 96, timeout: float = 900) -> TrainingRun:
+                 layer: str = "mixed0", image_size: int = 96, timeout: float = 1800) -> TrainingRun:
     """jobs/train_featurizer.py on ``stack``; with ``kill_worker`` a worker JVM is SIGKILLed while it featurizes."""
     command = [str(Path(sys.executable).parent / "spark-submit"), "--master", stack.master_url,
                "--conf", "spark.ui.enabled=false", "--conf", "spark.ui.showConsoleProgress=false",
