@@ -21,3 +21,17 @@ def test_bad_env_and_bad_override_say_what_is_wrong():
         load_config("nope")
     with pytest.raises(ConfigError, match="section.key=value"):
         parse_override("no-equals-sign")
+
+
+
+def test_dumped_config_never_carries_secrets():
+    import yaml
+
+    from cxr_pipeline.config import dump_config
+
+    config = load_config("local", overrides=["dicom.patient_key=site-secret-123", "tracking.api_token=tok-456"])
+    text = dump_config(config)
+    assert "site-secret-123" not in text and "tok-456" not in text
+    dumped = yaml.safe_load(text)
+    assert dumped["dicom"]["patient_key"] == "<redacted>" and dumped["tracking"]["api_token"] == "<redacted>"
+    assert dumped["training"] == config["training"]  # the rest still says how the run was made

@@ -134,3 +134,22 @@ def test_a_non_loopback_bind_needs_a_token_or_insecure(tmp_path):
                     serve("--model", str(tmp_path), "--host", "0.0.0.0", "--api-token-file", str(token_file)),
                     serve("--model", str(tmp_path), "--host", "0.0.0.0", env_token="a-long-enough-token-0123456789")):
         assert allowed.returncode == 2 and "not a run folder" in allowed.stderr  # got past the check
+
+
+def test_a_kept_dicom_upload_is_stored_as_png_without_its_header(tmp_path):
+    from cxr_pipeline.datasets.dicom_from_images import FAKE_IDENTITY, jpeg_dicom
+    from cxr_pipeline.serving.app import UploadKeeper
+    from cxr_pipeline.serving.backends import Prediction
+
+    data = jpeg_dicom(jpeg(), identity=FAKE_IDENTITY)
+    checked = check_upload(data, 10 * MIB, size=(64, 64))
+    assert checked.format == "dicom"
+    keeper = UploadKeeper(tmp_path / "kept", quota_bytes=10 * MIB)
+    saved = keeper.keep(data, checked, Prediction("NORMAL", 0, 0.1, 0.5), "model-1")
+    assert saved is not None and saved.suffix == ".png"
+    with Image.open(saved) as image:
+        assert image.size == (320, 240)
+    for path in (tmp_path / "kept").iterdir():
+        content = path.read_bytes()
+        for planted in (FAKE_IDENTITY.name, FAKE_IDENTITY.birth_date, FAKE_IDENTITY.patient_id):
+            assert planted.encode() not in content, (path.name, planted)

@@ -86,5 +86,21 @@ def get(config: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
     return node
 
 
+SECRET_WORDS = ("key", "token", "secret", "password")  # a setting whose name holds one of these is a secret
+REDACTED = "<redacted>"
+
+
+def is_secret(name: str) -> bool:
+    return any(word in name.rsplit(".", 1)[-1].lower() for word in SECRET_WORDS)
+
+
+def redact_secrets(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``config`` with secret values (``dicom.patient_key``, tokens, ...) replaced by ``<redacted>``."""
+    return {key: redact_secrets(value) if isinstance(value, Mapping)
+            else REDACTED if value is not None and is_secret(str(key)) else value
+            for key, value in config.items()}
+
+
 def dump_config(config: Mapping[str, Any]) -> str:
-    return yaml.safe_dump(dict(config), sort_keys=True)
+    """YAML of the resolved config for a run folder; secrets redacted (run folders are shared, keys are not)."""
+    return yaml.safe_dump(redact_secrets(config), sort_keys=True)

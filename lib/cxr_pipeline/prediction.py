@@ -19,7 +19,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from .dataset_layout import junk_reason
+from .dataset_layout import SNIFF_BYTES, junk_reason
 
 OUTPUT_COLUMNS = ("path", "probability", "predicted_label", "predicted_class", "threshold", "error")
 
@@ -71,7 +71,7 @@ def read_new_images(spark: SparkSession, uri: str) -> DataFrame:
     @F.udf(T.StringType())
     def junk(path, content):
         return junk_reason(path, len(content) if content is not None else None,
-                           bytes(content[:16]) if content is not None else None)
+                           bytes(content[:SNIFF_BYTES]) if content is not None else None)
 
     return df.withColumn("junk", junk("path", "content"))
 

@@ -36,6 +36,7 @@ from . import config as cfg
 from . import metrics as M
 from . import splits
 from .dataset_layout import invert_label_index, label_index, parse_image_path, patient_id
+from .dicom import DicomSettings
 
 log = logging.getLogger(__name__)
 
@@ -185,18 +186,27 @@ def open_feature_cache(config: Mapping[str, Any], data_uri: str, out_uri: str, f
 
 # ---------------------------------------------------------------- subsets
 
-def assign_subsets(features: DataFrame, settings: TrainingSettings) -> tuple[DataFrame, dict[str, Any]]:
+def assign_subsets(features: DataFrame, settings: TrainingSettings,
+                   patients: Mapping[str, str] | None = None) -> tuple[DataFrame, dict[str, Any]]:
     """Adds ``subset`` (train | val | test) and ``patient``.
 
     ``carve``: training images and the dataset's small ``val`` folder are pooled
     and split by patient; ``folder``: the folders are used as they are.
+    ``patients``: path -> patient from the image headers (the keyed hash of a DICOM
+    PatientID, ``ReadResult.patients``); other images' patient comes from the file name.
     """
     spark = features.sparkSession
     rows = features.select("path", "split", "label").collect()
     subset: dict[str, str] = {}
-    pool = [r for r in rows if r["split"] in ("train", "val")]
+    pool = [r for r in rows if r["split"] in splits.CARVE_POOL]
+
+    def grouping_name(path: str) -> str:  # what splits.* group by: a file name, or the header's patient
+        name = parse_image_path(path).file_name
+        header = (patients or {}).get(path)
+        return header if header and header != patient_id(name) else name
+
     if settings.validation == "carve":
-        names = [parse_image_path(r["path"]).file_name for r in pool]
+        names = [grouping_name(r["path"]) for r in pool]
         flags = splits.is_validation(names, [r["label"] for r in pool], settings.validation_fraction, settings.seed)
         summary = splits.summarize(names, flags)
         for r, is_val in zip(pool, flags):
@@ -211,7 +221,7 @@ def assign_subsets(features: DataFrame, settings: TrainingSettings) -> tuple[Dat
         if r["split"] == "test":
             subset[r["path"]] = "test"
     mapping = spark.createDataFrame(
-        [(p, s, patient_id(parse_image_path(p).file_name)) for p, s in subset.items()],
+        [(p, s, patient_id(grouping_name(p))) for p, s in subset.items()],
         "path string, subset string, patient string",
     )
     return features.join(F.broadcast(mapping), "path", "inner"), info
@@ -361,7 +371,7 @@ def _train_into(spark: SparkSession, config: Mapping[str, Any], data_uri: str, r
     storage.write_bytes(run.config, cfg.dump_config({**config, "data": {**config.get("data", {}), "uri": data_uri},
                                                       "run": {"out": final}}).encode())
     source = cfg.get(config, "data.source", "binaryFile")
-    read = read_images_with_rejections(spark, data_uri, source=source)
+    read = read_images_with_rejections(spark, data_uri, source=source, dicom=DicomSettings.from_config(config))
     cache = open_feature_cache(config, data_uri, final, featurizer, settings)
     from .feature_cache import image_identities
 
@@ -389,7 +399,9 @@ def _fit_and_report(spark: SparkSession, config: Mapping[str, Any], data_uri: st
     if len(label_names) != 2 or label_names[1] != POSITIVE_LABEL:
         raise TrainingError(f"expected classes NORMAL and PNEUMONIA, found {label_names}")
 
-    data, split_info = assign_subsets(good, settings)
+    patients = ({r["path"]: r["patient"] for r in read.patients.select("path", "patient").collect()}
+                if read.patients is not None else None)
+    data, split_info = assign_subsets(good, settings, patients)
     data = data.cache()
     counts = counts_by_subset(data, label_names)
     train_counts = [counts.get("train", {}).get(n, 0) for n in label_names]

@@ -399,6 +399,14 @@ class UploadKeeper:
 
     def keep(self, data: bytes, checked: CheckedImage, prediction: Prediction, model_id: str) -> Path | None:
         stem = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:12]}"
+        if checked.format == "dicom":  # never the DICOM itself: its header holds names and birth dates
+            try:
+                data, _ = browser_image(data, checked, max_side=max(checked.width, checked.height))
+            except Exception:  # noqa: BLE001 - keeping is best effort, the prediction is answered anyway
+                self.skipped += 1
+                log.exception("upload not kept: the DICOM could not be rendered to PNG")
+                return None
+            checked = CheckedImage(format="png", width=checked.width, height=checked.height)
         image_path = self.folder / f"{stem}.{'jpeg' if checked.format == 'jpeg' else checked.format or 'img'}"
         record = json.dumps({"model_id": model_id, "label_name": prediction.label_name,
                              "probability": prediction.probability, "threshold": prediction.threshold,
@@ -594,7 +602,7 @@ def create_app(
         summary="Classify one chest X-ray",
     )
     async def predict(
-        file: UploadFile = File(..., description="the image (JPEG or PNG)"),
+        file: UploadFile = File(..., description="the image (JPEG, PNG or DICOM)"),
         heatmap: bool = Query(False, description="add a Grad-CAM overlay PNG (CNN models only)"),
     ) -> Any:
         data = await read_upload(file)
