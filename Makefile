@@ -12,6 +12,9 @@ export PYTHONPATH := $(CURDIR)/lib:$(PYTHONPATH)
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYSPARK_PYTHON ?= $(CURDIR)/$(PY)
 export PYSPARK_DRIVER_PYTHON ?= $(CURDIR)/$(PY)
+# Spark logs warnings only (conf/spark/log4j2.properties; --verbose on a job for INFO); TensorFlow likewise.
+export SPARK_CONF_DIR ?= $(CURDIR)/conf/spark
+export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 HADOOP_STAMP  := .local/hadoop/.provisioned
 SAMPLE_STAMP  := data/sample/.complete

@@ -24,7 +24,7 @@ def _ensure_importable() -> None:
 
 _ensure_importable()
 
-from cxr_pipeline.cli import add_config_options, resolve_config  # noqa: E402
+from cxr_pipeline.cli import add_config_options, configure_logging, resolve_config  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     config = resolve_config(args)
+    configure_logging(args.verbose)
     from cxr_pipeline import run_folder, storage, tracking
     from cxr_pipeline.backbones import BackboneError
     from cxr_pipeline.prediction import predict_images
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, run_folder.OutputExistsError, ValueError) as exc:
         print(f"predict: error: {exc}", file=sys.stderr)
         return 2
-    spark = spark_session(config, app_name="cxr-predict", master=args.master)
+    spark = spark_session(config, app_name="cxr-predict", master=args.master, verbose=args.verbose)
     try:
         summary = predict_images(spark, args.model, args.images, args.out, csv=args.csv, threshold=args.threshold,
                                  overwrite=args.overwrite)

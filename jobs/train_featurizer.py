@@ -11,7 +11,6 @@ option can be overridden with --set section.key=value or the shortcuts below.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
@@ -25,7 +24,7 @@ def _ensure_importable() -> None:
 
 _ensure_importable()
 
-from cxr_pipeline.cli import add_config_options, resolve_config  # noqa: E402
+from cxr_pipeline.cli import add_config_options, configure_logging, resolve_config  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     config = resolve_config(args, [
         ("training.reg_param", args.reg_param), ("training.elastic_net_param", args.elastic_net_param),
         ("training.max_iter", args.max_iter), ("training.class_weighting", args.class_weighting),
@@ -83,7 +82,7 @@ def main(argv=None) -> int:
     except (run_folder.OutputExistsError, ValueError) as exc:
         print(f"train_featurizer: error: {exc}", file=sys.stderr)
         return 2
-    spark = spark_session(config, app_name="cxr-train-featurizer", master=args.master)
+    spark = spark_session(config, app_name="cxr-train-featurizer", master=args.master, verbose=args.verbose)
     try:
         result = train(spark, config, data_uri, args.out, overwrite=args.overwrite)
         tracking.log_spark_run(config, result, data_uri, spark)  # MLflow trouble only warns: the run is kept

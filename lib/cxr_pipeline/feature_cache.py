@@ -263,10 +263,16 @@ class FeatureCache:
         return self._extend(spark, featurizer, todo, kept, error_col, parts, outcome, None)
 
     def _extend(self, spark, featurizer, todo, kept, error_col, parts, outcome, previous):
+        from .progress import images_bar
+
+        stats = getattr(featurizer, "_stats", None) or featurizer.track_stats(spark)
+        start = stats.images.value
         fresh = featurizer.transform(todo).select(
             "path", "identity", featurizer.getOrDefault("outputCol"), F.col(error_col).alias("featurize_error"))
         rows = fresh if kept is None else fresh.unionByName(kept.select(*CACHE_COLUMNS))
-        snapshot = self._write_snapshot(rows, parts)
+        with images_bar(lambda: stats.images.value - start, todo.count(),
+                        f"featurizing ({featurizer.getOrDefault('modelName')})"):
+            snapshot = self._write_snapshot(rows, parts)
         result = spark.read.parquet(snapshot)
         outcome.featurized_rows = result.count() - outcome.reused_rows
         outcome.snapshot = snapshot

@@ -15,6 +15,17 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config value, e.g. --set training.reg_param=0.1 (repeatable)")
     group.add_argument("--master", default=None, help="Spark master (default: spark-submit's, else spark.master)")
+    group.add_argument("--verbose", action="store_true",
+                       help="show Spark's INFO logs and this package's debug messages (default: warnings and progress)")
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """The jobs' console: this package's progress messages, everyone else's warnings (``verbose``: all INFO)."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("cxr_pipeline").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def resolve_config(args: argparse.Namespace, shortcuts: Sequence[tuple[str, Any]] = ()) -> dict[str, Any]:

@@ -40,12 +40,28 @@ def _launcher_master() -> str | None:
     return SparkConf().get("spark.master", None)
 
 
-def spark_session(config: Mapping[str, Any] | None = None, app_name: str | None = None, master: str | None = None) -> SparkSession:
+def use_project_logging() -> None:
+    """Point a JVM that is not started yet at ``conf/spark/log4j2.properties`` (Spark at WARN), unless
+    the caller or the cluster chose a SPARK_CONF_DIR. Under spark-submit the JVM is already up:
+    the Makefile exports SPARK_CONF_DIR for that."""
+    if "PYSPARK_GATEWAY_PORT" in os.environ:
+        return
+    from .. import paths
+
+    folder = paths.CONF_DIR / "spark"
+    if (folder / "log4j2.properties").is_file():
+        os.environ.setdefault("SPARK_CONF_DIR", str(folder))
+
+
+def spark_session(config: Mapping[str, Any] | None = None, app_name: str | None = None, master: str | None = None,
+                  verbose: bool = False) -> SparkSession:
     """A SparkSession for ``config["spark"]``; ``master``/``app_name`` override it.
 
     Under ``spark-submit`` the master given there wins over the config's. Whatever
     its origin, a local master gets ``spark.task.maxFailures`` attempts per task.
+    Spark logs at ``spark.log_level`` (WARN by default; ``verbose`` = INFO).
     """
+    use_project_logging()
     spark_conf = dict((config or {}).get("spark", {}))
     settings = dict(spark_conf.get("conf") or {})
     builder = SparkSession.builder.appName(app_name or spark_conf.get("app_name", "cxr-pipeline"))
@@ -59,4 +75,6 @@ def spark_session(config: Mapping[str, Any] | None = None, app_name: str | None 
         builder = builder.master(chosen_master)
     for key, value in settings.items():
         builder = builder.config(key, str(value))
-    return builder.getOrCreate()
+    session = builder.getOrCreate()
+    session.sparkContext.setLogLevel("INFO" if verbose else str(spark_conf.get("log_level", "WARN")).upper())
+    return session
