@@ -424,10 +424,12 @@ def _log_dataset(data_uri: str) -> None:
     frame["label_name"] = parts.map(lambda p: p[-2] if len(p) >= 2 else "")
     digest = listing_digest(rows)
     name = posixpath.basename(data_uri.rstrip("/")) or data_uri
-    try:
-        dataset = mlflow.data.from_pandas(frame, source=data_uri, name=name, digest=digest[:32])
-    except Exception:  # noqa: BLE001 - a URI scheme MLflow has no source class for (s3a://, ...)
-        dataset = mlflow.data.from_pandas(frame, name=data_uri, digest=digest[:32])
+    with warnings.catch_warnings():  # MLflow's hints on ambiguous local sources and integer columns: noise here
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            dataset = mlflow.data.from_pandas(frame, source=data_uri, name=name, digest=digest[:32])
+        except Exception:  # noqa: BLE001 - a URI scheme MLflow has no source class for (s3a://, ...)
+            dataset = mlflow.data.from_pandas(frame, name=data_uri, digest=digest[:32])
     mlflow.log_input(dataset, context="training")
     mlflow.log_param("data.images_sha256", digest)
     mlflow.log_param("data.images", len(rows))
