@@ -88,13 +88,16 @@ def test_featurize_empty_batch():
 
 
 def test_several_layers_are_pooled_and_concatenated_in_one_model():
-    both = build_backbone("InceptionV3", weights="random", feature_layer="mixed0+mixed1", image_size=75)
-    first = build_backbone("InceptionV3", weights="random", feature_layer="mixed0", image_size=75)
-    second = build_backbone("InceptionV3", weights="random", feature_layer="mixed1", image_size=75)
-    batch = np.random.default_rng(1).integers(0, 256, (2, 75, 75, 3), dtype=np.uint8)
-    joined = featurize_arrays(both, "InceptionV3", batch)
-    assert joined.shape == (2, 256 + 288)
-    assert_same_features(joined, np.hstack([featurize_arrays(m, "InceptionV3", batch) for m in (first, second)]))
+    import keras
+
+    layers = ("block_1_project_BN", "block_3_project_BN")  # 24 and 32 channels
+    both = build_backbone("MobileNetV2", weights="random", feature_layer="+".join(layers), image_size=64)
+    batch = np.random.default_rng(1).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    joined = featurize_arrays(both, "MobileNetV2", batch)
+    assert joined.shape == (2, 24 + 32)
+    maps = keras.Model(both.inputs, [both.get_layer(n).output for n in layers])
+    expected = np.hstack([m.mean(axis=(1, 2)) for m in maps.predict(preprocess("MobileNetV2", batch), verbose=0)])
+    assert_same_features(joined, expected)  # each layer average-pooled, in the order named
     assert backbones.feature_layers("mixed4 + mixed5") == ["mixed4", "mixed5"] and backbones.feature_layers(None) == [None]
     for bad in ("mixed4++mixed5", "mixed5+mixed5"):
         with pytest.raises(BackboneError, match="once each"):
