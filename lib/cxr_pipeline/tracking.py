@@ -430,7 +430,7 @@ def _log_dataset(data_uri: str) -> None:
             dataset = mlflow.data.from_pandas(frame, source=data_uri, name=name, digest=digest[:32])
         except Exception:  # noqa: BLE001 - a URI scheme MLflow has no source class for (s3a://, ...)
             dataset = mlflow.data.from_pandas(frame, name=data_uri, digest=digest[:32])
-    mlflow.log_input(dataset, context="training")
+        mlflow.log_input(dataset, context="training")  # the schema (and its hint) is computed here
     mlflow.log_param("data.images_sha256", digest)
     mlflow.log_param("data.images", len(rows))
 
