@@ -109,6 +109,17 @@ def image_identities(spark: SparkSession, data_uri: str, source: str) -> DataFra
     return listing.select("path", identity.alias("identity"))
 
 
+def _compare(cached: DataFrame, wanted: DataFrame) -> tuple[int, int, int]:
+    """(cached rows, rows to keep, images to featurize) in one Spark job: a full outer join on (path, identity)."""
+    both = (cached.withColumn("_c", F.lit(1))
+            .join(wanted.withColumn("_w", F.lit(1)), ["path", "identity"], "full_outer")
+            .agg(F.count("_c").alias("cached"),
+                 F.count(F.when(F.col("_c").isNotNull() & F.col("_w").isNotNull(), 1)).alias("kept"),
+                 F.count(F.when(F.col("_c").isNull(), 1)).alias("todo"))
+            .first())
+    return int(both["cached"]), int(both["kept"]), int(both["todo"])
+
+
 @dataclass
 class CacheOutcome:
     """What the cache did for one run; goes to ``metrics.json`` as ``featurizer.cache``."""
@@ -251,7 +262,7 @@ class FeatureCache:
                 keys = wanted.select("path", "identity")
                 kept = cached.join(keys, ["path", "identity"], "inner")
                 todo = wanted.join(cached.select("path", "identity"), ["path", "identity"], "left_anti")
-                n_cached, n_kept, n_todo = cached.count(), kept.count(), todo.count()
+                n_cached, n_kept, n_todo = _compare(cached.select("path", "identity"), keys)
                 outcome.reused_rows, outcome.dropped_rows = n_kept, n_cached - n_kept
                 if n_todo == 0 and n_kept == n_cached:
                     outcome.reason = "every image and every setting matched"
@@ -259,10 +270,10 @@ class FeatureCache:
                     return cached.select("path", "features", "featurize_error"), outcome, previous
                 outcome.reason = (f"{n_todo} new or changed image(s) featurized, {n_kept} reused, "
                                   f"{n_cached - n_kept} removed or changed row(s) dropped")
-                return self._extend(spark, featurizer, todo, kept, error_col, parts, outcome, previous)
-        return self._extend(spark, featurizer, todo, kept, error_col, parts, outcome, None)
+                return self._extend(spark, featurizer, todo, n_todo, kept, error_col, parts, outcome)
+        return self._extend(spark, featurizer, todo, wanted.count(), kept, error_col, parts, outcome)
 
-    def _extend(self, spark, featurizer, todo, kept, error_col, parts, outcome, previous):
+    def _extend(self, spark, featurizer, todo, n_todo, kept, error_col, parts, outcome):
         from .progress import images_bar
 
         stats = getattr(featurizer, "_stats", None) or featurizer.track_stats(spark)
@@ -270,10 +281,10 @@ class FeatureCache:
         fresh = featurizer.transform(todo).select(
             "path", "identity", featurizer.getOrDefault("outputCol"), F.col(error_col).alias("featurize_error"))
         rows = fresh if kept is None else fresh.unionByName(kept.select(*CACHE_COLUMNS))
-        with images_bar(lambda: stats.images.value - start, todo.count(),
+        with images_bar(lambda: stats.images.value - start, n_todo,
                         f"featurizing ({featurizer.getOrDefault('modelName')})"):
             snapshot = self._write_snapshot(rows, parts)
         result = spark.read.parquet(snapshot)
-        outcome.featurized_rows = result.count() - outcome.reused_rows
+        outcome.featurized_rows = n_todo
         outcome.snapshot = snapshot
         return result.select("path", "features", "featurize_error"), outcome, snapshot
