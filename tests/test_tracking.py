@@ -197,7 +197,7 @@ def test_champion_moves_only_on_a_better_validation_auc_and_resolves_to_the_run_
     run_folder.require_complete(local)
     assert LocalClassifier.load(local).threshold == pytest.approx(
         json.loads(Path(local, "metrics.json").read_text())["threshold"]["threshold"])
-    assert tracking.resolve_model(f"models:/{name}/{first.version}", config, dest=tmp_path / "v1").endswith("run_folder")
+    assert tracking.resolve_model(f"models:/{name}/{first.version}", config, dest=tmp_path / "v1").endswith(f"{name}-v{first.version}")
     with pytest.raises(ValueError, match="cannot resolve models:/nothing@champion"):
         tracking.resolve_model("models:/nothing@champion", config)
 

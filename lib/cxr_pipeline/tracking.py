@@ -567,16 +567,18 @@ def resolve_model(model: str, config: Mapping[str, Any] | None = None, dest: str
         # keyed by the run too: two stores (a test's, the embedded one) both have a "v1"
         target = Path(dest) if dest else (default_store_dir() / "resolved" / version.name
                                           / f"v{version.version}-{(version.run_id or 'norun')[:12]}")
-        if not (target / RUN_FOLDER_ARTIFACT / "_SUCCESS").is_file():
+        local = target / f"{version.name}-v{version.version}"  # its name becomes the served model's id
+        if not (local / "_SUCCESS").is_file():  # renamed into place only once complete
             if not version.run_id:
                 raise ValueError(f"{model} (v{version.version}) has no MLflow run to take the run folder from")
             shutil.rmtree(target, ignore_errors=True)
             target.mkdir(parents=True)
             client.download_artifacts(version.run_id, RUN_FOLDER_ARTIFACT, str(target))
+            (target / RUN_FOLDER_ARTIFACT).rename(local)
     except (MlflowException, OSError) as exc:
         raise ValueError(f"cannot resolve {model} in the MLflow registry at {settings.registry_uri or settings.tracking_uri()}: "
                          f"{str(exc)[:300]} (check --set tracking.uri=... or list versions in `make mlflow-ui`)") from exc
-    return str(target / RUN_FOLDER_ARTIFACT)
+    return str(local)
 
 
 def _version_of(client, model: str):
