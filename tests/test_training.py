@@ -188,7 +188,7 @@ def test_run_folder_is_complete(trained):
     names |= {f.uri.rstrip("/").split("/")[-1] for f in storage.list_files(result.run.root, recursive=True)
               if "/model/" in f.uri}
     for expected in ("config.yaml", "metrics.json", "classifier.json", "roc.png", "pr.png",
-                     "confusion_matrix.png", "rejected.csv", "summary.txt"):
+                     "confusion_matrix.png", "rejected.csv", "summary.txt", "images.csv", "_SUCCESS"):
         assert expected in names, expected
     assert storage.exists(result.run.model + "/metadata")
     saved_config = yaml.safe_load(storage.read_bytes(result.run.config))
@@ -227,15 +227,21 @@ def test_metrics_are_well_formed(trained):
 
 @pytest.mark.slow
 @pytest.mark.hdfs
-def test_label_mapping_follows_class_folders(trained, spark):
+def test_label_mapping_follows_class_folders(trained):
+    import csv
+    import io
+
+    from cxr_pipeline import storage
+
     _, _, result = trained
-    cache = result.metrics["featurizer"]["cache"]
-    rows = spark.read.parquet(cache).select("path", "label", "label_name").collect()
+    rows = list(csv.DictReader(io.StringIO(storage.read_bytes(result.run.images).decode())))
     assert len(rows) == 16
+    assert {r["subset"] for r in rows} == {"train", "val", "test"}
+    assert all(r["subset"] == "test" for r in rows if "/test/" in r["path"])
     for r in rows:
         folder = r["path"].rstrip("/").split("/")[-2]
         assert r["label_name"] == folder
-        assert r["label"] == {"NORMAL": 0, "PNEUMONIA": 1}[folder]
+        assert int(r["label"]) == {"NORMAL": 0, "PNEUMONIA": 1}[folder]
 
 
 @pytest.mark.slow

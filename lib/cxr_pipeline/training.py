@@ -70,6 +70,7 @@ class RunLayout:
     confusion = property(lambda self: self.file("confusion_matrix.png"))
     threshold_plot = property(lambda self: self.file("threshold.png"))
     rejected = property(lambda self: self.file("rejected.csv"))
+    images = property(lambda self: self.file("images.csv"))  # path, subset, label, label_name of every image used
     summary = property(lambda self: self.file("summary.txt"))
 
 
@@ -438,6 +439,8 @@ def _fit_and_report(spark: SparkSession, config: Mapping[str, Any], data_uri: st
     })
     evaluation.write_report(run, report, test, label_names)
     storage.write_bytes(run.rejected, _rejections_csv(rejected).encode())
+    storage.write_bytes(run.images, _images_csv(data.select("path", "subset", "label", "label_name")
+                                                .orderBy("path").collect()).encode())
     model_export.export_classifier(model, run.root, threshold=choice.threshold, label_names=label_names,
                                    image_size=fsettings.image_size)
     summary = evaluation.summary_text(report)
@@ -447,16 +450,25 @@ def _fit_and_report(spark: SparkSession, config: Mapping[str, Any], data_uri: st
     return TrainingResult(run=run, model=model, metrics=report, summary=summary)
 
 
-def _rejections_csv(rows) -> str:
+def _csv(header: list[str], rows) -> str:
     import csv
     import io
 
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["path", "reason"])
+    writer.writerow(header)
     for r in rows:
-        writer.writerow([r["path"], r["reason"]])
+        writer.writerow([r[name] for name in header])
     return buf.getvalue()
+
+
+def _rejections_csv(rows) -> str:
+    return _csv(["path", "reason"], rows)
+
+
+def _images_csv(rows) -> str:
+    """Which image went to which subset with which label: the exact data behind the run's figures."""
+    return _csv(["path", "subset", "label", "label_name"], rows)
 
 
 def load_metrics(run_uri: str) -> dict[str, Any]:
