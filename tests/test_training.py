@@ -28,6 +28,13 @@ FAST_FEATURES = ["featurizer.feature_layer=mixed5", "featurizer.batch_size=8"]
 
 # ------------------------------------------------------------------ pure
 
+def settings(**changes) -> T.TrainingSettings:
+    """The configured training settings (conf/defaults.yaml) with ``changes``."""
+    from dataclasses import replace
+
+    return replace(T.TrainingSettings.from_config(cfg.load_config("local")), **changes)
+
+
 def test_settings_from_config_and_validation():
     config = cfg.load_config("local", overrides=["training.reg_param=0.5", "training.tuning=cv"])
     s = T.TrainingSettings.from_config(config)
@@ -36,6 +43,10 @@ def test_settings_from_config_and_validation():
                 "training.validation=random"):
         with pytest.raises(cfg.ConfigError):
             T.TrainingSettings.from_config(cfg.load_config("local", overrides=[bad]))
+    incomplete = cfg.load_config("local")
+    del incomplete["training"]["reg_param"]
+    with pytest.raises(cfg.ConfigError, match="reg_param"):  # no default restated in code
+        T.TrainingSettings.from_config(incomplete)
 
 
 def test_feature_cache_fingerprint_covers_everything_that_makes_a_feature():
@@ -88,7 +99,7 @@ def test_assign_subsets_is_patient_grouped_and_keeps_test(spark):
 
     rows = kermany_rows()
     df = spark.createDataFrame(rows, "path string, split string, label int, label_name string")
-    out, info = T.assign_subsets(df, T.TrainingSettings(validation_fraction=0.25, seed=3))
+    out, info = T.assign_subsets(df, settings(validation_fraction=0.25, seed=3))
     got = {r["path"]: r["subset"] for r in out.collect()}
     assert len(got) == len(rows)
     assert {p for p, s in got.items() if s == "test"} == {r[0] for r in rows if r[1] == "test"}
@@ -126,9 +137,9 @@ def test_fit_classifier_learns_and_tunes(spark, tuning):
     from cxr_pipeline import metrics as M
 
     df = _vector_df(spark)
-    settings = T.TrainingSettings(tuning=tuning, tuning_folds=2, grid={"reg_param": [0.01, 1.0]})
+    tuned = settings(tuning=tuning, tuning_folds=2, grid={"reg_param": [0.01, 1.0]})
     df_w, _ = T.add_class_weights(df, [20, 60])
-    model, info = T.fit_classifier(df_w, settings, weighted=True)
+    model, info = T.fit_classifier(df_w, tuned, weighted=True)
     assert info["mode"] == tuning
     if tuning != "none":
         assert len(info["candidates"]) == 2 and info["best"]["regParam"] in (0.01, 1.0)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from pyspark.ml import Pipeline, PipelineModel
@@ -76,23 +76,25 @@ class RunLayout:
 
 @dataclass
 class TrainingSettings:
-    reg_param: float = 0.01
-    elastic_net_param: float = 0.0
-    max_iter: int = 200
-    class_weighting: bool = True
-    tuning: str = "none"
-    tuning_folds: int = 3
-    grid: dict[str, list[float]] = field(default_factory=lambda: {"reg_param": [0.001, 0.01, 0.1]})
-    validation: str = "carve"
-    validation_fraction: float = 0.2
-    seed: int = 42
-    target_sensitivity: float = 0.95
-    threshold_rule: str = "sensitivity"  # metrics.THRESHOLD_RULES
-    cost_fn: float = 1.0
-    cost_fp: float = 1.0
-    fixed_threshold: float = 0.5
-    features_cache: str | None = None
-    features_cache_lease_hours: float = 48.0
+    """The ``training:`` section of ``conf/defaults.yaml`` (the one home of its defaults): every key required."""
+
+    reg_param: float
+    elastic_net_param: float
+    max_iter: int
+    class_weighting: bool
+    tuning: str
+    tuning_folds: int
+    grid: dict[str, list[float]]
+    validation: str
+    validation_fraction: float
+    seed: int
+    target_sensitivity: float
+    threshold_rule: str  # metrics.THRESHOLD_RULES
+    cost_fn: float
+    cost_fp: float
+    fixed_threshold: float
+    features_cache: str | None
+    features_cache_lease_hours: float
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "TrainingSettings":
@@ -101,6 +103,10 @@ class TrainingSettings:
         unknown = sorted(set(section) - set(known))
         if unknown:
             raise cfg.ConfigError(f"unknown training option(s): {', '.join(unknown)}")
+        missing = sorted(set(cls.__dataclass_fields__) - set(section))
+        if missing:
+            raise cfg.ConfigError(f"training option(s) missing from the config: {', '.join(missing)} "
+                                  "(conf/defaults.yaml defines them all)")
         settings = cls(**known)
         settings.validate()
         return settings
