@@ -46,7 +46,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--validation", choices=("carve", "folder"),
                    help="carve = patient-grouped slice of train (default); folder = the dataset's val/")
     t.add_argument("--validation-fraction", type=float)
-    t.add_argument("--target-sensitivity", type=float)
+    t.add_argument("--threshold-rule", choices=("sensitivity", "youden", "cost", "fixed"),
+                   help="how validation picks the decision threshold (default: training.threshold_rule)")
+    t.add_argument("--target-sensitivity", type=float, help="with --threshold-rule sensitivity")
+    t.add_argument("--cost-fn", type=float, help="with --threshold-rule cost: price of a missed pneumonia")
+    t.add_argument("--cost-fp", type=float, help="with --threshold-rule cost: price of a false alarm")
     t.add_argument("--seed", type=int)
     t.add_argument("--features-cache", help="root URI of the feature cache (default: next to the run)")
     f = parser.add_argument_group("featurizer shortcuts (same as --set featurizer.*)")
@@ -65,6 +69,8 @@ def main(argv=None) -> int:
         ("training.max_iter", args.max_iter), ("training.class_weighting", args.class_weighting),
         ("training.tuning", args.tuning), ("training.validation", args.validation),
         ("training.validation_fraction", args.validation_fraction),
+        ("training.threshold_rule", args.threshold_rule), ("training.cost_fn", args.cost_fn),
+        ("training.cost_fp", args.cost_fp),
         ("training.target_sensitivity", args.target_sensitivity), ("training.seed", args.seed),
         ("training.features_cache", args.features_cache),
         ("featurizer.model_name", args.model_name), ("featurizer.feature_layer", args.feature_layer),
