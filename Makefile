@@ -74,7 +74,7 @@ hdfs-load: hdfs-up sample-data ## push SRC (default: sample tree) to DEST in HDF
 	$(PY) scripts/hdfs_load.py $(SRC) $(DEST)
 
 demo: hdfs-load weights ## the main job end to end on the embedded default, metrics printed
-	$(VENV)/bin/spark-submit --master local[2] jobs/train_featurizer.py --data $(DEST) --out $(RUN)
+	$(VENV)/bin/spark-submit --master local[2] jobs/train_featurizer.py --data $(DEST) --out $(RUN) --overwrite
 
 NOTEBOOK_OUT  ?= runs/notebooks
 NOTEBOOK_ARGS ?=
