@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -19,6 +20,10 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Jobs run by the tests log to MLflow like a user's do, but into a store of this test session,
+# never into the checkout's .local/mlflow (test_tracking uses stores of its own).
+_MLFLOW_STORE = Path(tempfile.mkdtemp(prefix="cxr-tests-mlflow-"))
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_MLFLOW_STORE}/mlflow.db"
 
 from cxr_pipeline import paths  # noqa: E402
 

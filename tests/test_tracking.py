@@ -20,7 +20,6 @@ import pytest
 
 from cxr_pipeline import config as cfg
 from cxr_pipeline import tracking
-from test_training import shared_sample_run, train_on_sample
 from tolerances import assert_same_probabilities
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,9 +93,9 @@ def test_disabled_tracking_touches_nothing(tmp_path):
 # ------------------------------------------------------------------ real Spark run, real store
 
 @pytest.fixture(scope="module")
-def spark_run(spark, hdfs_cluster, sample_tree, pytestconfig):
-    base, data = shared_sample_run(hdfs_cluster, sample_tree, pytestconfig)
-    return data, train_on_sample(spark, base, data, "run_tracking")
+def spark_run(sample_run):
+    _, data, result = sample_run  # the session's one trained sample run (conftest)
+    return data, result
 
 
 @pytest.fixture(scope="module")
