@@ -221,7 +221,7 @@ def test_unreachable_tracking_server_warns_and_keeps_the_run(spark_run, spark):
 
 @pytest.mark.slow
 @pytest.mark.hdfs
-def test_mlflow_ui_shows_the_run_and_its_metrics(logged, tmp_path):
+def test_mlflow_ui_shows_the_run_and_its_metrics(logged, spark_run, tmp_path):
     from test_serving_browser import CHROMIUM_ARGS, chromium_path
 
     executable = chromium_path()
@@ -252,7 +252,8 @@ def test_mlflow_ui_shows_the_run_and_its_metrics(logged, tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
-    assert "spark: run_tracking" in text and outcome.run_id in text
+    _, result = spark_run
+    assert f"spark: {result.run.root.rsplit('/', 1)[-1]}" in text and outcome.run_id in text
     assert "test_auc" in text and "validation.at_chosen.sensitivity" in text and "cxr-pneumonia-spark" in text
 
 

@@ -394,8 +394,15 @@ def spark_test_scores(spark, run_uri: str, data_uri: str | None = None) -> "pd.D
     featurizer, classifier = model.stages[0], PipelineModel(stages=model.stages[1:])
     features_col = featurizer.getOrDefault("outputCol")
     cache = (report.get("featurizer") or {}).get("cache")
-    if cache and storage.exists(cache.rstrip("/") + "/_SUCCESS"):
-        features = spark.read.parquet(cache).where(F.col("split") == "test")
+    snapshot = cache.get("snapshot") if isinstance(cache, dict) else None
+    if snapshot and storage.exists(snapshot.rstrip("/") + "/_SUCCESS") and storage.exists(run.images):
+        import io
+
+        import pandas as pd
+
+        used = pd.read_csv(io.BytesIO(storage.read_bytes(run.images)))
+        test = spark.createDataFrame(used[used["subset"] == "test"][["path", "label"]])
+        features = spark.read.parquet(snapshot).join(test, "path")
     else:
         from .spark.reader import read_images_with_rejections
 
