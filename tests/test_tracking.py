@@ -52,7 +52,7 @@ def test_params_are_the_flattened_config_without_secrets():
     config = cfg.load_config("local", overrides=["dicom.patient_key=site-secret", "training.reg_param=0.5"])
     params = tracking.config_params(config)
     assert params["training.reg_param"] == "0.5" and params["featurizer.feature_layer"] == "mixed5"
-    assert params["dicom.patient_key"] == tracking.REDACTED
+    assert params["dicom.patient_key"] == cfg.REDACTED
     assert "site-secret" not in json.dumps(params)
     assert json.loads(params["training.grid.reg_param"]) == [0.001, 0.01, 0.1]
 
@@ -120,7 +120,7 @@ def test_run_params_metrics_artifacts_dataset_and_tags_are_in_the_store(logged, 
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
     assert params["featurizer.feature_layer"] == "mixed5" and params["model.backbone"] == "InceptionV3"
     assert params["model.weights_sha256"] == result.metrics["featurizer"]["weights_sha256"]
-    assert params["dicom.patient_key"] == tracking.REDACTED
+    assert params["dicom.patient_key"] == cfg.REDACTED
     assert metrics["validation_auc"] == pytest.approx(result.metrics["validation"]["roc_auc"])
     assert metrics["test_auc"] == pytest.approx(result.metrics["test"]["areaUnderROC"])
     for subset in ("validation", "test"):

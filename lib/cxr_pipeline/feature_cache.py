@@ -64,7 +64,9 @@ def _library_versions() -> dict[str, str | None]:
 
 
 def _without_secrets(section: Mapping[str, Any] | None) -> dict[str, Any]:
-    return {k: v for k, v in (section or {}).items() if "key" not in k.lower() and "secret" not in k.lower()}
+    from .config import is_secret
+
+    return {k: v for k, v in (section or {}).items() if not is_secret(k)}
 
 
 def fingerprint(featurizer, source: str, dicom: Mapping[str, Any] | None = None) -> dict[str, Any]:

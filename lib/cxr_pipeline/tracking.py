@@ -55,8 +55,6 @@ REGISTRY_PREFIX = "models:/"
 RUN_FOLDER_ARTIFACT = "run_folder"
 MODEL_ARTIFACT = "model"
 TOP_LEVEL_ARTIFACTS = ("metrics.json", "rejected.csv", "config.yaml", "summary.txt", "history.csv")
-SECRET_WORDS = ("key", "token", "secret", "password")
-REDACTED = "<redacted>"
 MAX_PARAM_CHARS = 6000
 
 
@@ -129,25 +127,9 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def is_secret(name: str) -> bool:
-    last = name.rsplit(".", 1)[-1].lower()
-    return any(word in last for word in SECRET_WORDS)
-
-
-def redact(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of ``config`` with secret values (dicom.patient_key, tokens, ...) replaced."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, Mapping):
-            out[key] = redact(value)
-        else:
-            out[key] = REDACTED if value is not None and is_secret(str(key)) else value
-    return out
-
-
 def config_params(config: Mapping[str, Any]) -> dict[str, str]:
     params = {}
-    for name, value in flatten(redact(config)).items():
+    for name, value in flatten(cfg.redact_secrets(config)).items():
         text = "null" if value is None else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
         params[name] = text[:MAX_PARAM_CHARS]
     return params
@@ -538,7 +520,7 @@ def _redact_config_file(path: Path) -> None:
     import yaml
 
     if path.is_file():
-        path.write_text(cfg.dump_config(redact(yaml.safe_load(path.read_text()) or {})))
+        path.write_text(cfg.dump_config(yaml.safe_load(path.read_text()) or {}))  # dump_config redacts
 
 
 def _read_json(path: Path) -> dict[str, Any]:
