@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     configure_logging(args.verbose)
     from cxr_pipeline import run_folder, storage, tracking
     from cxr_pipeline.backbones import BackboneError
-    from cxr_pipeline.prediction import predict_images
+    from cxr_pipeline.spark_classifier.prediction import predict_images
     from cxr_pipeline.spark.session import spark_session
 
     storage.configure(config)

@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     from cxr_pipeline import config as cfg
     from cxr_pipeline import run_folder, storage, tracking
     from cxr_pipeline.spark.session import spark_session
-    from cxr_pipeline.training import TrainingError, train
+    from cxr_pipeline.spark_classifier.training import TrainingError, train
 
     data_uri = args.data or cfg.get(config, "data.uri")
     storage.configure(config)

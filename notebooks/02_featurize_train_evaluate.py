@@ -2,7 +2,7 @@
 # MAGIC %md
 # MAGIC # 2. Featurize, train and evaluate the Spark model
 # MAGIC
-# MAGIC The project's main job, step by step, with the library doing the work (`cxr_pipeline.training`):
+# MAGIC The project's main job, step by step, with the library doing the work (`cxr_pipeline.spark_classifier.training`):
 # MAGIC
 # MAGIC 1. read the image tree (junk is rejected and listed),
 # MAGIC 2. featurize every image with a pretrained Keras backbone inside a Spark ML `Transformer`
@@ -27,7 +27,8 @@ except ImportError:
 
 from pyspark.ml import Pipeline
 
-from cxr_pipeline import storage, tracking, training
+from cxr_pipeline import storage, tracking
+from cxr_pipeline.spark_classifier import training
 from cxr_pipeline.notebook_support import (
     counts_table, default_data_uri, default_runs_uri, describe_pipeline, display_or_save, get_param, metrics_table,
     notebook_config, require, show_run_figures, show_table, spark_description, spark_for_notebook, spark_test_scores,

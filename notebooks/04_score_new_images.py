@@ -3,7 +3,7 @@
 # MAGIC # 4. Score new images with a saved model
 # MAGIC
 # MAGIC * A **Spark run** (notebook 2 / `jobs/train_featurizer.py`): the saved `PipelineModel` scores a whole folder
-# MAGIC   of images on the cluster (`cxr_pipeline.prediction.predict_images`, as `jobs/predict.py` does) and writes
+# MAGIC   of images on the cluster (`cxr_pipeline.spark_classifier.prediction.predict_images`, as `jobs/predict.py` does) and writes
 # MAGIC   `predictions.parquet`; files that are not images are listed with the reason, never dropped silently.
 # MAGIC   The same run's Spark-free export (`classifier.json`) is checked against it on a few images.
 # MAGIC * A **CNN run** (notebook 3 / `jobs/train_cnn.py`): scored on the driver with `LocalCnnClassifier`.
@@ -28,7 +28,7 @@ from cxr_pipeline.notebook_support import (
     default_data_uri, default_runs_uri, display_or_save, get_param, notebook_config, plot_predictions,
     probability_gap, require, score_files_local, show_table, spark_for_notebook,
 )
-from cxr_pipeline.prediction import predict_images
+from cxr_pipeline.spark_classifier.prediction import predict_images
 
 config = notebook_config(get_param("conf_env", "local", "Config environment (conf/<env>.yaml)"))
 data_uri = require("data_uri", get_param("data_uri", default_data_uri(config), "Dataset root (its test folder is the default input)"))

@@ -57,7 +57,7 @@ def test_the_run_records_the_sha256_of_its_weights(trained):
 
 
 def test_replaced_or_missing_weights_are_refused_at_load_not_swapped(local_copy):
-    from cxr_pipeline.model_export import LocalClassifier
+    from cxr_pipeline.spark_classifier.model_export import LocalClassifier
 
     LocalClassifier.load(str(local_copy))  # intact: loads
     _edit_spec(local_copy, weights_sha256="0" * 64)  # as if the provisioned file had been replaced
@@ -69,8 +69,8 @@ def test_replaced_or_missing_weights_are_refused_at_load_not_swapped(local_copy)
 
 
 def test_incomplete_runs_are_refused_by_every_reader(local_copy, sample_tree):
-    from cxr_pipeline.model_export import LocalClassifier
-    from cxr_pipeline.prediction import load_run
+    from cxr_pipeline.spark_classifier.model_export import LocalClassifier
+    from cxr_pipeline.spark_classifier.prediction import load_run
 
     (local_copy / run_folder.SUCCESS_FILE).unlink()
     with pytest.raises(run_folder.IncompleteRunError, match="_SUCCESS"):
@@ -116,7 +116,7 @@ def test_executors_refuse_a_replaced_hdfs_weights_file(spark, sample_tree, hdfs_
 
 
 def test_retraining_into_a_run_is_refused_and_a_failed_overwrite_changes_nothing(trained, spark, monkeypatch):
-    from cxr_pipeline import model_export
+    from cxr_pipeline.spark_classifier import model_export
 
     base, data, first = trained
     before = storage.read_bytes(first.run.classifier)

@@ -46,8 +46,8 @@ def incoming(run, tmp_path_factory):
 
 
 def test_score_matches_in_memory_predictions(run, incoming, spark):
-    from cxr_pipeline import training as T
-    from cxr_pipeline.prediction import load_run, read_new_images, score
+    from cxr_pipeline.spark_classifier import training as T
+    from cxr_pipeline.spark_classifier.prediction import load_run, read_new_images, score
 
     _, data, result = run
     saved = load_run(result.run.root)
@@ -90,7 +90,7 @@ def test_predict_job_writes_parquet_csv_and_unreadable_list(run, incoming, spark
     unreadable = storage.read_bytes(out + "/unreadable.csv").decode()
     assert "notes.txt" in unreadable and "broken.jpeg" in unreadable
     # the job loaded the PipelineModel in a new Spark application: same probabilities as in memory
-    from cxr_pipeline import training as T
+    from cxr_pipeline.spark_classifier import training as T
     from cxr_pipeline.spark.reader import read_image_tree
 
     in_memory = {r["path"].rsplit("/", 1)[-1]: r["p"] for r in
@@ -129,7 +129,7 @@ def test_local_classifier_runs_the_backbone_at_the_exported_image_size(sample_tr
 
     from cxr_pipeline.backbones import build_backbone, featurize_arrays
     from cxr_pipeline.imaging import decode_image
-    from cxr_pipeline.model_export import LocalClassifier, score_features
+    from cxr_pipeline.spark_classifier.model_export import LocalClassifier, score_features
 
     dim = 256  # InceptionV3 mixed0 channels
     rng = np.random.default_rng(0)

@@ -118,7 +118,7 @@ def test_openapi_describes_the_api(lr_client):
 
 
 def test_predict_matches_the_exported_classifier(lr_client, spark_run, images):
-    from cxr_pipeline.model_export import LocalClassifier
+    from cxr_pipeline.spark_classifier.model_export import LocalClassifier
 
     classifier = LocalClassifier.load(str(spark_run))
     expected = classifier.predict_bytes([p.read_bytes() for p in images])

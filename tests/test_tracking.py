@@ -149,7 +149,7 @@ def test_run_params_metrics_artifacts_dataset_and_tags_are_in_the_store(logged, 
 def test_logged_spark_model_scores_like_the_runs_pipeline_model(logged, spark_run, spark):
     import mlflow
 
-    from cxr_pipeline import training as T
+    from cxr_pipeline.spark_classifier import training as T
     from cxr_pipeline.spark.reader import read_image_tree
 
     _, _, outcome = logged
@@ -175,7 +175,7 @@ def test_champion_moves_only_on_a_better_validation_auc_and_resolves_to_the_run_
     from mlflow.tracking import MlflowClient
 
     from cxr_pipeline import run_folder
-    from cxr_pipeline.model_export import LocalClassifier
+    from cxr_pipeline.spark_classifier.model_export import LocalClassifier
 
     _, config, first = logged
     settings = tracking.TrackingSettings.from_config(config)

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from cxr_pipeline import config as cfg
-from cxr_pipeline import training as T
+from cxr_pipeline.spark_classifier import training as T
 from tolerances import assert_same_probabilities, same_probability
 
 REPO = Path(__file__).resolve().parents[1]
@@ -261,7 +261,7 @@ def test_model_reloads_with_identical_predictions_and_local_export_agrees(traine
     from pyspark.ml import PipelineModel
 
     from cxr_pipeline import storage
-    from cxr_pipeline.model_export import LocalClassifier
+    from cxr_pipeline.spark_classifier.model_export import LocalClassifier
     from cxr_pipeline.spark.reader import read_image_tree
 
     _, data, result = trained
@@ -325,7 +325,7 @@ def test_job_on_standalone_cluster_via_spark_submit(spark_standalone, hdfs_clust
 def test_report_with_single_class_sets_is_undefined_not_a_crash(spark, tmp_path):
     from pyspark.ml.linalg import Vectors
 
-    from cxr_pipeline import evaluation
+    from cxr_pipeline.spark_classifier import evaluation
 
     rows = [(1, Vectors.dense([1 - p, p]), p) for p in (0.2, 0.7, 0.9)]
     test = spark.createDataFrame(rows, ["label", "probability", T.SCORE_COL])

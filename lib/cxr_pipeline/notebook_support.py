@@ -386,7 +386,8 @@ def spark_test_scores(spark, run_uri: str, data_uri: str | None = None) -> "pd.D
     from pyspark.ml import PipelineModel
     from pyspark.sql import functions as F
 
-    from . import storage, training
+    from . import storage
+    from .spark_classifier import training
 
     run = training.RunLayout(run_uri.rstrip("/"))
     report = training.load_metrics(run.root)

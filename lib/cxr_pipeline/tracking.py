@@ -578,7 +578,7 @@ def _version_of(client, model: str):
 
 def _log_later(args, config) -> int:
     from . import storage, run_folder
-    from .training import RunLayout, TrainingResult, load_metrics
+    from .spark_classifier.training import RunLayout, TrainingResult, load_metrics
 
     storage.configure(config)
     run_folder.require_complete(args.run)

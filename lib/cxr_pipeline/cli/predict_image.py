@@ -33,7 +33,7 @@ def load_classifier(model: str):
         from ..cnn.predict import LocalCnnClassifier  # lazy: only CNN users need it
 
         return LocalCnnClassifier.load(model)
-    from ..model_export import LocalClassifier
+    from ..spark_classifier.model_export import LocalClassifier
 
     return LocalClassifier.load(model)
 

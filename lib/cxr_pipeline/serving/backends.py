@@ -10,7 +10,7 @@ Grad-CAM overlay PNG over the image). Two kinds exist:
 * ``spark-lr``: a run folder of ``jobs/train_featurizer.py``. Served without
   Spark from ``classifier.json`` (Keras backbone + the scaler and logistic
   regression exported from the ``PipelineModel``) by
-  :class:`cxr_pipeline.model_export.LocalClassifier`.
+  :class:`cxr_pipeline.spark_classifier.model_export.LocalClassifier`.
 * ``cnn``: a run folder of ``jobs/train_cnn.py`` (or a ``.keras`` file), served
   by :class:`cxr_pipeline.cnn.predict.LocalCnnClassifier`.
 
@@ -229,7 +229,7 @@ class SparkLrBackend(ClassifierBackend):
     """A Spark run's export: Keras backbone features, then the exported scaler + logistic regression."""
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        from cxr_pipeline.model_export import score_features
+        from cxr_pipeline.spark_classifier.model_export import score_features
 
         return score_features(self.classifier.spec, self.classifier.features(batch))
 
@@ -353,7 +353,7 @@ def load_backend(model_path: str | Path, max_batch: int = 8) -> ModelBackend:
     model_path = str(model_path)
     kind = detect_kind(model_path)
     if kind == "spark-lr":
-        from cxr_pipeline.model_export import LocalClassifier
+        from cxr_pipeline.spark_classifier.model_export import LocalClassifier
 
         meta_bytes = _read_small(model_path, SPARK_EXPORT_FILE) or b"{}"
         meta = json.loads(meta_bytes)

@@ -19,7 +19,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from .dataset_layout import SNIFF_BYTES, junk_reason
+from ..dataset_layout import SNIFF_BYTES, junk_reason
 
 OUTPUT_COLUMNS = ("path", "probability", "predicted_label", "predicted_class", "threshold", "error")
 
@@ -40,8 +40,8 @@ class SavedRun:
 
 def load_run(run_uri: str) -> SavedRun:
     """The run's PipelineModel and classifier.json; refuses an incomplete run or other backbone weights."""
-    from . import run_folder, storage
-    from .backbones import check_weights_file, resolve_weights_file
+    from .. import run_folder, storage
+    from ..backbones import check_weights_file, resolve_weights_file
 
     root = run_uri.rstrip("/")
     run_folder.require_complete(root)
@@ -119,7 +119,7 @@ def predict_images(spark: SparkSession, run_uri: str, images_uri: str, out_uri: 
     """Writes ``OUT/predictions.parquet`` (and ``OUT/predictions_csv/`` with ``csv``) and
     ``OUT/unreadable.csv`` (path, error) when some files could not be scored; all or nothing,
     ``_SUCCESS`` last (:mod:`cxr_pipeline.run_folder`)."""
-    from . import run_folder
+    from .. import run_folder
 
     run = load_run(run_uri)
     final = out_uri.rstrip("/")
@@ -131,7 +131,7 @@ def predict_images(spark: SparkSession, run_uri: str, images_uri: str, out_uri: 
 
 def _write_predictions(spark: SparkSession, run: SavedRun, images_uri: str, out: str, csv: bool,
                        threshold: float | None) -> PredictionSummary:
-    from . import storage
+    from .. import storage
 
     result = score(run, read_new_images(spark, images_uri), threshold)
     result.write.mode("overwrite").parquet(out + "/predictions.parquet")

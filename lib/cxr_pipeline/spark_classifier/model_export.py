@@ -52,7 +52,7 @@ def classifier_spec(pipeline_model, threshold: float, label_names: Sequence[str]
     if image_size is None:
         image_size = _param(featurizer, "imageSize")
     if image_size is None:
-        from .backbones import input_size
+        from ..backbones import input_size
 
         size = list(input_size(model_name))
     elif isinstance(image_size, int):
@@ -88,7 +88,7 @@ def export_classifier(pipeline_model, run_dir: str, threshold: float = 0.5,
                       label_names: Sequence[str] = ("NORMAL", "PNEUMONIA"),
                       image_size: int | Sequence[int] | None = None) -> str:
     """Writes ``RUN/classifier.json`` (local path or hdfs:// URI); returns its URI."""
-    from . import storage
+    from .. import storage
 
     spec = classifier_spec(pipeline_model, threshold, label_names, image_size)
     uri = run_dir.rstrip("/") + "/" + CLASSIFIER_FILE
@@ -119,7 +119,7 @@ def _resolve_weights(spec: dict[str, Any], run_dir: str) -> str | None:
         return None
     if name in ("imagenet", "random"):  # keywords build_backbone understands, not files
         return name
-    from . import paths
+    from .. import paths
 
     original = spec.get("weights_uri") or ""
     candidates = [] if "://" in original and not original.startswith("file://") else [original.replace("file://", "")]
@@ -152,9 +152,9 @@ class LocalClassifier:
 
     @classmethod
     def load(cls, run_dir: str, batch_size: int = 16) -> "LocalClassifier":
-        from . import storage
+        from .. import storage
 
-        from . import run_folder
+        from .. import run_folder
 
         run_folder.require_complete(str(run_dir))
         uri = str(run_dir).rstrip("/") + "/" + CLASSIFIER_FILE
@@ -167,7 +167,7 @@ class LocalClassifier:
 
     def check_weights(self) -> None:
         """Fail at load time, not at the first request, when the trained-with weights are missing or replaced."""
-        from .backbones import check_weights_file, resolve_weights_file
+        from ..backbones import check_weights_file, resolve_weights_file
 
         local = resolve_weights_file(self.spec["model_name"], _resolve_weights(self.spec, self.run_dir))
         check_weights_file(local, self.spec.get("weights_sha256"), self.spec["model_name"])
@@ -179,7 +179,7 @@ class LocalClassifier:
 
     def backbone(self):
         if self._backbone is None:
-            from .backbones import build_backbone
+            from ..backbones import build_backbone
 
             self._backbone = build_backbone(
                 self.spec["model_name"],
@@ -191,13 +191,13 @@ class LocalClassifier:
         return self._backbone
 
     def features(self, images_uint8: np.ndarray) -> np.ndarray:
-        from .backbones import featurize_arrays
+        from ..backbones import featurize_arrays
 
         return featurize_arrays(self.backbone(), self.spec["model_name"], images_uint8, self.batch_size)
 
     def predict_bytes(self, contents: Sequence[bytes], threshold: float | None = None) -> list[dict[str, Any]]:
         """One dict per input, in order; an undecodable input gets ``error`` and no probability."""
-        from .imaging import decode_batch
+        from ..imaging import decode_batch
 
         threshold = self.threshold if threshold is None else float(threshold)
         kwargs = {"max_pixels": self.spec["max_pixels"]} if self.spec.get("max_pixels") else {}

@@ -17,8 +17,8 @@ from pyspark.ml.evaluation import BinaryClassificationEvaluator, MulticlassClass
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from . import metrics as M
-from . import plots, reporting
+from .. import metrics as M
+from .. import plots, reporting
 
 SCORE_COL = "p_pneumonia"
 MULTICLASS_METRICS = ("accuracy", "f1", "weightedPrecision", "weightedRecall")
@@ -135,7 +135,7 @@ def write_figures(run, labels: Sequence[int], scores: Sequence[float], choice: M
 
 
 def write_report(run, report: dict[str, Any], test: DataFrame, label_names: Sequence[str]) -> None:
-    from . import storage
+    from .. import storage
 
     curves = report.pop("_curves")
     choice = threshold_choice_of(report)

@@ -32,11 +32,11 @@ from pyspark.ml.tuning import CrossValidator, ParamGridBuilder, TrainValidationS
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from . import config as cfg
-from . import metrics as M
-from . import splits
-from .dataset_layout import invert_label_index, label_index, parse_image_path, patient_id
-from .dicom import DicomSettings
+from .. import config as cfg
+from .. import metrics as M
+from .. import splits
+from ..dataset_layout import invert_label_index, label_index, parse_image_path, patient_id
+from ..dicom import DicomSettings
 
 log = logging.getLogger(__name__)
 
@@ -159,14 +159,14 @@ class FeaturizerSettings:
 
 def build_featurizer(settings: FeaturizerSettings):
     """The ``ImageFeaturizer`` stage for these settings (weights resolved on the driver)."""
-    from .spark.featurizer import ImageFeaturizer
+    from ..spark.featurizer import ImageFeaturizer
 
     params: dict[str, Any] = {"modelName": settings.model_name, "batchSize": settings.batch_size}
     if settings.feature_layer:
         params["featureLayer"] = settings.feature_layer
     if settings.weights:
         params["weights"] = settings.weights
-    from .backbones import weights_sha256
+    from ..backbones import weights_sha256
 
     params["weightsSha256"] = weights_sha256(settings.model_name, settings.weights)
     if settings.max_pixels:
@@ -183,7 +183,7 @@ def features_cache_root(out_uri: str, cache_root: str | None = None) -> str:
 
 def open_feature_cache(config: Mapping[str, Any], data_uri: str, out_uri: str, featurizer,
                        settings: "TrainingSettings"):
-    from .feature_cache import FeatureCache, fingerprint
+    from ..feature_cache import FeatureCache, fingerprint
 
     source = cfg.get(config, "data.source", "binaryFile")
     print_ = fingerprint(featurizer, source, cfg.get(config, "dicom", None))
@@ -360,7 +360,7 @@ def train(spark: SparkSession, config: Mapping[str, Any], data_uri: str, out_uri
     A non-empty ``out_uri`` is refused unless ``overwrite``; the run is written into a temporary
     sibling and renamed into place with ``_SUCCESS`` last, so a failure leaves ``out_uri`` as it was.
     """
-    from . import run_folder
+    from .. import run_folder
 
     final = out_uri.rstrip("/")
     settings = TrainingSettings.from_config(config)
@@ -372,15 +372,15 @@ def train(spark: SparkSession, config: Mapping[str, Any], data_uri: str, out_uri
 
 def _train_into(spark: SparkSession, config: Mapping[str, Any], data_uri: str, run: RunLayout, final: str,
                 settings: TrainingSettings, featurizer) -> TrainingResult:
-    from . import storage
-    from .spark.reader import read_images_with_rejections
+    from .. import storage
+    from ..spark.reader import read_images_with_rejections
 
     storage.write_bytes(run.config, cfg.dump_config({**config, "data": {**config.get("data", {}), "uri": data_uri},
                                                       "run": {"out": final}}).encode())
     source = cfg.get(config, "data.source", "binaryFile")
     read = read_images_with_rejections(spark, data_uri, source=source, dicom=DicomSettings.from_config(config))
     cache = open_feature_cache(config, data_uri, final, featurizer, settings)
-    from .feature_cache import image_identities
+    from ..feature_cache import image_identities
 
     cached, outcome, snapshot = cache.features_for(spark, read.images, image_identities(spark, data_uri, source),
                                                    featurizer)
@@ -394,7 +394,8 @@ def _train_into(spark: SparkSession, config: Mapping[str, Any], data_uri: str, r
 
 def _fit_and_report(spark: SparkSession, config: Mapping[str, Any], data_uri: str, run: RunLayout, final: str,
                     settings: TrainingSettings, featurizer, read, features: DataFrame, outcome) -> TrainingResult:
-    from . import evaluation, model_export, storage
+    from . import evaluation, model_export
+    from .. import storage
 
     fsettings = FeaturizerSettings.from_config(config)
     failed = features.where(F.col(FEATURES_COL).isNull()).select("path", F.col("featurize_error").alias("reason"))
@@ -478,6 +479,6 @@ def _images_csv(rows) -> str:
 
 
 def load_metrics(run_uri: str) -> dict[str, Any]:
-    from . import storage
+    from .. import storage
 
     return json.loads(storage.read_bytes(RunLayout(run_uri).metrics))
