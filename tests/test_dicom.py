@@ -361,3 +361,63 @@ def test_an_unexpected_error_in_a_dicom_is_a_rejection_without_its_message(monke
     with pytest.raises(ImageDecodeError) as caught:
         decode_image(jpeg_dicom(one_xray), SIZE)
     assert str(caught.value) == "corrupt DICOM (KeyError)"
+
+
+# ---------------------------------------------------------------- the CNN job carves by the header's patient too
+
+
+def one_patient_pairs_tree(root: Path) -> dict[str, list[str]]:
+    """Tiny DICOM files; two of each class belong to one patient under two different file-name patterns."""
+    from cxr_pipeline.datasets.dicom_from_images import Identity
+
+    files = {"NORMAL": {"IM-0101-0001.dcm": "MRN-N1", "NORMAL2-IM-0202-0001.dcm": "MRN-N1"},
+             "PNEUMONIA": {"person101_bacteria_1.dcm": "MRN-P1", "person202_virus_2.dcm": "MRN-P1"}}
+    for i in range(2, 8):
+        files["NORMAL"][f"IM-03{i:02d}-0001.dcm"] = f"MRN-N{i}"
+        files["PNEUMONIA"][f"person3{i:02d}_bacteria_{i}.dcm"] = f"MRN-P{i}"
+    pixels = np.zeros((8, 8), dtype=np.uint8)
+    for label, names in files.items():
+        (root / "train" / label).mkdir(parents=True)
+        for name, patient in names.items():
+            data = native_dicom(pixels, 8, identity=Identity("Planted^Pair", "19010203", patient))
+            (root / "train" / label / name).write_bytes(data)
+    return {"NORMAL": ["IM-0101-0001.dcm", "NORMAL2-IM-0202-0001.dcm"],
+            "PNEUMONIA": ["person101_bacteria_1.dcm", "person202_virus_2.dcm"]}
+
+
+def test_cnn_carve_groups_dicom_files_by_their_header_patient_like_the_spark_job(spark, tmp_path):
+    from cxr_pipeline import config, splits
+    from cxr_pipeline.cnn import data
+    from cxr_pipeline.spark_classifier.training import TrainingSettings, assign_subsets
+
+    pairs = one_patient_pairs_tree(tmp_path / "tree")
+    fraction, seed = 0.5, 42
+    records, _ = data.list_image_tree(str(tmp_path / "tree"), patient_key=KEY)
+    by_name = dict(zip((r.file_name for r in records),
+                       splits.is_validation([r.file_name for r in records], [r.label for r in records], fraction, seed)))
+    assert any(by_name[a] != by_name[b] for a, b in pairs.values())  # file names alone would split a patient
+
+    train, val, _ = data.split_records(records, "carve", fraction, seed)
+    cnn_val = {r.file_name for r in val}
+    assert val and train
+    for a, b in pairs.values():
+        assert (a in cnn_val) == (b in cnn_val), (a, b)
+    assert {r.patient for r in records} == {dicom.patient_pseudonym(f"MRN-{c}{i}", KEY) for c in "NP" for i in range(1, 8)}
+
+    # the Spark job's carve (training.assign_subsets with the reader's patients column) picks the same images
+    settings = TrainingSettings.from_config(config.load_config(overrides=[
+        "training.validation=carve", f"training.validation_fraction={fraction}", f"training.seed={seed}"]))
+    features = spark.createDataFrame([(r.uri, r.split, r.label) for r in records], "path string, split string, label int")
+    assigned, _ = assign_subsets(features, settings, {r.uri: r.patient for r in records})
+    spark_val = {Path(r["path"]).name for r in assigned.where("subset = 'val'").collect()}
+    assert spark_val == cnn_val
+
+    # a packed table's patient column gives the same carve
+    table = tmp_path / "table" / "split=train"
+    table.mkdir(parents=True)
+    import pandas as pd
+
+    pd.DataFrame({"path": [r.uri for r in records], "patient": [r.patient for r in records],
+                  "content": [b""] * len(records)}).to_parquet(table / "part-0.parquet")
+    from_table = data.load_splits(str(tmp_path / "table"), "carve", fraction, seed)
+    assert {r.file_name for r in from_table.val} == cnn_val

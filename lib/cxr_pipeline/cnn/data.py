@@ -1,7 +1,9 @@
 """The chest_xray tree (local or any Hadoop URI) as ``tf.data`` pipelines.
 
 Listing and labels come from ``storage.list_files`` + ``dataset_layout``, the
-validation carve from ``splits`` (patient-grouped, as in the Spark job), and
+validation carve from ``splits`` (patient-grouped, as in the Spark job: a DICOM file's
+patient is the keyed hash of its PatientID, :func:`cxr_pipeline.dicom.read_facts`, or the
+packed table's ``patient`` column; other files' patient comes from the file name), and
 pixels from ``imaging.decode_image`` inside ``tf.numpy_function``, so the CNN
 sees exactly the pixels the Spark featurizer sees.
 
@@ -23,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from cxr_pipeline import dataset_layout, splits
+from cxr_pipeline.dicom import DicomSettings
 
 AUTOTUNE = tf.data.AUTOTUNE
 DEFAULT_MAX_PIXELS = 60_000_000
@@ -35,6 +38,13 @@ class ImageRecord:
     split: str  # folder split: train | val | test
     file_name: str
     table_file: str | None = None  # packed Parquet file holding the bytes; None = read ``uri`` itself
+    patient: str | None = None  # from the image header (keyed hash of a DICOM PatientID); None = from the file name
+
+    def grouping_name(self) -> str:
+        """What ``splits`` groups by: the header's patient, else the file name (``training.assign_subsets``'s rule)."""
+        if self.patient and self.patient != dataset_layout.patient_id(self.file_name):
+            return self.patient
+        return self.file_name
 
 
 @dataclass
@@ -80,9 +90,36 @@ def class_counts(records: Sequence[ImageRecord], n_classes: int = 2) -> list[int
 # ------------------------------------------------------------------ listing
 
 
-def list_image_tree(uri: str, rejections: Rejections | None = None) -> tuple[list[ImageRecord], list[str]]:
+def _dicom_patient(uri: str, patient_key: str) -> str | None:
+    """The keyed pseudonym of a DICOM file's PatientID (never the raw id); None when it has none or no readable
+    header (the decode pass records why such a file is unusable), exactly as the Spark reader's patients column."""
+    from cxr_pipeline import dicom, storage
+    from cxr_pipeline.imaging import ImageDecodeError
+
+    try:
+        return dicom.read_facts(storage.read_bytes(uri), patient_key).patient
+    except (ImageDecodeError, OSError):
+        return None
+
+
+def _with_header_patients(records: list[ImageRecord], patient_key: str | None) -> list[ImageRecord]:
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import replace
+
+    dicom_records = [r for r in records if r.file_name.lower().endswith(dataset_layout.DICOM_EXTENSIONS)]
+    if not dicom_records:
+        return records
+    key = patient_key if patient_key is not None else DicomSettings.default().patient_key
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        patients = dict(zip((r.uri for r in dicom_records), pool.map(lambda r: _dicom_patient(r.uri, key), dicom_records)))
+    return [replace(r, patient=patients[r.uri]) if patients.get(r.uri) else r for r in records]
+
+
+def list_image_tree(uri: str, rejections: Rejections | None = None,
+                    patient_key: str | None = None) -> tuple[list[ImageRecord], list[str]]:
     """Every image under ``uri`` (a ``<split>/<CLASS>/<file>`` tree) with its label;
-    junk (hidden, wrong extension, empty, outside the layout) goes to ``rejections``."""
+    junk (hidden, wrong extension, empty, outside the layout) goes to ``rejections``.
+    DICOM files carry their header's patient (keyed with ``patient_key``, default ``dicom.patient_key`` of conf/)."""
     from cxr_pipeline import storage
 
     rejections = rejections if rejections is not None else Rejections()
@@ -100,7 +137,7 @@ def list_image_tree(uri: str, rejections: Rejections | None = None) -> tuple[lis
         raise FileNotFoundError(f"no images found under {uri} (expected {uri}/train/NORMAL/x.jpeg ...)")
     index = dataset_layout.label_index(p.label_name for _, p in candidates)
     records = [ImageRecord(u, index[p.label_name], p.split, p.file_name) for u, p in sorted(candidates)]
-    return records, dataset_layout.invert_label_index(index)
+    return _with_header_patients(records, patient_key), dataset_layout.invert_label_index(index)
 
 
 def split_records(
@@ -116,7 +153,7 @@ def split_records(
     if validation != "carve":
         raise ValueError(f"validation must be carve or folder, got {validation!r}")
     pool = [r for r, pooled in zip(records, splits.carve_pool([r.split for r in records])) if pooled]
-    flags = splits.is_validation([r.file_name for r in pool], [r.label for r in pool], val_fraction, seed)
+    flags = splits.is_validation([r.grouping_name() for r in pool], [r.label for r in pool], val_fraction, seed)
     train = [r for r, is_val in zip(pool, flags) if not is_val]
     val = [r for r, is_val in zip(pool, flags) if is_val]
     return train, val, test
@@ -136,26 +173,29 @@ def _iter_table(table_file: str, columns: list[str], batch_size: int = 64):
     from cxr_pipeline import storage
 
     parquet = pq.ParquetFile(io.BytesIO(storage.read_bytes(table_file)))
-    for batch in parquet.iter_batches(batch_size=batch_size, columns=columns):
+    present = [c for c in columns if c in parquet.schema_arrow.names]  # tables packed before a column existed
+    for batch in parquet.iter_batches(batch_size=batch_size, columns=present):
         yield batch.to_pydict()
 
 
 def list_image_table(uri: str, rejections: Rejections | None = None) -> tuple[list[ImageRecord], list[str]]:
-    """The packed Parquet image table (``jobs/pack_images.py``: path, content, ... partitioned
-    by split) as records in table order; labels and splits come from each row's original path."""
+    """The packed Parquet image table (``jobs/pack_images.py``: path, content, patient, ... partitioned
+    by split) as records in table order; labels and splits come from each row's original path, the patient
+    from the table's ``patient`` column (the keyed hash written at packing time for DICOM files)."""
     rejections = rejections if rejections is not None else Rejections()
-    rows: list[tuple[str, dataset_layout.ImagePath, str]] = []
+    rows: list[tuple[str, dataset_layout.ImagePath, str, str | None]] = []
     for table_file in _parquet_files(uri):
-        for batch in _iter_table(table_file, ["path"], batch_size=4096):
-            for path in batch["path"]:
+        for batch in _iter_table(table_file, ["path", "patient"], batch_size=4096):
+            for path, patient in zip(batch["path"], batch.get("patient") or [None] * len(batch["path"])):
                 try:
-                    rows.append((path, dataset_layout.parse_image_path(path), table_file))
+                    rows.append((path, dataset_layout.parse_image_path(path), table_file, patient))
                 except dataset_layout.LayoutError as exc:
                     rejections.add(path, f"outside the split/CLASS layout ({exc})")
     if not rows:
         raise FileNotFoundError(f"no image rows in the Parquet table at {uri}")
-    index = dataset_layout.label_index(p.label_name for _, p, _ in rows)
-    records = [ImageRecord(path, index[p.label_name], p.split, p.file_name, f) for path, p, f in rows]
+    index = dataset_layout.label_index(p.label_name for _, p, _, _ in rows)
+    records = [ImageRecord(path, index[p.label_name], p.split, p.file_name, f, patient)
+               for path, p, f, patient in rows]
     return records, dataset_layout.invert_label_index(index)
 
 
@@ -165,11 +205,15 @@ def is_image_table(uri: str) -> bool:
 
 
 def load_splits(uri: str, validation: str = "carve", val_fraction: float = 0.2, seed: int = 42,
-                source: str = "auto") -> DataSplits:
-    """``source``: tree | parquet | auto (parquet when ``uri`` holds Parquet files)."""
+                source: str = "auto", patient_key: str | None = None) -> DataSplits:
+    """``source``: tree | parquet | auto (parquet when ``uri`` holds Parquet files).
+    ``patient_key``: ``dicom.patient_key`` of the run's config (the Spark job's key, so both carve alike)."""
     rejections = Rejections()
     table = source == "parquet" or (source == "auto" and is_image_table(uri))
-    records, label_names = (list_image_table if table else list_image_tree)(uri, rejections)
+    if table:
+        records, label_names = list_image_table(uri, rejections)
+    else:
+        records, label_names = list_image_tree(uri, rejections, patient_key)
     train, val, test = split_records(records, validation, val_fraction, seed)
     if not train:
         raise ValueError(f"{uri} has no training images (train/<CLASS>/...)")

@@ -24,6 +24,7 @@ import numpy as np
 from cxr_pipeline import config as config_mod
 from cxr_pipeline import metrics as M
 from cxr_pipeline import plots, reporting, storage
+from cxr_pipeline.dicom import DicomSettings
 
 from . import data, models
 
@@ -273,7 +274,8 @@ def prepare_data(config: Mapping[str, Any], settings: Settings, data_uri: str, s
     """List, split, decode and cache every split once; rejections are known afterwards."""
     started = time.perf_counter()
     source = "parquet" if config_mod.get(config, "data.source") == "parquet" else "auto"
-    splits = data.load_splits(data_uri, settings.validation, settings.validation_fraction, settings.seed, source)
+    splits = data.load_splits(data_uri, settings.validation, settings.validation_fraction, settings.seed, source,
+                              patient_key=DicomSettings.from_config(config).patient_key)
     log(f"listed {data_uri}: train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)} images; "
         f"{len(splits.rejections.items)} rejected while listing")
     prepared = Prepared(
