@@ -17,50 +17,57 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
-os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # workers need this venv's Pillow
 
-from cxr_pipeline import config as config_mod  # noqa: E402
+def _ensure_importable() -> None:
+    try:
+        import cxr_pipeline  # noqa: F401
+    except ImportError:  # run from a checkout without `pip install`: use ../lib
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+
+
+_ensure_importable()
+
+from cxr_pipeline.cli import add_config_options, configure_logging, resolve_config  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="pack_images.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="image tree root URI (default: conf data.uri)")
     parser.add_argument("--out", required=True, help="table URI to write (local path, file:// or hdfs://)")
     parser.add_argument("--target-file-mb", type=int, default=128, help="approximate Parquet file size (default 128)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing table")
-    parser.add_argument("--conf-env", default=None, help="conf/<env>.yaml on top of conf/defaults.yaml (default local)")
-    parser.add_argument("--conf", action="append", default=[], metavar="FILE", help="extra YAML config file(s)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    add_config_options(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = config_mod.load_config(args.conf_env, args.conf, args.set)
+    configure_logging(args.verbose)
+    from cxr_pipeline import config as cfg
     from cxr_pipeline.dicom import DicomSettings
     from cxr_pipeline.spark.packing import pack_image_tree
-    from cxr_pipeline.spark.session import spark_session
+    from cxr_pipeline.spark.session import spark_job
 
-    spark = spark_session(config, app_name="cxr-pack-images")
     try:
+        config = resolve_config(args)
+        dicom = DicomSettings.from_config(config)
+    except cfg.ConfigError as exc:
+        print(f"pack_images: error: {exc}", file=sys.stderr)
+        return 2
+    with spark_job(config, "cxr-pack-images", master=args.master, verbose=args.verbose) as spark:
         summary = pack_image_tree(
             spark,
-            args.data or config_mod.get(config, "data.uri"),
+            args.data or cfg.get(config, "data.uri"),
             args.out,
             target_file_mb=args.target_file_mb,
-            max_pixels=int(config_mod.get(config, "data.max_pixels", 60_000_000)),
+            max_pixels=int(cfg.get(config, "data.max_pixels")),
             overwrite=args.overwrite,
-            dicom=DicomSettings.from_config(config),
+            dicom=dicom,
         )
-    finally:
-        spark.stop()
     print("\n".join(summary.lines()))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

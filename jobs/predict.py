@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     from cxr_pipeline import run_folder, storage, tracking
     from cxr_pipeline.backbones import BackboneError
     from cxr_pipeline.spark_classifier.prediction import predict_images
-    from cxr_pipeline.spark.session import spark_session
+    from cxr_pipeline.spark.session import spark_job
 
     storage.configure(config)
     try:
@@ -59,15 +59,13 @@ def main(argv=None) -> int:
     except (FileNotFoundError, run_folder.OutputExistsError, ValueError) as exc:
         print(f"predict: error: {exc}", file=sys.stderr)
         return 2
-    spark = spark_session(config, app_name="cxr-predict", master=args.master, verbose=args.verbose)
     try:
-        summary = predict_images(spark, args.model, args.images, args.out, csv=args.csv, threshold=args.threshold,
-                                 overwrite=args.overwrite)
+        with spark_job(config, "cxr-predict", master=args.master, verbose=args.verbose) as spark:
+            summary = predict_images(spark, args.model, args.images, args.out, csv=args.csv,
+                                     threshold=args.threshold, overwrite=args.overwrite)
     except (FileNotFoundError, BackboneError, run_folder.OutputExistsError) as exc:
         print(f"predict: error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        spark.stop()
     classes = ", ".join(f"{k} {v}" for k, v in sorted(summary.by_class.items())) or "none"
     print(f"scored {summary.scored} image(s): {classes}; unreadable {summary.unreadable}")
     print(f"predictions: {summary.out}/predictions.parquet")

@@ -16,14 +16,24 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+
+def _ensure_importable() -> None:
+    try:
+        import cxr_pipeline  # noqa: F401
+    except ImportError:  # run from a checkout without `pip install`: use ../lib
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+
+
+_ensure_importable()
+
 from cxr_pipeline import config as config_mod  # noqa: E402
+from cxr_pipeline.cli import add_config_options, configure_logging, resolve_config  # noqa: E402
 
 SHORTCUTS = {  # option dest -> config key
+    "data": "data.uri",
     "model": "cnn.model",
     "epochs": "cnn.epochs",
     "batch_size": "cnn.batch_size",
@@ -40,7 +50,8 @@ SHORTCUTS = {  # option dest -> config key
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="train_cnn.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="dataset root URI (default: conf data.uri)")
     parser.add_argument("--out", required=True, help="run folder: local path or hdfs:// URI")
     parser.add_argument("--overwrite", action="store_true",
@@ -57,28 +68,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weights", help="inception_v3: .weights.h5 file (default: provisioned by `make weights`)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--verbose", type=int, choices=(0, 1, 2), help="Keras progress: 1 bars, 2 epoch lines, 0 none")
-    parser.add_argument("--conf-env", default=None, help="conf/<env>.yaml on top of conf/defaults.yaml (default local)")
-    parser.add_argument("--conf", action="append", default=[], metavar="FILE", help="extra YAML config file(s)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set cnn.augment.flip=true (repeatable)")
+    add_config_options(parser, spark=False, verbose=False)  # --verbose here is Keras's progress
     return parser.parse_args(argv)
-
-
-def build_config(args: argparse.Namespace) -> dict:
-    overrides = list(args.set)
-    for dest, key in SHORTCUTS.items():
-        value = getattr(args, dest)
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    config = config_mod.load_config(args.conf_env, args.conf, overrides)
-    if args.data:
-        config.setdefault("data", {})["uri"] = args.data
-    return config
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = build_config(args)
+    configure_logging()
+    try:
+        config = resolve_config(args, [(key, getattr(args, dest)) for dest, key in SHORTCUTS.items()])
+    except config_mod.ConfigError as exc:
+        print(f"train_cnn: error: {exc}", file=sys.stderr)
+        return 2
 
     from cxr_pipeline import storage
     from cxr_pipeline.cnn.train import train_and_evaluate

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     ])
     from cxr_pipeline import config as cfg
     from cxr_pipeline import run_folder, storage, tracking
-    from cxr_pipeline.spark.session import spark_session
+    from cxr_pipeline.spark.session import spark_job
     from cxr_pipeline.spark_classifier.training import TrainingError, train
 
     data_uri = args.data or cfg.get(config, "data.uri")
@@ -88,15 +88,13 @@ def main(argv=None) -> int:
     except (run_folder.OutputExistsError, ValueError) as exc:
         print(f"train_featurizer: error: {exc}", file=sys.stderr)
         return 2
-    spark = spark_session(config, app_name="cxr-train-featurizer", master=args.master, verbose=args.verbose)
     try:
-        result = train(spark, config, data_uri, args.out, overwrite=args.overwrite)
-        tracking.log_spark_run(config, result, data_uri, spark)  # MLflow trouble only warns: the run is kept
+        with spark_job(config, "cxr-train-featurizer", master=args.master, verbose=args.verbose) as spark:
+            result = train(spark, config, data_uri, args.out, overwrite=args.overwrite)
+            tracking.log_spark_run(config, result, data_uri, spark)  # MLflow trouble only warns: the run is kept
     except (TrainingError, cfg.ConfigError, run_folder.OutputExistsError) as exc:
         print(f"train_featurizer: error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        spark.stop()
     print("\n=== cxr-pipeline training summary ===")
     print(result.summary, end="")
     print(f"run folder: {result.run.root}")

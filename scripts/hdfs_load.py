@@ -13,11 +13,21 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from pathlib import Path
+import os
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+
+
+def _ensure_importable() -> None:
+    try:
+        import cxr_pipeline  # noqa: F401
+    except ImportError:  # run from a checkout without `pip install`: use ../lib
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+
+
+_ensure_importable()
 
 from cxr_pipeline import config as conf  # noqa: E402
+from cxr_pipeline.cli import add_config_options, resolve_config  # noqa: E402
 from cxr_pipeline import hdfs_load, paths, storage  # noqa: E402
 
 
@@ -47,10 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "killed (its holder is named when a load is refused); only when no load is running")
     parser.add_argument("--webhdfs-url", help="WebHDFS URL of the target's NameNode (default: from config)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--conf-env", default=None, help="config environment (conf/<env>.yaml; default local)")
-    parser.add_argument("--conf", action="append", default=[], metavar="FILE", help="extra YAML config file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="config override, e.g. --set hdfs.user=alice --set hdfs_load.workers=8")
+    add_config_options(parser, spark=False, verbose=False)
     return parser
 
 
@@ -68,7 +75,7 @@ def exit_code(error: BaseException) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        config = conf.load_config(args.conf_env, args.conf, args.overrides)
+        config = resolve_config(args)
     except conf.ConfigError as exc:
         print(f"hdfs-load: config error: {exc}", file=sys.stderr)
         return 2

@@ -15,7 +15,14 @@ import yaml
 
 from .paths import CONF_DIR
 
-ENVIRONMENTS = ("local", "standalone", "yarn")
+
+
+def environments(conf_dir: str | os.PathLike = CONF_DIR) -> tuple[str, ...]:
+    """The ``--conf-env`` choices: every ``conf/<env>.yaml`` except ``defaults.yaml`` (local, standalone, yarn, gpu)."""
+    return tuple(sorted(p.stem for p in Path(conf_dir).glob("*.yaml") if p.stem != "defaults"))
+
+
+ENVIRONMENTS = environments()
 
 
 class ConfigError(ValueError):
@@ -67,7 +74,7 @@ def load_config(
     config = read_yaml(conf_dir / "defaults.yaml") if (conf_dir / "defaults.yaml").exists() else {}
     env_file = conf_dir / f"{env}.yaml"
     if not env_file.exists():
-        raise ConfigError(f"unknown environment {env!r}: no {env_file} (have: {', '.join(ENVIRONMENTS)})")
+        raise ConfigError(f"unknown environment {env!r}: no {env_file} (have: {', '.join(environments(conf_dir))})")
     config = deep_merge(config, read_yaml(env_file))
     for extra in files:
         config = deep_merge(config, read_yaml(extra))

@@ -165,10 +165,7 @@ def spark_for_notebook(config: Mapping[str, Any] | None = None, namespace: Mappi
         return active
     from .spark.session import spark_session
 
-    # Python workers must run the notebook's interpreter (the venv), not whatever `python3` is first on PATH.
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     config = dict(config or notebook_config())
     spark_conf = dict(config.get("spark", {}))
     # Progress bars garble a notebook's log.

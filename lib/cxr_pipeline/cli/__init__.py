@@ -7,16 +7,20 @@ from typing import Any, Sequence
 from .. import config as cfg
 
 
-def add_config_options(parser: argparse.ArgumentParser) -> None:
+def add_config_options(parser: argparse.ArgumentParser, *, spark: bool = True, verbose: bool = True) -> None:
+    """The options every entry point shares: ``--conf-env``, ``--conf``, ``--set``; Spark jobs add ``--master``;
+    ``verbose``: ``--verbose`` for the log level (off where the tool has its own ``--verbose``/``--log-level``)."""
     group = parser.add_argument_group("configuration (conf/defaults.yaml <- conf/ENV.yaml <- --conf <- --set)")
     group.add_argument("--conf-env", default=None, choices=cfg.ENVIRONMENTS,
                        help="environment config in conf/ (default: $CXR_ENV or local)")
     group.add_argument("--conf", action="append", default=[], metavar="FILE", help="extra YAML config file(s)")
     group.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config value, e.g. --set training.reg_param=0.1 (repeatable)")
-    group.add_argument("--master", default=None, help="Spark master (default: spark-submit's, else spark.master)")
-    group.add_argument("--verbose", action="store_true",
-                       help="show Spark's INFO logs and this package's debug messages (default: warnings and progress)")
+    if spark:
+        group.add_argument("--master", default=None, help="Spark master (default: spark-submit's, else spark.master)")
+    if verbose:
+        group.add_argument("--verbose", action="store_true",
+                           help="show Spark's INFO logs and this package's debug messages (default: warnings and progress)")
 
 
 def configure_logging(verbose: bool = False) -> None:

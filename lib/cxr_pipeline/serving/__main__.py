@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cxr_pipeline.config import ConfigError, load_config
+from cxr_pipeline.cli import add_config_options, resolve_config
+from cxr_pipeline.config import ConfigError
 
 ENV_MODEL = "CXR_SERVE_MODEL"
 ENV_CONFIG = "CXR_SERVE_CONFIG"
@@ -45,10 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback --host without an API token (only behind an authenticating proxy)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    parser.add_argument("--conf-env", default=None, help="config environment: local | standalone | yarn")
-    parser.add_argument("--conf", action="append", default=[], help="extra YAML config file (repeatable)")
-    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="SECTION.KEY=VALUE",
-                        help="config override (repeatable), e.g. serving.keep_uploads=true")
+    add_config_options(parser, spark=False, verbose=False)  # --log-level sets the server's verbosity
     return parser.parse_args(argv)
 
 
@@ -99,7 +97,7 @@ def check_exposure(host: str, token: str | None, insecure: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config: dict[str, Any] = load_config(args.conf_env, args.conf, args.overrides)
+        config: dict[str, Any] = resolve_config(args)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Mapping
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
 
 from pyspark.sql import SparkSession
 
@@ -62,6 +64,10 @@ def spark_session(config: Mapping[str, Any] | None = None, app_name: str | None 
     Spark logs at ``spark.log_level`` (WARN by default; ``verbose`` = INFO).
     """
     use_project_logging()
+    # Python workers run this interpreter (the venv), not whatever `python3` is first on PATH; spark-submit's
+    # --conf spark.pyspark.python (YARN: the shipped environment) still wins over the variable.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     spark_conf = dict((config or {}).get("spark", {}))
     settings = dict(spark_conf.get("conf") or {})
     builder = SparkSession.builder.appName(app_name or spark_conf.get("app_name", "cxr-pipeline"))
@@ -78,3 +84,21 @@ def spark_session(config: Mapping[str, Any] | None = None, app_name: str | None 
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel("INFO" if verbose else str(spark_conf.get("log_level", "WARN")).upper())
     return session
+
+
+@contextmanager
+def spark_job(config: Mapping[str, Any], app_name: str, master: str | None = None,
+              verbose: bool = False) -> Iterator[SparkSession]:
+    """Every Spark job's start-up: storage uses the job's config, the session is built from it and stopped at the end.
+
+    >>> with spark_job(config, "cxr-predict", master=args.master, verbose=args.verbose) as spark:  # doctest: +SKIP
+    ...     predict_images(spark, ...)
+    """
+    from .. import storage
+
+    storage.configure(config)
+    spark = spark_session(config, app_name=app_name, master=master, verbose=verbose)
+    try:
+        yield spark
+    finally:
+        spark.stop()
