@@ -303,22 +303,27 @@ def test_retraining_reuses_features_with_tuning_and_no_weights(trained, spark):
 @pytest.mark.slow
 @pytest.mark.hdfs
 @pytest.mark.cluster
-def test_job_on_standalone_cluster_via_spark_submit(spark_standalone, hdfs_cluster, sample_tree, hdfs_tmp,
-                                                    pytestconfig):
+def test_job_on_standalone_cluster_via_spark_submit_reuses_a_local_runs_features(spark_standalone, sample_run,
+                                                                               hdfs_tmp):
+    """spark-submit on the standalone cluster trains from the features a local[2] run cached: the cache is
+    keyed by what makes a feature, not by the master. (Featurizing on the cluster: test_featurizer, test_faults.)"""
     from cxr_pipeline import storage
 
-    base, data = shared_sample_run(hdfs_cluster, sample_tree, pytestconfig)
+    base, data, local = sample_run
     out = f"{hdfs_tmp}/run"
     env = {**os.environ, "PYTHONPATH": str(REPO / "lib"), "PYSPARK_PYTHON": sys.executable,
            "PYSPARK_DRIVER_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
     cmd = [str(Path(sys.executable).parent / "spark-submit"), "--master", spark_standalone,
            str(REPO / "jobs" / "train_featurizer.py"), "--conf-env", "standalone", "--data", data, "--out", out,
-           "--feature-layer", "mixed5", "--features-cache", f"{hdfs_tmp}/cache"]
+           *[arg for setting in FAST_FEATURES for arg in ("--set", setting)], "--features-cache", f"{base}/_cache"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "training summary" in proc.stdout and "AUC-ROC" in proc.stdout
     m = json.loads(storage.read_bytes(out + "/metrics.json"))
-    assert m["test"]["n"] == 4 and m["featurizer"]["cache"]["reused_rows"] == 0
+    local_metrics = json.loads(storage.read_bytes(local.run.metrics))
+    assert m["test"]["n"] == 4 and m["featurizer"]["cache"]["featurized_rows"] == 0
+    assert m["featurizer"]["cache"]["reused_rows"] == local_metrics["featurizer"]["cache"]["reused_rows"] + \
+        local_metrics["featurizer"]["cache"]["featurized_rows"]
     assert storage.exists(out + "/model/metadata")
 
 
