@@ -57,6 +57,18 @@ def plot_roc(fpr: Sequence[float], tpr: Sequence[float], auc: float | None = Non
     return _finish(fig, out)
 
 
+def plot_roc_curves(curves: dict[str, tuple[Sequence[float], Sequence[float], float | None]],
+                    out: str | Path | None = None, title: str = "ROC on the same test images") -> bytes:
+    """Several models' ROC curves on one figure: ``name -> (fpr, tpr, auc)`` (the notebooks' model comparison)."""
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    for name, (fpr, tpr, auc) in curves.items():
+        ax.plot(fpr, tpr, lw=2, label=f"{name} (AUC {_auc_text(auc)})")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    ax.set(xlabel="1 - specificity (FPR)", ylabel="sensitivity (TPR)", title=title, xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(loc="lower right", fontsize=8)
+    return _finish(fig, out)
+
+
 def plot_pr(precision: Sequence[float], recall: Sequence[float], average_precision: float | None = None,
             out: str | Path | None = None, title: str = "Precision-recall (test)",
             prevalence: float | None = None) -> bytes:
