@@ -96,7 +96,14 @@ def test_percentile_window_ignores_a_linear_rescale_and_monochrome1_inverts(one_
     assert signed.shape == SIZE + (3,)
 
 
-def test_features_of_jpeg_and_dicom_agree(one_xray):
+@pytest.fixture(scope="module")
+def backbone():
+    from cxr_pipeline.backbones import build_backbone
+
+    return build_backbone("InceptionV3", feature_layer="mixed5")
+
+
+def test_features_of_jpeg_and_dicom_agree(one_xray, backbone):
     """Same pixels -> same features, within the float32 kernel tolerance of tests/tolerances.py.
 
     The JPEG-wrapped DICOM decodes to the JPEG's very pixels; the 12-bit DICOM to the PNG of the full
@@ -104,13 +111,12 @@ def test_features_of_jpeg_and_dicom_agree(one_xray):
     """
     from tolerances import assert_same_features
 
-    from cxr_pipeline.backbones import build_backbone, featurize_arrays
+    from cxr_pipeline.backbones import featurize_arrays
 
-    model = build_backbone("InceptionV3", feature_layer="mixed5")
     full = png(gray_pixels(one_xray))
     batch = np.stack([decode_image(d, SIZE) for d in (one_xray, jpeg_dicom(one_xray), full,
                                                       twelve_bit_with_window(one_xray))])
-    features = featurize_arrays(model, "InceptionV3", batch)
+    features = featurize_arrays(backbone, "InceptionV3", batch)
     assert_same_features(features[1], features[0])
     assert_same_features(features[3], features[2])
 
@@ -234,7 +240,10 @@ def test_settings_come_from_the_config():
     settings = dicom.DicomSettings.from_config(config.load_config(overrides=["dicom.frontal_only=true"]))
     assert settings.frontal_only is True and settings.patient_key
     with pytest.raises(ValueError, match="patient_key"):
-        dicom.DicomSettings.from_config({"dicom": {"patient_key": "", "frontal_only": False}})
+        dicom.DicomSettings.from_config({"dicom": {"patient_key": "", "frontal_only": False, "packed_png_bits": 8}})
+    assert dicom.DicomSettings.from_config(config.load_config(overrides=["dicom.packed_png_bits=16"])).packed_png_bits == 16
+    with pytest.raises(ValueError, match="packed_png_bits must be 8 or 16"):
+        dicom.DicomSettings.from_config(config.load_config(overrides=["dicom.packed_png_bits=12"]))
 
 
 def test_no_warning_or_log_quotes_header_values(one_xray, caplog, recwarn):
@@ -253,6 +262,10 @@ def test_no_warning_or_log_quotes_header_values(one_xray, caplog, recwarn):
 # ---------------------------------------------------------------- Spark reader and packed table: nothing identifying out
 
 KEY = "test-site-key"
+
+
+def site(frontal_only: bool) -> dicom.DicomSettings:
+    return dicom.DicomSettings(KEY, frontal_only=frontal_only, packed_png_bits=8)
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +299,7 @@ def strings_of(df, skip=("content",)) -> str:
 def test_reader_gives_pseudonymous_patients_and_keeps_frontal_views(spark, dicom_tree):
     from cxr_pipeline.spark.reader import read_images_with_rejections
 
-    read = read_images_with_rejections(spark, str(dicom_tree), dicom=dicom.DicomSettings(KEY, frontal_only=True))
+    read = read_images_with_rejections(spark, str(dicom_tree), dicom=site(frontal_only=True))
     patient_rows = read.patients.collect()
     rejected_rows = read.rejected.collect()
     image_rows = read.images.drop("content").collect()
@@ -307,7 +320,7 @@ def test_packed_dicom_table_holds_decoded_images_and_no_patient_data(spark, dico
     from cxr_pipeline.spark.reader import read_images_with_rejections
 
     out = tmp_path / "packed.parquet"
-    summary = pack_image_tree(spark, str(dicom_tree), str(out), dicom=dicom.DicomSettings(KEY, frontal_only=False))
+    summary = pack_image_tree(spark, str(dicom_tree), str(out), dicom=site(frontal_only=False))
     assert summary.images == 5 and summary.rejected == 2
     # every byte written (parquet, _rejected, _duplicates, Spark's own files)...
     for path in out.rglob("*"):
@@ -326,7 +339,7 @@ def test_packed_dicom_table_holds_decoded_images_and_no_patient_data(spark, dico
     rejected = spark.read.option("header", True).csv(str(out / "_rejected"))
     reasons = {Path(r["path"]).name: r["reason"] for r in rejected.collect()}
     assert reasons["multi.dcm"].startswith("multi-frame DICOM") and reasons["report.dcm"].startswith("DICOM without an image")
-    again = read_images_with_rejections(spark, str(out), source="parquet", dicom=dicom.DicomSettings(KEY, frontal_only=True))
+    again = read_images_with_rejections(spark, str(out), source="parquet", dicom=site(frontal_only=True))
     assert {Path(r["path"]).name for r in again.rejected.collect()} == {"b.dcm"}
     assert {r["patient"] for r in again.patients.collect() if r["path"].endswith(".dcm")} == {
         dicom.patient_pseudonym(FAKE_IDENTITY.patient_id, KEY)}
@@ -421,3 +434,43 @@ def test_cnn_carve_groups_dicom_files_by_their_header_patient_like_the_spark_job
                   "content": [b""] * len(records)}).to_parquet(table / "part-0.parquet")
     from_table = data.load_splits(str(tmp_path / "table"), "carve", fraction, seed)
     assert {r.file_name for r in from_table.val} == cnn_val
+
+
+# ---------------------------------------------------------------- packing as a 16-bit PNG
+
+
+def test_sixteen_bit_packed_png_decodes_like_the_dicom(one_xray, backbone):
+    """dicom.packed_png_bits=16: the display values at 16 bits, decoded (scaled by 255/65535, not stretched to the
+    image's own min..max) to the very pixels and features the DICOM gives. The wide window leaves the image
+    in the middle grays: a stretched 16-bit PNG would come out with more contrast than the DICOM."""
+    from tolerances import assert_same_features
+
+    from cxr_pipeline.backbones import featurize_arrays
+    from cxr_pipeline.spark.packing import _pack_row
+
+    pixels = gray_pixels(one_xray)
+    sources = [twelve_bit_with_window(one_xray),
+               native_dicom(pixels.astype(np.uint16) * 16, 12, window=(2040.5, 8161)),  # display 0.25..0.75
+               native_dicom(pixels.astype(np.uint16) * 257, 16, photometric="MONOCHROME1")]  # percentile window
+    packed = []
+    for data in sources:
+        width, height, fmt, reason, payload, patient, view, source_format = _pack_row(
+            "/t/train/NORMAL/x.dcm", data, 60_000_000, KEY, 16)
+        with Image.open(io.BytesIO(payload)) as image:
+            assert (fmt, image.format, image.mode, image.size) == ("PNG", "PNG", "I;16", (width, height))
+            assert int(np.asarray(image).max()) > 255  # 16-bit values, not 8-bit ones in a 16-bit file
+        assert (reason, source_format, patient) == (None, "DICOM", dicom.patient_pseudonym(FAKE_IDENTITY.patient_id, KEY))
+        assert_no_planted_values(payload.decode("latin-1"))
+        packed.append(payload)
+    from_dicom = np.stack([decode_image(d, SIZE) for d in sources])
+    from_png = np.stack([decode_image(p, SIZE) for p in packed])
+    # exact on these images; in general a value may land on the neighbouring level where the display value
+    # is within 0.002 of x.5 (rounding 65535ths, then 255ths), hence features compared at the kernel tolerance
+    assert np.abs(from_png.astype(int) - from_dicom).max() <= 1
+    assert np.array_equal(from_png[1], from_dicom[1])
+    features = featurize_arrays(backbone, "InceptionV3", np.concatenate([from_dicom, from_png]))
+    assert_same_features(features[3:], features[:3])
+    # the embedded JPEG with the identity display table is still stored as that JPEG, whatever the bit depth
+    assert dicom.pack_payload(jpeg_dicom(one_xray), 60_000_000, 16)[1] == "JPEG"
+    with pytest.raises(ValueError, match="png_bits must be 8 or 16"):
+        dicom.pack_payload(sources[0], 60_000_000, 12)

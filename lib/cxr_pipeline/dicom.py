@@ -54,6 +54,10 @@ MAX_TABLE_LEVELS = 1 << 16  # stored values may span 16 bits (BitsStored <= 16, 
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 _JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+PNG_BITS = (8, 16)
+# PNG text chunk of a 16-bit PNG that holds *display* values (pack_payload): imaging scales it by 255/65535
+# instead of stretching its own min..max, so it decodes like the DICOM it came from.
+DISPLAY_PNG_TEXT = ("cxr-display", "windowed")
 
 
 @dataclass(frozen=True)
@@ -62,17 +66,21 @@ class DicomSettings:
 
     patient_key: str
     frontal_only: bool
+    packed_png_bits: int  # jobs/pack_images.py: a decoded DICOM is stored as an 8- or 16-bit PNG
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "DicomSettings":
         section = config.get("dicom") or {}
-        missing = [k for k in ("patient_key", "frontal_only") if k not in section]
+        missing = [k for k in ("patient_key", "frontal_only", "packed_png_bits") if k not in section]
         if missing:
             raise ValueError(f"config has no dicom.{', dicom.'.join(missing)}: conf/defaults.yaml must define them")
         key = section["patient_key"]
         if not key:
             raise ValueError("dicom.patient_key is empty: set a secret key (--set dicom.patient_key=...)")
-        return cls(patient_key=str(key), frontal_only=bool(section["frontal_only"]))
+        bits = section["packed_png_bits"]
+        if bits not in PNG_BITS:
+            raise ValueError(f"dicom.packed_png_bits must be 8 or 16, got {bits!r}")
+        return cls(patient_key=str(key), frontal_only=bool(section["frontal_only"]), packed_png_bits=int(bits))
 
     @classmethod
     def default(cls) -> "DicomSettings":
@@ -280,8 +288,9 @@ def _weighted_percentiles(values: np.ndarray, counts: np.ndarray, percents: tupl
     return float(values[order][picks[0]]), float(values[order][picks[1]])
 
 
-def gray_table(ds, low: int, high: int, counts: np.ndarray, bits_stored: int) -> np.ndarray:
-    """uint8 display value for each stored value ``low..high``: modality LUT, VOI, MONOCHROME1.
+def gray_table(ds, low: int, high: int, counts: np.ndarray, bits_stored: int, out_bits: int = 8) -> np.ndarray:
+    """Display value (uint8, or uint16 with ``out_bits=16``) for each stored value ``low..high``: modality LUT,
+    VOI, MONOCHROME1.
 
     ``counts[i]`` is how many pixels hold ``low + i`` (for the percentile window).
     """
@@ -303,7 +312,8 @@ def gray_table(ds, low: int, high: int, counts: np.ndarray, bits_stored: int) ->
         shown = np.clip((values - lo_value) / span, 0.0, 1.0) if span > 0 else np.zeros_like(values)
     if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
         shown = 1.0 - shown
-    return np.rint(shown * 255.0).astype(np.uint8)
+    top = (1 << out_bits) - 1
+    return np.rint(shown * top).astype(np.uint8 if out_bits == 8 else np.uint16)
 
 
 def _strips(height: int, width: int) -> Iterator[tuple[int, int]]:
@@ -312,8 +322,8 @@ def _strips(height: int, width: int) -> Iterator[tuple[int, int]]:
         yield top, min(height, top + rows)
 
 
-def _gray_array_to_image(ds, pixels: np.ndarray, bits_stored: int) -> Image.Image:
-    """A 2-D stored-value array -> windowed 8-bit ``L`` image, a strip of rows at a time."""
+def _gray_array_to_image(ds, pixels: np.ndarray, bits_stored: int, out_bits: int = 8) -> Image.Image:
+    """A 2-D stored-value array -> windowed 8-bit ``L`` (or 16-bit ``I;16``) image, a strip of rows at a time."""
     if not np.issubdtype(pixels.dtype, np.integer):
         raise ImageDecodeError(f"unsupported DICOM pixel type {pixels.dtype} (float pixel data)")
     low, high = int(pixels.min()), int(pixels.max())
@@ -325,13 +335,13 @@ def _gray_array_to_image(ds, pixels: np.ndarray, bits_stored: int) -> Image.Imag
         index = pixels[top:bottom].astype(np.int64)
         index -= low
         counts += np.bincount(index.ravel(), minlength=len(counts))
-    table = gray_table(ds, low, high, counts, bits_stored)
-    out = np.empty((height, width), dtype=np.uint8)
+    table = gray_table(ds, low, high, counts, bits_stored, out_bits)
+    out = np.empty((height, width), dtype=table.dtype)
     for top, bottom in _strips(height, width):
         index = pixels[top:bottom].astype(np.int64)
         index -= low
         out[top:bottom] = table[index]
-    return Image.fromarray(out, mode="L")
+    return Image.fromarray(out)  # L for uint8, I;16 for uint16
 
 
 def _jpeg_frame(data: bytes) -> bytes:
@@ -348,7 +358,8 @@ def _jpeg_frame(data: bytes) -> bytes:
         raise ImageDecodeError(f"corrupt DICOM pixel data ({type(exc).__name__}: {exc})") from None
 
 
-def _decode_jpeg_baseline(ds, data: bytes, header: ImageHeader, size: tuple[int, int]) -> Image.Image:
+def _decode_jpeg_baseline(ds, data: bytes, header: ImageHeader, size: tuple[int, int],
+                          out_bits: int = 8) -> Image.Image:
     """The encapsulated JPEG through Pillow, exactly as a ``.jpeg`` file: draft mode, then the 256-entry table."""
     frame = _jpeg_frame(data)
     try:
@@ -367,7 +378,10 @@ def _decode_jpeg_baseline(ds, data: bytes, header: ImageHeader, size: tuple[int,
     if image.mode != "L":
         image = image.convert("L")
     counts = np.asarray(image.histogram()[:256], dtype=np.int64)
-    return image.point(gray_table(ds, 0, 255, counts, min(header.bits_stored, 8)).tolist())
+    table = gray_table(ds, 0, 255, counts, min(header.bits_stored, 8), out_bits)
+    if out_bits == 8:
+        return image.point(table.tolist())
+    return Image.fromarray(table[np.asarray(image)])
 
 
 def _decode_pixels(data: bytes, header: ImageHeader) -> np.ndarray:
@@ -388,21 +402,22 @@ def _decode_pixels(data: bytes, header: ImageHeader) -> np.ndarray:
 
 
 @_rejecting_surprises
-def decode_to_image(data: bytes, size: tuple[int, int], max_pixels: int) -> Image.Image:
+def decode_to_image(data: bytes, size: tuple[int, int], max_pixels: int, out_bits: int = 8) -> Image.Image:
     """DICOM bytes -> windowed 8-bit Pillow image (``L``, or ``RGB`` for colour), not yet resized.
 
     ``size`` (height, width) only lets a JPEG-baseline frame decode in draft mode, as a ``.jpeg`` does.
+    ``out_bits=16``: monochrome images as 16-bit ``I;16`` display values (for packing); colour stays 8-bit.
     """
     with _quiet():
         ds = _dataset(data)
         header = _header(ds, max_pixels)
         if header.transfer_syntax == _JPEG_BASELINE and header.photometric in _MONOCHROME:
-            return _decode_jpeg_baseline(ds, data, header, size)
+            return _decode_jpeg_baseline(ds, data, header, size, out_bits)
         pixels = _decode_pixels(data, header)
         if header.photometric in _MONOCHROME:
             if pixels.ndim != 2:
                 raise ImageDecodeError(f"corrupt DICOM: monochrome pixel data of shape {pixels.shape}")
-            return _gray_array_to_image(ds, pixels, header.bits_stored)
+            return _gray_array_to_image(ds, pixels, header.bits_stored, out_bits)
     if pixels.ndim != 3 or pixels.dtype != np.uint8:
         raise ImageDecodeError(f"unsupported colour DICOM ({pixels.dtype}, shape {pixels.shape})")
     return Image.fromarray(pixels, mode="RGB")  # pydicom converted YBR to RGB
@@ -413,13 +428,22 @@ def decode_to_image(data: bytes, size: tuple[int, int], max_pixels: int) -> Imag
 _FULL_SIZE = (1 << 30, 1 << 30)  # a draft target no image reaches: decode at full resolution
 
 
-@_rejecting_surprises
-def pack_payload(data: bytes, max_pixels: int) -> tuple[bytes, str, int, int]:
+def pack_payload(data: bytes, max_pixels: int, png_bits: int = 8) -> tuple[bytes, str, int, int]:
     """``(bytes, format, width, height)`` that decode like the DICOM, with no header (no patient data).
 
     A JPEG-baseline frame whose display table is the identity is stored as that JPEG, unchanged (later
-    decodes take the same draft-mode path); everything else as the windowed 8-bit PNG at full resolution.
+    decodes take the same draft-mode path); everything else as the windowed PNG at full resolution:
+    8-bit, or with ``png_bits=16`` the display values at 16 bits (``I;16``, tagged ``DISPLAY_PNG_TEXT`` so
+    :func:`cxr_pipeline.imaging.decode_image` scales it by 255/65535, i.e. gives the DICOM's own 8-bit
+    display values; a value may round to the neighbouring level where the display value is x.5 within 0.002).
     """
+    if png_bits not in PNG_BITS:  # a caller's mistake, not the file's: raised before any file error becomes a rejection
+        raise ValueError(f"png_bits must be 8 or 16, got {png_bits!r}")
+    return _pack_payload(data, max_pixels, png_bits)
+
+
+@_rejecting_surprises
+def _pack_payload(data: bytes, max_pixels: int, png_bits: int) -> tuple[bytes, str, int, int]:
     with _quiet():
         ds = _dataset(data)
         header = _header(ds, max_pixels)
@@ -428,7 +452,14 @@ def pack_payload(data: bytes, max_pixels: int) -> tuple[bytes, str, int, int]:
             if np.array_equal(identity, np.arange(256)):
                 frame = _jpeg_frame(data)
                 return frame, "JPEG", header.width, header.height
-    image = decode_to_image(data, _FULL_SIZE, max_pixels)
+    image = decode_to_image(data, _FULL_SIZE, max_pixels, png_bits)
     out = io.BytesIO()
-    image.save(out, format="PNG")
+    if image.mode == "I;16":
+        from PIL import PngImagePlugin
+
+        text = PngImagePlugin.PngInfo()
+        text.add_text(*DISPLAY_PNG_TEXT)
+        image.save(out, format="PNG", pnginfo=text)
+    else:
+        image.save(out, format="PNG")
     return out.getvalue(), "PNG", image.size[0], image.size[1]

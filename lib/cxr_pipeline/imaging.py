@@ -147,7 +147,10 @@ def _window_to_8bit(image: Image.Image) -> Image.Image:
     A whole-image float64 copy costs 8 bytes per pixel (1.5 GB for 7700x7700); the strips keep the
     scratch space at ``STRIP_PIXELS`` whatever the image size.
     """
-    low, high = (float(v) for v in image.getextrema())
+    if image.info.get("cxr-display") == "windowed":  # dicom.DISPLAY_PNG_TEXT: display values, scaled not stretched
+        low, high = 0.0, 65535.0
+    else:
+        low, high = (float(v) for v in image.getextrema())
     scale = 255.0 / (high - low) if high > low else 0.0
     width, height = image.size
     out = np.empty((height, width), dtype=np.uint8)

@@ -14,7 +14,8 @@ reason) and ``_duplicates/`` (CSV: sha256, paths, count).
 
 Every row also has ``patient``, ``view_position`` and ``source_format``. DICOM files are
 stored *without their header*: decoded and windowed once (:func:`cxr_pipeline.dicom.pack_payload`)
-as an 8-bit PNG, or as the embedded JPEG itself when its display table is the identity; their
+as a PNG of ``dicom.packed_png_bits`` (8, or 16 for the display values at full precision, tagged so the
+decoder scales rather than stretches it), or as the embedded JPEG itself when its display table is the identity; their
 ``patient`` is the keyed hash of PatientID (``dicom.patient_key``) and ``view_position`` the
 header's. Later runs read plain images and never parse DICOM again; the table holds no name,
 birth date or raw id. Multi-frame and other unusable DICOM files are listed in ``_rejected``.
@@ -72,7 +73,7 @@ class PackSummary:
         ]
 
 
-def _pack_row(path: str, data: bytes | None, max_pixels: int, patient_key: str) -> tuple:
+def _pack_row(path: str, data: bytes | None, max_pixels: int, patient_key: str, png_bits: int) -> tuple:
     from .. import dicom
     from ..dataset_layout import is_dicom
 
@@ -80,7 +81,7 @@ def _pack_row(path: str, data: bytes | None, max_pixels: int, patient_key: str) 
     try:
         if data is not None and is_dicom(data):
             facts = dicom.read_facts(data, patient_key)
-            packed, fmt, width, height = dicom.pack_payload(data, max_pixels)
+            packed, fmt, width, height = dicom.pack_payload(data, max_pixels, png_bits)
             return width, height, fmt, None, packed, facts.patient or by_name, facts.view_position, "DICOM"
         width, height, fmt = image_info(data, max_pixels)
         return width, height, fmt, None, None, by_name, None, fmt
@@ -88,10 +89,10 @@ def _pack_row(path: str, data: bytes | None, max_pixels: int, patient_key: str) 
         return None, None, None, str(exc), None, None, None, None
 
 
-def _header_reader(max_pixels: int, patient_key: str):
+def _header_reader(max_pixels: int, patient_key: str, png_bits: int):
     @F.pandas_udf(_HEADER_TYPE)
     def read_headers(paths: pd.Series, contents: pd.Series) -> pd.DataFrame:
-        rows = [_pack_row(p, c, max_pixels, patient_key) for p, c in zip(paths, contents)]
+        rows = [_pack_row(p, c, max_pixels, patient_key, png_bits) for p, c in zip(paths, contents)]
         return pd.DataFrame(rows, columns=[f.name for f in _HEADER_TYPE.fields])
 
     return read_headers
@@ -108,11 +109,11 @@ def pack_image_tree(
 ) -> PackSummary:
     """Write the tree at ``source_uri`` as a Parquet image table at ``table_uri``.
 
-    ``dicom``: the ``dicom:`` config section (patient key, frontal_only); default read from ``conf/``.
+    ``dicom``: the ``dicom:`` config section (patient key, frontal_only, packed_png_bits); default read from ``conf/``.
     """
     dicom = dicom or DicomSettings.default()
     read = read_images_with_rejections(spark, source_uri, dicom=dicom)
-    header = _header_reader(max_pixels, dicom.patient_key)(F.col("path"), F.col("content"))
+    header = _header_reader(max_pixels, dicom.patient_key, dicom.packed_png_bits)(F.col("path"), F.col("content"))
     with_header = read.images.withColumn("_h", header).cache()
     try:
         content = F.coalesce(F.col("_h.packed"), F.col("content"))
