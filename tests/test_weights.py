@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cxr_pipeline import paths, weights
+from cxr_pipeline.weights import provisioning
 from cxr_pipeline.datasets import registry_assets
 
 
@@ -48,7 +49,7 @@ def _fingerprints(arrays) -> list[tuple]:
 
 def test_js_literal_parsing_handles_minified_numbers_and_booleans():
     source = 'x(function(){n.exports={a:.5,b:[-.25,1e-3,!0,!1],c:{d:"k:v,{}"},e:null}})'
-    assert weights.read_tfjs_model_js(source) == {
+    assert provisioning.read_tfjs_model_js(source) == {
         "a": 0.5, "b": [-0.25, 0.001, True, False], "c": {"d": "k:v,{}"}, "e": None}
 
 
@@ -57,18 +58,18 @@ def test_dequantize_uses_byte_times_scale_plus_min_in_manifest_order():
         {"name": "a/kernel", "shape": [2, 2], "dtype": "float32", "quantization": {"min": -1.0, "scale": 0.5, "dtype": "uint8"}},
         {"name": "b/beta", "shape": [2], "dtype": "float32", "quantization": {"min": 0.25, "scale": 2.0, "dtype": "uint8"}},
     ]}]
-    arrays = weights.dequantize_tfjs_weights(manifest, {"s1": bytes([0, 1, 2]), "s2": bytes([4, 0, 3])})
+    arrays = provisioning.dequantize_tfjs_weights(manifest, {"s1": bytes([0, 1, 2]), "s2": bytes([4, 0, 3])})
     np.testing.assert_allclose(arrays["a/kernel"], [[-1.0, -0.5], [0.0, 1.0]])
     np.testing.assert_allclose(arrays["b/beta"], [0.25, 6.25])
     with pytest.raises(ValueError, match="bytes"):
-        weights.dequantize_tfjs_weights(manifest, {"s1": bytes([0, 1, 2]), "s2": bytes([4, 0, 3, 9])})
+        provisioning.dequantize_tfjs_weights(manifest, {"s1": bytes([0, 1, 2]), "s2": bytes([4, 0, 3, 9])})
 
 
 def test_shard_reader_takes_the_single_base64_literal():
     payload = bytes(range(256)) * 2
     source = '!function(d){d()}(function(){return{1:[function(a,n){n.exports="%s"},{}]}});' % (
         base64.b64encode(payload).decode())
-    assert weights.read_tfjs_shard_js(source) == payload
+    assert provisioning.read_tfjs_shard_js(source) == payload
 
 
 # ------------------------------------------------------------ API errors
@@ -92,26 +93,26 @@ def test_default_weights_paths_point_at_provisioned_files(provisioned):
 
 
 def test_manifest_records_complete_assignment_and_reference_agreement(provisioned):
-    manifest = weights.read_manifest(paths.WEIGHTS_DIR)
+    manifest = provisioning.read_manifest(paths.WEIGHTS_DIR)
     for name, path in provisioned.items():
         entry = manifest[name]
         assert entry["sha256"] == registry_assets.sha256_of(path)
         assert entry["arrays_assigned"] == entry["keras_arrays_total"] > 200
-        assert max(entry["reference_max_abs_diff"].values()) <= weights.TOLERANCE
+        assert max(entry["reference_max_abs_diff"].values()) <= provisioning.TOLERANCE
         assert entry["feature_checksum"]["output"]["nonzero"] > 100
     assert manifest["InceptionV3"]["imagenet_through"] == "mixed5"
     assert "fine-tuned" in manifest["InceptionV3"]["caution"]
 
 
 def test_verify_passes_on_the_provisioned_files(provisioned):
-    assert weights.verify() == {"InceptionV3": "ok", "Xception": "ok"}
+    assert provisioning.verify() == {"InceptionV3": "ok", "Xception": "ok"}
 
 
 @pytest.fixture
 def xception_copy(provisioned, tmp_path):
     shutil.copy(provisioned["Xception"], tmp_path)
-    manifest = weights.read_manifest(paths.WEIGHTS_DIR)
-    (tmp_path / weights.MANIFEST_NAME).write_text(json.dumps({"Xception": manifest["Xception"]}))
+    manifest = provisioning.read_manifest(paths.WEIGHTS_DIR)
+    (tmp_path / provisioning.MANIFEST_NAME).write_text(json.dumps({"Xception": manifest["Xception"]}))
     return tmp_path
 
 
@@ -120,23 +121,23 @@ def test_verify_rejects_a_tampered_file(xception_copy):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(weights.WeightsVerificationError, match="sha256 .* does not match.*make weights"):
-        weights.verify(["Xception"], xception_copy)
+    with pytest.raises(provisioning.WeightsVerificationError, match="sha256 .* does not match.*make weights"):
+        provisioning.verify(["Xception"], xception_copy)
 
 
 def test_verify_rejects_features_that_differ_from_the_manifest(xception_copy):
-    manifest_path = xception_copy / weights.MANIFEST_NAME
+    manifest_path = xception_copy / provisioning.MANIFEST_NAME
     manifest = json.loads(manifest_path.read_text())
     manifest["Xception"]["feature_checksum"]["output"]["sum"] *= 1.01
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(weights.WeightsVerificationError, match="feature checksum"):
-        weights.verify(["Xception"], xception_copy)
+    with pytest.raises(provisioning.WeightsVerificationError, match="feature checksum"):
+        provisioning.verify(["Xception"], xception_copy)
 
 
 def test_verify_reports_a_missing_file(xception_copy):
     (xception_copy / weights.WEIGHT_FILES["Xception"]).unlink()
     with pytest.raises(weights.WeightsNotFound, match="make weights"):
-        weights.verify(["Xception"], xception_copy)
+        provisioning.verify(["Xception"], xception_copy)
 
 
 # ------------------------------------------------------------ Keras loading
@@ -161,12 +162,12 @@ def test_first_inception_conv_matches_bytes_decoded_from_the_npm_shards(inceptio
     """Independent of the converter: find conv2d_1/kernel's bytes in the shards and dequantize them here."""
     tarball = registry_assets.fetch(registry_assets.NSFWJS)
     with tarfile.open(tarball) as archive:
-        model_js = archive.extractfile(weights.NSFWJS_MODEL_DIR + "model.min.js").read().decode()
+        model_js = archive.extractfile(provisioning.NSFWJS_MODEL_DIR + "model.min.js").read().decode()
         specs = re.findall(r'\{name:"([^"]+)",shape:\[([\d,]*)\],dtype:"float32",'
                            r'quantization:\{min:(-?[\d.e-]+),scale:([\d.e-]+),dtype:"uint8"\}\}', model_js)
         shards = b"".join(
             base64.b64decode(re.search(r'"([A-Za-z0-9+/=]{1000,})"', archive.extractfile(
-                f"{weights.NSFWJS_MODEL_DIR}group1-shard{i}of6.min.js").read().decode()).group(1))
+                f"{provisioning.NSFWJS_MODEL_DIR}group1-shard{i}of6.min.js").read().decode()).group(1))
             for i in range(1, 7))
     offset = 0
     for name, shape, minimum, scale in specs:

@@ -1,4 +1,4 @@
-"""Pretrained CNN weights provisioned offline from the package registries.
+"""Pretrained CNN weights provisioned offline from the package registries (``make weights``).
 
 ``keras.applications``' ``weights="imagenet"`` downloads from the internet, which
 is not reachable here, so ``make weights`` (``python -m cxr_pipeline.weights
@@ -23,11 +23,10 @@ layers/arrays were assigned, a feature checksum on a fixed seeded input, and the
 largest difference to an independent reference (the tfjs topology rebuilt by
 Keras' legacy loader, or the wheel's own Xception). ``verify`` recomputes them.
 
-Other helpers use :func:`default_weights_path` and :func:`stage_to_hdfs`.
+The jobs only need :mod:`cxr_pipeline.weights` (where the files are).
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import copy
 import json
@@ -45,6 +44,7 @@ from typing import Callable
 import numpy as np
 
 from cxr_pipeline import paths
+from cxr_pipeline.weights import WEIGHT_FILES, default_weights_path
 from cxr_pipeline.datasets import registry_assets
 
 MANIFEST_NAME = "manifest.json"
@@ -54,18 +54,8 @@ CHECK_INPUT_SEED = 20240229
 # The reference models have fixed input sizes: nsfwjs 299x299, the wheel's Xception 150x150.
 CHECK_INPUT_SHAPES = {"InceptionV3": (2, 299, 299, 3), "Xception": (2, 150, 150, 3)}
 
-WEIGHT_FILES = {
-    "InceptionV3": "inception_v3_notop.weights.h5",
-    "Xception": "xception_notop.weights.h5",
-}
-# keras.applications models the featurizer knows but for which no registry ships weights.
-NO_OFFLINE_WEIGHTS = ("ResNet50", "MobileNetV2", "DenseNet121")
 
 NSFWJS_MODEL_DIR = "package/dist/models/inception_v3/"
-
-
-class WeightsNotFound(FileNotFoundError):
-    """No provisioned weights file for a model."""
 
 
 class WeightsVerificationError(RuntimeError):
@@ -74,41 +64,6 @@ class WeightsVerificationError(RuntimeError):
 
 def _log(message: str) -> None:
     print(f"[weights] {message}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- API
-
-
-def default_weights_path(model_name: str, weights_dir: Path | None = None) -> Path:
-    """The provisioned no-top weights file for ``model_name`` (InceptionV3, Xception)."""
-    weights_dir = Path(weights_dir or paths.WEIGHTS_DIR)
-    if model_name in NO_OFFLINE_WEIGHTS:
-        raise WeightsNotFound(
-            f"no offline weights exist here for {model_name} (only {', '.join(WEIGHT_FILES)} can be "
-            f"provisioned from the registries): pass a weights file path, or weights='imagenet' "
-            f"on a machine with internet access (Keras downloads them)"
-        )
-    if model_name not in WEIGHT_FILES:
-        known = ", ".join([*WEIGHT_FILES, *NO_OFFLINE_WEIGHTS])
-        raise ValueError(f"unknown model {model_name!r}; known: {known}")
-    path = weights_dir / WEIGHT_FILES[model_name]
-    if not path.is_file():
-        raise WeightsNotFound(f"{model_name} weights not found at {path}: run `make weights` first")
-    return path
-
-
-def stage_to_hdfs(model_name: str, uri: str, weights_dir: Path | None = None) -> str:
-    """Upload the provisioned weights of ``model_name`` to ``uri`` (a file URI, or a folder ending in /).
-
-    Executors (or a YARN job) can then read the weights from the cluster instead
-    of a path that exists only on the machine that ran ``make weights``.
-    """
-    from cxr_pipeline import storage
-
-    local = default_weights_path(model_name, weights_dir)
-    target = uri + local.name if uri.endswith("/") else uri
-    storage.upload_file(str(local), target)
-    return target
 
 
 def build_notop_model(model_name: str, input_shape=None):
@@ -514,45 +469,3 @@ def verify(models=None, weights_dir: Path | None = None) -> dict:
         _log(f"{model_name}: {path.name} verified (sha256, {len(model.weights)} arrays, feature checksums)")
         del model
     return results
-
-
-def main(argv=None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    parser = argparse.ArgumentParser(prog="python -m cxr_pipeline.weights", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    prov = sub.add_parser("provision", help="download, convert and verify the weights (make weights)")
-    prov.add_argument("--models", default=",".join(WEIGHT_FILES), help="comma-separated (default: %(default)s)")
-    prov.add_argument("--force", action="store_true", help="convert again even if already provisioned")
-    prov.add_argument("--stage-hdfs", metavar="URI", help="also upload the files into this folder URI")
-    prov.add_argument("--weights-dir", type=Path, default=paths.WEIGHTS_DIR, help="default: %(default)s")
-    ver = sub.add_parser("verify", help="recompute checksums of the provisioned weights")
-    ver.add_argument("--models", default=",".join(WEIGHT_FILES))
-    ver.add_argument("--weights-dir", type=Path, default=paths.WEIGHTS_DIR)
-    path_cmd = sub.add_parser("path", help="print the provisioned weights file of a model")
-    path_cmd.add_argument("model_name")
-    path_cmd.add_argument("--weights-dir", type=Path, default=paths.WEIGHTS_DIR)
-    args = parser.parse_args(argv)
-
-    try:
-        if args.command == "path":
-            print(default_weights_path(args.model_name, args.weights_dir))
-            return 0
-        models = [m.strip() for m in args.models.split(",") if m.strip()]
-        if args.command == "verify":
-            verify(models, args.weights_dir)
-            return 0
-        provision(models, args.weights_dir, force=args.force)
-        verify(models, args.weights_dir)
-        if args.stage_hdfs:
-            for model_name in models:
-                target = stage_to_hdfs(model_name, args.stage_hdfs.rstrip("/") + "/", args.weights_dir)
-                _log(f"{model_name}: staged to {target}")
-        (args.weights_dir / STAMP_NAME).touch()
-        return 0
-    except (WeightsNotFound, WeightsVerificationError, registry_assets.AssetError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
