@@ -194,7 +194,7 @@ def test_cli_batches_cover_every_file_once():
 
 def test_auto_transport_uses_webhdfs_for_small_uploads():
     assert hdfs_load.choose_transport("auto", 16) == "webhdfs"
-    expected_big = "cli" if hdfs_load.find_hdfs_command() else "webhdfs"
+    expected_big = "cli" if storage.find_hdfs_dfs_command() else "webhdfs"
     assert hdfs_load.choose_transport("auto", hdfs_load.AUTO_CLI_MIN_FILES) == expected_big
     assert hdfs_load.choose_transport("webhdfs", 5000) == "webhdfs"
     with pytest.raises(hdfs_load.SourceError, match="--via"):
@@ -244,6 +244,25 @@ def test_unreachable_namenode_exit_3(tmp_path):
 
 
 # -- against the real local HDFS ------------------------------------------------
+
+@pytest.mark.hdfs
+def test_an_upload_cut_midway_is_sent_again_and_hashed_once(hdfs_tmp, tmp_path, monkeypatch):
+    """A DataNode that dies mid-upload: storage sends the file again to another one, and the MD5 hdfs-load
+    records is that of the bytes that landed (the body's hash restarts with it), not of both attempts."""
+    from test_storage import dropping_port, first_redirect_to, without_backoff
+
+    without_backoff(monkeypatch)
+    data = os.urandom(200_000)
+    local = tmp_path / "x.jpeg"
+    local.write_bytes(data)
+    remote = hdfs_load.RemoteTree(hdfs_load.resolve_target(hdfs_tmp))
+    with dropping_port(after_bytes=50_000) as port:
+        redirects = first_redirect_to(remote.fs, port, monkeypatch)
+        size, md5 = remote.upload(local, "staged/x.jpeg")
+    assert len(redirects) == 2
+    assert (size, md5) == (len(data), hashlib.md5(data).hexdigest())
+    assert storage.read_bytes(f"{hdfs_tmp}/staged/x.jpeg") == data
+
 
 @pytest.mark.hdfs
 def test_load_sample_tree_then_second_load_uploads_nothing(sample_tree, hdfs_tmp):

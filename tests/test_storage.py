@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import os
+import socket
+import struct
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -349,3 +354,127 @@ def test_hdfs_filesystem_exclusive_create_and_rename(hdfs_tmp):
     fs.rename_to(f"{base}/new", f"{base}/lock", replace=True)
     assert fs.read_bytes(f"{base}/lock") == b"new" and not fs.exists(f"{base}/new")
     assert fs.content_summary(base)["fileCount"] == 1 and fs.content_summary(f"{base}/none") is None
+
+
+# ------------------------------------------------- a DataNode that dies under a WebHDFS create/read
+@contextmanager
+def refusing_port():
+    """A port bound but never listening: every connection to it is refused, like a just-stopped DataNode's."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+@contextmanager
+def dropping_port(after_bytes: int = 1024):
+    """A port whose one connection is cut with a reset after ``after_bytes`` of the request: a DataNode dying
+    mid-transfer."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(after_bytes)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.close()
+        thread.join(timeout=5)
+
+
+def first_redirect_to(fs: storage.HdfsFilesystem, port: int, monkeypatch) -> list[str]:
+    """Send the first DataNode leg of ``fs`` to ``port`` instead of where the real NameNode said (later ones go
+    where it says); returns every redirect the NameNode gave."""
+    given: list[str] = []
+    real = fs._namenode_redirect
+
+    def redirect(*args):
+        given.append(real(*args))
+        if len(given) > 1:
+            return given[-1]
+        return urlunsplit(urlsplit(given[-1])._replace(netloc=f"127.0.0.1:{port}"))
+
+    monkeypatch.setattr(fs, "_namenode_redirect", redirect)
+    return given
+
+
+def without_backoff(monkeypatch) -> None:
+    """The configured retry count, with no pause between tries (storage reads ``hdfs.datanode_*`` per call)."""
+    monkeypatch.setattr(storage, "_active_config", {**storage._hdfs_config(), "datanode_backoff_s": 0})
+
+
+@pytest.fixture
+def hdfs_fs(hdfs_tmp, monkeypatch) -> tuple[storage.HdfsFilesystem, str]:
+    """(the real local HDFS, a fresh folder's absolute path in it); DataNode retries do not pause."""
+    without_backoff(monkeypatch)
+    return storage.hdfs_filesystem(hdfs_tmp), storage._split(hdfs_tmp).path
+
+
+@pytest.mark.hdfs
+def test_a_refused_datanode_is_left_for_another_redirect_on_create_and_read(hdfs_fs, tmp_path, monkeypatch):
+    fs, base = hdfs_fs
+    local = tmp_path / "blob.bin"
+    local.write_bytes(PAYLOAD)
+    with refusing_port() as port:
+        redirects = first_redirect_to(fs, port, monkeypatch)
+        fs.create(f"{base}/blob.bin", local, overwrite=True)
+        assert len(redirects) == 2, "the create went back to the NameNode once"
+        redirects = first_redirect_to(fs, port, monkeypatch)
+        fs.create(f"{base}/lock", b"mine", overwrite=False)  # refused before sending: nothing created, retried
+        assert len(redirects) == 2
+    assert fs.read_bytes(f"{base}/lock") == b"mine"
+    with refusing_port() as port:
+        redirects = first_redirect_to(fs, port, monkeypatch)
+        assert fs.read_bytes(f"{base}/blob.bin") == PAYLOAD
+        assert len(redirects) == 2
+
+
+@pytest.mark.hdfs
+def test_a_create_cut_midway_sends_a_seekable_file_again_from_its_start(hdfs_fs, tmp_path, monkeypatch):
+    fs, base = hdfs_fs
+    local = tmp_path / "blob.bin"
+    local.write_bytes(b"header-not-sent" + PAYLOAD * 4)
+    with open(local, "rb") as stream, dropping_port() as port:
+        stream.seek(len(b"header-not-sent"))
+        redirects = first_redirect_to(fs, port, monkeypatch)
+        fs.create(f"{base}/blob.bin", stream, overwrite=True)
+    assert len(redirects) == 2
+    assert fs.read_bytes(f"{base}/blob.bin") == PAYLOAD * 4
+
+
+@pytest.mark.hdfs
+def test_a_one_pass_stream_is_never_sent_twice(hdfs_fs, monkeypatch):
+    fs, base = hdfs_fs
+    with refusing_port() as port:
+        redirects = first_redirect_to(fs, port, monkeypatch)
+        with pytest.raises(storage.StorageError, match="one-pass stream, which cannot be sent again"):
+            fs.create(f"{base}/stream.bin", (chunk for chunk in [PAYLOAD]), overwrite=True)
+    assert len(redirects) == 1 and not fs.exists(f"{base}/stream.bin")
+
+
+def test_a_silent_namenode_fails_at_once_without_datanode_retries(monkeypatch):
+    fs = unreachable_hdfs()
+    asked: list[tuple] = []
+    real = fs._namenode_redirect
+    monkeypatch.setattr(fs, "_namenode_redirect", lambda *args: asked.append(args) or real(*args))
+    with pytest.raises(storage.StorageUnavailable, match="is HDFS running"):
+        fs.create("/x", b"data", overwrite=True)
+    with pytest.raises(storage.StorageUnavailable, match="is HDFS running"):
+        fs.read_bytes("/x")
+    assert [args[2] for args in asked] == ["CREATE", "OPEN"]  # once each: no DataNode retries
+
+
+def test_datanode_retry_settings_come_from_the_config():
+    defaults = storage.DatanodeRetry.from_config({})
+    assert defaults.attempts >= 2 and defaults.backoff_s > 0
+    assert storage.DatanodeRetry.from_config({"datanode_attempts": 1}).attempts == 1
+    assert storage.DatanodeRetry.from_config({"datanode_backoff_s": 0.5}).pause(3) == 2.0
+    with pytest.raises(ValueError, match="datanode_attempts must be >= 1"):
+        storage.DatanodeRetry.from_config({"datanode_attempts": 0})

@@ -19,6 +19,14 @@ Errors are ``OSError`` subclasses: ``FileNotFoundError``, ``FileExistsError``,
 ``StorageUnavailable`` (nothing answers, the NameNode went away, or it is in safe mode),
 ``StoragePermissionError`` (also a ``PermissionError``) and ``StorageError``.
 
+Creates and reads are WebHDFS's two steps: the NameNode redirects to a DataNode, which takes
+or serves the bytes. When that DataNode refuses or drops the connection (it has just died and
+the NameNode does not know yet), the NameNode is asked again for another one, up to
+``hdfs.datanode_attempts`` times with a doubling pause from ``hdfs.datanode_backoff_s``; a
+create's bytes are then sent again from the start (bytes, a local path reopened, a seekable file
+sought back; a one-pass stream is never replayed), a read resumes at the offset it had reached.
+A NameNode that does not answer is ``StorageUnavailable`` at once.
+
 HDFS at the level of absolute paths (exclusive creates, rename without/with replace,
 content summaries, the "is this the NameNode" check) is :class:`HdfsFilesystem`,
 from :func:`hdfs_filesystem`; it is the one WebHDFS client of the project
@@ -28,21 +36,27 @@ from :func:`hdfs_filesystem`; it is the one WebHDFS client of the project
 from __future__ import annotations
 
 import getpass
+import io
+import logging
 import os
 import posixpath
 import re
 import shutil
 import socket
 import threading
+import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 from typing import NamedTuple
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 from . import paths
+
+_log = logging.getLogger(__name__)
 
 DEFAULT_WEBHDFS_PORT = 9870
 LOCAL_SCHEMES = ("", "file")
@@ -303,15 +317,24 @@ def rename(src_uri: str | os.PathLike, dst_uri: str | os.PathLike) -> None:
     src_backend.rename(src, dst)
 
 
+def find_hdfs_dfs_command() -> list[str] | None:
+    """The argv prefix of ``hdfs dfs``: the repo's ``scripts/hdfs`` (itself preferring a real Hadoop on PATH)
+    when a Hadoop on PATH or the provisioned jars (``make hadoop``) can run it, else an ``hdfs`` on PATH;
+    None when neither is usable."""
+    on_path = shutil.which("hdfs")
+    wrapper = paths.REPO_ROOT / "scripts" / "hdfs"
+    if wrapper.exists() and (on_path or (paths.HADOOP_HOME / "classpath.txt").exists()):
+        return [str(wrapper), "dfs"]
+    return [on_path, "dfs"] if on_path else None
+
+
 def hdfs_dfs_command() -> list[str]:
-    """The argv prefix of ``hdfs dfs`` (the project's scripts/hdfs, else a Hadoop install's)."""
-    script = paths.REPO_ROOT / "scripts" / "hdfs"
-    if script.exists():
-        return [str(script), "dfs"]
-    real = shutil.which("hdfs")
-    if real:
-        return [real, "dfs"]
-    raise FileNotFoundError("no `hdfs` command: neither scripts/hdfs in the repo nor a Hadoop install on PATH")
+    """:func:`find_hdfs_dfs_command`, or FileNotFoundError saying what to install."""
+    command = find_hdfs_dfs_command()
+    if command is None:
+        raise FileNotFoundError("no usable `hdfs` command: no Hadoop install on PATH and scripts/hdfs has no "
+                                "provisioned Hadoop jars (`make hadoop`)")
+    return command
 
 
 # ----------------------------------------------------------- WebHDFS endpoints
@@ -344,6 +367,31 @@ def _default_hdfs_config() -> dict[str, Any]:
         return dict(load_config().get("hdfs") or {})
     except (ConfigError, OSError):
         return {}
+
+
+@dataclass(frozen=True)
+class DatanodeRetry:
+    """How often a WebHDFS create/read goes back to the NameNode when its DataNode fails: ``hdfs.datanode_*``."""
+
+    attempts: int
+    backoff_s: float
+
+    @classmethod
+    def from_config(cls, hdfs: Mapping[str, Any]) -> "DatanodeRetry":
+        defaults = _default_hdfs_config()
+        try:
+            found = {key: hdfs.get(f"datanode_{key}", defaults.get(f"datanode_{key}"))
+                     for key in ("attempts", "backoff_s")}
+            retry = cls(int(found["attempts"]), float(found["backoff_s"]))
+        except (TypeError, ValueError) as exc:
+            raise ValueError("hdfs.datanode_attempts and hdfs.datanode_backoff_s must be numbers "
+                             f"(conf/defaults.yaml sets them): {exc}") from exc
+        if retry.attempts < 1 or retry.backoff_s < 0:
+            raise ValueError(f"hdfs.datanode_attempts must be >= 1 and hdfs.datanode_backoff_s >= 0, not {retry}")
+        return retry
+
+    def pause(self, failed_attempt: int) -> float:
+        return self.backoff_s * 2 ** (failed_attempt - 1)
 
 
 def _authority(uri: str) -> str:
@@ -386,6 +434,13 @@ def _client_for(webhdfs_url: str, user: str):
     return client
 
 
+def _hdfs_error(response):
+    """HdfsCLI's error for a WebHDFS answer that is not a success (its RemoteException, when there is one)."""
+    from hdfs.client import _to_error
+
+    return _to_error(response)
+
+
 def _check_answers(namenode_uri: str) -> None:
     """StorageUnavailable unless something accepts connections on the NameNode's RPC port."""
     parsed = urlparse(namenode_uri)
@@ -425,6 +480,77 @@ def _check_serves(webhdfs_url: str, namenode_uri: str) -> None:
             f"WebHDFS at {webhdfs_url} belongs to the NameNode at {served}, not {namenode_uri}: "
             "set hdfs.webhdfs_url (or CXR_WEBHDFS_URL) to that NameNode's HTTP address"
         )
+
+
+class _DatanodeFailed(Exception):
+    """The DataNode leg of a WebHDFS call failed in a way another DataNode may not: ``cause`` says how."""
+
+    def __init__(self, cause: BaseException, before_sending: bool):
+        super().__init__(str(cause))
+        self.cause, self.before_sending = cause, before_sending
+
+
+def _refused_before_sending(exc: BaseException) -> bool:
+    """True when the connection itself failed (refused, unreachable, connect timeout): nothing reached the peer."""
+    import requests
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return True
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    return isinstance(reason, (NewConnectionError, ConnectTimeoutError))
+
+
+@contextmanager
+def _datanode_errors() -> Iterator[None]:
+    """Turn a DataNode that refuses, drops the connection or reports a lost Hadoop peer into _DatanodeFailed."""
+    import requests
+    from hdfs.util import HdfsError
+
+    try:
+        yield
+    except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError,
+            requests.exceptions.Timeout) as exc:
+        raise _DatanodeFailed(exc, _refused_before_sending(exc)) from exc
+    except HdfsError as exc:
+        if not is_lost_connection(exc):
+            raise
+        raise _DatanodeFailed(exc, before_sending=False) from exc
+
+
+def _guarded(leg: Callable[[str], None]) -> Callable[[str], None]:
+    def run(location: str) -> None:
+        with _datanode_errors():
+            leg(location)
+
+    return run
+
+
+class _Body:
+    """A create's bytes, which a retry must send again from the start: bytes are resent, a local path
+    reopened, a seekable file sought back to where it started; a one-pass stream cannot be resent."""
+
+    def __init__(self, data):
+        self.data, self.start, self.sent = data, None, False
+        if isinstance(data, (bytes, bytearray, memoryview, str, os.PathLike)) or data is None:
+            self.rereadable = True
+        else:
+            try:
+                self.rereadable = bool(data.seekable())
+                self.start = data.tell() if self.rereadable else None
+            except (AttributeError, OSError, ValueError):
+                self.rereadable = False
+
+    @contextmanager
+    def attempt(self):
+        if isinstance(self.data, os.PathLike):
+            with open(self.data, "rb") as stream:
+                yield stream
+            return
+        if self.sent and self.start is not None:
+            self.data.seek(self.start)
+        self.sent = True
+        yield self.data
 
 
 # ------------------------------------------------------------------- backends
@@ -593,26 +719,99 @@ class HdfsFilesystem:
         return found
 
     def read_bytes(self, path: str) -> bytes:
-        def read() -> bytes:
-            with self.client.read(path) as reader:
-                return reader.read()
-
-        return self._call("read", path, read)
+        buffer = io.BytesIO()
+        self.read_into(path, buffer)
+        return buffer.getvalue()
 
     def read_into(self, path: str, out) -> None:
-        """Stream the file into ``out``: anything with ``write`` (a file) or ``update`` (a hashlib hash)."""
-        def copy() -> None:
-            write = out.write if hasattr(out, "write") else out.update
-            with self.client.read(path, chunk_size=CHUNK) as chunks:
-                for chunk in chunks:
-                    write(chunk)
+        """Stream the file into ``out``: anything with ``write`` (a file) or ``update`` (a hashlib hash).
 
-        self._call("read", path, copy)
+        When the DataNode fails mid-file, the read goes on from the bytes already delivered (WebHDFS
+        ``offset``) at the DataNode the NameNode names next: ``out`` gets every byte exactly once."""
+        write = out.write if hasattr(out, "write") else out.update
+        received = 0
+
+        def copy(location: str) -> None:
+            nonlocal received
+            response = self.client._request("GET", url=location, stream=True)
+            try:
+                if not response:
+                    raise _hdfs_error(response)
+                for chunk in response.iter_content(chunk_size=CHUNK):
+                    write(chunk)
+                    received += len(chunk)
+            finally:
+                response.close()
+
+        self._via_datanode("read", path, "GET", "OPEN", lambda: {"offset": received}, copy,
+                           may_resend=lambda failure: True)
 
     def create(self, path: str, data, overwrite: bool = False) -> None:
         """One WebHDFS CREATE (not atomic: use :meth:`write_bytes` for that). Without ``overwrite`` the
-        NameNode refuses an existing file (FileExistsError), so the first of two creators wins."""
-        self._call("create", path, self.client.write, path, data=data, overwrite=overwrite)
+        NameNode refuses an existing file (FileExistsError), so the first of two creators wins.
+
+        ``data``: bytes, a local path (opened here), or a file. A DataNode that fails is retried (see the
+        module docstring) when the bytes can be sent again from the start; with ``overwrite`` the retry
+        replaces any partial file, without it only a DataNode that refused the connection (nothing
+        created) is retried, since an exclusive create cannot tell its own partial file from another's."""
+        body = _Body(data)
+
+        def send(location: str) -> None:
+            with body.attempt() as payload:
+                response = self.client._request("PUT", url=location, data=payload)
+            if not response:
+                raise _hdfs_error(response)
+
+        def may_resend(failure: _DatanodeFailed) -> bool:
+            if not body.rereadable:
+                raise StorageError(
+                    f"create {self.uri(path)}: the DataNode failed ({_short(str(failure.cause), 200)}) and the data "
+                    "was a one-pass stream, which cannot be sent again: pass bytes, a local path or a seekable file"
+                ) from failure.cause
+            return overwrite or failure.before_sending
+
+        self._via_datanode("create", path, "PUT", "CREATE", lambda: {"overwrite": str(overwrite).lower()}, send,
+                           may_resend)
+
+    def _namenode_redirect(self, method: str, path: str, op: str, params: Mapping[str, Any]) -> str:
+        """The NameNode's half of a two-step WebHDFS call: the DataNode URL it redirects ``op`` to."""
+        url = f"{self.webhdfs_url}/webhdfs/v1{quote(self.client.resolve(path), '/= ')}"
+        response = self.client._request(method, url=url, params={"op": op, **params}, allow_redirects=False)
+        if not response.ok:
+            raise _hdfs_error(response)
+        location = response.headers.get("location")
+        if not location:
+            raise StorageError(f"WebHDFS at {self.webhdfs_url} answered {op} {self.uri(path)} with status "
+                               f"{response.status_code} and no redirect to a DataNode")
+        return location
+
+    def _via_datanode(self, what: str, path: str, method: str, op: str, params: Callable[[], Mapping[str, Any]],
+                      leg: Callable[[str], None], may_resend: Callable[[_DatanodeFailed], bool]) -> None:
+        """Ask the NameNode where to go, run ``leg(location)`` there; when the DataNode fails (_datanode_errors)
+        and ``may_resend(failure)``, ask the NameNode again (see DatanodeRetry). Errors are translated as in
+        :meth:`_call`; a NameNode that does not answer fails at once."""
+        retry = DatanodeRetry.from_config(_hdfs_config())
+        tried: list[str] = []
+        for attempt in range(1, retry.attempts + 1):
+            location = self._call(what, path, self._namenode_redirect, method, path, op, params())
+            tried.append(urlparse(location).netloc)
+            try:
+                return self._call(what, path, _guarded(leg), location)
+            except _DatanodeFailed as failure:
+                if not may_resend(failure):
+                    raise StorageError(
+                        f"{what} {self.uri(path)}: the DataNode at {tried[-1]} failed after it had taken part of an "
+                        f"exclusive create ({_short(str(failure.cause), 200)}); not retried, since a partial file "
+                        "may be there: delete it and run again") from failure.cause
+                if attempt == retry.attempts:
+                    raise StorageUnavailable(
+                        f"{what} {self.uri(path)}: the DataNodes the NameNode sent it to ({', '.join(tried)}) refused "
+                        f"or dropped the connection {retry.attempts} times (hdfs.datanode_attempts): are DataNodes "
+                        f"down (`make hdfs-status`)? last: {_short(str(failure.cause), 200)}") from failure.cause
+                _log.info("%s %s: the DataNode at %s failed (%s); asking the NameNode again in %.2f s "
+                          "(attempt %d of %d)", what, self.uri(path), tried[-1], type(failure.cause).__name__,
+                          retry.pause(attempt), attempt + 1, retry.attempts)
+                time.sleep(retry.pause(attempt))
 
     def rename_to(self, src: str, dst: str, replace: bool = False) -> None:
         """One NameNode rename: FileExistsError when ``dst`` exists, unless ``replace`` (then readers see the
@@ -636,8 +835,7 @@ class HdfsFilesystem:
         self._atomic(path, data)
 
     def upload_file(self, local: Path, path: str) -> None:
-        with open(local, "rb") as stream:
-            self._atomic(path, stream)
+        self._atomic(path, Path(local))  # a path, not an open stream: a retry reopens it
 
     def exists(self, path: str) -> bool:
         return self.status(path) is not None
