@@ -84,6 +84,31 @@ def load_config(
     return config
 
 
+def section_settings(cls: type, config: Mapping[str, Any], section: str, **overrides: Any):
+    """``cls(**config[section])`` for a dataclass whose fields are exactly the section's keys.
+
+    conf/defaults.yaml is the one home of the defaults, so every key must be there: unknown keys are refused
+    (a typo never passes silently), missing ones are named, keyword ``overrides`` that are not None win, and
+    the instance's ``validate()`` runs when the class has one.
+    """
+    from dataclasses import fields
+
+    values = dict(get(config, section, {}) or {})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown {section} option(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+    missing = sorted(names - set(values))
+    if missing:
+        raise ConfigError(f"{section} option(s) missing from the config: {', '.join(missing)} (conf/defaults.yaml "
+                          "defines them all: is CXR_CONF_DIR pointing at an old copy?)")
+    settings = cls(**values)
+    if hasattr(settings, "validate"):
+        settings.validate()
+    return settings
+
+
 def get(config: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
     node: Any = config
     for key in dotted.split("."):

@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 from urllib.parse import urlparse
@@ -64,27 +64,25 @@ class TrackingWarning(UserWarning):
 
 @dataclass(frozen=True)
 class TrackingSettings:
-    enabled: bool = True
-    uri: str | None = None
-    registry_uri: str | None = None
-    experiment: str | None = None
-    register: bool = True
-    model_names: Mapping[str, str] | None = None
-    champion_alias: str = "champion"
-    connect_timeout_s: float = 5.0
+    """The ``tracking:`` section of ``conf/defaults.yaml`` (the one home of its defaults)."""
+
+    enabled: bool
+    uri: str | None
+    registry_uri: str | None
+    experiment: str | None
+    register: bool
+    model_names: Mapping[str, str] | None
+    champion_alias: str
+    connect_timeout_s: float
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "TrackingSettings":
-        section = dict(cfg.get(config, "tracking", {}) or {})
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(section) - names)
-        if unknown:
-            raise cfg.ConfigError(f"unknown tracking option(s): {', '.join(unknown)}")
-        settings = cls(**section)
-        missing = [k for k in KINDS if not (settings.model_names or {}).get(k)]
-        if settings.register and missing:
+        return cfg.section_settings(cls, config, "tracking")
+
+    def validate(self) -> None:
+        missing = [k for k in KINDS if not (self.model_names or {}).get(k)]
+        if self.register and missing:
             raise cfg.ConfigError(f"tracking.model_names needs a name for {', '.join(missing)}")
-        return settings
 
     def tracking_uri(self) -> str:
         """tracking.uri; null = $MLFLOW_TRACKING_URI when set (MLflow's own convention), on a Databricks cluster
@@ -470,15 +468,29 @@ class _KerasFlavor:
 
 
 def _example_image_bytes(data_uri: str) -> bytes:
-    """One real image of the data set (the first test image, else the first file)."""
-    from . import storage
+    """One real image of the data set (the first test image, else the first file).
+
+    A DICOM file's header holds patient data, and MLflow stores the example (base64) in the model's artifacts:
+    a DICOM example is its decoded image without the header (``dicom.pack_payload``, as packed tables store it).
+    """
+    from . import dicom, storage
+    from .dataset_layout import is_dicom
+    from .imaging import DEFAULT_MAX_PIXELS, ImageDecodeError
 
     files = [f for f in storage.list_files(data_uri, recursive=True)
              if f.uri.lower().endswith((".jpeg", ".jpg", ".png", ".dcm"))]
     if not files:
         raise FileNotFoundError(f"no image under {data_uri} for the model's input example")
     tests = [f for f in files if "/test/" in f.uri]
-    return storage.read_bytes(sorted(tests or files, key=lambda f: f.uri)[0].uri)
+    for candidate in sorted(tests or files, key=lambda f: f.uri):
+        data = storage.read_bytes(candidate.uri)
+        if not is_dicom(data):
+            return data
+        try:
+            return dicom.pack_payload(data, DEFAULT_MAX_PIXELS)[0]
+        except ImageDecodeError:
+            continue  # an unusable DICOM: the next file
+    raise FileNotFoundError(f"no decodable image under {data_uri} for the model's input example")
 
 
 def _register(settings: TrackingSettings, kind: str, logged: LoggedRun, validation_auc: float | None) -> LoggedRun:

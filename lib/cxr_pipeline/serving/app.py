@@ -37,7 +37,7 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -90,21 +90,7 @@ class ServingSettings:
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None = None, **overrides: Any) -> "ServingSettings":
         """From a loaded config (``None``: the defaults); keyword arguments that are not None win."""
-        config = cfg.load_config() if config is None else config
-        section = dict(cfg.get(config, "serving", {}) or {})
-        section.update({k: v for k, v in overrides.items() if v is not None})
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(section) - names)
-        if unknown:
-            raise cfg.ConfigError(f"unknown serving option(s): {', '.join(unknown)} "
-                                  f"(known: {', '.join(sorted(names))})")
-        missing = sorted(names - set(section))
-        if missing:
-            raise cfg.ConfigError(f"serving option(s) missing: {', '.join(missing)}; conf/defaults.yaml defines "
-                                  "them (is CXR_CONF_DIR pointing at an old copy?)")
-        settings = cls(**section)
-        settings.validate()
-        return settings
+        return cfg.section_settings(cls, cfg.load_config() if config is None else config, "serving", **overrides)
 
     def validate(self) -> None:
         if self.keep_uploads and not self.upload_dir:

@@ -37,6 +37,7 @@ from .. import metrics as M
 from .. import splits
 from ..dataset_layout import invert_label_index, label_index, parse_image_path, patient_id
 from ..dicom import DicomSettings
+from ..spark.featurizer import FeaturizerSettings
 
 log = logging.getLogger(__name__)
 
@@ -98,18 +99,7 @@ class TrainingSettings:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "TrainingSettings":
-        section = dict(cfg.get(config, "training", {}) or {})
-        known = {k: v for k, v in section.items() if k in cls.__dataclass_fields__}
-        unknown = sorted(set(section) - set(known))
-        if unknown:
-            raise cfg.ConfigError(f"unknown training option(s): {', '.join(unknown)}")
-        missing = sorted(set(cls.__dataclass_fields__) - set(section))
-        if missing:
-            raise cfg.ConfigError(f"training option(s) missing from the config: {', '.join(missing)} "
-                                  "(conf/defaults.yaml defines them all)")
-        settings = cls(**known)
-        settings.validate()
-        return settings
+        return cfg.section_settings(cls, config, "training")
 
     def validate(self) -> None:
         if self.tuning not in TUNING_MODES:
@@ -133,47 +123,14 @@ class TrainingSettings:
                 "cost_fn": float(self.cost_fn), "cost_fp": float(self.cost_fp), "fixed": float(self.fixed_threshold)}
 
 
-@dataclass(frozen=True)
-class FeaturizerSettings:
-    model_name: str = "InceptionV3"
-    feature_layer: str | None = None
-    weights: str | None = None
-    batch_size: int = 16
-    image_size: int | None = None  # square side; None = the backbone's own input size
-    max_pixels: int | None = None
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "FeaturizerSettings":
-        section = cfg.get(config, "featurizer", {}) or {}
-        return cls(
-            model_name=section.get("model_name", "InceptionV3"),
-            feature_layer=section.get("feature_layer"),
-            weights=section.get("weights"),
-            batch_size=int(section.get("batch_size", 16)),
-            image_size=section.get("image_size"),
-            max_pixels=cfg.get(config, "data.max_pixels"),
-        )
-
-
 # ---------------------------------------------------------------- featurization
 
 def build_featurizer(settings: FeaturizerSettings):
-    """The ``ImageFeaturizer`` stage for these settings (weights resolved on the driver)."""
+    """The ``ImageFeaturizer`` stage for these settings (weights and their sha256 resolved on the driver)."""
+    from ..backbones import weights_sha256
     from ..spark.featurizer import ImageFeaturizer
 
-    params: dict[str, Any] = {"modelName": settings.model_name, "batchSize": settings.batch_size}
-    if settings.feature_layer:
-        params["featureLayer"] = settings.feature_layer
-    if settings.weights:
-        params["weights"] = settings.weights
-    from ..backbones import weights_sha256
-
-    params["weightsSha256"] = weights_sha256(settings.model_name, settings.weights)
-    if settings.max_pixels:
-        params["maxPixels"] = int(settings.max_pixels)
-    if settings.image_size:
-        params["imageSize"] = int(settings.image_size)
-    return ImageFeaturizer(**params)
+    return ImageFeaturizer(**settings.params(), weightsSha256=weights_sha256(settings.model_name, settings.weights))
 
 
 def features_cache_root(out_uri: str, cache_root: str | None = None) -> str:
