@@ -7,7 +7,8 @@ workers, all on free ports; the shared 9000/7077 instances are never touched):
   undisturbed, busiest Python worker SIGKILLed, undisturbed, DataNode 1 stopped, undisturbed (the
   baseline is the median of the three undisturbed passes);
 - hdfs-load (WebHDFS, as `make hdfs-load` uploads a small tree): undisturbed, then DataNode 1 stopped
-  after a few files, then (if that load failed) the same load again with both DataNodes up;
+  after a few files (storage asks the NameNode for another DataNode when the stopped one refuses), then
+  (only if that load failed) the same load again with both DataNodes up;
 - the training job (jobs/train_featurizer.py under spark-submit): undisturbed, then one worker JVM
   SIGKILLed while it featurizes.
 
@@ -16,6 +17,7 @@ bounds); hdfs-load = files whose MD5 in HDFS differs from the source; training =
 run's splits. Time lost = faulted run - undisturbed run.
 
     PYTHONPATH=lib nice -n 10 .venv/bin/python bench/bench_faults.py [--tree data/sample/chest_xray]
+        [--skip-featurization] [--skip-training]    # both: the hdfs-load rows only (~1 min)
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer", default="mixed0", help="InceptionV3 feature layer (default: %(default)s)")
     parser.add_argument("--image-size", type=int, default=75, help="square input side (default: %(default)s)")
     parser.add_argument("--skip-training", action="store_true", help="leave out the two training-job runs")
+    parser.add_argument("--skip-featurization", action="store_true", help="leave out the six featurization passes")
     args = parser.parse_args(argv)
     if not (args.tree / "train").is_dir():
         print(f"no chest_xray tree at {args.tree}: run `make sample-data` or pass --tree", file=sys.stderr)
@@ -76,24 +79,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stack up: {stack.hdfs.namenode_uri} (2 DataNodes), {stack.master_url} (2 workers); "
                   f"{n_images} images; {args.layer} at {args.image_size}px", flush=True)
 
-            run = faults.run_featurize_passes(stack, data, root / "features", passes=6,
-                                              faults={2: stack.kill_python_worker, 4: stack.stop_datanode},
-                                              layer=args.layer, image_size=args.image_size)
-            stack.hdfs.up()
-            if run.returncode != 0:
-                print(run.log[-4000:], file=sys.stderr)
-            done = {p["index"]: p for p in run.passes}
-            reference = faults.read_feature_table(done[1]["table"]) if 1 in done else {"features": {}}
-            undisturbed = [done[i]["seconds"] for i in (1, 3, 5) if i in done]
-            baseline = statistics.median(undisturbed) if undisturbed else float("nan")
-            print(f"featurization passes (s): {[p['seconds'] for p in run.passes]} "
-                  f"(pass 0 warms the workers; undisturbed: 1, 3, 5)", flush=True)
-            for index, fault in ((2, "featurize: SIGKILL a Python worker"), (4, "featurize: stop DataNode 1")):
-                faulted = done.get(index)
-                lost = table_rows_lost(faults.read_feature_table(faulted["table"]), reference) if faulted \
-                    else len(reference["features"])
-                rows.append((fault, run.injected.get(index, "-"), faulted is not None, lost,
-                             faulted["seconds"] if faulted else float("nan"), baseline))
+            if not args.skip_featurization:
+                run = faults.run_featurize_passes(stack, data, root / "features", passes=6,
+                                                  faults={2: stack.kill_python_worker, 4: stack.stop_datanode},
+                                                  layer=args.layer, image_size=args.image_size)
+                stack.hdfs.up()
+                if run.returncode != 0:
+                    print(run.log[-4000:], file=sys.stderr)
+                done = {p["index"]: p for p in run.passes}
+                reference = faults.read_feature_table(done[1]["table"]) if 1 in done else {"features": {}}
+                undisturbed = [done[i]["seconds"] for i in (1, 3, 5) if i in done]
+                baseline = statistics.median(undisturbed) if undisturbed else float("nan")
+                print(f"featurization passes (s): {[p['seconds'] for p in run.passes]} "
+                      f"(pass 0 warms the workers; undisturbed: 1, 3, 5)", flush=True)
+                for index, fault in ((2, "featurize: SIGKILL a Python worker"), (4, "featurize: stop DataNode 1")):
+                    faulted = done.get(index)
+                    lost = table_rows_lost(faults.read_feature_table(faulted["table"]), reference) if faulted \
+                        else len(reference["features"])
+                    rows.append((fault, run.injected.get(index, "-"), faulted is not None, lost,
+                                 faulted["seconds"] if faulted else float("nan"), baseline))
 
             plain = faults.run_hdfs_load(stack, args.tree, f"{stack.hdfs.namenode_uri}/loads/plain")
             target = f"{stack.hdfs.namenode_uri}/loads/faulted"
