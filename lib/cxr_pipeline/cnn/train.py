@@ -87,50 +87,59 @@ def configure_devices(mixed_precision: Any = "auto", xla: Any = "auto"):
 
 # ------------------------------------------------------------------ settings
 
+_MISSING = object()
+
 
 @dataclass
 class Settings:
-    model: str = "small_cnn"
-    image_size: int = 150
-    batch_size: int = 32
-    epochs: int = 10
-    learning_rate: float = 1e-3
-    balance: str = "class_weight"
-    cache: str = "disk"
-    shuffle_buffer: int = 2048
-    seed: int = 42
-    validation: str = "carve"
-    validation_fraction: float = 0.2
-    target_sensitivity: float = 0.95
-    threshold_rule: dict[str, Any] = field(default_factory=dict)  # metrics.choose_threshold_by_rule kwargs
-    early_stopping_patience: int = 4
-    max_pixels: int = data.DEFAULT_MAX_PIXELS
-    verbose: int = 1
+    """What train_and_evaluate needs from the ``cnn:``, ``training:`` and ``data:`` sections (conf/defaults.yaml
+    holds every default; a missing key is a ConfigError, never a second default here)."""
+
+    model: str
+    image_size: int
+    batch_size: int
+    epochs: int
+    learning_rate: float
+    balance: str
+    cache: str
+    shuffle_buffer: int
+    seed: int
+    validation: str
+    validation_fraction: float
+    target_sensitivity: float
+    threshold_rule: dict[str, Any]  # metrics.choose_threshold_by_rule kwargs
+    early_stopping_patience: int
+    max_pixels: int
+    verbose: int
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "Settings":
-        cnn = config.get("cnn") or {}
-        training = config.get("training") or {}
-        model = cnn.get("model", cls.model)
+        def need(dotted: str) -> Any:
+            value = config_mod.get(config, dotted, _MISSING)
+            if value is _MISSING:
+                raise config_mod.ConfigError(f"{dotted} is missing from the config (conf/defaults.yaml defines it)")
+            return value
+
+        model = need("cnn.model")
         if model not in models.MODEL_NAMES:
             raise ValueError(f"cnn.model must be one of {', '.join(models.MODEL_NAMES)}, got {model!r}")
         return cls(
             model=model,
-            image_size=int(cnn.get("image_size") or DEFAULT_IMAGE_SIZE[model]),
-            batch_size=int(cnn.get("batch_size", cls.batch_size)),
-            epochs=int(cnn.get("epochs", cls.epochs)),
-            learning_rate=float(cnn.get("learning_rate", cls.learning_rate)),
-            balance=str(cnn.get("balance", cls.balance)),
-            cache=str(cnn.get("cache", cls.cache)),
-            shuffle_buffer=int(cnn.get("shuffle_buffer", cls.shuffle_buffer)),
-            seed=int(training.get("seed", cls.seed)),
-            validation=str(training.get("validation", cls.validation)),
-            validation_fraction=float(training.get("validation_fraction", cls.validation_fraction)),
-            target_sensitivity=float(training.get("target_sensitivity", cls.target_sensitivity)),
-            threshold_rule=M.rule_args_from_config(training),
-            early_stopping_patience=int(cnn.get("early_stopping_patience", cls.early_stopping_patience)),
-            max_pixels=int(config_mod.get(config, "data.max_pixels", cls.max_pixels)),
-            verbose=int(cnn.get("verbose", cls.verbose)),
+            image_size=int(need("cnn.image_size") or DEFAULT_IMAGE_SIZE[model]),
+            batch_size=int(need("cnn.batch_size")),
+            epochs=int(need("cnn.epochs")),
+            learning_rate=float(need("cnn.learning_rate")),
+            balance=str(need("cnn.balance")),
+            cache=str(need("cnn.cache")),
+            shuffle_buffer=int(need("cnn.shuffle_buffer")),
+            seed=int(need("training.seed")),
+            validation=str(need("training.validation")),
+            validation_fraction=float(need("training.validation_fraction")),
+            target_sensitivity=float(need("training.target_sensitivity")),
+            threshold_rule=M.rule_args_from_config(config.get("training") or {}),
+            early_stopping_patience=int(need("cnn.early_stopping_patience")),
+            max_pixels=int(need("data.max_pixels")),
+            verbose=int(need("cnn.verbose")),
         )
 
 
