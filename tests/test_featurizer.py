@@ -17,7 +17,8 @@ import pytest
 
 from cxr_pipeline.backbones import BackboneError, build_backbone, featurize_arrays
 from cxr_pipeline.imaging import decode_image
-from cxr_pipeline.spark.featurizer import ImageFeaturizer, split_failures
+from cxr_pipeline.config import ConfigError, load_config
+from cxr_pipeline.spark.featurizer import FeaturizerSettings, ImageFeaturizer, split_failures
 from cxr_pipeline.spark.reader import read_images, read_images_with_rejections
 
 from test_reader import make_tree
@@ -109,14 +110,68 @@ def test_filter_on_error_column_runs_the_model_once(spark, tree):
     assert plan.count("ArrowEvalPython") == 1, plan
 
 
-def test_featurizer_params_round_trip(tmp_path):
+def test_featurizer_params_round_trip(spark, tmp_path):
     featurizer = ImageFeaturizer(inputCol="bytes", outputCol="vec", modelName="Xception", featureLayer="block4_pool",
-                                 weights="hdfs://nn:9000/w/x.weights.h5", batchSize=8, maxPixels=1000, imageSize=128)
+                                 weights="hdfs://nn:9000/w/x.weights.h5", batchSize=8, maxPixels=1000, imageSize=128,
+                                 arrowBatchSize=9)
     featurizer.save(str(tmp_path / "f"))
     loaded = ImageFeaturizer.load(str(tmp_path / "f"))
-    for param in ("inputCol", "outputCol", "errorCol", "modelName", "featureLayer", "weights", "batchSize", "maxPixels", "imageSize"):
+    for param in ("inputCol", "outputCol", "errorCol", "modelName", "featureLayer", "weights", "batchSize", "maxPixels", "imageSize",
+                  "arrowBatchSize"):
         assert loaded.getOrDefault(param) == featurizer.getOrDefault(param), param
     assert loaded.uid == featurizer.uid
+    nulls = ImageFeaturizer(featureLayer=None, weights=None, weightsSha256=None, imageSize=None)  # null set explicitly
+    nulls.save(str(tmp_path / "nulls"))
+    loaded = ImageFeaturizer.load(str(tmp_path / "nulls"))
+    assert loaded.isSet("featureLayer") and loaded.getFeatureLayer() is None and loaded.getImageSize() is None
+
+
+def test_featurizer_settings_come_from_the_config_section_only():
+    config = load_config("local", overrides=["featurizer.batch_size=5", "featurizer.arrow_batch_size=7",
+                                             "featurizer.image_size=96", "data.max_pixels=1234"])
+    settings = FeaturizerSettings.from_config(config)
+    assert (settings.batch_size, settings.arrow_batch_size, settings.image_size, settings.max_pixels) == (5, 7, 96, 1234)
+    from cxr_pipeline.spark_classifier.training import build_featurizer
+
+    featurizer = build_featurizer(settings)
+    assert (featurizer.getBatchSize(), featurizer.getArrowBatchSize(), featurizer.getMaxPixels()) == (5, 7, 1234)
+    assert featurizer.getWeightsSha256()  # the provisioned file's, resolved on the driver
+    # An unset Param is the config default: nothing in the class restates it.
+    defaults = FeaturizerSettings.from_config(load_config("local"))
+    bare = ImageFeaturizer()
+    assert {name: bare.getOrDefault(param) for param, name in
+            [("modelName", "model_name"), ("featureLayer", "feature_layer"), ("batchSize", "batch_size"),
+             ("arrowBatchSize", "arrow_batch_size"), ("maxPixels", "max_pixels")]} == {
+        "model_name": defaults.model_name, "feature_layer": defaults.feature_layer, "batch_size": defaults.batch_size,
+        "arrow_batch_size": defaults.arrow_batch_size, "max_pixels": defaults.max_pixels}
+    with pytest.raises(ConfigError, match="unknown featurizer option.*image_sise"):
+        FeaturizerSettings.from_config({**config, "featurizer": {**config["featurizer"], "image_sise": 96}})
+    with pytest.raises(ConfigError, match="missing.*arrow_batch_size"):
+        FeaturizerSettings.from_config({**config, "featurizer": {k: v for k, v in config["featurizer"].items()
+                                                                 if k != "arrow_batch_size"}})
+    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
+        FeaturizerSettings.from_config({**config, "featurizer": {**config["featurizer"], "batch_size": 0}})
+
+
+def test_class_docstring_examples_run():
+    import doctest
+
+    finder = doctest.DocTestFinder(recurse=False)
+    runner = doctest.DocTestRunner()
+    for test in finder.find(ImageFeaturizer, "ImageFeaturizer", globs={}):
+        runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0 and runner.tries >= 3
+
+
+def test_arrow_batches_follow_arrow_batch_size(spark, tree):
+    key = "spark.sql.execution.arrow.maxRecordsPerBatch"
+    before = spark.conf.get(key)
+    try:
+        spark.conf.set(key, "10000")
+        ImageFeaturizer(featureLayer=LAYER, arrowBatchSize=3).transform(read_images(spark, str(tree)))
+        assert spark.conf.get(key) == "3"
+    finally:
+        spark.conf.set(key, before)
 
 
 def test_missing_weights_file_fails_before_any_task(spark, tree):
@@ -204,3 +259,4 @@ def test_on_standalone_cluster_from_real_hdfs(spark_standalone, hdfs_tmp, sample
     relative = ["/".join(path.split("/")[-3:]) for path, _, _ in rows]
     expected = keras_features([str(sample_tree / rel) for rel in relative], feature_layer="mixed5")
     assert_same_features(np.array([r[1] for r in rows]), expected)
+

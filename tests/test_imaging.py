@@ -11,6 +11,8 @@ from cxr_pipeline.imaging import (
     ImageDecodeError,
     decode_batch,
     decode_image,
+    decode_image_struct,
+    decode_image_structs,
     image_info,
 )
 
@@ -189,3 +191,36 @@ def test_wide_images_are_windowed_in_strips_with_the_same_result(monkeypatch):
     low, high = float(pixels.min()), float(pixels.max())
     expected = ((pixels.astype(np.float64) - low) * (255.0 / (high - low))).round().astype(np.uint8)
     assert np.array_equal(out, expected)
+
+
+def spark_image_struct(pixels: np.ndarray) -> dict:
+    """What Spark's ``image`` data source gives for ``pixels`` (RGB or L): BGR bytes, row-major."""
+    height, width = pixels.shape[:2]
+    channels = 1 if pixels.ndim == 2 else 3
+    data = pixels.tobytes() if channels == 1 else np.ascontiguousarray(pixels[..., ::-1]).tobytes()
+    return {"origin": "file:/x.png", "height": height, "width": width, "nChannels": channels,
+            "mode": 0 if channels == 1 else 16, "data": data}
+
+
+def test_spark_image_struct_decodes_like_the_file_itself():
+    pixels = np.zeros((40, 60, 3), np.uint8)
+    pixels[..., 0] = np.linspace(0, 255, 60).astype(np.uint8)  # a red ramp: a BGR/RGB mix-up moves it to blue
+    pixels[..., 2] = 17
+    from_struct = decode_image_struct(spark_image_struct(pixels), size=(20, 30))
+    from_file = decode_image(encode(Image.fromarray(pixels), "PNG"), size=(20, 30))
+    assert from_struct.shape == (20, 30, 3) and from_struct.dtype == np.uint8
+    assert np.array_equal(from_struct, from_file)
+    gray = decode_image_struct(spark_image_struct(gradient(60, 40)), size=(20, 30))
+    assert np.array_equal(gray, decode_image(encode(Image.fromarray(gradient(60, 40), mode="L"), "PNG"), (20, 30)))
+
+
+def test_spark_image_structs_report_undecodable_and_oversized_images():
+    good = spark_image_struct(gradient(16, 16))
+    undecoded = {"origin": "file:/text.jpeg", "height": -1, "width": -1, "nChannels": -1, "mode": -1, "data": b""}
+    short = {**good, "data": good["data"][:-1]}
+    arrays, ok, failed = decode_image_structs([good, undecoded, None, short, good], size=(8, 8), max_pixels=1000)
+    assert arrays.shape == (2, 8, 8, 3) and ok == [0, 4]
+    assert [index for index, _ in failed] == [1, 2, 3]
+    assert failed[0][1] == "not decodable by Spark's image source" and "is not 16x16x1" in failed[2][1]
+    with pytest.raises(ImageDecodeError, match="too many pixels"):
+        decode_image_struct(good, size=(8, 8), max_pixels=100)

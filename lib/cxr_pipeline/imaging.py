@@ -17,6 +17,8 @@ component sees exactly the same pixels.
 * DICOM (``DICM`` at byte 128) is decoded by :mod:`cxr_pipeline.dicom`: modality
   LUT, VOI LUT / window or a percentile window, MONOCHROME1 inverted, then the
   same resize as any other image.
+* The ``image`` struct of Spark's image data source (already decoded by the JVM,
+  BGR bytes) becomes the same RGB array: :func:`decode_image_struct`.
 * The image is resized to ``size`` without keeping the aspect ratio, as
   ``keras.utils.image_dataset_from_directory`` does by default.
 * Anything that cannot be decoded raises :class:`ImageDecodeError` whose text is
@@ -42,7 +44,7 @@ from __future__ import annotations
 import errno
 import io
 import warnings
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -229,15 +231,56 @@ def decode_batch(
 
     Returns ``(arrays [n_good, H, W, 3] uint8, good_indices, [(index, reason), ...])``.
     """
+    return _decode_each(contents, decode_image, size, max_pixels)
+
+
+def _decode_each(items: Sequence, decode, size: tuple[int, int], max_pixels: int):
     height, width = size
-    arrays = np.empty((len(contents), height, width, 3), dtype=np.uint8)
+    arrays = np.empty((len(items), height, width, 3), dtype=np.uint8)
     good: list[int] = []
     failed: list[tuple[int, str]] = []
-    for index, data in enumerate(contents):
+    for index, item in enumerate(items):
         try:
-            arrays[len(good)] = decode_image(data, size, max_pixels)
+            arrays[len(good)] = decode(item, size, max_pixels)
         except ImageDecodeError as exc:
             failed.append((index, str(exc)))
         else:
             good.append(index)
     return arrays[: len(good)], good, failed
+
+
+# ----------------------------------------------------------- Spark image source structs
+# Spark's ``image`` data source decodes with Java ImageIO into a struct: height, width, nChannels,
+# mode (an OpenCV type) and data (BGR[A] bytes, row-major). These turn it into the same RGB arrays.
+
+def decode_image_struct(
+    image: Mapping[str, Any] | None,
+    size: tuple[int, int] = DEFAULT_SIZE,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """One Spark image-source struct (a dict) -> ``uint8`` array ``(size[0], size[1], 3)``, RGB."""
+    image = image or {}
+    height, width, channels = image.get("height"), image.get("width"), image.get("nChannels")
+    data = image.get("data")
+    if not height or height <= 0 or not width or width <= 0 or data is None:
+        raise ImageDecodeError("not decodable by Spark's image source")
+    if height * width > max_pixels:
+        raise ImageDecodeError(f"too many pixels ({width}x{height} > max_pixels {max_pixels})")
+    if channels not in (1, 3, 4) or len(data) != height * width * channels:
+        raise ImageDecodeError(f"image struct of {len(data)} bytes is not {width}x{height}x{channels}")
+    pixels = np.frombuffer(data, dtype=np.uint8).reshape(height, width, channels)
+    if channels == 1:
+        picture = Image.fromarray(pixels[..., 0], mode="L")
+    else:  # BGR[A] -> RGB
+        picture = Image.fromarray(np.ascontiguousarray(pixels[..., 2::-1]), mode="RGB")
+    out = picture.resize((size[1], size[0]), Image.Resampling.BILINEAR).convert("RGB")
+    return np.asarray(out, dtype=np.uint8)
+
+
+def decode_image_structs(
+    images: Sequence[Mapping[str, Any] | None],
+    size: tuple[int, int] = DEFAULT_SIZE,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+    """:func:`decode_batch` for Spark image-source structs: ``(arrays, good_indices, [(index, reason)])``."""
+    return _decode_each(images, decode_image_struct, size, max_pixels)

@@ -22,24 +22,28 @@ import pandas as pd
 from pyspark.accumulators import AccumulatorParam
 
 from .. import backbones
-from ..imaging import DEFAULT_MAX_PIXELS, decode_batch
+from ..imaging import decode_batch, decode_image_structs
 
-_MODELS: dict[tuple, object] = {}  # FeaturizerSettings.cache_key -> keras.Model
+_MODELS: dict[tuple, object] = {}  # WorkerSettings.cache_key -> keras.Model
 _LOCK = threading.Lock()
 _TF_CONFIGURED = False
 
 
 @dataclass(frozen=True)
-class FeaturizerSettings:
-    """Everything a worker needs, pickled into the UDF closure (no SparkContext inside)."""
+class WorkerSettings:
+    """Everything a worker needs, pickled into the UDF closure (no SparkContext inside).
 
-    model_name: str = "InceptionV3"
-    feature_layer: str | None = None
-    weights: str | None = None  # None | local path | "imagenet" | "random" | remote URI
-    weights_spark_file: str | None = None  # name registered with SparkContext.addFile, if any
-    weights_sha256: str | None = None  # checked on the worker before the weights are loaded
-    batch_size: int = 16
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    Built by ``ImageFeaturizer.worker_settings`` from its Params; the defaults of those
+    Params come from ``conf/defaults.yaml`` (``spark.featurizer.FeaturizerSettings``).
+    """
+
+    model_name: str
+    feature_layer: str | None
+    weights: str | None  # None | local path | "imagenet" | "random" | remote URI
+    weights_spark_file: str | None  # name registered with SparkContext.addFile, if any
+    weights_sha256: str | None  # checked on the worker before the weights are loaded
+    batch_size: int
+    max_pixels: int
     tf_threads: int = 0  # 0 = the task's cores (spark.task.cpus)
     image_size: tuple[int, int] | None = None  # None = the backbone's native input size
 
@@ -78,7 +82,7 @@ def _task_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def local_weights(settings: FeaturizerSettings) -> str | None:
+def local_weights(settings: WorkerSettings) -> str | None:
     """The weights argument for :func:`backbones.build_backbone`, fetched locally if remote."""
     weights = settings.weights
     if weights is None or weights in (backbones.RANDOM_WEIGHTS, "imagenet"):
@@ -107,7 +111,7 @@ def local_weights(settings: FeaturizerSettings) -> str | None:
     return target
 
 
-def cached_model(settings: FeaturizerSettings):
+def cached_model(settings: WorkerSettings):
     """The backbone for ``settings``, built at most once per Python worker."""
     with _LOCK:
         model = _MODELS.get(settings.cache_key)
@@ -128,7 +132,7 @@ class WorkerFeaturizer:
     the batch (plus the Arrow batch of encoded bytes), not by the partition.
     """
 
-    def __init__(self, settings: FeaturizerSettings):
+    def __init__(self, settings: WorkerSettings):
         self.settings = settings
         self.size = backbones.resolve_image_size(settings.model_name, settings.image_size)
         self.model = cached_model(settings)
@@ -201,7 +205,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def featurize_batches(settings: FeaturizerSettings, batches: Iterator, stats: FeaturizerStats | None = None) -> Iterator[pd.DataFrame]:
+def featurize_batches(settings: WorkerSettings, batches: Iterator, stats: FeaturizerStats | None = None) -> Iterator[pd.DataFrame]:
     """Body of the scalar-iterator pandas UDF: set-up once, then one frame per Arrow batch."""
     began = time.perf_counter()
     runner = WorkerFeaturizer(settings)
@@ -220,43 +224,3 @@ def featurize_batches(settings: FeaturizerSettings, batches: Iterator, stats: Fe
             stats.setup_seconds.add(setup)
             stats.images.add(images)
             stats.peak_worker_rss_mb.add(_peak_rss_mb())
-
-
-# ----------------------------------------------------------- Spark image source
-_OCV_CHANNELS = {0: 1, 16: 3, 24: 4}  # OpenCV types Spark's ImageSchema uses: CV_8UC1/3/4
-
-
-def image_struct_to_array(image: dict, size: tuple[int, int], max_pixels: int) -> np.ndarray:
-    """A Spark image-source struct (BGR[A] bytes, row-major) -> resized RGB ``uint8`` array."""
-    from PIL import Image
-
-    from ..imaging import ImageDecodeError
-
-    height, width, channels = image.get("height"), image.get("width"), image.get("nChannels")
-    if height is None or height <= 0 or image.get("data") is None:
-        raise ImageDecodeError("not decodable by Spark's image source")
-    if height * width > max_pixels:
-        raise ImageDecodeError(f"too many pixels ({width}x{height} > max_pixels {max_pixels})")
-    pixels = np.frombuffer(image["data"], dtype=np.uint8).reshape(height, width, channels)
-    if channels == 1:
-        picture = Image.fromarray(pixels[..., 0], mode="L")
-    else:
-        picture = Image.fromarray(np.ascontiguousarray(pixels[..., 2::-1]), mode="RGB")
-    out = picture.resize((size[1], size[0]), Image.Resampling.BILINEAR).convert("RGB")
-    return np.asarray(out, dtype=np.uint8)
-
-
-def decode_image_structs(chunk: list, size: tuple[int, int], max_pixels: int):
-    from ..imaging import ImageDecodeError
-
-    arrays = np.empty((len(chunk), size[0], size[1], 3), dtype=np.uint8)
-    good: list[int] = []
-    failed: list[tuple[int, str]] = []
-    for index, image in enumerate(chunk):
-        try:
-            arrays[len(good)] = image_struct_to_array(image or {}, size, max_pixels)
-        except (ImageDecodeError, ValueError) as exc:
-            failed.append((index, str(exc)))
-        else:
-            good.append(index)
-    return arrays[: len(good)], good, failed

@@ -7,7 +7,11 @@ backbone built once per Python worker (:mod:`cxr_pipeline.spark._udf`).
 
     featurizer = ImageFeaturizer(inputCol="content", outputCol="features",
                                  modelName="InceptionV3", featureLayer="mixed5")
-    features = featurizer.transform(read_image_tree(spark, "hdfs://nn:9000/data/chest_xray"))
+    features = featurizer.transform(read_images(spark, "hdfs://nn:9000/data/chest_xray"))
+
+Param defaults are the ``featurizer:`` section of ``conf/defaults.yaml`` (and
+``data.max_pixels``), read through :class:`FeaturizerSettings`: the one place a
+config section becomes featurizer settings.
 
 Adds ``outputCol`` (an ML ``DenseVector``; null when the image could not be
 decoded) and ``errorCol`` (the reason, e.g. "truncated image", else null).
@@ -21,9 +25,11 @@ saves and loads on its own and inside a ``Pipeline``/``PipelineModel``.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import posixpath
-from typing import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Mapping
 
 import pandas as pd
 from pyspark import keyword_only
@@ -37,8 +43,8 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from .. import backbones
-from ..imaging import DEFAULT_MAX_PIXELS
-from ._udf import FeaturizerSettings, FeaturizerStats, featurize_batches
+from .. import config as cfg
+from ._udf import FeaturizerStats, WorkerSettings, featurize_batches
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +54,69 @@ RESULT_TYPE = T.StructType(
         T.StructField("error", T.StringType()),
     ]
 )
-ARROW_RECORDS_PER_BATCH = 64
 ARROW_MAX_BYTES_PER_BATCH = 64 * 1024 * 1024
 
 
-def configure_arrow_for_images(spark: SparkSession, records: int = ARROW_RECORDS_PER_BATCH) -> None:
+@dataclass(frozen=True)
+class FeaturizerSettings:
+    """The ``featurizer:`` section of ``conf/defaults.yaml`` (its one home) plus ``data.max_pixels``.
+
+    Built by ``config.section_settings``: the fields are the section's allowed keys, an unknown key is
+    refused, a missing one is named (``conf/defaults.yaml`` defines them all), then ``validate()``.
+    ``ImageFeaturizer``'s Param defaults and ``training.build_featurizer`` both come from here.
+    """
+
+    model_name: str
+    feature_layer: str | None
+    weights: str | None
+    batch_size: int
+    arrow_batch_size: int
+    image_size: int | None
+    max_pixels: int  # data.max_pixels: the same guard the reader and every decoder use
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "FeaturizerSettings":
+        return cfg.section_settings(cls, config, "featurizer", max_pixels=cfg.get(config, "data.max_pixels"))
+
+    @classmethod
+    def defaults(cls) -> "FeaturizerSettings":
+        """From ``conf/defaults.yaml`` alone (read once per process)."""
+        return _default_settings()
+
+    def validate(self) -> None:
+        backbones.spec(self.model_name)  # BackboneError naming the known backbones
+        for name in ("batch_size", "arrow_batch_size", "max_pixels"):
+            if int(getattr(self, name)) < 1:
+                raise cfg.ConfigError(f"featurizer.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.image_size is not None and int(self.image_size) < 32:
+            raise cfg.ConfigError(f"featurizer.image_size must be null or >= 32, got {self.image_size!r}")
+
+    def params(self) -> dict[str, Any]:
+        """``ImageFeaturizer`` keyword arguments (the Param names)."""
+        values = asdict(self)
+        return {_PARAM_OF[name]: value for name, value in values.items()}
+
+
+_PARAM_OF = {"model_name": "modelName", "feature_layer": "featureLayer", "weights": "weights",
+             "batch_size": "batchSize", "arrow_batch_size": "arrowBatchSize", "image_size": "imageSize",
+             "max_pixels": "maxPixels"}
+
+
+@functools.lru_cache(maxsize=1)
+def _default_settings() -> FeaturizerSettings:
+    from ..paths import CONF_DIR
+
+    return FeaturizerSettings.from_config(cfg.read_yaml(CONF_DIR / "defaults.yaml"))
+
+
+def configure_arrow_for_images(spark: SparkSession, records: int | None = None) -> None:
     """Cap Arrow batches for image UDFs (Spark's default of 10,000 rows would be GBs of JPEGs).
 
-    Only ever lowers the limits: a smaller setting chosen by the user is kept.
+    ``records``: ``featurizer.arrow_batch_size`` when not given. The cap is the session's
+    ``spark.sql.execution.arrow.maxRecordsPerBatch`` (Spark reads it when the plan runs, so it
+    cannot be set per UDF), and it only ever lowers the limits: a smaller setting is kept.
     """
+    records = records or FeaturizerSettings.defaults().arrow_batch_size
     current = int(spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch", "10000"))
     if current <= 0 or current > records:
         spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(records))
@@ -65,7 +125,15 @@ def configure_arrow_for_images(spark: SparkSession, records: int = ARROW_RECORDS
         spark.conf.set("spark.sql.execution.arrow.maxBytesPerBatch", str(ARROW_MAX_BYTES_PER_BATCH))
 
 
-def make_featurize_udf(settings: FeaturizerSettings, stats: FeaturizerStats | None = None):
+def _or_null(convert):
+    """A Param type converter that also takes None (``Params.set``, used when loading, converts null too)."""
+    def converter(value):
+        return None if value is None else convert(value)
+
+    return converter
+
+
+def make_featurize_udf(settings: WorkerSettings, stats: FeaturizerStats | None = None):
     """The scalar-iterator pandas UDF: image bytes (or image structs) -> struct(features, error)."""
 
     @F.pandas_udf(RESULT_TYPE)
@@ -78,27 +146,48 @@ def make_featurize_udf(settings: FeaturizerSettings, stats: FeaturizerStats | No
 
 
 class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReadable, DefaultParamsWritable):
-    """Image bytes -> pooled features of a ``keras.applications`` backbone (see module doc)."""
+    """Image bytes -> pooled features of a ``keras.applications`` backbone (see the module doc).
+
+    Params left unset take the ``featurizer:`` defaults of ``conf/defaults.yaml``
+    (:class:`FeaturizerSettings`); ``inputCol``/``outputCol``/``errorCol`` default to
+    ``content``/``features``/``featurize_error``.
+
+    Examples
+    --------
+    >>> from cxr_pipeline.spark.featurizer import ImageFeaturizer
+    >>> featurizer = ImageFeaturizer(featureLayer="mixed0", imageSize=96, batchSize=4)
+    >>> featurizer.getModelName(), featurizer.getFeatureLayer(), featurizer.image_size()
+    ('InceptionV3', 'mixed0', (96, 96))
+    >>> featurizer.setParams(outputCol="vec").getOutputCol()
+    'vec'
+    >>> images = spark.read.format("binaryFile").load("tests/data/chest_xray")  # doctest: +SKIP
+    >>> rows = featurizer.transform(images).select("path", "vec", "featurize_error").collect()  # doctest: +SKIP
+    >>> len(rows[0].vec)  # doctest: +SKIP
+    256
+    >>> featurizer.save("/tmp/featurizer")  # doctest: +SKIP
+    >>> ImageFeaturizer.load("/tmp/featurizer").getFeatureLayer()  # doctest: +SKIP
+    'mixed0'
+    """
 
     errorCol = Param(Params._dummy(), "errorCol", "output column: why an image was not featurized (null if it was)",
                      typeConverter=TypeConverters.toString)
     modelName = Param(Params._dummy(), "modelName", f"backbone: {', '.join(backbones.BACKBONES)}",
                       typeConverter=TypeConverters.toString)
     featureLayer = Param(Params._dummy(), "featureLayer", "layer whose output is pooled (null = the last)",
-                         typeConverter=TypeConverters.toString)
+                         typeConverter=_or_null(TypeConverters.toString))
     weights = Param(Params._dummy(), "weights",
                     "null (provisioned default), a local path, a Hadoop URI, 'imagenet' or 'random'",
-                    typeConverter=TypeConverters.toString)
+                    typeConverter=_or_null(TypeConverters.toString))
     weightsSha256 = Param(Params._dummy(), "weightsSha256",
                           "sha256 the weights file must have on every executor (null = unchecked)",
-                          typeConverter=TypeConverters.toString)
+                          typeConverter=_or_null(TypeConverters.toString))
     batchSize = Param(Params._dummy(), "batchSize", "images decoded and run through the model at a time",
                       typeConverter=TypeConverters.toInt)
     maxPixels = Param(Params._dummy(), "maxPixels", "decompression-bomb guard: reject images above width*height",
                       typeConverter=TypeConverters.toInt)
     imageSize = Param(Params._dummy(), "imageSize",
                       "square input side images are resized to (null = the backbone's native size, e.g. 299)",
-                      typeConverter=TypeConverters.toInt)
+                      typeConverter=_or_null(TypeConverters.toInt))
     arrowBatchSize = Param(Params._dummy(), "arrowBatchSize",
                            "cap for spark.sql.execution.arrow.maxRecordsPerBatch while featurizing",
                            typeConverter=TypeConverters.toInt)
@@ -107,28 +196,49 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
     def __init__(
         self,
         *,
-        inputCol: str = "content",
-        outputCol: str = "features",
-        errorCol: str = "featurize_error",
-        modelName: str = "InceptionV3",
+        inputCol: str | None = None,
+        outputCol: str | None = None,
+        errorCol: str | None = None,
+        modelName: str | None = None,
         featureLayer: str | None = None,
         weights: str | None = None,
         weightsSha256: str | None = None,
-        batchSize: int = 16,
-        maxPixels: int = DEFAULT_MAX_PIXELS,
+        batchSize: int | None = None,
+        maxPixels: int | None = None,
         imageSize: int | None = None,
-        arrowBatchSize: int = ARROW_RECORDS_PER_BATCH,
+        arrowBatchSize: int | None = None,
     ):
+        """__init__(self, \\*, inputCol=None, outputCol=None, errorCol=None, modelName=None, featureLayer=None, \
+        weights=None, weightsSha256=None, batchSize=None, maxPixels=None, imageSize=None, arrowBatchSize=None)
+
+        Only the arguments given are set; the others keep their defaults (see the class doc).
+        """
         super().__init__()
-        self._setDefault(
-            inputCol="content", outputCol="features", errorCol="featurize_error", modelName="InceptionV3",
-            featureLayer=None, weights=None, weightsSha256=None, batchSize=16, maxPixels=DEFAULT_MAX_PIXELS,
-            imageSize=None, arrowBatchSize=ARROW_RECORDS_PER_BATCH,
-        )
-        self._set(**self._input_kwargs)
+        self._setDefault(inputCol="content", outputCol="features", errorCol="featurize_error", weightsSha256=None,
+                         **FeaturizerSettings.defaults().params())
+        self.setParams(**self._input_kwargs)
 
     @keyword_only
-    def setParams(self, **kwargs) -> "ImageFeaturizer":
+    def setParams(
+        self,
+        *,
+        inputCol: str | None = None,
+        outputCol: str | None = None,
+        errorCol: str | None = None,
+        modelName: str | None = None,
+        featureLayer: str | None = None,
+        weights: str | None = None,
+        weightsSha256: str | None = None,
+        batchSize: int | None = None,
+        maxPixels: int | None = None,
+        imageSize: int | None = None,
+        arrowBatchSize: int | None = None,
+    ) -> "ImageFeaturizer":
+        """setParams(self, \\*, inputCol=None, outputCol=None, errorCol=None, modelName=None, featureLayer=None, \
+        weights=None, weightsSha256=None, batchSize=None, maxPixels=None, imageSize=None, arrowBatchSize=None)
+
+        Sets the Params given (an explicit ``None`` sets null, e.g. ``featureLayer=None`` = the last layer).
+        """
         return self._set(**self._input_kwargs)
 
     # Getters / setters, pyspark.ml style.
@@ -200,7 +310,7 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         """``(height, width)`` images are resized to (``imageSize`` or the backbone's input)."""
         return backbones.resolve_image_size(self.getModelName(), self.getImageSize())
 
-    def settings(self, spark: SparkSession | None = None) -> FeaturizerSettings:
+    def worker_settings(self, spark: SparkSession | None = None) -> WorkerSettings:
         """What the workers need; ships a remote weights file with ``addFile`` when ``spark`` is given."""
         backbones.spec(self.getModelName())  # fail fast on an unknown backbone
         weights = self.getWeights()
@@ -211,7 +321,7 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
             # Executors share this machine: a missing or replaced file fails here, before any task starts.
             local = backbones.resolve_weights_file(self.getModelName(), weights)
             backbones.check_weights_file(local, self.getWeightsSha256(), self.getModelName())
-        return FeaturizerSettings(
+        return WorkerSettings(
             model_name=self.getModelName(),
             feature_layer=self.getFeatureLayer() or None,
             weights=weights,
@@ -231,7 +341,7 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
                 raise ValueError(f"output column {taken!r} already exists")
         spark = dataset.sparkSession
         configure_arrow_for_images(spark, self.getArrowBatchSize())
-        featurize = make_featurize_udf(self.settings(spark), getattr(self, "_stats", None))
+        featurize = make_featurize_udf(self.worker_settings(spark), getattr(self, "_stats", None))
         result = "__featurized"
         features = F.col(f"{result}.features")
         return (
