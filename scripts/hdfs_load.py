@@ -17,14 +17,10 @@ import os
 
 
 
-def _ensure_importable() -> None:
-    try:
-        import cxr_pipeline  # noqa: F401
-    except ImportError:  # run from a checkout without `pip install`: use ../lib
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-
-
-_ensure_importable()
+try:  # the one bootstrap of every entry script: the installed package (make venv; the wheel on a cluster) ...
+    import cxr_pipeline  # noqa: F401
+except ImportError:  # ... else the checkout's lib/
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 
 from cxr_pipeline import config as conf  # noqa: E402
 from cxr_pipeline.cli import add_config_options, resolve_config  # noqa: E402
