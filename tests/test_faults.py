@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cxr_pipeline import storage
@@ -143,6 +144,23 @@ def test_python_worker_killed_mid_featurization_gives_the_same_table(featurize_p
 @pytest.mark.hdfs
 @pytest.mark.cluster
 @pytest.mark.timeout(CLUSTER_TEST_TIMEOUT_S)
+def test_featurizing_on_the_cluster_from_hdfs_equals_plain_keras(featurize_passes, sample_tree):
+    """The undisturbed pass (2 workers reading the private HDFS) gives bare Keras' features for the same files."""
+    from cxr_pipeline.backbones import build_backbone, featurize_arrays
+    from cxr_pipeline.imaging import decode_image
+
+    table = faults.read_feature_table(featurize_passes.passes[0]["table"])
+    files = [sample_tree / "/".join(path.split("/")[-3:]) for path in table["paths"]]
+    model = build_backbone("InceptionV3", feature_layer=FEATURE_LAYER, image_size=IMAGE_SIZE)
+    batch = [decode_image(f.read_bytes(), (IMAGE_SIZE, IMAGE_SIZE)) for f in files]
+    expected = featurize_arrays(model, "InceptionV3", np.stack(batch), batch_size=len(batch))
+    assert_same_features(np.stack([table["features"][path] for path in table["paths"]]), expected)
+
+
+@pytest.mark.slow
+@pytest.mark.hdfs
+@pytest.mark.cluster
+@pytest.mark.timeout(CLUSTER_TEST_TIMEOUT_S)
 def test_datanode_stopped_while_featurization_reads(featurize_passes, fault_stack, sample_tree):
     stack, data = fault_stack
     assert featurize_passes.injected[2].startswith("stopped datanode-1")
@@ -153,10 +171,6 @@ def test_datanode_stopped_while_featurization_reads(featurize_passes, fault_stac
 
 @pytest.mark.slow
 @pytest.mark.hdfs
-@pytest.mark.xfail(strict=True, reason=(
-    "storage's WebHDFS client gives up on the first refused connection: for ~2 s after a DataNode stops, the "
-    "NameNode still redirects some creates/opens to it (then it is stale and avoided); a retry belongs in "
-    "storage.py / hdfs_load.py. Remove this marker when that lands."))
 def test_datanode_stopped_while_hdfs_load_writes(fault_stack, sample_tree):
     stack, _ = fault_stack
     target = f"{stack.hdfs.namenode_uri}/loads/chest_xray"

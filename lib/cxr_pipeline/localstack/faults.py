@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 from .. import paths
 from .hdfs_cluster import LocalHdfs
+from . import processes
 from .processes import free_port, port_in_use
 from .spark_cluster import LocalSparkStandalone
 
@@ -113,6 +114,7 @@ def _free_port_run(length: int) -> int:
     for _ in range(50):
         port = free_port()
         if port + length < 65536 and not any(port_in_use(port + i) for i in range(length)):
+            processes._handed_out.update(range(port, port + length))
             return port
     raise RuntimeError(f"no run of {length} free TCP ports found")
 

@@ -139,11 +139,38 @@ def _is_zombie(pid: int) -> bool:
         return True
 
 
+# Ports for private daemons are drawn below the kernel's ephemeral range: a port the OS hands out for
+# ``bind(0)`` is also what it gives the next outgoing connection (Spark, HDFS clients and their JVMs open many),
+# so a daemon started a moment later could find it taken ("datanode exited during start-up").
+_PRIVATE_PORTS = (20000, 32000)
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now (the OS picks it; another process may take it later)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A TCP port nothing listens on right now, outside the ephemeral range and never returned twice by this
+    process (another process may still take it later)."""
+    import random
+
+    low, high = _PRIVATE_PORTS[0], min(_PRIVATE_PORTS[1], _ephemeral_low())
+    for _ in range(500):
+        port = random.randrange(low, high)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free TCP port in {low}..{high}")
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
