@@ -361,8 +361,13 @@ def main(argv: list[str] | None = None) -> int:
             hdfs.down(timeout=min(args.timeout, 30))
             _log("HDFS stopped")
         status = hdfs.status()
-        print(json.dumps(status, indent=2))
-        return 0 if args.action != "status" or status["ready"] else 3
+        if args.action == "status":
+            print(json.dumps(status, indent=2))
+            return 0 if status["ready"] else 3
+        if args.action == "up":  # one line for make's console; `status` gives the whole picture as JSON
+            print(f"HDFS ready: {status['namenode_uri']} (WebHDFS {status['webhdfs_url']}), "
+                  f"{status['live_datanodes']} DataNode(s), state in {status['state_dir']}")
+        return 0
     except (HdfsClusterError, provision.ProvisionError) as exc:
         print(f"[hdfs] ERROR: {exc}", file=sys.stderr)
         return 1
