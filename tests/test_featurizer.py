@@ -260,3 +260,88 @@ def test_on_standalone_cluster_from_real_hdfs(spark_standalone, hdfs_tmp, sample
     expected = keras_features([str(sample_tree / rel) for rel in relative], feature_layer="mixed5")
     assert_same_features(np.array([r[1] for r in rows]), expected)
 
+
+# ------------------------------------------------------------------ GPU executors (issue 16)
+def test_device_choice_follows_the_task_gpu_addresses(monkeypatch):
+    from pyspark.resource import ResourceInformation
+
+    from cxr_pipeline.spark import _udf
+
+    assert _udf.choose_device({"gpu": ResourceInformation("gpu", ["1"])}).gpu_addresses == ("1",)
+    assert _udf.choose_device({"gpu": ["10", "2"]}).name == "GPU:2,10"
+    assert _udf.choose_device({"fpga": ["0"]}).name == _udf.choose_device(None).name == "CPU"
+    # a reused worker pinned to one GPU refuses a task given another (it would share or fight for a device)
+    monkeypatch.setattr(_udf, "_PINNED", _udf.DeviceChoice(("0",)))
+    monkeypatch.setattr(_udf, "_PLACED", "GPU:0")
+    assert _udf.pin_tensorflow(_udf.DeviceChoice(("0",))) == "GPU:0"
+    with pytest.raises(_udf.DevicePinningError, match="spark.task.resource.gpu.amount"):
+        _udf.pin_tensorflow(_udf.DeviceChoice(("1",)))
+
+
+GPU_JOB = textwrap.dedent(
+    """
+    import json, sys
+    from pyspark.sql import SparkSession
+    from cxr_pipeline.spark.reader import read_images
+    from cxr_pipeline.spark.featurizer import ImageFeaturizer
+
+    master, data, script, out, lib = sys.argv[1:6]
+    spark = (SparkSession.builder.master(master).appName("cxr-gpu-assignment-test")
+             .config("spark.ui.enabled", "false").config("spark.executor.memory", "768m")
+             .config("spark.executor.cores", "1").config("spark.cores.max", "2")
+             .config("spark.executor.resource.gpu.amount", "1").config("spark.task.resource.gpu.amount", "1")
+             .config("spark.executor.resource.gpu.discoveryScript", script)
+             .config("spark.executorEnv.PYTHONPATH", lib).config("spark.scheduler.minRegisteredResourcesRatio", "1.0")
+             .config("spark.scheduler.maxRegisteredResourcesWaitingTime", "120s")
+             .config("spark.python.worker.reuse", "true").getOrCreate())
+    featurizer = ImageFeaturizer(featureLayer="mixed0", imageSize=75, weights="random", batchSize=4)
+    stats = featurizer.track_stats(spark)
+    rows = featurizer.transform(read_images(spark, data).repartition(6)).select("path", "featurize_error").collect()
+    json.dump({"rows": len(rows), "tasks": stats.summary()["tasks"]}, open(out, "w"))
+    spark.stop()
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_each_task_runs_on_the_gpu_spark_assigned_it(tree, tmp_path):
+    """Real standalone scheduling of placeholder GPUs: one worker offers addresses 0 and 1, two one-GPU
+    executors take one each, and every task's featurizer chooses exactly its own address (no device here,
+    so TensorFlow then runs on the CPU, which is recorded too)."""
+    from cxr_pipeline.localstack.faults import _free_port_run
+    from cxr_pipeline.localstack.processes import free_port
+    from cxr_pipeline.localstack.spark_cluster import LocalSparkStandalone
+
+    script = tmp_path / "discover_gpus.sh"
+    script.write_text('#!/bin/sh\necho \'{"name": "gpu", "addresses": ["0", "1"]}\'\n')
+    script.chmod(0o755)
+    cluster = LocalSparkStandalone(master_port=free_port(), web_port=_free_port_run(2), workers=1, cores=2,
+                                   memory="2g", state_dir=tmp_path / "spark", worker_conf={
+                                       "spark.worker.resource.gpu.amount": "2",
+                                       "spark.worker.resource.gpu.discoveryScript": str(script)})
+    cluster.up(timeout=180)
+    try:
+        job = tmp_path / "job.py"
+        job.write_text(GPU_JOB)
+        out = tmp_path / "tasks.json"
+        env = {**os.environ, "PYTHONPATH": f"{REPO / 'lib'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+        done = subprocess.run([sys.executable, str(job), cluster.master_url, str(tree), str(script), str(out),
+                               str(REPO / "lib")],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    finally:
+        cluster.down()
+    result = json.loads(out.read_text())
+    tasks = result["tasks"]
+    assert result["rows"] == 10 and sum(t["images"] for t in tasks.values()) == 10
+    assert len(tasks) == 6, tasks
+    for task in tasks.values():
+        assert len(task["gpu_addresses"]) == 1 and task["chosen"] == f"GPU:{task['gpu_addresses'][0]}", task
+        assert task["placed"] == "CPU"  # placeholder addresses: TensorFlow sees no such GPU
+    assert {t["gpu_addresses"][0] for t in tasks.values()} == {"0", "1"}  # the two executors, one GPU each
+    by_process: dict[int, set] = {}
+    for task in tasks.values():
+        by_process.setdefault(task["pid"], set()).add(task["gpu_addresses"][0])
+    assert all(len(addresses) == 1 for addresses in by_process.values()), by_process  # never two GPUs in one process

@@ -8,6 +8,10 @@ pid and log files under ``paths.SPARK_STATE_DIR``::
     cluster.master_url          # "spark://127.0.0.1:7077"
     cluster.down()
 
+``worker_conf`` passes ``spark.worker.*`` settings to every Worker (``SPARK_WORKER_OPTS``), e.g. the
+GPU resources a worker offers: ``{"spark.worker.resource.gpu.amount": "2",
+"spark.worker.resource.gpu.discoveryScript": "/path/discover_gpus.sh"}``.
+
 CLI: ``python -m cxr_pipeline.localstack.spark_cluster up|down|status``.
 On 2 cores the executors compete with the driver: keep it down when not in use.
 """
@@ -20,7 +24,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from .. import paths
 from .processes import ProcessHandle, describe_port_owner, port_owner, state_lock, wait_for_port_free
@@ -54,6 +58,7 @@ class LocalSparkStandalone:
         memory: str = "1g",
         state_dir: str | os.PathLike = paths.SPARK_STATE_DIR,
         daemon_memory: str = "512m",
+        worker_conf: Mapping[str, str] | None = None,
     ):
         if workers < 1:
             raise ValueError("workers must be >= 1")
@@ -64,6 +69,7 @@ class LocalSparkStandalone:
         self.memory = memory
         self.state_dir = Path(state_dir).resolve()
         self.daemon_memory = daemon_memory
+        self.worker_conf = dict(worker_conf or {})
         self.master = ProcessHandle("master", f"{MASTER_CLASS} --host 127.0.0.1 --port {self.master_port}", self.state_dir)
         self.workers = [
             ProcessHandle(f"worker-{i}", f"--work-dir {self._work_dir(i)}", self.state_dir) for i in range(self.n_workers)
@@ -87,6 +93,9 @@ class LocalSparkStandalone:
         env = dict(os.environ)
         env.update(SPARK_HOME=str(spark_home()), SPARK_LOCAL_IP="127.0.0.1",
                    SPARK_DAEMON_MEMORY=self.daemon_memory, SPARK_NO_DAEMONIZE="1")
+        if self.worker_conf:
+            options = " ".join(f"-D{key}={value}" for key, value in self.worker_conf.items())
+            env["SPARK_WORKER_OPTS"] = f"{env.get('SPARK_WORKER_OPTS', '')} {options}".strip()
         env.setdefault("PYSPARK_PYTHON", sys.executable)
         return env
 

@@ -6,16 +6,30 @@ module-level ``_MODELS`` dict of each Python worker, so with
 loaded once per worker and reused by every batch of every later task.
 TensorFlow's thread pools are sized to the task's cores before TensorFlow
 starts, so two tasks on two cores do not each spawn a pool per machine core.
+
+GPUs: TensorFlow is pinned, before it starts, to exactly the GPU addresses
+Spark's resource scheduling gave the task (``TaskContext.resources()["gpu"]``,
+see :func:`choose_device`), or to the CPU when the task has none. A process is
+pinned once, so every task a reused worker runs must get the same addresses:
+true when ``spark.task.resource.gpu.amount`` equals
+``spark.executor.resource.gpu.amount`` (``conf/gpu.yaml``); a worker asked for
+other GPUs than it holds fails the task with that advice rather than share a GPU.
+
+Decoding overlaps inference: a thread decodes the next ``batch_size`` images
+(reading ahead into the next Arrow batch) while the model runs on the current
+ones; Pillow and TensorFlow both release the GIL.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import queue
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -24,9 +38,14 @@ from pyspark.accumulators import AccumulatorParam
 from .. import backbones
 from ..imaging import decode_batch, decode_image_structs
 
+log = logging.getLogger(__name__)
+
 _MODELS: dict[tuple, object] = {}  # WorkerSettings.cache_key -> keras.Model
 _LOCK = threading.Lock()
 _TF_CONFIGURED = False
+_PINNED: "DeviceChoice | None" = None  # what this process's TensorFlow was pinned to
+_PLACED: str | None = None  # the device TensorFlow runs on after pinning ("GPU:0", "CPU")
+GPU_RESOURCE = "gpu"  # Spark's resource name (spark.{executor,task}.resource.gpu.*)
 
 
 @dataclass(frozen=True)
@@ -46,6 +65,7 @@ class WorkerSettings:
     max_pixels: int
     tf_threads: int = 0  # 0 = the task's cores (spark.task.cpus)
     image_size: tuple[int, int] | None = None  # None = the backbone's native input size
+    prefetch: bool = True  # decode the next batch while the model runs on this one
 
     @property
     def cache_key(self) -> tuple:
@@ -82,6 +102,81 @@ def _task_cpus() -> int:
     return os.cpu_count() or 1
 
 
+# ----------------------------------------------------------- devices
+@dataclass(frozen=True)
+class DeviceChoice:
+    """The devices one task may use: its GPU addresses from Spark's scheduler, or none = the CPU."""
+
+    gpu_addresses: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return "GPU:" + ",".join(self.gpu_addresses) if self.gpu_addresses else "CPU"
+
+
+def choose_device(task_resources: Mapping[str, Any] | None) -> DeviceChoice:
+    """The device choice for a task's resources (pure; ``TaskContext.resources()`` or a plain dict).
+
+    ``task_resources`` maps a resource name to a ``ResourceInformation`` (``.addresses``) or to a
+    list of addresses. The task's ``gpu`` addresses, in numeric order, else the CPU.
+    """
+    info = (task_resources or {}).get(GPU_RESOURCE)
+    addresses = getattr(info, "addresses", info) or ()
+    return DeviceChoice(tuple(sorted({str(a).strip() for a in addresses if str(a).strip()}, key=_address_order)))
+
+
+def _address_order(address: str) -> tuple[int, Any]:
+    return (0, int(address)) if address.isdigit() else (1, address)
+
+
+def task_resources() -> Mapping[str, Any]:
+    """The running task's resources (empty outside a task)."""
+    try:
+        from pyspark import TaskContext
+
+        context = TaskContext.get()
+        return context.resources() if context is not None else {}
+    except Exception:  # noqa: BLE001 - outside Spark, or an old TaskContext
+        return {}
+
+
+class DevicePinningError(RuntimeError):
+    """A reused Python worker was given other GPUs than the ones its TensorFlow is pinned to."""
+
+
+def pin_tensorflow(choice: DeviceChoice) -> str:
+    """Make only ``choice``'s GPUs visible to this process's TensorFlow (before it starts); the device used.
+
+    Returns ``"GPU:<address>[,...]"``, or ``"CPU"`` when the task has no GPU or TensorFlow sees
+    none of its addresses (e.g. a CPU-only build, or placeholder addresses): the CPU is then used.
+    """
+    global _PINNED, _PLACED
+    if _PINNED is not None:
+        if choice != _PINNED:
+            raise DevicePinningError(
+                f"this Python worker runs TensorFlow on {_PINNED.name} but the task was given {choice.name}: "
+                "set spark.task.resource.gpu.amount equal to spark.executor.resource.gpu.amount (conf/gpu.yaml), "
+                "or spark.python.worker.reuse=false")
+        return _PLACED or "CPU"
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    wanted = [gpu for gpu in gpus if gpu.name.rsplit(":", 1)[-1] in choice.gpu_addresses]
+    try:
+        tf.config.set_visible_devices(wanted, "GPU")  # [] hides every GPU: the CPU
+        for gpu in wanted:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        placed = "GPU:" + ",".join(g.name.rsplit(":", 1)[-1] for g in wanted) if wanted else "CPU"
+    except RuntimeError:  # TF already started in this process (the driver in local tests): keep its devices
+        placed = "GPU:" + ",".join(g.name.rsplit(":", 1)[-1] for g in tf.config.get_visible_devices("GPU")) \
+            if tf.config.get_visible_devices("GPU") else "CPU"
+    if choice.gpu_addresses and not wanted:
+        log.warning("task was given %s but TensorFlow sees %d GPU(s) and none with those addresses: using the CPU",
+                    choice.name, len(gpus))
+    _PINNED, _PLACED = choice, placed
+    return placed
+
+
 def local_weights(settings: WorkerSettings) -> str | None:
     """The weights argument for :func:`backbones.build_backbone`, fetched locally if remote."""
     weights = settings.weights
@@ -111,9 +206,10 @@ def local_weights(settings: WorkerSettings) -> str | None:
     return target
 
 
-def cached_model(settings: WorkerSettings):
-    """The backbone for ``settings``, built at most once per Python worker."""
+def cached_model(settings: WorkerSettings, device: DeviceChoice | None = None):
+    """The backbone for ``settings``, built at most once per Python worker, on ``device`` (the task's)."""
     with _LOCK:
+        pin_tensorflow(device or DeviceChoice())  # every task checks: a reused worker never switches devices
         model = _MODELS.get(settings.cache_key)
         if model is None:
             configure_tensorflow_threads(settings.tf_threads)
@@ -128,42 +224,116 @@ def cached_model(settings: WorkerSettings):
 class WorkerFeaturizer:
     """The decode -> preprocess -> predict loop of one task, on the worker's cached model.
 
-    Only ``batch_size`` images are decoded at a time, so memory stays bounded by
-    the batch (plus the Arrow batch of encoded bytes), not by the partition.
+    Only ``batch_size`` images are decoded at a time (one more while prefetching), so memory
+    stays bounded by the batch (plus the Arrow batches of encoded bytes), not by the partition.
     """
 
-    def __init__(self, settings: WorkerSettings):
+    def __init__(self, settings: WorkerSettings, device: DeviceChoice | None = None):
         self.settings = settings
+        self.device = device or DeviceChoice()
         self.size = backbones.resolve_image_size(settings.model_name, settings.image_size)
-        self.model = cached_model(settings)
+        self.model = cached_model(settings, self.device)
+        self.placed = _PLACED or "CPU"
         self.decode_seconds = 0.0
         self.predict_seconds = 0.0
+        self.wait_seconds = 0.0  # inference waiting for a decoded batch (prefetch only)
 
     def featurize_contents(self, contents: pd.Series) -> pd.DataFrame:
         """``features`` (float32 arrays, None for failures) and ``error`` (reason or None)."""
-        n = len(contents)
-        features: list = [None] * n
-        errors: list = [None] * n
+        return next(self.featurize_stream(iter([contents]), prefetch=False))
+
+    def featurize_stream(self, batches: Iterator, prefetch: bool | None = None) -> Iterator[pd.DataFrame]:
+        """One ``features``/``error`` frame per input batch (a Series of bytes or image-struct dicts)."""
+        prefetch = self.settings.prefetch if prefetch is None else prefetch
+        chunks = self._decoded_chunks(batches)
+        if prefetch:
+            chunks = _read_ahead(chunks)
+        features: list = []
+        errors: list = []
+        waited = time.perf_counter()
+        for kind, payload in chunks:
+            if kind == "batch":  # a new input batch of ``payload`` rows starts
+                features, errors = [None] * payload, [None] * payload
+            elif kind == "chunk":
+                start, (arrays, good, failed) = payload
+                began = time.perf_counter()
+                self.wait_seconds += began - waited
+                for index, reason in failed:
+                    errors[start + index] = reason
+                if good:
+                    vectors = backbones.featurize_arrays(self.model, self.settings.model_name, arrays,
+                                                         self.settings.batch_size)
+                    for index, vector in zip(good, vectors):
+                        features[start + index] = vector
+                self.predict_seconds += time.perf_counter() - began
+            else:  # the input batch is complete
+                yield pd.DataFrame({"features": features, "error": errors})
+            waited = time.perf_counter()
+
+    def _decoded_chunks(self, batches: Iterator) -> Iterator[tuple[str, Any]]:
         step = max(1, self.settings.batch_size)
-        values = contents.tolist()
-        for start in range(0, n, step):
-            began = time.perf_counter()
-            arrays, good, failed = self._decode(values[start:start + step])
-            decoded = time.perf_counter()
-            for index, reason in failed:
-                errors[start + index] = reason
-            if good:
-                vectors = backbones.featurize_arrays(self.model, self.settings.model_name, arrays, step)
-                for index, vector in zip(good, vectors):
-                    features[start + index] = vector
-            self.decode_seconds += decoded - began
-            self.predict_seconds += time.perf_counter() - decoded
-        return pd.DataFrame({"features": features, "error": errors})
+        for contents in batches:
+            if isinstance(contents, pd.DataFrame):  # struct input (Spark image source) arrives as a frame
+                values = contents.to_dict("records")
+            else:
+                values = contents.tolist()
+            yield "batch", len(values)
+            for start in range(0, len(values), step):
+                began = time.perf_counter()
+                decoded = self._decode(values[start:start + step])
+                self.decode_seconds += time.perf_counter() - began
+                yield "chunk", (start, decoded)
+            yield "end", None
 
     def _decode(self, chunk: list) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
         if chunk and isinstance(chunk[0], dict):  # Spark image source structs
             return decode_image_structs(chunk, self.size, self.settings.max_pixels)
         return decode_batch(chunk, self.size, self.settings.max_pixels)
+
+
+_DONE = object()
+
+
+def _read_ahead(items: Iterator, depth: int = 1) -> Iterator:
+    """``items``, produced by a thread that stays up to ``depth`` items (+ the one in hand) ahead.
+
+    An exception in the producer (e.g. ``MemoryError``) is raised in the consumer; a consumer that
+    stops early (task cancelled) stops the producer at its next item.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            put(("error", exc))
+            return
+        put(("done", _DONE))
+
+    thread = threading.Thread(target=produce, name="cxr-decode-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = ready.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
 
 
 class _MaxParam(AccumulatorParam):
@@ -172,6 +342,14 @@ class _MaxParam(AccumulatorParam):
 
     def addInPlace(self, a, b):
         return max(a, b)
+
+
+class _MergeParam(AccumulatorParam):
+    def zero(self, value):
+        return {}
+
+    def addInPlace(self, a, b):
+        return {**a, **b}
 
 
 class FeaturizerStats:
@@ -186,6 +364,8 @@ class FeaturizerStats:
         self.setup_seconds = spark_context.accumulator(0.0)
         self.images = spark_context.accumulator(0)
         self.peak_worker_rss_mb = spark_context.accumulator(0.0, _MaxParam())
+        self.wait_seconds = spark_context.accumulator(0.0)
+        self.tasks = spark_context.accumulator({}, _MergeParam())  # "stage.partition.attempt" -> device facts
 
     def summary(self) -> dict:
         decode, predict = self.decode_seconds.value, self.predict_seconds.value
@@ -195,7 +375,9 @@ class FeaturizerStats:
             "predict_seconds": predict,
             "setup_seconds": self.setup_seconds.value,
             "decode_share": decode / (decode + predict) if decode + predict else 0.0,
+            "wait_seconds": self.wait_seconds.value,
             "peak_worker_rss_mb": self.peak_worker_rss_mb.value,
+            "tasks": dict(self.tasks.value),
         }
 
 
@@ -208,19 +390,32 @@ def _peak_rss_mb() -> float:
 def featurize_batches(settings: WorkerSettings, batches: Iterator, stats: FeaturizerStats | None = None) -> Iterator[pd.DataFrame]:
     """Body of the scalar-iterator pandas UDF: set-up once, then one frame per Arrow batch."""
     began = time.perf_counter()
-    runner = WorkerFeaturizer(settings)
+    resources = task_resources()
+    device = choose_device(resources)
+    runner = WorkerFeaturizer(settings, device)
     setup = time.perf_counter() - began
     images = 0
     try:
-        for contents in batches:
-            if isinstance(contents, pd.DataFrame):  # struct input (Spark image source) arrives as a frame
-                contents = pd.Series(contents.to_dict("records"))
-            images += len(contents)
-            yield runner.featurize_contents(contents)
+        for frame in runner.featurize_stream(batches):
+            images += len(frame)
+            yield frame
     finally:
         if stats is not None:
             stats.decode_seconds.add(runner.decode_seconds)
             stats.predict_seconds.add(runner.predict_seconds)
+            stats.wait_seconds.add(runner.wait_seconds)
             stats.setup_seconds.add(setup)
             stats.images.add(images)
             stats.peak_worker_rss_mb.add(_peak_rss_mb())
+            stats.tasks.add({_task_name(): {"gpu_addresses": list(getattr(resources.get(GPU_RESOURCE), "addresses", [])),
+                                            "chosen": device.name, "placed": runner.placed, "pid": os.getpid(),
+                                            "images": images}})
+
+
+def _task_name() -> str:
+    from pyspark import TaskContext
+
+    context = TaskContext.get()
+    if context is None:
+        return f"pid{os.getpid()}"
+    return f"{context.stageId()}.{context.partitionId()}.{context.attemptNumber()}"
