@@ -242,4 +242,4 @@ def test_reporting_model_card_and_calibration_plot(tmp_path):
                    "Measured on: the dataset's test folder (n=200)", "| test | 90 | 110 | 200 |", "2*FN + 1*FP",
                    "Brier score"):
         assert needle in card
-    assert any("95% CI @at_chosen" in line for line in reporting.interval_lines(honest))
+    assert any("95% CI @chosen (" in line for line in reporting.interval_lines(honest))

@@ -55,11 +55,16 @@ def write_calibration_plot(honest: Mapping[str, Any], out: str) -> str | None:
     return out
 
 
+# metrics.json's threshold blocks, as the summary's other lines name them
+_THRESHOLD_LABELS = {"at_chosen": "@chosen", "at_threshold": "@chosen", "at_default_0.5": "@0.5", "at_0.5": "@0.5"}
+
+
 def interval_lines(honest: Mapping[str, Any]) -> list[str]:
     """Summary lines: each threshold's metrics with their 95 % intervals, then the Brier score."""
     lines = []
     for name, block in honest.get("intervals", {}).items():
-        lines.append(f"  95% CI @{name} ({block['threshold']:.3f}): "
+        label = _THRESHOLD_LABELS.get(name, name)
+        lines.append(f"  95% CI {label + ' (' + format(block['threshold'], '.3f') + '):':<17}"
                      + "  ".join(f"{k} {M.fmt_interval(block[k])}" for k in M.INTERVAL_METRICS))
     cal = honest.get("calibration") or {}
     lines.append(f"  Brier {M.fmt(honest.get('brier'))}  ECE {M.fmt(cal.get('expected_calibration_error'))}"
