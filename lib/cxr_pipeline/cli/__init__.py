@@ -30,8 +30,12 @@ def configure_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("cxr_pipeline").setLevel(logging.DEBUG if verbose else logging.INFO)
-    # MLflow configures its own INFO handler; our tracking module already says what it recorded, in one line.
-    logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)
+    # MLflow sets up its own INFO logger when imported (from MLFLOW_LOGGING_LEVEL); the tracking module already
+    # says what it recorded, in one line. A level the user exported wins.
+    import os
+
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
 
 
 def resolve_config(args: argparse.Namespace, shortcuts: Sequence[tuple[str, Any]] = ()) -> dict[str, Any]:
