@@ -241,7 +241,8 @@ def test_settings_come_from_the_config():
     assert settings.frontal_only is True and settings.patient_key
     with pytest.raises(ValueError, match="patient_key"):
         dicom.DicomSettings.from_config({"dicom": {"patient_key": "", "frontal_only": False, "packed_png_bits": 8}})
-    assert dicom.DicomSettings.from_config(config.load_config(overrides=["dicom.packed_png_bits=16"])).packed_png_bits == 16
+    sixteen = dicom.DicomSettings.from_config(config.load_config(overrides=["dicom.packed_png_bits=16"]))
+    assert sixteen.packed_png_bits == 16
     with pytest.raises(ValueError, match="packed_png_bits must be 8 or 16"):
         dicom.DicomSettings.from_config(config.load_config(overrides=["dicom.packed_png_bits=12"]))
 
@@ -406,8 +407,8 @@ def test_cnn_carve_groups_dicom_files_by_their_header_patient_like_the_spark_job
     pairs = one_patient_pairs_tree(tmp_path / "tree")
     fraction, seed = 0.5, 42
     records, _ = data.list_image_tree(str(tmp_path / "tree"), patient_key=KEY)
-    by_name = dict(zip((r.file_name for r in records),
-                       splits.is_validation([r.file_name for r in records], [r.label for r in records], fraction, seed)))
+    names = [r.file_name for r in records]
+    by_name = dict(zip(names, splits.is_validation(names, [r.label for r in records], fraction, seed)))
     assert any(by_name[a] != by_name[b] for a, b in pairs.values())  # file names alone would split a patient
 
     train, val, _ = data.split_records(records, "carve", fraction, seed)
@@ -415,12 +416,14 @@ def test_cnn_carve_groups_dicom_files_by_their_header_patient_like_the_spark_job
     assert val and train
     for a, b in pairs.values():
         assert (a in cnn_val) == (b in cnn_val), (a, b)
-    assert {r.patient for r in records} == {dicom.patient_pseudonym(f"MRN-{c}{i}", KEY) for c in "NP" for i in range(1, 8)}
+    patients = {dicom.patient_pseudonym(f"MRN-{c}{i}", KEY) for c in "NP" for i in range(1, 8)}
+    assert {r.patient for r in records} == patients
 
     # the Spark job's carve (training.assign_subsets with the reader's patients column) picks the same images
     settings = TrainingSettings.from_config(config.load_config(overrides=[
         "training.validation=carve", f"training.validation_fraction={fraction}", f"training.seed={seed}"]))
-    features = spark.createDataFrame([(r.uri, r.split, r.label) for r in records], "path string, split string, label int")
+    features = spark.createDataFrame([(r.uri, r.split, r.label) for r in records],
+                                     "path string, split string, label int")
     assigned, _ = assign_subsets(features, settings, {r.uri: r.patient for r in records})
     spark_val = {Path(r["path"]).name for r in assigned.where("subset = 'val'").collect()}
     assert spark_val == cnn_val
@@ -459,7 +462,8 @@ def test_sixteen_bit_packed_png_decodes_like_the_dicom(one_xray, backbone):
         with Image.open(io.BytesIO(payload)) as image:
             assert (fmt, image.format, image.mode, image.size) == ("PNG", "PNG", "I;16", (width, height))
             assert int(np.asarray(image).max()) > 255  # 16-bit values, not 8-bit ones in a 16-bit file
-        assert (reason, source_format, patient) == (None, "DICOM", dicom.patient_pseudonym(FAKE_IDENTITY.patient_id, KEY))
+        pseudonym = dicom.patient_pseudonym(FAKE_IDENTITY.patient_id, KEY)
+        assert (reason, source_format, patient) == (None, "DICOM", pseudonym)
         assert_no_planted_values(payload.decode("latin-1"))
         packed.append(payload)
     from_dicom = np.stack([decode_image(d, SIZE) for d in sources])

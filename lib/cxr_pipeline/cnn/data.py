@@ -111,7 +111,8 @@ def _with_header_patients(records: list[ImageRecord], patient_key: str | None) -
         return records
     key = patient_key if patient_key is not None else DicomSettings.default().patient_key
     with ThreadPoolExecutor(max_workers=8) as pool:
-        patients = dict(zip((r.uri for r in dicom_records), pool.map(lambda r: _dicom_patient(r.uri, key), dicom_records)))
+        found = pool.map(lambda r: _dicom_patient(r.uri, key), dicom_records)
+        patients = dict(zip((r.uri for r in dicom_records), found))
     return [replace(r, patient=patients[r.uri]) if patients.get(r.uri) else r for r in records]
 
 

@@ -7,8 +7,9 @@ the real sample JPEGs the way a PACS would hand them over:
 * ``native_dicom``: uncompressed 8/12/16-bit pixels, MONOCHROME1 or 2, optional window and
   rescale tags;
 
-each with ``FAKE_IDENTITY`` (a made-up name, birth date and PatientID) planted in the header, so a
-test can scan every output for those values. Nothing here is used by the pipeline itself.
+each with ``FAKE_IDENTITY`` (a made-up name, birth date, PatientID, institution, referring physician and
+accession number) planted in the header, so a test can scan every output for those values. Nothing here
+is used by the pipeline itself.
 
     python -m cxr_pipeline.datasets.dicom_from_images --src data/sample/chest_xray --out data/dicom/chest_xray
 """
@@ -30,12 +31,19 @@ DIGITAL_XRAY = "1.2.840.10008.5.1.4.1.1.1.1"  # DX Image Storage - For Presentat
 @dataclass(frozen=True)
 class Identity:
     name: str
-    birth_date: str
+    birth_date: str  # DICOM DA: YYYYMMDD
     patient_id: str
+    institution: str = "Planted Quorvane Memorial Hospital"
+    referring_physician: str = "Drplanted^Xavierzembla"
+    accession_number: str = "ACC-PLANTED-9021"  # VR SH: at most 16 characters
 
     def values(self) -> tuple[str, ...]:
-        """The strings that must never appear in an output (name parts included)."""
-        return (self.name, *self.name.split("^"), self.birth_date, self.patient_id)
+        """The strings that must never appear in an output: every planted value, person-name parts and the
+        birth date also as ``YYYY-MM-DD`` (compare case-insensitively)."""
+        date = self.birth_date
+        return (self.name, *self.name.split("^"), date, f"{date[:4]}-{date[4:6]}-{date[6:]}", self.patient_id,
+                self.institution, self.referring_physician, *self.referring_physician.split("^"),
+                self.accession_number)
 
 
 FAKE_IDENTITY = Identity(name="Planted^Jane^Quincy", birth_date="19010203", patient_id="MRN-PLANTED-4711")
@@ -59,6 +67,9 @@ def _dataset(rows: int, columns: int, identity: Identity, view: str | None, tran
     ds.PatientName = identity.name
     ds.PatientBirthDate = identity.birth_date
     ds.PatientID = identity.patient_id
+    ds.InstitutionName = identity.institution
+    ds.ReferringPhysicianName = identity.referring_physician
+    ds.AccessionNumber = identity.accession_number
     ds.StudyDescription = "PLANTED TEST STUDY"
     if view:
         ds.ViewPosition = view
