@@ -70,17 +70,17 @@ class DicomSettings:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "DicomSettings":
-        section = config.get("dicom") or {}
-        missing = [k for k in ("patient_key", "frontal_only", "packed_png_bits") if k not in section]
-        if missing:
-            raise ValueError(f"config has no dicom.{', dicom.'.join(missing)}: conf/defaults.yaml must define them")
-        key = section["patient_key"]
-        if not key:
-            raise ValueError("dicom.patient_key is empty: set a secret key (--set dicom.patient_key=...)")
-        bits = section["packed_png_bits"]
-        if bits not in PNG_BITS:
-            raise ValueError(f"dicom.packed_png_bits must be 8 or 16, got {bits!r}")
-        return cls(patient_key=str(key), frontal_only=bool(section["frontal_only"]), packed_png_bits=int(bits))
+        from . import config as config_mod
+
+        return config_mod.section_settings(cls, config, "dicom")
+
+    def validate(self) -> None:
+        from .config import ConfigError
+
+        if not self.patient_key:
+            raise ConfigError("dicom.patient_key is empty: set a secret key (--set dicom.patient_key=...)")
+        if self.packed_png_bits not in PNG_BITS:
+            raise ConfigError(f"dicom.packed_png_bits must be 8 or 16, got {self.packed_png_bits!r}")
 
     @classmethod
     def default(cls) -> "DicomSettings":
