@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from cxr_pipeline.serving.launcher import HOST, multipart_image, running_service
+from job_args import NO_TRACKING
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +66,7 @@ def spark_run(base: Path, data: Path) -> Path:
         shutil.rmtree(out, ignore_errors=True)
         run_job(["jobs/train_featurizer.py", "--data", str(data), "--out", str(out),
                  "--feature-layer", "mixed0", "--tuning", "none", "--validation", "folder",
-                 "--features-cache", str(base / "features_cache")], base / "train_featurizer.log")
+                 "--features-cache", str(base / "features_cache"), *NO_TRACKING], base / "train_featurizer.log")
     _runs[str(out)] = out
     return out
 
@@ -77,7 +78,7 @@ def cnn_run(base: Path, data: Path) -> Path:
         shutil.rmtree(out, ignore_errors=True)
         run_job(["jobs/train_cnn.py", "--data", str(data), "--out", str(out), "--model", "small_cnn",
                  "--epochs", "1", "--image-size", "64", "--batch-size", "8", "--verbose", "0",
-                 "--set", "training.validation=folder"], base / "train_cnn.log")
+                 "--set", "training.validation=folder", *NO_TRACKING], base / "train_cnn.log")
     _runs[str(out)] = out
     return out
 

@@ -17,6 +17,7 @@ keras = pytest.importorskip("keras")
 from cxr_pipeline import config as config_mod  # noqa: E402
 from cxr_pipeline import dataset_layout  # noqa: E402
 from cxr_pipeline.cnn import data, gradcam, models  # noqa: E402
+from job_args import NO_TRACKING  # noqa: E402
 from tolerances import assert_same_probabilities  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -331,7 +332,7 @@ def test_train_from_and_to_the_real_hdfs(sample_tree, hdfs_tmp):
     proc = subprocess.run(
         [sys.executable, str(REPO / "jobs" / "train_cnn.py"), "--data", data_uri, "--out", out_uri,
          "--model", "small_cnn", "--image-size", "64", "--epochs", "1", "--batch-size", "4",
-         "--cache", "disk", "--verbose", "2"],
+         "--cache", "disk", "--verbose", "2", *NO_TRACKING],
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
