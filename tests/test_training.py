@@ -20,6 +20,7 @@ import yaml
 
 from cxr_pipeline import config as cfg
 from cxr_pipeline.spark_classifier import training as T
+from job_args import NO_TRACKING
 from tolerances import assert_same_probabilities, same_probability
 
 REPO = Path(__file__).resolve().parents[1]
@@ -315,7 +316,8 @@ def test_job_on_standalone_cluster_via_spark_submit_reuses_a_local_runs_features
            "PYSPARK_DRIVER_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
     cmd = [str(Path(sys.executable).parent / "spark-submit"), "--master", spark_standalone,
            str(REPO / "jobs" / "train_featurizer.py"), "--conf-env", "standalone", "--data", data, "--out", out,
-           *[arg for setting in FAST_FEATURES for arg in ("--set", setting)], "--features-cache", f"{base}/_cache"]
+           *[arg for setting in FAST_FEATURES for arg in ("--set", setting)], "--features-cache", f"{base}/_cache",
+           *NO_TRACKING]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "training summary" in proc.stdout and "AUC-ROC" in proc.stdout
