@@ -4,6 +4,7 @@ The importable package lives under ``lib/``; job scripts in ``jobs/`` are thin
 wrappers around it. Build a wheel for ``spark-submit --py-files`` with
 ``python setup.py bdist_wheel`` (or ``make wheel``).
 """
+
 import shutil
 from pathlib import Path
 

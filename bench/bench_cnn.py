@@ -16,6 +16,7 @@ ratios within one run (other processes on the same cores change absolute values)
 
     PYTHONPATH=lib .venv/bin/python bench/bench_cnn.py --n 256 --models small_cnn,inception_v3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,9 @@ def make_tree(root: Path, n: int, size: str) -> Path:
     return tree
 
 
-def bench_model(name: str, image_size: int, records, batch_size: int, devices, strategy, cut_layer: str,
-                augment_on: str) -> dict:
+def bench_model(
+    name: str, image_size: int, records, batch_size: int, devices, strategy, cut_layer: str, augment_on: str
+) -> dict:
     import keras
 
     from cxr_pipeline.cnn import data, models
@@ -65,7 +67,6 @@ def bench_model(name: str, image_size: int, records, batch_size: int, devices, s
     timer = EpochTimer(len(records))
     model.fit(train_input, epochs=2, verbose=0, callbacks=[timer], shuffle=False)
     cold_s, warm_s = timer.seconds
-    steps = -(-len(records) // batch_size)
 
     # One more epoch step by step: time blocked in next() (input) vs the whole step.
     model.train_on_batch(*next(iter(train_input)))  # traces train_on_batch outside the timing
@@ -89,9 +90,14 @@ def bench_model(name: str, image_size: int, records, batch_size: int, devices, s
     input_s = time.perf_counter() - start
     n = len(records)
     return {
-        "model": name, "size": image_size, "images": n - len(rejections.items),
-        "cold_img_s": n / cold_s, "warm_img_s": n / warm_s, "stepwise_img_s": n / total,
-        "input_img_s": n / input_s, "wait_share": waited / total,
+        "model": name,
+        "size": image_size,
+        "images": n - len(rejections.items),
+        "cold_img_s": n / cold_s,
+        "warm_img_s": n / warm_s,
+        "stepwise_img_s": n / total,
+        "input_img_s": n / input_s,
+        "wait_share": waited / total,
     }
 
 
@@ -103,9 +109,12 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="per replica (default: %(default)s)")
     parser.add_argument("--inception-size", type=int, default=DEFAULT_SIZES["inception_v3"])
     parser.add_argument("--cut-layer", default="mixed5", help="inception_v3 backbone end (default: %(default)s)")
-    parser.add_argument("--augment-on", default="auto",
-                        help="where augmentation runs: auto (as the job), pipeline, model, or a list "
-                             "such as pipeline,model to compare both in one run (default: %(default)s)")
+    parser.add_argument(
+        "--augment-on",
+        default="auto",
+        help="where augmentation runs: auto (as the job), pipeline, model, or a list "
+        "such as pipeline,model to compare both in one run (default: %(default)s)",
+    )
     parser.add_argument("--data", help="use this tree instead of generating one (local path or hdfs:// URI)")
     args = parser.parse_args(argv)
 
@@ -123,20 +132,30 @@ def main(argv=None) -> int:
         records, _ = data.list_image_tree(tree)
         records = [r for r in records if r.split == "train"][: args.n]
         batch = args.batch_size * devices.replicas
-        print(f"{len(records)} training JPEGs ({args.jpeg_size if not args.data else tree}), batch {batch}, "
-              f"augmentation on, cache in memory")
-        header = (f"{'model':13s} {'px':>4s} {'augment in':>10s} {'epoch1 img/s':>13s} {'epoch2 img/s':>13s} "
-                  f"{'stepwise img/s':>15s} {'input img/s':>12s} {'input wait':>11s}")
+        print(
+            f"{len(records)} training JPEGs ({args.jpeg_size if not args.data else tree}), batch {batch}, "
+            f"augmentation on, cache in memory"
+        )
+        header = (
+            f"{'model':13s} {'px':>4s} {'augment in':>10s} {'epoch1 img/s':>13s} {'epoch2 img/s':>13s} "
+            f"{'stepwise img/s':>15s} {'input img/s':>12s} {'input wait':>11s}"
+        )
         print(header)
         for name in args.models.split(","):
             for augment_on in placements:
                 size = args.inception_size if name == "inception_v3" else DEFAULT_SIZES[name]
                 r = bench_model(name, size, records, batch, devices, strategy, args.cut_layer, augment_on)
-                print(f"{r['model']:13s} {r['size']:4d} {augment_on:>10s} {r['cold_img_s']:13.1f} {r['warm_img_s']:13.1f} "
-                      f"{r['stepwise_img_s']:15.1f} {r['input_img_s']:12.1f} {r['wait_share']:10.1%}", flush=True)
-    print("epoch1 = decode + cache fill + train (+ graph tracing); epoch2 = from the cache (model.fit); "
-          "stepwise = a third epoch with train_on_batch; input wait = share of that epoch's step time "
-          "spent blocked on the next batch; input = the pipeline alone")
+                print(
+                    f"{r['model']:13s} {r['size']:4d} {augment_on:>10s} "
+                    f"{r['cold_img_s']:13.1f} {r['warm_img_s']:13.1f} "
+                    f"{r['stepwise_img_s']:15.1f} {r['input_img_s']:12.1f} {r['wait_share']:10.1%}",
+                    flush=True,
+                )
+    print(
+        "epoch1 = decode + cache fill + train (+ graph tracing); epoch2 = from the cache (model.fit); "
+        "stepwise = a third epoch with train_on_batch; input wait = share of that epoch's step time "
+        "spent blocked on the next batch; input = the pipeline alone"
+    )
     return 0
 
 

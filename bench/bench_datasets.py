@@ -8,6 +8,7 @@
 Each run writes into a fresh temporary folder. Figures are printed, not
 asserted; on a shared machine compare them only within one run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,10 @@ def _timed(run) -> tuple[float, list[int]]:
 def _report(label: str, elapsed: float, sizes: list[int], baseline: float | None = None) -> float:
     rate = len(sizes) / elapsed
     speedup = f", x{rate / baseline:.2f} vs 1 worker" if baseline else ""
-    print(f"{label}: {len(sizes)} images in {elapsed:.1f} s = {rate:.1f} images/s{speedup}; "
-          f"JPEG median {statistics.median(sizes) / 1e3:.0f} kB (min {min(sizes) / 1e3:.0f}, max {max(sizes) / 1e3:.0f})")
+    print(
+        f"{label}: {len(sizes)} images in {elapsed:.1f} s = {rate:.1f} images/s{speedup}; "
+        f"JPEG median {statistics.median(sizes) / 1e3:.0f} kB (min {min(sizes) / 1e3:.0f}, max {max(sizes) / 1e3:.0f})"
+    )
     return rate
 
 
@@ -49,8 +52,16 @@ def main(argv=None) -> int:
 
     for what, run in [
         (f"synthetic {args.size}", lambda w: lambda out: synthetic.generate(out, args.n, width, height, workers=w)),
-        *([("medmnist -> 299 px", lambda w: lambda out: medmnist.convert(
-            args.npz, out, 299, ["train", "val"], args.limit, workers=w))] if args.npz else []),
+        *(
+            [
+                (
+                    "medmnist -> 299 px",
+                    lambda w: lambda out: medmnist.convert(args.npz, out, 299, ["train", "val"], args.limit, workers=w),
+                )
+            ]
+            if args.npz
+            else []
+        ),
     ]:
         baseline = _report(f"{what}, 1 worker", *_timed(run(1)))
         if args.workers > 1:

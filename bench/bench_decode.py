@@ -14,6 +14,7 @@ before the fix (whole-image float64 window, loaded from git), and the same pixel
 
     PYTHONPATH=lib .venv/bin/python bench/bench_decode.py [--repeats 3] [--memory] [--side 7700]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,8 @@ def j2k_dicom(jpeg: bytes) -> bytes:
 
 
 def rle_dicom(jpeg: bytes) -> bytes:
-    from pydicom.uid import RLELossless
     import pydicom
+    from pydicom.uid import RLELossless
 
     ds = pydicom.dcmread(io.BytesIO(twelve_bit_with_window(jpeg)))
     ds.compress(RLELossless, encoding_plugin="pydicom")
@@ -154,8 +155,15 @@ def memory(side: int, workdir: Path) -> None:
     warm = workdir / "warm.dcm"
     warm.write_bytes(_save(_small_dicom()))
     before = workdir / "imaging_before.py"
-    before.write_text(subprocess.run(["git", "show", f"{BEFORE_FIX}:lib/cxr_pipeline/imaging.py"], cwd=REPO,
-                                     check=True, capture_output=True, text=True).stdout)
+    before.write_text(
+        subprocess.run(
+            ["git", "show", f"{BEFORE_FIX}:lib/cxr_pipeline/imaging.py"],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     script = CHILD.format(lib=str(REPO / "lib"), warm=str(warm))
     print(f"\npeak decode memory, {side}x{side} 16-bit ({side * side / 1e6:.0f} Mpx), RSS above a warmed baseline")
     print(f"{'case':52s} {'input MB':>9s} {'peak MB':>8s} {'B/px':>6s}")
@@ -164,8 +172,9 @@ def memory(side: int, workdir: Path) -> None:
         ("16-bit PNG, strip-wise window", "now", png),
         ("16-bit DICOM, uncompressed, percentile window", "dicom", dcm),
     ]:
-        out = subprocess.run([sys.executable, "-c", script, which, str(path), str(before)],
-                             check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", script, which, str(path), str(before)], check=True, capture_output=True, text=True
+        ).stdout
         figures = json.loads(out.strip().splitlines()[-1])
         peak = figures["peak_above_baseline_kb"] * 1024
         print(f"{label:52s} {figures['input_bytes'] / 1e6:9.1f} {peak / 1e6:8.0f} {peak / side / side:6.2f}")

@@ -19,6 +19,7 @@ run's splits. Time lost = faulted run - undisturbed run.
     PYTHONPATH=lib nice -n 10 .venv/bin/python bench/bench_faults.py [--tree data/sample/chest_xray]
         [--skip-featurization] [--skip-training]    # both: the hdfs-load rows only (~1 min)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,13 +77,22 @@ def main(argv: list[str] | None = None) -> int:
             data = f"{stack.hdfs.namenode_uri}/data/chest_xray"
             storage.upload_dir(str(args.tree), data)
             n_images = len(list(args.tree.rglob("*.jpeg")))
-            print(f"stack up: {stack.hdfs.namenode_uri} (2 DataNodes), {stack.master_url} (2 workers); "
-                  f"{n_images} images; {args.layer} at {args.image_size}px", flush=True)
+            print(
+                f"stack up: {stack.hdfs.namenode_uri} (2 DataNodes), {stack.master_url} (2 workers); "
+                f"{n_images} images; {args.layer} at {args.image_size}px",
+                flush=True,
+            )
 
             if not args.skip_featurization:
-                run = faults.run_featurize_passes(stack, data, root / "features", passes=6,
-                                                  faults={2: stack.kill_python_worker, 4: stack.stop_datanode},
-                                                  layer=args.layer, image_size=args.image_size)
+                run = faults.run_featurize_passes(
+                    stack,
+                    data,
+                    root / "features",
+                    passes=6,
+                    faults={2: stack.kill_python_worker, 4: stack.stop_datanode},
+                    layer=args.layer,
+                    image_size=args.image_size,
+                )
                 stack.hdfs.up()
                 if run.returncode != 0:
                     print(run.log[-4000:], file=sys.stderr)
@@ -90,14 +100,28 @@ def main(argv: list[str] | None = None) -> int:
                 reference = faults.read_feature_table(done[1]["table"]) if 1 in done else {"features": {}}
                 undisturbed = [done[i]["seconds"] for i in (1, 3, 5) if i in done]
                 baseline = statistics.median(undisturbed) if undisturbed else float("nan")
-                print(f"featurization passes (s): {[p['seconds'] for p in run.passes]} "
-                      f"(pass 0 warms the workers; undisturbed: 1, 3, 5)", flush=True)
+                print(
+                    f"featurization passes (s): {[p['seconds'] for p in run.passes]} "
+                    f"(pass 0 warms the workers; undisturbed: 1, 3, 5)",
+                    flush=True,
+                )
                 for index, fault in ((2, "featurize: SIGKILL a Python worker"), (4, "featurize: stop DataNode 1")):
                     faulted = done.get(index)
-                    lost = table_rows_lost(faults.read_feature_table(faulted["table"]), reference) if faulted \
+                    lost = (
+                        table_rows_lost(faults.read_feature_table(faulted["table"]), reference)
+                        if faulted
                         else len(reference["features"])
-                    rows.append((fault, run.injected.get(index, "-"), faulted is not None, lost,
-                                 faulted["seconds"] if faulted else float("nan"), baseline))
+                    )
+                    rows.append(
+                        (
+                            fault,
+                            run.injected.get(index, "-"),
+                            faulted is not None,
+                            lost,
+                            faulted["seconds"] if faulted else float("nan"),
+                            baseline,
+                        )
+                    )
 
             plain = faults.run_hdfs_load(stack, args.tree, f"{stack.hdfs.namenode_uri}/loads/plain")
             target = f"{stack.hdfs.namenode_uri}/loads/faulted"
@@ -105,38 +129,67 @@ def main(argv: list[str] | None = None) -> int:
             stack.hdfs.up()
             if faulted_load.error:
                 print(f"hdfs-load with a stopped DataNode failed: {faulted_load.error}", file=sys.stderr)
-            rows.append(("hdfs-load: stop DataNode 1", faulted_load.injected or "-", faulted_load.ok,
-                         len(faults.checksum_mismatches(args.tree, target)), faulted_load.seconds, plain.seconds))
+            rows.append(
+                (
+                    "hdfs-load: stop DataNode 1",
+                    faulted_load.injected or "-",
+                    faulted_load.ok,
+                    len(faults.checksum_mismatches(args.tree, target)),
+                    faulted_load.seconds,
+                    plain.seconds,
+                )
+            )
             if not faulted_load.ok:
                 again = faults.run_hdfs_load(stack, args.tree, target)
-                rows.append(("hdfs-load: the same load re-run", "-", again.ok,
-                             len(faults.checksum_mismatches(args.tree, target)),
-                             faulted_load.seconds + again.seconds, plain.seconds))
+                rows.append(
+                    (
+                        "hdfs-load: the same load re-run",
+                        "-",
+                        again.ok,
+                        len(faults.checksum_mismatches(args.tree, target)),
+                        faulted_load.seconds + again.seconds,
+                        plain.seconds,
+                    )
+                )
 
             if not args.skip_training:
-                train_plain = faults.run_training(stack, data, root / "plain" / "run", kill_worker=False,
-                                                  layer=args.layer, image_size=args.image_size)
-                train_killed = faults.run_training(stack, data, root / "killed" / "run", kill_worker=True,
-                                                   layer=args.layer, image_size=args.image_size)
+                train_plain = faults.run_training(
+                    stack, data, root / "plain" / "run", kill_worker=False, layer=args.layer, image_size=args.image_size
+                )
+                train_killed = faults.run_training(
+                    stack, data, root / "killed" / "run", kill_worker=True, layer=args.layer, image_size=args.image_size
+                )
                 for name, result in (("undisturbed", train_plain), ("worker killed", train_killed)):
                     if result.returncode != 0:
                         print(f"training ({name}) failed:\n{result.stderr[-3000:]}", file=sys.stderr)
                 expected = training_rows(root / "plain" / "run") if train_plain.returncode == 0 else 0
                 got = training_rows(root / "killed" / "run") if train_killed.returncode == 0 else 0
-                rows.append(("train job: SIGKILL a worker JVM", train_killed.injected or "-",
-                             train_killed.returncode == 0, expected - got, train_killed.seconds, train_plain.seconds))
+                rows.append(
+                    (
+                        "train job: SIGKILL a worker JVM",
+                        train_killed.injected or "-",
+                        train_killed.returncode == 0,
+                        expected - got,
+                        train_killed.seconds,
+                        train_plain.seconds,
+                    )
+                )
         finally:
             stack.down()
 
     injected = [r for r in rows if r[1] != "-"]
-    print(f"\n{len(injected)} faults injected, {sum(r[2] for r in injected)} of those jobs completed, "
-          f"{sum(r[3] for r in rows if r[2])} rows lost in completed jobs; "
-          f"bench took {time.monotonic() - started:.0f} s\n")
+    print(
+        f"\n{len(injected)} faults injected, {sum(r[2] for r in injected)} of those jobs completed, "
+        f"{sum(r[3] for r in rows if r[2])} rows lost in completed jobs; "
+        f"bench took {time.monotonic() - started:.0f} s\n"
+    )
     print("| fault | job completed | rows lost | seconds | undisturbed | time lost |")
     print("|---|---|---|---|---|---|")
     for fault, _, completed, lost, seconds, baseline in rows:
-        print(f"| {fault} | {'yes' if completed else 'NO'} | {lost} | {seconds:.1f} | {baseline:.1f} | "
-              f"{seconds - baseline:+.1f} s |")
+        print(
+            f"| {fault} | {'yes' if completed else 'NO'} | {lost} | {seconds:.1f} | {baseline:.1f} | "
+            f"{seconds - baseline:+.1f} s |"
+        )
     print("\ninjected: " + "; ".join(f"{r[0]}: {r[1]}" for r in rows))
     return 0 if all(r[2] and r[3] == 0 for r in injected) else 1
 

@@ -16,6 +16,7 @@ the shares, not the seconds).
     PYTHONPATH=lib .venv/bin/python bench/bench_feature_cache.py [--n 300] [--size 1024x1024]
         [--image-size 150] [--layer mixed5] [--master local[2]]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,9 @@ def timed_pass(spark, tree: Path, cache_root: str, featurizer) -> tuple[float, i
     stats = featurizer.track_stats(spark)
     started = time.perf_counter()
     cache = FeatureCache(cache_root, str(tree), fingerprint(featurizer, "binaryFile"))
-    features, outcome, _ = cache.features_for(spark, read_images(spark, str(tree)),
-                                              image_identities(spark, str(tree), "binaryFile"), featurizer)
+    features, outcome, _ = cache.features_for(
+        spark, read_images(spark, str(tree)), image_identities(spark, str(tree), "binaryFile"), featurizer
+    )
     features.write.format("noop").mode("overwrite").save()  # what training reads next
     return time.perf_counter() - started, stats.summary()["images"], outcome
 
@@ -64,8 +66,13 @@ def main(argv=None) -> int:
     generate(tree, args.n, width, height, seed=0)
     generate(extra, max(1, args.n // 10), width, height, seed=1)  # the next day's 10 %: other images
 
-    spark = (SparkSession.builder.master(args.master).appName("bench-feature-cache")
-             .config("spark.ui.enabled", "false").config("spark.python.worker.reuse", "true").getOrCreate())
+    spark = (
+        SparkSession.builder.master(args.master)
+        .appName("bench-feature-cache")
+        .config("spark.ui.enabled", "false")
+        .config("spark.python.worker.reuse", "true")
+        .getOrCreate()
+    )
     spark.sparkContext.setLogLevel("ERROR")
     featurizer = ImageFeaturizer(featureLayer=args.layer, imageSize=args.image_size, batchSize=16)
     cache_root = str(work / "cache")
@@ -81,8 +88,10 @@ def main(argv=None) -> int:
     finally:
         spark.stop()
 
-    print(f"\nfeature cache, {args.n} synthetic {args.size} JPEGs, InceptionV3 {args.layer} at {args.image_size}px, "
-          f"{args.master}, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"\nfeature cache, {args.n} synthetic {args.size} JPEGs, InceptionV3 {args.layer} at {args.image_size}px, "
+        f"{args.master}, load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'pass':10s} {'seconds':>8s} {'through model':>14s} {'reused':>7s} {'share of full':>14s}")
     for name, (seconds, seen, outcome) in (("full", full), ("+10 %", grown), ("same", same)):
         print(f"{name:10s} {seconds:8.1f} {seen:14d} {outcome.reused_rows:7d} {seconds / full[0]:14.2f}")

@@ -14,6 +14,7 @@ and prints files/s, MB/s and the ratio ours/plain (> 1: ours is faster).
 
     PYTHONPATH=lib .venv/bin/python bench/bench_hdfs_load.py [--n 2000] [--size 256x256] [--workers 8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,12 @@ from cxr_pipeline.localstack.hdfs_cluster import ensure_running  # noqa: E402
 
 def make_tree(out: Path, n: int, size: str) -> Path:
     if not (out / "train").is_dir():
-        subprocess.run([sys.executable, "-m", "cxr_pipeline.datasets.synthetic", "--out", str(out), "--n", str(n),
-                        "--size", size], check=True, cwd=REPO, env={"PYTHONPATH": str(REPO / "lib"),
-                                                                    "PATH": "/usr/bin:/bin"})
+        subprocess.run(
+            [sys.executable, "-m", "cxr_pipeline.datasets.synthetic", "--out", str(out), "--n", str(n), "--size", size],
+            check=True,
+            cwd=REPO,
+            env={"PYTHONPATH": str(REPO / "lib"), "PATH": "/usr/bin:/bin"},
+        )
     return out
 
 
@@ -44,7 +48,9 @@ def timed(cmd: list[str]) -> float:
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+        raise SystemExit(
+            f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
+        )
     return seconds
 
 
@@ -54,8 +60,11 @@ def main() -> int:
     parser.add_argument("--size", default="256x256", help="image size WxH (default %(default)s)")
     parser.add_argument("--workers", type=int, default=8, help="hdfs_load --workers (default %(default)s)")
     parser.add_argument("--tree", type=Path, help="reuse/keep the synthetic tree here (default: a temp dir)")
-    parser.add_argument("--modes", default="plain,cli,webhdfs,rerun,checksum",
-                        help="comma list (default %(default)s; rerun and checksum need cli first)")
+    parser.add_argument(
+        "--modes",
+        default="plain,cli,webhdfs,rerun,checksum",
+        help="comma list (default %(default)s; rerun and checksum need cli first)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the HDFS copies")
     args = parser.parse_args()
 
@@ -66,17 +75,33 @@ def main() -> int:
         files = [p for p in tree.rglob("*") if p.is_file()]
         images = [p for p in files if p.suffix == ".jpeg"]
         n_bytes = sum(p.stat().st_size for p in images)
-        print(f"tree: {tree}: {len(images)} JPEGs, {n_bytes / 1e6:.2f} MB (mean {n_bytes / len(images) / 1e3:.1f} kB),"
-              f" {len(files) - len(images)} other file(s); workers={args.workers}; HDFS {hdfs.namenode_uri}")
+        print(
+            f"tree: {tree}: {len(images)} JPEGs, {n_bytes / 1e6:.2f} MB (mean {n_bytes / len(images) / 1e3:.1f} kB),"
+            f" {len(files) - len(images)} other file(s); workers={args.workers}; HDFS {hdfs.namenode_uri}"
+        )
         loader = [sys.executable, str(REPO / "scripts" / "hdfs_load.py"), str(tree)]
         commands = {
             "plain": [str(REPO / "scripts" / "hdfs"), "dfs", "-put", "-f", str(tree), f"{base}/plain"],
             "cli": [*loader, f"{base}/cli", "--via", "cli", "--workers", str(args.workers), "--no-progress"],
-            "webhdfs": [*loader, f"{base}/webhdfs", "--via", "webhdfs", "--workers", str(args.workers),
-                        "--no-progress"],
+            "webhdfs": [
+                *loader,
+                f"{base}/webhdfs",
+                "--via",
+                "webhdfs",
+                "--workers",
+                str(args.workers),
+                "--no-progress",
+            ],
             "rerun": [*loader, f"{base}/cli", "--via", "cli", "--workers", str(args.workers), "--no-progress"],
-            "checksum": [*loader, f"{base}/cli", "--verify", "checksum", "--workers", str(args.workers),
-                         "--no-progress"],
+            "checksum": [
+                *loader,
+                f"{base}/cli",
+                "--verify",
+                "checksum",
+                "--workers",
+                str(args.workers),
+                "--no-progress",
+            ],
         }
         storage.makedirs(base)
         results = {}

@@ -12,6 +12,7 @@ Starts ``python -m cxr_pipeline.serving`` on 127.0.0.1 (a free port), waits for
 Only the machine itself is contacted. Figures are printed, not asserted; on a
 shared machine compare them only within one run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,8 +70,9 @@ def default_image() -> Path:
     return images[0]
 
 
-def run_load(port: int, body: bytes, content_type: str, n_requests: int, concurrency: int,
-             time_cap: float) -> tuple[list[float], int, float]:
+def run_load(
+    port: int, body: bytes, content_type: str, n_requests: int, concurrency: int, time_cap: float
+) -> tuple[list[float], int, float]:
     deadline = time.monotonic() + time_cap
     counter = iter(range(n_requests))
 
@@ -103,8 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=4, help="client threads under load (default 4)")
     parser.add_argument("--time-cap", type=float, default=60.0, help="stop the load phase after this many s")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
-    parser.add_argument("--max-batch", type=int, default=None,
-                        help="serving.max_batch for the service (default: the config's); 1 = no micro-batching")
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=None,
+        help="serving.max_batch for the service (default: the config's); 1 = no micro-batching",
+    )
     parser.add_argument("--startup-timeout", type=float, default=180.0)
     args = parser.parse_args(argv)
 
@@ -119,16 +125,20 @@ def main(argv: list[str] | None = None) -> int:
         startup = time.perf_counter() - started
         model = health["model"]
         max_batch = (health.get("batching") or {}).get("max_batch", "?")
-        print(f"service: {model['model_id']} ({model['name']}), {args.workers} worker(s), "
-              f"max_batch {max_batch}, ready in {startup:.1f} s")
+        print(
+            f"service: {model['model_id']} ({model['name']}), {args.workers} worker(s), "
+            f"max_batch {max_batch}, ready in {startup:.1f} s"
+        )
         print(f"image:   {image} ({len(data) / 1024:.0f} kB)")
 
         client = Client(port)
         status, _, first = client.post(body, content_type)  # warm the connection and any lazy state
         if status != 200:
             raise SystemExit(f"the service rejected the image: {first}")
-        print(f"answer:  class {first['class']}, probability {first['probability']:.6f}, "
-              f"threshold {first['threshold']:.4f}")
+        print(
+            f"answer:  class {first['class']}, probability {first['probability']:.6f}, "
+            f"threshold {first['threshold']:.4f}"
+        )
 
         sequential = [client.post(body, content_type)[1] for _ in range(args.sequential)]
         print(f"single image, sequential:    {describe(sequential)}   -> {len(sequential) / sum(sequential):.1f} req/s")
@@ -139,11 +149,15 @@ def main(argv: list[str] | None = None) -> int:
         if before and after and args.workers == 1:  # with several workers each has its own counters
             calls = after["model_calls"] - before["model_calls"]
             images = after["images_scored"] - before["images_scored"]
-            print(f"under load: {images} images in {calls} model calls "
-                  f"({images / max(calls, 1):.2f} per call, largest batch {after['largest_batch']})")
+            print(
+                f"under load: {images} images in {calls} model calls "
+                f"({images / max(calls, 1):.2f} per call, largest batch {after['largest_batch']})"
+            )
         capped = " (time cap reached)" if len(latencies) + errors < args.requests else ""
-        print(f"load, concurrency {args.concurrency}:        {describe(latencies)}   "
-              f"-> {len(latencies) / wall:.1f} req/s over {wall:.1f} s, {errors} errors{capped}")
+        print(
+            f"load, concurrency {args.concurrency}:        {describe(latencies)}   "
+            f"-> {len(latencies) / wall:.1f} req/s over {wall:.1f} s, {errors} errors{capped}"
+        )
     return 0
 
 

@@ -25,6 +25,7 @@ Prints requests sent, answers by status code, wrong answers (0 expected), 5xx ot
 than 503, p50/p95 latency, and the service's peak RSS (VmHWM) next to the bound its
 settings imply. Only the machine itself is contacted; figures are printed, not asserted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "lib"))
 sys.path.insert(0, str(REPO / "tests"))
 
-from cxr_pipeline.serving.launcher import HOST, get_json, multipart_image, peak_rss_mb, service_process  # noqa: E402
 from tolerances import PROBABILITY_ATOL  # noqa: E402
+
+from cxr_pipeline.serving.launcher import HOST, get_json, multipart_image, peak_rss_mb, service_process  # noqa: E402
 
 MIB = 1024 * 1024
 
@@ -57,8 +59,8 @@ class Payload:
     kind: str
     body: bytes
     content_type: str
-    status: int                      # the right answer (503 is always right too)
-    code: str | None = None          # the error code a 4xx must carry
+    status: int  # the right answer (503 is always right too)
+    code: str | None = None  # the error code a 4xx must carry
     probability: float | None = None  # the batch scoring of the same bytes (good uploads)
 
 
@@ -153,14 +155,20 @@ def build_payloads(model: str, n_images: int, max_upload_mb: float, seed: int) -
     scores = batch_scores(model, images + wide + [huge])
     payloads = []
 
-    def add(kind: str, data: bytes, status: int, code: str | None = None, probability: float | None = None,
-            name: str = "upload.jpeg") -> None:
+    def add(
+        kind: str,
+        data: bytes,
+        status: int,
+        code: str | None = None,
+        probability: float | None = None,
+        name: str = "upload.jpeg",
+    ) -> None:
         body, content_type = multipart_image(data, name)
         payloads.append(Payload(kind, body, content_type, status, code, probability))
 
-    for data, p in zip(images, scores[:len(images)]):
+    for data, p in zip(images, scores[: len(images)]):
         add("good", data, 200, probability=p)
-    for data, p in zip(wide, scores[len(images):]):
+    for data, p in zip(wide, scores[len(images) :]):
         add("png16", data, 200, probability=p, name="upload.png")
     add("huge16", huge, 200, probability=scores[-1], name="upload.png")
     for data in images[:4]:
@@ -191,7 +199,7 @@ def check(payload: Payload, status: int, answer: dict) -> str | None:
     return None
 
 
-def client(port: int, payloads: list[Payload], tally: Tally, deadline: float, budget: "Budget", seed: int) -> None:
+def client(port: int, payloads: list[Payload], tally: Tally, deadline: float, budget: Budget, seed: int) -> None:
     order = list(payloads)
     random.Random(seed).shuffle(order)
     conn = http.client.HTTPConnection(HOST, port, timeout=120)
@@ -265,10 +273,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=120.0, help="seconds of load (default 120)")
     parser.add_argument("--max-requests", type=int, default=20000, help="stop after this many requests (default 20000)")
     parser.add_argument("--images", type=int, default=8, help="distinct sample X-rays used (default 8)")
-    parser.add_argument("--max-upload-mb", type=float, default=2.0,
-                        help="the service's upload limit; over-limit payloads are 0.5 MB above it (default 2)")
-    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="serving.KEY=VALUE",
-                        help="config override for the service (repeatable), e.g. serving.max_queued=4")
+    parser.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=2.0,
+        help="the service's upload limit; over-limit payloads are 0.5 MB above it (default 2)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        metavar="serving.KEY=VALUE",
+        help="config override for the service (repeatable), e.g. serving.max_queued=4",
+    )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--startup-timeout", type=float, default=180.0)
     args = parser.parse_args(argv)
@@ -285,9 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     with service_process(args.model, extra, timeout=args.startup_timeout, env=env) as (port, health, server):
         load = health["load"]
         start_rss = rss_mb(server.pid)
-        print(f"service: {health['model']['model_id']} ({health['model']['name']}), max_active {load['max_active']}, "
-              f"max_queued {load['max_queued']}, max_batch {health['batching']['max_batch']}; "
-              f"RSS after start-up {start_rss:.0f} MB")
+        print(
+            f"service: {health['model']['model_id']} ({health['model']['name']}), max_active {load['max_active']}, "
+            f"max_queued {load['max_queued']}, max_batch {health['batching']['max_batch']}; "
+            f"RSS after start-up {start_rss:.0f} MB"
+        )
         tally, budget = Tally(), Budget(args.max_requests)
         started = time.monotonic()
         deadline = started + args.duration
@@ -308,8 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| connection errors | {tally.connection_errors} |")
     admitted = load["max_active"] + load["max_queued"]
     print(f"| peak in flight (admitted) | {after['load']['peak_in_flight']} of {admitted} |")
-    print(f"| model calls / images scored | {after['batching']['model_calls']} / {after['batching']['images_scored']} "
-          f"(largest batch {after['batching']['largest_batch']}) |")
+    print(
+        f"| model calls / images scored | {after['batching']['model_calls']} / {after['batching']['images_scored']} "
+        f"(largest batch {after['batching']['largest_batch']}) |"
+    )
     print(f"| service RSS after start-up / peak (VmHWM) | {start_rss:.0f} MB / {peak:.0f} MB |")
     print("\n| latency | n | p50 ms | p95 ms |\n|---|---|---|---|")
     for name in ("all", "good", "png16", "huge16", "corrupt", "not_image", "too_large", "503"):

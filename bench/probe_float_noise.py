@@ -12,6 +12,7 @@ this process, and the effect of real mistakes (another layer, other weights, ano
 ``preprocess_input``) on the pooled features and on a logistic-regression probability. With
 ``--compare`` it also prints the spread against the other code path's saved outputs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,11 +65,16 @@ def main(argv=None) -> int:
     if args.compare:
         other = np.load(args.compare)["features"]
         rows.append((f"this code path vs {Path(args.compare).name}", full, other))
-    other_layer = featurize_arrays(build_backbone("InceptionV3", feature_layer="mixed4", image_size=args.side),
-                                   "InceptionV3", batch, batch_size=16)
+    other_layer = featurize_arrays(
+        build_backbone("InceptionV3", feature_layer="mixed4", image_size=args.side), "InceptionV3", batch, batch_size=16
+    )
     rows.append(("MISTAKE: layer mixed4 instead of mixed5", full, other_layer))
-    random_weights = featurize_arrays(build_backbone("InceptionV3", weights="random", feature_layer=LAYER,
-                                                     image_size=args.side), "InceptionV3", batch, batch_size=16)
+    random_weights = featurize_arrays(
+        build_backbone("InceptionV3", weights="random", feature_layer=LAYER, image_size=args.side),
+        "InceptionV3",
+        batch,
+        batch_size=16,
+    )
     rows.append(("MISTAKE: random instead of ImageNet weights", full, random_weights))
     shifted = np.roll(batch, 1, axis=2)  # a one-pixel shift: the smallest plausible resize slip
     rows.append(("MISTAKE: image shifted by one pixel", full, featurize_arrays(model, "InceptionV3", shifted, 16)))

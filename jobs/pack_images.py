@@ -12,12 +12,12 @@ left out (path, reason) and <out>/_duplicates the exact duplicates (same sha256)
 DICOM files are stored decoded and windowed, without their header: the patient is
 the keyed hash of PatientID (dicom.patient_key), so the table holds no patient data.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-
 
 try:  # the one bootstrap of every entry script: the installed package (make venv; the wheel on a cluster) ...
     import cxr_pipeline  # noqa: F401
@@ -28,8 +28,9 @@ from cxr_pipeline.cli import add_config_options, configure_logging, resolve_conf
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="pack_images.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="pack_images.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", help="image tree root URI (default: conf data.uri)")
     parser.add_argument("--out", required=True, help="table URI to write (local path, file:// or hdfs://)")
     parser.add_argument("--target-file-mb", type=int, default=128, help="approximate Parquet file size (default 128)")
@@ -64,6 +65,7 @@ def main(argv=None) -> int:
         )
     print("\n".join(summary.lines()))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

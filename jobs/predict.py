@@ -8,12 +8,12 @@ path + content columns (name ending in .parquet). Writes OUT/predictions.parquet
 OUT/predictions_csv/ with --csv, and OUT/unreadable.csv listing files that could
 not be scored (they are reported, not fatal).
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-
 
 try:  # the one bootstrap of every entry script: the installed package (make venv; the wheel on a cluster) ...
     import cxr_pipeline  # noqa: F401
@@ -24,16 +24,25 @@ from cxr_pipeline.cli import add_config_options, configure_logging, resolve_conf
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="predict.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="run folder written by train_featurizer.py, or a registered "
-                        "model models:/cxr-pneumonia-spark@champion (MLflow, tracking.* settings)")
+    parser = argparse.ArgumentParser(
+        prog="predict.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="run folder written by train_featurizer.py, or a registered "
+        "model models:/cxr-pneumonia-spark@champion (MLflow, tracking.* settings)",
+    )
     parser.add_argument("--images", required=True, help="folder or .parquet table of images (URI)")
     parser.add_argument("--out", required=True, help="output folder URI (new or empty unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace earlier predictions at --out")
     parser.add_argument("--csv", action="store_true", help="also write CSV")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="decision threshold on P(PNEUMONIA) (default: the run's validation-chosen one)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="decision threshold on P(PNEUMONIA) (default: the run's validation-chosen one)",
+    )
     add_config_options(parser)
     return parser.parse_args(argv)
 
@@ -44,8 +53,8 @@ def main(argv=None) -> int:
     configure_logging(args.verbose)
     from cxr_pipeline import run_folder, storage, tracking
     from cxr_pipeline.backbones import BackboneError
-    from cxr_pipeline.spark_classifier.prediction import predict_images
     from cxr_pipeline.spark.session import spark_job
+    from cxr_pipeline.spark_classifier.prediction import predict_images
 
     storage.configure(config)
     try:
@@ -57,8 +66,15 @@ def main(argv=None) -> int:
         return 2
     try:
         with spark_job(config, "cxr-predict", master=args.master, verbose=args.verbose) as spark:
-            summary = predict_images(spark, args.model, args.images, args.out, csv=args.csv,
-                                     threshold=args.threshold, overwrite=args.overwrite)
+            summary = predict_images(
+                spark,
+                args.model,
+                args.images,
+                args.out,
+                csv=args.csv,
+                threshold=args.threshold,
+                overwrite=args.overwrite,
+            )
     except (FileNotFoundError, BackboneError, run_folder.OutputExistsError) as exc:
         print(f"predict: error: {exc}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ carve, seed and target sensitivity); options below are shortcuts for --set cnn.K
 Writes RUN/: model.keras, cnn.json, metrics.json, config.yaml, history.csv, predictions.csv,
 training_curves.png, roc.png, confusion_matrix.png, confusion_matrix_0.5.png, rejected.csv.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,12 +47,14 @@ SHORTCUTS = {  # option dest -> config key
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="train_cnn.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="train_cnn.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", help="dataset root URI (default: conf data.uri)")
     parser.add_argument("--out", required=True, help="run folder: local path or hdfs:// URI")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing run folder at --out (only one this tool wrote)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing run folder at --out (only one this tool wrote)"
+    )
     parser.add_argument("--model", choices=("small_cnn", "inception_v3"))
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int, help="per replica (GPU); the global batch is this x replicas")
@@ -77,10 +80,8 @@ def main(argv=None) -> int:
         print(f"train_cnn: error: {exc}", file=sys.stderr)
         return 2
 
-    from cxr_pipeline import storage
+    from cxr_pipeline import run_folder, storage, tracking
     from cxr_pipeline.cnn.train import train_and_evaluate
-
-    from cxr_pipeline import run_folder, tracking
 
     storage.configure(config)
     try:
@@ -93,7 +94,9 @@ def main(argv=None) -> int:
     summary = {k: metrics[name][k] for k in ("n", "auc")}
     summary.update({f"{k}@0.5": metrics[name]["at_0.5"][k] for k in ("accuracy", "sensitivity", "specificity")})
     summary["threshold"] = metrics["threshold"]
-    summary.update({f"{k}@threshold": metrics[name]["at_threshold"][k] for k in ("accuracy", "sensitivity", "specificity")})
+    summary.update(
+        {f"{k}@threshold": metrics[name]["at_threshold"][k] for k in ("accuracy", "sensitivity", "specificity")}
+    )
     print(json.dumps({name: summary}, indent=2, default=float))
     return 0
 

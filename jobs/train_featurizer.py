@@ -8,12 +8,12 @@ pr.png, confusion_matrix.png, threshold.png, rejected.csv, summary.txt) and prin
 the summary. Defaults come from conf/ (--conf-env local|standalone|yarn); every
 option can be overridden with --set section.key=value or the shortcuts below.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-
 
 try:  # the one bootstrap of every entry script: the installed package (make venv; the wheel on a cluster) ...
     import cxr_pipeline  # noqa: F401
@@ -24,13 +24,18 @@ from cxr_pipeline.cli import add_config_options, configure_logging, resolve_conf
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="train_featurizer.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="train_featurizer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", default=None, help="dataset root URI with train/ val/ test/ (default: data.uri)")
-    parser.add_argument("--out", required=True, help="run folder URI (local path, file:// or hdfs://); must be new "
-                        "or empty unless --overwrite")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing run folder at --out (only one this tool wrote)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="run folder URI (local path, file:// or hdfs://); must be new " "or empty unless --overwrite",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing run folder at --out (only one this tool wrote)"
+    )
     add_config_options(parser)
     t = parser.add_argument_group("training shortcuts (same as --set training.*)")
     t.add_argument("--reg-param", type=float)
@@ -39,11 +44,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--class-weighting", dest="class_weighting", action="store_true", default=None)
     t.add_argument("--no-class-weighting", dest="class_weighting", action="store_false")
     t.add_argument("--tuning", choices=("none", "cv", "tvs"))
-    t.add_argument("--validation", choices=("carve", "folder"),
-                   help="carve = patient-grouped slice of train (default); folder = the dataset's val/")
+    t.add_argument(
+        "--validation",
+        choices=("carve", "folder"),
+        help="carve = patient-grouped slice of train (default); folder = the dataset's val/",
+    )
     t.add_argument("--validation-fraction", type=float)
-    t.add_argument("--threshold-rule", choices=("sensitivity", "youden", "cost", "fixed"),
-                   help="how validation picks the decision threshold (default: training.threshold_rule)")
+    t.add_argument(
+        "--threshold-rule",
+        choices=("sensitivity", "youden", "cost", "fixed"),
+        help="how validation picks the decision threshold (default: training.threshold_rule)",
+    )
     t.add_argument("--target-sensitivity", type=float, help="with --threshold-rule sensitivity")
     t.add_argument("--cost-fn", type=float, help="with --threshold-rule cost: price of a missed pneumonia")
     t.add_argument("--cost-fp", type=float, help="with --threshold-rule cost: price of a false alarm")
@@ -60,18 +71,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     configure_logging(args.verbose)
-    config = resolve_config(args, [
-        ("training.reg_param", args.reg_param), ("training.elastic_net_param", args.elastic_net_param),
-        ("training.max_iter", args.max_iter), ("training.class_weighting", args.class_weighting),
-        ("training.tuning", args.tuning), ("training.validation", args.validation),
-        ("training.validation_fraction", args.validation_fraction),
-        ("training.threshold_rule", args.threshold_rule), ("training.cost_fn", args.cost_fn),
-        ("training.cost_fp", args.cost_fp),
-        ("training.target_sensitivity", args.target_sensitivity), ("training.seed", args.seed),
-        ("training.features_cache", args.features_cache),
-        ("featurizer.model_name", args.model_name), ("featurizer.feature_layer", args.feature_layer),
-        ("featurizer.image_size", args.image_size), ("featurizer.batch_size", args.batch_size),
-    ])
+    config = resolve_config(
+        args,
+        [
+            ("training.reg_param", args.reg_param),
+            ("training.elastic_net_param", args.elastic_net_param),
+            ("training.max_iter", args.max_iter),
+            ("training.class_weighting", args.class_weighting),
+            ("training.tuning", args.tuning),
+            ("training.validation", args.validation),
+            ("training.validation_fraction", args.validation_fraction),
+            ("training.threshold_rule", args.threshold_rule),
+            ("training.cost_fn", args.cost_fn),
+            ("training.cost_fp", args.cost_fp),
+            ("training.target_sensitivity", args.target_sensitivity),
+            ("training.seed", args.seed),
+            ("training.features_cache", args.features_cache),
+            ("featurizer.model_name", args.model_name),
+            ("featurizer.feature_layer", args.feature_layer),
+            ("featurizer.image_size", args.image_size),
+            ("featurizer.batch_size", args.batch_size),
+        ],
+    )
     from cxr_pipeline import config as cfg
     from cxr_pipeline import run_folder, storage, tracking
     from cxr_pipeline.spark.session import spark_job

@@ -8,14 +8,13 @@ Exit codes: 0 loaded and verified; 1 verification mismatch (including files kept
 hdfs-load did not write them); 2 usage, source, permission or other HDFS error; 3 HDFS
 unreachable; 4 another load holds DEST's lock; 130 interrupted (re-run to resume).
 """
+
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
-import os
-
-
 
 try:  # the one bootstrap of every entry script: the installed package (make venv; the wheel on a cluster) ...
     import cxr_pipeline  # noqa: F401
@@ -23,8 +22,8 @@ except ImportError:  # ... else the checkout's lib/
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 
 from cxr_pipeline import config as conf  # noqa: E402
-from cxr_pipeline.cli import add_config_options, resolve_config  # noqa: E402
 from cxr_pipeline import hdfs_load, paths, storage  # noqa: E402
+from cxr_pipeline.cli import add_config_options, resolve_config  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,25 +31,43 @@ def build_parser() -> argparse.ArgumentParser:
         prog="scripts/hdfs_load.py",
         description=__doc__.split("\n\n")[0],
         epilog="Exit codes: 0 ok, 1 verification mismatch (or files kept that hdfs-load did not write), "
-               "2 usage/source/permission/HDFS error, 3 HDFS unreachable, 4 DEST locked by another load, "
-               "130 interrupted (a re-run resumes). Defaults come from the config's hdfs_load section "
-               "(conf/defaults.yaml).",
+        "2 usage/source/permission/HDFS error, 3 HDFS unreachable, 4 DEST locked by another load, "
+        "130 interrupted (a re-run resumes). Defaults come from the config's hdfs_load section "
+        "(conf/defaults.yaml).",
     )
-    parser.add_argument("src", nargs="?", help="local chest_xray folder (default: hdfs_load.source, "
-                        f"else the sample tree {paths.SAMPLE_TREE})")
+    parser.add_argument(
+        "src",
+        nargs="?",
+        help="local chest_xray folder (default: hdfs_load.source, " f"else the sample tree {paths.SAMPLE_TREE})",
+    )
     parser.add_argument("dest", nargs="?", help="target hdfs:// URI (default: hdfs_load.target, else data.uri)")
-    parser.add_argument("--via", choices=hdfs_load.TRANSPORTS, help="how the bytes travel: cli = `hdfs dfs -put` "
-                        "batches, webhdfs = HdfsCLI thread pool, auto = cli when an hdfs command is available "
-                        f"and >= {hdfs_load.AUTO_CLI_MIN_FILES} files are to upload, else webhdfs")
+    parser.add_argument(
+        "--via",
+        choices=hdfs_load.TRANSPORTS,
+        help="how the bytes travel: cli = `hdfs dfs -put` "
+        "batches, webhdfs = HdfsCLI thread pool, auto = cli when an hdfs command is available "
+        f"and >= {hdfs_load.AUTO_CLI_MIN_FILES} files are to upload, else webhdfs",
+    )
     parser.add_argument("--workers", type=int, help="parallel uploads (webhdfs threads / cli JVM batches)")
     parser.add_argument("--dry-run", action="store_true", help="scan and plan only; upload nothing")
-    parser.add_argument("--verify", choices=hdfs_load.VERIFY_MODES, help="size: compare sizes; checksum: also "
-                        "re-read every file from HDFS and compare its MD5 with the local file's (plan and "
-                        "verification); default: hdfs_load.verify")
-    parser.add_argument("--replace", action="store_true", help="overwrite files at DEST that hdfs-load did not "
-                        "write (by default they are kept and listed)")
-    parser.add_argument("--break-lock", action="store_true", help="remove DEST's lock left by a load that was "
-                        "killed (its holder is named when a load is refused); only when no load is running")
+    parser.add_argument(
+        "--verify",
+        choices=hdfs_load.VERIFY_MODES,
+        help="size: compare sizes; checksum: also "
+        "re-read every file from HDFS and compare its MD5 with the local file's (plan and "
+        "verification); default: hdfs_load.verify",
+    )
+    parser.add_argument(
+        "--replace",
+        action="store_true",
+        help="overwrite files at DEST that hdfs-load did not " "write (by default they are kept and listed)",
+    )
+    parser.add_argument(
+        "--break-lock",
+        action="store_true",
+        help="remove DEST's lock left by a load that was "
+        "killed (its holder is named when a load is refused); only when no load is running",
+    )
     parser.add_argument("--webhdfs-url", help="WebHDFS URL of the target's NameNode (default: from config)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_options(parser, spark=False, verbose=False)
@@ -87,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         report = hdfs_load.load_tree(
-            source, target,
+            source,
+            target,
             via=args.via or section.get("via") or "auto",
             workers=workers,
             webhdfs_url=args.webhdfs_url,
@@ -106,8 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hdfs-load: ERROR: {exc}", file=sys.stderr)
         return code
     except KeyboardInterrupt:
-        print("hdfs-load: interrupted; files already in place are complete, nothing partial is visible. "
-              "Run the same command again to finish.", file=sys.stderr)
+        print(
+            "hdfs-load: interrupted; files already in place are complete, nothing partial is visible. "
+            "Run the same command again to finish.",
+            file=sys.stderr,
+        )
         return 130
     print(hdfs_load.format_summary(report))
     return 0 if report.ok else 1

@@ -4,6 +4,7 @@ The HDFS fixture starts the project's single-node HDFS (NameNode + DataNode on
 127.0.0.1) if it is not already up and leaves it running for the next run;
 each test gets its own folder under /tests/<uuid> and removes it afterwards.
 """
+
 from __future__ import annotations
 
 import os

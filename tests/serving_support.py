@@ -5,6 +5,7 @@ project's own jobs on the real sample tree: a Spark run (ImageFeaturizer ->
 StandardScaler -> LogisticRegression, exported to classifier.json) and a
 one-epoch small CNN.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,11 +16,12 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+
+from job_args import NO_TRACKING
 
 from cxr_pipeline.serving.launcher import HOST, multipart_image, running_service
-from job_args import NO_TRACKING
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,8 +49,9 @@ def job_env() -> dict[str, str]:
 
 def run_job(args: list[str], log: Path, timeout: float = 900) -> None:
     with log.open("w") as out:
-        result = subprocess.run([sys.executable, *args], cwd=REPO, env=job_env(), stdout=out,
-                                stderr=subprocess.STDOUT, timeout=timeout)
+        result = subprocess.run(
+            [sys.executable, *args], cwd=REPO, env=job_env(), stdout=out, stderr=subprocess.STDOUT, timeout=timeout
+        )
     if result.returncode != 0:
         tail = log.read_text()[-3000:]
         raise RuntimeError(f"{' '.join(args[:1])} failed with code {result.returncode}:\n{tail}")
@@ -64,9 +67,25 @@ def spark_run(base: Path, data: Path) -> Path:
     out = base / "spark_run"
     if str(out) not in _runs and not complete(out):
         shutil.rmtree(out, ignore_errors=True)
-        run_job(["jobs/train_featurizer.py", "--data", str(data), "--out", str(out),
-                 "--feature-layer", "mixed0", "--tuning", "none", "--validation", "folder",
-                 "--features-cache", str(base / "features_cache"), *NO_TRACKING], base / "train_featurizer.log")
+        run_job(
+            [
+                "jobs/train_featurizer.py",
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--feature-layer",
+                "mixed0",
+                "--tuning",
+                "none",
+                "--validation",
+                "folder",
+                "--features-cache",
+                str(base / "features_cache"),
+                *NO_TRACKING,
+            ],
+            base / "train_featurizer.log",
+        )
     _runs[str(out)] = out
     return out
 
@@ -76,9 +95,29 @@ def cnn_run(base: Path, data: Path) -> Path:
     out = base / "cnn_run"
     if str(out) not in _runs and not complete(out):
         shutil.rmtree(out, ignore_errors=True)
-        run_job(["jobs/train_cnn.py", "--data", str(data), "--out", str(out), "--model", "small_cnn",
-                 "--epochs", "1", "--image-size", "64", "--batch-size", "8", "--verbose", "0",
-                 "--set", "training.validation=folder", *NO_TRACKING], base / "train_cnn.log")
+        run_job(
+            [
+                "jobs/train_cnn.py",
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--model",
+                "small_cnn",
+                "--epochs",
+                "1",
+                "--image-size",
+                "64",
+                "--batch-size",
+                "8",
+                "--verbose",
+                "0",
+                "--set",
+                "training.validation=folder",
+                *NO_TRACKING,
+            ],
+            base / "train_cnn.log",
+        )
     _runs[str(out)] = out
     return out
 

@@ -1,12 +1,13 @@
 """Backbones from keras.applications as feature extractors (TensorFlow, no Spark)."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from tolerances import assert_same_features
 
 from cxr_pipeline import backbones
 from cxr_pipeline.backbones import BackboneError, build_backbone, featurize_arrays, input_size, preprocess
-from tolerances import assert_same_features
 
 
 @pytest.mark.parametrize(
@@ -98,7 +99,9 @@ def test_several_layers_are_pooled_and_concatenated_in_one_model():
     maps = keras.Model(both.inputs, [both.get_layer(n).output for n in layers])
     expected = np.hstack([m.mean(axis=(1, 2)) for m in maps.predict(preprocess("MobileNetV2", batch), verbose=0)])
     assert_same_features(joined, expected)  # each layer average-pooled, in the order named
-    assert backbones.feature_layers("mixed4 + mixed5") == ["mixed4", "mixed5"] and backbones.feature_layers(None) == [None]
+    assert backbones.feature_layers("mixed4 + mixed5") == ["mixed4", "mixed5"] and backbones.feature_layers(None) == [
+        None
+    ]
     for bad in ("mixed4++mixed5", "mixed5+mixed5"):
         with pytest.raises(BackboneError, match="once each"):
             backbones.feature_layers(bad)

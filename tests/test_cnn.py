@@ -1,5 +1,6 @@
 """The Keras CNN path: models, tf.data over the tree, training runs on the sample
 tree (CPU), reload-and-predict, Grad-CAM, and reading/writing the real local HDFS."""
+
 from __future__ import annotations
 
 import csv
@@ -14,17 +15,30 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from cxr_pipeline import config as config_mod  # noqa: E402
-from cxr_pipeline import dataset_layout  # noqa: E402
-from cxr_pipeline.cnn import data, gradcam, models  # noqa: E402
 from job_args import NO_TRACKING  # noqa: E402
 from tolerances import assert_same_probabilities  # noqa: E402
 
+from cxr_pipeline import config as config_mod  # noqa: E402
+from cxr_pipeline import dataset_layout  # noqa: E402
+from cxr_pipeline.cnn import data, gradcam, models  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-RUN_FILES = ("model.keras", "cnn.json", "metrics.json", "config.yaml", "history.csv", "predictions.csv",
-             "training_curves.png", "roc.png", "confusion_matrix.png", "confusion_matrix_0.5.png", "rejected.csv",
-             "calibration.png", "model_card.md")
+RUN_FILES = (
+    "model.keras",
+    "cnn.json",
+    "metrics.json",
+    "config.yaml",
+    "history.csv",
+    "predictions.csv",
+    "training_curves.png",
+    "roc.png",
+    "confusion_matrix.png",
+    "confusion_matrix_0.5.png",
+    "rejected.csv",
+    "calibration.png",
+    "model_card.md",
+)
 
 
 def cnn_config(*overrides: str) -> dict:
@@ -88,6 +102,7 @@ def test_inception_loads_provisioned_weights():
     model = models.build_inception_transfer(75, cut_layer="mixed5")
     reference = keras.applications.InceptionV3(weights=None, include_top=False, input_shape=(75, 75, 3))
     reference.load_weights(str(default_weights_path("InceptionV3")))
+
     def first_and_last_conv(m):
         convs = [layer for layer in m.layers if isinstance(layer, keras.layers.Conv2D)]
         return convs[0].get_weights()[0], convs[-1].get_weights()[0]
@@ -290,8 +305,13 @@ def test_inception_transfer_one_epoch_with_fine_tuning(tree_with_junk, tmp_path)
     from cxr_pipeline.cnn.predict import LocalCnnClassifier
     from cxr_pipeline.cnn.train import train_and_evaluate
 
-    config = cnn_config("cnn.model=inception_v3", "cnn.image_size=75", "cnn.inception.cut_layer=mixed5",
-                        "cnn.fine_tune.epochs=1", "cnn.fine_tune.blocks=1")
+    config = cnn_config(
+        "cnn.model=inception_v3",
+        "cnn.image_size=75",
+        "cnn.inception.cut_layer=mixed5",
+        "cnn.fine_tune.epochs=1",
+        "cnn.fine_tune.blocks=1",
+    )
     metrics = train_and_evaluate(config, str(tree_with_junk), str(tmp_path / "run"))
     assert len(metrics["history"]["loss"]) == 2  # one frozen epoch + one fine-tuning epoch
     rows = list(csv.DictReader((tmp_path / "run" / "predictions.csv").open()))
@@ -330,10 +350,31 @@ def test_train_from_and_to_the_real_hdfs(sample_tree, hdfs_tmp):
     storage.upload_dir(str(sample_tree), data_uri)
     out_uri = f"{hdfs_tmp}/runs/cnn"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "train_cnn.py"), "--data", data_uri, "--out", out_uri,
-         "--model", "small_cnn", "--image-size", "64", "--epochs", "1", "--batch-size", "4",
-         "--cache", "disk", "--verbose", "2", *NO_TRACKING],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+        [
+            sys.executable,
+            str(REPO / "jobs" / "train_cnn.py"),
+            "--data",
+            data_uri,
+            "--out",
+            out_uri,
+            "--model",
+            "small_cnn",
+            "--image-size",
+            "64",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--cache",
+            "disk",
+            "--verbose",
+            "2",
+            *NO_TRACKING,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "devices: CPU only" in proc.stderr
@@ -349,8 +390,9 @@ def test_train_from_and_to_the_real_hdfs(sample_tree, hdfs_tmp):
 
 
 def test_job_help():
-    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "train_cnn.py"), "--help"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "train_cnn.py"), "--help"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0 and "--model" in proc.stdout and "--set" in proc.stdout
 
 
@@ -362,11 +404,17 @@ def write_packed_table(tree: Path, table: Path) -> None:
     for split_dir in sorted(p for p in tree.iterdir() if p.is_dir()):
         files = sorted(split_dir.glob("*/*.jpeg"))
         (table / f"split={split_dir.name}").mkdir(parents=True)
-        pq.write_table(pa.table({
-            "path": [f"file:{f}" for f in files],
-            "label_name": [f.parent.name for f in files],
-            "content": [f.read_bytes() for f in files],
-        }), table / f"split={split_dir.name}" / "part-00000.parquet", row_group_size=3)
+        pq.write_table(
+            pa.table(
+                {
+                    "path": [f"file:{f}" for f in files],
+                    "label_name": [f.parent.name for f in files],
+                    "content": [f.read_bytes() for f in files],
+                }
+            ),
+            table / f"split={split_dir.name}" / "part-00000.parquet",
+            row_group_size=3,
+        )
     (table / "_rejected").mkdir()
     (table / "_rejected" / "part-0.csv").write_text("path,reason\n")
 

@@ -23,7 +23,6 @@ def test_bad_env_and_bad_override_say_what_is_wrong():
         parse_override("no-equals-sign")
 
 
-
 def test_dumped_config_never_carries_secrets():
     import yaml
 

@@ -1,4 +1,5 @@
 """A console a person can read: Spark at WARN unless --verbose, progress counted in images."""
+
 from __future__ import annotations
 
 import io

@@ -56,7 +56,10 @@ def test_patient_id(name, patient):
 
 
 def test_relative_image_path():
-    assert relative_image_path("hdfs://nn:9000/d/chest_xray/val/NORMAL/a.jpeg", "hdfs://nn:9000/d/chest_xray") == "val/NORMAL/a.jpeg"
+    assert (
+        relative_image_path("hdfs://nn:9000/d/chest_xray/val/NORMAL/a.jpeg", "hdfs://nn:9000/d/chest_xray")
+        == "val/NORMAL/a.jpeg"
+    )
     with pytest.raises(LayoutError):
         relative_image_path("/elsewhere/a.jpeg", "/d/chest_xray")
 

@@ -1,4 +1,5 @@
 """Development data sets: the real 16-image sample tree, MedMNIST conversion, synthetic images."""
+
 from __future__ import annotations
 
 import hashlib
@@ -36,9 +37,15 @@ def test_kermany_class_from_file_name():
 
 
 def test_split_by_patient_keeps_patients_together_and_fills_targets():
-    names = ["person1_bacteria_1.jpeg", "person1_bacteria_2.jpeg", "person1_virus_3.jpeg",
-             "person2_bacteria_4.jpeg", "person3_bacteria_5.jpeg", "person4_virus_6.jpeg",
-             "person5_bacteria_7.jpeg"]
+    names = [
+        "person1_bacteria_1.jpeg",
+        "person1_bacteria_2.jpeg",
+        "person1_virus_3.jpeg",
+        "person2_bacteria_4.jpeg",
+        "person3_bacteria_5.jpeg",
+        "person4_virus_6.jpeg",
+        "person5_bacteria_7.jpeg",
+    ]
     assignment = sample.split_by_patient(names, {"train": 4, "val": 2, "test": 1})
     assert {assignment[n] for n in names[:3]} == {"train"}
     assert Counter(assignment.values()) == {"train": 4, "val": 2, "test": 1}
@@ -96,11 +103,13 @@ def test_repository_sample_tree_matches_the_builder(sample_tree, built_sample):
 def tiny_npz(tmp_path):
     rng = np.random.default_rng(1)
     path = tmp_path / "tiny.npz"
-    np.savez(path,
-             train_images=rng.integers(0, 256, (6, 28, 28), dtype=np.uint8),
-             train_labels=np.array([[1], [1], [1], [1], [0], [0]], dtype=np.uint8),
-             val_images=rng.integers(0, 256, (3, 28, 28), dtype=np.uint8),
-             val_labels=np.array([[0], [1], [0]], dtype=np.uint8))
+    np.savez(
+        path,
+        train_images=rng.integers(0, 256, (6, 28, 28), dtype=np.uint8),
+        train_labels=np.array([[1], [1], [1], [1], [0], [0]], dtype=np.uint8),
+        val_images=rng.integers(0, 256, (3, 28, 28), dtype=np.uint8),
+        val_labels=np.array([[0], [1], [0]], dtype=np.uint8),
+    )
     return path
 
 
@@ -145,8 +154,10 @@ def test_medmnist_rejects_bad_input(tmp_path):
 @pytest.mark.skipif(not SHARED_NPZ.exists(), reason="the shared PneumoniaMNIST copy is not on this machine")
 def test_medmnist_real_pneumoniamnist_subset(tmp_path):
     out = tmp_path / "pmnist"
-    assert medmnist.main(["--npz", str(SHARED_NPZ), "--out", str(out), "--size", "96",
-                          "--limit", "4", "--workers", "1"]) == 0
+    assert (
+        medmnist.main(["--npz", str(SHARED_NPZ), "--out", str(out), "--size", "96", "--limit", "4", "--workers", "1"])
+        == 0
+    )
     files = _tree(out)
     assert len(files) == 8
     assert Counter(parse_image_path(str(p)).label_name for p in files.values()) == {"NORMAL": 4, "PNEUMONIA": 4}

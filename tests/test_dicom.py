@@ -1,10 +1,10 @@
 """DICOM decoding, rejections and de-identification, on DICOM files made from the real sample X-rays
 (``datasets.dicom_from_images``) and on the real DICOM test files pydicom ships. No Spark here
 except the last tests (reader and packing outputs scanned for the planted identity)."""
+
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
@@ -114,15 +114,17 @@ def test_features_of_jpeg_and_dicom_agree(one_xray, backbone):
     from cxr_pipeline.backbones import featurize_arrays
 
     full = png(gray_pixels(one_xray))
-    batch = np.stack([decode_image(d, SIZE) for d in (one_xray, jpeg_dicom(one_xray), full,
-                                                      twelve_bit_with_window(one_xray))])
+    batch = np.stack(
+        [decode_image(d, SIZE) for d in (one_xray, jpeg_dicom(one_xray), full, twelve_bit_with_window(one_xray))]
+    )
     features = featurize_arrays(backbone, "InceptionV3", batch)
     assert_same_features(features[1], features[0])
     assert_same_features(features[3], features[2])
 
 
 def test_voi_functions_follow_the_standard():
-    # PS3.3 C.11.2.1.2.1 LINEAR: 0 for x <= c - 0.5 - (w-1)/2, 1 for x > c - 0.5 + (w-1)/2, else ((x - (c-0.5))/(w-1) + 0.5)
+    # PS3.3 C.11.2.1.2.1 LINEAR: 0 for x <= c - 0.5 - (w-1)/2, 1 for x > c - 0.5 + (w-1)/2,
+    # else ((x - (c-0.5))/(w-1) + 0.5)
     x = np.array([94.5, 95.0, 100.0, 105.5, 106.0])
     assert np.allclose(dicom._window(x, 100, 11, "LINEAR"), [0.0, 0.05, 0.55, 1.0, 1.0])
     # C.11.2.1.3.2 LINEAR_EXACT: (x - c)/w + 0.5 ; C.11.2.1.3.1 SIGMOID: 1 / (1 + exp(-4 (x - c) / w))
@@ -135,8 +137,13 @@ def test_voi_functions_follow_the_standard():
 
 def test_one_image_in_five_transfer_syntaxes_decodes_the_same():
     # native little/big endian, RLE (pydicom), JPEG 2000 lossless and JPEG-LS lossless (python-gdcm)
-    names = ["MR_small.dcm", "MR_small_bigendian.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm",
-             "MR_small_jpeg_ls_lossless.dcm"]
+    names = [
+        "MR_small.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_RLE.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+    ]
     decoded = [decode_image(pydicom_file(n), (64, 64)) for n in names]
     for name, image in zip(names[1:], decoded[1:]):
         assert np.array_equal(image, decoded[0]), name
@@ -260,7 +267,7 @@ def test_no_warning_or_log_quotes_header_values(one_xray, caplog, recwarn):
     assert_no_planted_values(caplog.text + " ".join(str(w.message) for w in recwarn))
 
 
-# ---------------------------------------------------------------- Spark reader and packed table: nothing identifying out
+# ------------------------------------------------------- Spark reader and packed table: nothing identifying out
 
 KEY = "test-site-key"
 
@@ -279,10 +286,12 @@ def dicom_tree(tmp_path_factory, sample_tree) -> Path:
         "train/NORMAL/a.dcm": jpeg_dicom(normal[0].read_bytes(), view="PA"),
         "train/NORMAL/b.dcm": jpeg_dicom(normal[1].read_bytes(), view="LATERAL"),
         "train/NORMAL/" + normal[2].name: normal[2].read_bytes(),
-        "train/PNEUMONIA/c.dcm": twelve_bit_with_window(pneumonia[0].read_bytes(), view="AP",
-                                                        photometric="MONOCHROME2"),
-        "train/PNEUMONIA/d.dcm": native_dicom(gray_pixels(pneumonia[1].read_bytes()).astype(np.uint16) * 257, 16,
-                                              photometric="MONOCHROME1", view=None),
+        "train/PNEUMONIA/c.dcm": twelve_bit_with_window(
+            pneumonia[0].read_bytes(), view="AP", photometric="MONOCHROME2"
+        ),
+        "train/PNEUMONIA/d.dcm": native_dicom(
+            gray_pixels(pneumonia[1].read_bytes()).astype(np.uint16) * 257, 16, photometric="MONOCHROME1", view=None
+        ),
         "train/PNEUMONIA/multi.dcm": pydicom_file("examples_ybr_color.dcm"),
         "train/PNEUMONIA/report.dcm": pydicom_file("reportsi.dcm"),
     }
@@ -336,22 +345,29 @@ def test_packed_dicom_table_holds_decoded_images_and_no_patient_data(spark, dico
     for name in ("a.dcm", "c.dcm", "d.dcm"):
         content = bytes(rows[name]["content"])
         assert b"DICM" not in content[:200]
-        assert np.array_equal(decode_image(content, SIZE), decode_image((dicom_tree / "train" / rows[name]["label_name"] / name).read_bytes(), SIZE)), name
+        assert np.array_equal(
+            decode_image(content, SIZE),
+            decode_image((dicom_tree / "train" / rows[name]["label_name"] / name).read_bytes(), SIZE),
+        ), name
     rejected = spark.read.option("header", True).csv(str(out / "_rejected"))
     reasons = {Path(r["path"]).name: r["reason"] for r in rejected.collect()}
-    assert reasons["multi.dcm"].startswith("multi-frame DICOM") and reasons["report.dcm"].startswith("DICOM without an image")
+    assert reasons["multi.dcm"].startswith("multi-frame DICOM") and reasons["report.dcm"].startswith(
+        "DICOM without an image"
+    )
     again = read_images_with_rejections(spark, str(out), source="parquet", dicom=site(frontal_only=True))
     assert {Path(r["path"]).name for r in again.rejected.collect()} == {"b.dcm"}
     assert {r["patient"] for r in again.patients.collect() if r["path"].endswith(".dcm")} == {
-        dicom.patient_pseudonym(FAKE_IDENTITY.patient_id, KEY)}
+        dicom.patient_pseudonym(FAKE_IDENTITY.patient_id, KEY)
+    }
 
 
 def test_service_checks_accept_dicom_and_never_send_its_header_back(one_xray):
     from cxr_pipeline.serving.validation import UploadRejected, browser_image, check_upload
 
     # A real MONOCHROME1 file: stored values are inverted (high = dark); displayed, it is the JPEG again.
-    data = native_dicom(4080 - gray_pixels(one_xray).astype(np.uint16) * 16, 12, photometric="MONOCHROME1",
-                        window=(2040.5, 4081))
+    data = native_dicom(
+        4080 - gray_pixels(one_xray).astype(np.uint16) * 16, 12, photometric="MONOCHROME1", window=(2040.5, 4081)
+    )
     assert np.array_equal(decode_image(data, SIZE), decode_image(png(gray_pixels(one_xray)), SIZE))
     checked = check_upload(data, 64 << 20, SIZE)
     assert (checked.format, checked.width, checked.height) == ("dicom",) + image_info(one_xray)[:2]
@@ -384,8 +400,10 @@ def one_patient_pairs_tree(root: Path) -> dict[str, list[str]]:
     """Tiny DICOM files; two of each class belong to one patient under two different file-name patterns."""
     from cxr_pipeline.datasets.dicom_from_images import Identity
 
-    files = {"NORMAL": {"IM-0101-0001.dcm": "MRN-N1", "NORMAL2-IM-0202-0001.dcm": "MRN-N1"},
-             "PNEUMONIA": {"person101_bacteria_1.dcm": "MRN-P1", "person202_virus_2.dcm": "MRN-P1"}}
+    files = {
+        "NORMAL": {"IM-0101-0001.dcm": "MRN-N1", "NORMAL2-IM-0202-0001.dcm": "MRN-N1"},
+        "PNEUMONIA": {"person101_bacteria_1.dcm": "MRN-P1", "person202_virus_2.dcm": "MRN-P1"},
+    }
     for i in range(2, 8):
         files["NORMAL"][f"IM-03{i:02d}-0001.dcm"] = f"MRN-N{i}"
         files["PNEUMONIA"][f"person3{i:02d}_bacteria_{i}.dcm"] = f"MRN-P{i}"
@@ -395,8 +413,10 @@ def one_patient_pairs_tree(root: Path) -> dict[str, list[str]]:
         for name, patient in names.items():
             data = native_dicom(pixels, 8, identity=Identity("Planted^Pair", "19010203", patient))
             (root / "train" / label / name).write_bytes(data)
-    return {"NORMAL": ["IM-0101-0001.dcm", "NORMAL2-IM-0202-0001.dcm"],
-            "PNEUMONIA": ["person101_bacteria_1.dcm", "person202_virus_2.dcm"]}
+    return {
+        "NORMAL": ["IM-0101-0001.dcm", "NORMAL2-IM-0202-0001.dcm"],
+        "PNEUMONIA": ["person101_bacteria_1.dcm", "person202_virus_2.dcm"],
+    }
 
 
 def test_cnn_carve_groups_dicom_files_by_their_header_patient_like_the_spark_job(spark, tmp_path):
@@ -420,10 +440,14 @@ def test_cnn_carve_groups_dicom_files_by_their_header_patient_like_the_spark_job
     assert {r.patient for r in records} == patients
 
     # the Spark job's carve (training.assign_subsets with the reader's patients column) picks the same images
-    settings = TrainingSettings.from_config(config.load_config(overrides=[
-        "training.validation=carve", f"training.validation_fraction={fraction}", f"training.seed={seed}"]))
-    features = spark.createDataFrame([(r.uri, r.split, r.label) for r in records],
-                                     "path string, split string, label int")
+    settings = TrainingSettings.from_config(
+        config.load_config(
+            overrides=["training.validation=carve", f"training.validation_fraction={fraction}", f"training.seed={seed}"]
+        )
+    )
+    features = spark.createDataFrame(
+        [(r.uri, r.split, r.label) for r in records], "path string, split string, label int"
+    )
     assigned, _ = assign_subsets(features, settings, {r.uri: r.patient for r in records})
     spark_val = {Path(r["path"]).name for r in assigned.where("subset = 'val'").collect()}
     assert spark_val == cnn_val
@@ -433,8 +457,9 @@ def test_cnn_carve_groups_dicom_files_by_their_header_patient_like_the_spark_job
     table.mkdir(parents=True)
     import pandas as pd
 
-    pd.DataFrame({"path": [r.uri for r in records], "patient": [r.patient for r in records],
-                  "content": [b""] * len(records)}).to_parquet(table / "part-0.parquet")
+    pd.DataFrame(
+        {"path": [r.uri for r in records], "patient": [r.patient for r in records], "content": [b""] * len(records)}
+    ).to_parquet(table / "part-0.parquet")
     from_table = data.load_splits(str(tmp_path / "table"), "carve", fraction, seed)
     assert {r.file_name for r in from_table.val} == cnn_val
 
@@ -452,13 +477,16 @@ def test_sixteen_bit_packed_png_decodes_like_the_dicom(one_xray, backbone):
     from cxr_pipeline.spark.packing import _pack_row
 
     pixels = gray_pixels(one_xray)
-    sources = [twelve_bit_with_window(one_xray),
-               native_dicom(pixels.astype(np.uint16) * 16, 12, window=(2040.5, 8161)),  # display 0.25..0.75
-               native_dicom(pixels.astype(np.uint16) * 257, 16, photometric="MONOCHROME1")]  # percentile window
+    sources = [
+        twelve_bit_with_window(one_xray),
+        native_dicom(pixels.astype(np.uint16) * 16, 12, window=(2040.5, 8161)),  # display 0.25..0.75
+        native_dicom(pixels.astype(np.uint16) * 257, 16, photometric="MONOCHROME1"),
+    ]  # percentile window
     packed = []
     for data in sources:
         width, height, fmt, reason, payload, patient, view, source_format = _pack_row(
-            "/t/train/NORMAL/x.dcm", data, 60_000_000, KEY, 16)
+            "/t/train/NORMAL/x.dcm", data, 60_000_000, KEY, 16
+        )
         with Image.open(io.BytesIO(payload)) as image:
             assert (fmt, image.format, image.mode, image.size) == ("PNG", "PNG", "I;16", (width, height))
             assert int(np.asarray(image).max()) > 255  # 16-bit values, not 8-bit ones in a 16-bit file

@@ -1,4 +1,5 @@
 """Dataset statistics for the explore notebook: pure summaries, and the Spark side on a real session."""
+
 from __future__ import annotations
 
 import io
@@ -27,15 +28,17 @@ def stats_frame(rows):
     return pd.DataFrame(rows, columns=ex.STATS_COLUMNS)
 
 
-STATS = stats_frame([
-    ("/d/train/NORMAL/a.jpeg", "train", "NORMAL", 300_000, 1500, 1200, "JPEG", None),
-    ("/d/train/NORMAL/b.jpeg", "train", "NORMAL", 400_000, 1600, 1300, "JPEG", None),
-    ("/d/train/PNEUMONIA/c.jpeg", "train", "PNEUMONIA", 80_000, 1000, 700, "JPEG", None),
-    ("/d/train/PNEUMONIA/d.jpeg", "train", "PNEUMONIA", 100_000, 1100, 800, "JPEG", None),
-    ("/d/train/PNEUMONIA/e.jpeg", "train", "PNEUMONIA", 90_000, None, None, None, "truncated image"),
-    ("/d/test/PNEUMONIA/f.jpeg", "test", "PNEUMONIA", 120_000, 1200, 900, "JPEG", None),
-    ("/d/val/NORMAL/g.jpeg", "val", "NORMAL", 350_000, 1400, 1100, "JPEG", None),
-])
+STATS = stats_frame(
+    [
+        ("/d/train/NORMAL/a.jpeg", "train", "NORMAL", 300_000, 1500, 1200, "JPEG", None),
+        ("/d/train/NORMAL/b.jpeg", "train", "NORMAL", 400_000, 1600, 1300, "JPEG", None),
+        ("/d/train/PNEUMONIA/c.jpeg", "train", "PNEUMONIA", 80_000, 1000, 700, "JPEG", None),
+        ("/d/train/PNEUMONIA/d.jpeg", "train", "PNEUMONIA", 100_000, 1100, 800, "JPEG", None),
+        ("/d/train/PNEUMONIA/e.jpeg", "train", "PNEUMONIA", 90_000, None, None, None, "truncated image"),
+        ("/d/test/PNEUMONIA/f.jpeg", "test", "PNEUMONIA", 120_000, 1200, 900, "JPEG", None),
+        ("/d/val/NORMAL/g.jpeg", "val", "NORMAL", 350_000, 1400, 1100, "JPEG", None),
+    ]
+)
 
 
 def test_describe_image_good_and_truncated():
@@ -50,7 +53,7 @@ def test_describe_image_good_and_truncated():
 def test_counts_by_split_class_orders_splits_and_skips_bad_images():
     counts = ex.counts_by_split_class(STATS)
     assert list(counts.index) == ["train", "val", "test", "all"]
-    assert counts.loc["train", "PNEUMONIA"] == 2          # the truncated one is not counted
+    assert counts.loc["train", "PNEUMONIA"] == 2  # the truncated one is not counted
     assert counts.loc["test", "NORMAL"] == 0
     assert counts.loc["all", "total"] == 6
 
@@ -68,8 +71,9 @@ def test_size_summary_ratio_and_separability():
 
 
 def test_problem_files_lists_reader_and_decode_rejections():
-    overview = ex.Overview(stats=STATS, rejected=pd.DataFrame({"path": ["/d/train/NORMAL/.DS_Store"],
-                                                                "reason": ["hidden file"]}))
+    overview = ex.Overview(
+        stats=STATS, rejected=pd.DataFrame({"path": ["/d/train/NORMAL/.DS_Store"], "reason": ["hidden file"]})
+    )
     problems = ex.problem_files(overview)
     assert problems.to_dict("records") == [
         {"path": "/d/train/NORMAL/.DS_Store", "stage": "reader", "reason": "hidden file"},
@@ -79,17 +83,21 @@ def test_problem_files_lists_reader_and_decode_rejections():
 
 
 def test_plots_render(tmp_path):
-    samples = pd.DataFrame({
-        "path": ["/x/NORMAL/a.jpeg", "/x/NORMAL/b.jpeg", "/x/PNEUMONIA/c.jpeg"],
-        "label_name": ["NORMAL", "NORMAL", "PNEUMONIA"],
-        "content": [jpeg_bytes(60, 40), b"junk", jpeg_bytes(50, 50, 1)],
-    })
+    samples = pd.DataFrame(
+        {
+            "path": ["/x/NORMAL/a.jpeg", "/x/NORMAL/b.jpeg", "/x/PNEUMONIA/c.jpeg"],
+            "label_name": ["NORMAL", "NORMAL", "PNEUMONIA"],
+            "content": [jpeg_bytes(60, 40), b"junk", jpeg_bytes(50, 50, 1)],
+        }
+    )
     thumb = ex.thumbnail(samples["content"][0], height=20)
     assert thumb.shape == (20, 30, 3)
     assert ex.thumbnail(b"junk") is None
-    for name, fig in {"counts": ex.plot_counts(ex.counts_by_split_class(STATS)),
-                      "grid": ex.plot_sample_grid(samples, thumb_height=32),
-                      "sizes": ex.plot_size_distributions(STATS)}.items():
+    for name, fig in {
+        "counts": ex.plot_counts(ex.counts_by_split_class(STATS)),
+        "grid": ex.plot_sample_grid(samples, thumb_height=32),
+        "sizes": ex.plot_size_distributions(STATS),
+    }.items():
         path = tmp_path / f"{name}.png"
         fig.savefig(path)
         assert path.stat().st_size > 2000
@@ -116,7 +124,9 @@ def test_image_stats_on_spark(spark, tiny_tree):
 
     raw = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(str(tiny_tree))
     images = raw.select(
-        "path", "content", "length",
+        "path",
+        "content",
+        "length",
         F.element_at(F.split("path", "/"), -3).alias("split"),
         F.element_at(F.split("path", "/"), -2).alias("label_name"),
     )
@@ -133,7 +143,7 @@ def test_image_stats_on_spark(spark, tiny_tree):
 
     samples = ex.sample_images(images, per_class=2, seed=3)
     assert samples.groupby("label_name").size().to_dict() == {"NORMAL": 2, "PNEUMONIA": 2}
-    assert samples.equals(ex.sample_images(images, per_class=2, seed=3))   # stable pick
+    assert samples.equals(ex.sample_images(images, per_class=2, seed=3))  # stable pick
     bad = stats.loc[stats["error"].notna(), "path"]
     picked = ex.sample_images(images, per_class=5, exclude=bad)
     assert len(picked) == 4 and set(bad).isdisjoint(picked["path"])
@@ -154,5 +164,5 @@ def test_dataset_overview_on_hdfs(spark, hdfs_tmp, tiny_tree):
     reasons = dict(zip(problems["path"].str.rsplit("/", n=1).str[-1], problems["reason"]))
     assert set(reasons) == {"notes.txt", "empty.jpeg", "p2.jpeg"}
     assert "truncated" in reasons["p2.jpeg"]
-    assert "zero-byte" in reasons["empty.jpeg"]      # Spark's binaryFile skips it; the reader lists it
+    assert "zero-byte" in reasons["empty.jpeg"]  # Spark's binaryFile skips it; the reader lists it
     assert ex.file_size_ratio(overview.stats) > 1.0

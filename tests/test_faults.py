@@ -4,6 +4,7 @@ cluster, a DataNode stopped on a 2-DataNode HDFS while Spark reads and while hdf
 The kills hit a private HDFS and standalone cluster on free ports (never the shared 9000/7077 ones),
 started once for the module (`fault_stack`).
 """
+
 from __future__ import annotations
 
 import os
@@ -14,19 +15,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tolerances import assert_same_features
 
 from cxr_pipeline import storage
 from cxr_pipeline.config import get, load_config
 from cxr_pipeline.localstack import faults
 from cxr_pipeline.spark.session import MAX_FAILURES_KEY, with_local_retries
-from tolerances import assert_same_features
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def job_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": f"{REPO / 'lib'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-            "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    return {
+        **os.environ,
+        "PYTHONPATH": f"{REPO / 'lib'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+    }
 
 
 # ------------------------------------------------------------------ retries in local mode
@@ -78,9 +83,21 @@ def test_a_crashed_python_worker_is_retried_under_spark_submit_local_master(tmp_
     script = tmp_path / "crash_once.py"
     script.write_text(CRASH_ONCE_JOB)
     marker = tmp_path / "crashed"
-    done = subprocess.run([str(Path(sys.executable).parent / "spark-submit"), "--master", "local[2]",
-                           "--conf", "spark.ui.enabled=false", str(script), str(marker)],
-                          env=job_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "spark-submit"),
+            "--master",
+            "local[2]",
+            "--conf",
+            "spark.ui.enabled=false",
+            str(script),
+            str(marker),
+        ],
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert marker.exists(), "the job never crashed a worker: the test proves nothing"
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"MASTER local[2,{configured_attempts()}]" in done.stdout
@@ -111,9 +128,15 @@ def fault_stack(tmp_path_factory, sample_tree):
 def featurize_passes(fault_stack, tmp_path_factory):
     """One driver, three featurization passes: undisturbed, a Python worker SIGKILLed, DataNode 1 stopped."""
     stack, data = fault_stack
-    run = faults.run_featurize_passes(stack, data, tmp_path_factory.mktemp("features"), passes=3,
-                                      faults={1: stack.kill_python_worker, 2: stack.stop_datanode},
-                                      layer=FEATURE_LAYER, image_size=IMAGE_SIZE)
+    run = faults.run_featurize_passes(
+        stack,
+        data,
+        tmp_path_factory.mktemp("features"),
+        passes=3,
+        faults={1: stack.kill_python_worker, 2: stack.stop_datanode},
+        layer=FEATURE_LAYER,
+        image_size=IMAGE_SIZE,
+    )
     stack.hdfs.up()  # DataNode 1 back for the next tests
     assert run.returncode == 0, run.log[-4000:]
     return run
@@ -189,8 +212,9 @@ def test_datanode_stopped_while_hdfs_load_writes(fault_stack, sample_tree):
 @pytest.mark.timeout(CLUSTER_TEST_TIMEOUT_S)
 def test_worker_jvm_killed_mid_training_job_completes_on_the_other_worker(fault_stack, tmp_path):
     stack, data = fault_stack
-    run = faults.run_training(stack, data, tmp_path / "run", kill_worker=True, layer=FEATURE_LAYER,
-                              image_size=IMAGE_SIZE)
+    run = faults.run_training(
+        stack, data, tmp_path / "run", kill_worker=True, layer=FEATURE_LAYER, image_size=IMAGE_SIZE
+    )
     assert run.injected and "JVM" in run.injected, "no worker was featurizing: nothing was killed"
     assert run.returncode == 0, run.stderr[-4000:]
     assert (tmp_path / "run" / "metrics.json").exists() and "training summary" in run.stdout

@@ -4,6 +4,7 @@ Interruptions are real: the loader process gets SIGINT/SIGKILL midway, and a
 throwaway second HDFS instance (own ports and state dir) has its NameNode
 stopped midway. The default instance is never stopped here.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,6 +30,7 @@ SCRIPT = REPO / "scripts" / "hdfs_load.py"
 
 
 # -- helpers ------------------------------------------------------------------
+
 
 def tiny_jpeg(seed: int, size: int = 24) -> bytes:
     buffer = io.BytesIO()
@@ -67,9 +69,11 @@ def add_junk(root: Path) -> dict[str, str]:
 
 
 def local_images(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in root.rglob("*.jpeg") if p.stat().st_size and p.name != "fake.jpeg"
-            and p.relative_to(root).parts[0] in ("train", "val", "test")}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in root.rglob("*.jpeg")
+        if p.stat().st_size and p.name != "fake.jpeg" and p.relative_to(root).parts[0] in ("train", "val", "test")
+    }
 
 
 def visible_files(target: str) -> dict[str, int]:
@@ -78,7 +82,7 @@ def visible_files(target: str) -> dict[str, int]:
         return {}
     found = {}
     for info in storage.list_files(target, recursive=True):
-        rel = info.uri[len(target.rstrip("/")) + 1:]
+        rel = info.uri[len(target.rstrip("/")) + 1 :]
         if not any(part.startswith(".") for part in rel.split("/")):
             found[rel] = info.size
     return found
@@ -92,8 +96,9 @@ def assert_byte_identical(root: Path, target: str) -> None:
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args, "--no-progress"], capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--no-progress"], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 def local_file(rel: str, data: bytes) -> LocalFile:
@@ -102,16 +107,20 @@ def local_file(rel: str, data: bytes) -> LocalFile:
 
 # -- pure: layout, junk, plan --------------------------------------------------
 
-@pytest.mark.parametrize("rel, reason", [
-    ("train/NORMAL/a.jpeg", None),
-    ("val/PNEUMONIA/b.png", None),
-    ("train/NORMAL/.DS_Store", "hidden file"),
-    ("train/.DS_Store", "hidden file"),
-    ("a.jpeg", "not in the split/CLASS/file layout (0 folder levels)"),
-    ("train/NORMAL/sub/a.jpeg", "not in the split/CLASS/file layout (3 folder levels)"),
-    ("training/NORMAL/a.jpeg", "unknown split folder 'training' (want one of train, val, test)"),
-    ("train/.hidden/a.jpeg", "inside hidden folder '.hidden'"),
-])
+
+@pytest.mark.parametrize(
+    "rel, reason",
+    [
+        ("train/NORMAL/a.jpeg", None),
+        ("val/PNEUMONIA/b.png", None),
+        ("train/NORMAL/.DS_Store", "hidden file"),
+        ("train/.DS_Store", "hidden file"),
+        ("a.jpeg", "not in the split/CLASS/file layout (0 folder levels)"),
+        ("train/NORMAL/sub/a.jpeg", "not in the split/CLASS/file layout (3 folder levels)"),
+        ("training/NORMAL/a.jpeg", "unknown split folder 'training' (want one of train, val, test)"),
+        ("train/.hidden/a.jpeg", "inside hidden folder '.hidden'"),
+    ],
+)
 def test_classify_relative_path(rel, reason):
     assert hdfs_load.classify_relative_path(rel) == reason
 
@@ -143,16 +152,28 @@ def test_scan_errors_are_clear(tmp_path):
 
 
 def test_plan_uploads_missing_resized_and_changed_files_only():
-    same, resized, changed, unrecorded, new = (local_file(f"train/NORMAL/{n}.jpeg", tiny_jpeg(i))
-                                               for i, n in enumerate(["same", "resized", "changed", "unrec", "new"]))
-    remote = {same.rel: same.size, resized.rel: resized.size + 1, changed.rel: changed.size,
-              unrecorded.rel: unrecorded.size, "train/NORMAL/only_remote.jpeg": 10}
-    manifest = {same.rel: {"size": same.size, "md5": same.md5},
-                resized.rel: {"size": resized.size + 1, "md5": "1" * 32},
-                changed.rel: {"size": changed.size, "md5": "0" * 32}}
+    same, resized, changed, unrecorded, new = (
+        local_file(f"train/NORMAL/{n}.jpeg", tiny_jpeg(i))
+        for i, n in enumerate(["same", "resized", "changed", "unrec", "new"])
+    )
+    remote = {
+        same.rel: same.size,
+        resized.rel: resized.size + 1,
+        changed.rel: changed.size,
+        unrecorded.rel: unrecorded.size,
+        "train/NORMAL/only_remote.jpeg": 10,
+    }
+    manifest = {
+        same.rel: {"size": same.size, "md5": same.md5},
+        resized.rel: {"size": resized.size + 1, "md5": "1" * 32},
+        changed.rel: {"size": changed.size, "md5": "0" * 32},
+    }
     plan = make_plan([same, resized, changed, unrecorded, new], remote, manifest)
     assert {f.rel: why for f, why in plan.to_upload} == {
-        resized.rel: "size differs", changed.rel: "checksum differs", new.rel: "missing"}
+        resized.rel: "size differs",
+        changed.rel: "checksum differs",
+        new.rel: "missing",
+    }
     assert {f.rel for f in plan.unchanged} == {same.rel, unrecorded.rel}
     assert plan.size_only == [unrecorded.rel]
     assert plan.extra_remote == ["train/NORMAL/only_remote.jpeg"]
@@ -161,14 +182,18 @@ def test_plan_uploads_missing_resized_and_changed_files_only():
 
 
 def test_plan_keeps_files_it_did_not_write_unless_replace():
-    unrecorded, rewritten, same_size = (local_file(f"train/NORMAL/{n}.jpeg", tiny_jpeg(i))
-                                        for i, n in enumerate(["unrecorded", "rewritten", "same_size"]))
+    unrecorded, rewritten, same_size = (
+        local_file(f"train/NORMAL/{n}.jpeg", tiny_jpeg(i))
+        for i, n in enumerate(["unrecorded", "rewritten", "same_size"])
+    )
     remote = {unrecorded.rel: unrecorded.size + 5, rewritten.rel: rewritten.size + 1, same_size.rel: same_size.size}
     manifest = {rewritten.rel: {"size": rewritten.size, "md5": rewritten.md5}}  # someone else changed it since
     plan = make_plan([unrecorded, rewritten, same_size], remote, manifest)
     assert plan.to_upload == [] and plan.replacing == set()
-    assert {f.rel: why for f, why in plan.kept_foreign} == {unrecorded.rel: "size differs",
-                                                            rewritten.rel: "size differs"}
+    assert {f.rel: why for f, why in plan.kept_foreign} == {
+        unrecorded.rel: "size differs",
+        rewritten.rel: "size differs",
+    }
     assert plan.size_only == [same_size.rel]
     by_content = make_plan([same_size], remote, {}, remote_md5={same_size.rel: "f" * 32})
     assert [(f.rel, why) for f, why in by_content.kept_foreign] == [(same_size.rel, "content differs")]
@@ -178,8 +203,11 @@ def test_plan_keeps_files_it_did_not_write_unless_replace():
 
 def test_merge_manifest_keeps_true_records_and_adds_placed():
     a, b = local_file("train/NORMAL/a.jpeg", b"aaaa"), local_file("train/NORMAL/b.jpeg", b"bb")
-    previous = {a.rel: {"size": 4, "md5": a.md5}, "gone.jpeg": {"size": 3, "md5": "x"},
-                "resized.jpeg": {"size": 3, "md5": "y"}}
+    previous = {
+        a.rel: {"size": 4, "md5": a.md5},
+        "gone.jpeg": {"size": 3, "md5": "x"},
+        "resized.jpeg": {"size": 3, "md5": "y"},
+    }
     merged = merge_manifest(previous, {a.rel: 4, "resized.jpeg": 5, b.rel: 2}, [b])
     assert merged == {a.rel: {"size": 4, "md5": a.md5}, b.rel: {"size": 2, "md5": b.md5}}
 
@@ -218,7 +246,10 @@ def test_cli_exit_codes_follow_storage_errors():
 def test_resolve_target():
     address = hdfs_load.resolve_target("hdfs://127.0.0.1:9000/data/chest_xray/", webhdfs_url="http://h:1/")
     assert (address.namenode_uri, address.webhdfs_url, address.path) == (
-        "hdfs://127.0.0.1:9000", "http://h:1", "/data/chest_xray")
+        "hdfs://127.0.0.1:9000",
+        "http://h:1",
+        "/data/chest_xray",
+    )
     assert hdfs_load.resolve_target("/data/x", "hdfs://nn:8020", "http://nn:9870").uri("a") == "hdfs://nn:8020/data/x/a"
     with pytest.raises(hdfs_load.SourceError, match="HDFS root"):
         hdfs_load.resolve_target("hdfs://127.0.0.1:9000/")
@@ -236,14 +267,16 @@ def test_cli_help_and_missing_source(tmp_path):
 def test_unreachable_namenode_exit_3(tmp_path):
     root = make_tree(tmp_path / "chest_xray", 3)
     port = free_port()
-    result = run_cli(str(root), f"hdfs://127.0.0.1:{port}/data/chest_xray",
-                     "--webhdfs-url", f"http://127.0.0.1:{free_port()}")
+    result = run_cli(
+        str(root), f"hdfs://127.0.0.1:{port}/data/chest_xray", "--webhdfs-url", f"http://127.0.0.1:{free_port()}"
+    )
     assert result.returncode == 3, result.stderr
     assert f"NameNode at hdfs://127.0.0.1:{port} does not answer" in result.stderr
     assert "make hdfs-up" in result.stderr
 
 
 # -- against the real local HDFS ------------------------------------------------
+
 
 @pytest.mark.hdfs
 def test_an_upload_cut_midway_is_sent_again_and_hashed_once(hdfs_tmp, tmp_path, monkeypatch):
@@ -297,7 +330,9 @@ def test_cli_transport_and_changed_files_are_reuploaded(tmp_path, hdfs_tmp):
     grown.write_bytes(tiny_jpeg(99, size=60))
     second = hdfs_load.load_tree(root, target, via="webhdfs", workers=2, progress=False)
     assert {f.rel: why for f, why in second.plan.to_upload} == {
-        "train/NORMAL/img000.jpeg": "checksum differs", "val/NORMAL/img001.jpeg": "size differs"}
+        "train/NORMAL/img000.jpeg": "checksum differs",
+        "val/NORMAL/img001.jpeg": "size differs",
+    }
     assert second.ok and len(second.placed) == 2
     assert_byte_identical(root, target)
 
@@ -326,17 +361,25 @@ def test_dry_run_writes_nothing(tmp_path, hdfs_tmp):
 
 
 @pytest.mark.hdfs
-@pytest.mark.parametrize("sig, via", [
-    pytest.param(signal.SIGINT, "webhdfs", id="sigint-webhdfs"),
-    pytest.param(signal.SIGKILL, "webhdfs", id="sigkill-webhdfs"),
-    pytest.param(signal.SIGINT, "cli", id="sigint-cli", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "sig, via",
+    [
+        pytest.param(signal.SIGINT, "webhdfs", id="sigint-webhdfs"),
+        pytest.param(signal.SIGKILL, "webhdfs", id="sigkill-webhdfs"),
+        pytest.param(signal.SIGINT, "cli", id="sigint-cli", marks=pytest.mark.slow),
+    ],
+)
 def test_interrupted_load_leaves_no_partial_file_and_resumes(tmp_path, hdfs_tmp, sig, via):
     n = 45 if via == "webhdfs" else 75  # cli: 3 JVM batches of 25, one at a time
     root = make_tree(tmp_path / "chest_xray", n)
     target = f"{hdfs_tmp}/chest_xray"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(root), target, "--via", via, "--workers", "1",
-                             "--no-progress"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(root), target, "--via", via, "--workers", "1", "--no-progress"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 240
     while len(visible_files(target)) < 3 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -355,10 +398,11 @@ def test_interrupted_load_leaves_no_partial_file_and_resumes(tmp_path, hdfs_tmp,
         assert refused.returncode == 4, refused.stdout + refused.stderr
         assert f"pid {proc.pid} " in refused.stderr and "no longer running" in refused.stderr
         assert "--break-lock" in refused.stderr
-    result = run_cli(str(root), target, "--via", via, "--workers", "2",
-                     *(["--break-lock"] if sig == signal.SIGKILL else []))
+    result = run_cli(
+        str(root), target, "--via", via, "--workers", "2", *(["--break-lock"] if sig == signal.SIGKILL else [])
+    )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "verified: %d file(s)" % n in result.stdout
+    assert f"verified: {n} file(s)" in result.stdout
     if sig == signal.SIGKILL:  # the next load removes the (marked) staging folder of the dead one
         assert "removed staging left by interrupted loads: .staging-" in result.stdout
         assert "broke the lock of " in result.stdout
@@ -372,8 +416,13 @@ def test_namenode_stopped_midway_then_resume(tmp_path):
     """A throwaway HDFS on its own ports: its NameNode is killed during a load."""
     from cxr_pipeline.localstack.hdfs_cluster import LocalHdfs
 
-    hdfs = LocalHdfs(tmp_path / "hdfs", rpc_port=free_port(), http_port=free_port(),
-                     datanode_ports=(free_port(), free_port(), free_port()), heap="256m")
+    hdfs = LocalHdfs(
+        tmp_path / "hdfs",
+        rpc_port=free_port(),
+        http_port=free_port(),
+        datanode_ports=(free_port(), free_port(), free_port()),
+        heap="256m",
+    )
     hdfs.up()
     try:
         root = make_tree(tmp_path / "chest_xray", 30)
@@ -386,8 +435,15 @@ def test_namenode_stopped_midway_then_resume(tmp_path):
                 hdfs.namenode.stop(timeout=10)
 
         with pytest.raises(storage.StorageUnavailable) as failure:
-            hdfs_load.load_tree(root, target, via="webhdfs", workers=2, webhdfs_url=hdfs.webhdfs_url,
-                                progress=False, on_placed=stop_namenode_after_five)
+            hdfs_load.load_tree(
+                root,
+                target,
+                via="webhdfs",
+                workers=2,
+                webhdfs_url=hdfs.webhdfs_url,
+                progress=False,
+                on_placed=stop_namenode_after_five,
+            )
         assert "unreachable" in str(failure.value) or "does not answer" in str(failure.value)
 
         hdfs.up()
@@ -398,8 +454,9 @@ def test_namenode_stopped_midway_then_resume(tmp_path):
             assert storage.read_bytes(f"{target}/{rel}") == expected[rel]
         with pytest.raises(hdfs_load.TargetLocked, match=f"pid {os.getpid()}"):  # its lock outlived HDFS
             hdfs_load.load_tree(root, target, via="webhdfs", webhdfs_url=hdfs.webhdfs_url, progress=False)
-        report = hdfs_load.load_tree(root, target, via="webhdfs", workers=2, webhdfs_url=hdfs.webhdfs_url,
-                                     progress=False, break_lock=True)
+        report = hdfs_load.load_tree(
+            root, target, via="webhdfs", workers=2, webhdfs_url=hdfs.webhdfs_url, progress=False, break_lock=True
+        )
         assert report.ok and report.stale_staging_removed and report.broken_lock.pid == os.getpid()
         assert_byte_identical(root, target)
     finally:
@@ -408,10 +465,17 @@ def test_namenode_stopped_midway_then_resume(tmp_path):
 
 # -- touches only what it owns (issue 10 §5) -------------------------------------
 
+
 def marked_staging(target: str, name: str, pid: int) -> str:
     """A staging folder with hdfs_load's marker, naming a loader on this host with ``pid``."""
-    owner = {"run_id": name, "host": socket.gethostname(), "pid": pid, "user": "someone",
-             "started_at": "2026-01-01T00:00:00Z", "written_by": "cxr_pipeline.hdfs_load"}
+    owner = {
+        "run_id": name,
+        "host": socket.gethostname(),
+        "pid": pid,
+        "user": "someone",
+        "started_at": "2026-01-01T00:00:00Z",
+        "written_by": "cxr_pipeline.hdfs_load",
+    }
     storage.write_bytes(f"{target}/.staging-{name}/.hdfs_load_staging.json", json.dumps(owner).encode())
     storage.write_bytes(f"{target}/.staging-{name}/train/NORMAL/half.jpeg", b"partial")
     return f".staging-{name}"
@@ -431,8 +495,14 @@ def test_second_load_is_refused_while_one_holds_the_lock(tmp_path, hdfs_tmp):
     assert report.ok and len(report.placed) == 3
     refused = second[0]
     assert refused.returncode == 4, refused.stdout + refused.stderr
-    for who in (socket.gethostname(), f"pid {os.getpid()} ", "since 20",
-                "still running", "--break-lock", hdfs_load.RemoteTree(hdfs_load.resolve_target(target)).user):
+    for who in (
+        socket.gethostname(),
+        f"pid {os.getpid()} ",
+        "since 20",
+        "still running",
+        "--break-lock",
+        hdfs_load.RemoteTree(hdfs_load.resolve_target(target)).user,
+    ):
         assert who in refused.stderr, (who, refused.stderr)
     assert not storage.exists(f"{target}/{hdfs_load.LOCK_NAME}")  # released at the end
 
@@ -490,9 +560,8 @@ def test_manifest_records_the_bytes_sent_when_the_source_changes_during_the_uplo
             changed[-3] ^= 0xFF  # same size, other bytes
             (root / rel).write_bytes(bytes(changed))
 
-    report = hdfs_load.load_tree(root, target, via="webhdfs", workers=1, progress=False,
-                                 on_placed=rewrite_a_later_file)
-    (rel, data), = original.items()
+    report = hdfs_load.load_tree(root, target, via="webhdfs", workers=1, progress=False, on_placed=rewrite_a_later_file)
+    ((rel, data),) = original.items()
     manifest = json.loads(storage.read_bytes(f"{target}/{hdfs_load.MANIFEST_NAME}"))["files"]
     assert manifest[rel]["md5"] == hashlib.md5(storage.read_bytes(f"{target}/{rel}")).hexdigest()
     assert report.ok and report.changed_during_upload == [rel]

@@ -3,6 +3,7 @@ or not at all, half-written runs are refused, and the feature cache never serves
 
 Uses the one trained run of the sample data that the training and prediction tests share (``sample_run``).
 """
+
 from __future__ import annotations
 
 import json
@@ -12,11 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_training import REPO, train_on_sample
 
 from cxr_pipeline import run_folder, storage
 from cxr_pipeline.backbones import WeightsMismatchError
-
-from test_training import REPO, train_on_sample
 
 pytestmark = [pytest.mark.slow, pytest.mark.hdfs]
 
@@ -79,12 +79,30 @@ def test_incomplete_runs_are_refused_by_every_reader(local_copy, sample_tree):
         load_run(str(local_copy))
     image = next(sample_tree.glob("test/*/*.jpeg"))
     env = {**os.environ, "PYTHONPATH": str(REPO / "lib")}
-    cli = subprocess.run([sys.executable, "-m", "cxr_pipeline.cli.predict_image", "--model", str(local_copy),
-                          str(image)], capture_output=True, text=True, env=env, timeout=300)
+    cli = subprocess.run(
+        [sys.executable, "-m", "cxr_pipeline.cli.predict_image", "--model", str(local_copy), str(image)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert cli.returncode == 2 and "_SUCCESS" in cli.stderr, cli.stderr[-2000:]
-    job = subprocess.run([sys.executable, str(REPO / "jobs" / "predict.py"), "--model", str(local_copy),
-                          "--images", str(image.parent), "--out", str(local_copy.parent / "pred")],
-                         capture_output=True, text=True, env=env, timeout=300)
+    job = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "jobs" / "predict.py"),
+            "--model",
+            str(local_copy),
+            "--images",
+            str(image.parent),
+            "--out",
+            str(local_copy.parent / "pred"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert job.returncode == 2 and "_SUCCESS" in job.stderr, job.stderr[-2000:]
 
 
@@ -147,6 +165,7 @@ def test_changed_decoding_settings_are_featurized_again_not_served_stale(trained
 
 # ------------------------------------------------------------------ the cache itself, on a tiny local tree
 
+
 def _cache_run(spark, tree, root, featurizer=None):
     from cxr_pipeline.feature_cache import FeatureCache, fingerprint, image_identities
     from cxr_pipeline.spark.featurizer import ImageFeaturizer
@@ -156,8 +175,9 @@ def _cache_run(spark, tree, root, featurizer=None):
     stats = featurizer.track_stats(spark)
     cache = FeatureCache(root, str(tree), fingerprint(featurizer, "binaryFile"))
     images = read_images(spark, str(tree))
-    features, outcome, snapshot = cache.features_for(spark, images, image_identities(spark, str(tree), "binaryFile"),
-                                                     featurizer)
+    features, outcome, snapshot = cache.features_for(
+        spark, images, image_identities(spark, str(tree), "binaryFile"), featurizer
+    )
     rows = {r.path.rsplit("/", 1)[-1]: r.features.toArray() for r in features.collect()}
     return rows, outcome, stats.summary()["images"], cache, snapshot
 
@@ -165,7 +185,6 @@ def _cache_run(spark, tree, root, featurizer=None):
 @pytest.mark.parametrize("change", ["add_and_remove", "replace_in_place"])
 def test_cache_featurizes_only_new_or_changed_images(spark, tmp_path, change):
     import numpy as np
-
     from test_reader import jpeg_bytes, make_tree
 
     tree = tmp_path / "tree"

@@ -1,4 +1,5 @@
 """The project's local infrastructure: Hadoop provisioning, the real HDFS, the standalone Spark cluster."""
+
 from __future__ import annotations
 
 import json
@@ -42,9 +43,16 @@ def dead_pid() -> int:
 def test_jar_selection_leaves_out_spark_hive_scala_and_jersey2():
     assert provision.is_wanted_jar("hadoop-hdfs-2.7.3.jar")
     assert provision.is_wanted_jar("guava-14.0.1.jar")
-    for unwanted in ("spark-core_2.11-2.4.8.jar", "hive-exec-1.2.1.spark2.jar", "scala-library-2.11.12.jar",
-                     "jersey-server-2.22.2.jar", "javax.ws.rs-api-2.0.1.jar", "hk2-api-2.4.0-b34.jar",
-                     "json4s-core_2.11-3.5.3.jar", "README.txt"):
+    for unwanted in (
+        "spark-core_2.11-2.4.8.jar",
+        "hive-exec-1.2.1.spark2.jar",
+        "scala-library-2.11.12.jar",
+        "jersey-server-2.22.2.jar",
+        "javax.ws.rs-api-2.0.1.jar",
+        "hk2-api-2.4.0-b34.jar",
+        "json4s-core_2.11-3.5.3.jar",
+        "README.txt",
+    ):
         assert not provision.is_wanted_jar(unwanted), unwanted
 
 
@@ -76,8 +84,12 @@ def test_up_is_idempotent_and_status_reports_ready(hdfs_cluster):
 
 @pytest.mark.hdfs
 def test_cli_status_prints_json(hdfs_cluster):
-    result = subprocess.run([sys.executable, "-m", "cxr_pipeline.localstack.hdfs_cluster", "status"],
-                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "lib")})
+    result = subprocess.run(
+        [sys.executable, "-m", "cxr_pipeline.localstack.hdfs_cluster", "status"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "lib")},
+    )
     assert result.returncode == 0, result.stderr
     status = json.loads(result.stdout)
     assert status["ready"] is True and status["namenode_uri"] == hdfs_cluster.namenode_uri
@@ -131,8 +143,9 @@ def test_default_layout_has_one_datanode_and_one_replica(tmp_path):
 
 
 def test_replicated_layout_renders_two_datanodes_with_their_own_ports_and_data_dirs(tmp_path):
-    hdfs = LocalHdfs(tmp_path / "hdfs", rpc_port=19000, http_port=19870, datanode_ports=(19866, 19864, 19867),
-                     datanodes=2)
+    hdfs = LocalHdfs(
+        tmp_path / "hdfs", rpc_port=19000, http_port=19870, datanode_ports=(19866, 19864, 19867), datanodes=2
+    )
     hdfs.write_config()
     assert "<name>dfs.replication</name><value>2</value>" in (hdfs.conf_dir / "hdfs-site.xml").read_text()
     assert [h.name for h in hdfs.datanodes] == ["datanode", "datanode-1"]
@@ -168,8 +181,13 @@ def test_second_instance_on_other_ports_with_stale_pids_and_a_crash(hdfs_cluster
         assert storage.read_bytes(uri) == b"second instance"
         assert not storage.exists(f"{hdfs_cluster.namenode_uri}/only-here/f.bin")
         dfs = storage.hdfs_dfs_command()
-        listing = subprocess.run([*dfs, "-ls", "-R", "/"], capture_output=True, text=True, check=True,
-                                 env={**os.environ, "HADOOP_CONF_DIR": str(hdfs.conf_dir)}).stdout
+        listing = subprocess.run(
+            [*dfs, "-ls", "-R", "/"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "HADOOP_CONF_DIR": str(hdfs.conf_dir)},
+        ).stdout
         assert "/only-here/f.bin" in listing
 
         # A crashed DataNode leaves a stale pid file; `up` notices and restarts just that one.
@@ -222,13 +240,18 @@ def test_standalone_cluster_runs_a_job_reading_hdfs(spark_standalone, hdfs_tmp, 
     storage.write_bytes(f"{hdfs_tmp}/one.bin", payload)
     script = tmp_path / "tiny_job.py"
     script.write_text(TINY_JOB)
-    env = {**os.environ, "PYTHONPATH": str(REPO / "lib"), "PYSPARK_PYTHON": sys.executable,
-           "SPARK_LOCAL_IP": "127.0.0.1"}
-    result = subprocess.run([sys.executable, str(script), spark_standalone, hdfs_tmp],
-                            capture_output=True, text=True, env=env, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO / "lib"),
+        "PYSPARK_PYTHON": sys.executable,
+        "SPARK_LOCAL_IP": "127.0.0.1",
+    }
+    result = subprocess.run(
+        [sys.executable, str(script), spark_standalone, hdfs_tmp], capture_output=True, text=True, env=env, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    line = next(l for l in result.stdout.splitlines() if l.startswith("RESULT "))
-    outcome = json.loads(line[len("RESULT "):])
+    line = next(text for text in result.stdout.splitlines() if text.startswith("RESULT "))
+    outcome = json.loads(line[len("RESULT ") :])
     assert outcome["total"] == sum(x * x for x in range(1000))
     assert outcome["executors"] >= 1
     assert outcome["files"] == {f"{hdfs_tmp}/one.bin": payload.hex()}

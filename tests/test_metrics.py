@@ -1,4 +1,5 @@
 """Pure numpy metrics: confusion matrix, ROC/PR, threshold for a target sensitivity."""
+
 import warnings
 
 import numpy as np
@@ -114,7 +115,10 @@ def test_plots_render_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "roc.png").read_bytes() == data
     p, r, _ = m.pr_curve(y, s)
     assert plots.plot_pr(p, r, m.average_precision(y, s), prevalence=0.6)[:4] == b"\x89PNG"
-    assert plots.plot_confusion_matrix(m.confusion_matrix(y, m.predict_at(s, 0.5)), ["NORMAL", "PNEUMONIA"])[:4] == b"\x89PNG"
+    assert (
+        plots.plot_confusion_matrix(m.confusion_matrix(y, m.predict_at(s, 0.5)), ["NORMAL", "PNEUMONIA"])[:4]
+        == b"\x89PNG"
+    )
 
 
 # ---------------------------------------------------------------- threshold rules
@@ -145,8 +149,9 @@ def test_cost_and_youden_rules_match_brute_force(seed):
         lowest_included = brute_best(y, s, cost)
         below = s[s < lowest_included]
         assert below.max() < choice.threshold <= lowest_included  # halfway below, same confusion matrix
-        assert m.binary_report(y, s, choice.threshold).to_dict() | {"threshold": 0} == \
-            m.binary_report(y, s, lowest_included).to_dict() | {"threshold": 0}
+        assert m.binary_report(y, s, choice.threshold).to_dict() | {"threshold": 0} == m.binary_report(
+            y, s, lowest_included
+        ).to_dict() | {"threshold": 0}
         assert choice.rule == rule and ("FN" if rule == "cost" else "Youden") in choice.describe()
 
 
@@ -168,7 +173,10 @@ def test_rules_fall_back_on_one_class_and_reject_bad_input():
         m.choose_threshold_by_rule([0, 1], [0.2, 0.7], "median")
     with pytest.raises(ValueError):
         m.choose_threshold_by_rule([0, 1], [0.2, 0.7], "cost", cost_fn=-1.0)
-    assert m.rule_args_from_config({"threshold_rule": "cost", "cost_fn": 2, "seed": 1}) == {"rule": "cost", "cost_fn": 2.0}
+    assert m.rule_args_from_config({"threshold_rule": "cost", "cost_fn": 2, "seed": 1}) == {
+        "rule": "cost",
+        "cost_fn": 2.0,
+    }
 
 
 # ---------------------------------------------------------------- intervals, calibration
@@ -214,7 +222,9 @@ def test_calibration_curve_bins_and_error():
     s = [0.05, 0.15, 0.95, 0.85, 0.91, 0.99]
     cal = m.calibration_curve(y, s, n_bins=10)
     assert sum(cal.count) == 6 and cal.count[0] == 1 and cal.count[9] == 3
-    assert cal.observed_rate[9] == pytest.approx(2 / 3) and cal.mean_predicted[9] == pytest.approx((0.95 + 0.91 + 0.99) / 3)
+    assert cal.observed_rate[9] == pytest.approx(2 / 3) and cal.mean_predicted[9] == pytest.approx(
+        (0.95 + 0.91 + 0.99) / 3
+    )
     assert cal.observed_rate[5] is None
     perfect = m.calibration_curve([0, 1] * 50, [0.0, 1.0] * 50)
     assert perfect.expected_calibration_error == pytest.approx(0.0) and m.brier_score([0, 1], [0.0, 1.0]) == 0.0
@@ -230,16 +240,28 @@ def test_reporting_model_card_and_calibration_plot(tmp_path):
     honest = reporting.honest_metrics(y, s, {"at_chosen": choice.threshold, "at_default_0.5": 0.5})
     assert set(honest["intervals"]) == {"at_chosen", "at_default_0.5"} and honest["brier"] > 0
     png = reporting.write_calibration_plot(honest, str(tmp_path / reporting.CALIBRATION_PNG))
-    assert (tmp_path / "calibration.png").read_bytes().startswith(b"\x89PNG")  and png
+    assert (tmp_path / "calibration.png").read_bytes().startswith(b"\x89PNG") and png
     card = reporting.model_card(
-        title="t", model_description="InceptionV3 mixed5 -> LR", data="hdfs://x/chest_xray",
+        title="t",
+        model_description="InceptionV3 mixed5 -> LR",
+        data="hdfs://x/chest_xray",
         counts={"train": {"NORMAL": 3, "PNEUMONIA": 5}, "test": {"NORMAL": 90, "PNEUMONIA": 110}},
-        label_names=["NORMAL", "PNEUMONIA"], split_description="carved by patient", threshold=choice,
-        honest=honest, test_description="the dataset's test folder (n=200)")
+        label_names=["NORMAL", "PNEUMONIA"],
+        split_description="carved by patient",
+        threshold=choice,
+        honest=honest,
+        test_description="the dataset's test folder (n=200)",
+    )
     acc = honest["intervals"]["at_chosen"]["accuracy"]
     assert f"{acc['value']:.3f} [{acc['ci95'][0]:.3f}, {acc['ci95'][1]:.3f}]" in card
-    for needle in ("## Intended use", "## Known failure modes", "False alarms on normal X-rays from other sites",
-                   "Measured on: the dataset's test folder (n=200)", "| test | 90 | 110 | 200 |", "2*FN + 1*FP",
-                   "Brier score"):
+    for needle in (
+        "## Intended use",
+        "## Known failure modes",
+        "False alarms on normal X-rays from other sites",
+        "Measured on: the dataset's test folder (n=200)",
+        "| test | 90 | 110 | 200 |",
+        "2*FN + 1*FP",
+        "Brier score",
+    ):
         assert needle in card
     assert any("95% CI @chosen (" in line for line in reporting.interval_lines(honest))

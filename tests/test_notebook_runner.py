@@ -1,4 +1,5 @@
 """The Databricks source-format parser, the local runner and the widgets-or-env parameters."""
+
 from __future__ import annotations
 
 import json
@@ -117,8 +118,13 @@ def test_magic_cells_refused_unless_skipped():
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONPATH": str(REPO / "lib"), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "cxr_pipeline.notebook_runner", *args],
-                          capture_output=True, text=True, env=full_env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "cxr_pipeline.notebook_runner", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=120,
+    )
 
 
 def test_cli_failure_exit_code_and_report(tmp_path):
@@ -133,7 +139,10 @@ def test_cli_failure_exit_code_and_report(tmp_path):
 
 
 def test_cli_params_plots_and_magic_refusal(tmp_path):
-    notebook = write(tmp_path, "plot_nb.py", """# Databricks notebook source
+    notebook = write(
+        tmp_path,
+        "plot_nb.py",
+        """# Databricks notebook source
 from cxr_pipeline.notebook_support import get_param, display_or_save
 import matplotlib.pyplot as plt
 n = get_param("n_points", 3, "How many points")
@@ -145,7 +154,8 @@ ax.plot(range(n))
 path = display_or_save(fig, "line plot")
 assert path.name == "line_plot.png", path
 print("points", n)
-""")
+""",
+    )
     proc = run_cli(str(notebook), "--out", str(tmp_path / "out"), "--param", "n_points=5")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "points 5" in proc.stdout
@@ -159,6 +169,7 @@ print("points", n)
 
 
 # ---- notebook_support parameters -------------------------------------------------------------
+
 
 class FakeWidgets:
     """Stands in for Databricks' dbutils.widgets (no Databricks here); records what was created."""
@@ -199,11 +210,11 @@ def test_get_param_env_then_default(monkeypatch):
 
 
 def test_get_param_uses_widgets_when_dbutils_in_caller_globals(monkeypatch):
-    monkeypatch.setenv("CXR_EPOCHS", "7")          # ignored on Databricks: the widget wins
+    monkeypatch.setenv("CXR_EPOCHS", "7")  # ignored on Databricks: the widget wins
     dbutils = FakeDbutils({"epochs": "4"})
     code = compile("value = get_param('epochs', 3, 'Epochs')\nother = get_param('size', 64)", "<nb>", "exec")
     scope = {"dbutils": dbutils, "get_param": ns.get_param}
-    exec(code, scope)                                                  # noqa: S102
+    exec(code, scope)  # noqa: S102
     assert scope["value"] == 4 and scope["other"] == 64
     assert ("epochs", "3", "Epochs") in dbutils.widgets.created
     assert ns.env_var_name("data-uri") == "CXR_DATA_URI"
@@ -235,6 +246,7 @@ def test_display_or_save_and_show_table(tmp_path, monkeypatch):
 
 # ---- notebook_support report helpers ---------------------------------------------------------
 
+
 def test_with_settings_and_image_key():
     config = {"featurizer": {"feature_layer": None, "batch_size": 16}, "cnn": {"epochs": 10}}
     merged = ns.with_settings(config, {"featurizer.feature_layer": "mixed5", "cnn.epochs": 1, "cnn.model": None})
@@ -245,11 +257,25 @@ def test_with_settings_and_image_key():
 
 
 def test_metrics_and_counts_tables_from_run_reports():
-    at = {"threshold": 0.3, "n": 4, "accuracy": 0.75, "sensitivity": 1.0, "specificity": 0.5, "precision": 0.67,
-          "npv": 1.0, "f1": 0.8, "tn": 1, "fp": 1, "fn": 0, "tp": 2}
-    report = {"test": {"areaUnderROC": 0.9, "at_chosen": at, "at_default_0.5": {**at, "threshold": 0.5}},
-              "validation": {"roc_auc": 1.0, "at_chosen": at, "at_default_0.5": None},
-              "counts": {"test": {"NORMAL": 2, "PNEUMONIA": 2}, "train": {"NORMAL": 5, "PNEUMONIA": 6}}}
+    at = {
+        "threshold": 0.3,
+        "n": 4,
+        "accuracy": 0.75,
+        "sensitivity": 1.0,
+        "specificity": 0.5,
+        "precision": 0.67,
+        "npv": 1.0,
+        "f1": 0.8,
+        "tn": 1,
+        "fp": 1,
+        "fn": 0,
+        "tp": 2,
+    }
+    report = {
+        "test": {"areaUnderROC": 0.9, "at_chosen": at, "at_default_0.5": {**at, "threshold": 0.5}},
+        "validation": {"roc_auc": 1.0, "at_chosen": at, "at_default_0.5": None},
+        "counts": {"test": {"NORMAL": 2, "PNEUMONIA": 2}, "train": {"NORMAL": 5, "PNEUMONIA": 6}},
+    }
     table = ns.metrics_table(report)
     assert list(table["subset"]) == ["test", "test", "validation"]
     assert list(table["threshold"]) == [0.3, 0.5, 0.3] and table["auc"].tolist() == [0.9, 0.9, 1.0]
@@ -262,14 +288,15 @@ def test_metrics_and_counts_tables_from_run_reports():
 def test_join_compare_and_agreement_on_the_same_images():
     import pandas as pd
 
-    spark_scores = pd.DataFrame({"key": ["t/N/a", "t/N/b", "t/P/c", "t/P/d"], "label": [0, 0, 1, 1],
-                                 "score": [0.1, 0.6, 0.9, 0.4]})
+    spark_scores = pd.DataFrame(
+        {"key": ["t/N/a", "t/N/b", "t/P/c", "t/P/d"], "label": [0, 0, 1, 1], "score": [0.1, 0.6, 0.9, 0.4]}
+    )
     cnn_scores = pd.DataFrame({"key": ["t/N/a", "t/N/b", "t/P/c"], "label": [0, 0, 1], "score": [0.2, 0.3, 0.8]})
     joined = ns.join_scores({"spark": spark_scores, "cnn": cnn_scores})
-    assert list(joined.columns) == ["key", "label", "spark", "cnn"] and len(joined) == 3   # only shared images
+    assert list(joined.columns) == ["key", "label", "spark", "cnn"] and len(joined) == 3  # only shared images
     table = ns.compare_models(joined, {"spark": 0.5, "cnn": 0.25}).set_index(["model", "threshold_rule"])
     assert table.loc[("spark", "0.5"), "fp"] == 1 and table.loc[("spark", "0.5"), "tp"] == 1
-    assert table.loc[("cnn", "chosen on validation"), "fp"] == 1      # 0.3 >= 0.25
+    assert table.loc[("cnn", "chosen on validation"), "fp"] == 1  # 0.3 >= 0.25
     assert table.loc[("cnn", "0.5"), "accuracy"] == 1.0
     agreement = ns.agreement_table(joined, {"spark": 0.5, "cnn": 0.5}).set_index("outcome")["images"]
     assert agreement.to_dict() == {"both right": 2, "only spark right": 0, "only cnn right": 1, "both wrong": 0}
@@ -296,8 +323,12 @@ def test_describe_pipeline_lists_stages_and_set_params(spark):
     from pyspark.ml.classification import LogisticRegression
     from pyspark.ml.feature import StandardScaler
 
-    pipeline = Pipeline(stages=[StandardScaler(inputCol="f", outputCol="s", withMean=True),
-                                LogisticRegression(featuresCol="s", regParam=0.1)])
+    pipeline = Pipeline(
+        stages=[
+            StandardScaler(inputCol="f", outputCol="s", withMean=True),
+            LogisticRegression(featuresCol="s", regParam=0.1),
+        ]
+    )
     table = ns.describe_pipeline(pipeline)
     assert list(table["class"]) == ["StandardScaler", "LogisticRegression"]
     assert "inputCol=f" in table.loc[0, "columns"] and "withMean=True" in table.loc[0, "params"]
@@ -308,9 +339,11 @@ def test_defaults_on_databricks_do_not_point_at_the_local_hdfs():
     config = ns.notebook_config("local")
     databricks = {"dbutils": FakeDbutils({})}
     assert ns.default_data_uri(config, namespace={}) == config["data"]["uri"]
-    assert ns.default_data_uri(config, namespace=databricks) == ""          # loopback HDFS is meaningless there
-    assert ns.default_runs_uri(config, "/Volumes/main/cxr/files/chest_xray", namespace=databricks) \
+    assert ns.default_data_uri(config, namespace=databricks) == ""  # loopback HDFS is meaningless there
+    assert (
+        ns.default_runs_uri(config, "/Volumes/main/cxr/files/chest_xray", namespace=databricks)
         == "/Volumes/main/cxr/files/runs"
+    )
     assert ns.default_runs_uri(config, "x", namespace={}) == config["hdfs"]["namenode_uri"].rstrip("/") + "/runs"
     with pytest.raises(ValueError, match="CXR_DATA_URI"):
         ns.require("data_uri", "")

@@ -4,6 +4,7 @@ One runner process runs them in order (notebook 3 compares with notebook 2's run
 with small settings; each test then checks its notebook's cell report and outputs. Plots and tables are
 kept under pytest's tmp folder (the path is printed) so a run can be looked at afterwards.
 """
+
 from __future__ import annotations
 
 import ast
@@ -27,6 +28,7 @@ NAMES = ["01_explore", "02_featurize_train_evaluate", "03_train_cnn_compare", "0
 
 # ---- fast: the files are importable Databricks source notebooks ---------------------------------
 
+
 def test_all_four_notebooks_exist():
     assert [p.stem for p in NOTEBOOKS] == NAMES
 
@@ -49,6 +51,7 @@ def test_notebook_is_databricks_source_without_cluster_paths(path):
 
 # ---- slow: run them all -------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def notebook_run(hdfs_cluster, sample_tree, tmp_path_factory):
     from cxr_pipeline import storage
@@ -58,24 +61,47 @@ def notebook_run(hdfs_cluster, sample_tree, tmp_path_factory):
     storage.upload_dir(str(sample_tree), data_uri)
     # Junk the explore notebook must find and the training must survive.
     storage.write_bytes(f"{data_uri}/train/NORMAL/notes.txt", b"not an image")
-    real = storage.read_bytes(f"{data_uri}/train/PNEUMONIA/" + sorted(os.listdir(sample_tree / "train" / "PNEUMONIA"))[0])
+    real = storage.read_bytes(
+        f"{data_uri}/train/PNEUMONIA/" + sorted(os.listdir(sample_tree / "train" / "PNEUMONIA"))[0]
+    )
     storage.write_bytes(f"{data_uri}/train/PNEUMONIA/broken.jpeg", real[: len(real) // 3])
 
     out = tmp_path_factory.mktemp("notebook_out")
     spark_run = f"{root}/runs/featurizer"
     params = {
         "data_uri": data_uri,
-        "run_uri": spark_run, "spark_run_uri": spark_run, "model_uri": spark_run,
-        "cnn_run_uri": f"{root}/runs/cnn", "out_uri": f"{root}/predictions",
-        "feature_layer": "mixed5", "batch_size": "8",       # featurizer and CNN batch
+        "run_uri": spark_run,
+        "spark_run_uri": spark_run,
+        "model_uri": spark_run,
+        "cnn_run_uri": f"{root}/runs/cnn",
+        "out_uri": f"{root}/predictions",
+        "feature_layer": "mixed5",
+        "batch_size": "8",  # featurizer and CNN batch
         # backbone_image_size stays native (299): LocalClassifier (model_export) does not build its backbone at
         # the run's imageSize yet, and notebook 4's Spark-free check rightly fails on that.
-        "epochs": "1", "image_size": "64", "samples_per_class": "3", "preview": "4",
+        "epochs": "1",
+        "image_size": "64",
+        "samples_per_class": "3",
+        "preview": "4",
     }
-    env = {**os.environ, "PYTHONPATH": str(REPO / "lib"), "SPARK_LOCAL_IP": "127.0.0.1",
-           "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    command = [sys.executable, "-m", "cxr_pipeline.notebook_runner", *map(str, NOTEBOOKS), "--out", str(out),
-               "--keep-going", *[arg for k, v in params.items() for arg in ("--param", f"{k}={v}")]]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO / "lib"),
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "cxr_pipeline.notebook_runner",
+        *map(str, NOTEBOOKS),
+        "--out",
+        str(out),
+        "--keep-going",
+        *[arg for k, v in params.items() for arg in ("--param", f"{k}={v}")],
+    ]
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1700)
     (out / "runner.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     print(f"notebook outputs: {out}")
@@ -85,7 +111,9 @@ def notebook_run(hdfs_cluster, sample_tree, tmp_path_factory):
 
 def cell_report(run, name) -> dict:
     path = run["out"] / name / "cells.json"
-    assert path.exists(), f"{name} did not run; runner output:\n{run['proc'].stdout[-3000:]}\n{run['proc'].stderr[-3000:]}"
+    assert (
+        path.exists()
+    ), f"{name} did not run; runner output:\n{run['proc'].stdout[-3000:]}\n{run['proc'].stderr[-3000:]}"
     report = json.loads(path.read_text())
     failed = [c for c in report["cells"] if c["status"] == "error"]
     assert report["ok"] and not failed, f"{name} cell {failed[0]['number']} failed:\n{failed[0]['message']}"
@@ -149,7 +177,7 @@ def test_02_featurize_train_evaluate(notebook_run):
     assert len(test_rows) == 2 and (test_rows["n"] == n_test).all()
     assert test_rows["accuracy"].between(0, 1).all()
     tradeoff = table(notebook_run, "02_featurize_train_evaluate", "threshold_tradeoff.csv")
-    assert tradeoff["sensitivity"].is_monotonic_decreasing      # a higher threshold never finds more pneumonia
+    assert tradeoff["sensitivity"].is_monotonic_decreasing  # a higher threshold never finds more pneumonia
     for name in ("classifier.json", "metrics.json", "model/metadata/_SUCCESS"):
         assert storage.exists(f"{notebook_run['spark_run']}/{name}"), name
 

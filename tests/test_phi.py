@@ -9,6 +9,7 @@ case (and the birth date as YYYYMMDD and YYYY-MM-DD): the run folder, the featur
 predictions, the MLflow store (SQLite file and artifacts) and the jobs' captured stdout/stderr.
 Parquet pages are compressed, so Parquet files are also read back and their values scanned as text.
 """
+
 from __future__ import annotations
 
 import base64
@@ -29,9 +30,14 @@ IMAGE_SIZE = "75"  # InceptionV3's smallest input: the scan is about bytes writt
 
 
 def identity_of(patient: int) -> Identity:
-    return Identity(name=f"Zqplanted^Xylophonia^Quorvane{patient}", birth_date=f"19{patient:02d}0417",
-                    patient_id=f"MRN-ZQPHI-{patient:04d}", institution="Zqplanted Saint Elsewhere Infirmary",
-                    referring_physician="Drzqplanted^Ambrosine", accession_number=f"ACC-ZQPHI-{patient:05d}")
+    return Identity(
+        name=f"Zqplanted^Xylophonia^Quorvane{patient}",
+        birth_date=f"19{patient:02d}0417",
+        patient_id=f"MRN-ZQPHI-{patient:04d}",
+        institution="Zqplanted Saint Elsewhere Infirmary",
+        referring_physician="Drzqplanted^Ambrosine",
+        accession_number=f"ACC-ZQPHI-{patient:05d}",
+    )
 
 
 def planted_values(identities) -> list[str]:
@@ -57,8 +63,9 @@ def make_tree(sample_tree: Path, root: Path) -> list[Identity]:
             dicom_bytes = jpeg_dicom(data, identity=identity)
         target.write_bytes(dicom_bytes)
     no_pixels = identity_of(99)
-    (root / "train" / "NORMAL" / "no-pixels.dcm").write_bytes(without_pixel_data(jpeg_dicom(jpegs[0].read_bytes(),
-                                                                                             identity=no_pixels)))
+    (root / "train" / "NORMAL" / "no-pixels.dcm").write_bytes(
+        without_pixel_data(jpeg_dicom(jpegs[0].read_bytes(), identity=no_pixels))
+    )
     return [identity_of(i) for i in patients.values()] + [no_pixels]
 
 
@@ -76,8 +83,9 @@ def without_pixel_data(data: bytes) -> bytes:
 
 def run(args: list[str], log: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     with log.open("w") as out:
-        return subprocess.run([sys.executable, *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                              timeout=900)
+        return subprocess.run(
+            [sys.executable, *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=900
+        )
 
 
 @pytest.fixture(scope="module")
@@ -88,23 +96,61 @@ def dicom_run(tmp_path_factory, sample_tree):
     identities = make_tree(sample_tree, tree)
     mlflow_store = base / "mlflow"
     mlflow_store.mkdir()
-    env = dict(os.environ, PYTHONPATH=f"{REPO / 'lib'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable,
-               TF_CPP_MIN_LOG_LEVEL="2", MLFLOW_TRACKING_URI=f"sqlite:///{mlflow_store}/mlflow.db")
+    env = dict(
+        os.environ,
+        PYTHONPATH=f"{REPO / 'lib'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        SPARK_LOCAL_IP="127.0.0.1",
+        PYSPARK_PYTHON=sys.executable,
+        PYSPARK_DRIVER_PYTHON=sys.executable,
+        TF_CPP_MIN_LOG_LEVEL="2",
+        MLFLOW_TRACKING_URI=f"sqlite:///{mlflow_store}/mlflow.db",
+    )
     logs = base / "logs"
     logs.mkdir()
     run_folder, predictions = base / "run", base / "predictions"
-    trained = run(["jobs/train_featurizer.py", "--data", str(tree), "--out", str(run_folder),
-                   "--feature-layer", "mixed0", "--image-size", IMAGE_SIZE, "--tuning", "none",
-                   "--validation", "carve", "--features-cache", str(base / "features_cache")],
-                  logs / "train_featurizer.log", env)
+    trained = run(
+        [
+            "jobs/train_featurizer.py",
+            "--data",
+            str(tree),
+            "--out",
+            str(run_folder),
+            "--feature-layer",
+            "mixed0",
+            "--image-size",
+            IMAGE_SIZE,
+            "--tuning",
+            "none",
+            "--validation",
+            "carve",
+            "--features-cache",
+            str(base / "features_cache"),
+        ],
+        logs / "train_featurizer.log",
+        env,
+    )
     assert trained.returncode == 0, (logs / "train_featurizer.log").read_text()[-3000:]
-    predicted = run(["jobs/predict.py", "--model", str(run_folder), "--images", str(tree / "test"),
-                     "--out", str(predictions), "--csv"], logs / "predict.log", env)
+    predicted = run(
+        [
+            "jobs/predict.py",
+            "--model",
+            str(run_folder),
+            "--images",
+            str(tree / "test"),
+            "--out",
+            str(predictions),
+            "--csv",
+        ],
+        logs / "predict.log",
+        env,
+    )
     assert predicted.returncode == 0, (logs / "predict.log").read_text()[-3000:]
     one = sorted((tree / "test").rglob("*.dcm"))[0]
-    cli = run(["-m", "cxr_pipeline.cli.predict_image", "--model", str(run_folder), "--json", str(one)],
-              logs / "predict_image.log", env)
+    cli = run(
+        ["-m", "cxr_pipeline.cli.predict_image", "--model", str(run_folder), "--json", str(one)],
+        logs / "predict_image.log",
+        env,
+    )
     assert cli.returncode == 0, (logs / "predict_image.log").read_text()[-3000:]
     scanned = [run_folder, base / "features_cache", predictions, mlflow_store, logs]
     return scanned, planted_values(identities), run_folder, tree
@@ -133,10 +179,21 @@ def texts_of(path: Path):
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
-        yield "values", "\n".join(f"{name}={value!r}" for name, column in zip(table.column_names, table.columns)
-                                  for value in column.to_pylist())
-        yield "values", json.dumps(table.schema.metadata and {k.decode("latin-1"): v.decode("latin-1")
-                                                              for k, v in table.schema.metadata.items()})
+        yield (
+            "values",
+            "\n".join(
+                f"{name}={value!r}"
+                for name, column in zip(table.column_names, table.columns)
+                for value in column.to_pylist()
+            ),
+        )
+        yield (
+            "values",
+            json.dumps(
+                table.schema.metadata
+                and {k.decode("latin-1"): v.decode("latin-1") for k, v in table.schema.metadata.items()}
+            ),
+        )
 
 
 def leaks(folders, values) -> tuple[int, list[str]]:

@@ -4,6 +4,7 @@ The run is trained on the sample tree in the real local HDFS with the real
 featurizer; the feature cache is shared with test_training.py in one pytest
 session, so featurizing happens once.
 """
+
 from __future__ import annotations
 
 import csv
@@ -15,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_training import REPO
 from tolerances import same_probability
 
@@ -58,9 +58,12 @@ def test_score_matches_in_memory_predictions(run, incoming, spark):
     assert broken["error"] and broken["probability"] is None
     from cxr_pipeline.spark.reader import read_image_tree
 
-    in_memory = {r["path"].rsplit("/", 1)[-1]: r["p"] for r in
-                 T.with_scores(result.model.transform(read_image_tree(spark, data + "/test")))
-                 .selectExpr("path", f"{T.SCORE_COL} as p").collect()}
+    in_memory = {
+        r["path"].rsplit("/", 1)[-1]: r["p"]
+        for r in T.with_scores(result.model.transform(read_image_tree(spark, data + "/test")))
+        .selectExpr("path", f"{T.SCORE_COL} as p")
+        .collect()
+    }
     scored = {p.rsplit("/", 1)[-1]: r for p, r in out.items() if r["error"] is None}
     assert set(scored) == set(in_memory)
     for name, r in scored.items():
@@ -76,10 +79,27 @@ def test_predict_job_writes_parquet_csv_and_unreadable_list(run, incoming, spark
     _, data, result = run
     env = {**os.environ, "PYTHONPATH": str(REPO / "lib")}
     out = f"{hdfs_tmp}/pred"
-    proc = subprocess.run([str(Path(sys.executable).parent / "spark-submit"), "--master", "local[2]",
-                           str(REPO / "jobs" / "predict.py"), "--model", result.run.root, "--images", incoming,
-                           "--out", out, "--csv", "--threshold", "0.5"],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "spark-submit"),
+            "--master",
+            "local[2]",
+            str(REPO / "jobs" / "predict.py"),
+            "--model",
+            result.run.root,
+            "--images",
+            incoming,
+            "--out",
+            out,
+            "--csv",
+            "--threshold",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "scored 4 image(s)" in proc.stdout and "unreadable 2" in proc.stdout
     written = {r["path"]: r for r in spark.read.parquet(out + "/predictions.parquet").collect()}
@@ -90,12 +110,15 @@ def test_predict_job_writes_parquet_csv_and_unreadable_list(run, incoming, spark
     unreadable = storage.read_bytes(out + "/unreadable.csv").decode()
     assert "notes.txt" in unreadable and "broken.jpeg" in unreadable
     # the job loaded the PipelineModel in a new Spark application: same probabilities as in memory
-    from cxr_pipeline.spark_classifier import training as T
     from cxr_pipeline.spark.reader import read_image_tree
+    from cxr_pipeline.spark_classifier import training as T
 
-    in_memory = {r["path"].rsplit("/", 1)[-1]: r["p"] for r in
-                 T.with_scores(result.model.transform(read_image_tree(spark, data + "/test")))
-                 .selectExpr("path", f"{T.SCORE_COL} as p").collect()}
+    in_memory = {
+        r["path"].rsplit("/", 1)[-1]: r["p"]
+        for r in T.with_scores(result.model.transform(read_image_tree(spark, data + "/test")))
+        .selectExpr("path", f"{T.SCORE_COL} as p")
+        .collect()
+    }
     job = {p.rsplit("/", 1)[-1]: r["probability"] for p, r in written.items() if r["error"] is None}
     assert job.keys() == in_memory.keys()
     for name, p in job.items():
@@ -110,9 +133,22 @@ def test_single_image_command(run, sample_tree):
     spec = json.loads(storage.read_bytes(result.run.classifier))
     images = sorted(str(p) for p in (sample_tree / "test").rglob("*.jpeg"))[:2]
     env = {**os.environ, "PYTHONPATH": str(REPO / "lib")}
-    proc = subprocess.run([sys.executable, "-m", "cxr_pipeline.cli.predict_image", "--model", result.run.root,
-                           *images, "/nonexistent.jpeg", "--json"], capture_output=True, text=True, env=env,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cxr_pipeline.cli.predict_image",
+            "--model",
+            result.run.root,
+            *images,
+            "/nonexistent.jpeg",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]  # one file could not be read
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [x["file"] for x in lines] == [*images, "/nonexistent.jpeg"]
@@ -134,10 +170,17 @@ def test_local_classifier_runs_the_backbone_at_the_exported_image_size(sample_tr
     dim = 256  # InceptionV3 mixed0 channels
     rng = np.random.default_rng(0)
     spec = {
-        "model_name": "InceptionV3", "feature_layer": "mixed0", "image_size": [96, 96], "weights": "random",
-        "max_pixels": None, "label_names": ["NORMAL", "PNEUMONIA"], "positive_label": "PNEUMONIA",
+        "model_name": "InceptionV3",
+        "feature_layer": "mixed0",
+        "image_size": [96, 96],
+        "weights": "random",
+        "max_pixels": None,
+        "label_names": ["NORMAL", "PNEUMONIA"],
+        "positive_label": "PNEUMONIA",
         "scaler": {"with_mean": True, "with_std": True, "mean": [0.0] * dim, "std": [1.0] * dim},
-        "coefficients": rng.normal(size=dim).tolist(), "intercept": 0.1, "threshold": 0.5,
+        "coefficients": rng.normal(size=dim).tolist(),
+        "intercept": 0.1,
+        "threshold": 0.5,
     }
     content = next(sample_tree.glob("test/*/*.jpeg")).read_bytes()
     [result] = LocalClassifier(spec).predict_bytes([content])

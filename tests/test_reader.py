@@ -1,4 +1,5 @@
 """Reading image trees (local and the real local HDFS) and packed image tables."""
+
 from __future__ import annotations
 
 import io
@@ -148,7 +149,9 @@ def test_pack_and_read_table(spark, tmp_path):
     tree = tmp_path / "tree"
     make_tree(tree)
     # an exact duplicate under another name
-    (tree / "test" / "PNEUMONIA" / "copy.jpeg").write_bytes((tree / "train" / "NORMAL" / "person1_img0.jpeg").read_bytes())
+    (tree / "test" / "PNEUMONIA" / "copy.jpeg").write_bytes(
+        (tree / "train" / "NORMAL" / "person1_img0.jpeg").read_bytes()
+    )
     table = str(tmp_path / "table")
     summary = pack_image_tree(spark, str(tree), table)
     # text.jpeg has no readable header: rejected at packing; truncated.jpeg has one: kept
@@ -161,7 +164,11 @@ def test_pack_and_read_table(spark, tmp_path):
     for row in rows:
         original = from_tree[row.path]
         assert (row.split, row.label, row.label_name, row.content) == (
-            original.split, original.label, original.label_name, original.content)
+            original.split,
+            original.label,
+            original.label_name,
+            original.content,
+        )
     full = spark.read.parquet(table)
     assert {"width", "height", "sha256", "format"} <= set(full.columns)
     assert full.where("width = 40 AND height = 32").count() == 10

@@ -1,4 +1,5 @@
 """All-or-nothing output folders (cxr_pipeline.run_folder), locally and on the real HDFS."""
+
 from __future__ import annotations
 
 import pytest

@@ -3,6 +3,7 @@
 The runs are trained once per session by the project's own jobs on the sample
 tree (see serving_support), which takes minutes on 2 cores: the module is slow.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -16,10 +17,10 @@ import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import pytest
-
 import serving_support as support
-from cxr_pipeline.serving.launcher import multipart_image
 from tolerances import clear_of_threshold, same_probability
+
+from cxr_pipeline.serving.launcher import multipart_image
 
 pytestmark = pytest.mark.slow
 
@@ -143,8 +144,9 @@ def test_concurrent_requests_share_model_calls_and_get_their_own_answers(lr_clie
     from threading import Barrier
 
     chosen = images[:8]
-    alone = {p.name: lr_client.post("/predict", files=upload(p.read_bytes(), p.name)).json()["probability"]
-             for p in chosen}
+    alone = {
+        p.name: lr_client.post("/predict", files=upload(p.read_bytes(), p.name)).json()["probability"] for p in chosen
+    }
     barrier = Barrier(len(chosen))
 
     def send(path):
@@ -170,8 +172,10 @@ def test_service_equals_the_batch_prediction_job(lr_client, spark_run, images, t
     for path in chosen:
         (folder / path.name).write_bytes(path.read_bytes())
     out = tmp_path / "predictions"
-    support.run_job(["jobs/predict.py", "--model", str(spark_run), "--images", str(folder), "--out", str(out)],
-                    tmp_path / "predict.log")
+    support.run_job(
+        ["jobs/predict.py", "--model", str(spark_run), "--images", str(folder), "--out", str(out)],
+        tmp_path / "predict.log",
+    )
     table = pd.read_parquet(out / "predictions.parquet")
     batch = {str(row.path).rsplit("/", 1)[-1]: float(row.probability) for row in table.itertuples()}
     assert set(batch) == {p.name for p in chosen}
@@ -253,15 +257,22 @@ def test_a_chunked_body_is_cut_off_at_the_limit(small_limit_client, images):
     """No Content-Length (chunked transfer): the body is counted as it arrives."""
     big = max(images, key=lambda p: p.stat().st_size).read_bytes()
     boundary = "chunkedboundary42"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.jpeg\"\r\n"
-            f"Content-Type: image/jpeg\r\n\r\n").encode() + big + f"\r\n--{boundary}--\r\n".encode()
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.jpeg"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + big
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
 
     def chunks():
         for start in range(0, len(body), 16384):
-            yield body[start:start + 16384]
+            yield body[start : start + 16384]
 
-    response = small_limit_client.post("/predict", content=chunks(),
-                                       headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    response = small_limit_client.post(
+        "/predict", content=chunks(), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
     assert response.status_code == 413
     assert response.json()["code"] == "too_large"
 
@@ -312,11 +323,24 @@ def test_an_api_token_is_required_when_configured(lr_backend, images):
 async def call_app(app, body: bytes, content_type: str, hold: asyncio.Event | None = None) -> tuple[int, dict, dict]:
     """One POST /predict through the ASGI app, as uvicorn drives it; with ``hold``, the body stops
     half-way until the event is set (a slow upload). Returns (status, headers, JSON answer)."""
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/predict", "raw_path": b"/predict", "query_string": b"", "root_path": "",
-             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
-             "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", content_type.encode()),
-                         (b"content-length", str(len(body)).encode())]}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/predict",
+        "raw_path": b"/predict",
+        "query_string": b"",
+        "root_path": "",
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+        "headers": [
+            (b"host", b"127.0.0.1:8000"),
+            (b"content-type", content_type.encode()),
+            (b"content-length", str(len(body)).encode()),
+        ],
+    }
     half = len(body) // 2 if hold else len(body)
     parts = [{"type": "http.request", "body": body[:half], "more_body": bool(hold)}]
     if hold:
@@ -465,8 +489,6 @@ def test_uploads_are_not_kept_by_default(lr_backend, images, tmp_path):
 def test_kept_uploads_use_generated_names(lr_backend, images, tmp_path):
     import json
 
-    from fastapi.testclient import TestClient
-
     from cxr_pipeline.serving import create_app
 
     store = tmp_path / "kept" / "uploads"
@@ -571,10 +593,16 @@ def test_a_folder_that_is_not_a_run_is_refused(tmp_path):
 
 def test_cli_help_and_bad_model_exit_code(tmp_path):
     env = support.job_env()
-    helped = subprocess.run([sys.executable, "-m", "cxr_pipeline.serving", "--help"], env=env,
-                            capture_output=True, text=True, timeout=60)
+    helped = subprocess.run(
+        [sys.executable, "-m", "cxr_pipeline.serving", "--help"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert helped.returncode == 0 and "--model" in helped.stdout
-    refused = subprocess.run([sys.executable, "-m", "cxr_pipeline.serving", "--model", str(tmp_path)], env=env,
-                             capture_output=True, text=True, timeout=120)
+    refused = subprocess.run(
+        [sys.executable, "-m", "cxr_pipeline.serving", "--model", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert refused.returncode == 2
     assert "not a run folder" in refused.stderr

@@ -5,6 +5,7 @@ loopback port, serving a one-epoch CNN trained by jobs/train_cnn.py on the
 sample tree (so the page also shows a Grad-CAM map). Set
 CXR_SERVING_SCREENSHOT=/path/shot.png to keep a screenshot of the result page.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 import serving_support as support
 from tolerances import same_probability
 
@@ -20,8 +20,14 @@ pytestmark = pytest.mark.slow
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
 

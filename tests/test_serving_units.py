@@ -1,4 +1,5 @@
 """Pure parts of the prediction service: upload checks, heat-map overlay, settings, exposure checks (no model, fast)."""
+
 from __future__ import annotations
 
 import io
@@ -7,9 +8,9 @@ import sys
 
 import numpy as np
 import pytest
+import serving_support as support
 from PIL import Image
 
-import serving_support as support
 from cxr_pipeline.serving.app import ServingSettings, format_probability, host_name
 from cxr_pipeline.serving.backends import overlay_heatmap
 from cxr_pipeline.serving.validation import MIB, UploadRejected, browser_image, check_upload
@@ -27,12 +28,15 @@ def test_a_good_image_passes_and_is_described():
     assert (checked.format, checked.width, checked.height) == ("jpeg", 320, 240)
 
 
-@pytest.mark.parametrize("data, status, code", [
-    (b"", 400, "empty_upload"),
-    (support.not_an_image(), 415, "not_an_image"),
-    (support.corrupt_jpeg(jpeg()), 422, "corrupt_image"),
-    (support.truncated_jpeg(jpeg()), 422, "corrupt_image"),
-])
+@pytest.mark.parametrize(
+    "data, status, code",
+    [
+        (b"", 400, "empty_upload"),
+        (support.not_an_image(), 415, "not_an_image"),
+        (support.corrupt_jpeg(jpeg()), 422, "corrupt_image"),
+        (support.truncated_jpeg(jpeg()), 422, "corrupt_image"),
+    ],
+)
 def test_bad_uploads_are_rejected_with_status_and_code(data, status, code):
     with pytest.raises(UploadRejected) as caught:
         check_upload(data, MIB, size=(64, 64))
@@ -87,8 +91,9 @@ def test_probability_text():
 def test_settings_come_from_the_config_and_are_checked(tmp_path):
     from cxr_pipeline.config import ConfigError, load_config
 
-    settings = ServingSettings.from_config(load_config(overrides=["serving.max_upload_mb=2", "serving.max_queued=3"]),
-                                           max_upload_mb=0.5)
+    settings = ServingSettings.from_config(
+        load_config(overrides=["serving.max_upload_mb=2", "serving.max_queued=3"]), max_upload_mb=0.5
+    )
     assert (settings.max_bytes, settings.max_admitted) == (MIB // 2, settings.max_active + 3)
     assert settings.keep_uploads is False
     assert ServingSettings.from_config() == ServingSettings.from_config(load_config())  # defaults.yaml is the home
@@ -103,10 +108,17 @@ def test_settings_come_from_the_config_and_are_checked(tmp_path):
     assert kept.keep_uploads and kept.upload_dir == str(tmp_path)
 
 
-@pytest.mark.parametrize("header, name", [
-    ("127.0.0.1:8000", "127.0.0.1"), ("LocalHost", "localhost"), ("[::1]:8000", "::1"), ("::1", "::1"),
-    ("example.org.:443", "example.org"), ("", ""),
-])
+@pytest.mark.parametrize(
+    "header, name",
+    [
+        ("127.0.0.1:8000", "127.0.0.1"),
+        ("LocalHost", "localhost"),
+        ("[::1]:8000", "::1"),
+        ("::1", "::1"),
+        ("example.org.:443", "example.org"),
+        ("", ""),
+    ],
+)
 def test_host_name_of_a_host_header(header, name):
     assert host_name(header) == name
 
@@ -116,8 +128,9 @@ def serve(*args: str, env_token: str | None = None) -> subprocess.CompletedProce
     env.pop("CXR_SERVE_API_TOKEN", None)
     if env_token:
         env["CXR_SERVE_API_TOKEN"] = env_token
-    return subprocess.run([sys.executable, "-m", "cxr_pipeline.serving", *args], env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "cxr_pipeline.serving", *args], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_a_non_loopback_bind_needs_a_token_or_insecure(tmp_path):
@@ -130,9 +143,11 @@ def test_a_non_loopback_bind_needs_a_token_or_insecure(tmp_path):
     assert short.returncode == 2 and "at least 16" in short.stderr
     token_file = tmp_path / "token"
     token_file.write_text("a-long-enough-token-0123456789\n")
-    for allowed in (serve("--model", str(tmp_path), "--host", "0.0.0.0", "--insecure"),
-                    serve("--model", str(tmp_path), "--host", "0.0.0.0", "--api-token-file", str(token_file)),
-                    serve("--model", str(tmp_path), "--host", "0.0.0.0", env_token="a-long-enough-token-0123456789")):
+    for allowed in (
+        serve("--model", str(tmp_path), "--host", "0.0.0.0", "--insecure"),
+        serve("--model", str(tmp_path), "--host", "0.0.0.0", "--api-token-file", str(token_file)),
+        serve("--model", str(tmp_path), "--host", "0.0.0.0", env_token="a-long-enough-token-0123456789"),
+    ):
         assert allowed.returncode == 2 and "not a run folder" in allowed.stderr  # got past the check
 
 

@@ -1,4 +1,5 @@
 """Patient-grouped carve of validation from train (pure, no Spark)."""
+
 import random
 
 import pytest
@@ -18,7 +19,7 @@ def kermany_like(n_patients=60, seed=0):
                 names.append(f"{prefix}-{p:04d}-{i + 1:04d}.jpeg")
                 labels.append(0)
         else:
-            for i in range(rng.randint(1, 4)):
+            for _ in range(rng.randint(1, 4)):
                 kind = "bacteria" if p % 2 else "virus"
                 names.append(f"person{p}_{kind}_{rng.randint(1, 9999)}.jpeg")
                 labels.append(1)

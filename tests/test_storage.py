@@ -1,4 +1,5 @@
 """cxr_pipeline.storage on the local filesystem (plain paths, file://) and the real local HDFS."""
+
 from __future__ import annotations
 
 import os
@@ -17,11 +18,13 @@ from cxr_pipeline.localstack.processes import free_port
 PAYLOAD = bytes(range(256)) * 64 + b"\x00tail\xff"  # every byte value, 16 KiB + a tail
 
 
-@pytest.fixture(params=[
-    "path",
-    "file_uri",
-    pytest.param("hdfs", marks=pytest.mark.hdfs),
-])
+@pytest.fixture(
+    params=[
+        "path",
+        "file_uri",
+        pytest.param("hdfs", marks=pytest.mark.hdfs),
+    ]
+)
 def root(request, tmp_path) -> str:
     """A fresh, empty folder URI in each storage form."""
     if request.param == "path":
@@ -256,8 +259,13 @@ def test_spark_binary_file_reads_what_storage_wrote(spark, hdfs_tmp):
         storage.write_bytes(storage.join(hdfs_tmp, relative), data)
     assert hdfs_tmp.startswith("hdfs://127.0.0.1:9000/")
 
-    rows = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
-            .load(hdfs_tmp).select("path", "length", "content").collect())
+    rows = (
+        spark.read.format("binaryFile")
+        .option("recursiveFileLookup", "true")
+        .load(hdfs_tmp)
+        .select("path", "length", "content")
+        .collect()
+    )
     by_path = {row.path: row for row in rows}
     assert len(by_path) == len(blobs)  # the hidden temp names of the atomic writes are gone
     for relative, data in blobs.items():
@@ -277,8 +285,10 @@ def test_lost_connection_is_recognised_in_hdfs_errors_and_stderr():
     assert not storage.is_lost_connection("put: Permission denied: user=x")
 
 
-LOST_NAMENODE = ("Failed on local exception: java.net.SocketException: Connection reset; Host Details : "
-                 'local host is: "vm/127.0.0.1"; destination host is: "localhost":48833;')
+LOST_NAMENODE = (
+    "Failed on local exception: java.net.SocketException: Connection reset; Host Details : "
+    'local host is: "vm/127.0.0.1"; destination host is: "localhost":48833;'
+)
 
 
 def unreachable_hdfs() -> storage.HdfsFilesystem:
@@ -286,16 +296,19 @@ def unreachable_hdfs() -> storage.HdfsFilesystem:
     return storage.HdfsFilesystem(f"hdfs://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}")
 
 
-@pytest.mark.parametrize("kind, message, expected", [
-    ("IOException", LOST_NAMENODE, storage.StorageUnavailable),
-    ("ConnectException", "Call From vm to localhost:9000 failed", storage.StorageUnavailable),
-    ("SafeModeException", "Name node is in safe mode.", storage.StorageUnavailable),
-    ("RetriableException", "NameNode still not started", storage.StorageUnavailable),
-    ("AccessControlException", "Permission denied: user=x", storage.StoragePermissionError),
-    ("FileAlreadyExistsException", "/x for client 127.0.0.1 already exists", FileExistsError),
-    ("FileNotFoundException", "File does not exist: /x", FileNotFoundError),
-    ("IOException", "Quota exceeded", storage.StorageError),
-])
+@pytest.mark.parametrize(
+    "kind, message, expected",
+    [
+        ("IOException", LOST_NAMENODE, storage.StorageUnavailable),
+        ("ConnectException", "Call From vm to localhost:9000 failed", storage.StorageUnavailable),
+        ("SafeModeException", "Name node is in safe mode.", storage.StorageUnavailable),
+        ("RetriableException", "NameNode still not started", storage.StorageUnavailable),
+        ("AccessControlException", "Permission denied: user=x", storage.StoragePermissionError),
+        ("FileAlreadyExistsException", "/x for client 127.0.0.1 already exists", FileExistsError),
+        ("FileNotFoundException", "File does not exist: /x", FileNotFoundError),
+        ("IOException", "Quota exceeded", storage.StorageError),
+    ],
+)
 def test_webhdfs_errors_are_translated(kind, message, expected):
     from hdfs.util import HdfsError
 
@@ -330,12 +343,15 @@ def test_hadoop_command_errors_are_translated():
     assert error("put: Permission denied: user=x, access=WRITE") is storage.StoragePermissionError
     assert error("put: Quota exceeded") is storage.StorageError
     assert "hdfs dfs -put failed: put: Quota exceeded" in str(
-        storage.hadoop_command_error("19/01/01 WARN noise\nput: Quota exceeded", "hdfs dfs -put"))
+        storage.hadoop_command_error("19/01/01 WARN noise\nput: Quota exceeded", "hdfs dfs -put")
+    )
 
 
 def test_check_namenode_names_the_silent_namenode():
     fs = unreachable_hdfs()
-    with pytest.raises(storage.StorageUnavailable, match=f"NameNode at {fs.namenode_uri} does not answer.*make hdfs-up"):
+    with pytest.raises(
+        storage.StorageUnavailable, match=f"NameNode at {fs.namenode_uri} does not answer.*make hdfs-up"
+    ):
         fs.check_namenode()
 
 

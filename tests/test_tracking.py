@@ -5,6 +5,7 @@ The Spark run is the real sample-tree training of test_training.py (features sha
 ``python -m cxr_pipeline.tracking ui`` (what ``make mlflow-ui`` runs) on a free loopback port and
 reads the run page in Debian's Chromium.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,10 +18,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from tolerances import assert_same_probabilities
 
 from cxr_pipeline import config as cfg
 from cxr_pipeline import tracking
-from tolerances import assert_same_probabilities
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,6 +31,7 @@ def store_config(store: Path, *overrides: str) -> dict:
 
 
 # ------------------------------------------------------------------ pure
+
 
 def test_settings_come_from_defaults_and_the_embedded_store_is_git_ignored_state(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -58,22 +60,34 @@ def test_params_are_the_flattened_config_without_secrets():
 
 
 def test_metrics_cover_both_subsets_and_thresholds_and_the_cnn_history():
-    spark_metrics = {"validation": {"roc_auc": 0.7, "at_chosen": {"sensitivity": 1.0, "specificity": 0.5}},
-                     "test": {"areaUnderROC": 0.99, "at_default_0.5": {"specificity": 0.25, "f1": None}},
-                     "featurizer": {"cache": {"reused": True}}}
+    spark_metrics = {
+        "validation": {"roc_auc": 0.7, "at_chosen": {"sensitivity": 1.0, "specificity": 0.5}},
+        "test": {"areaUnderROC": 0.99, "at_default_0.5": {"specificity": 0.25, "f1": None}},
+        "featurizer": {"cache": {"reused": True}},
+    }
     numbers = tracking.run_metrics("spark", spark_metrics)
     assert numbers["validation_auc"] == 0.7 and numbers["test_auc"] == 0.99
     assert numbers["validation.at_chosen.sensitivity"] == 1.0 and numbers["test.at_default_0.5.specificity"] == 0.25
     assert "test.at_default_0.5.f1" not in numbers and "featurizer.cache.reused" not in numbers
-    cnn = {"validation": {"auc": 0.6}, "test": {"auc": 0.9}, "history": {"val_auc": [0.5, 0.75], "loss": [1.0, float("nan")]}}
+    cnn = {
+        "validation": {"auc": 0.6},
+        "test": {"auc": 0.9},
+        "history": {"val_auc": [0.5, 0.75], "loss": [1.0, float("nan")]},
+    }
     assert tracking.subset_auc("cnn", cnn, "validation") == 0.6
-    assert tracking.history_metrics(cnn) == [("epoch.val_auc", 0.5, 0), ("epoch.val_auc", 0.75, 1), ("epoch.loss", 1.0, 0)]
+    assert tracking.history_metrics(cnn) == [
+        ("epoch.val_auc", 0.5, 0),
+        ("epoch.val_auc", 0.75, 1),
+        ("epoch.loss", 1.0, 0),
+    ]
 
 
 def test_champion_decision_uses_only_validation_auc():
     assert tracking.champion_decision(0.6, None, None, "1", "champion")[0]
     assert tracking.champion_decision(0.8, 0.7, "1", "2", "champion") == (
-        True, "v2 is champion: validation AUC 0.8000 beats v1's 0.7000")
+        True,
+        "v2 is champion: validation AUC 0.8000 beats v1's 0.7000",
+    )
     promote, why = tracking.champion_decision(0.7, 0.7, "1", "2", "champion")
     assert not promote and why.startswith("v1 stays champion")
     assert not tracking.champion_decision(None, 0.1, "1", "2", "champion")[0]
@@ -91,6 +105,7 @@ def test_disabled_tracking_touches_nothing(tmp_path):
 
 
 # ------------------------------------------------------------------ real Spark run, real store
+
 
 @pytest.fixture(scope="module")
 def spark_run(sample_run):
@@ -149,8 +164,8 @@ def test_run_params_metrics_artifacts_dataset_and_tags_are_in_the_store(logged, 
 def test_logged_spark_model_scores_like_the_runs_pipeline_model(logged, spark_run, spark):
     import mlflow
 
-    from cxr_pipeline.spark_classifier import training as T
     from cxr_pipeline.spark.reader import read_image_tree
+    from cxr_pipeline.spark_classifier import training as T
 
     _, _, outcome = logged
     data, result = spark_run
@@ -195,8 +210,11 @@ def test_champion_moves_only_on_a_better_validation_auc_and_resolves_to_the_run_
     local = tracking.resolve_model(f"models:/{name}@champion", config, dest=tmp_path / "resolved")
     run_folder.require_complete(local)
     assert LocalClassifier.load(local).threshold == pytest.approx(
-        json.loads(Path(local, "metrics.json").read_text())["threshold"]["threshold"])
-    assert tracking.resolve_model(f"models:/{name}/{first.version}", config, dest=tmp_path / "v1").endswith(f"{name}-v{first.version}")
+        json.loads(Path(local, "metrics.json").read_text())["threshold"]["threshold"]
+    )
+    assert tracking.resolve_model(f"models:/{name}/{first.version}", config, dest=tmp_path / "v1").endswith(
+        f"{name}-v{first.version}"
+    )
     with pytest.raises(ValueError, match="cannot resolve models:/nothing@champion"):
         tracking.resolve_model("models:/nothing@champion", config)
 
@@ -219,6 +237,7 @@ def test_unreachable_tracking_server_warns_and_keeps_the_run(spark_run, spark):
 
 # ------------------------------------------------------------------ the MLflow UI in Chromium
 
+
 @pytest.mark.slow
 @pytest.mark.hdfs
 def test_mlflow_ui_shows_the_run_and_its_metrics(logged, spark_run, tmp_path):
@@ -235,9 +254,22 @@ def test_mlflow_ui_shows_the_run_and_its_metrics(logged, spark_run, tmp_path):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO / "lib")}
     with open(tmp_path / "ui.log", "w") as log_file:
-        server = subprocess.Popen([sys.executable, "-m", "cxr_pipeline.tracking", "ui", "--port", str(port),
-                                   "--set", f"tracking.uri=sqlite:///{store}/mlflow.db"],
-                                  stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cxr_pipeline.tracking",
+                "ui",
+                "--port",
+                str(port),
+                "--set",
+                f"tracking.uri=sqlite:///{store}/mlflow.db",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     try:
         wait_for_health(port, server, tmp_path / "ui.log")
         with sync_playwright() as playwright:

@@ -1,4 +1,5 @@
 """The offline pretrained weights (make weights): files, manifest checks, Keras loading."""
+
 from __future__ import annotations
 
 import base64
@@ -12,8 +13,8 @@ import numpy as np
 import pytest
 
 from cxr_pipeline import paths, weights
-from cxr_pipeline.weights import provisioning
 from cxr_pipeline.datasets import registry_assets
+from cxr_pipeline.weights import provisioning
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +51,33 @@ def _fingerprints(arrays) -> list[tuple]:
 def test_js_literal_parsing_handles_minified_numbers_and_booleans():
     source = 'x(function(){n.exports={a:.5,b:[-.25,1e-3,!0,!1],c:{d:"k:v,{}"},e:null}})'
     assert provisioning.read_tfjs_model_js(source) == {
-        "a": 0.5, "b": [-0.25, 0.001, True, False], "c": {"d": "k:v,{}"}, "e": None}
+        "a": 0.5,
+        "b": [-0.25, 0.001, True, False],
+        "c": {"d": "k:v,{}"},
+        "e": None,
+    }
 
 
 def test_dequantize_uses_byte_times_scale_plus_min_in_manifest_order():
-    manifest = [{"paths": ["s1", "s2"], "weights": [
-        {"name": "a/kernel", "shape": [2, 2], "dtype": "float32", "quantization": {"min": -1.0, "scale": 0.5, "dtype": "uint8"}},
-        {"name": "b/beta", "shape": [2], "dtype": "float32", "quantization": {"min": 0.25, "scale": 2.0, "dtype": "uint8"}},
-    ]}]
+    manifest = [
+        {
+            "paths": ["s1", "s2"],
+            "weights": [
+                {
+                    "name": "a/kernel",
+                    "shape": [2, 2],
+                    "dtype": "float32",
+                    "quantization": {"min": -1.0, "scale": 0.5, "dtype": "uint8"},
+                },
+                {
+                    "name": "b/beta",
+                    "shape": [2],
+                    "dtype": "float32",
+                    "quantization": {"min": 0.25, "scale": 2.0, "dtype": "uint8"},
+                },
+            ],
+        }
+    ]
     arrays = provisioning.dequantize_tfjs_weights(manifest, {"s1": bytes([0, 1, 2]), "s2": bytes([4, 0, 3])})
     np.testing.assert_allclose(arrays["a/kernel"], [[-1.0, -0.5], [0.0, 1.0]])
     np.testing.assert_allclose(arrays["b/beta"], [0.25, 6.25])
@@ -67,8 +87,8 @@ def test_dequantize_uses_byte_times_scale_plus_min_in_manifest_order():
 
 def test_shard_reader_takes_the_single_base64_literal():
     payload = bytes(range(256)) * 2
-    source = '!function(d){d()}(function(){return{1:[function(a,n){n.exports="%s"},{}]}});' % (
-        base64.b64encode(payload).decode())
+    literal = base64.b64encode(payload).decode()
+    source = '!function(d){d()}(function(){return{1:[function(a,n){n.exports="' + literal + '"},{}]}});'
     assert provisioning.read_tfjs_shard_js(source) == payload
 
 
@@ -163,12 +183,20 @@ def test_first_inception_conv_matches_bytes_decoded_from_the_npm_shards(inceptio
     tarball = registry_assets.fetch(registry_assets.NSFWJS)
     with tarfile.open(tarball) as archive:
         model_js = archive.extractfile(provisioning.NSFWJS_MODEL_DIR + "model.min.js").read().decode()
-        specs = re.findall(r'\{name:"([^"]+)",shape:\[([\d,]*)\],dtype:"float32",'
-                           r'quantization:\{min:(-?[\d.e-]+),scale:([\d.e-]+),dtype:"uint8"\}\}', model_js)
+        specs = re.findall(
+            r'\{name:"([^"]+)",shape:\[([\d,]*)\],dtype:"float32",'
+            r'quantization:\{min:(-?[\d.e-]+),scale:([\d.e-]+),dtype:"uint8"\}\}',
+            model_js,
+        )
         shards = b"".join(
-            base64.b64decode(re.search(r'"([A-Za-z0-9+/=]{1000,})"', archive.extractfile(
-                f"{provisioning.NSFWJS_MODEL_DIR}group1-shard{i}of6.min.js").read().decode()).group(1))
-            for i in range(1, 7))
+            base64.b64decode(
+                re.search(
+                    r'"([A-Za-z0-9+/=]{1000,})"',
+                    archive.extractfile(f"{provisioning.NSFWJS_MODEL_DIR}group1-shard{i}of6.min.js").read().decode(),
+                ).group(1)
+            )
+            for i in range(1, 7)
+        )
     offset = 0
     for name, shape, minimum, scale in specs:
         size = math.prod(int(s) for s in shape.split(","))

@@ -2,6 +2,7 @@
 
 YARN itself cannot run here; these tests check the command, not its execution.
 """
+
 import os
 import subprocess
 import sys
@@ -19,9 +20,12 @@ def _flag(args, name):
 
 def test_spark_submit_args_from_yarn_conf():
     config = cfg.load_config("yarn")
-    args = yarn.spark_submit_args(config, "jobs/train_featurizer.py",
-                                  ["--data", "hdfs:///data/chest_xray", "--out", "hdfs:///runs/r1"],
-                                  py_files=["dist/cxr_pipeline-0.1.0-py3-none-any.whl"])
+    args = yarn.spark_submit_args(
+        config,
+        "jobs/train_featurizer.py",
+        ["--data", "hdfs:///data/chest_xray", "--out", "hdfs:///runs/r1"],
+        py_files=["dist/cxr_pipeline-0.1.0-py3-none-any.whl"],
+    )
     assert args[:3] == ["spark-submit", "--master", "yarn"]
     assert _flag(args, "--deploy-mode") == ["cluster"]
     assert _flag(args, "--archives") == ["cxr_env.tar.gz#environment"]
@@ -32,12 +36,13 @@ def test_spark_submit_args_from_yarn_conf():
     assert confs["spark.executor.memoryOverhead"] == "4g"
     assert "spark.submit.deployMode" not in confs and "spark.yarn.dist.archives" not in confs
     job_at = args.index("jobs/train_featurizer.py")
-    assert args[job_at + 1:] == ["--conf-env", "yarn", "--data", "hdfs:///data/chest_xray", "--out", "hdfs:///runs/r1"]
+    assert args[job_at + 1 :] == ["--conf-env", "yarn", "--data", "hdfs:///data/chest_xray", "--out", "hdfs:///runs/r1"]
 
 
 def test_overrides_reach_the_command_and_bad_config_is_refused():
-    config = cfg.load_config("yarn", overrides=["spark.conf.spark.executor.instances=10",
-                                                "spark.conf.spark.submit.deployMode=client"])
+    config = cfg.load_config(
+        "yarn", overrides=["spark.conf.spark.executor.instances=10", "spark.conf.spark.submit.deployMode=client"]
+    )
     args = yarn.spark_submit_args(config, "jobs/predict.py", [], py_files=[])
     assert "spark.executor.instances=10" in _flag(args, "--conf")
     assert _flag(args, "--deploy-mode") == ["client"]
@@ -46,15 +51,25 @@ def test_overrides_reach_the_command_and_bad_config_is_refused():
     with pytest.raises(yarn.YarnConfigError):
         yarn.spark_submit_args(cfg.load_config("local"), "jobs/predict.py")
     with pytest.raises(yarn.YarnConfigError):
-        yarn.spark_submit_args(cfg.load_config("yarn", overrides=["spark.conf.spark.yarn.dist.archives=null"]),
-                               "jobs/predict.py")
+        yarn.spark_submit_args(
+            cfg.load_config("yarn", overrides=["spark.conf.spark.yarn.dist.archives=null"]), "jobs/predict.py"
+        )
 
 
 @pytest.mark.slow
 def test_wheel_builds_with_the_package_and_jobs_import_it(tmp_path):
     wheel = yarn.build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("training.py", "prediction.py", "model_export.py", "yarn.py", "spark/session.py"):
+    for module in (
+        "spark_classifier/training.py",
+        "spark_classifier/prediction.py",
+        "spark_classifier/model_export.py",
+        "weights/__init__.py",
+        "weights/provisioning.py",
+        "notebook_support/shim.py",
+        "yarn.py",
+        "spark/session.py",
+    ):
         assert f"cxr_pipeline/{module}" in names
     assert any(n.endswith("entry_points.txt") for n in names)
     # conf/ travels inside the wheel, so an installed package has its defaults without the repository
@@ -65,10 +80,13 @@ def test_wheel_builds_with_the_package_and_jobs_import_it(tmp_path):
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
     env["PYTHONPATH"] = str(installed)
-    probe = ("from cxr_pipeline import config, paths; c = config.load_config('yarn'); "
-             "print(paths.CONF_DIR); print(c['spark']['master'])")
-    shown = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True, text=True,
-                           check=True).stdout.split()
+    probe = (
+        "from cxr_pipeline import config, paths; c = config.load_config('yarn'); "
+        "print(paths.CONF_DIR); print(c['spark']['master'])"
+    )
+    shown = subprocess.run(
+        [sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
     assert shown == [str(installed / "cxr_pipeline" / "_conf"), "yarn"]
     out = yarn.main(["jobs/train_featurizer.py", "--", "--out", "hdfs:///runs/x"])
     assert out == 0

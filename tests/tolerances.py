@@ -17,6 +17,7 @@ pixel (a resize slip), moves features by 7e-2 and probabilities by 2e-1; another
 random weights or a missing ``preprocess_input`` move features by > 3 and probabilities by > 0.99.
 The bounds sit ~15-50x above the kernel noise and > 1000x below the smallest real mistake.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -36,13 +37,15 @@ def same_probability(expected: float):
 
 
 def assert_same_probabilities(got, expected) -> None:
-    np.testing.assert_allclose(np.asarray(got, dtype=float), np.asarray(expected, dtype=float),
-                               rtol=0, atol=PROBABILITY_ATOL)
+    np.testing.assert_allclose(
+        np.asarray(got, dtype=float), np.asarray(expected, dtype=float), rtol=0, atol=PROBABILITY_ATOL
+    )
 
 
 def assert_same_features(got, expected) -> None:
-    np.testing.assert_allclose(np.asarray(got, dtype=float), np.asarray(expected, dtype=float),
-                               rtol=FEATURE_RTOL, atol=FEATURE_ATOL)
+    np.testing.assert_allclose(
+        np.asarray(got, dtype=float), np.asarray(expected, dtype=float), rtol=FEATURE_RTOL, atol=FEATURE_ATOL
+    )
 
 
 def clear_of_threshold(probability: float, threshold: float) -> bool:

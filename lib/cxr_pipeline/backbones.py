@@ -11,6 +11,7 @@ Weights: ``None`` = the provisioned file for the backbone (``make weights``,
 (Keras' own download, needs internet) or ``"random"`` (seeded random init, for
 tests and benchmarks where the values do not matter).
 """
+
 from __future__ import annotations
 
 import functools
@@ -96,9 +97,7 @@ def spec(model_name: str) -> BackboneSpec:
     try:
         return BACKBONES[model_name]
     except KeyError:
-        raise BackboneError(
-            f"unknown backbone {model_name!r}; choose one of {', '.join(BACKBONES)}"
-        ) from None
+        raise BackboneError(f"unknown backbone {model_name!r}; choose one of {', '.join(BACKBONES)}") from None
 
 
 def input_size(model_name: str) -> tuple[int, int]:
@@ -143,7 +142,7 @@ def resolve_weights_file(model_name: str, weights: str | os.PathLike | None) -> 
             f"weights {weights!r} is a remote URI: fetch it first "
             "(cxr_pipeline.spark.featurizer does this on executors)"
         )
-    path = weights[len("file://"):] if weights.startswith("file://") else weights
+    path = weights[len("file://") :] if weights.startswith("file://") else weights
     if not os.path.isfile(path):
         raise BackboneError(
             f"weights file {path} for {model_name} does not exist; run `make weights` to provision "
@@ -194,8 +193,9 @@ def build_backbone(
                 "Re-provision them with `make weights`."
             ) from exc
     layers = feature_layers(feature_layer)
-    pooled = [_pool(keras, _layer_output(base, layer), pooling, "" if len(layers) == 1 else f"_{layer}")
-              for layer in layers]
+    pooled = [
+        _pool(keras, _layer_output(base, layer), pooling, "" if len(layers) == 1 else f"_{layer}") for layer in layers
+    ]
     output = pooled[0] if len(pooled) == 1 else keras.layers.Concatenate(name="feature_concat")(pooled)
     name = f"{model_name}_{(feature_layer or 'last').replace(LAYER_SEPARATOR, '_')}_features"
     return keras.Model(base.inputs, output, name=name)
@@ -234,7 +234,9 @@ def _layer_output(base: Any, feature_layer: str | None) -> Any:
     try:
         return base.get_layer(feature_layer).output
     except ValueError:
-        blocks = [layer.name for layer in base.layers if not layer.name.startswith(("conv2d", "batch_norm", "activation"))]
+        blocks = [
+            layer.name for layer in base.layers if not layer.name.startswith(("conv2d", "batch_norm", "activation"))
+        ]
         raise BackboneError(
             f"{base.name} has no layer {feature_layer!r}; some of its layers: {', '.join(blocks[-12:])}"
         ) from None
@@ -257,7 +259,7 @@ def featurize_arrays(model: Any, model_name: str, batch_uint8: np.ndarray, batch
     batch_size = max(1, min(int(batch_size), n))
     outputs = []
     for start in range(0, n, batch_size):
-        chunk = preprocess(model_name, batch_uint8[start:start + batch_size])
+        chunk = preprocess(model_name, batch_uint8[start : start + batch_size])
         real = len(chunk)
         if real < batch_size:
             chunk = np.concatenate([chunk, np.zeros((batch_size - real, *chunk.shape[1:]), chunk.dtype)])

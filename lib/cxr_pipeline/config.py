@@ -4,17 +4,18 @@
 ``conf/defaults.yaml`` <- ``conf/<env>.yaml`` <- extra files <- ``key=value``
 overrides (values parsed as YAML, so ``true``, ``0.5`` and ``[a, b]`` work).
 """
+
 from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
 
 from .paths import CONF_DIR
-
 
 
 def environments(conf_dir: str | os.PathLike = CONF_DIR) -> tuple[str, ...]:
@@ -101,8 +102,10 @@ def section_settings(cls: type, config: Mapping[str, Any], section: str, **overr
         raise ConfigError(f"unknown {section} option(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})")
     missing = sorted(names - set(values))
     if missing:
-        raise ConfigError(f"{section} option(s) missing from the config: {', '.join(missing)} (conf/defaults.yaml "
-                          "defines them all: is CXR_CONF_DIR pointing at an old copy?)")
+        raise ConfigError(
+            f"{section} option(s) missing from the config: {', '.join(missing)} (conf/defaults.yaml "
+            "defines them all: is CXR_CONF_DIR pointing at an old copy?)"
+        )
     settings = cls(**values)
     if hasattr(settings, "validate"):
         settings.validate()
@@ -128,9 +131,14 @@ def is_secret(name: str) -> bool:
 
 def redact_secrets(config: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of ``config`` with secret values (``dicom.patient_key``, tokens, ...) replaced by ``<redacted>``."""
-    return {key: redact_secrets(value) if isinstance(value, Mapping)
-            else REDACTED if value is not None and is_secret(str(key)) else value
-            for key, value in config.items()}
+    return {
+        key: redact_secrets(value)
+        if isinstance(value, Mapping)
+        else REDACTED
+        if value is not None and is_secret(str(key))
+        else value
+        for key, value in config.items()
+    }
 
 
 def dump_config(config: Mapping[str, Any]) -> str:

@@ -5,12 +5,13 @@ Pure functions, no Spark and no I/O: parsing split/label/patient from a path
 Every component that reads the tree (HDFS loader, Spark reader, Keras job,
 prediction) goes through here so they all see the same labels.
 """
+
 from __future__ import annotations
 
 import posixpath
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 SPLITS = ("train", "val", "test")
 DICOM_EXTENSIONS = (".dcm", ".dicom")
@@ -49,7 +50,7 @@ def _strip_scheme(path: str) -> str:
     if match:
         return match.group(1) or "/"
     if path.startswith("file:"):
-        return path[len("file:"):]
+        return path[len("file:") :]
     return path
 
 

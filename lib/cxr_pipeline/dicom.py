@@ -31,6 +31,7 @@ Rejection reasons name only the problem and standard dictionary names (transfer 
 class), never a header value, and pydicom's warnings (which may quote invalid values) are
 silenced while reading.
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,10 +39,10 @@ import hashlib
 import hmac
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -69,7 +70,7 @@ class DicomSettings:
     packed_png_bits: int  # jobs/pack_images.py: a decoded DICOM is stored as an 8- or 16-bit PNG
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "DicomSettings":
+    def from_config(cls, config: Mapping[str, Any]) -> DicomSettings:
         from . import config as config_mod
 
         return config_mod.section_settings(cls, config, "dicom")
@@ -83,7 +84,7 @@ class DicomSettings:
             raise ConfigError(f"dicom.packed_png_bits must be 8 or 16, got {self.packed_png_bits!r}")
 
     @classmethod
-    def default(cls) -> "DicomSettings":
+    def default(cls) -> DicomSettings:
         from . import config as config_mod
 
         return cls.from_config(config_mod.load_config())
@@ -358,8 +359,9 @@ def _jpeg_frame(data: bytes) -> bytes:
         raise ImageDecodeError(f"corrupt DICOM pixel data ({type(exc).__name__}: {exc})") from None
 
 
-def _decode_jpeg_baseline(ds, data: bytes, header: ImageHeader, size: tuple[int, int],
-                          out_bits: int = 8) -> Image.Image:
+def _decode_jpeg_baseline(
+    ds, data: bytes, header: ImageHeader, size: tuple[int, int], out_bits: int = 8
+) -> Image.Image:
     """The encapsulated JPEG through Pillow, exactly as a ``.jpeg`` file: draft mode, then the 256-entry table."""
     frame = _jpeg_frame(data)
     try:
@@ -397,7 +399,9 @@ def _decode_pixels(data: bytes, header: ImageHeader) -> np.ndarray:
         if "has no 'Pixel Data'" in text:
             raise ImageDecodeError("DICOM without pixel data") from None
         if isinstance(exc, (NotImplementedError, RuntimeError)) and "plugin" in text.lower():
-            raise ImageDecodeError(f"no decoder for DICOM transfer syntax {_uid_name(header.transfer_syntax)}") from None
+            raise ImageDecodeError(
+                f"no decoder for DICOM transfer syntax {_uid_name(header.transfer_syntax)}"
+            ) from None
         raise ImageDecodeError(f"corrupt DICOM pixel data ({type(exc).__name__}: {text[:160]})") from None
 
 

@@ -11,10 +11,11 @@
   ones in the Kermany set: a shortcut a model can learn), the problem files,
   and a grid of sample images.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -47,16 +48,18 @@ def _stats_batches(batches: Iterator[pd.DataFrame], max_pixels: int) -> Iterator
     for batch in batches:
         described = [describe_image(data, max_pixels) for data in batch["content"]]
         sizes = batch["length"] if "length" in batch else batch["content"].map(lambda b: 0 if b is None else len(b))
-        out = pd.DataFrame({
-            "path": batch["path"],
-            "split": batch["split"],
-            "label_name": batch["label_name"],
-            "file_size": sizes.astype("int64"),
-            "width": pd.array([d["width"] for d in described], dtype="Int32"),
-            "height": pd.array([d["height"] for d in described], dtype="Int32"),
-            "format": [d["format"] for d in described],
-            "error": [d["error"] for d in described],
-        })
+        out = pd.DataFrame(
+            {
+                "path": batch["path"],
+                "split": batch["split"],
+                "label_name": batch["label_name"],
+                "file_size": sizes.astype("int64"),
+                "width": pd.array([d["width"] for d in described], dtype="Int32"),
+                "height": pd.array([d["height"] for d in described], dtype="Int32"),
+                "format": [d["format"] for d in described],
+                "error": [d["error"] for d in described],
+            }
+        )
         yield out[STATS_COLUMNS]
 
 
@@ -68,9 +71,9 @@ def image_stats(images, max_pixels: int = DEFAULT_MAX_PIXELS):
 
 @dataclass
 class Overview:
-    stats: pd.DataFrame      # one row per image the reader kept (STATS_COLUMNS)
-    rejected: pd.DataFrame   # [path, reason]: files the reader excluded as junk
-    images: object = None    # the reader's Spark DataFrame (for sample_images), when read from Spark
+    stats: pd.DataFrame  # one row per image the reader kept (STATS_COLUMNS)
+    rejected: pd.DataFrame  # [path, reason]: files the reader excluded as junk
+    images: object = None  # the reader's Spark DataFrame (for sample_images), when read from Spark
 
     @property
     def good(self) -> pd.DataFrame:
@@ -86,12 +89,15 @@ def dataset_overview(spark, uri: str, source: str = "binaryFile", max_pixels: in
     result = read_images_with_rejections(spark, uri, source=source)
     stats = image_stats(result.images, max_pixels).toPandas()
     rejected = result.rejected.select("path", "reason").toPandas()
-    return Overview(stats=stats.sort_values("path").reset_index(drop=True),
-                    rejected=rejected.sort_values("path").reset_index(drop=True),
-                    images=result.images)
+    return Overview(
+        stats=stats.sort_values("path").reset_index(drop=True),
+        rejected=rejected.sort_values("path").reset_index(drop=True),
+        images=result.images,
+    )
 
 
 # ---- pure summaries -------------------------------------------------------------------------
+
 
 def _split_order(splits: Sequence[str]) -> list[str]:
     known = [s for s in SPLITS if s in set(splits)]
@@ -112,19 +118,25 @@ def counts_by_split_class(stats: pd.DataFrame) -> pd.DataFrame:
 
 def size_summary(stats: pd.DataFrame) -> pd.DataFrame:
     """Per class: image count, file size (kB) and pixel size medians and ranges."""
-    good = stats[stats["error"].isna()].assign(file_kb=lambda d: d["file_size"] / 1024.0,
-                                                megapixels=lambda d: d["width"].astype(float) * d["height"].astype(float) / 1e6)
+    good = stats[stats["error"].isna()].assign(
+        file_kb=lambda d: d["file_size"] / 1024.0,
+        megapixels=lambda d: d["width"].astype(float) * d["height"].astype(float) / 1e6,
+    )
     grouped = good.groupby("label_name")
-    summary = pd.DataFrame({
-        "images": grouped.size(),
-        "file_kb_median": grouped["file_kb"].median(),
-        "file_kb_min": grouped["file_kb"].min(),
-        "file_kb_max": grouped["file_kb"].max(),
-        "width_median": grouped["width"].median(),
-        "height_median": grouped["height"].median(),
-        "megapixels_median": grouped["megapixels"].median(),
-        "bytes_per_pixel_median": (good["file_size"] / (good["megapixels"] * 1e6)).groupby(good["label_name"]).median(),
-    })
+    summary = pd.DataFrame(
+        {
+            "images": grouped.size(),
+            "file_kb_median": grouped["file_kb"].median(),
+            "file_kb_min": grouped["file_kb"].min(),
+            "file_kb_max": grouped["file_kb"].max(),
+            "width_median": grouped["width"].median(),
+            "height_median": grouped["height"].median(),
+            "megapixels_median": grouped["megapixels"].median(),
+            "bytes_per_pixel_median": (good["file_size"] / (good["megapixels"] * 1e6))
+            .groupby(good["label_name"])
+            .median(),
+        }
+    )
     return summary.round(3).reset_index()
 
 
@@ -152,7 +164,9 @@ def file_size_separability(stats: pd.DataFrame, positive: str = "PNEUMONIA") -> 
 
 def problem_files(overview: Overview) -> pd.DataFrame:
     """Every file that will not be used and why: reader rejections and images that do not decode."""
-    undecodable = overview.stats.loc[overview.stats["error"].notna(), ["path", "error"]].rename(columns={"error": "reason"})
+    undecodable = overview.stats.loc[overview.stats["error"].notna(), ["path", "error"]].rename(
+        columns={"error": "reason"}
+    )
     rejected = overview.rejected[["path", "reason"]].assign(stage="reader")
     undecodable = undecodable.assign(stage="decode")
     return pd.concat([rejected, undecodable], ignore_index=True)[["path", "stage", "reason"]]
@@ -160,13 +174,16 @@ def problem_files(overview: Overview) -> pd.DataFrame:
 
 # ---- samples and plots -------------------------------------------------------------------------
 
-def sample_images(images, per_class: int = 4, seed: int = 0, split: str | None = None,
-                  exclude: Iterable[str] = ()) -> pd.DataFrame:
+
+def sample_images(
+    images, per_class: int = 4, seed: int = 0, split: str | None = None, exclude: Iterable[str] = ()
+) -> pd.DataFrame:
     """Up to ``per_class`` images of each class (a stable pseudo-random pick): pandas ``[path, label_name, content]``.
 
     ``exclude``: paths not to pick (e.g. the files that do not decode).
     """
-    from pyspark.sql import Window, functions as F
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
 
     frame = images if split is None else images.where(F.col("split") == split)
     excluded = list(exclude)
@@ -188,7 +205,7 @@ def thumbnail(data: bytes, height: int = 256) -> np.ndarray | None:
 
 
 def _pyplot():
-    import matplotlib.pyplot as plt   # headless: matplotlib falls back to Agg by itself
+    import matplotlib.pyplot as plt  # headless: matplotlib falls back to Agg by itself
 
     return plt
 
@@ -215,8 +232,9 @@ def plot_sample_grid(samples: pd.DataFrame, thumb_height: int = 256, title: str 
     plt = _pyplot()
     classes = sorted(samples["label_name"].unique())
     columns = max(1, samples.groupby("label_name").size().max()) if len(samples) else 1
-    fig, axes = plt.subplots(max(1, len(classes)), columns, figsize=(2.4 * columns, 2.6 * max(1, len(classes))),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        max(1, len(classes)), columns, figsize=(2.4 * columns, 2.6 * max(1, len(classes))), squeeze=False
+    )
     for ax in axes.ravel():
         ax.axis("off")
     for row, label in enumerate(classes):

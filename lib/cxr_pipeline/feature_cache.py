@@ -25,6 +25,7 @@ Snapshots are immutable: a run writes a new one and moves ``CURRENT``; a superse
 deleted only when no lease younger than ``lease_hours`` is left in it, so two runs sharing a
 cache never delete what the other is reading.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,10 +35,11 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -71,13 +73,21 @@ def _without_secrets(section: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def fingerprint(featurizer, source: str, dicom: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Everything besides the image that decides its feature vector (weights by sha256, not by path)."""
-    params = {p.name: featurizer.getOrDefault(p) for p in featurizer.params
-              if p.name not in NEUTRAL_PARAMS and featurizer.isDefined(p)}
+    params = {
+        p.name: featurizer.getOrDefault(p)
+        for p in featurizer.params
+        if p.name not in NEUTRAL_PARAMS and featurizer.isDefined(p)
+    }
     weights = featurizer.getOrDefault("weights")
     if weights in ("random", "imagenet"):
         params["weights"] = weights  # keywords, not files: the keyword is the identity
-    return {"format": FORMAT_VERSION, "featurizer": params, "source": source,
-            "dicom": _without_secrets(dicom), "libraries": _library_versions()}
+    return {
+        "format": FORMAT_VERSION,
+        "featurizer": params,
+        "source": source,
+        "dicom": _without_secrets(dicom),
+        "libraries": _library_versions(),
+    }
 
 
 def _digest(value: Any) -> str:
@@ -104,21 +114,30 @@ def image_identities(spark: SparkSession, data_uri: str, source: str) -> DataFra
     (a packed table is the exception: its rows are identified by the sha256 of their bytes)."""
     if source == "parquet":
         return spark.read.parquet(data_uri).select("path", F.sha2(F.col("content"), 256).alias("identity"))
-    listing = (spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(data_uri)
-               .select("path", "length", "modificationTime"))  # content not selected: not read
-    identity = F.concat_ws("|", F.col("length").cast("string"),
-                           F.col("modificationTime").cast("timestamp").cast("double").cast("string"))
+    listing = (
+        spark.read.format("binaryFile")
+        .option("recursiveFileLookup", "true")
+        .load(data_uri)
+        .select("path", "length", "modificationTime")
+    )  # content not selected: not read
+    identity = F.concat_ws(
+        "|", F.col("length").cast("string"), F.col("modificationTime").cast("timestamp").cast("double").cast("string")
+    )
     return listing.select("path", identity.alias("identity"))
 
 
 def _compare(cached: DataFrame, wanted: DataFrame) -> tuple[int, int, int]:
     """(cached rows, rows to keep, images to featurize) in one Spark job: a full outer join on (path, identity)."""
-    both = (cached.withColumn("_c", F.lit(1))
-            .join(wanted.withColumn("_w", F.lit(1)), ["path", "identity"], "full_outer")
-            .agg(F.count("_c").alias("cached"),
-                 F.count(F.when(F.col("_c").isNotNull() & F.col("_w").isNotNull(), 1)).alias("kept"),
-                 F.count(F.when(F.col("_c").isNull(), 1)).alias("todo"))
-            .first())
+    both = (
+        cached.withColumn("_c", F.lit(1))
+        .join(wanted.withColumn("_w", F.lit(1)), ["path", "identity"], "full_outer")
+        .agg(
+            F.count("_c").alias("cached"),
+            F.count(F.when(F.col("_c").isNotNull() & F.col("_w").isNotNull(), 1)).alias("kept"),
+            F.count(F.when(F.col("_c").isNull(), 1)).alias("todo"),
+        )
+        .first()
+    )
     return int(both["cached"]), int(both["kept"]), int(both["todo"])
 
 
@@ -136,9 +155,15 @@ class CacheOutcome:
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"uri": self.uri, "fingerprint": self.fingerprint, "snapshot": self.snapshot,
-                "reused_rows": self.reused_rows, "featurized_rows": self.featurized_rows,
-                "dropped_rows": self.dropped_rows, "reason": self.reason}
+        return {
+            "uri": self.uri,
+            "fingerprint": self.fingerprint,
+            "snapshot": self.snapshot,
+            "reused_rows": self.reused_rows,
+            "featurized_rows": self.featurized_rows,
+            "dropped_rows": self.dropped_rows,
+            "reason": self.reason,
+        }
 
 
 class FeatureCache:
@@ -164,15 +189,22 @@ class FeatureCache:
     def _why_not(self) -> str:
         """Why there is nothing to reuse: no cache yet, or which settings differ from the newest entry."""
         try:
-            entries = [f.uri.rsplit("/", 2)[-2] for f in storage.list_files(self.parent, recursive=True)
-                       if f.uri.endswith("/fingerprint.json")]
+            entries = [
+                f.uri.rsplit("/", 2)[-2]
+                for f in storage.list_files(self.parent, recursive=True)
+                if f.uri.endswith("/fingerprint.json")
+            ]
         except FileNotFoundError:
             return "no feature cache for this data yet"
         others = [e for e in entries if e != self.digest]
         if not others:
             return "no complete snapshot in this cache entry"
-        newest = max(others, key=lambda e: storage.read_bytes(f"{self.parent}/{e}/CURRENT")
-                     if storage.exists(f"{self.parent}/{e}/CURRENT") else b"")
+        newest = max(
+            others,
+            key=lambda e: storage.read_bytes(f"{self.parent}/{e}/CURRENT")
+            if storage.exists(f"{self.parent}/{e}/CURRENT")
+            else b"",
+        )
         old = json.loads(storage.read_bytes(f"{self.parent}/{newest}/fingerprint.json"))
         return "cached features were made differently: " + "; ".join(_differences(old, self.print))
 
@@ -180,8 +212,9 @@ class FeatureCache:
     def lease(self, snapshot: str) -> Iterator[None]:
         """Marks ``snapshot`` as being read by this run (removed at the end, or stale after lease_hours)."""
         lease = f"{snapshot}/_readers/{self.run_id}"
-        storage.write_bytes(lease, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                               "since": time.time()}).encode())
+        storage.write_bytes(
+            lease, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}).encode()
+        )
         try:
             yield
         finally:
@@ -208,7 +241,7 @@ class FeatureCache:
         """Delete superseded snapshots nobody reads, and temporary ones older than lease_hours."""
         removed = []
         try:
-            names = {f.uri[len(self.uri) + 1:].split("/", 1)[0] for f in storage.list_files(self.uri, recursive=True)}
+            names = {f.uri[len(self.uri) + 1 :].split("/", 1)[0] for f in storage.list_files(self.uri, recursive=True)}
         except FileNotFoundError:
             return removed
         for name in sorted(names):
@@ -244,8 +277,9 @@ class FeatureCache:
         return final
 
     # ------------------------------------------------------------- the one entry point
-    def features_for(self, spark: SparkSession, images: DataFrame, identities: DataFrame,
-                     featurizer) -> tuple[DataFrame, CacheOutcome, str | None]:
+    def features_for(
+        self, spark: SparkSession, images: DataFrame, identities: DataFrame, featurizer
+    ) -> tuple[DataFrame, CacheOutcome, str | None]:
         """Features of ``images`` (DataFrame[path, ..., content]) as DataFrame[path, features, featurize_error].
 
         Returns (features, outcome, snapshot to hold a lease on while reading the features).
@@ -270,8 +304,10 @@ class FeatureCache:
                     outcome.reason = "every image and every setting matched"
                     outcome.snapshot = previous
                     return cached.select("path", "features", "featurize_error"), outcome, previous
-                outcome.reason = (f"{n_todo} new or changed image(s) featurized, {n_kept} reused, "
-                                  f"{n_cached - n_kept} removed or changed row(s) dropped")
+                outcome.reason = (
+                    f"{n_todo} new or changed image(s) featurized, {n_kept} reused, "
+                    f"{n_cached - n_kept} removed or changed row(s) dropped"
+                )
                 return self._extend(spark, featurizer, todo, n_todo, kept, error_col, parts, outcome)
         return self._extend(spark, featurizer, todo, wanted.count(), kept, error_col, parts, outcome)
 
@@ -281,10 +317,12 @@ class FeatureCache:
         stats = getattr(featurizer, "_stats", None) or featurizer.track_stats(spark)
         start = stats.images.value
         fresh = featurizer.transform(todo).select(
-            "path", "identity", featurizer.getOrDefault("outputCol"), F.col(error_col).alias("featurize_error"))
+            "path", "identity", featurizer.getOrDefault("outputCol"), F.col(error_col).alias("featurize_error")
+        )
         rows = fresh if kept is None else fresh.unionByName(kept.select(*CACHE_COLUMNS))
-        with images_bar(lambda: stats.images.value - start, n_todo,
-                        f"featurizing ({featurizer.getOrDefault('modelName')})"):
+        with images_bar(
+            lambda: stats.images.value - start, n_todo, f"featurizing ({featurizer.getOrDefault('modelName')})"
+        ):
             snapshot = self._write_snapshot(rows, parts)
         result = spark.read.parquet(snapshot)
         outcome.featurized_rows = n_todo

@@ -41,6 +41,7 @@ verify
     size (``checksum``: and the same MD5, re-read from HDFS); ``LoadReport.ok`` is False
     on any mismatch, including files that were kept because this tool did not write them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,10 +58,10 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from . import storage
@@ -84,6 +85,7 @@ READ_CHUNK = 1 << 20
 # -- errors -------------------------------------------------------------------
 # HDFS failures are storage's: StorageUnavailable (the CLI's exit 3), StoragePermissionError, StorageError.
 
+
 class SourceError(Exception):
     """Missing/unreadable source tree (or one without a single usable image), a bad target or option."""
 
@@ -93,6 +95,7 @@ class TargetLocked(Exception):
 
 
 # -- the local tree -------------------------------------------------------------
+
 
 def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
     """What changes whenever a file's bytes do (ctime cannot be set back by a writer)."""
@@ -178,6 +181,8 @@ def _scan_one(root: Path, path: Path, splits: Sequence[str]) -> LocalFile | Skip
     if reason:
         return Skipped(rel, reason)
     return LocalFile(rel, path, st.st_size, md5, _stamp(st))
+
+
 def scan_local_tree(source: str | os.PathLike, splits: Sequence[str] = SPLITS, workers: int = 4) -> LocalScan:
     """Every image under ``source`` in ``split/CLASS/file`` layout, plus what was skipped and why.
 
@@ -185,8 +190,10 @@ def scan_local_tree(source: str | os.PathLike, splits: Sequence[str] = SPLITS, w
     """
     root = Path(source).expanduser()
     if not root.exists():
-        raise SourceError(f"source folder {root} does not exist (want a chest_xray tree: "
-                          f"{root}/train/NORMAL/x.jpeg ...; `make sample-data` makes the sample one)")
+        raise SourceError(
+            f"source folder {root} does not exist (want a chest_xray tree: "
+            f"{root}/train/NORMAL/x.jpeg ...; `make sample-data` makes the sample one)"
+        )
     if not root.is_dir():
         raise SourceError(f"source {root} is a file, not a chest_xray folder")
     root = root.resolve()
@@ -204,8 +211,10 @@ def scan_local_tree(source: str | os.PathLike, splits: Sequence[str] = SPLITS, w
         more = f"\n  ... and {len(unreadable) - 20} more" if len(unreadable) > 20 else ""
         raise SourceError(f"cannot read {len(unreadable)} file(s) under {root}:\n{listing}{more}")
     if not files:
-        raise SourceError(f"no images in split/CLASS/file layout under {root} "
-                          f"(splits: {', '.join(splits)}; {len(skipped)} file(s) skipped)")
+        raise SourceError(
+            f"no images in split/CLASS/file layout under {root} "
+            f"(splits: {', '.join(splits)}; {len(skipped)} file(s) skipped)"
+        )
     return LocalScan(root, files, skipped)
 
 
@@ -214,6 +223,7 @@ def _raise_walk_error(exc: OSError) -> None:
 
 
 # -- the plan -----------------------------------------------------------------
+
 
 @dataclass
 class Plan:
@@ -229,8 +239,9 @@ class Plan:
         return sum(f.size for f, _ in self.to_upload)
 
 
-def _difference(f: LocalFile, remote_size: int, record: Mapping[str, object] | None,
-                remote_md5: str | None) -> str | None:
+def _difference(
+    f: LocalFile, remote_size: int, record: Mapping[str, object] | None, remote_md5: str | None
+) -> str | None:
     """Why the remote copy of ``f`` is not the local file, or None when it is (as far as can be told)."""
     if remote_size != f.size:
         return "size differs"
@@ -241,9 +252,13 @@ def _difference(f: LocalFile, remote_size: int, record: Mapping[str, object] | N
     return None
 
 
-def make_plan(files: Iterable[LocalFile], remote_sizes: Mapping[str, int],
-              manifest: Mapping[str, Mapping[str, object]], replace: bool = False,
-              remote_md5: Mapping[str, str] | None = None) -> Plan:
+def make_plan(
+    files: Iterable[LocalFile],
+    remote_sizes: Mapping[str, int],
+    manifest: Mapping[str, Mapping[str, object]],
+    replace: bool = False,
+    remote_md5: Mapping[str, str] | None = None,
+) -> Plan:
     """What to upload, given the local files, the remote ``{rel: size}`` and the recorded ``{rel: {size, md5}}``.
 
     A remote file is this tool's when the manifest records it with its current size; any other file that
@@ -273,8 +288,9 @@ def make_plan(files: Iterable[LocalFile], remote_sizes: Mapping[str, int],
     return plan
 
 
-def merge_manifest(previous: Mapping[str, Mapping[str, object]], remote_sizes: Mapping[str, int],
-                   placed: Iterable[LocalFile]) -> dict[str, dict[str, object]]:
+def merge_manifest(
+    previous: Mapping[str, Mapping[str, object]], remote_sizes: Mapping[str, int], placed: Iterable[LocalFile]
+) -> dict[str, dict[str, object]]:
     """Records still true (same remote size) plus the files this load placed (size and MD5 as sent)."""
     merged = {rel: dict(rec) for rel, rec in previous.items() if remote_sizes.get(rel) == rec.get("size")}
     for f in placed:
@@ -302,19 +318,21 @@ class Owner:
     started_at: str
 
     @classmethod
-    def this_process(cls, user: str) -> "Owner":
-        return cls(new_run_id(), socket.gethostname(), os.getpid(), user,
-                   time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    def this_process(cls, user: str) -> Owner:
+        return cls(
+            new_run_id(), socket.gethostname(), os.getpid(), user, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        )
 
     def to_json(self) -> bytes:
         return json.dumps({**asdict(self), "written_by": WRITTEN_BY}, sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes) -> "Owner | None":
+    def from_json(cls, raw: bytes) -> Owner | None:
         try:
             data = json.loads(raw)
-            return cls(str(data["run_id"]), str(data["host"]), int(data["pid"]), str(data["user"]),
-                       str(data["started_at"]))
+            return cls(
+                str(data["run_id"]), str(data["host"]), int(data["pid"]), str(data["user"]), str(data["started_at"])
+            )
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -338,15 +356,23 @@ class Owner:
 
 def locked_message(lock_uri: str, holder: Owner | None) -> str:
     if holder is None:
-        return (f"{lock_uri} exists but cannot be read: another hdfs-load may be writing to this target. "
-                "If none is, run again with --break-lock.")
-    state = {False: " That process is no longer running on this host: the lock is stale.",
-             True: " That process is still running.", None: ""}[holder.running()]
-    return (f"another hdfs-load is writing to this target: {lock_uri} is held by {holder.describe()}.{state} "
-            "Wait for it to finish; if it was killed, run again with --break-lock.")
+        return (
+            f"{lock_uri} exists but cannot be read: another hdfs-load may be writing to this target. "
+            "If none is, run again with --break-lock."
+        )
+    state = {
+        False: " That process is no longer running on this host: the lock is stale.",
+        True: " That process is still running.",
+        None: "",
+    }[holder.running()]
+    return (
+        f"another hdfs-load is writing to this target: {lock_uri} is held by {holder.describe()}.{state} "
+        "Wait for it to finish; if it was killed, run again with --break-lock."
+    )
 
 
 # -- HDFS side ----------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class HdfsAddress:
@@ -360,8 +386,9 @@ class HdfsAddress:
         return self.namenode_uri + posixpath.join(self.path, *parts)
 
 
-def resolve_target(target: str, default_namenode: str = "hdfs://127.0.0.1:9000",
-                   webhdfs_url: str | None = None) -> HdfsAddress:
+def resolve_target(
+    target: str, default_namenode: str = "hdfs://127.0.0.1:9000", webhdfs_url: str | None = None
+) -> HdfsAddress:
     """Where ``target`` lives; the WebHDFS URL, unless given, is the one ``storage`` would use."""
     parsed = urlsplit(target)
     if not parsed.scheme and target.startswith("/"):
@@ -412,8 +439,10 @@ class _SentBytes:
             return b""
         chunk = self.handle.read(self.remaining if size is None or size < 0 else min(size, self.remaining))
         if not chunk:  # the file shrank: end the request rather than leave HDFS waiting for the promised bytes
-            raise SourceError(f"{self.name} got shorter while it was being uploaded; nothing partial is visible, "
-                              "run again to upload it")
+            raise SourceError(
+                f"{self.name} got shorter while it was being uploaded; nothing partial is visible, "
+                "run again to upload it"
+            )
         self.remaining -= len(chunk)
         self.md5.update(chunk)
         return chunk
@@ -532,9 +561,17 @@ class RemoteTree:
         return {rel: rec for rel, rec in files.items() if isinstance(rec, dict)}
 
     def write_manifest(self, records: Mapping[str, Mapping[str, object]], run_id: str) -> None:
-        body = json.dumps({"version": 1, "written_by": WRITTEN_BY, "run_id": run_id,
-                           "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                           "files": records}, indent=0, sort_keys=True).encode()
+        body = json.dumps(
+            {
+                "version": 1,
+                "written_by": WRITTEN_BY,
+                "run_id": run_id,
+                "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "files": records,
+            },
+            indent=0,
+            sort_keys=True,
+        ).encode()
         self.fs.write_bytes(self.path(MANIFEST_NAME), body)  # atomic: temporary name, renamed over
 
     def makedirs(self, *rels: str) -> None:
@@ -594,8 +631,9 @@ def choose_transport(via: str, n_files: int | None = None) -> str:
     return via
 
 
-def upload_webhdfs(remote: RemoteTree, items: Sequence[tuple[LocalFile, str]], staging: str,
-                   place: PlaceFn, workers: int) -> None:
+def upload_webhdfs(
+    remote: RemoteTree, items: Sequence[tuple[LocalFile, str]], staging: str, place: PlaceFn, workers: int
+) -> None:
     """Thread pool: each task streams one file to staging (hashing what it sends) and places it.
 
     On an error or Ctrl-C no new file is started; the ones in flight finish (they only
@@ -626,7 +664,7 @@ def cli_batches(files: Sequence[LocalFile], workers: int) -> list[list[LocalFile
     """About two batches per worker, so files reach their final names while other batches still copy,
     but never so small that a JVM start-up (~1.5 s) outweighs its files."""
     size = max(MIN_FILES_PER_CLI_BATCH, math.ceil(len(files) / (2 * max(1, workers))))
-    return [list(files[i:i + size]) for i in range(0, len(files), size)]
+    return [list(files[i : i + size]) for i in range(0, len(files), size)]
 
 
 def sent_by_cli(remote: RemoteTree, f: LocalFile, staged_rel: str) -> LocalFile:
@@ -642,8 +680,14 @@ def sent_by_cli(remote: RemoteTree, f: LocalFile, staged_rel: str) -> LocalFile:
     return dataclasses.replace(f, size=size, md5=md5)
 
 
-def upload_cli(remote: RemoteTree, items: Sequence[tuple[LocalFile, str]], staging: str,
-               place: PlaceFn, workers: int, on_staged: Callable[[int], None] | None = None) -> None:
+def upload_cli(
+    remote: RemoteTree,
+    items: Sequence[tuple[LocalFile, str]],
+    staging: str,
+    place: PlaceFn,
+    workers: int,
+    on_staged: Callable[[int], None] | None = None,
+) -> None:
     """``hdfs dfs -put`` of batches (a symlink tree each, one JVM each, ``workers`` at a time) into
     staging; each batch's files are placed as soon as its JVM is done."""
     command = storage.find_hdfs_dfs_command()
@@ -664,9 +708,14 @@ def upload_cli(remote: RemoteTree, items: Sequence[tuple[LocalFile, str]], stagi
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(f.path)
         staged_root = posixpath.join(staging, f"b{index}")
-        proc = subprocess.Popen([*command, "-put", "-f", str(local_root), remote.address.uri(staged_root)],
-                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [*command, "-put", "-f", str(local_root), remote.address.uri(staged_root)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         with lock:
             running.add(proc)
         try:
@@ -682,8 +731,10 @@ def upload_cli(remote: RemoteTree, items: Sequence[tuple[LocalFile, str]], stagi
             staged = posixpath.join(staged_root, f.rel)
             place(staged, f, sent_by_cli(remote, f, staged))
 
-    with tempfile.TemporaryDirectory(prefix="hdfs_load_") as tmp, \
-            ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    with (
+        tempfile.TemporaryDirectory(prefix="hdfs_load_") as tmp,
+        ThreadPoolExecutor(max_workers=max(1, workers)) as pool,
+    ):
         futures = {pool.submit(run_batch, i, b, Path(tmp)) for i, b in enumerate(batches)}
         try:
             while futures:
@@ -706,6 +757,7 @@ def upload_cli(remote: RemoteTree, items: Sequence[tuple[LocalFile, str]], stagi
 
 
 # -- the load -------------------------------------------------------------------
+
 
 @dataclass
 class Mismatch:
@@ -762,12 +814,17 @@ def _check_one(f: LocalFile, remote_size: int | None, remote_md5: Callable[[str]
     return None if remote == local else Mismatch(f.rel, f"content differs: MD5 {remote} on HDFS, {local} local")
 
 
-def verify(files: Iterable[LocalFile], remote_sizes: Mapping[str, int],
-           remote_md5: Callable[[str], str] | None = None, workers: int = 4) -> list[Mismatch]:
+def verify(
+    files: Iterable[LocalFile],
+    remote_sizes: Mapping[str, int],
+    remote_md5: Callable[[str], str] | None = None,
+    workers: int = 4,
+) -> list[Mismatch]:
     """Every source file against HDFS as they are now: sizes, and with ``remote_md5`` (a re-read) content."""
     files = list(files)
-    checked = _parallel(lambda f: _check_one(f, remote_sizes.get(f.rel), remote_md5), files,
-                        workers if remote_md5 else 1)
+    checked = _parallel(
+        lambda f: _check_one(f, remote_sizes.get(f.rel), remote_md5), files, workers if remote_md5 else 1
+    )
     return [m for m in checked if m is not None]
 
 
@@ -830,8 +887,9 @@ class _Remote:
     has_manifest: bool
 
 
-def _survey(remote: RemoteTree, scan: LocalScan, exists: bool, via: str, replace: bool, verify_mode: str,
-            workers: int) -> tuple[LoadReport, _Remote]:
+def _survey(
+    remote: RemoteTree, scan: LocalScan, exists: bool, via: str, replace: bool, verify_mode: str, workers: int
+) -> tuple[LoadReport, _Remote]:
     """A report holding the plan, and the remote state it was made from."""
     sizes, staging, has_manifest = remote.list_tree() if exists else ({}, [], False)
     state = _Remote(sizes, staging, remote.read_manifest() if has_manifest else {}, has_manifest)
@@ -840,14 +898,29 @@ def _survey(remote: RemoteTree, scan: LocalScan, exists: bool, via: str, replace
         same_size = [f.rel for f in scan.files if sizes.get(f.rel) == f.size]
         remote_md5 = dict(zip(same_size, _parallel(lambda rel: remote.content_md5(rel)[1], same_size, workers)))
     plan = make_plan(scan.files, sizes, state.manifest, replace=replace, remote_md5=remote_md5)
-    report = LoadReport(str(scan.root), remote.address.uri(), choose_transport(via, len(plan.to_upload)), scan,
-                        plan, verify_mode=verify_mode)
+    report = LoadReport(
+        str(scan.root),
+        remote.address.uri(),
+        choose_transport(via, len(plan.to_upload)),
+        scan,
+        plan,
+        verify_mode=verify_mode,
+    )
     report.not_replaced = [(f.rel, why) for f, why in plan.kept_foreign]
     return report, state
 
 
-def _load_locked(remote: RemoteTree, owner: Owner, scan: LocalScan, via: str, workers: int, replace: bool,
-                 verify_mode: str, progress: bool, on_placed: ProgressFn | None) -> LoadReport:
+def _load_locked(
+    remote: RemoteTree,
+    owner: Owner,
+    scan: LocalScan,
+    via: str,
+    workers: int,
+    replace: bool,
+    verify_mode: str,
+    progress: bool,
+    on_placed: ProgressFn | None,
+) -> LoadReport:
     report, state = _survey(remote, scan, True, via, replace, verify_mode, workers)
     stale, report.staging_left_alone = remote.sort_staging(state.staging)
     for name in stale:  # left by a killed load
@@ -865,15 +938,28 @@ def _load_locked(remote: RemoteTree, owner: Owner, scan: LocalScan, via: str, wo
     return report
 
 
-def _upload(remote: RemoteTree, owner: Owner, report: LoadReport, state: _Remote, workers: int,
-            progress: bool, on_placed: ProgressFn | None) -> None:
+def _upload(
+    remote: RemoteTree,
+    owner: Owner,
+    report: LoadReport,
+    state: _Remote,
+    workers: int,
+    progress: bool,
+    on_placed: ProgressFn | None,
+) -> None:
     from tqdm import tqdm
 
     plan = report.plan
     staging = remote.open_staging(owner)
     remote.makedirs(*sorted({posixpath.dirname(f.rel) for f, _ in plan.to_upload}))  # rename needs the parent
-    bar = tqdm(total=len(plan.to_upload), unit="file", desc=f"upload ({report.transport})", disable=not progress,
-               dynamic_ncols=True, leave=True)
+    bar = tqdm(
+        total=len(plan.to_upload),
+        unit="file",
+        desc=f"upload ({report.transport})",
+        disable=not progress,
+        dynamic_ncols=True,
+        leave=True,
+    )
     lock = threading.Lock()
 
     def place(staged_rel: str, scanned: LocalFile, sent: LocalFile) -> None:
@@ -892,6 +978,7 @@ def _upload(remote: RemoteTree, owner: Owner, report: LoadReport, state: _Remote
     upload_started = time.monotonic()
     try:
         if report.transport == "cli":
+
             def staged(count: int) -> None:
                 # The JVMs copy first (shown as "staged"); the bar itself counts files placed.
                 bar.set_postfix_str(f"staged {count}/{len(plan.to_upload)}", refresh=True)
@@ -926,6 +1013,7 @@ def _save_progress(remote: RemoteTree, state: _Remote, placed: list[LocalFile], 
 
 # -- reporting --------------------------------------------------------------------
 
+
 def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
@@ -945,29 +1033,40 @@ def format_summary(report: LoadReport, max_listed: int = 30) -> str:
     up_label = "to upload" if report.dry_run else "uploaded"
     lines.append(f"  {'split':<6} {'class':<12} {'files':>7} {'bytes':>12} {up_label:>10} {'up bytes':>12}")
     totals: Counter = Counter()
-    for (split, label), c in sorted(per_group.items(), key=lambda kv: (SPLITS.index(kv[0][0])
-                                                                     if kv[0][0] in SPLITS else 99, kv[0][1])):
+    for (split, label), c in sorted(
+        per_group.items(), key=lambda kv: (SPLITS.index(kv[0][0]) if kv[0][0] in SPLITS else 99, kv[0][1])
+    ):
         lines.append(f"  {split:<6} {label:<12} {c['files']:>7} {c['bytes']:>12,} {c['up']:>10} {c['up_bytes']:>12,}")
         totals.update(c)
-    lines.append(f"  {'total':<19} {totals['files']:>7} {totals['bytes']:>12,} {totals['up']:>10} "
-                 f"{totals['up_bytes']:>12,}")
+    lines.append(
+        f"  {'total':<19} {totals['files']:>7} {totals['bytes']:>12,} {totals['up']:>10} " f"{totals['up_bytes']:>12,}"
+    )
     reasons = Counter(why for _, why in report.plan.to_upload)
     if reasons:
         lines.append("  planned uploads: " + ", ".join(f"{n} {why}" for why, n in sorted(reasons.items())))
-    lines.append(f"  already on HDFS: {len(report.plan.unchanged)} file(s)"
-                 + (f" ({len(report.plan.size_only)} matched by size only: no checksum recorded)"
-                    if report.plan.size_only else ""))
+    lines.append(
+        f"  already on HDFS: {len(report.plan.unchanged)} file(s)"
+        + (
+            f" ({len(report.plan.size_only)} matched by size only: no checksum recorded)"
+            if report.plan.size_only
+            else ""
+        )
+    )
     if report.plan.extra_remote:
         lines.append(f"  on HDFS but not in the source (left alone): {len(report.plan.extra_remote)} file(s)")
     if report.not_replaced:
-        lines.append(f"  NOT REPLACED: {len(report.not_replaced)} file(s) on HDFS that hdfs-load did not write differ "
-                     "from the source; kept (--replace overwrites them):")
+        lines.append(
+            f"  NOT REPLACED: {len(report.not_replaced)} file(s) on HDFS that hdfs-load did not write differ "
+            "from the source; kept (--replace overwrites them):"
+        )
         lines.extend(f"    {rel}: {why}" for rel, why in report.not_replaced[:max_listed])
         if len(report.not_replaced) > max_listed:
             lines.append(f"    ... and {len(report.not_replaced) - max_listed} more")
     if report.changed_during_upload:
-        lines.append(f"  changed while uploading: {len(report.changed_during_upload)} file(s) "
-                     f"({', '.join(report.changed_during_upload[:5])}); the manifest records the bytes sent")
+        lines.append(
+            f"  changed while uploading: {len(report.changed_during_upload)} file(s) "
+            f"({', '.join(report.changed_during_upload[:5])}); the manifest records the bytes sent"
+        )
     if report.broken_lock:
         lines.append(f"  broke the lock of {report.broken_lock.describe()} (--break-lock)")
     if report.lock_holder:
@@ -984,10 +1083,15 @@ def format_summary(report: LoadReport, max_listed: int = 30) -> str:
             lines.append(f"    ... and {len(report.scan.skipped) - max_listed} more")
     if not report.dry_run:
         secs = report.upload_seconds
-        rate = (f"{report.uploaded_bytes / 1e6 / secs:.2f} MB/s, {len(report.placed) / secs:.1f} files/s"
-                if secs > 0 and report.placed else "nothing uploaded")
-        lines.append(f"  uploaded {len(report.placed)} file(s), {_mb(report.uploaded_bytes)} in {secs:.2f} s "
-                     f"({rate}); total {report.total_seconds:.2f} s")
+        rate = (
+            f"{report.uploaded_bytes / 1e6 / secs:.2f} MB/s, {len(report.placed) / secs:.1f} files/s"
+            if secs > 0 and report.placed
+            else "nothing uploaded"
+        )
+        lines.append(
+            f"  uploaded {len(report.placed)} file(s), {_mb(report.uploaded_bytes)} in {secs:.2f} s "
+            f"({rate}); total {report.total_seconds:.2f} s"
+        )
     if report.mismatches:
         lines.append(f"  VERIFY FAILED: {len(report.mismatches)} mismatch(es) between the source and HDFS:")
         for m in report.mismatches[:max_listed]:

@@ -4,12 +4,14 @@ Convention everywhere: label 1 = PNEUMONIA = positive, score = P(PNEUMONIA).
 Sensitivity = TPR on PNEUMONIA, specificity = TNR on NORMAL. A quantity that
 cannot be computed (one class only) is ``None``, written "undefined" in reports.
 """
+
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -91,7 +93,10 @@ def binary_report(y_true: Sequence[int], scores: Sequence[float], threshold: flo
         precision=precision,
         npv=_ratio(tn, tn + fn),
         f1=f1,
-        tn=tn, fp=fp, fn=fn, tp=tp,
+        tn=tn,
+        fp=fp,
+        fn=fn,
+        tp=tp,
     )
 
 
@@ -172,9 +177,11 @@ class ThresholdChoice:
         if self.rule == "cost":
             how = f"minimising {self.cost_fn:g}*FN + {self.cost_fp:g}*FP on validation"
         else:
-            how = {"sensitivity": f"for sensitivity >= {self.target_sensitivity} on validation",
-                   "youden": "maximising sensitivity + specificity - 1 (Youden's J) on validation",
-                   "fixed": "fixed in the configuration"}[self.rule]
+            how = {
+                "sensitivity": f"for sensitivity >= {self.target_sensitivity} on validation",
+                "youden": "maximising sensitivity + specificity - 1 (Youden's J) on validation",
+                "fixed": "fixed in the configuration",
+            }[self.rule]
         return how + (f" [fallback: {self.fallback}]" if self.fallback else "")
 
     def to_dict(self) -> dict:
@@ -232,12 +239,18 @@ def _fallback(y: np.ndarray, s: np.ndarray, default: float, **fields) -> Thresho
     reason = "validation set has a single class" if y.size else "validation set is empty"
     warnings.warn(f"{reason}: using threshold {default}", ThresholdWarning, stacklevel=3)
     report = binary_report(y, s, default) if y.size else None
-    return ThresholdChoice(threshold=float(default), sensitivity=report.sensitivity if report else None,
-                           specificity=report.specificity if report else None, fallback=reason, **fields)
+    return ThresholdChoice(
+        threshold=float(default),
+        sensitivity=report.sensitivity if report else None,
+        specificity=report.specificity if report else None,
+        fallback=reason,
+        **fields,
+    )
 
 
-def threshold_minimising(y_true: Sequence[int], scores: Sequence[float], cost_fn: float, cost_fp: float,
-                         per_class: bool = False) -> float:
+def threshold_minimising(
+    y_true: Sequence[int], scores: Sequence[float], cost_fn: float, cost_fp: float, per_class: bool = False
+) -> float:
     """The threshold minimising ``cost_fn * FN + cost_fp * FP`` over the ROC points (both classes needed).
 
     ``per_class``: costs apply to the miss *rates* (1 - sensitivity, 1 - specificity) instead of
@@ -259,10 +272,18 @@ def threshold_minimising(y_true: Sequence[int], scores: Sequence[float], cost_fn
 
 def rule_args_from_config(training: Mapping[str, Any]) -> dict[str, Any]:
     """``choose_threshold_by_rule`` keyword arguments from the ``training`` config section (CNN job)."""
-    names = {"threshold_rule": "rule", "target_sensitivity": "target_sensitivity", "cost_fn": "cost_fn",
-             "cost_fp": "cost_fp", "fixed_threshold": "fixed"}
-    return {arg: training[key] if key == "threshold_rule" else float(training[key])
-            for key, arg in names.items() if key in training}
+    names = {
+        "threshold_rule": "rule",
+        "target_sensitivity": "target_sensitivity",
+        "cost_fn": "cost_fn",
+        "cost_fp": "cost_fp",
+        "fixed_threshold": "fixed",
+    }
+    return {
+        arg: training[key] if key == "threshold_rule" else float(training[key])
+        for key, arg in names.items()
+        if key in training
+    }
 
 
 def choose_threshold_by_rule(
@@ -299,11 +320,18 @@ def choose_threshold_by_rule(
         fallback = _fallback(y, s, default, **fields)
         if fallback is not None:
             return fallback
-        threshold = threshold_minimising(y, s, 1.0, 1.0, per_class=True) if rule == "youden" \
+        threshold = (
+            threshold_minimising(y, s, 1.0, 1.0, per_class=True)
+            if rule == "youden"
             else threshold_minimising(y, s, cost_fn, cost_fp)
+        )
     report = binary_report(y, s, threshold) if y.size else None
-    return ThresholdChoice(threshold=threshold, sensitivity=report.sensitivity if report else None,
-                           specificity=report.specificity if report else None, **fields)
+    return ThresholdChoice(
+        threshold=threshold,
+        sensitivity=report.sensitivity if report else None,
+        specificity=report.specificity if report else None,
+        **fields,
+    )
 
 
 # ---------------------------------------------------------------- intervals and calibration
@@ -406,18 +434,31 @@ def calibration_curve(y_true: Sequence[int], scores: Sequence[float], n_bins: in
 
 
 def metrics_with_intervals(
-    y_true: Sequence[int], scores: Sequence[float], threshold: float, n_boot: int = 1000, seed: int = 0,
+    y_true: Sequence[int],
+    scores: Sequence[float],
+    threshold: float,
+    n_boot: int = 1000,
+    seed: int = 0,
 ) -> dict:
     """Point values and 95 % bootstrap intervals at ``threshold``, plus the Brier score:
     ``{"accuracy": {"value": v, "ci95": [lo, hi]}, ..., "brier": b, "n_bootstrap": n_boot}``."""
     y, s = _arrays(y_true, scores)
     report = binary_report(y, s, threshold)
-    values = {"accuracy": report.accuracy, "auc": roc_auc(y, s) if y.size else None,
-              "sensitivity": report.sensitivity, "specificity": report.specificity}
+    values = {
+        "accuracy": report.accuracy,
+        "auc": roc_auc(y, s) if y.size else None,
+        "sensitivity": report.sensitivity,
+        "specificity": report.specificity,
+    }
     intervals = bootstrap_intervals(y, s, threshold, n_boot, seed)
     out: dict = {name: {"value": values[name], "ci95": intervals[name]} for name in INTERVAL_METRICS}
-    out.update(threshold=float(threshold), n=int(y.size), brier=brier_score(y, s) if y.size else None,
-               n_bootstrap=int(n_boot), bootstrap_seed=int(seed))
+    out.update(
+        threshold=float(threshold),
+        n=int(y.size),
+        brier=brier_score(y, s) if y.size else None,
+        n_bootstrap=int(n_boot),
+        bootstrap_seed=int(seed),
+    )
     return out
 
 

@@ -18,6 +18,7 @@ and a ``cells.json`` with per-cell status and timing is written next to them.
 ``--param name=value`` sets ``CXR_<NAME>`` for
 :func:`cxr_pipeline.notebook_support.get_param` (a notebook's widgets).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,9 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 HEADER = "# Databricks notebook source"
 SEPARATOR = "# COMMAND ----------"
@@ -48,18 +49,18 @@ class UnsupportedMagicError(RuntimeError):
 
 @dataclass
 class Cell:
-    number: int          # 1-based, counting every cell (markdown too), as Databricks shows them
-    kind: str            # "code" | "markdown" | "magic"
-    source: str          # code to run (MAGIC prefixes stripped for magic cells)
-    first_line: int      # 1-based line of the cell's first line in the file
-    magic: str | None = None   # "%md", "%sh", ... for magic cells
+    number: int  # 1-based, counting every cell (markdown too), as Databricks shows them
+    kind: str  # "code" | "markdown" | "magic"
+    source: str  # code to run (MAGIC prefixes stripped for magic cells)
+    first_line: int  # 1-based line of the cell's first line in the file
+    magic: str | None = None  # "%md", "%sh", ... for magic cells
 
 
 @dataclass
 class CellResult:
     number: int
     kind: str
-    status: str          # "ok" | "skipped" | "error"
+    status: str  # "ok" | "skipped" | "error"
     seconds: float = 0.0
     message: str = ""
 
@@ -79,7 +80,7 @@ class NotebookResult:
 
 
 def _strip_magic(line: str) -> str:
-    rest = line[len(MAGIC_PREFIX):]
+    rest = line[len(MAGIC_PREFIX) :]
     return rest[1:] if rest.startswith(" ") else rest
 
 
@@ -105,7 +106,7 @@ def parse_notebook(text: str) -> list[Cell]:
     if not lines or lines[0].strip() != HEADER:
         raise NotebookFormatError(f"not a Databricks source notebook: the first line must be {HEADER!r}")
     cells: list[Cell] = []
-    chunk: list[tuple[int, str]] = []   # (1-based line number, text)
+    chunk: list[tuple[int, str]] = []  # (1-based line number, text)
 
     def flush() -> None:
         # Blank lines around a separator belong to the format, not the cell.
@@ -170,8 +171,10 @@ def run_cells(
             seconds = time.perf_counter() - started
             tb = traceback.format_exc()
             result.cells.append(CellResult(cell.number, cell.kind, "error", seconds, tb))
-            log(f"[cell {cell.number}/{total}] FAILED after {seconds:.1f}s "
-                f"(line {cell.first_line} of {notebook_path}): {type(err).__name__}: {err}")
+            log(
+                f"[cell {cell.number}/{total}] FAILED after {seconds:.1f}s "
+                f"(line {cell.first_line} of {notebook_path}): {type(err).__name__}: {err}"
+            )
             log(tb)
             return result
         seconds = time.perf_counter() - started
@@ -180,8 +183,9 @@ def run_cells(
     return result
 
 
-def run_notebook(path: str | os.PathLike, out_dir: str | os.PathLike | None = None,
-                 skip_magics: bool = False, log=print) -> NotebookResult:
+def run_notebook(
+    path: str | os.PathLike, out_dir: str | os.PathLike | None = None, skip_magics: bool = False, log=print
+) -> NotebookResult:
     """Run one notebook file; plots and ``cells.json`` go to ``out_dir`` when given."""
     path = Path(path)
     cells = parse_notebook_file(path)
@@ -221,16 +225,26 @@ def _param_env(assignments: Iterable[str]) -> dict[str, str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m cxr_pipeline.notebook_runner",
-        description="Run Databricks source-format notebooks locally, top to bottom, stopping at the first failing cell.",
+        description="Run Databricks source-format notebooks locally, top to bottom, stopping at the first "
+        "failing cell.",
     )
     parser.add_argument("notebooks", nargs="+", help="notebook .py files in Databricks source format")
     parser.add_argument("--out", help="folder for plots and cells.json; each notebook gets DIR/<notebook name>/")
-    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                        help="a notebook parameter (widget), passed as env var CXR_<NAME>; repeatable")
-    parser.add_argument("--skip-magics", action="store_true",
-                        help="skip %%sh/%%pip/%%run/... cells instead of refusing the notebook")
-    parser.add_argument("--keep-going", action="store_true",
-                        help="run the remaining notebooks after one fails (the exit status still says it failed)")
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a notebook parameter (widget), passed as env var CXR_<NAME>; repeatable",
+    )
+    parser.add_argument(
+        "--skip-magics", action="store_true", help="skip %%sh/%%pip/%%run/... cells instead of refusing the notebook"
+    )
+    parser.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="run the remaining notebooks after one fails (the exit status still says it failed)",
+    )
     args = parser.parse_args(argv)
 
     os.environ.update(_param_env(args.param))

@@ -10,6 +10,7 @@ Everything a command provisions lives in one of two places:
 
 Both are overridable by environment variables so tests and CI can relocate them.
 """
+
 import os
 from pathlib import Path
 

@@ -4,11 +4,12 @@ Every ``plot_*`` function returns the PNG bytes and, when ``out`` is given,
 also writes them there: a local path or any URI ``cxr_pipeline.storage`` knows
 (hdfs://...). Shared by the Spark job, the CNN job and the notebooks.
 """
+
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
@@ -43,9 +44,14 @@ def _auc_text(value: float | None) -> str:
     return "undefined" if value is None else f"{value:.3f}"
 
 
-def plot_roc(fpr: Sequence[float], tpr: Sequence[float], auc: float | None = None,
-             out: str | Path | None = None, title: str = "ROC curve (test)",
-             operating_points: dict[str, tuple[float, float]] | None = None) -> bytes:
+def plot_roc(
+    fpr: Sequence[float],
+    tpr: Sequence[float],
+    auc: float | None = None,
+    out: str | Path | None = None,
+    title: str = "ROC curve (test)",
+    operating_points: dict[str, tuple[float, float]] | None = None,
+) -> bytes:
     """``operating_points``: name -> (fpr, tpr), e.g. the two thresholds."""
     fig, ax = plt.subplots(figsize=(4.8, 4.4))
     ax.plot(fpr, tpr, lw=2, label=f"AUC = {_auc_text(auc)}")
@@ -57,8 +63,11 @@ def plot_roc(fpr: Sequence[float], tpr: Sequence[float], auc: float | None = Non
     return _finish(fig, out)
 
 
-def plot_roc_curves(curves: dict[str, tuple[Sequence[float], Sequence[float], float | None]],
-                    out: str | Path | None = None, title: str = "ROC on the same test images") -> bytes:
+def plot_roc_curves(
+    curves: dict[str, tuple[Sequence[float], Sequence[float], float | None]],
+    out: str | Path | None = None,
+    title: str = "ROC on the same test images",
+) -> bytes:
     """Several models' ROC curves on one figure: ``name -> (fpr, tpr, auc)`` (the notebooks' model comparison)."""
     fig, ax = plt.subplots(figsize=(4.8, 4.4))
     for name, (fpr, tpr, auc) in curves.items():
@@ -69,9 +78,14 @@ def plot_roc_curves(curves: dict[str, tuple[Sequence[float], Sequence[float], fl
     return _finish(fig, out)
 
 
-def plot_pr(precision: Sequence[float], recall: Sequence[float], average_precision: float | None = None,
-            out: str | Path | None = None, title: str = "Precision-recall (test)",
-            prevalence: float | None = None) -> bytes:
+def plot_pr(
+    precision: Sequence[float],
+    recall: Sequence[float],
+    average_precision: float | None = None,
+    out: str | Path | None = None,
+    title: str = "Precision-recall (test)",
+    prevalence: float | None = None,
+) -> bytes:
     fig, ax = plt.subplots(figsize=(4.8, 4.4))
     ax.step(recall, precision, where="post", lw=2, label=f"AP = {_auc_text(average_precision)}")
     if prevalence is not None:
@@ -81,8 +95,12 @@ def plot_pr(precision: Sequence[float], recall: Sequence[float], average_precisi
     return _finish(fig, out)
 
 
-def plot_confusion_matrix(cm: Sequence[Sequence[int]], label_names: Sequence[str],
-                          out: str | Path | None = None, title: str = "Confusion matrix (test)") -> bytes:
+def plot_confusion_matrix(
+    cm: Sequence[Sequence[int]],
+    label_names: Sequence[str],
+    out: str | Path | None = None,
+    title: str = "Confusion matrix (test)",
+) -> bytes:
     cm = np.asarray(cm)
     fig, ax = plt.subplots(figsize=(4.4, 4.0))
     ax.imshow(cm, cmap="Blues")
@@ -93,14 +111,26 @@ def plot_confusion_matrix(cm: Sequence[Sequence[int]], label_names: Sequence[str
     high = cm.max() / 2 if cm.size and cm.max() else 0
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
-            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center",
-                    color="white" if cm[i, j] > high else "black", fontsize=12)
+            ax.text(
+                j,
+                i,
+                str(int(cm[i, j])),
+                ha="center",
+                va="center",
+                color="white" if cm[i, j] > high else "black",
+                fontsize=12,
+            )
     return _finish(fig, out)
 
 
-def plot_threshold_tradeoff(thresholds: Sequence[float], sensitivity: Sequence[float], specificity: Sequence[float],
-                            chosen: float | None = None, out: str | Path | None = None,
-                            title: str = "Sensitivity / specificity vs threshold") -> bytes:
+def plot_threshold_tradeoff(
+    thresholds: Sequence[float],
+    sensitivity: Sequence[float],
+    specificity: Sequence[float],
+    chosen: float | None = None,
+    out: str | Path | None = None,
+    title: str = "Sensitivity / specificity vs threshold",
+) -> bytes:
     fig, ax = plt.subplots(figsize=(5.2, 4.0))
     ax.plot(thresholds, sensitivity, label="sensitivity")
     ax.plot(thresholds, specificity, label="specificity")
@@ -112,8 +142,9 @@ def plot_threshold_tradeoff(thresholds: Sequence[float], sensitivity: Sequence[f
     return _finish(fig, out)
 
 
-def plot_training_curves(history: dict[str, Sequence[float]], out: str | Path | None = None,
-                         title: str = "Training curves") -> bytes:
+def plot_training_curves(
+    history: dict[str, Sequence[float]], out: str | Path | None = None, title: str = "Training curves"
+) -> bytes:
     """Keras-style history: one line per key (loss, val_loss, accuracy, ...)."""
     fig, ax = plt.subplots(figsize=(5.2, 4.0))
     for key, values in history.items():
@@ -123,9 +154,14 @@ def plot_training_curves(history: dict[str, Sequence[float]], out: str | Path | 
     return _finish(fig, out)
 
 
-def plot_calibration(mean_predicted: Sequence[float | None], observed_rate: Sequence[float | None],
-                     count: Sequence[int], brier: float | None = None, out: str | Path | None = None,
-                     title: str = "Calibration (test)") -> bytes:
+def plot_calibration(
+    mean_predicted: Sequence[float | None],
+    observed_rate: Sequence[float | None],
+    count: Sequence[int],
+    brier: float | None = None,
+    out: str | Path | None = None,
+    title: str = "Calibration (test)",
+) -> bytes:
     """Reliability diagram: observed PNEUMONIA rate against mean P(PNEUMONIA) per bin (empty bins skipped),
     with the bin sizes below."""
     keep = [i for i, c in enumerate(count) if c]

@@ -5,12 +5,13 @@ images in an accumulator (``FeaturizerStats.images``) that the driver sees grow 
 :func:`images_bar` shows it with tqdm on stderr while a block runs (nothing when stderr is not a
 terminal, e.g. under CI or in a log file).
 """
+
 from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 
 @contextmanager

@@ -6,9 +6,11 @@ calibration curve (``calibration.png``) and a ``model_card.md`` that says what
 the model was trained on, what it is for, how well it did on which split (with
 intervals) and where it is known to fail.
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from . import metrics as M
 from . import plots
@@ -41,10 +43,15 @@ def honest_metrics(labels: Sequence[int], scores: Sequence[float], thresholds: M
     """``{"intervals": {name: metrics_with_intervals}, "brier": b, "calibration": {...}}`` for the test scores."""
     if not len(labels):
         return {"intervals": {}, "brier": None, "calibration": None}
-    intervals = {name: M.metrics_with_intervals(labels, scores, t, M.BOOTSTRAP_RESAMPLES, M.BOOTSTRAP_SEED)
-                 for name, t in thresholds.items()}
-    return {"intervals": intervals, "brier": M.brier_score(labels, scores),
-            "calibration": M.calibration_curve(labels, scores).to_dict()}
+    intervals = {
+        name: M.metrics_with_intervals(labels, scores, t, M.BOOTSTRAP_RESAMPLES, M.BOOTSTRAP_SEED)
+        for name, t in thresholds.items()
+    }
+    return {
+        "intervals": intervals,
+        "brier": M.brier_score(labels, scores),
+        "calibration": M.calibration_curve(labels, scores).to_dict(),
+    }
 
 
 def write_calibration_plot(honest: Mapping[str, Any], out: str) -> str | None:
@@ -64,11 +71,15 @@ def interval_lines(honest: Mapping[str, Any]) -> list[str]:
     lines = []
     for name, block in honest.get("intervals", {}).items():
         label = _THRESHOLD_LABELS.get(name, name)
-        lines.append(f"  95% CI {label + ' (' + format(block['threshold'], '.3f') + '):':<17}"
-                     + "  ".join(f"{k} {M.fmt_interval(block[k])}" for k in M.INTERVAL_METRICS))
+        lines.append(
+            f"  95% CI {label + ' (' + format(block['threshold'], '.3f') + '):':<17}"
+            + "  ".join(f"{k} {M.fmt_interval(block[k])}" for k in M.INTERVAL_METRICS)
+        )
     cal = honest.get("calibration") or {}
-    lines.append(f"  Brier {M.fmt(honest.get('brier'))}  ECE {M.fmt(cal.get('expected_calibration_error'))}"
-                 f"  ({M.BOOTSTRAP_RESAMPLES} bootstrap resamples, seed {M.BOOTSTRAP_SEED})")
+    lines.append(
+        f"  Brier {M.fmt(honest.get('brier'))}  ECE {M.fmt(cal.get('expected_calibration_error'))}"
+        f"  ({M.BOOTSTRAP_RESAMPLES} bootstrap resamples, seed {M.BOOTSTRAP_SEED})"
+    )
     return lines
 
 
@@ -86,8 +97,11 @@ def _counts_table(counts: Mapping[str, Any], label_names: Sequence[str]) -> list
 def _metrics_table(honest: Mapping[str, Any]) -> list[str]:
     rows = ["| threshold | n | accuracy | AUC | sensitivity | specificity |", "|---|---|---|---|---|---|"]
     for name, b in honest.get("intervals", {}).items():
-        rows.append(f"| {name} ({b['threshold']:.3f}) | {b['n']} | "
-                    + " | ".join(M.fmt_interval(b[k]) for k in M.INTERVAL_METRICS) + " |")
+        rows.append(
+            f"| {name} ({b['threshold']:.3f}) | {b['n']} | "
+            + " | ".join(M.fmt_interval(b[k]) for k in M.INTERVAL_METRICS)
+            + " |"
+        )
     return rows
 
 
@@ -108,24 +122,41 @@ def model_card(
     """``model_card.md`` text. ``honest`` is :func:`honest_metrics` of the test scores."""
     cal = honest.get("calibration") or {}
     lines = [
-        f"# Model card: {title}", "",
-        "## Model", model_description, "",
-        "## Intended use", INTENDED_USE, "",
-        "## Data", f"Source: `{data}`. Positive class: {label_names[1]} (label 1); score = P({label_names[1]}).", "",
-        *_counts_table(counts, label_names), "",
-        split_description, "",
-        "## Decision threshold", f"{threshold.threshold:.4f}, chosen {threshold.describe()}.", "",
-        "## Metrics", f"Measured on: {test_description}. 95 % percentile bootstrap intervals "
-        f"({M.BOOTSTRAP_RESAMPLES} resamples of the images, seed {M.BOOTSTRAP_SEED}).", "",
-        *_metrics_table(honest), "",
+        f"# Model card: {title}",
+        "",
+        "## Model",
+        model_description,
+        "",
+        "## Intended use",
+        INTENDED_USE,
+        "",
+        "## Data",
+        f"Source: `{data}`. Positive class: {label_names[1]} (label 1); score = P({label_names[1]}).",
+        "",
+        *_counts_table(counts, label_names),
+        "",
+        split_description,
+        "",
+        "## Decision threshold",
+        f"{threshold.threshold:.4f}, chosen {threshold.describe()}.",
+        "",
+        "## Metrics",
+        f"Measured on: {test_description}. 95 % percentile bootstrap intervals "
+        f"({M.BOOTSTRAP_RESAMPLES} resamples of the images, seed {M.BOOTSTRAP_SEED}).",
+        "",
+        *_metrics_table(honest),
+        "",
         f"Brier score {M.fmt(honest.get('brier'))} (0 = perfect, 0.25 = always 0.5); expected calibration error "
         f"{M.fmt(cal.get('expected_calibration_error'))}; see `{CALIBRATION_PNG}`.",
     ]
     if validation:
         at = validation.get("at_chosen") or {}
-        lines += ["", f"Validation (threshold chosen here, n={validation.get('n')}): AUC {M.fmt(validation.get('roc_auc'))}, "
-                  f"sensitivity {M.fmt(at.get('sensitivity'))}, specificity {M.fmt(at.get('specificity'))}. "
-                  "Validation comes from the training distribution: expect the test figures, not these, on new data."]
+        lines += [
+            "",
+            f"Validation (threshold chosen here, n={validation.get('n')}): AUC {M.fmt(validation.get('roc_auc'))}, "
+            f"sensitivity {M.fmt(at.get('sensitivity'))}, specificity {M.fmt(at.get('specificity'))}. "
+            "Validation comes from the training distribution: expect the test figures, not these, on new data.",
+        ]
     lines += ["", "## Known failure modes", *[f"- {m}" for m in KNOWN_FAILURE_MODES]]
     if extra:
         lines += ["", "## Notes", *[f"- {e}" for e in extra]]

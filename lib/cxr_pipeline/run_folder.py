@@ -16,6 +16,7 @@ old folder is moved aside, the new one renamed into place, and only then the old
 Readers (batch prediction, serving, ``cxr-predict-image``, the notebooks) call
 :func:`require_complete`, so a folder without ``_SUCCESS`` is never scored with.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,8 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from . import storage
 
@@ -86,8 +87,14 @@ def check_output(out_uri: str, overwrite: bool = False) -> None:
 
 
 def _success_marker(tool: str) -> bytes:
-    return json.dumps({"tool": tool, "completed_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                       "host": socket.gethostname(), "pid": os.getpid()}).encode()
+    return json.dumps(
+        {
+            "tool": tool,
+            "completed_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+    ).encode()
 
 
 def _publish(stage: str, out_uri: str, overwrite: bool) -> None:

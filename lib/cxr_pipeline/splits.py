@@ -8,12 +8,13 @@ Pure and deterministic: a patient's side depends only on its id, its class, the
 seed and the fraction (a salted hash orders the patients of each class), never
 on the order the files were listed in.
 """
+
 from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from .dataset_layout import patient_id
 
@@ -64,7 +65,7 @@ def validation_patients(
         by_class[label].append(pid)
 
     chosen: set[str] = set()
-    for label, patients in by_class.items():
+    for patients in by_class.values():
         if len(patients) < 2:
             continue
         patients.sort(key=lambda p: _rank(p, seed))
@@ -113,4 +114,3 @@ def summarize(file_names: Sequence[str], flags: Sequence[bool]) -> SplitSummary:
         train_patients=len(train_p),
         val_patients=len(val_p),
     )
-

@@ -33,6 +33,7 @@ from :func:`hdfs_filesystem`; it is the one WebHDFS client of the project
 (``hdfs_load`` builds on it), and :func:`hadoop_command_error` translates an
 ``hdfs dfs`` command's stderr into the same errors.
 """
+
 from __future__ import annotations
 
 import getpass
@@ -46,12 +47,12 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from urllib.parse import quote, urlparse
 
 from . import paths
@@ -78,9 +79,16 @@ class StoragePermissionError(StorageError, PermissionError):
 # What a Hadoop client or daemon reports when it cannot reach another one, including a
 # DataNode's WebHDFS that lost the NameNode mid-request
 # ("Failed on local exception: java.net.SocketException: Connection reset").
-_LOST_PEER_MARKERS = ("ConnectException", "UnknownHostException", "Connection refused", "Connection reset",
-                      "Failed on local exception", "EOFException", "NoRouteToHostException",
-                      "SocketTimeoutException")
+_LOST_PEER_MARKERS = (
+    "ConnectException",
+    "UnknownHostException",
+    "Connection refused",
+    "Connection reset",
+    "Failed on local exception",
+    "EOFException",
+    "NoRouteToHostException",
+    "SocketTimeoutException",
+)
 
 
 def is_lost_connection(error: BaseException | str) -> bool:
@@ -251,8 +259,10 @@ def upload_dir(local_dir: str | os.PathLike, uri: str | os.PathLike, workers: in
     if not root.is_dir():
         raise NotADirectoryError(f"{root} is not a folder")
     makedirs(uri)
-    pairs = [(local, join(uri, *local.relative_to(root).parts))
-             for local in sorted(p for p in root.rglob("*") if p.is_file())]
+    pairs = [
+        (local, join(uri, *local.relative_to(root).parts))
+        for local in sorted(p for p in root.rglob("*") if p.is_file())
+    ]
     _run_parallel(upload_file, pairs, workers if is_remote(uri) else 1)
     return [target for _local, target in pairs]
 
@@ -261,7 +271,9 @@ def download_dir(uri: str | os.PathLike, local_dir: str | os.PathLike, workers: 
     """Copy every file under ``uri`` into ``local_dir`` (relative paths kept); returns the local paths, sorted."""
     root = Path(local_dir)
     root.mkdir(parents=True, exist_ok=True)
-    pairs = [(info.uri, root.joinpath(*_relative(uri, info.uri).split("/"))) for info in list_files(uri, recursive=True)]
+    pairs = [
+        (info.uri, root.joinpath(*_relative(uri, info.uri).split("/"))) for info in list_files(uri, recursive=True)
+    ]
     _run_parallel(download_file, pairs, workers if is_remote(uri) else 1)
     return [target for _uri, target in pairs]
 
@@ -332,8 +344,10 @@ def hdfs_dfs_command() -> list[str]:
     """:func:`find_hdfs_dfs_command`, or FileNotFoundError saying what to install."""
     command = find_hdfs_dfs_command()
     if command is None:
-        raise FileNotFoundError("no usable `hdfs` command: no Hadoop install on PATH and scripts/hdfs has no "
-                                "provisioned Hadoop jars (`make hadoop`)")
+        raise FileNotFoundError(
+            "no usable `hdfs` command: no Hadoop install on PATH and scripts/hdfs has no "
+            "provisioned Hadoop jars (`make hadoop`)"
+        )
     return command
 
 
@@ -377,15 +391,18 @@ class DatanodeRetry:
     backoff_s: float
 
     @classmethod
-    def from_config(cls, hdfs: Mapping[str, Any]) -> "DatanodeRetry":
+    def from_config(cls, hdfs: Mapping[str, Any]) -> DatanodeRetry:
         defaults = _default_hdfs_config()
         try:
-            found = {key: hdfs.get(f"datanode_{key}", defaults.get(f"datanode_{key}"))
-                     for key in ("attempts", "backoff_s")}
+            found = {
+                key: hdfs.get(f"datanode_{key}", defaults.get(f"datanode_{key}")) for key in ("attempts", "backoff_s")
+            }
             retry = cls(int(found["attempts"]), float(found["backoff_s"]))
         except (TypeError, ValueError) as exc:
-            raise ValueError("hdfs.datanode_attempts and hdfs.datanode_backoff_s must be numbers "
-                             f"(conf/defaults.yaml sets them): {exc}") from exc
+            raise ValueError(
+                "hdfs.datanode_attempts and hdfs.datanode_backoff_s must be numbers "
+                f"(conf/defaults.yaml sets them): {exc}"
+            ) from exc
         if retry.attempts < 1 or retry.backoff_s < 0:
             raise ValueError(f"hdfs.datanode_attempts must be >= 1 and hdfs.datanode_backoff_s >= 0, not {retry}")
         return retry
@@ -450,7 +467,8 @@ def _check_answers(namenode_uri: str) -> None:
     except OSError as exc:
         raise StorageUnavailable(
             f"the NameNode at {namenode_uri} does not answer ({exc.strerror or exc}): is HDFS running? "
-            "(`make hdfs-up` starts the local one)") from exc
+            "(`make hdfs-up` starts the local one)"
+        ) from exc
 
 
 @lru_cache(maxsize=64)
@@ -509,8 +527,11 @@ def _datanode_errors() -> Iterator[None]:
 
     try:
         yield
-    except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError,
-            requests.exceptions.Timeout) as exc:
+    except (
+        requests.exceptions.ConnectionError,
+        requests.exceptions.ChunkedEncodingError,
+        requests.exceptions.Timeout,
+    ) as exc:
         raise _DatanodeFailed(exc, _refused_before_sending(exc)) from exc
     except HdfsError as exc:
         if not is_lost_connection(exc):
@@ -622,7 +643,7 @@ class _LocalBackend:
         os.rename(src, dst)
 
 
-def hdfs_filesystem(uri: str, webhdfs_url: str | None = None, user: str | None = None) -> "HdfsFilesystem":
+def hdfs_filesystem(uri: str, webhdfs_url: str | None = None, user: str | None = None) -> HdfsFilesystem:
     """The HDFS that serves ``uri`` (``hdfs://host:port[/...]``), for work on absolute paths.
 
     ``webhdfs_url`` and ``user`` default to what the URI functions use (see the module docstring)."""
@@ -687,8 +708,9 @@ class HdfsFilesystem:
         if _is_safe_mode(text):
             return StorageUnavailable(f"HDFS is not writable now, the NameNode is in safe mode: {message}")
         if is_lost_connection(exc):
-            return StorageUnavailable(f"HDFS became unreachable: {message}; is the NameNode up? "
-                                      "(`make hdfs-status`)")
+            return StorageUnavailable(
+                f"HDFS became unreachable: {message}; is the NameNode up? " "(`make hdfs-status`)"
+            )
         return StorageError(message)
 
     def status(self, path: str) -> dict | None:
@@ -710,8 +732,11 @@ class HdfsFilesystem:
         if status["type"] == "FILE":
             return [FileInfo(self.uri(path), int(status["length"]))]
         if not recursive:
-            return [FileInfo(self.uri(posixpath.join(path, name)), int(st["length"]))
-                    for name, st in self.list_status(path) if st["type"] == "FILE"]
+            return [
+                FileInfo(self.uri(posixpath.join(path, name)), int(st["length"]))
+                for name, st in self.list_status(path)
+                if st["type"] == "FILE"
+            ]
         found = []
         walk = self._call("walk", path, lambda: list(self.client.walk(path, status=True)))
         for (folder, _status), _dirs, files in walk:
@@ -743,8 +768,9 @@ class HdfsFilesystem:
             finally:
                 response.close()
 
-        self._via_datanode("read", path, "GET", "OPEN", lambda: {"offset": received}, copy,
-                           may_resend=lambda failure: True)
+        self._via_datanode(
+            "read", path, "GET", "OPEN", lambda: {"offset": received}, copy, may_resend=lambda failure: True
+        )
 
     def create(self, path: str, data, overwrite: bool = False) -> None:
         """One WebHDFS CREATE (not atomic: use :meth:`write_bytes` for that). Without ``overwrite`` the
@@ -770,8 +796,9 @@ class HdfsFilesystem:
                 ) from failure.cause
             return overwrite or failure.before_sending
 
-        self._via_datanode("create", path, "PUT", "CREATE", lambda: {"overwrite": str(overwrite).lower()}, send,
-                           may_resend)
+        self._via_datanode(
+            "create", path, "PUT", "CREATE", lambda: {"overwrite": str(overwrite).lower()}, send, may_resend
+        )
 
     def _namenode_redirect(self, method: str, path: str, op: str, params: Mapping[str, Any]) -> str:
         """The NameNode's half of a two-step WebHDFS call: the DataNode URL it redirects ``op`` to."""
@@ -781,12 +808,22 @@ class HdfsFilesystem:
             raise _hdfs_error(response)
         location = response.headers.get("location")
         if not location:
-            raise StorageError(f"WebHDFS at {self.webhdfs_url} answered {op} {self.uri(path)} with status "
-                               f"{response.status_code} and no redirect to a DataNode")
+            raise StorageError(
+                f"WebHDFS at {self.webhdfs_url} answered {op} {self.uri(path)} with status "
+                f"{response.status_code} and no redirect to a DataNode"
+            )
         return location
 
-    def _via_datanode(self, what: str, path: str, method: str, op: str, params: Callable[[], Mapping[str, Any]],
-                      leg: Callable[[str], None], may_resend: Callable[[_DatanodeFailed], bool]) -> None:
+    def _via_datanode(
+        self,
+        what: str,
+        path: str,
+        method: str,
+        op: str,
+        params: Callable[[], Mapping[str, Any]],
+        leg: Callable[[str], None],
+        may_resend: Callable[[_DatanodeFailed], bool],
+    ) -> None:
         """Ask the NameNode where to go, run ``leg(location)`` there; when the DataNode fails (_datanode_errors)
         and ``may_resend(failure)``, ask the NameNode again (see DatanodeRetry). Errors are translated as in
         :meth:`_call`; a NameNode that does not answer fails at once."""
@@ -802,22 +839,32 @@ class HdfsFilesystem:
                     raise StorageError(
                         f"{what} {self.uri(path)}: the DataNode at {tried[-1]} failed after it had taken part of an "
                         f"exclusive create ({_short(str(failure.cause), 200)}); not retried, since a partial file "
-                        "may be there: delete it and run again") from failure.cause
+                        "may be there: delete it and run again"
+                    ) from failure.cause
                 if attempt == retry.attempts:
                     raise StorageUnavailable(
                         f"{what} {self.uri(path)}: the DataNodes the NameNode sent it to ({', '.join(tried)}) refused "
                         f"or dropped the connection {retry.attempts} times (hdfs.datanode_attempts): are DataNodes "
-                        f"down (`make hdfs-status`)? last: {_short(str(failure.cause), 200)}") from failure.cause
-                _log.info("%s %s: the DataNode at %s failed (%s); asking the NameNode again in %.2f s "
-                          "(attempt %d of %d)", what, self.uri(path), tried[-1], type(failure.cause).__name__,
-                          retry.pause(attempt), attempt + 1, retry.attempts)
+                        f"down (`make hdfs-status`)? last: {_short(str(failure.cause), 200)}"
+                    ) from failure.cause
+                _log.info(
+                    "%s %s: the DataNode at %s failed (%s); asking the NameNode again in %.2f s " "(attempt %d of %d)",
+                    what,
+                    self.uri(path),
+                    tried[-1],
+                    type(failure.cause).__name__,
+                    retry.pause(attempt),
+                    attempt + 1,
+                    retry.attempts,
+                )
                 time.sleep(retry.pause(attempt))
 
     def rename_to(self, src: str, dst: str, replace: bool = False) -> None:
         """One NameNode rename: FileExistsError when ``dst`` exists, unless ``replace`` (then readers see the
         old file or the new one, never neither). Unlike :meth:`rename`, never moves ``src`` into a folder."""
-        self._call("rename", src, self.client._rename, src, destination=dst,
-                   renameoptions="OVERWRITE" if replace else "NONE")
+        self._call(
+            "rename", src, self.client._rename, src, destination=dst, renameoptions="OVERWRITE" if replace else "NONE"
+        )
 
     def _atomic(self, path: str, data) -> None:
         if path == "/":

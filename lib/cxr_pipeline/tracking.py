@@ -26,6 +26,7 @@ Nothing here may lose a training result: :func:`log_spark_run` and :func:`log_cn
 prints the local run folder a registry URI stands for; ``python -m cxr_pipeline.tracking ui`` (make mlflow-ui)
 starts the MLflow UI on the configured store, on loopback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,9 +41,10 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 from urllib.parse import urlparse
 
 from . import config as cfg
@@ -76,7 +78,7 @@ class TrackingSettings:
     connect_timeout_s: float
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "TrackingSettings":
+    def from_config(cls, config: Mapping[str, Any]) -> TrackingSettings:
         return cfg.section_settings(cls, config, "tracking")
 
     def validate(self) -> None:
@@ -107,11 +109,12 @@ def default_store_dir() -> Path:
 def artifact_root_for(tracking_uri: str) -> str | None:
     """Where a new experiment keeps artifacts: beside a SQLite file, else the server's own default."""
     if tracking_uri.startswith("sqlite:///"):
-        return (Path(tracking_uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
+        return (Path(tracking_uri[len("sqlite:///") :]).parent / "artifacts").resolve().as_uri()
     return None
 
 
 # ---------------------------------------------------------------- what a run records (pure)
+
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}; lists and scalars are leaves."""
@@ -137,13 +140,19 @@ def model_params(kind: str, metrics: Mapping[str, Any], run_meta: Mapping[str, A
     """The model's identity: backbone, layer, image size, weights sha256 (whatever the run has)."""
     if kind == "spark":
         f = metrics.get("featurizer") or {}
-        values = {"backbone": f.get("model_name"), "feature_layer": f.get("feature_layer"),
-                  "image_size": f.get("image_size"), "weights_sha256": f.get("weights_sha256")}
+        values = {
+            "backbone": f.get("model_name"),
+            "feature_layer": f.get("feature_layer"),
+            "image_size": f.get("image_size"),
+            "weights_sha256": f.get("weights_sha256"),
+        }
     else:
-        values = {"backbone": run_meta.get("model_name") or metrics.get("model"),
-                  "feature_layer": run_meta.get("cut_layer"),
-                  "image_size": run_meta.get("image_size") or metrics.get("image_size"),
-                  "weights_sha256": run_meta.get("weights_sha256")}
+        values = {
+            "backbone": run_meta.get("model_name") or metrics.get("model"),
+            "feature_layer": run_meta.get("cut_layer"),
+            "image_size": run_meta.get("image_size") or metrics.get("image_size"),
+            "weights_sha256": run_meta.get("weights_sha256"),
+        }
     return {f"model.{k}": "null" if v is None else str(v) for k, v in values.items()}
 
 
@@ -186,7 +195,7 @@ def image_set_listing(data_uri: str) -> list[tuple[str, int]]:
     root = data_uri.rstrip("/")
     rows = []
     for info in storage.list_files(root, recursive=True):
-        rel = info.uri[len(root):].lstrip("/") if info.uri.startswith(root) else info.uri
+        rel = info.uri[len(root) :].lstrip("/") if info.uri.startswith(root) else info.uri
         if not posixpath.basename(rel).startswith((".", "_")):
             rows.append((rel, int(info.size)))
     return sorted(rows)
@@ -196,8 +205,9 @@ def listing_digest(rows: list[tuple[str, int]]) -> str:
     return hashlib.sha256("".join(f"{p}\t{s}\n" for p, s in rows).encode()).hexdigest()
 
 
-def champion_decision(new_auc: float | None, champion_auc: float | None, champion_version: str | None,
-                      new_version: str, alias: str) -> tuple[bool, str]:
+def champion_decision(
+    new_auc: float | None, champion_auc: float | None, champion_version: str | None, new_version: str, alias: str
+) -> tuple[bool, str]:
     """(move the alias?, the sentence that says why). Only validation AUC decides."""
     if new_auc is None:
         return False, f"v{new_version} kept out of {alias}: it has no validation AUC"
@@ -206,16 +216,21 @@ def champion_decision(new_auc: float | None, champion_auc: float | None, champio
     if champion_auc is None:
         return True, f"v{new_version} is {alias}: v{champion_version} has no validation AUC to beat"
     if new_auc > champion_auc:
-        return True, (f"v{new_version} is {alias}: validation AUC {new_auc:.4f} beats "
-                      f"v{champion_version}'s {champion_auc:.4f}")
-    return False, (f"v{champion_version} stays {alias}: v{new_version}'s validation AUC {new_auc:.4f} does not "
-                   f"beat {champion_auc:.4f}")
+        return True, (
+            f"v{new_version} is {alias}: validation AUC {new_auc:.4f} beats "
+            f"v{champion_version}'s {champion_auc:.4f}"
+        )
+    return False, (
+        f"v{champion_version} stays {alias}: v{new_version}'s validation AUC {new_auc:.4f} does not "
+        f"beat {champion_auc:.4f}"
+    )
 
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(paths.REPO_ROOT), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(paths.REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -237,6 +252,7 @@ def pip_requirements() -> list[str]:
 
 # ---------------------------------------------------------------- talking to MLflow
 
+
 def check_reachable(tracking_uri: str, timeout_s: float) -> None:
     """Fails fast (OSError) when an http(s) tracking server does not answer, instead of MLflow's minutes of
     retries."""
@@ -254,7 +270,7 @@ def use_store(settings: TrackingSettings) -> str:
 
     uri = settings.tracking_uri()
     if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in job logs
     check_reachable(uri, settings.connect_timeout_s)
     mlflow.set_tracking_uri(uri)
@@ -308,19 +324,27 @@ def _safely(kind: str, run_uri: str, config: Mapping[str, Any], body: Callable[[
         logged = body(settings)
     except Exception as exc:  # noqa: BLE001 - MLflow must never lose a finished training run
         log.debug("MLflow logging failed", exc_info=True)
-        _warn(f"MLflow at {settings.tracking_uri()} could not record this run: {type(exc).__name__}: "
-              f"{str(exc)[:300].rstrip('.')}", run_uri, kind)
+        _warn(
+            f"MLflow at {settings.tracking_uri()} could not record this run: {type(exc).__name__}: "
+            f"{str(exc)[:300].rstrip('.')}",
+            run_uri,
+            kind,
+        )
         return None
-    print(f"mlflow: run {logged.run_id} in {logged.tracking_uri}"
-          + (f"; registered {logged.registered_name} v{logged.version}" if logged.version else ""))
+    print(
+        f"mlflow: run {logged.run_id} in {logged.tracking_uri}"
+        + (f"; registered {logged.registered_name} v{logged.version}" if logged.version else "")
+    )
     if logged.decision:
         print(f"mlflow: {logged.decision}")
     return logged
 
 
 def _warn(message: str, run_uri: str, kind: str) -> None:
-    text = (f"{message}. The run folder {run_uri} is complete and unaffected; log it later with "
-            f"`python -m cxr_pipeline.tracking log --kind {kind} {run_uri}` (or --set tracking.enabled=false).")
+    text = (
+        f"{message}. The run folder {run_uri} is complete and unaffected; log it later with "
+        f"`python -m cxr_pipeline.tracking log --kind {kind} {run_uri}` (or --set tracking.enabled=false)."
+    )
     log.warning(text)
     warnings.warn(text, TrackingWarning, stacklevel=3)
 
@@ -330,9 +354,16 @@ def log_spark_run(config: Mapping[str, Any], result, data_uri: str, spark) -> Lo
     run_uri = result.run.root
 
     def body(settings: TrackingSettings) -> LoggedRun:
-        return _log_run(settings, "spark", config, run_uri, result.metrics, data_uri,
-                        tags={"spark_master": spark.sparkContext.master},
-                        log_model=lambda local_run: _log_spark_model(result.model, spark, data_uri))
+        return _log_run(
+            settings,
+            "spark",
+            config,
+            run_uri,
+            result.metrics,
+            data_uri,
+            tags={"spark_master": spark.sparkContext.master},
+            log_model=lambda local_run: _log_spark_model(result.model, spark, data_uri),
+        )
 
     return _safely("spark", run_uri, config, body)
 
@@ -341,15 +372,30 @@ def log_cnn_run(config: Mapping[str, Any], metrics: Mapping[str, Any], run_uri: 
     """Logs a finished ``cnn.train.train_and_evaluate`` run folder. Never raises."""
 
     def body(settings: TrackingSettings) -> LoggedRun:
-        return _log_run(settings, "cnn", config, run_uri, metrics, data_uri,
-                        tags={"spark_master": "none (the CNN trains with Keras, not Spark)"},
-                        log_model=lambda local_run: _log_keras_model(local_run, data_uri))
+        return _log_run(
+            settings,
+            "cnn",
+            config,
+            run_uri,
+            metrics,
+            data_uri,
+            tags={"spark_master": "none (the CNN trains with Keras, not Spark)"},
+            log_model=lambda local_run: _log_keras_model(local_run, data_uri),
+        )
 
     return _safely("cnn", run_uri, config, body)
 
 
-def _log_run(settings: TrackingSettings, kind: str, config: Mapping[str, Any], run_uri: str,
-             metrics: Mapping[str, Any], data_uri: str, tags: Mapping[str, str], log_model) -> LoggedRun:
+def _log_run(
+    settings: TrackingSettings,
+    kind: str,
+    config: Mapping[str, Any],
+    run_uri: str,
+    metrics: Mapping[str, Any],
+    data_uri: str,
+    tags: Mapping[str, str],
+    log_model,
+) -> LoggedRun:
     import mlflow
 
     from . import storage
@@ -361,10 +407,18 @@ def _log_run(settings: TrackingSettings, kind: str, config: Mapping[str, Any], r
         storage.download_dir(run_uri, local_run)
         _redact_config_file(local_run / "config.yaml")
         run_meta = _read_json(local_run / ("cnn.json" if kind == "cnn" else "classifier.json"))
-        with mlflow.start_run(experiment_id=exp_id, run_name=f"{kind}: {posixpath.basename(run_uri.rstrip('/'))}") \
-                as active:
-            mlflow.set_tags({"kind": kind, "run_folder": run_uri, "data_uri": data_uri,
-                             "git_commit": git_commit() or "unknown", **tags})
+        with mlflow.start_run(
+            experiment_id=exp_id, run_name=f"{kind}: {posixpath.basename(run_uri.rstrip('/'))}"
+        ) as active:
+            mlflow.set_tags(
+                {
+                    "kind": kind,
+                    "run_folder": run_uri,
+                    "data_uri": data_uri,
+                    "git_commit": git_commit() or "unknown",
+                    **tags,
+                }
+            )
             mlflow.log_params({**config_params(config), **model_params(kind, metrics, run_meta)})
             _log_metrics(active.info.run_id, kind, metrics)
             _log_dataset(data_uri)
@@ -373,9 +427,16 @@ def _log_run(settings: TrackingSettings, kind: str, config: Mapping[str, Any], r
                     mlflow.log_artifact(str(path))
             mlflow.log_artifacts(str(local_run), artifact_path=RUN_FOLDER_ARTIFACT)
             model_info = log_model(local_run)
-            logged = LoggedRun(run_id=active.info.run_id, experiment_id=active.info.experiment_id,
-                               model_uri=model_info.model_uri, registered_name=None, version=None,
-                               promoted=False, decision=None, tracking_uri=uri)
+            logged = LoggedRun(
+                run_id=active.info.run_id,
+                experiment_id=active.info.experiment_id,
+                model_uri=model_info.model_uri,
+                registered_name=None,
+                version=None,
+                promoted=False,
+                decision=None,
+                tracking_uri=uri,
+            )
             if settings.register:
                 logged = _register(settings, kind, logged, subset_auc(kind, metrics, "validation"))
     return logged
@@ -423,10 +484,16 @@ def _log_spark_model(model, spark, data_uri: str):
     from mlflow.types import ColSpec, Schema
 
     example = pd.DataFrame({"content": [_example_image_bytes(data_uri)]})
-    signature = ModelSignature(inputs=Schema([ColSpec("binary", "content")]),
-                               outputs=Schema([ColSpec("double", "prediction")]))
-    return mlflow.spark.log_model(model, artifact_path=MODEL_ARTIFACT, signature=signature, input_example=example,
-                                  pip_requirements=pip_requirements())
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("binary", "content")]), outputs=Schema([ColSpec("double", "prediction")])
+    )
+    return mlflow.spark.log_model(
+        model,
+        artifact_path=MODEL_ARTIFACT,
+        signature=signature,
+        input_example=example,
+        pip_requirements=pip_requirements(),
+    )
 
 
 def _log_keras_model(local_run: Path, data_uri: str):
@@ -442,12 +509,21 @@ def _log_keras_model(local_run: Path, data_uri: str):
     if bad:
         raise ValueError(f"the input example image does not decode: {bad[0][1]}")
     example = np.asarray(images, np.float32)
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *example.shape[1:]), "image")]),
-                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1), "p_pneumonia")]))
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *example.shape[1:]), "image")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1), "p_pneumonia")]),
+    )
     from mlflow.models import Model
 
-    return Model.log(artifact_path=None, name=MODEL_ARTIFACT, flavor=_KerasFlavor(), model=classifier.model,
-                     signature=signature, input_example=example, pip_requirements=pip_requirements())
+    return Model.log(
+        artifact_path=None,
+        name=MODEL_ARTIFACT,
+        flavor=_KerasFlavor(),
+        model=classifier.model,
+        signature=signature,
+        input_example=example,
+        pip_requirements=pip_requirements(),
+    )
 
 
 class _KerasFlavor:
@@ -477,8 +553,11 @@ def _example_image_bytes(data_uri: str) -> bytes:
     from .dataset_layout import is_dicom
     from .imaging import DEFAULT_MAX_PIXELS, ImageDecodeError
 
-    files = [f for f in storage.list_files(data_uri, recursive=True)
-             if f.uri.lower().endswith((".jpeg", ".jpg", ".png", ".dcm"))]
+    files = [
+        f
+        for f in storage.list_files(data_uri, recursive=True)
+        if f.uri.lower().endswith((".jpeg", ".jpg", ".png", ".dcm"))
+    ]
     if not files:
         raise FileNotFoundError(f"no image under {data_uri} for the model's input example")
     tests = [f for f in files if "/test/" in f.uri]
@@ -508,14 +587,22 @@ def _register(settings: TrackingSettings, kind: str, logged: LoggedRun, validati
     except MlflowException:
         champion = None
     champion_auc = _version_validation_auc(client, champion) if champion is not None else None
-    promote, decision = champion_decision(validation_auc, champion_auc, champion.version if champion else None,
-                                          version.version, alias)
+    promote, decision = champion_decision(
+        validation_auc, champion_auc, champion.version if champion else None, version.version, alias
+    )
     if promote:
         client.set_registered_model_alias(name, alias, version.version)
     client.set_model_version_tag(name, version.version, "champion_decision", decision)
     client.set_tag(logged.run_id, "champion_decision", decision)
-    return LoggedRun(**{**logged.__dict__, "registered_name": name, "version": str(version.version),
-                        "promoted": promote, "decision": f"{name}: {decision}"})
+    return LoggedRun(
+        **{
+            **logged.__dict__,
+            "registered_name": name,
+            "version": str(version.version),
+            "promoted": promote,
+            "decision": f"{name}: {decision}",
+        }
+    )
 
 
 def _version_validation_auc(client, version) -> float | None:
@@ -541,6 +628,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- registry URIs -> local run folders
 
+
 def is_registry_uri(model: str) -> bool:
     return str(model).startswith(REGISTRY_PREFIX)
 
@@ -559,8 +647,16 @@ def resolve_model(model: str, config: Mapping[str, Any] | None = None, dest: str
         client = MlflowClient()
         version = _version_of(client, model)
         # keyed by the run too: two stores (a test's, the embedded one) both have a "v1"
-        target = Path(dest) if dest else (default_store_dir() / "resolved" / version.name
-                                          / f"v{version.version}-{(version.run_id or 'norun')[:12]}")
+        target = (
+            Path(dest)
+            if dest
+            else (
+                default_store_dir()
+                / "resolved"
+                / version.name
+                / f"v{version.version}-{(version.run_id or 'norun')[:12]}"
+            )
+        )
         local = target / f"{version.name}-v{version.version}"  # its name becomes the served model's id
         if not (local / "_SUCCESS").is_file():  # renamed into place only once complete
             if not version.run_id:
@@ -570,13 +666,15 @@ def resolve_model(model: str, config: Mapping[str, Any] | None = None, dest: str
             client.download_artifacts(version.run_id, RUN_FOLDER_ARTIFACT, str(target))
             (target / RUN_FOLDER_ARTIFACT).rename(local)
     except (MlflowException, OSError) as exc:
-        raise ValueError(f"cannot resolve {model} in the MLflow registry at {settings.registry_uri or settings.tracking_uri()}: "
-                         f"{str(exc)[:300]} (check --set tracking.uri=... or list versions in `make mlflow-ui`)") from exc
+        raise ValueError(
+            f"cannot resolve {model} in the MLflow registry at {settings.registry_uri or settings.tracking_uri()}: "
+            f"{str(exc)[:300]} (check --set tracking.uri=... or list versions in `make mlflow-ui`)"
+        ) from exc
     return str(local)
 
 
 def _version_of(client, model: str):
-    rest = model[len(REGISTRY_PREFIX):].strip("/")
+    rest = model[len(REGISTRY_PREFIX) :].strip("/")
     if "@" in rest:
         name, alias = rest.split("@", 1)
         return client.get_model_version_by_alias(name, alias)
@@ -588,8 +686,9 @@ def _version_of(client, model: str):
 
 # ---------------------------------------------------------------- command line
 
+
 def _log_later(args, config) -> int:
-    from . import storage, run_folder
+    from . import run_folder, storage
     from .spark_classifier.training import RunLayout, TrainingResult, load_metrics
 
     storage.configure(config)
@@ -617,9 +716,21 @@ def ui_command(settings: TrackingSettings, port: int) -> list[str]:
     """``mlflow ui`` on the configured store, bound to loopback only (one worker: 2-core machines)."""
     uri = settings.tracking_uri()
     if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-               "--port", str(port), "--workers", "1"]
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     root = artifact_root_for(uri)
     return command + (["--default-artifact-root", root] if root else [])
 
@@ -627,8 +738,11 @@ def ui_command(settings: TrackingSettings, port: int) -> list[str]:
 def main(argv=None) -> int:
     from .cli import add_config_options, resolve_config
 
-    parser = argparse.ArgumentParser(prog="python -m cxr_pipeline.tracking", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m cxr_pipeline.tracking",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p_log = sub.add_parser("log", help="log a finished run folder to MLflow (e.g. after the server was down)")
     p_log.add_argument("run", help="run folder URI of train_featurizer.py or train_cnn.py")
@@ -645,8 +759,10 @@ def main(argv=None) -> int:
     config = resolve_config(args)
     if args.command == "ui":
         command = ui_command(TrackingSettings.from_config(config), args.port)
-        print(f"MLflow UI on http://127.0.0.1:{args.port}/ ({command[command.index('--backend-store-uri') + 1]})",
-              flush=True)
+        print(
+            f"MLflow UI on http://127.0.0.1:{args.port}/ ({command[command.index('--backend-store-uri') + 1]})",
+            flush=True,
+        )
         os.execv(command[0], command)
     if args.command == "resolve":
         try:

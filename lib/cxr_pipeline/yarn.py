@@ -13,6 +13,7 @@ YARN containers do not have our Python packages, so the job ships them:
 prints the command; ``--build-wheel`` builds the wheel first. YARN cannot be run
 on the development machines: the command is checked, not executed, there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,9 @@ import glob
 import shlex
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from . import config as cfg
 from .paths import REPO_ROOT
@@ -44,8 +46,18 @@ def build_wheel(out_dir: str | Path = REPO_ROOT / "dist") -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out_dir),
-         str(REPO_ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out_dir),
+            str(REPO_ROOT),
+        ],
         check=True,
     )
     wheels = sorted(out_dir.glob("cxr_pipeline-*.whl"), key=lambda p: p.stat().st_mtime)
@@ -125,8 +137,9 @@ def _as_list(value: Any) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cxr_pipeline.yarn", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m cxr_pipeline.yarn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("job", help="job script, e.g. jobs/train_featurizer.py")
     parser.add_argument("job_args", nargs=argparse.REMAINDER, help="-- then the job's own arguments")
     parser.add_argument("--conf", action="append", default=[], metavar="FILE")

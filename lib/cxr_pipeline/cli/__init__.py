@@ -1,8 +1,10 @@
 """Command-line plumbing shared by the jobs: config options and job bootstrap."""
+
 from __future__ import annotations
 
 import argparse
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .. import config as cfg
 
@@ -11,24 +13,39 @@ def add_config_options(parser: argparse.ArgumentParser, *, spark: bool = True, v
     """The options every entry point shares: ``--conf-env``, ``--conf``, ``--set``; Spark jobs add ``--master``;
     ``verbose``: ``--verbose`` for the log level (off where the tool has its own ``--verbose``/``--log-level``)."""
     group = parser.add_argument_group("configuration (conf/defaults.yaml <- conf/ENV.yaml <- --conf <- --set)")
-    group.add_argument("--conf-env", default=None, choices=cfg.ENVIRONMENTS,
-                       help="environment config in conf/ (default: $CXR_ENV or local)")
+    group.add_argument(
+        "--conf-env",
+        default=None,
+        choices=cfg.ENVIRONMENTS,
+        help="environment config in conf/ (default: $CXR_ENV or local)",
+    )
     group.add_argument("--conf", action="append", default=[], metavar="FILE", help="extra YAML config file(s)")
-    group.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override one config value, e.g. --set training.reg_param=0.1 (repeatable)")
+    group.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value, e.g. --set training.reg_param=0.1 (repeatable)",
+    )
     if spark:
         group.add_argument("--master", default=None, help="Spark master (default: spark-submit's, else spark.master)")
     if verbose:
-        group.add_argument("--verbose", action="store_true",
-                           help="show Spark's INFO logs and this package's debug messages (default: warnings and progress)")
+        group.add_argument(
+            "--verbose",
+            action="store_true",
+            help="show Spark's INFO logs and this package's debug messages (default: warnings and progress)",
+        )
 
 
 def configure_logging(verbose: bool = False) -> None:
     """The jobs' console: this package's progress messages, everyone else's warnings (``verbose``: all INFO)."""
     import logging
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     logging.getLogger("cxr_pipeline").setLevel(logging.DEBUG if verbose else logging.INFO)
     # MLflow sets up its own INFO logger when imported (from MLFLOW_LOGGING_LEVEL); the tracking module already
     # says what it recorded, in one line. A level the user exported wins.
@@ -39,7 +56,7 @@ def configure_logging(verbose: bool = False) -> None:
 
 
 def resolve_config(args: argparse.Namespace, shortcuts: Sequence[tuple[str, Any]] = ()) -> dict[str, Any]:
-    """Config from the files, then ``--set``, then the job's own shortcut options (``(dotted, value)``, None = unset)."""
+    """Config from the files, then ``--set``, then the job's own shortcuts (``(dotted, value)``; None = unset)."""
     overrides = list(args.set)
     for dotted, value in shortcuts:
         if value is not None:

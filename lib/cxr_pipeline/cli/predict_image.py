@@ -9,14 +9,16 @@ Prints one line per image: class, P(PNEUMONIA) and the threshold used. Exit stat
 1 when some file could not be read or decoded (it is reported, the others are still
 classified).
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 
 def is_cnn_model(model: str) -> bool:
@@ -62,8 +64,13 @@ def classify(model: str, files: Sequence[str], threshold: float | None = None) -
     for i, res in zip(readable, scored):
         results[i] = dict(res)
     for i, reason in read_errors.items():
-        results[i] = {"probability": None, "predicted_label": None, "label_name": None,
-                      "threshold": threshold, "error": reason}
+        results[i] = {
+            "probability": None,
+            "predicted_label": None,
+            "label_name": None,
+            "threshold": threshold,
+            "error": reason,
+        }
     for name, res in zip(files, results):
         res["file"] = name
     return results
@@ -72,23 +79,33 @@ def classify(model: str, files: Sequence[str], threshold: float | None = None) -
 def format_line(res: dict[str, Any]) -> str:
     if res.get("error"):
         return f"{res['file']}: unreadable ({res['error']})"
-    return f"{res['file']}: {res['label_name']}  P(PNEUMONIA)={res['probability']:.4f}  threshold={res['threshold']:.4f}"
+    return (
+        f"{res['file']}: {res['label_name']}  P(PNEUMONIA)={res['probability']:.4f}  threshold={res['threshold']:.4f}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cxr-predict-image", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="run folder (Spark or CNN), a .keras file, or a registered "
-                        "model models:/NAME@ALIAS or models:/NAME/VERSION (MLflow, tracking.* in conf/)")
+    parser = argparse.ArgumentParser(
+        prog="cxr-predict-image", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="run folder (Spark or CNN), a .keras file, or a registered "
+        "model models:/NAME@ALIAS or models:/NAME/VERSION (MLflow, tracking.* in conf/)",
+    )
     parser.add_argument("images", nargs="+", help="image file(s): JPEG/PNG, local or hdfs://")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="decision threshold on P(PNEUMONIA) (default: the model's validation-chosen one)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="decision threshold on P(PNEUMONIA) (default: the model's validation-chosen one)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from ..backbones import BackboneError
-
     from .. import tracking
+    from ..backbones import BackboneError
 
     try:
         model = tracking.resolve_model(args.model)  # models:/NAME@ALIAS -> that version's run folder

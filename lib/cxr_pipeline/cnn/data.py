@@ -14,12 +14,13 @@ for hdfs:// and other remote URIs) in parallel; a packed Parquet image table
 decode pass once before training: files that fail to decode are recorded as
 rejections and excluded, and the cache is complete when training starts.
 """
+
 from __future__ import annotations
 
 import io
 import threading
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -65,7 +66,7 @@ class Rejections:
     def to_csv(self) -> str:
         with self._lock:
             rows = [f'"{u}","{r}"' for u, r in self.items]
-        return "\n".join(['path,reason', *rows]) + "\n"
+        return "\n".join(["path,reason", *rows]) + "\n"
 
 
 @dataclass
@@ -116,8 +117,9 @@ def _with_header_patients(records: list[ImageRecord], patient_key: str | None) -
     return [replace(r, patient=patients[r.uri]) if patients.get(r.uri) else r for r in records]
 
 
-def list_image_tree(uri: str, rejections: Rejections | None = None,
-                    patient_key: str | None = None) -> tuple[list[ImageRecord], list[str]]:
+def list_image_tree(
+    uri: str, rejections: Rejections | None = None, patient_key: str | None = None
+) -> tuple[list[ImageRecord], list[str]]:
     """Every image under ``uri`` (a ``<split>/<CLASS>/<file>`` tree) with its label;
     junk (hidden, wrong extension, empty, outside the layout) goes to ``rejections``.
     DICOM files carry their header's patient (keyed with ``patient_key``, default ``dicom.patient_key`` of conf/)."""
@@ -163,8 +165,11 @@ def split_records(
 def _parquet_files(uri: str) -> list[str]:
     from cxr_pipeline import storage
 
-    return [info.uri for info in storage.list_files(uri, recursive=True)
-            if info.uri.endswith(".parquet") and "/_" not in info.uri[len(uri.rstrip("/")):]]
+    return [
+        info.uri
+        for info in storage.list_files(uri, recursive=True)
+        if info.uri.endswith(".parquet") and "/_" not in info.uri[len(uri.rstrip("/")) :]
+    ]
 
 
 def _iter_table(table_file: str, columns: list[str], batch_size: int = 64):
@@ -195,8 +200,7 @@ def list_image_table(uri: str, rejections: Rejections | None = None) -> tuple[li
     if not rows:
         raise FileNotFoundError(f"no image rows in the Parquet table at {uri}")
     index = dataset_layout.label_index(p.label_name for _, p, _, _ in rows)
-    records = [ImageRecord(path, index[p.label_name], p.split, p.file_name, f, patient)
-               for path, p, f, patient in rows]
+    records = [ImageRecord(path, index[p.label_name], p.split, p.file_name, f, patient) for path, p, f, patient in rows]
     return records, dataset_layout.invert_label_index(index)
 
 
@@ -205,8 +209,14 @@ def is_image_table(uri: str) -> bool:
     return uri.rstrip("/").endswith(".parquet") or bool(_parquet_files(uri))
 
 
-def load_splits(uri: str, validation: str = "carve", val_fraction: float = 0.2, seed: int = 42,
-                source: str = "auto", patient_key: str | None = None) -> DataSplits:
+def load_splits(
+    uri: str,
+    validation: str = "carve",
+    val_fraction: float = 0.2,
+    seed: int = 42,
+    source: str = "auto",
+    patient_key: str | None = None,
+) -> DataSplits:
     """``source``: tree | parquet | auto (parquet when ``uri`` holds Parquet files).
     ``patient_key``: ``dicom.patient_key`` of the run's config (the Spark job's key, so both carve alike)."""
     rejections = Rejections()
@@ -268,8 +278,7 @@ def decoded_dataset(
         raise ValueError("no images to read")
     decode = _decoder(image_size, max_pixels, rejections)
     if any(r.table_file for r in records):
-        return _finish(_table_rows(records).map(_decode_map(decode, image_size), num_parallel_calls=AUTOTUNE),
-                       cache)
+        return _finish(_table_rows(records).map(_decode_map(decode, image_size), num_parallel_calls=AUTOTUNE), cache)
     from cxr_pipeline import storage
 
     uris = [r.uri for r in records]
@@ -406,15 +415,14 @@ def training_dataset(
     n = len(labels)
     steps = None
     if balance == "oversample" and len(set(labels)) > 1:
-        per_class = [
-            decoded.filter(_has_label(c)).shuffle(shuffle_buffer, seed=seed + c).repeat() for c in (0, 1)
-        ]
+        per_class = [decoded.filter(_has_label(c)).shuffle(shuffle_buffer, seed=seed + c).repeat() for c in (0, 1)]
         ds = tf.data.Dataset.sample_from_datasets(per_class, weights=[0.5, 0.5], seed=seed)
         steps = max(1, n // batch_size)
     else:
         ds = decoded.shuffle(min(shuffle_buffer, max(n, 1)), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size).map(_to_float, num_parallel_calls=AUTOTUNE)
     if augment is not None:
+
         def augment_batch(images, labels):
             return augment(images, training=True), labels
 

@@ -4,6 +4,7 @@ The gradient of the PNEUMONIA score with respect to the last convolutional
 feature map, averaged per channel, weights that map; the ReLU of the weighted
 sum, upsampled to the input size and scaled to [0, 1], is the heat map.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,9 +1,11 @@
 """CNN architectures. Every model takes raw 0..255 RGB pixels (float) and does
 its own scaling, so a saved ``model.keras`` needs no outside preprocessing.
 """
+
 from __future__ import annotations
 
 import os
+
 import keras
 from keras import layers
 
@@ -60,9 +62,7 @@ def inception_backbone(
     (the provisioned weights are ImageNet only up to about mixed5: see weights.py)."""
     if input_size < INCEPTION_MIN_SIZE:
         raise ValueError(f"InceptionV3 needs input_size >= {INCEPTION_MIN_SIZE}, got {input_size}")
-    full = keras.applications.InceptionV3(
-        weights=None, include_top=False, input_shape=(input_size, input_size, 3)
-    )
+    full = keras.applications.InceptionV3(weights=None, include_top=False, input_shape=(input_size, input_size, 3))
     if weights != "none":
         if weights is None:
             from cxr_pipeline.weights import default_weights_path

@@ -4,14 +4,16 @@ Loads a run folder written by ``jobs/train_cnn.py`` (``model.keras`` + ``cnn.jso
 or a bare ``.keras`` file, local or on HDFS, and classifies image bytes with
 the same decoding as training (``cxr_pipeline.imaging``).
 """
+
 from __future__ import annotations
 
 import json
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -35,8 +37,11 @@ def is_cnn_model(path: str) -> bool:
 def _fetch(path: str, scratch: Path) -> tuple[Path, dict[str, Any]]:
     """Local (model file, cnn.json contents) for a run folder or .keras file, local or remote."""
     text = str(path).rstrip("/")
-    folder, model_uri = (text.rsplit("/", 1)[0] if "/" in text else ".", text) if text.endswith(".keras") \
+    folder, model_uri = (
+        (text.rsplit("/", 1)[0] if "/" in text else ".", text)
+        if text.endswith(".keras")
         else (text, storage.join(text, MODEL_FILE))
+    )
     if not text.endswith(".keras"):
         from .. import run_folder
 
@@ -64,7 +69,7 @@ class LocalCnnClassifier:
     model_name: str = "cnn"
 
     @classmethod
-    def load(cls, path: str, threshold: float | None = None) -> "LocalCnnClassifier":
+    def load(cls, path: str, threshold: float | None = None) -> LocalCnnClassifier:
         """``path``: run folder (local or hdfs://) or ``.keras`` file. ``threshold``: override
         the validation-chosen one saved in cnn.json (0.5 when there is none)."""
         import keras
@@ -105,9 +110,19 @@ class LocalCnnClassifier:
         results: list[dict[str, Any]] = [{}] * len(blobs)
         for i, p in zip(good_idx, scores):
             label = int(p >= threshold)
-            results[i] = {"probability": float(p), "predicted_label": label, "label_name": self.label_names[label],
-                          "threshold": threshold, "error": None}
+            results[i] = {
+                "probability": float(p),
+                "predicted_label": label,
+                "label_name": self.label_names[label],
+                "threshold": threshold,
+                "error": None,
+            }
         for i, reason in bad:
-            results[i] = {"probability": None, "predicted_label": None, "label_name": None,
-                          "threshold": threshold, "error": reason}
+            results[i] = {
+                "probability": None,
+                "predicted_label": None,
+                "label_name": None,
+                "threshold": threshold,
+                "error": reason,
+            }
         return results

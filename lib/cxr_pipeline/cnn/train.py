@@ -5,6 +5,7 @@ The same call runs on CPU or on every local GPU: GPU-only settings (memory
 growth, mixed precision, XLA, ``MirroredStrategy``) switch on only when
 ``tf.config.list_physical_devices("GPU")`` is non-empty (or when forced in conf).
 """
+
 from __future__ import annotations
 
 import csv
@@ -14,9 +15,10 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import keras
 import numpy as np
@@ -53,8 +55,10 @@ class Devices:
 
     def describe(self) -> str:
         where = f"{len(self.gpus)} GPU(s): {', '.join(self.gpus)}" if self.gpus else "CPU only (no GPU found)"
-        return (f"devices: {where}; strategy {self.strategy_name} x{self.replicas}; "
-                f"mixed precision {'on' if self.mixed_precision else 'off'}; XLA {'on' if self.xla else 'off'}")
+        return (
+            f"devices: {where}; strategy {self.strategy_name} x{self.replicas}; "
+            f"mixed precision {'on' if self.mixed_precision else 'off'}; XLA {'on' if self.xla else 'off'}"
+        )
 
 
 def _switch(value: Any, has_gpu: bool) -> bool:
@@ -113,7 +117,7 @@ class Settings:
     verbose: int
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "Settings":
+    def from_config(cls, config: Mapping[str, Any]) -> Settings:
         def need(dotted: str) -> Any:
             value = config_mod.get(config, dotted, _MISSING)
             if value is _MISSING:
@@ -169,20 +173,36 @@ class EpochTimer(keras.callbacks.Callback):
         self.images_per_s.append(round(self.n_images / elapsed, 2) if elapsed else 0.0)
 
 
-def make_callbacks(checkpoint_path: Path, settings: Settings, reduce_lr: Mapping[str, Any],
-                   has_val: bool, best_so_far: float | None = None):
+def make_callbacks(
+    checkpoint_path: Path,
+    settings: Settings,
+    reduce_lr: Mapping[str, Any],
+    has_val: bool,
+    best_so_far: float | None = None,
+):
     monitor = "val_auc" if has_val else "auc"
     return [
         keras.callbacks.ModelCheckpoint(
-            str(checkpoint_path), monitor=monitor, mode="max", save_best_only=True,
-            initial_value_threshold=best_so_far, verbose=0,
+            str(checkpoint_path),
+            monitor=monitor,
+            mode="max",
+            save_best_only=True,
+            initial_value_threshold=best_so_far,
+            verbose=0,
         ),
         keras.callbacks.EarlyStopping(
-            monitor=monitor, mode="max", patience=settings.early_stopping_patience, restore_best_weights=True,
+            monitor=monitor,
+            mode="max",
+            patience=settings.early_stopping_patience,
+            restore_best_weights=True,
         ),
         keras.callbacks.ReduceLROnPlateau(
-            monitor=monitor, mode="max", factor=float(reduce_lr.get("factor", 0.3)),
-            patience=int(reduce_lr.get("patience", 2)), min_lr=float(reduce_lr.get("min_lr", 1e-6)), verbose=1,
+            monitor=monitor,
+            mode="max",
+            factor=float(reduce_lr.get("factor", 0.3)),
+            patience=int(reduce_lr.get("patience", 2)),
+            min_lr=float(reduce_lr.get("min_lr", 1e-6)),
+            verbose=1,
         ),
     ]
 
@@ -212,8 +232,12 @@ def class_weights(counts: list[int]) -> dict[int, float] | None:
 def _report(y: np.ndarray, p: np.ndarray, threshold: float, label_names: list[str]) -> dict[str, Any]:
     report = M.binary_report(y, p, threshold)
     cm = M.confusion_matrix(y, M.predict_at(p, threshold))
-    return {**report.to_dict(), "recall": report.sensitivity, "confusion_matrix": cm.tolist(),
-            "label_names": label_names}
+    return {
+        **report.to_dict(),
+        "recall": report.sensitivity,
+        "confusion_matrix": cm.tolist(),
+        "label_names": label_names,
+    }
 
 
 def evaluate(y: np.ndarray, p: np.ndarray, threshold: float, label_names: list[str]) -> dict[str, Any]:
@@ -273,8 +297,9 @@ class Prepared:
 def _decoded(records, settings: Settings, rejections, scratch: Path, name: str) -> Split:
     if not records:
         return Split(None, [])
-    ds = data.decoded_dataset(records, settings.image_size, rejections, settings.max_pixels,
-                              _cache_spec(settings.cache, scratch, name))
+    ds = data.decoded_dataset(
+        records, settings.image_size, rejections, settings.max_pixels, _cache_spec(settings.cache, scratch, name)
+    )
     good = data.prepare(ds, records, rejections)
     return Split(data.with_length(ds, len(good)) if good else None, good)
 
@@ -283,25 +308,39 @@ def prepare_data(config: Mapping[str, Any], settings: Settings, data_uri: str, s
     """List, split, decode and cache every split once; rejections are known afterwards."""
     started = time.perf_counter()
     source = "parquet" if config_mod.get(config, "data.source") == "parquet" else "auto"
-    splits = data.load_splits(data_uri, settings.validation, settings.validation_fraction, settings.seed, source,
-                              patient_key=DicomSettings.from_config(config).patient_key)
-    log(f"listed {data_uri}: train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)} images; "
-        f"{len(splits.rejections.items)} rejected while listing")
+    splits = data.load_splits(
+        data_uri,
+        settings.validation,
+        settings.validation_fraction,
+        settings.seed,
+        source,
+        patient_key=DicomSettings.from_config(config).patient_key,
+    )
+    log(
+        f"listed {data_uri}: train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)} images; "
+        f"{len(splits.rejections.items)} rejected while listing"
+    )
     prepared = Prepared(
-        *(_decoded(getattr(splits, name), settings, splits.rejections, scratch, name)
-          for name in ("train", "val", "test")),
-        label_names=splits.label_names, rejections=splits.rejections,
+        *(
+            _decoded(getattr(splits, name), settings, splits.rejections, scratch, name)
+            for name in ("train", "val", "test")
+        ),
+        label_names=splits.label_names,
+        rejections=splits.rejections,
         decode_seconds=round(time.perf_counter() - started, 2),
     )
     if not prepared.train.records:
         raise ValueError("no training image could be decoded (see rejected.csv)")
-    log(f"decoded in {prepared.decode_seconds:.1f}s; class counts (NORMAL, PNEUMONIA) {prepared.counts()}; "
-        f"{len(prepared.rejections.items)} rejected in all")
+    log(
+        f"decoded in {prepared.decode_seconds:.1f}s; class counts (NORMAL, PNEUMONIA) {prepared.counts()}; "
+        f"{len(prepared.rejections.items)} rejected in all"
+    )
     return prepared
 
 
-def fit(config: Mapping[str, Any], settings: Settings, devices: Devices, strategy, prepared: Prepared,
-        checkpoint: Path):
+def fit(
+    config: Mapping[str, Any], settings: Settings, devices: Devices, strategy, prepared: Prepared, checkpoint: Path
+):
     """Phase 1 (and the fine-tuning phase when configured); returns (best model, history, timer)."""
     cnn_conf = config.get("cnn") or {}
     batch = settings.batch_size * devices.replicas
@@ -309,8 +348,13 @@ def fit(config: Mapping[str, Any], settings: Settings, devices: Devices, strateg
     augment = data.augmenter(**augment_conf, seed=settings.seed) if augment_conf else None
     in_model = augment is not None and augment_placement(cnn_conf.get("augment_on"), devices) == "model"
     train_input, steps = data.training_dataset(
-        prepared.train.ds, list(prepared.train.labels), batch, settings.seed, None if in_model else augment,
-        balance=settings.balance, shuffle_buffer=settings.shuffle_buffer,
+        prepared.train.ds,
+        list(prepared.train.labels),
+        batch,
+        settings.seed,
+        None if in_model else augment,
+        balance=settings.balance,
+        shuffle_buffer=settings.shuffle_buffer,
     )
     val_input = data.eval_dataset(prepared.val.ds, batch) if prepared.val.ds is not None else None
     weights = class_weights(prepared.counts()["train"]) if settings.balance == "class_weight" else None
@@ -320,8 +364,10 @@ def fit(config: Mapping[str, Any], settings: Settings, devices: Devices, strateg
         # Augmenting inside the trained graph runs it on the accelerator; the saved model stays bare.
         trained = keras.Sequential([keras.Input(model.input_shape[1:]), augment, model]) if in_model else model
         compile_model(trained, settings.learning_rate, devices.xla)
-    log(f"model {model.name}: {models.trainable_summary(model)} parameters; batch {batch}; class weights {weights}; "
-        f"augmentation {'in the model' if in_model else 'in the input pipeline' if augment else 'off'}")
+    log(
+        f"model {model.name}: {models.trainable_summary(model)} parameters; batch {batch}; class weights {weights}; "
+        f"augmentation {'in the model' if in_model else 'in the input pipeline' if augment else 'off'}"
+    )
 
     timer = EpochTimer(len(prepared.train.records) if steps is None else steps * batch)
     reduce_lr = cnn_conf.get("reduce_lr") or {}
@@ -331,8 +377,14 @@ def fit(config: Mapping[str, Any], settings: Settings, devices: Devices, strateg
     def run_phase(epochs: int, best: float | None = None) -> None:
         done = len(history.get("loss", []))
         result = trained.fit(
-            train_input, validation_data=val_input, epochs=done + epochs, initial_epoch=done,
-            steps_per_epoch=steps, class_weight=weights, verbose=settings.verbose, shuffle=False,
+            train_input,
+            validation_data=val_input,
+            epochs=done + epochs,
+            initial_epoch=done,
+            steps_per_epoch=steps,
+            class_weight=weights,
+            verbose=settings.verbose,
+            shuffle=False,
             callbacks=[*make_callbacks(checkpoint, settings, reduce_lr, val_input is not None, best), timer],
         )
         _merge_history(history, result.history)
@@ -344,8 +396,10 @@ def fit(config: Mapping[str, Any], settings: Settings, devices: Devices, strateg
         with strategy.scope():
             unfrozen = models.unfreeze_top_blocks(model, blocks)
             compile_model(trained, float(fine_tune.get("learning_rate", 1e-5)), devices.xla)
-        log(f"fine-tuning: {len(unfrozen)} layers of the top {blocks} blocks unfrozen, "
-            f"{models.trainable_summary(model)}")
+        log(
+            f"fine-tuning: {len(unfrozen)} layers of the top {blocks} blocks unfrozen, "
+            f"{models.trainable_summary(model)}"
+        )
         run_phase(int(fine_tune["epochs"]), best=max(history.get(monitor, [0.0])))
 
     if checkpoint.exists():  # the best epoch on validation AUC, over both phases
@@ -371,8 +425,9 @@ def evaluate_run(model, settings: Settings, devices: Devices, prepared: Prepared
     batch = settings.batch_size * devices.replicas
     val = prepared.val
     val_p = predict_scores(model, data.eval_dataset(val.ds, batch) if val.ds is not None else None)
-    choice = M.choose_threshold_by_rule(val.labels, val_p, **{"target_sensitivity": settings.target_sensitivity,
-                                                              **settings.threshold_rule})
+    choice = M.choose_threshold_by_rule(
+        val.labels, val_p, **{"target_sensitivity": settings.target_sensitivity, **settings.threshold_rule}
+    )
     threshold = choice.threshold
     scored = [("val", r, p) for r, p in zip(val.records, val_p)]
     eval_name, final = ("test", prepared.test) if prepared.test.records else ("val", val)
@@ -430,8 +485,9 @@ def _merge_history(total: dict[str, list[float]], history: Mapping[str, list[flo
         total.setdefault(key, []).extend(float(v) for v in values)
 
 
-def train_and_evaluate(config: Mapping[str, Any], data_uri: str, out_uri: str,
-                       overwrite: bool = False) -> dict[str, Any]:
+def train_and_evaluate(
+    config: Mapping[str, Any], data_uri: str, out_uri: str, overwrite: bool = False
+) -> dict[str, Any]:
     """Train the configured CNN on ``data_uri`` and write the run folder to ``out_uri`` (new or
     empty unless ``overwrite``). Returns the metrics dict written to ``metrics.json``."""
     from .. import run_folder
@@ -448,14 +504,16 @@ def train_and_evaluate(config: Mapping[str, Any], data_uri: str, out_uri: str,
         prepared = prepare_data(config, settings, data_uri, scratch)
         model, history, timer = fit(config, settings, devices, strategy, prepared, scratch / "best.keras")
         metrics, scored = evaluate_run(model, settings, devices, prepared)
-        metrics.update({
-            "data": data_uri,
-            "history": history,
-            "epoch_seconds": timer.seconds,
-            "train_images_per_s": timer.images_per_s,
-            "decode_seconds": prepared.decode_seconds,
-            "total_seconds": round(time.perf_counter() - started, 2),
-        })
+        metrics.update(
+            {
+                "data": data_uri,
+                "history": history,
+                "epoch_seconds": timer.seconds,
+                "train_images_per_s": timer.images_per_s,
+                "decode_seconds": prepared.decode_seconds,
+                "total_seconds": round(time.perf_counter() - started, 2),
+            }
+        )
         stage = scratch / "run"
         stage.mkdir()
         model.save(stage / MODEL_FILE)
@@ -463,9 +521,11 @@ def train_and_evaluate(config: Mapping[str, Any], data_uri: str, out_uri: str,
         _write_run(stage, config, settings, metrics, prepared, scored)
         _write_outputs(stage, out_uri, overwrite)
         name = metrics["evaluated_on"]
-        log(f"wrote {out_uri}: {name} AUC {M.fmt(metrics[name]['auc'])}, "
+        log(
+            f"wrote {out_uri}: {name} AUC {M.fmt(metrics[name]['auc'])}, "
             f"accuracy@0.5 {M.fmt(metrics[name]['at_0.5']['accuracy'])}, threshold {metrics['threshold']:.3f} "
-            f"({metrics['threshold_choice']['description']})")
+            f"({metrics['threshold_choice']['description']})"
+        )
         for line in reporting.interval_lines(metrics[name]):
             log(line)
         return metrics
@@ -481,34 +541,50 @@ def _write_run(stage: Path, config, settings: Settings, metrics, prepared: Prepa
     p = np.array([prob for _, prob in final], np.float64)
     (stage / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     (stage / "config.yaml").write_text(config_mod.dump_config(config))
-    (stage / CNN_JSON).write_text(json.dumps({
-        "model_name": settings.model,
-        "model_file": MODEL_FILE,
-        "image_size": settings.image_size,
-        "label_names": prepared.label_names,
-        "threshold": threshold,
-        "default_threshold": M.DEFAULT_THRESHOLD,
-        "max_pixels": settings.max_pixels,
-    }, indent=2))
+    (stage / CNN_JSON).write_text(
+        json.dumps(
+            {
+                "model_name": settings.model,
+                "model_file": MODEL_FILE,
+                "image_size": settings.image_size,
+                "label_names": prepared.label_names,
+                "threshold": threshold,
+                "default_threshold": M.DEFAULT_THRESHOLD,
+                "max_pixels": settings.max_pixels,
+            },
+            indent=2,
+        )
+    )
     (stage / "rejected.csv").write_text(prepared.rejections.to_csv())
     (stage / "history.csv").write_text(_history_csv(metrics["history"]))
     plots.plot_training_curves(metrics["history"], out=stage / "training_curves.png")
     report = metrics[eval_name]
     cm = report["at_threshold"]["confusion_matrix"]
-    plots.plot_confusion_matrix(cm, prepared.label_names, out=stage / "confusion_matrix.png",
-                                title=f"Confusion matrix ({eval_name}, threshold {threshold:.3f})")
-    plots.plot_confusion_matrix(report["at_0.5"]["confusion_matrix"], prepared.label_names,
-                                out=stage / "confusion_matrix_0.5.png",
-                                title=f"Confusion matrix ({eval_name}, threshold 0.5)")
+    plots.plot_confusion_matrix(
+        cm,
+        prepared.label_names,
+        out=stage / "confusion_matrix.png",
+        title=f"Confusion matrix ({eval_name}, threshold {threshold:.3f})",
+    )
+    plots.plot_confusion_matrix(
+        report["at_0.5"]["confusion_matrix"],
+        prepared.label_names,
+        out=stage / "confusion_matrix_0.5.png",
+        title=f"Confusion matrix ({eval_name}, threshold 0.5)",
+    )
     if M.has_both_classes(y):
         fpr, tpr, _ = M.roc_curve(y, p)
-        points = {name: (1 - (r["specificity"] or 0.0), r["sensitivity"] or 0.0)
-                  for name, r in (("0.5", report["at_0.5"]), (f"{threshold:.3f}", report["at_threshold"]))}
-        plots.plot_roc(fpr, tpr, report["auc"], out=stage / "roc.png", title=f"ROC curve ({eval_name})",
-                       operating_points=points)
+        points = {
+            name: (1 - (r["specificity"] or 0.0), r["sensitivity"] or 0.0)
+            for name, r in (("0.5", report["at_0.5"]), (f"{threshold:.3f}", report["at_threshold"]))
+        }
+        plots.plot_roc(
+            fpr, tpr, report["auc"], out=stage / "roc.png", title=f"ROC curve ({eval_name})", operating_points=points
+        )
     else:
-        plots.plot_roc([0, 1], [0, 1], None, out=stage / "roc.png",
-                       title=f"ROC curve ({eval_name}): undefined, one class only")
+        plots.plot_roc(
+            [0, 1], [0, 1], None, out=stage / "roc.png", title=f"ROC curve ({eval_name}): undefined, one class only"
+        )
     reporting.write_calibration_plot(report, str(stage / reporting.CALIBRATION_PNG))
     (stage / reporting.MODEL_CARD).write_text(_model_card(config, settings, metrics, prepared))
 
@@ -520,24 +596,44 @@ def _model_card(config, settings: Settings, metrics, prepared: Prepared) -> str:
     if settings.model == "inception_v3":
         inception = config_mod.get(config, "cnn.inception", {}) or {}
         fine_tune = config_mod.get(config, "cnn.fine_tune", {}) or {}
-        description = (f"Keras InceptionV3 transfer model cut at `{inception.get('cut_layer')}`, {settings.image_size} px, "
-                       f"{settings.epochs} frozen + {fine_tune.get('epochs', 0)} fine-tuning epochs, "
-                       f"balance {settings.balance}.")
+        description = (
+            f"Keras InceptionV3 transfer model cut at `{inception.get('cut_layer')}`, {settings.image_size} px, "
+            f"{settings.epochs} frozen + {fine_tune.get('epochs', 0)} fine-tuning epochs, "
+            f"balance {settings.balance}."
+        )
     else:
-        description = f"Keras {settings.model} trained from scratch, {settings.image_size} px, balance {settings.balance}."
+        description = (
+            f"Keras {settings.model} trained from scratch, {settings.image_size} px, balance {settings.balance}."
+        )
     counts = {k: dict(zip(prepared.label_names, v)) for k, v in prepared.counts().items()}
-    split = (f"Validation: carved from the pooled train + val folders, grouped by patient (fraction "
-             f"{settings.validation_fraction}, seed {settings.seed}), as in the Spark job. It picked the best epoch "
-             "and the threshold." if settings.validation == "carve" else
-             "Validation: the dataset's own val folder. It picked the best epoch and the threshold.")
-    test = (f"the dataset's test folder (n={metrics[eval_name]['n']}), never used for training, epoch or threshold"
-            if eval_name == "test" else
-            f"VALIDATION (n={metrics[eval_name]['n']}): there was no test folder, so these figures are optimistic")
+    split = (
+        f"Validation: carved from the pooled train + val folders, grouped by patient (fraction "
+        f"{settings.validation_fraction}, seed {settings.seed}), as in the Spark job. It picked the best epoch "
+        "and the threshold."
+        if settings.validation == "carve"
+        else "Validation: the dataset's own val folder. It picked the best epoch and the threshold."
+    )
+    test = (
+        f"the dataset's test folder (n={metrics[eval_name]['n']}), never used for training, epoch or threshold"
+        if eval_name == "test"
+        else f"VALIDATION (n={metrics[eval_name]['n']}): there was no test folder, so these figures are optimistic"
+    )
     validation = metrics.get("validation") or {}
     return reporting.model_card(
-        title=f"Keras CNN pneumonia classifier ({settings.model})", model_description=description,
-        data=str(metrics.get("data")), counts=counts, label_names=prepared.label_names, split_description=split,
-        threshold=choice, honest=metrics[eval_name], test_description=test,
-        validation={"n": validation.get("n"), "roc_auc": validation.get("auc"),
-                    "at_chosen": validation.get("at_threshold")} if validation else None,
+        title=f"Keras CNN pneumonia classifier ({settings.model})",
+        model_description=description,
+        data=str(metrics.get("data")),
+        counts=counts,
+        label_names=prepared.label_names,
+        split_description=split,
+        threshold=choice,
+        honest=metrics[eval_name],
+        test_description=test,
+        validation={
+            "n": validation.get("n"),
+            "roc_auc": validation.get("auc"),
+            "at_chosen": validation.get("at_threshold"),
+        }
+        if validation
+        else None,
     )

@@ -13,6 +13,7 @@ is used by the pipeline itself.
 
     python -m cxr_pipeline.datasets.dicom_from_images --src data/sample/chest_xray --out data/dicom/chest_xray
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,17 @@ class Identity:
         """The strings that must never appear in an output: every planted value, person-name parts and the
         birth date also as ``YYYY-MM-DD`` (compare case-insensitively)."""
         date = self.birth_date
-        return (self.name, *self.name.split("^"), date, f"{date[:4]}-{date[4:6]}-{date[6:]}", self.patient_id,
-                self.institution, self.referring_physician, *self.referring_physician.split("^"),
-                self.accession_number)
+        return (
+            self.name,
+            *self.name.split("^"),
+            date,
+            f"{date[:4]}-{date[4:6]}-{date[6:]}",
+            self.patient_id,
+            self.institution,
+            self.referring_physician,
+            *self.referring_physician.split("^"),
+            self.accession_number,
+        )
 
 
 FAKE_IDENTITY = Identity(name="Planted^Jane^Quincy", birth_date="19010203", patient_id="MRN-PLANTED-4711")
@@ -84,8 +93,9 @@ def _save(ds) -> bytes:
     return out.getvalue()
 
 
-def jpeg_dicom(jpeg: bytes, identity: Identity = FAKE_IDENTITY, view: str | None = "PA",
-               photometric: str = "MONOCHROME2") -> bytes:
+def jpeg_dicom(
+    jpeg: bytes, identity: Identity = FAKE_IDENTITY, view: str | None = "PA", photometric: str = "MONOCHROME2"
+) -> bytes:
     """The JPEG's bytes unchanged, as JPEG-baseline encapsulated pixel data (an 8-bit grayscale JPEG)."""
     from pydicom.encaps import encapsulate
     from pydicom.uid import JPEGBaseline8Bit
@@ -103,9 +113,15 @@ def jpeg_dicom(jpeg: bytes, identity: Identity = FAKE_IDENTITY, view: str | None
     return _save(ds)
 
 
-def native_dicom(pixels: np.ndarray, bits_stored: int, identity: Identity = FAKE_IDENTITY,
-                 view: str | None = "PA", photometric: str = "MONOCHROME2",
-                 window: tuple[float, float] | None = None, rescale: tuple[float, float] | None = None) -> bytes:
+def native_dicom(
+    pixels: np.ndarray,
+    bits_stored: int,
+    identity: Identity = FAKE_IDENTITY,
+    view: str | None = "PA",
+    photometric: str = "MONOCHROME2",
+    window: tuple[float, float] | None = None,
+    rescale: tuple[float, float] | None = None,
+) -> bytes:
     """Uncompressed little-endian DICOM of a 2-D integer array.
 
     ``window`` is (center, width) in modality units, ``rescale`` (slope, intercept).

@@ -11,6 +11,7 @@ derived from the Kermany chest X-rays; it is for development and accuracy work.
 
     python -m cxr_pipeline.datasets.medmnist --npz pneumoniamnist.npz --out data/pmnist/chest_xray --limit 200
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,9 @@ def load_split(npz_path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise ValueError(f"{npz_path}: {split}_images must be N x H x W uint8 grayscale, got {images.dtype} {images.shape}")
+        raise ValueError(
+            f"{npz_path}: {split}_images must be N x H x W uint8 grayscale, got {images.dtype} {images.shape}"
+        )
     labels = labels.reshape(len(labels), -1)
     if labels.shape[1] != 1 or len(labels) != len(images):
         raise ValueError(f"{npz_path}: {split}_labels must hold one label per image, got shape {labels.shape}")
@@ -87,8 +90,16 @@ def _write_chunk(tasks, out: Path, size: int, quality: int, overwrite: bool) -> 
     return written
 
 
-def convert(npz_path: Path, out: Path, size: int = 299, splits=("train", "val"), limit: int | None = None,
-            workers: int = 1, quality: int = 95, overwrite: bool = False) -> dict[str, Counter]:
+def convert(
+    npz_path: Path,
+    out: Path,
+    size: int = 299,
+    splits=("train", "val"),
+    limit: int | None = None,
+    workers: int = 1,
+    quality: int = 95,
+    overwrite: bool = False,
+) -> dict[str, Counter]:
     """Write the tree; returns per split the count of images per class. Existing files are kept."""
     out = Path(out)
     counts: dict[str, Counter] = {}
@@ -104,28 +115,44 @@ def convert(npz_path: Path, out: Path, size: int = 299, splits=("train", "val"),
     (out / README_NAME).write_text(
         f"Converted from {Path(npz_path).name} (MedMNIST v2 / PneumoniaMNIST, CC BY 4.0, Yang et al. 2023;\n"
         f"derived from Kermany et al. 2018). Files {FILE_PREFIX}_<split>_<row>.jpeg, upscaled to {size} px\n"
-        f"with bicubic resampling from the {images.shape[1]} px originals. Label 1 -> PNEUMONIA.\n")
-    print(f"{written} written, {len(tasks) - written} already there: "
-          + "; ".join(f"{s} {dict(c)}" for s, c in counts.items()), file=sys.stderr)
+        f"with bicubic resampling from the {images.shape[1]} px originals. Label 1 -> PNEUMONIA.\n"
+    )
+    print(
+        f"{written} written, {len(tasks) - written} already there: "
+        + "; ".join(f"{s} {dict(c)}" for s, c in counts.items()),
+        file=sys.stderr,
+    )
     return counts
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cxr_pipeline.datasets.medmnist",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m cxr_pipeline.datasets.medmnist", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--npz", type=Path, required=True, help="MedMNIST .npz file")
     parser.add_argument("--out", type=Path, required=True, help="tree root to write")
-    parser.add_argument("--size", type=int, default=299, help="output side in pixels, 0 = native (default: %(default)s)")
+    parser.add_argument(
+        "--size", type=int, default=299, help="output side in pixels, 0 = native (default: %(default)s)"
+    )
     parser.add_argument("--splits", default="train,val", help="comma-separated (default: %(default)s)")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="at most N images per split, half from each class (first rows of each)")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="at most N images per split, half from each class (first rows of each)"
+    )
     parser.add_argument("--workers", type=int, default=tree_writer.default_workers(), help="default: %(default)s")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="rewrite files that already exist")
     args = parser.parse_args(argv)
     try:
-        convert(args.npz, args.out, args.size, tree_writer.parse_splits(args.splits), args.limit,
-                args.workers, args.quality, args.overwrite)
+        convert(
+            args.npz,
+            args.out,
+            args.size,
+            tree_writer.parse_splits(args.splits),
+            args.limit,
+            args.workers,
+            args.quality,
+            args.overwrite,
+        )
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

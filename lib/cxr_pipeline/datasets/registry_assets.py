@@ -12,6 +12,7 @@ real images and pretrained weights come out of two pinned packages:
 Archives go to ``paths.CACHE_DIR/downloads`` and are checked against a pinned
 sha256, so a second set-up (or a fresh clone) reuses them without a download.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -103,8 +104,10 @@ def fetch(archive: Archive) -> Path:
             ) from exc
         downloaded = Path(scratch) / archive.file_name
         if not downloaded.exists():
-            raise AssetError(f"{archive.spec}: expected {archive.file_name} after the download, got "
-                             f"{sorted(p.name for p in Path(scratch).iterdir())}")
+            raise AssetError(
+                f"{archive.spec}: expected {archive.file_name} after the download, got "
+                f"{sorted(p.name for p in Path(scratch).iterdir())}"
+            )
         actual = sha256_of(downloaded)
         if actual != archive.sha256:
             raise AssetError(f"{archive.spec}: sha256 {actual} does not match the pinned {archive.sha256}")

@@ -12,6 +12,7 @@ the classes.
 
     python -m cxr_pipeline.datasets.sample --out data/sample/chest_xray
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,8 @@ import shutil
 import sys
 import tempfile
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from cxr_pipeline import paths
 from cxr_pipeline.dataset_layout import patient_id
@@ -53,7 +54,7 @@ def split_by_patient(file_names: Iterable[str], counts: Mapping[str, int] = SPLI
         patients[patient_id(name)].append(name)
     filled = {split: 0 for split in counts}
     assignment = {}
-    for pid, names in sorted(patients.items(), key=lambda item: (-len(item[1]), item[0])):
+    for _patient, names in sorted(patients.items(), key=lambda item: (-len(item[1]), item[0])):
         split = max(counts, key=lambda s: (counts[s] - filled[s], -list(counts).index(s)))
         filled[split] += len(names)
         assignment.update({name: split for name in names})
@@ -103,18 +104,21 @@ def build_sample_tree(out: Path, stamp: Path | None = None) -> dict[str, str]:
         f"{out.name}/: the 16 images of the Kermany chest_xray/val folder, taken from PyPI "
         f"{registry_assets.PNEUMONIA_MODEL_PACKAGE.spec} ({registry_assets.WHEEL_VAL_IMAGES_DIR}),\n"
         f"re-split per class into train/val/test {SPLIT_COUNTS} keeping patients together.\n"
-        "Original data: Kermany et al., Cell 2018, doi:10.17632/rscbjbr9sj.2 (CC BY 4.0).\n")
+        "Original data: Kermany et al., Cell 2018, doi:10.17632/rscbjbr9sj.2 (CC BY 4.0).\n"
+    )
     if stamp is not None:
         stamp.touch()
     return plan
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cxr_pipeline.datasets.sample",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m cxr_pipeline.datasets.sample", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--out", type=Path, default=paths.SAMPLE_TREE, help="tree root (default: %(default)s)")
-    parser.add_argument("--stamp", type=Path, default=None,
-                        help="stamp file touched when done (default: <out>/../.complete)")
+    parser.add_argument(
+        "--stamp", type=Path, default=None, help="stamp file touched when done (default: <out>/../.complete)"
+    )
     args = parser.parse_args(argv)
     try:
         build_sample_tree(args.out, args.stamp or args.out.parent / STAMP_NAME)

@@ -4,13 +4,15 @@ Shared by the MedMNIST converter and the synthetic generator: each file is
 written to a temporary name and renamed, so an existing file is always complete
 and a re-run skips it.
 """
+
 from __future__ import annotations
 
 import io
 import multiprocessing
 import os
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
@@ -54,7 +56,7 @@ def run_chunks(worker: Callable[[list[T]], int], tasks: Iterable[T], workers: in
     threads) loaded, which a forked child can deadlock on.
     """
     tasks = list(tasks)
-    chunks = [tasks[i:i + chunk_size] for i in range(0, len(tasks), chunk_size)]
+    chunks = [tasks[i : i + chunk_size] for i in range(0, len(tasks), chunk_size)]
     if workers <= 1 or len(chunks) <= 1:
         return sum(worker(chunk) for chunk in chunks)
     with multiprocessing.get_context("spawn").Pool(min(workers, len(chunks))) as pool:

@@ -13,6 +13,7 @@ over a tree, each written as a Parquet table) and fires a fault in chosen passes
 first task has finished, i.e. in the middle of the pass. ``run_training`` runs
 jobs/train_featurizer.py under spark-submit and can kill a worker JVM once featurization runs on it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,13 +25,14 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .. import paths
-from .hdfs_cluster import LocalHdfs
 from . import processes
+from .hdfs_cluster import LocalHdfs
 from .processes import free_port, port_in_use
 from .spark_cluster import LocalSparkStandalone
 
@@ -131,13 +133,24 @@ class FaultStack:
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
-        self.hdfs = LocalHdfs(self.root / "hdfs", rpc_port=free_port(), http_port=free_port(),
-                              datanode_ports=tuple(free_port() for _ in range(3 * self.datanodes)),
-                              heap="256m", datanodes=self.datanodes)
-        self.spark = LocalSparkStandalone(master_port=free_port(), web_port=_free_port_run(1 + self.workers),
-                                          workers=self.workers, cores=1, memory="1g", state_dir=self.root / "spark")
+        self.hdfs = LocalHdfs(
+            self.root / "hdfs",
+            rpc_port=free_port(),
+            http_port=free_port(),
+            datanode_ports=tuple(free_port() for _ in range(3 * self.datanodes)),
+            heap="256m",
+            datanodes=self.datanodes,
+        )
+        self.spark = LocalSparkStandalone(
+            master_port=free_port(),
+            web_port=_free_port_run(1 + self.workers),
+            workers=self.workers,
+            cores=1,
+            memory="1g",
+            state_dir=self.root / "spark",
+        )
 
-    def up(self) -> "FaultStack":
+    def up(self) -> FaultStack:
         """Both services, started side by side (each takes 10-30 s on a busy 2-core machine)."""
         errors: list[BaseException] = []
 
@@ -206,8 +219,13 @@ class FaultStack:
 # ---------------------------------------------------------------------- featurization passes
 def _job_env() -> dict[str, str]:
     lib = str(Path(__file__).resolve().parents[2])
-    return {**os.environ, "PYTHONPATH": f"{lib}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-            "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": f"{lib}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "SPARK_LOCAL_IP": "127.0.0.1",
+    }
 
 
 def _running_jobs(ui_url: str) -> list[dict[str, Any]]:
@@ -216,8 +234,9 @@ def _running_jobs(ui_url: str) -> list[dict[str, Any]]:
             apps = json.load(response)
         if not apps:
             return []
-        with urllib.request.urlopen(f"{ui_url}/api/v1/applications/{apps[0]['id']}/jobs?status=running",
-                                    timeout=2) as response:
+        with urllib.request.urlopen(
+            f"{ui_url}/api/v1/applications/{apps[0]['id']}/jobs?status=running", timeout=2
+        ) as response:
             return json.load(response)
     except (OSError, ValueError):
         return []
@@ -226,28 +245,54 @@ def _running_jobs(ui_url: str) -> list[dict[str, Any]]:
 def _pass_half_done(ui_url: str, index: int) -> bool:
     """Pass ``index``'s featurization job has finished a task and has tasks left."""
     wanted = FEATURIZE_JOB_DESCRIPTION.format(index=index)
-    return any(job.get("description") == wanted and 1 <= job.get("numCompletedTasks", 0) < job.get("numTasks", 0)
-               for job in _running_jobs(ui_url))
+    return any(
+        job.get("description") == wanted and 1 <= job.get("numCompletedTasks", 0) < job.get("numTasks", 0)
+        for job in _running_jobs(ui_url)
+    )
 
 
 @dataclass
 class FeaturizeRun:
     returncode: int
-    passes: list[dict[str, Any]]          # per pass: index, seconds, failed_tasks, table
-    injected: dict[int, str]              # pass -> what was done
+    passes: list[dict[str, Any]]  # per pass: index, seconds, failed_tasks, table
+    injected: dict[int, str]  # pass -> what was done
     log: str
 
 
-def run_featurize_passes(stack: FaultStack, data_uri: str, out_dir: Path, passes: int,
-                         faults: dict[int, Callable[[], str]], layer: str = "mixed0", image_size: int = 96,
-                         timeout: float = 1800) -> FeaturizeRun:
+def run_featurize_passes(
+    stack: FaultStack,
+    data_uri: str,
+    out_dir: Path,
+    passes: int,
+    faults: dict[int, Callable[[], str]],
+    layer: str = "mixed0",
+    image_size: int = 96,
+    timeout: float = 1800,
+) -> FeaturizeRun:
     """Run the featurize driver on ``stack``; ``faults[i]()`` fires in the middle of pass i."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ui_port = free_port()
     log_path = out_dir / "driver.log"
-    command = [sys.executable, "-m", "cxr_pipeline.localstack.faults", "featurize", "--master", stack.master_url,
-               "--data", data_uri, "--out", str(out_dir), "--passes", str(passes), "--ui-port", str(ui_port),
-               "--layer", layer, "--image-size", str(image_size)]
+    command = [
+        sys.executable,
+        "-m",
+        "cxr_pipeline.localstack.faults",
+        "featurize",
+        "--master",
+        stack.master_url,
+        "--data",
+        data_uri,
+        "--out",
+        str(out_dir),
+        "--passes",
+        str(passes),
+        "--ui-port",
+        str(ui_port),
+        "--layer",
+        layer,
+        "--image-size",
+        str(image_size),
+    ]
     pending, injected = dict(faults), {}
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=_job_env())
@@ -274,10 +319,11 @@ def read_feature_table(table_dir: str | Path) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     frame = pq.read_table(str(table_dir)).to_pandas()
-    return {"paths": list(frame["path"]),
-            "features": {p: np.asarray(f, dtype=float) for p, f in zip(frame["path"], frame["features"])
-                         if f is not None},
-            "errors": [e for e in frame["featurize_error"] if e is not None]}
+    return {
+        "paths": list(frame["path"]),
+        "features": {p: np.asarray(f, dtype=float) for p, f in zip(frame["path"], frame["features"]) if f is not None},
+        "errors": [e for e in frame["featurize_error"] if e is not None],
+    }
 
 
 # ---------------------------------------------------------------------- hdfs-load and checksums
@@ -289,8 +335,9 @@ class LoadRun:
     error: str | None
 
 
-def run_hdfs_load(stack: FaultStack, source: Path, target: str, stop_datanode_after: int | None = None,
-                  workers: int = 2) -> LoadRun:
+def run_hdfs_load(
+    stack: FaultStack, source: Path, target: str, stop_datanode_after: int | None = None, workers: int = 2
+) -> LoadRun:
     """``make hdfs-load``'s code (hdfs_load.load_tree over WebHDFS, what auto picks for a small tree) into
     ``stack``; with ``stop_datanode_after=N`` DataNode 1 is stopped once N files are in place."""
     from .. import hdfs_load
@@ -305,9 +352,15 @@ def run_hdfs_load(stack: FaultStack, source: Path, target: str, stop_datanode_af
 
     started = time.monotonic()
     try:
-        report = hdfs_load.load_tree(source, target, via="webhdfs", workers=workers,
-                                     webhdfs_url=stack.hdfs.webhdfs_url, progress=False,
-                                     on_placed=maybe_stop if stop_datanode_after else None)
+        report = hdfs_load.load_tree(
+            source,
+            target,
+            via="webhdfs",
+            workers=workers,
+            webhdfs_url=stack.hdfs.webhdfs_url,
+            progress=False,
+            on_placed=maybe_stop if stop_datanode_after else None,
+        )
         ok, error = report.ok, None
     except Exception as exc:  # noqa: BLE001 - reported, not hidden: the caller asserts on it
         ok, error = False, f"{type(exc).__name__}: {exc}"
@@ -320,8 +373,11 @@ def checksum_mismatches(source: Path, target: str) -> list[str]:
 
     from .. import storage
 
-    wanted = {p.relative_to(source).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
-              for p in source.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    wanted = {
+        p.relative_to(source).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in source.rglob("*")
+        if p.is_file() and not p.name.startswith(".")
+    }
     bad = []
     for rel, digest in sorted(wanted.items()):
         try:
@@ -344,22 +400,48 @@ class TrainingRun:
     stderr: str
 
 
-def run_training(stack: FaultStack, data_uri: str, run_dir: Path, kill_worker: bool,
-                 layer: str = "mixed0", image_size: int = 96, timeout: float = 1800) -> TrainingRun:
+def run_training(
+    stack: FaultStack,
+    data_uri: str,
+    run_dir: Path,
+    kill_worker: bool,
+    layer: str = "mixed0",
+    image_size: int = 96,
+    timeout: float = 1800,
+) -> TrainingRun:
     """jobs/train_featurizer.py on ``stack``; with ``kill_worker`` a worker JVM is SIGKILLed while it featurizes."""
-    command = [str(Path(sys.executable).parent / "spark-submit"), "--master", stack.master_url,
-               "--conf", "spark.ui.enabled=false", "--conf", "spark.ui.showConsoleProgress=false",
-               str(paths.REPO_ROOT / "jobs" / "train_featurizer.py"),
-               "--conf-env", "standalone", "--data", data_uri, "--out", str(run_dir),
-               "--feature-layer", layer, "--image-size", str(image_size), "--batch-size", "4",
-               "--set", "tracking.enabled=false"]  # the faults are the subject; MLflow has tests of its own
+    command = [
+        str(Path(sys.executable).parent / "spark-submit"),
+        "--master",
+        stack.master_url,
+        "--conf",
+        "spark.ui.enabled=false",
+        "--conf",
+        "spark.ui.showConsoleProgress=false",
+        str(paths.REPO_ROOT / "jobs" / "train_featurizer.py"),
+        "--conf-env",
+        "standalone",
+        "--data",
+        data_uri,
+        "--out",
+        str(run_dir),
+        "--feature-layer",
+        layer,
+        "--image-size",
+        str(image_size),
+        "--batch-size",
+        "4",
+        "--set",
+        "tracking.enabled=false",
+    ]  # the faults are the subject; MLflow has tests of its own
     for override in stack.config_overrides():
         command += ["--set", override]
     started = time.monotonic()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_job_env())
     outputs: dict[str, str] = {}
-    reader = threading.Thread(target=lambda: outputs.update(zip(("stdout", "stderr"), process.communicate())),
-                              daemon=True)
+    reader = threading.Thread(
+        target=lambda: outputs.update(zip(("stdout", "stderr"), process.communicate())), daemon=True
+    )
     reader.start()
     injected, executors = None, []
     deadline = started + timeout
@@ -373,8 +455,14 @@ def run_training(stack: FaultStack, data_uri: str, run_dir: Path, kill_worker: b
     if process.poll() is None:
         process.kill()
         reader.join(timeout=10)
-    return TrainingRun(process.wait(), time.monotonic() - started, injected, executors,
-                       outputs.get("stdout", ""), outputs.get("stderr", ""))
+    return TrainingRun(
+        process.wait(),
+        time.monotonic() - started,
+        injected,
+        executors,
+        outputs.get("stdout", ""),
+        outputs.get("stderr", ""),
+    )
 
 
 # ---------------------------------------------------------------------- the featurize driver
@@ -387,8 +475,12 @@ def featurize_driver(args: argparse.Namespace) -> int:
     from ..spark.session import spark_session
 
     config = load_config("standalone")
-    config["spark"]["conf"] = {**config["spark"]["conf"], "spark.ui.port": str(args.ui_port),
-                               "spark.port.maxRetries": "0", "spark.ui.showConsoleProgress": "false"}
+    config["spark"]["conf"] = {
+        **config["spark"]["conf"],
+        "spark.ui.port": str(args.ui_port),
+        "spark.port.maxRetries": "0",
+        "spark.ui.showConsoleProgress": "false",
+    }
     spark = spark_session(config, app_name="cxr-faults-featurize", master=args.master)
     spark.sparkContext.setLogLevel("ERROR")
     # One file per task, so a pass has many tasks and a fault lands between its first and its last.
@@ -404,25 +496,42 @@ def featurize_driver(args: argparse.Namespace) -> int:
             group = f"pass-{index}"
             spark.sparkContext.setJobGroup(group, FEATURIZE_JOB_DESCRIPTION.format(index=index))
             destination = f"{args.out}/pass-{index}"
-            table.select("path", vector_to_array("features").alias("features"), "featurize_error") \
-                .write.mode("overwrite").parquet(Path(destination).resolve().as_uri())
-            failed = sum(stage.numFailedTasks for job in tracker.getJobIdsForGroup(group)
-                         if (info := tracker.getJobInfo(job))
-                         for stage in map(tracker.getStageInfo, info.stageIds) if stage)
-            print(json.dumps({"index": index, "seconds": round(time.monotonic() - started, 2),
-                              "failed_tasks": failed, "table": destination}), flush=True)
+            table.select("path", vector_to_array("features").alias("features"), "featurize_error").write.mode(
+                "overwrite"
+            ).parquet(Path(destination).resolve().as_uri())
+            failed = sum(
+                stage.numFailedTasks
+                for job in tracker.getJobIdsForGroup(group)
+                if (info := tracker.getJobInfo(job))
+                for stage in map(tracker.getStageInfo, info.stageIds)
+                if stage
+            )
+            print(
+                json.dumps(
+                    {
+                        "index": index,
+                        "seconds": round(time.monotonic() - started, 2),
+                        "failed_tasks": failed,
+                        "table": destination,
+                    }
+                ),
+                flush=True,
+            )
     finally:
         spark.stop()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cxr_pipeline.localstack.faults",
-                                     description="The featurize driver that fault-injection runs use "
-                                                 "(run_featurize_passes starts it; see bench/bench_faults.py).")
+    parser = argparse.ArgumentParser(
+        prog="python -m cxr_pipeline.localstack.faults",
+        description="The featurize driver that fault-injection runs use "
+        "(run_featurize_passes starts it; see bench/bench_faults.py).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    featurize = sub.add_parser("featurize",
-                               help="N passes of ImageFeaturizer over a tree, each to OUT/pass-i (Parquet)")
+    featurize = sub.add_parser(
+        "featurize", help="N passes of ImageFeaturizer over a tree, each to OUT/pass-i (Parquet)"
+    )
     featurize.add_argument("--master", required=True)
     featurize.add_argument("--data", required=True, help="chest_xray tree URI")
     featurize.add_argument("--out", required=True, help="local folder for the pass-i tables")

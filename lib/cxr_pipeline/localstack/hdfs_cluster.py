@@ -13,6 +13,7 @@ instance's state dir, next to its name/data dirs and its rendered config::
 ``data`` and ``data-1``) and replication 2, so either DataNode can stop without
 losing a block. CLI: ``python -m cxr_pipeline.localstack.hdfs_cluster up|down|status [--datanodes 2]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -110,9 +111,15 @@ class LocalHdfs:
     def write_config(self) -> Path:
         """Render conf/hadoop/*.xml for this instance into <state_dir>/conf; returns that folder."""
         data, data_http, data_ipc = self.datanode_ports
-        values = {"state_dir": str(self.state_dir), "rpc_port": self.rpc_port, "http_port": self.http_port,
-                  "datanode_port": data, "datanode_http_port": data_http, "datanode_ipc_port": data_ipc,
-                  "replication": self.replication}
+        values = {
+            "state_dir": str(self.state_dir),
+            "rpc_port": self.rpc_port,
+            "http_port": self.http_port,
+            "datanode_port": data,
+            "datanode_http_port": data_http,
+            "datanode_ipc_port": data_ipc,
+            "replication": self.replication,
+        }
         self.conf_dir.mkdir(parents=True, exist_ok=True)
         for name in CONFIG_TEMPLATES:
             text = (paths.CONF_DIR / "hadoop" / name).read_text()
@@ -131,20 +138,31 @@ class LocalHdfs:
         if index == 0:
             return self.java_command(DATANODE_CLASS)
         data, data_http, data_ipc = self.datanode_port_sets[index]
-        overrides = {"dfs.datanode.data.dir": f"file://{self.state_dir / _datanode_data_dir(index)}",
-                     "dfs.datanode.address": f"127.0.0.1:{data}",
-                     "dfs.datanode.http.address": f"127.0.0.1:{data_http}",
-                     "dfs.datanode.ipc.address": f"127.0.0.1:{data_ipc}"}
-        return self.java_command(DATANODE_CLASS, *[arg for key, value in overrides.items()
-                                                   for arg in ("-D", f"{key}={value}")])
+        overrides = {
+            "dfs.datanode.data.dir": f"file://{self.state_dir / _datanode_data_dir(index)}",
+            "dfs.datanode.address": f"127.0.0.1:{data}",
+            "dfs.datanode.http.address": f"127.0.0.1:{data_http}",
+            "dfs.datanode.ipc.address": f"127.0.0.1:{data_ipc}",
+        }
+        return self.java_command(
+            DATANODE_CLASS, *[arg for key, value in overrides.items() for arg in ("-D", f"{key}={value}")]
+        )
 
     def java_command(self, main_class: str, *args: str) -> list[str]:
         java = shutil.which("java")
         if not java:
             raise HdfsClusterError("`java` not found on PATH: install a JDK (Java 17 works)")
-        return [java, f"-Xmx{self.heap}", "-Djava.net.preferIPv4Stack=true",
-                f"-Dhadoop.log.dir={self.state_dir / 'logs'}", "-Dhadoop.root.logger=INFO,console",
-                "-cp", self.classpath(), main_class, *args]
+        return [
+            java,
+            f"-Xmx{self.heap}",
+            "-Djava.net.preferIPv4Stack=true",
+            f"-Dhadoop.log.dir={self.state_dir / 'logs'}",
+            "-Dhadoop.root.logger=INFO,console",
+            "-cp",
+            self.classpath(),
+            main_class,
+            *args,
+        ]
 
     # -- lifecycle -------------------------------------------------------------
     def is_formatted(self) -> bool:
@@ -157,16 +175,22 @@ class LocalHdfs:
         log_file = self.state_dir / "logs" / "format.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(log_file, "wb") as log:
-            result = subprocess.run(self.java_command(NAMENODE_CLASS, "-format", "-nonInteractive", "-force"),
-                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=120)
+            result = subprocess.run(
+                self.java_command(NAMENODE_CLASS, "-format", "-nonInteractive", "-force"),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                timeout=120,
+            )
         if result.returncode != 0 or not self.is_formatted():
-            raise HdfsClusterError(f"formatting the NameNode failed (exit {result.returncode}); see {log_file}:\n"
-                                   + _tail(log_file))
+            raise HdfsClusterError(
+                f"formatting the NameNode failed (exit {result.returncode}); see {log_file}:\n" + _tail(log_file)
+            )
 
     def is_running(self) -> bool:
         return self.namenode.alive() and all(handle.alive() for handle in self.datanodes)
 
-    def up(self, timeout: float = 90) -> "LocalHdfs":
+    def up(self, timeout: float = 90) -> LocalHdfs:
         """Start (formatting on first use) and wait until writable; a no-op when already up."""
         with state_lock(self.state_dir):
             self.write_config()  # also refreshes the client config of a running instance
@@ -191,8 +215,11 @@ class LocalHdfs:
         """Stop the DataNodes then the NameNode: SIGTERM, then SIGKILL after ``timeout`` seconds."""
         with state_lock(self.state_dir):
             # Also DataNodes of an earlier `up --datanodes N` with a larger N.
-            extra = [ProcessHandle(p.stem, DATANODE_CLASS, self.state_dir)
-                     for p in sorted(self.state_dir.glob("datanode*.pid")) if p.stem not in {h.name for h in self.datanodes}]
+            extra = [
+                ProcessHandle(p.stem, DATANODE_CLASS, self.state_dir)
+                for p in sorted(self.state_dir.glob("datanode*.pid"))
+                if p.stem not in {h.name for h in self.datanodes}
+            ]
             for handle in (*self.datanodes, *extra, self.namenode):
                 handle.stop(timeout)
             for port in self.all_ports.values():
@@ -214,8 +241,13 @@ class LocalHdfs:
         jmx = self._jmx_state()
         info.update(jmx or {"safemode": None, "live_datanodes": None})
         info["datanode_registered"] = all(self._datanode_registered(h) for h in self.datanodes)
-        info["ready"] = bool(info["running"] and jmx and not jmx["safemode"]
-                             and jmx["live_datanodes"] >= len(self.datanodes) and info["datanode_registered"])
+        info["ready"] = bool(
+            info["running"]
+            and jmx
+            and not jmx["safemode"]
+            and jmx["live_datanodes"] >= len(self.datanodes)
+            and info["datanode_registered"]
+        )
         return info
 
     # -- helpers ---------------------------------------------------------------
@@ -228,7 +260,8 @@ class LocalHdfs:
             who = describe_port_owner(owner)
             raise HdfsClusterError(
                 f"port {port} ({name}) is in use by {who}: stop it, or start this HDFS on other ports "
-                f"(--rpc-port/--http-port/--datanode-ports)")
+                f"(--rpc-port/--http-port/--datanode-ports)"
+            )
 
     def _jmx(self, bean: str, base_url: str | None = None) -> dict[str, Any] | None:
         url = f"{base_url or self.webhdfs_url}/jmx?qry={bean}"
@@ -266,23 +299,29 @@ class LocalHdfs:
 
     def _is_ready(self) -> bool:
         state = self._jmx_state()
-        return bool(state and not state["safemode"] and state["live_datanodes"] >= len(self.datanodes)
-                    and all(self._datanode_registered(h) for h in self.datanodes))
+        return bool(
+            state
+            and not state["safemode"]
+            and state["live_datanodes"] >= len(self.datanodes)
+            and all(self._datanode_registered(h) for h in self.datanodes)
+        )
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for handle in (self.namenode, *self.datanodes):
                 if not handle.alive():
-                    raise HdfsClusterError(f"the {handle.name} exited during start-up; see {handle.log_file}:\n"
-                                           + _tail(handle.log_file))
+                    raise HdfsClusterError(
+                        f"the {handle.name} exited during start-up; see {handle.log_file}:\n" + _tail(handle.log_file)
+                    )
             if self._is_ready():
                 return
             time.sleep(0.5)
         raise HdfsClusterError(
             f"HDFS not ready after {timeout:.0f} s (want: safe mode off and {len(self.datanodes)} live DataNode(s), "
             f"last seen {self._jmx_state()}); logs: {self.namenode.log_file}, "
-            + ", ".join(str(h.log_file) for h in self.datanodes))
+            + ", ".join(str(h.log_file) for h in self.datanodes)
+        )
 
 
 def _datanode_name(index: int) -> str:
@@ -297,9 +336,10 @@ def _datanode_port_sets(ports: list[int], datanodes: int) -> list[tuple[int, int
     if len(ports) == 3:
         return [tuple(port + 10 * index for port in ports) for index in range(datanodes)]  # type: ignore[misc]
     if len(ports) != 3 * datanodes:
-        raise ValueError(f"datanode_ports: want (data transfer, http, ipc) for the first DataNode "
-                         f"or for each of the {datanodes}")
-    return [tuple(ports[i:i + 3]) for i in range(0, len(ports), 3)]  # type: ignore[misc]
+        raise ValueError(
+            f"datanode_ports: want (data transfer, http, ipc) for the first DataNode " f"or for each of the {datanodes}"
+        )
+    return [tuple(ports[i : i + 3]) for i in range(0, len(ports), 3)]  # type: ignore[misc]
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -340,14 +380,25 @@ def main(argv: list[str] | None = None) -> int:
         description="Start, stop or inspect the local HDFS (NameNode + DataNodes on 127.0.0.1).",
     )
     parser.add_argument("action", choices=("up", "down", "status"))
-    parser.add_argument("--state-dir", type=Path, default=paths.HDFS_STATE_DIR, help="name/data/log/pid folder (default: %(default)s)")
+    parser.add_argument(
+        "--state-dir", type=Path, default=paths.HDFS_STATE_DIR, help="name/data/log/pid folder (default: %(default)s)"
+    )
     parser.add_argument("--rpc-port", type=int, default=9000, help="NameNode RPC port (default: %(default)s)")
     parser.add_argument("--http-port", type=int, default=9870, help="NameNode HTTP/WebHDFS port (default: %(default)s)")
-    parser.add_argument("--datanode-ports", type=_parse_ports, default=(9866, 9864, 9867),
-                        help="DataNode data,http,ipc ports; with several DataNodes the next ones use +10, +20 "
-                             "unless all are listed (default: 9866,9864,9867)")
-    parser.add_argument("--datanodes", type=int, default=1, choices=range(1, MAX_DATANODES + 1),
-                        help="DataNodes, also the replication factor: 2 = the replicated layout (default: %(default)s)")
+    parser.add_argument(
+        "--datanode-ports",
+        type=_parse_ports,
+        default=(9866, 9864, 9867),
+        help="DataNode data,http,ipc ports; with several DataNodes the next ones use +10, +20 "
+        "unless all are listed (default: 9866,9864,9867)",
+    )
+    parser.add_argument(
+        "--datanodes",
+        type=int,
+        default=1,
+        choices=range(1, MAX_DATANODES + 1),
+        help="DataNodes, also the replication factor: 2 = the replicated layout (default: %(default)s)",
+    )
     parser.add_argument("--timeout", type=float, default=90, help="seconds to wait for readiness / clean stop")
     args = parser.parse_args(argv)
     try:
@@ -365,8 +416,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(status, indent=2))
             return 0 if status["ready"] else 3
         if args.action == "up":  # one line for make's console; `status` gives the whole picture as JSON
-            print(f"HDFS ready: {status['namenode_uri']} (WebHDFS {status['webhdfs_url']}), "
-                  f"{status['live_datanodes']} DataNode(s), state in {status['state_dir']}")
+            print(
+                f"HDFS ready: {status['namenode_uri']} (WebHDFS {status['webhdfs_url']}), "
+                f"{status['live_datanodes']} DataNode(s), state in {status['state_dir']}"
+            )
         return 0
     except (HdfsClusterError, provision.ProvisionError) as exc:
         print(f"[hdfs] ERROR: {exc}", file=sys.stderr)

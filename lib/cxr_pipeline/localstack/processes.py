@@ -5,6 +5,7 @@ Shared by the local HDFS and the standalone Spark cluster: each daemon is a
 Ctrl-C in the caller does not reach it), with ``<name>.pid`` and
 ``logs/<name>.log`` in a state dir.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -14,9 +15,9 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
 
 
 class ProcessHandle:
@@ -58,8 +59,13 @@ class ProcessHandle:
             log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {self.name}\n".encode())
             log.flush()
             process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, close_fds=True, env=dict(env) if env is not None else None,
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                close_fds=True,
+                env=dict(env) if env is not None else None,
             )
         self.pid_file.write_text(f"{process.pid}\n")
         # Until exec() the child's command line is still ours: wait for the marker
@@ -82,7 +88,7 @@ class ProcessHandle:
                 while block := log.read(chunk):
                     if needle in tail + block:
                         return True
-                    tail = block[-len(needle):]
+                    tail = block[-len(needle) :]
         except OSError:
             return False
         return False

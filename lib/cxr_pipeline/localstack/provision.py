@@ -18,6 +18,7 @@ FsShell). WebHDFS additionally needs Jersey 1, which Debian packages. So:
 
 ``python -m cxr_pipeline.localstack.provision [--force]``; a second run is a no-op.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -118,12 +119,23 @@ def download_pyspark_sdist(downloads: Path) -> Path:
         return sdist
     downloads.mkdir(parents=True, exist_ok=True)
     log(f"downloading {PYSPARK_SDIST_NAME} (~220 MB) from PyPI into {downloads}")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
-           "-d", str(downloads), f"pyspark=={PYSPARK_SDIST_VERSION}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-build-isolation",
+        "-d",
+        str(downloads),
+        f"pyspark=={PYSPARK_SDIST_VERSION}",
+    ]
     try:
         _run(cmd, what="pip download pyspark==2.4.8")
     except ProvisionError as exc:
-        raise ProvisionError(f"{exc}\nIs PyPI reachable (pip config / proxy)? The sdist is needed for the Hadoop jars.") from exc
+        raise ProvisionError(
+            f"{exc}\nIs PyPI reachable (pip config / proxy)? The sdist is needed for the Hadoop jars."
+        ) from exc
     if not sdist.exists():
         raise ProvisionError(f"pip download finished but {sdist} is missing")
     return sdist
@@ -233,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Provision Apache Hadoop 2.7.3 HDFS jars (from the pyspark 2.4.8 sdist on PyPI "
         "and Debian's Jersey 1) into .local/hadoop. Cached and idempotent.",
     )
-    parser.add_argument("--hadoop-home", type=Path, default=paths.HADOOP_HOME, help="where to put the jars (default: %(default)s)")
+    parser.add_argument(
+        "--hadoop-home", type=Path, default=paths.HADOOP_HOME, help="where to put the jars (default: %(default)s)"
+    )
     parser.add_argument("--cache-dir", type=Path, default=paths.CACHE_DIR, help="download cache (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="re-extract even when already provisioned")
     args = parser.parse_args(argv)

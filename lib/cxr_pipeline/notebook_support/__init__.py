@@ -10,43 +10,42 @@
 
 Notebooks import from this package; the names below are its public surface.
 """
-from .shim import (  # noqa: F401
-    env_var_name,
-    convert_like,
-    on_databricks,
-    get_param,
-    notebook_config,
-    default_data_uri,
-    require,
-    default_runs_uri,
-    spark_for_notebook,
-    spark_description,
-    output_dir,
-    display_or_save,
-    show_table,
-    with_settings,
-    OUT_ENV,
-    ENV_PREFIX,
-)
-
-from .runs import (  # noqa: F401
-    image_key,
-    describe_pipeline,
-    metrics_table,
-    counts_table,
-    show_run_figures,
-    spark_test_scores,
-    cnn_test_scores,
-    run_threshold,
-    score_files_local,
-    probability_gap,
-)
 
 from .compare import (  # noqa: F401
-    join_scores,
-    compare_models,
     agreement_table,
-    threshold_table,
-    plot_roc_comparison,
+    compare_models,
+    join_scores,
     plot_predictions,
+    plot_roc_comparison,
+    threshold_table,
+)
+from .runs import (  # noqa: F401
+    cnn_test_scores,
+    counts_table,
+    describe_pipeline,
+    image_key,
+    metrics_table,
+    probability_gap,
+    run_threshold,
+    score_files_local,
+    show_run_figures,
+    spark_test_scores,
+)
+from .shim import (  # noqa: F401
+    ENV_PREFIX,
+    OUT_ENV,
+    convert_like,
+    default_data_uri,
+    default_runs_uri,
+    display_or_save,
+    env_var_name,
+    get_param,
+    notebook_config,
+    on_databricks,
+    output_dir,
+    require,
+    show_table,
+    spark_description,
+    spark_for_notebook,
+    with_settings,
 )

@@ -1,13 +1,18 @@
 """Comparing models on the same test images: joined score tables, metrics side by side (``metrics``),
 agreement, a threshold table, ROC curves (``plots``) and thumbnails of predictions."""
+
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from .runs import _REPORT_COLUMNS
 
+if TYPE_CHECKING:
+    import pandas as pd
 
-def join_scores(scores: Mapping[str, "pd.DataFrame"]) -> "pd.DataFrame":
+
+def join_scores(scores: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     """Per-model score tables joined on the image (only images every model scored): ``[key, label, <model>...]``."""
     joined = None
     for name, table in scores.items():
@@ -24,7 +29,7 @@ def join_scores(scores: Mapping[str, "pd.DataFrame"]) -> "pd.DataFrame":
     return joined.reset_index(drop=True)
 
 
-def compare_models(joined: "pd.DataFrame", thresholds: Mapping[str, float]) -> "pd.DataFrame":
+def compare_models(joined: pd.DataFrame, thresholds: Mapping[str, float]) -> pd.DataFrame:
     """Metrics of each model on the same images, at its own chosen threshold and at 0.5."""
     import pandas as pd
 
@@ -36,12 +41,18 @@ def compare_models(joined: "pd.DataFrame", thresholds: Mapping[str, float]) -> "
         scores = joined[name].to_numpy()
         for rule, t in (("chosen on validation", threshold), ("0.5", M.DEFAULT_THRESHOLD)):
             report = M.binary_report(labels, scores, t).to_dict()
-            rows.append({"model": name, "threshold_rule": rule, "auc": M.roc_auc(labels, scores),
-                         **{k: report[k] for k in _REPORT_COLUMNS}})
+            rows.append(
+                {
+                    "model": name,
+                    "threshold_rule": rule,
+                    "auc": M.roc_auc(labels, scores),
+                    **{k: report[k] for k in _REPORT_COLUMNS},
+                }
+            )
     return pd.DataFrame(rows)
 
 
-def agreement_table(joined: "pd.DataFrame", thresholds: Mapping[str, float]) -> "pd.DataFrame":
+def agreement_table(joined: pd.DataFrame, thresholds: Mapping[str, float]) -> pd.DataFrame:
     """How often the models' decisions (each at its own threshold) are right: both, only one, neither."""
     import pandas as pd
 
@@ -52,15 +63,19 @@ def agreement_table(joined: "pd.DataFrame", thresholds: Mapping[str, float]) -> 
     rows = []
     if len(names) == 2:
         a, b = names
-        for label, mask in (("both right", correct[a] & correct[b]), (f"only {a} right", correct[a] & ~correct[b]),
-                            (f"only {b} right", ~correct[a] & correct[b]), ("both wrong", ~correct[a] & ~correct[b])):
+        for label, mask in (
+            ("both right", correct[a] & correct[b]),
+            (f"only {a} right", correct[a] & ~correct[b]),
+            (f"only {b} right", ~correct[a] & correct[b]),
+            ("both wrong", ~correct[a] & ~correct[b]),
+        ):
             rows.append({"outcome": label, "images": int(mask.sum())})
     else:
         rows = [{"outcome": f"{n} right", "images": int(c.sum())} for n, c in correct.items()]
     return pd.DataFrame(rows)
 
 
-def threshold_table(labels, scores, thresholds=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)) -> "pd.DataFrame":
+def threshold_table(labels, scores, thresholds=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)) -> pd.DataFrame:
     """Sensitivity / specificity trade-off at a few thresholds (the curve is in the run's threshold.png)."""
     import pandas as pd
 
@@ -69,12 +84,20 @@ def threshold_table(labels, scores, thresholds=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.
     rows = []
     for t in thresholds:
         r = M.binary_report(labels, scores, float(t))
-        rows.append({"threshold": float(t), "sensitivity": r.sensitivity, "specificity": r.specificity,
-                     "accuracy": r.accuracy, "fp": r.fp, "fn": r.fn})
+        rows.append(
+            {
+                "threshold": float(t),
+                "sensitivity": r.sensitivity,
+                "specificity": r.specificity,
+                "accuracy": r.accuracy,
+                "fp": r.fp,
+                "fn": r.fn,
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def plot_roc_comparison(joined: "pd.DataFrame", names, title: str = "ROC on the same test images") -> bytes:
+def plot_roc_comparison(joined: pd.DataFrame, names, title: str = "ROC on the same test images") -> bytes:
     """ROC curves of several models over the same images (PNG bytes)."""
     from .. import metrics as M
     from ..plots import plot_roc_curves
@@ -89,7 +112,7 @@ def plot_roc_comparison(joined: "pd.DataFrame", names, title: str = "ROC on the 
     return plot_roc_curves(curves, title=title)
 
 
-def plot_predictions(scored: "pd.DataFrame", columns: int = 4, title: str = "Predictions") -> bytes:
+def plot_predictions(scored: pd.DataFrame, columns: int = 4, title: str = "Predictions") -> bytes:
     """Thumbnails of scored images titled with the predicted class and P(PNEUMONIA) (PNG bytes)."""
     import matplotlib.pyplot as plt
 

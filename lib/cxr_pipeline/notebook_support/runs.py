@@ -1,13 +1,18 @@
 """Run folders as notebook tables: the pipeline's stages, metrics.json's headline numbers, counts, figures,
 and the test scores of a Spark run (from its feature-cache snapshot) or a CNN run (its predictions.csv);
 Spark-free scoring of files with a run's exported classifier."""
+
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from .shim import _caller_globals, display_or_save
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def image_key(path: str) -> str:
@@ -18,7 +23,7 @@ def image_key(path: str) -> str:
     return f"{parsed.split}/{parsed.label_name}/{parsed.file_name}"
 
 
-def describe_pipeline(pipeline) -> "pd.DataFrame":
+def describe_pipeline(pipeline) -> pd.DataFrame:
     """One row per stage of a (fitted or not) Spark ML Pipeline: class, input/output columns, parameters set."""
     import pandas as pd
 
@@ -30,24 +35,42 @@ def describe_pipeline(pipeline) -> "pd.DataFrame":
     for index, stage in enumerate(stages):
         params = {p.name: stage.getOrDefault(p) for p in stage.params if stage.isSet(p) or stage.hasDefault(p)}
         columns = {k: params.pop(k) for k in list(params) if k.endswith("Col") or k.endswith("Cols")}
-        rows.append({
-            "stage": index,
-            "class": type(stage).__name__,
-            "columns": ", ".join(f"{k}={v}" for k, v in sorted(columns.items())),
-            "params": ", ".join(f"{k}={v}" for k, v in sorted(params.items()) if stage.isSet(stage.getParam(k))),
-        })
+        rows.append(
+            {
+                "stage": index,
+                "class": type(stage).__name__,
+                "columns": ", ".join(f"{k}={v}" for k, v in sorted(columns.items())),
+                "params": ", ".join(f"{k}={v}" for k, v in sorted(params.items()) if stage.isSet(stage.getParam(k))),
+            }
+        )
     return pd.DataFrame(rows)
 
 
-_REPORT_COLUMNS = ("threshold", "n", "accuracy", "sensitivity", "specificity", "precision", "npv", "f1", "tn", "fp", "fn", "tp")
+_REPORT_COLUMNS = (
+    "threshold",
+    "n",
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "npv",
+    "f1",
+    "tn",
+    "fp",
+    "fn",
+    "tp",
+)
 
 
-def metrics_table(report: Mapping[str, Any]) -> "pd.DataFrame":
+def metrics_table(report: Mapping[str, Any]) -> pd.DataFrame:
     """The headline numbers of a Spark run's metrics.json: test (and validation) at the chosen threshold and 0.5."""
     import pandas as pd
 
     rows = []
-    blocks = (("test", report.get("test") or {}, "areaUnderROC"), ("validation", report.get("validation") or {}, "roc_auc"))
+    blocks = (
+        ("test", report.get("test") or {}, "areaUnderROC"),
+        ("validation", report.get("validation") or {}, "roc_auc"),
+    )
     for subset, block, auc_key in blocks:
         for key, name in (("at_chosen", "chosen on validation"), ("at_default_0.5", "0.5")):
             values = block.get(key)
@@ -59,12 +82,12 @@ def metrics_table(report: Mapping[str, Any]) -> "pd.DataFrame":
     return pd.DataFrame(rows)
 
 
-def counts_table(report: Mapping[str, Any]) -> "pd.DataFrame":
+def counts_table(report: Mapping[str, Any]) -> pd.DataFrame:
     """Images per subset (train / val / test) and class from a run's metrics (``counts`` or ``class_counts``)."""
     import pandas as pd
 
     counts = report.get("counts")
-    if counts is None:   # CNN runs: class_counts = {subset: [n per label]}
+    if counts is None:  # CNN runs: class_counts = {subset: [n per label]}
         names = report.get("label_names") or ["NORMAL", "PNEUMONIA"]
         counts = {subset: dict(zip(names, values)) for subset, values in (report.get("class_counts") or {}).items()}
     order = [s for s in ("train", "val", "test") if s in counts] + sorted(set(counts) - {"train", "val", "test"})
@@ -74,8 +97,10 @@ def counts_table(report: Mapping[str, Any]) -> "pd.DataFrame":
     return table
 
 
-def show_run_figures(run_uri: str, file_names, prefix: str = "", namespace: Mapping[str, Any] | None = None) -> list[Path]:
-    """Show the PNGs a training run wrote (``roc.png``, ...) and copy them to the notebook output; missing ones are named."""
+def show_run_figures(
+    run_uri: str, file_names, prefix: str = "", namespace: Mapping[str, Any] | None = None
+) -> list[Path]:
+    """Show the PNGs a training run wrote (``roc.png``, ...), copied to the notebook output; missing ones are named."""
     from .. import storage
 
     scope = _caller_globals(namespace)
@@ -89,7 +114,7 @@ def show_run_figures(run_uri: str, file_names, prefix: str = "", namespace: Mapp
     return shown
 
 
-def spark_test_scores(spark, run_uri: str, data_uri: str | None = None) -> "pd.DataFrame":
+def spark_test_scores(spark, run_uri: str, data_uri: str | None = None) -> pd.DataFrame:
     """P(PNEUMONIA) of a Spark run's PipelineModel on the test images: ``[key, path, label, score]``.
 
     Uses the run's features cache when it is still there (no re-featurizing),
@@ -127,7 +152,7 @@ def spark_test_scores(spark, run_uri: str, data_uri: str | None = None) -> "pd.D
     return table.sort_values("key").reset_index(drop=True)
 
 
-def cnn_test_scores(run_uri: str) -> "pd.DataFrame":
+def cnn_test_scores(run_uri: str) -> pd.DataFrame:
     """The CNN run's own test predictions (``predictions.csv``): ``[key, path, label, score]``."""
     import io
 
@@ -154,7 +179,7 @@ def run_threshold(run_uri: str) -> float:
     raise FileNotFoundError(f"{root} has neither classifier.json nor cnn.json: not a training run folder")
 
 
-def score_files_local(classifier, uri: str, limit: int | None = None, threshold: float | None = None) -> "pd.DataFrame":
+def score_files_local(classifier, uri: str, limit: int | None = None, threshold: float | None = None) -> pd.DataFrame:
     """Score the files under ``uri`` with a Spark-free classifier (``LocalClassifier``/``LocalCnnClassifier``).
 
     Returns ``[path, probability, label_name, threshold, error, content]``, sorted by path.
@@ -167,9 +192,13 @@ def score_files_local(classifier, uri: str, limit: int | None = None, threshold:
     infos = sorted(storage.list_files(uri), key=lambda f: f.uri)[: limit or None]
     contents = [storage.read_bytes(info.uri) for info in infos]
     results = classifier.predict_bytes(contents, threshold=threshold) if contents else []
-    table = pd.DataFrame([{"path": info.uri, **{k: r.get(k) for k in ("probability", "label_name", "threshold", "error")}}
-                          for info, r in zip(infos, results)],
-                         columns=["path", "probability", "label_name", "threshold", "error"])
+    table = pd.DataFrame(
+        [
+            {"path": info.uri, **{k: r.get(k) for k in ("probability", "label_name", "threshold", "error")}}
+            for info, r in zip(infos, results)
+        ],
+        columns=["path", "probability", "label_name", "threshold", "error"],
+    )
     table["content"] = contents
     return table
 
@@ -180,7 +209,7 @@ def _path_only(uri: str) -> str:
     return re.sub(r"^file:", "", text)
 
 
-def probability_gap(first: "pd.DataFrame", second: "pd.DataFrame") -> tuple[int, float]:
+def probability_gap(first: pd.DataFrame, second: pd.DataFrame) -> tuple[int, float]:
     """(images scored in both, largest |probability difference|) of two ``[path, probability]`` tables."""
     a = first[["path", "probability"]].dropna().assign(path=lambda d: d["path"].map(_path_only))
     b = second[["path", "probability"]].dropna().assign(path=lambda d: d["path"].map(_path_only))

@@ -11,6 +11,7 @@
 The caller's globals are found by looking one frame up, so a notebook just calls
 ``get_param("data_uri", default)``; pass ``namespace=globals()`` to be explicit.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -18,8 +19,9 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .. import config as config_mod
 
@@ -68,8 +70,9 @@ def on_databricks(namespace: Mapping[str, Any] | None = None) -> bool:
     return "dbutils" in _caller_globals(namespace)
 
 
-def get_param(name: str, default: Any, label: str | None = None, namespace: Mapping[str, Any] | None = None,
-              cast=None) -> Any:
+def get_param(
+    name: str, default: Any, label: str | None = None, namespace: Mapping[str, Any] | None = None, cast=None
+) -> Any:
     """A notebook parameter, typed like ``default`` (or by ``cast``, e.g. ``int`` when the default is None).
 
     On Databricks a text widget ``name`` is created (showing ``default``) and
@@ -132,8 +135,9 @@ def require(name: str, value: Any) -> Any:
     return value
 
 
-def default_runs_uri(config: Mapping[str, Any], data_uri: str | None = None,
-                     namespace: Mapping[str, Any] | None = None) -> str:
+def default_runs_uri(
+    config: Mapping[str, Any], data_uri: str | None = None, namespace: Mapping[str, Any] | None = None
+) -> str:
     """Where notebook runs go unless a parameter says otherwise.
 
     ``runs.uri`` from the config if set; on Databricks ``runs/`` next to the data folder
@@ -177,7 +181,7 @@ def spark_for_notebook(config: Mapping[str, Any] | None = None, namespace: Mappi
 
 
 def spark_description(spark) -> str:
-    """``Spark 4.3.0, master local[2]``; the master is not visible through Spark Connect (serverless, shared clusters)."""
+    """``Spark 4.3.0, master local[2]``; the master is hidden by Spark Connect (serverless, shared clusters)."""
     try:
         master = spark.sparkContext.master
     except Exception:  # noqa: BLE001 - Spark Connect sessions have no SparkContext
@@ -201,7 +205,7 @@ def _safe_name(name: str) -> str:
 
 def _display_function(scope: Mapping[str, Any]):
     if "display" in scope and callable(scope["display"]):
-        return scope["display"]          # Databricks' display()
+        return scope["display"]  # Databricks' display()
     try:
         from IPython import get_ipython
 
@@ -215,7 +219,7 @@ def _display_function(scope: Mapping[str, Any]):
 
 
 def _show_png(data: bytes, scope: Mapping[str, Any]) -> bool:
-    if callable(scope.get("displayHTML")):          # Databricks
+    if callable(scope.get("displayHTML")):  # Databricks
         import base64
 
         encoded = base64.b64encode(data).decode("ascii")
@@ -277,6 +281,7 @@ def show_table(table, name: str, namespace: Mapping[str, Any] | None = None, max
 
 
 # ---- settings from notebook parameters --------------------------------------------------------
+
 
 def with_settings(config: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
     """``config`` with dotted keys (``"featurizer.feature_layer"``) set; a None value keeps the config's own."""

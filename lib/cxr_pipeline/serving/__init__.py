@@ -4,6 +4,7 @@
 serves a run folder of the Spark job or the CNN job under uvicorn;
 :func:`create_app` builds the FastAPI app for tests and embedding.
 """
+
 from .app import create_app
 from .backends import ModelBackend, ModelInfo, ModelLoadError, Prediction, load_backend
 

@@ -8,6 +8,7 @@ Binding to anything but a loopback address needs an API token (the
 ``CXR_SERVE_API_TOKEN`` environment variable or ``--api-token-file``; clients
 send ``Authorization: Bearer <token>``) or an explicit ``--insecure``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,18 +34,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Serve a trained chest X-ray model: upload page at /, JSON at POST /predict, "
         "GET /health, OpenAPI at /openapi.json.",
     )
-    parser.add_argument("--model", required=True,
-                        help="run folder of jobs/train_featurizer.py or jobs/train_cnn.py (path or URI), a .keras file, "
-                        "or a registered model models:/NAME@ALIAS (MLflow, tracking.* settings)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="run folder of jobs/train_featurizer.py or jobs/train_cnn.py (path or URI), a .keras file, "
+        "or a registered model models:/NAME@ALIAS (MLflow, tracking.* settings)",
+    )
     parser.add_argument("--host", help="interface to bind (default: serving.host, loopback)")
     parser.add_argument("--port", type=int, help="port (default: serving.port)")
-    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes, each loads the model (default 1)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="uvicorn worker processes, each loads the model (default 1)"
+    )
     parser.add_argument("--max-upload-mb", type=float, help="reject larger files (default serving.max_upload_mb)")
-    parser.add_argument("--api-token-file", type=Path,
-                        help=f"file holding the API token clients must send as 'Authorization: Bearer <token>' "
-                        f"(default: the {ENV_TOKEN} environment variable; none = no token on loopback)")
-    parser.add_argument("--insecure", action="store_true",
-                        help="allow a non-loopback --host without an API token (only behind an authenticating proxy)")
+    parser.add_argument(
+        "--api-token-file",
+        type=Path,
+        help=f"file holding the API token clients must send as 'Authorization: Bearer <token>' "
+        f"(default: the {ENV_TOKEN} environment variable; none = no token on loopback)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --host without an API token (only behind an authenticating proxy)",
+    )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_config_options(parser, spark=False, verbose=False)  # --log-level sets the server's verbosity
     return parser.parse_args(argv)
@@ -54,8 +66,9 @@ def app_from_env():
     """uvicorn factory for ``--workers N``: each worker process builds its own app."""
     from .app import create_app
 
-    return create_app(os.environ[ENV_MODEL], config=json.loads(os.environ[ENV_CONFIG]),
-                      api_token=os.environ.get(ENV_TOKEN) or None)
+    return create_app(
+        os.environ[ENV_MODEL], config=json.loads(os.environ[ENV_CONFIG]), api_token=os.environ.get(ENV_TOKEN) or None
+    )
 
 
 def is_loopback(host: str) -> bool:
@@ -77,8 +90,10 @@ def api_token(args: argparse.Namespace) -> str | None:
     else:
         token = os.environ.get(ENV_TOKEN, "").strip()
     if token and len(token) < MIN_TOKEN_CHARS:
-        raise SystemExit(f"the API token is {len(token)} characters; use at least {MIN_TOKEN_CHARS}, e.g. "
-                         "python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+        raise SystemExit(
+            f"the API token is {len(token)} characters; use at least {MIN_TOKEN_CHARS}, e.g. "
+            "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
     return token or None
 
 
@@ -102,8 +117,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     serving = dict(config.get("serving") or {})
-    serving.update({key: value for key, value in (("host", args.host), ("port", args.port),
-                                                  ("max_upload_mb", args.max_upload_mb)) if value is not None})
+    serving.update(
+        {
+            key: value
+            for key, value in (("host", args.host), ("port", args.port), ("max_upload_mb", args.max_upload_mb))
+            if value is not None
+        }
+    )
     config["serving"] = serving
     from .. import tracking
 
@@ -123,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     host, port = settings.host, int(settings.port)
     if not is_loopback(host) and not ({"*"} & set(settings.allowed_hosts)):
-        print(f"note: only Host names in serving.allowed_hosts are answered ({', '.join(settings.allowed_hosts)})",
-              file=sys.stderr)
+        print(
+            f"note: only Host names in serving.allowed_hosts are answered ({', '.join(settings.allowed_hosts)})",
+            file=sys.stderr,
+        )
 
     import uvicorn
 
@@ -136,16 +158,24 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[ENV_CONFIG] = json.dumps(config, default=str)
         if token:
             os.environ[ENV_TOKEN] = token
-        uvicorn.run("cxr_pipeline.serving.__main__:app_from_env", factory=True, host=host, port=port,
-                    workers=args.workers, log_level=args.log_level)
+        uvicorn.run(
+            "cxr_pipeline.serving.__main__:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=args.workers,
+            log_level=args.log_level,
+        )
         return 0
     try:
         app = create_app(args.model, config=config, api_token=token)
     except (ModelLoadError, FileNotFoundError, ValueError) as err:
         print(f"cannot serve {args.model}: {err}", file=sys.stderr)
         return 2
-    print(f"serving {app.state.backend.info.model_id} ({app.state.backend.info.name}) on http://{host}:{port}/",
-          file=sys.stderr)
+    print(
+        f"serving {app.state.backend.info.model_id} ({app.state.backend.info.name}) on http://{host}:{port}/",
+        file=sys.stderr,
+    )
     uvicorn.run(app, host=host, port=port, log_level=args.log_level)
     return 0
 

@@ -26,6 +26,7 @@ removed when the request ends); they are written to disk only when
 ``keep_uploads`` is on, then under a generated name in ``upload_dir``, mode
 0600, within ``upload_quota_mb``.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -37,9 +38,10 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, File, Query, Request, UploadFile
@@ -88,7 +90,7 @@ class ServingSettings:
     allowed_hosts: list[str]
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any] | None = None, **overrides: Any) -> "ServingSettings":
+    def from_config(cls, config: Mapping[str, Any] | None = None, **overrides: Any) -> ServingSettings:
         """From a loaded config (``None``: the defaults); keyword arguments that are not None win."""
         return cfg.section_settings(cls, cfg.load_config() if config is None else config, "serving", **overrides)
 
@@ -98,8 +100,13 @@ class ServingSettings:
         for name, low in (("max_upload_mb", 0), ("upload_quota_mb", 0)):
             if not float(getattr(self, name)) > low:
                 raise cfg.ConfigError(f"serving.{name} must be > {low}, got {getattr(self, name)!r}")
-        for name, low in (("max_batch", 1), ("max_active", 1), ("max_queued", 0), ("max_heatmaps", 1),
-                          ("retry_after_s", 1)):
+        for name, low in (
+            ("max_batch", 1),
+            ("max_active", 1),
+            ("max_queued", 0),
+            ("max_heatmaps", 1),
+            ("retry_after_s", 1),
+        ):
             if int(getattr(self, name)) < low:
                 raise cfg.ConfigError(f"serving.{name} must be >= {low}, got {getattr(self, name)!r}")
         if isinstance(self.allowed_hosts, str) or not self.allowed_hosts:
@@ -141,8 +148,10 @@ class PredictionResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str = Field(description="what was wrong with the upload, for a person")
-    code: str = Field(description="empty_upload | too_large | not_an_image | corrupt_image | missing_file | "
-                                  "invalid_request | busy | host_not_allowed | unauthorized")
+    code: str = Field(
+        description="empty_upload | too_large | not_an_image | corrupt_image | missing_file | "
+        "invalid_request | busy | host_not_allowed | unauthorized"
+    )
 
 
 class BatchingStats(BaseModel):
@@ -174,7 +183,10 @@ UPLOAD_ERRORS = {
     401: {"model": ErrorResponse, "description": "missing or wrong API token (when the service has one)"},
     413: {"model": ErrorResponse, "description": "file over the size limit"},
     415: {"model": ErrorResponse, "description": "not an image"},
-    422: {"model": ErrorResponse, "description": "corrupt or truncated image (corrupt_image), or no file part (missing_file)"},
+    422: {
+        "model": ErrorResponse,
+        "description": "corrupt or truncated image (corrupt_image), or no file part (missing_file)",
+    },
     503: {"model": ErrorResponse, "description": "busy: too many uploads at once; retry after the Retry-After seconds"},
 }
 
@@ -187,7 +199,7 @@ def host_name(header: str) -> str:
     """The name part of a Host header: ``[::1]:8000`` -> ``::1``, ``Example.org.:80`` -> ``example.org``."""
     header = header.strip().lower()
     if header.startswith("["):
-        return header[1:header.find("]")] if "]" in header else header
+        return header[1 : header.find("]")] if "]" in header else header
     if header.count(":") == 1:
         header = header.split(":", 1)[0]
     return header.rstrip(".")
@@ -213,8 +225,12 @@ class HostCheck:
         if host_name(header) in self.allowed:
             await self.app(scope, receive, send)
             return
-        rejection = UploadRejected(400, "host_not_allowed", f"Host {header!r} is not served here; the service "
-                                   "answers the names in serving.allowed_hosts (add yours there).")
+        rejection = UploadRejected(
+            400,
+            "host_not_allowed",
+            f"Host {header!r} is not served here; the service "
+            "answers the names in serving.allowed_hosts (add yours there).",
+        )
         await JSONResponse(rejection.as_json(), status_code=400)(scope, receive, send)
 
 
@@ -232,10 +248,12 @@ class BearerToken:
         if hmac.compare_digest(given, self.expected):  # constant time: the compare leaks no prefix length
             await self.app(scope, receive, send)
             return
-        rejection = UploadRejected(401, "unauthorized", "This service needs an API token: send the header "
-                                   "'Authorization: Bearer <token>'.")
-        await JSONResponse(rejection.as_json(), status_code=401,
-                           headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        rejection = UploadRejected(
+            401, "unauthorized", "This service needs an API token: send the header " "'Authorization: Bearer <token>'."
+        )
+        await JSONResponse(rejection.as_json(), status_code=401, headers={"WWW-Authenticate": "Bearer"})(
+            scope, receive, send
+        )
 
 
 @dataclass
@@ -255,8 +273,15 @@ class Admission:
     read: uploads waiting for their turn never pile up in memory.
     """
 
-    def __init__(self, app: ASGIApp, limit: int, retry_after_s: int, counters: LoadCounters,
-                 reject: Callable[[Scope, UploadRejected], Response], max_body: int):
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int,
+        retry_after_s: int,
+        counters: LoadCounters,
+        reject: Callable[[Scope, UploadRejected], Response],
+        max_body: int,
+    ):
         self.app, self.limit, self.retry_after_s, self.counters = app, limit, retry_after_s, counters
         self.reject, self.max_body = reject, max_body
 
@@ -301,8 +326,7 @@ class BodySizeLimit:
     arrives and cut off once over the limit.
     """
 
-    def __init__(self, app: ASGIApp, max_body: int, max_file: int,
-                 reject: Callable[[Scope, UploadRejected], Response]):
+    def __init__(self, app: ASGIApp, max_body: int, max_file: int, reject: Callable[[Scope, UploadRejected], Response]):
         self.app, self.max_body, self.max_file, self.reject = app, max_body, max_file, reject
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -349,8 +373,9 @@ class BodySizeLimit:
 # Decoding (once per upload) and keeping uploads
 
 
-def decode_upload(data: bytes, max_bytes: int, size: tuple[int, int], max_pixels: int | None
-                  ) -> tuple[CheckedImage, np.ndarray]:
+def decode_upload(
+    data: bytes, max_bytes: int, size: tuple[int, int], max_pixels: int | None
+) -> tuple[CheckedImage, np.ndarray]:
     """``(description, pixels at the model's size)``, or :class:`UploadRejected` with validation's verdict.
 
     An accepted upload is decoded once, here (the model, Grad-CAM and the
@@ -394,17 +419,29 @@ class UploadKeeper:
                 return None
             checked = CheckedImage(format="png", width=checked.width, height=checked.height)
         image_path = self.folder / f"{stem}.{'jpeg' if checked.format == 'jpeg' else checked.format or 'img'}"
-        record = json.dumps({"model_id": model_id, "label_name": prediction.label_name,
-                             "probability": prediction.probability, "threshold": prediction.threshold,
-                             "width": checked.width, "height": checked.height}, indent=1).encode()
+        record = json.dumps(
+            {
+                "model_id": model_id,
+                "label_name": prediction.label_name,
+                "probability": prediction.probability,
+                "threshold": prediction.threshold,
+                "width": checked.width,
+                "height": checked.height,
+            },
+            indent=1,
+        ).encode()
         size = len(data) + len(record)
         try:
             with self._lock:
                 used = self._used if self._used is not None else self._count()
                 if used + size > self.quota_bytes:
                     self.skipped += 1
-                    log.warning("upload not kept: %s would pass serving.upload_quota_mb (%d of %d bytes used)",
-                                self.folder, used, self.quota_bytes)
+                    log.warning(
+                        "upload not kept: %s would pass serving.upload_quota_mb (%d of %d bytes used)",
+                        self.folder,
+                        used,
+                        self.quota_bytes,
+                    )
                     return None
                 self._used = used + size
             write_private(image_path, data)
@@ -464,8 +501,9 @@ def create_app(
     input_size = backend.input_size
     # The model's own decompression-bomb guard, as the batch job applies it.
     max_pixels = backend.max_pixels or cfg.get(config, "data.max_pixels")
-    keeper = UploadKeeper(Path(settings.upload_dir), int(settings.upload_quota_mb * MIB)) \
-        if settings.keep_uploads else None
+    keeper = (
+        UploadKeeper(Path(settings.upload_dir), int(settings.upload_quota_mb * MIB)) if settings.keep_uploads else None
+    )
 
     app = FastAPI(
         title="Chest X-ray pneumonia classifier",
@@ -474,7 +512,7 @@ def create_app(
             f"Serves model `{info.model_id}` ({info.name}). POST a chest X-ray (JPEG/PNG, at most "
             f"{settings.max_upload_mb:g} MB) to /predict. Upload page at /."
         ),
-        docs_url=None,   # Swagger UI / ReDoc pull their assets from a CDN; the machine is offline
+        docs_url=None,  # Swagger UI / ReDoc pull their assets from a CDN; the machine is offline
         redoc_url=None,
     )
     app.state.backend = backend
@@ -492,8 +530,9 @@ def create_app(
 
     def reject_response(scope: Scope, rejection: UploadRejected, filename: str = "") -> Response:
         if scope["path"] == "/":
-            response: Response = render_page(Request(scope), status_code=rejection.status_code, error=rejection,
-                                             filename=filename)
+            response: Response = render_page(
+                Request(scope), status_code=rejection.status_code, error=rejection, filename=filename
+            )
         else:
             response = JSONResponse(rejection.as_json(), status_code=rejection.status_code)
         if rejection.status_code == 503:
@@ -501,12 +540,22 @@ def create_app(
         return response
 
     # Added innermost first: a request meets HostCheck, then the token, then admission, then the size limit.
-    app.add_middleware(BodySizeLimit, max_body=settings.max_bytes + MULTIPART_OVERHEAD,
-                       max_file=settings.max_bytes, reject=reject_response)
+    app.add_middleware(
+        BodySizeLimit,
+        max_body=settings.max_bytes + MULTIPART_OVERHEAD,
+        max_file=settings.max_bytes,
+        reject=reject_response,
+    )
     counters = LoadCounters()
     app.state.load = counters
-    app.add_middleware(Admission, limit=settings.max_admitted, retry_after_s=int(settings.retry_after_s),
-                       counters=counters, reject=reject_response, max_body=settings.max_bytes + MULTIPART_OVERHEAD)
+    app.add_middleware(
+        Admission,
+        limit=settings.max_admitted,
+        retry_after_s=int(settings.retry_after_s),
+        counters=counters,
+        reject=reject_response,
+        max_body=settings.max_bytes + MULTIPART_OVERHEAD,
+    )
     if api_token:
         app.add_middleware(BearerToken, token=api_token)
     app.add_middleware(HostCheck, allowed=list(settings.allowed_hosts))
@@ -520,8 +569,9 @@ def create_app(
         counters.heatmaps_in_flight += with_heatmap
         try:
             async with decode_slots.get():  # at most max_active decodes at once
-                checked, pixels = await run_in_threadpool(decode_upload, data, settings.max_bytes, input_size,
-                                                          max_pixels)
+                checked, pixels = await run_in_threadpool(
+                    decode_upload, data, settings.max_bytes, input_size, max_pixels
+                )
             prediction = await asyncio.wrap_future(backend.submit(pixels))
             heatmap = await draw_heatmap(pixels, data) if with_heatmap else None
         finally:
@@ -550,7 +600,9 @@ def create_app(
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
         errors = exc.errors()
         if any(tuple(err.get("loc", ()))[-1:] == ("file",) for err in errors):
-            rejection = UploadRejected(422, "missing_file", "No image in the request: send it as the multipart field 'file'.")
+            rejection = UploadRejected(
+                422, "missing_file", "No image in the request: send it as the multipart field 'file'."
+            )
         else:
             problems = "; ".join(f"{'.'.join(map(str, err.get('loc', ())))}: {err.get('msg')}" for err in errors)
             rejection = UploadRejected(422, "invalid_request", f"Invalid request ({problems}).")
@@ -605,8 +657,12 @@ def create_app(
             "status": "ok",
             "model": info.as_dict(),
             "batching": stats() if stats else None,
-            "load": {"max_active": settings.max_active, "max_queued": settings.max_queued,
-                     "max_heatmaps": settings.max_heatmaps, **asdict(counters)},
+            "load": {
+                "max_active": settings.max_active,
+                "max_queued": settings.max_queued,
+                "max_heatmaps": settings.max_heatmaps,
+                **asdict(counters),
+            },
         }
 
     return app

@@ -18,6 +18,7 @@ Both score a uint8 batch decoded exactly as the batch jobs decode it
 (``imaging.decode_image`` at the model's size and pixel guard), so the service
 and ``predict_bytes`` give the same probabilities; the CNN one adds the heat map.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,10 +27,11 @@ import json
 import posixpath
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -44,10 +46,10 @@ class ModelLoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelInfo:
-    model_id: str     # run name + short content hash: tells two versions of a run apart
-    kind: str         # "spark-lr" | "cnn"
-    name: str         # e.g. "InceptionV3 (mixed5) + logistic regression"
-    run: str          # the run folder / file the service was started with: server-side only, never answered
+    model_id: str  # run name + short content hash: tells two versions of a run apart
+    kind: str  # "spark-lr" | "cnn"
+    name: str  # e.g. "InceptionV3 (mixed5) + logistic regression"
+    run: str  # the run folder / file the service was started with: server-side only, never answered
     label_names: tuple[str, ...]
     threshold: float
 
@@ -69,8 +71,8 @@ class Prediction:
 
 @dataclass(frozen=True)
 class HeatMap:
-    png: bytes   # the image with the map blended in, at the image's aspect ratio
-    flat: bool   # all-zero map: no region raises the positive score (typical of a NORMAL call); png is the plain image
+    png: bytes  # the image with the map blended in, at the image's aspect ratio
+    flat: bool  # all-zero map: no region raises the positive score (typical of a NORMAL call); png is the plain image
 
 
 class PredictionError(ValueError):
@@ -162,8 +164,12 @@ class ClassifierBackend:
 
     def batching_stats(self) -> dict[str, int]:
         b = self._batcher
-        return {"max_batch": b.max_batch, "largest_batch": b.largest_batch,
-                "model_calls": b.model_calls, "images_scored": b.images_scored}
+        return {
+            "max_batch": b.max_batch,
+            "largest_batch": b.largest_batch,
+            "model_calls": b.model_calls,
+            "images_scored": b.images_scored,
+        }
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """P(positive class) for a uint8 batch ``[n, H, W, 3]`` at ``input_size``."""
@@ -175,8 +181,9 @@ class ClassifierBackend:
         predictions = []
         for p in np.asarray(self.probabilities(batch), dtype=np.float64).ravel():
             label = int(p >= threshold)
-            predictions.append(Prediction(label_name=str(labels[label]), label_index=label,
-                                          probability=float(p), threshold=threshold))
+            predictions.append(
+                Prediction(label_name=str(labels[label]), label_index=label, probability=float(p), threshold=threshold)
+            )
         return predictions
 
     def submit(self, pixels: np.ndarray) -> Future:
@@ -191,8 +198,9 @@ class ClassifierBackend:
         from cxr_pipeline.imaging import ImageDecodeError, decode_image
 
         try:
-            return decode_image(data, size=self.input_size,
-                                **({"max_pixels": self.max_pixels} if self.max_pixels else {}))
+            return decode_image(
+                data, size=self.input_size, **({"max_pixels": self.max_pixels} if self.max_pixels else {})
+            )
         except ImageDecodeError as err:
             raise PredictionError(str(err)) from err
 

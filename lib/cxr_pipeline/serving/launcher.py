@@ -4,6 +4,7 @@
 waits until ``GET /health`` answers, yields the port and the health document, and
 stops the process afterwards (terminate, then kill if it does not exit).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,8 +15,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Iterator, Mapping, Sequence
+from typing import IO
 
 from ..localstack.processes import free_port
 from ..paths import REPO_ROOT
@@ -26,8 +28,14 @@ HOST = "127.0.0.1"
 def multipart_image(data: bytes, filename: str = "image.jpeg") -> tuple[bytes, str]:
     """``(body, content_type)`` of a multipart form with ``data`` as its ``file`` field."""
     boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
-            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     return body, f"multipart/form-data; boundary={boundary}"
 
 
@@ -42,8 +50,20 @@ def get_json(port: int, path: str, host: str = HOST, timeout: float = 30) -> tup
 
 
 def service_command(model: str | os.PathLike, port: int, extra: Sequence[str] = (), host: str = HOST) -> list[str]:
-    return [sys.executable, "-m", "cxr_pipeline.serving", "--model", str(model), "--host", host,
-            "--port", str(port), "--log-level", "warning", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "cxr_pipeline.serving",
+        "--model",
+        str(model),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *extra,
+    ]
 
 
 def child_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -81,23 +101,37 @@ def stop(server: subprocess.Popen, grace: float = 20) -> None:
 
 
 @contextlib.contextmanager
-def running_service(model: str | os.PathLike, extra: Sequence[str] = (), log: Path | None = None,
-                    timeout: float = 180, env: Mapping[str, str] | None = None) -> Iterator[tuple[int, dict]]:
+def running_service(
+    model: str | os.PathLike,
+    extra: Sequence[str] = (),
+    log: Path | None = None,
+    timeout: float = 180,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[tuple[int, dict]]:
     """Yields ``(port, health)`` of a service serving ``model``; output goes to ``log`` (else inherited)."""
     with service_process(model, extra, log, timeout, env) as (port, health, _server):
         yield port, health
 
 
 @contextlib.contextmanager
-def service_process(model: str | os.PathLike, extra: Sequence[str] = (), log: Path | None = None,
-                    timeout: float = 180, env: Mapping[str, str] | None = None
-                    ) -> Iterator[tuple[int, dict, subprocess.Popen]]:
+def service_process(
+    model: str | os.PathLike,
+    extra: Sequence[str] = (),
+    log: Path | None = None,
+    timeout: float = 180,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[tuple[int, dict, subprocess.Popen]]:
     """As :func:`running_service`, plus the process (for its pid: memory figures)."""
     port = free_port(HOST)
     with contextlib.ExitStack() as stack:
         out: IO | None = stack.enter_context(Path(log).open("w")) if log else None
-        server = subprocess.Popen(service_command(model, port, extra), cwd=REPO_ROOT, env=child_env(env),
-                                  stdout=out, stderr=subprocess.STDOUT if out else None)
+        server = subprocess.Popen(
+            service_command(model, port, extra),
+            cwd=REPO_ROOT,
+            env=child_env(env),
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+        )
         try:
             yield port, wait_healthy(port, server, timeout, log), server
         finally:

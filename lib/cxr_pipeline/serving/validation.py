@@ -4,6 +4,7 @@ The decoding check is :func:`cxr_pipeline.imaging.decode_image`, the same one
 the batch jobs use, so the service rejects exactly what they reject. Each
 rejection carries an HTTP status, a stable code and a sentence for a person.
 """
+
 from __future__ import annotations
 
 import io
@@ -29,7 +30,7 @@ class UploadRejected(Exception):
 
 @dataclass(frozen=True)
 class CheckedImage:
-    format: str          # "jpeg", "png", "dicom", or what Pillow calls it (never a DICOM header value)
+    format: str  # "jpeg", "png", "dicom", or what Pillow calls it (never a DICOM header value)
     width: int
     height: int
 

@@ -20,6 +20,7 @@ decoder scales rather than stretches it), or as the embedded JPEG itself when it
 header's. Later runs read plain images and never parse DICOM again; the table holds no name,
 birth date or raw id. Multi-frame and other unusable DICOM files are listed in ``_rejected``.
 """
+
 from __future__ import annotations
 
 import math
@@ -118,11 +119,18 @@ def pack_image_tree(
     try:
         content = F.coalesce(F.col("_h.packed"), F.col("content"))
         table = with_header.where("_h.reason IS NULL").select(
-            "path", "split", "label", "label_name", content.alias("content"),
+            "path",
+            "split",
+            "label",
+            "label_name",
+            content.alias("content"),
             F.length(content).cast("long").alias("length"),
-            F.col("_h.width").alias("width"), F.col("_h.height").alias("height"),
-            F.col("_h.format").alias("format"), F.sha2(content, 256).alias("sha256"),
-            F.col("_h.patient").alias("patient"), F.col("_h.view_position").alias("view_position"),
+            F.col("_h.width").alias("width"),
+            F.col("_h.height").alias("height"),
+            F.col("_h.format").alias("format"),
+            F.sha2(content, 256).alias("sha256"),
+            F.col("_h.patient").alias("patient"),
+            F.col("_h.view_position").alias("view_position"),
             F.col("_h.source_format").alias("source_format"),
         )
         header_rejects = with_header.where("_h.reason IS NOT NULL").select("path", F.col("_h.reason").alias("reason"))
@@ -141,8 +149,12 @@ def pack_image_tree(
         rejected.coalesce(1).write.mode("overwrite").option("header", True).csv(f"{table_uri.rstrip('/')}/_rejected")
         # Read back from the written table: no second pass over the source tree.
         duplicates = find_duplicates(spark.read.parquet(table_uri)).cache()
-        duplicates.withColumn("paths", F.concat_ws(";", "paths")).coalesce(1).write.mode("overwrite").option("header", True).csv(f"{table_uri.rstrip('/')}/_duplicates")
-        dup_stats = duplicates.agg(F.count("*").alias("groups"), F.coalesce(F.sum("count"), F.lit(0)).alias("images")).first()
+        duplicates.withColumn("paths", F.concat_ws(";", "paths")).coalesce(1).write.mode("overwrite").option(
+            "header", True
+        ).csv(f"{table_uri.rstrip('/')}/_duplicates")
+        dup_stats = duplicates.agg(
+            F.count("*").alias("groups"), F.coalesce(F.sum("count"), F.lit(0)).alias("images")
+        ).first()
         return PackSummary(
             table_uri=table_uri,
             images=int(totals["n"]),

@@ -31,10 +31,11 @@ images whose ViewPosition is not PA/AP are rejected ("view LATERAL is not fronta
 Reading DICOM headers reads the DICOM files once more; a packed table keeps the
 de-identified columns and skips that.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import pandas as pd
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -58,7 +59,9 @@ IMAGE_COLUMNS = ("path", "split", "label", "label_name", "content", "length")
 REJECTED_SCHEMA = "path string, reason string"
 LAYOUT_REASON = "not in a <split>/<CLASS>/ folder"
 
-PATIENT_SCHEMA = T.StructType([T.StructField("patient", T.StringType()), T.StructField("view_position", T.StringType())])
+PATIENT_SCHEMA = T.StructType(
+    [T.StructField("patient", T.StringType()), T.StructField("view_position", T.StringType())]
+)
 
 
 @dataclass(frozen=True)
@@ -109,14 +112,22 @@ def _patients(images: DataFrame, settings: DicomSettings, has_dicom: bool) -> Da
     return images.select("path", facts.alias("_f")).select("path", "_f.patient", "_f.view_position")
 
 
-def _keep_frontal(images: DataFrame, rejected: DataFrame, patients: DataFrame) -> tuple[DataFrame, DataFrame, DataFrame]:
+def _keep_frontal(
+    images: DataFrame, rejected: DataFrame, patients: DataFrame
+) -> tuple[DataFrame, DataFrame, DataFrame]:
     """``dicom.frontal_only``: images with a ViewPosition other than PA/AP become rejections."""
-    other_view = patients.where(F.col("view_position").isNotNull() & ~F.upper("view_position").isin(list(FRONTAL_VIEWS)))
-    dropped = other_view.select(
-        "path", F.concat(F.lit("view "), F.col("view_position"), F.lit(" is not frontal (dicom.frontal_only)")).alias("reason")
+    other_view = patients.where(
+        F.col("view_position").isNotNull() & ~F.upper("view_position").isin(list(FRONTAL_VIEWS))
     )
-    return (images.join(dropped.select("path"), "path", "left_anti"), rejected.unionByName(dropped),
-            patients.join(dropped.select("path"), "path", "left_anti"))
+    dropped = other_view.select(
+        "path",
+        F.concat(F.lit("view "), F.col("view_position"), F.lit(" is not frontal (dicom.frontal_only)")).alias("reason"),
+    )
+    return (
+        images.join(dropped.select("path"), "path", "left_anti"),
+        rejected.unionByName(dropped),
+        patients.join(dropped.select("path"), "path", "left_anti"),
+    )
 
 
 def classify_path(path: str, length: int | None) -> tuple[str | None, str | None, str | None]:
@@ -188,7 +199,10 @@ def _load_raw(spark: SparkSession, uri: str, source: str, path_glob: str | None)
             # origin says file:///x where binaryFile's path says file:/x
             F.regexp_replace("image.origin", "^file:///", "file:/").alias("path"),
             "image",
-            F.when(F.col("image.height") > 0, F.length("image.data")).otherwise(F.lit(None)).cast("long").alias("length"),
+            F.when(F.col("image.height") > 0, F.length("image.data"))
+            .otherwise(F.lit(None))
+            .cast("long")
+            .alias("length"),
         )
     raise ValueError(f"unknown image source {source!r}; choose one of {', '.join(SOURCES)}")
 
@@ -221,8 +235,11 @@ def read_images_with_rejections(
             "_meta",
             F.when(
                 F.col("_meta.reason").isNull() & bad_image,
-                F.struct(F.lit(None).cast("string").alias("split"), F.lit(None).cast("string").alias("label_name"),
-                         F.lit("not decodable by Spark's image source").alias("reason")),
+                F.struct(
+                    F.lit(None).cast("string").alias("split"),
+                    F.lit(None).cast("string").alias("label_name"),
+                    F.lit("not decodable by Spark's image source").alias("reason"),
+                ),
             ).otherwise(F.col("_meta")),
         )
     names = tuple(sorted(set(label_names))) if label_names is not None else _discover_label_names(classified)
@@ -231,16 +248,26 @@ def read_images_with_rejections(
     good = classified.where(F.col("_meta.reason").isNull() & known)
     payload = "content" if source == "binaryFile" else "image"
     images = _with_labels(
-        good.select("path", F.col("_meta.split").alias("split"), F.col("_meta.label_name").alias("label_name"), payload, "length"),
+        good.select(
+            "path",
+            F.col("_meta.split").alias("split"),
+            F.col("_meta.label_name").alias("label_name"),
+            payload,
+            "length",
+        ),
         names,
     ).select("path", "split", "label", "label_name", payload, "length")
     rejected = classified.where(F.col("_meta.reason").isNotNull() | ~known).select(
         "path",
-        F.coalesce(F.col("_meta.reason"), F.concat(F.lit("class folder not in "), F.lit(",".join(names)))).alias("reason"),
+        F.coalesce(F.col("_meta.reason"), F.concat(F.lit("class folder not in "), F.lit(",".join(names)))).alias(
+            "reason"
+        ),
     )
     rejected = rejected.unionByName(_unscanned_files(spark, raw))
     # Metadata only (path column), no file contents: is there any DICOM to read headers from?
-    has_dicom = source == "binaryFile" and bool(good.where(is_dicom_path(F.col("path"))).select("path").limit(1).collect())
+    has_dicom = source == "binaryFile" and bool(
+        good.where(is_dicom_path(F.col("path"))).select("path").limit(1).collect()
+    )
     patients = _patients(images, dicom, has_dicom)
     if dicom.frontal_only and has_dicom:
         images, rejected, patients = _keep_frontal(images, rejected, patients)
@@ -249,7 +276,7 @@ def read_images_with_rejections(
 
 def _hadoop_path_form(uri: str) -> str:
     # inputFiles() says file:///x where the scan's path column says file:/x
-    return "file:/" + uri[len("file:///"):] if uri.startswith("file:///") else uri
+    return "file:/" + uri[len("file:///") :] if uri.startswith("file:///") else uri
 
 
 def _unscanned_files(spark: SparkSession, raw: DataFrame) -> DataFrame:

@@ -1,11 +1,13 @@
 """Building the SparkSession from the ``spark`` section of the config."""
+
 from __future__ import annotations
 
 import os
 import re
 import sys
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from pyspark.sql import SparkSession
 
@@ -55,8 +57,12 @@ def use_project_logging() -> None:
         os.environ.setdefault("SPARK_CONF_DIR", str(folder))
 
 
-def spark_session(config: Mapping[str, Any] | None = None, app_name: str | None = None, master: str | None = None,
-                  verbose: bool = False) -> SparkSession:
+def spark_session(
+    config: Mapping[str, Any] | None = None,
+    app_name: str | None = None,
+    master: str | None = None,
+    verbose: bool = False,
+) -> SparkSession:
     """A SparkSession for ``config["spark"]``; ``master``/``app_name`` override it.
 
     Under ``spark-submit`` the master given there wins over the config's. Whatever
@@ -87,8 +93,9 @@ def spark_session(config: Mapping[str, Any] | None = None, app_name: str | None 
 
 
 @contextmanager
-def spark_job(config: Mapping[str, Any], app_name: str, master: str | None = None,
-              verbose: bool = False) -> Iterator[SparkSession]:
+def spark_job(
+    config: Mapping[str, Any], app_name: str, master: str | None = None, verbose: bool = False
+) -> Iterator[SparkSession]:
     """Every Spark job's start-up: storage uses the job's config, the session is built from it and stopped at the end.
 
     >>> with spark_job(config, "cxr-predict", master=args.master, verbose=args.verbose) as spark:  # doctest: +SKIP

@@ -7,11 +7,13 @@ reported at two thresholds: the one chosen on validation and 0.5. A value that
 cannot be computed (a test set with one class) is ``null`` in metrics.json and
 "undefined" in the summary, never a crash and never NaN.
 """
+
 from __future__ import annotations
 
 import json
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from pyspark.ml.evaluation import BinaryClassificationEvaluator, MulticlassClassificationEvaluator
 from pyspark.sql import DataFrame
@@ -36,8 +38,9 @@ def _clean(value: Any) -> Any:
 
 def spark_metrics_at(predictions: DataFrame, threshold: float, label_names: Sequence[str]) -> dict[str, Any]:
     """Spark evaluators with prediction = ``p_pneumonia >= threshold``."""
-    df = predictions.withColumn("thresholded", (F.col(SCORE_COL) >= F.lit(float(threshold))).cast("double")) \
-        .withColumn("label_d", F.col("label").cast("double"))
+    df = predictions.withColumn("thresholded", (F.col(SCORE_COL) >= F.lit(float(threshold))).cast("double")).withColumn(
+        "label_d", F.col("label").cast("double")
+    )
     out: dict[str, Any] = {"threshold": float(threshold)}
     for name in MULTICLASS_METRICS:
         ev = MulticlassClassificationEvaluator(labelCol="label_d", predictionCol="thresholded", metricName=name)
@@ -48,8 +51,12 @@ def spark_metrics_at(predictions: DataFrame, threshold: float, label_names: Sequ
         if label not in present:
             out["truePositiveRateByLabel"][name] = None
             continue
-        ev = MulticlassClassificationEvaluator(labelCol="label_d", predictionCol="thresholded",
-                                               metricName="truePositiveRateByLabel", metricLabel=float(label))
+        ev = MulticlassClassificationEvaluator(
+            labelCol="label_d",
+            predictionCol="thresholded",
+            metricName="truePositiveRateByLabel",
+            metricLabel=float(label),
+        )
         out["truePositiveRateByLabel"][name] = ev.evaluate(df)
     return out
 
@@ -59,7 +66,9 @@ def spark_auc(predictions: DataFrame, both_classes: bool) -> dict[str, float | N
         return {"areaUnderROC": None, "areaUnderPR": None}
     df = predictions.withColumn("label_d", F.col("label").cast("double"))
     return {
-        name: BinaryClassificationEvaluator(labelCol="label_d", rawPredictionCol="probability", metricName=name).evaluate(df)
+        name: BinaryClassificationEvaluator(
+            labelCol="label_d", rawPredictionCol="probability", metricName=name
+        ).evaluate(df)
         for name in ("areaUnderROC", "areaUnderPR")
     }
 
@@ -105,15 +114,17 @@ def validation_report(labels: Sequence[int], scores: Sequence[float], choice: M.
     }
 
 
-def write_figures(run, labels: Sequence[int], scores: Sequence[float], choice: M.ThresholdChoice,
-                  label_names: Sequence[str]) -> list[str]:
+def write_figures(
+    run, labels: Sequence[int], scores: Sequence[float], choice: M.ThresholdChoice, label_names: Sequence[str]
+) -> list[str]:
     """ROC, PR, confusion matrix (chosen threshold) and threshold trade-off; skips what is undefined."""
     import numpy as np
 
     written = []
     cm = M.confusion_matrix(labels, M.predict_at(scores, choice.threshold))
-    plots.plot_confusion_matrix(cm, label_names, out=run.confusion,
-                                title=f"Confusion matrix (test, threshold {choice.threshold:.3f})")
+    plots.plot_confusion_matrix(
+        cm, label_names, out=run.confusion, title=f"Confusion matrix (test, threshold {choice.threshold:.3f})"
+    )
     written.append(run.confusion)
     if M.has_both_classes(labels):
         fpr, tpr, thr = M.roc_curve(labels, scores)
@@ -123,13 +134,19 @@ def write_figures(run, labels: Sequence[int], scores: Sequence[float], choice: M
             points[f"threshold {name} ({t:.3f})"] = (1 - r.specificity, r.sensitivity)
         plots.plot_roc(fpr, tpr, M.roc_auc(labels, scores), out=run.roc, operating_points=points)
         precision, recall, _ = M.pr_curve(labels, scores)
-        plots.plot_pr(precision, recall, M.average_precision(labels, scores), out=run.pr,
-                      prevalence=float(np.mean(labels)))
+        plots.plot_pr(
+            precision, recall, M.average_precision(labels, scores), out=run.pr, prevalence=float(np.mean(labels))
+        )
         grid = np.linspace(0, 1, 101)
         reports = [M.binary_report(labels, scores, t) for t in grid]
-        plots.plot_threshold_tradeoff(grid, [r.sensitivity for r in reports], [r.specificity for r in reports],
-                                      chosen=choice.threshold, out=run.threshold_plot,
-                                      title="Test sensitivity / specificity vs threshold")
+        plots.plot_threshold_tradeoff(
+            grid,
+            [r.sensitivity for r in reports],
+            [r.specificity for r in reports],
+            chosen=choice.threshold,
+            out=run.threshold_plot,
+            title="Test sensitivity / specificity vs threshold",
+        )
         written += [run.roc, run.pr, run.threshold_plot]
     return written
 
@@ -156,21 +173,31 @@ def model_card_text(report: Mapping[str, Any], choice: M.ThresholdChoice, label_
     clf = report.get("classifier") or {}
     split = report.get("split") or {}
     if split.get("mode") == "carve":
-        split_text = (f"Validation: carved from the pooled train + val folders, grouped by patient "
-                      f"(fraction {split.get('fraction')}, seed {split.get('seed')}; {split.get('train_patients')} "
-                      f"train / {split.get('val_patients')} validation patients). It chose the threshold only.")
+        split_text = (
+            f"Validation: carved from the pooled train + val folders, grouped by patient "
+            f"(fraction {split.get('fraction')}, seed {split.get('seed')}; {split.get('train_patients')} "
+            f"train / {split.get('val_patients')} validation patients). It chose the threshold only."
+        )
     else:
         split_text = "Validation: the dataset's own val folder. It chose the threshold only."
     return reporting.model_card(
         title=f"Spark ML pneumonia classifier ({report.get('run')})",
-        model_description=(f"{feat.get('model_name')} ImageNet features pooled at `{feat.get('feature_layer')}` "
-                           f"(image size {feat.get('image_size') or 'native'}) -> StandardScaler -> "
-                           f"LogisticRegression (regParam {clf.get('regParam')}, elasticNetParam "
-                           f"{clf.get('elasticNetParam')}, class weights {report.get('class_weights')})."),
-        data=str(report.get("data")), counts=report.get("counts", {}), label_names=label_names,
-        split_description=split_text, threshold=choice, honest=report["test"],
-        test_description=(f"the dataset's test folder (n={report['test'].get('n')}), never used for training "
-                          "or for choosing the threshold"),
+        model_description=(
+            f"{feat.get('model_name')} ImageNet features pooled at `{feat.get('feature_layer')}` "
+            f"(image size {feat.get('image_size') or 'native'}) -> StandardScaler -> "
+            f"LogisticRegression (regParam {clf.get('regParam')}, elasticNetParam "
+            f"{clf.get('elasticNetParam')}, class weights {report.get('class_weights')})."
+        ),
+        data=str(report.get("data")),
+        counts=report.get("counts", {}),
+        label_names=label_names,
+        split_description=split_text,
+        threshold=choice,
+        honest=report["test"],
+        test_description=(
+            f"the dataset's test folder (n={report['test'].get('n')}), never used for training "
+            "or for choosing the threshold"
+        ),
         validation=report.get("validation"),
     )
 
@@ -193,9 +220,11 @@ def summary_text(report: Mapping[str, Any]) -> str:
         b = t.get(key, {})
         if "accuracy" not in b:
             continue
-        lines.append(f"  @{label:6s} ({b['threshold']:.3f}): accuracy {f(b['accuracy'])}  sensitivity {f(b['sensitivity'])}"
-                     f"  specificity {f(b['specificity'])}  F1 {f(b['spark']['f1'] if 'spark' in b else b['f1'])}"
-                     f"  [[TN {b['tn']} FP {b['fp']}] [FN {b['fn']} TP {b['tp']}]]")
+        lines.append(
+            f"  @{label:6s} ({b['threshold']:.3f}): accuracy {f(b['accuracy'])}  sensitivity {f(b['sensitivity'])}"
+            f"  specificity {f(b['specificity'])}  F1 {f(b['spark']['f1'] if 'spark' in b else b['f1'])}"
+            f"  [[TN {b['tn']} FP {b['fp']}] [FN {b['fn']} TP {b['tp']}]]"
+        )
     if t.get("intervals"):
         lines += reporting.interval_lines(t)
     return "\n".join(lines) + "\n"

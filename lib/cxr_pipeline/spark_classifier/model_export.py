@@ -9,12 +9,14 @@ mean/std, the LR coefficients/intercept, label names and thresholds.
 so its probabilities equal Spark's to float tolerance, with no JVM: a person at
 a workstation or the web service uses it.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -45,8 +47,9 @@ def _param(stage, name: str, default: Any = None) -> Any:
     return default
 
 
-def classifier_spec(pipeline_model, threshold: float, label_names: Sequence[str],
-                    image_size: int | Sequence[int] | None = None) -> dict[str, Any]:
+def classifier_spec(
+    pipeline_model, threshold: float, label_names: Sequence[str], image_size: int | Sequence[int] | None = None
+) -> dict[str, Any]:
     featurizer, scaler, lr = _stages(pipeline_model)
     model_name = _param(featurizer, "modelName", "InceptionV3")
     if image_size is None:
@@ -84,9 +87,13 @@ def classifier_spec(pipeline_model, threshold: float, label_names: Sequence[str]
     }
 
 
-def export_classifier(pipeline_model, run_dir: str, threshold: float = 0.5,
-                      label_names: Sequence[str] = ("NORMAL", "PNEUMONIA"),
-                      image_size: int | Sequence[int] | None = None) -> str:
+def export_classifier(
+    pipeline_model,
+    run_dir: str,
+    threshold: float = 0.5,
+    label_names: Sequence[str] = ("NORMAL", "PNEUMONIA"),
+    image_size: int | Sequence[int] | None = None,
+) -> str:
     """Writes ``RUN/classifier.json`` (local path or hdfs:// URI); returns its URI."""
     from .. import storage
 
@@ -151,10 +158,8 @@ class LocalClassifier:
         self._backbone = None
 
     @classmethod
-    def load(cls, run_dir: str, batch_size: int = 16) -> "LocalClassifier":
-        from .. import storage
-
-        from .. import run_folder
+    def load(cls, run_dir: str, batch_size: int = 16) -> LocalClassifier:
+        from .. import run_folder, storage
 
         run_folder.require_complete(str(run_dir))
         uri = str(run_dir).rstrip("/") + "/" + CLASSIFIER_FILE

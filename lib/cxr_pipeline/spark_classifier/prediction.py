@@ -7,6 +7,7 @@ or a packed Parquet table of images, and returns a DataFrame with
 Files that are not images or do not decode get a row with ``error`` set and no
 probability: they are listed, never fatal.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,13 +66,15 @@ def read_new_images(spark: SparkSession, uri: str) -> DataFrame:
     if uri.rstrip("/").endswith(".parquet"):
         df = spark.read.parquet(uri).select("path", "content")
     else:
-        df = (spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(uri)
-              .select("path", "content"))
+        df = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(uri).select("path", "content")
 
     @F.udf(T.StringType())
     def junk(path, content):
-        return junk_reason(path, len(content) if content is not None else None,
-                           bytes(content[:SNIFF_BYTES]) if content is not None else None)
+        return junk_reason(
+            path,
+            len(content) if content is not None else None,
+            bytes(content[:SNIFF_BYTES]) if content is not None else None,
+        )
 
     return df.withColumn("junk", junk("path", "content"))
 
@@ -91,18 +94,28 @@ def score(run: SavedRun, images: DataFrame, threshold: float | None = None) -> D
     featurized = featurizer.transform(usable).drop("content").cache()
     good = featurized.where(F.col(features_col).isNotNull())
     scored = classifier.transform(good).select(
-        "path", vector_to_array(F.col("probability")).getItem(1).alias("probability"))
+        "path", vector_to_array(F.col("probability")).getItem(1).alias("probability")
+    )
     names = F.array(*[F.lit(n) for n in run.label_names])
     predicted = (F.col("probability") >= F.lit(threshold)).cast("int")
     ok = scored.select(
-        "path", "probability", predicted.alias("predicted_label"),
+        "path",
+        "probability",
+        predicted.alias("predicted_label"),
         F.element_at(names, predicted + 1).alias("predicted_class"),
-        F.lit(threshold).alias("threshold"), F.lit(None).cast("string").alias("error"))
+        F.lit(threshold).alias("threshold"),
+        F.lit(None).cast("string").alias("error"),
+    )
     failed = featurized.where(F.col(features_col).isNull()).select("path", F.col(error_col).alias("error"))
     junk = images.where(F.col("junk").isNotNull()).select("path", F.col("junk").alias("error"))
     rejected = failed.unionByName(junk).select(
-        "path", F.lit(None).cast("double").alias("probability"), F.lit(None).cast("int").alias("predicted_label"),
-        F.lit(None).cast("string").alias("predicted_class"), F.lit(threshold).alias("threshold"), "error")
+        "path",
+        F.lit(None).cast("double").alias("probability"),
+        F.lit(None).cast("int").alias("predicted_label"),
+        F.lit(None).cast("string").alias("predicted_class"),
+        F.lit(threshold).alias("threshold"),
+        "error",
+    )
     return ok.unionByName(rejected).select(*OUTPUT_COLUMNS)
 
 
@@ -114,8 +127,15 @@ class PredictionSummary:
     by_class: dict[str, int]
 
 
-def predict_images(spark: SparkSession, run_uri: str, images_uri: str, out_uri: str,
-                   csv: bool = False, threshold: float | None = None, overwrite: bool = False) -> PredictionSummary:
+def predict_images(
+    spark: SparkSession,
+    run_uri: str,
+    images_uri: str,
+    out_uri: str,
+    csv: bool = False,
+    threshold: float | None = None,
+    overwrite: bool = False,
+) -> PredictionSummary:
     """Writes ``OUT/predictions.parquet`` (and ``OUT/predictions_csv/`` with ``csv``) and
     ``OUT/unreadable.csv`` (path, error) when some files could not be scored; all or nothing,
     ``_SUCCESS`` last (:mod:`cxr_pipeline.run_folder`)."""
@@ -125,12 +145,12 @@ def predict_images(spark: SparkSession, run_uri: str, images_uri: str, out_uri: 
     final = out_uri.rstrip("/")
     with run_folder.staged_output(final, overwrite=overwrite, tool="predict") as stage:
         summary = _write_predictions(spark, run, images_uri, stage, csv, threshold)
-    return PredictionSummary(out=final, scored=summary.scored, unreadable=summary.unreadable,
-                             by_class=summary.by_class)
+    return PredictionSummary(out=final, scored=summary.scored, unreadable=summary.unreadable, by_class=summary.by_class)
 
 
-def _write_predictions(spark: SparkSession, run: SavedRun, images_uri: str, out: str, csv: bool,
-                       threshold: float | None) -> PredictionSummary:
+def _write_predictions(
+    spark: SparkSession, run: SavedRun, images_uri: str, out: str, csv: bool, threshold: float | None
+) -> PredictionSummary:
     from .. import storage
 
     result = score(run, read_new_images(spark, images_uri), threshold)
@@ -142,6 +162,8 @@ def _write_predictions(spark: SparkSession, run: SavedRun, images_uri: str, out:
     if unreadable:
         lines = ["path,error"] + [f'"{r["path"]}","{r["error"]}"' for r in unreadable]
         storage.write_bytes(out + "/unreadable.csv", ("\n".join(lines) + "\n").encode())
-    counts = {r["predicted_class"]: r["count"] for r in
-              written.where(F.col("error").isNull()).groupBy("predicted_class").count().collect()}
+    counts = {
+        r["predicted_class"]: r["count"]
+        for r in written.where(F.col("error").isNull()).groupBy("predicted_class").count().collect()
+    }
     return PredictionSummary(out=out, scored=sum(counts.values()), unreadable=len(unreadable), by_class=counts)

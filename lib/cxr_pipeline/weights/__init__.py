@@ -4,6 +4,7 @@ This is all the jobs need at run time. How the files are made offline (converted
 then verified against a manifest) is :mod:`cxr_pipeline.weights.provisioning`; ``python -m cxr_pipeline.weights``
 is its command line (``provision``, ``verify``, ``path``).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """``python -m cxr_pipeline.weights provision|verify|path`` (``make weights``)."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,10 @@ from cxr_pipeline.weights.provisioning import STAMP_NAME, WeightsVerificationErr
 
 def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    parser = argparse.ArgumentParser(prog="python -m cxr_pipeline.weights", description="Provision (convert offline from registry packages) and verify pretrained backbone weights.")
+    parser = argparse.ArgumentParser(
+        prog="python -m cxr_pipeline.weights",
+        description="Provision (convert offline from registry packages) and verify pretrained backbone weights.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     prov = sub.add_parser("provision", help="download, convert and verify the weights (make weights)")
     prov.add_argument("--models", default=",".join(WEIGHT_FILES), help="comma-separated (default: %(default)s)")

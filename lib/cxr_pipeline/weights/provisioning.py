@@ -25,6 +25,7 @@ Keras' legacy loader, or the wheel's own Xception). ``verify`` recomputes them.
 
 The jobs only need :mod:`cxr_pipeline.weights` (where the files are).
 """
+
 from __future__ import annotations
 
 import base64
@@ -37,15 +38,15 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from cxr_pipeline import paths
-from cxr_pipeline.weights import WEIGHT_FILES, default_weights_path
 from cxr_pipeline.datasets import registry_assets
+from cxr_pipeline.weights import WEIGHT_FILES, default_weights_path
 
 MANIFEST_NAME = "manifest.json"
 STAMP_NAME = ".provisioned"
@@ -109,7 +110,7 @@ def _balanced_object(text: str, start: int) -> str:
         elif char in "}]":
             depth -= 1
             if depth == 0:
-                return text[start:i + 1]
+                return text[start : i + 1]
     raise ValueError("unbalanced object literal")
 
 
@@ -176,6 +177,7 @@ class TfjsModel:
 
 def load_nsfwjs_inception(tarball: Path) -> TfjsModel:
     with tarfile.open(tarball) as archive:
+
         def read(name: str) -> str:
             member = archive.extractfile(NSFWJS_MODEL_DIR + name)
             if member is None:
@@ -199,26 +201,31 @@ def _creation_order(layers, class_name: str) -> list:
     ``model.layers`` (and the tfjs topology) is topologically sorted, which is
     not the order in which the layers were created; the auto-name counter is.
     """
-    return sorted((layer for layer in layers if type(layer).__name__ == class_name),
-                  key=lambda layer: _name_counter(layer.name))
+    return sorted(
+        (layer for layer in layers if type(layer).__name__ == class_name), key=lambda layer: _name_counter(layer.name)
+    )
 
 
 def _assign(layer, arrays_by_var: dict[str, np.ndarray], source: str) -> int:
     """Set every variable of ``layer`` from ``arrays_by_var`` (keyed by variable name)."""
     if set(arrays_by_var) != {v.name for v in layer.weights}:
-        raise ValueError(f"{source} -> {layer.name}: variables {sorted(arrays_by_var)} "
-                         f"vs {sorted(v.name for v in layer.weights)}")
+        raise ValueError(
+            f"{source} -> {layer.name}: variables {sorted(arrays_by_var)} "
+            f"vs {sorted(v.name for v in layer.weights)}"
+        )
     for variable in layer.weights:
         value = arrays_by_var[variable.name]
         if tuple(variable.shape) != value.shape:
-            raise ValueError(f"{source} -> {layer.name}/{variable.name}: shape {value.shape} vs {tuple(variable.shape)}")
+            raise ValueError(
+                f"{source} -> {layer.name}/{variable.name}: shape {value.shape} vs {tuple(variable.shape)}"
+            )
         variable.assign(value)
     return len(arrays_by_var)
 
 
 def _tfjs_layer_arrays(tfjs: TfjsModel, layer_name: str) -> dict[str, np.ndarray]:
     prefix = layer_name + "/"
-    return {name[len(prefix):]: value for name, value in tfjs.weights.items() if name.startswith(prefix)}
+    return {name[len(prefix) :]: value for name, value in tfjs.weights.items() if name.startswith(prefix)}
 
 
 def convert_inception_v3(tfjs: TfjsModel):
@@ -359,8 +366,10 @@ def _convert_inception_v3():
         **counts,
         **_model_checks("InceptionV3", model, compare),
         "imagenet_through": tfjs.imagenet_through(),
-        "caution": ("only the layers up to imagenet_through are ImageNet (frozen in nsfwjs); later blocks were "
-                    "fine-tuned on the nsfwjs task. Prefer feature_layer=mixed5. Weights are uint8-dequantized."),
+        "caution": (
+            "only the layers up to imagenet_through are ImageNet (frozen in nsfwjs); later blocks were "
+            "fine-tuned on the nsfwjs task. Prefer feature_layer=mixed5. Weights are uint8-dequantized."
+        ),
         "preprocessing": "keras.applications.inception_v3.preprocess_input (pixels to [-1, 1])",
     }
     return model, entry
@@ -374,8 +383,10 @@ def _convert_xception():
     compare = {"output": pooled_features(backbone, check_input("Xception"))}
     del full, backbone
     return model, {
-        "source": (f"PyPI {registry_assets.PNEUMONIA_MODEL_PACKAGE.spec} {registry_assets.WHEEL_XCEPTION_MODEL} "
-                   f"(wheel sha256 {registry_assets.PNEUMONIA_MODEL_PACKAGE.sha256})"),
+        "source": (
+            f"PyPI {registry_assets.PNEUMONIA_MODEL_PACKAGE.spec} {registry_assets.WHEEL_XCEPTION_MODEL} "
+            f"(wheel sha256 {registry_assets.PNEUMONIA_MODEL_PACKAGE.sha256})"
+        ),
         "reference": "the wheel's own frozen Xception backbone",
         **counts,
         **_model_checks("Xception", model, compare),
@@ -406,11 +417,13 @@ def _write_manifest(weights_dir: Path, manifest: dict) -> None:
 def _validate_entry(model_name: str, entry: dict) -> None:
     if entry["arrays_assigned"] != entry["keras_arrays_total"]:
         raise WeightsVerificationError(
-            f"{model_name}: {entry['arrays_assigned']} of {entry['keras_arrays_total']} weight arrays assigned")
+            f"{model_name}: {entry['arrays_assigned']} of {entry['keras_arrays_total']} weight arrays assigned"
+        )
     worst = max(entry["reference_max_abs_diff"].values())
     if worst > TOLERANCE:
         raise WeightsVerificationError(
-            f"{model_name}: converted features differ from the reference model by {worst:.3g} (> {TOLERANCE})")
+            f"{model_name}: converted features differ from the reference model by {worst:.3g} (> {TOLERANCE})"
+        )
 
 
 def provision(models=tuple(WEIGHT_FILES), weights_dir: Path | None = None, force: bool = False) -> dict:
@@ -435,8 +448,10 @@ def provision(models=tuple(WEIGHT_FILES), weights_dir: Path | None = None, force
         entry.update(file=path.name, sha256=registry_assets.sha256_of(path), bytes=path.stat().st_size)
         manifest[model_name] = entry
         _write_manifest(weights_dir, manifest)
-        _log(f"{model_name}: wrote {path} ({entry['arrays_assigned']} arrays, "
-             f"reference max |diff| {max(entry['reference_max_abs_diff'].values()):.2g})")
+        _log(
+            f"{model_name}: wrote {path} ({entry['arrays_assigned']} arrays, "
+            f"reference max |diff| {max(entry['reference_max_abs_diff'].values()):.2g})"
+        )
     return manifest
 
 
@@ -455,7 +470,8 @@ def verify(models=None, weights_dir: Path | None = None) -> dict:
             raise WeightsVerificationError(
                 f"{model_name}: {path} sha256 {actual_sha} does not match the manifest's {entry['sha256']}; "
                 f"the file is corrupt or was replaced: delete it and {weights_dir / STAMP_NAME}, "
-                f"then run `make weights`")
+                f"then run `make weights`"
+            )
         model = build_notop_model(model_name)
         model.load_weights(path)
         x = check_input(model_name)
@@ -464,7 +480,8 @@ def verify(models=None, weights_dir: Path | None = None) -> dict:
             if not _checksums_match(recorded, actual):
                 raise WeightsVerificationError(
                     f"{model_name}: feature checksum at {layer_name} is {actual['sum']:.6g}, manifest says "
-                    f"{recorded['sum']:.6g} (tolerance {TOLERANCE})")
+                    f"{recorded['sum']:.6g} (tolerance {TOLERANCE})"
+                )
         results[model_name] = "ok"
         _log(f"{model_name}: {path.name} verified (sha256, {len(model.weights)} arrays, feature checksums)")
         del model
