@@ -237,6 +237,21 @@ def test_metrics_are_well_formed(trained):
     assert "AUC-ROC" in result.summary and "threshold" in result.summary
 
 
+def test_run_records_the_wall_time_of_each_phase(trained):
+    from cxr_pipeline import storage
+
+    _, _, result = trained
+    timing = json.loads(storage.read_bytes(result.run.metrics))["timing"]
+    assert set(timing["seconds"]) == {"listing", "featurizing", "cache_read", "fitting", "evaluation", "writing"}
+    assert all(seconds > 0 for seconds in timing["seconds"].values())
+    assert sum(timing["shares"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert timing["total_seconds"] == pytest.approx(sum(timing["seconds"].values()), abs=0.01)
+    featurized = result.metrics["featurizer"]["cache"]["featurized_rows"]
+    if featurized:  # the session's sample run may reuse an earlier session's cache
+        assert timing["featurize_images_per_s"] == pytest.approx(featurized / timing["seconds"]["featurizing"], rel=1e-2)
+    assert "Time: " in result.summary and "featurizing" in result.summary
+
+
 @pytest.mark.slow
 @pytest.mark.hdfs
 def test_label_mapping_follows_class_folders(trained):

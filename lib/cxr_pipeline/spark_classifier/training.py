@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import warnings
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from pyspark.ml import Pipeline, PipelineModel
@@ -121,6 +123,46 @@ class TrainingSettings:
         """Keyword arguments of ``metrics.choose_threshold_by_rule`` (the CNN job uses the same)."""
         return {"rule": self.threshold_rule, "target_sensitivity": float(self.target_sensitivity),
                 "cost_fn": float(self.cost_fn), "cost_fp": float(self.cost_fp), "fixed": float(self.fixed_threshold)}
+
+
+# ---------------------------------------------------------------- timing
+
+@dataclass
+class PhaseTimer:
+    """Wall time per phase of a run (metrics.json ``timing``; bench/bench_training_phases.py prints the shares).
+
+    Spark is lazy, so a phase is the wall time between two points where work is forced: listing is
+    the file listing and identities, featurizing includes writing the feature cache (and the count of
+    images to featurize), cache_read is reading the cached features back into memory, writing is the
+    model save; the files written after metrics.json are not counted.
+    """
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def phase(self, name: str):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - began
+
+    def report(self, featurized_images: int = 0) -> dict[str, Any]:
+        total = sum(self.seconds.values())
+        timing: dict[str, Any] = {
+            "seconds": {name: round(value, 3) for name, value in self.seconds.items()},
+            "total_seconds": round(total, 3),
+            "shares": {name: round(value / total, 4) if total else 0.0 for name, value in self.seconds.items()},
+        }
+        featurizing = self.seconds.get("featurizing", 0.0)
+        if featurized_images and featurizing:
+            timing["featurize_images_per_s"] = round(featurized_images / featurizing, 3)
+        return timing
+
+    def text(self) -> str:
+        total = sum(self.seconds.values())
+        parts = [f"{name} {value:.1f}s ({value / total:.0%})" for name, value in self.seconds.items()] if total else []
+        return f"Time: {total:.1f}s = " + ", ".join(parts)
 
 
 # ---------------------------------------------------------------- featurization
@@ -334,27 +376,27 @@ def _train_into(spark: SparkSession, config: Mapping[str, Any], data_uri: str, r
 
     storage.write_bytes(run.config, cfg.dump_config({**config, "data": {**config.get("data", {}), "uri": data_uri},
                                                       "run": {"out": final}}).encode())
+    timer = PhaseTimer()
     source = cfg.get(config, "data.source", "binaryFile")
-    read = read_images_with_rejections(spark, data_uri, source=source, dicom=DicomSettings.from_config(config))
-    cache = open_feature_cache(config, data_uri, final, featurizer, settings)
     from ..feature_cache import image_identities
 
-    cached, outcome, snapshot = cache.features_for(spark, read.images, image_identities(spark, data_uri, source),
-                                                   featurizer)
+    with timer.phase("listing"):
+        read = read_images_with_rejections(spark, data_uri, source=source, dicom=DicomSettings.from_config(config))
+        identities = image_identities(spark, data_uri, source)
+    cache = open_feature_cache(config, data_uri, final, featurizer, settings)
+    with timer.phase("featurizing"):
+        cached, outcome, snapshot = cache.features_for(spark, read.images, identities, featurizer)
     log.info("feature cache %s: %s", cache.uri, outcome.reason)
     features = read.images.select("path", "split", "label", "label_name").join(cached, "path", "inner")
     with cache.lease(snapshot):
-        result = _fit_and_report(spark, config, data_uri, run, final, settings, featurizer, read, features, outcome)
+        result = _fit_and_report(spark, config, data_uri, run, final, settings, featurizer, read, features, outcome,
+                                 timer)
     cache.prune(keep=snapshot)
     return result
 
 
-def _fit_and_report(spark: SparkSession, config: Mapping[str, Any], data_uri: str, run: RunLayout, final: str,
-                    settings: TrainingSettings, featurizer, read, features: DataFrame, outcome) -> TrainingResult:
-    from . import evaluation, model_export
-    from .. import storage
-
-    fsettings = FeaturizerSettings.from_config(config)
+def _read_features(features: DataFrame, read, settings: TrainingSettings, data_uri: str):
+    """The cached features read back into memory with their subsets: (data, label names, split, rejected, counts)."""
     failed = features.where(F.col(FEATURES_COL).isNull()).select("path", F.col("featurize_error").alias("reason"))
     rejected = read.rejected.select("path", "reason").unionByName(failed).collect()
     good = features.where(F.col(FEATURES_COL).isNotNull())
@@ -368,7 +410,19 @@ def _fit_and_report(spark: SparkSession, config: Mapping[str, Any], data_uri: st
                 if read.patients is not None else None)
     data, split_info = assign_subsets(good, settings, patients)
     data = data.cache()
-    counts = counts_by_subset(data, label_names)
+    return data, label_names, split_info, rejected, counts_by_subset(data, label_names)  # counting fills the cache
+
+
+def _fit_and_report(spark: SparkSession, config: Mapping[str, Any], data_uri: str, run: RunLayout, final: str,
+                    settings: TrainingSettings, featurizer, read, features: DataFrame, outcome,
+                    timer: PhaseTimer | None = None) -> TrainingResult:
+    from . import evaluation, model_export
+    from .. import storage
+
+    timer = timer or PhaseTimer()
+    fsettings = FeaturizerSettings.from_config(config)
+    with timer.phase("cache_read"):
+        data, label_names, split_info, rejected, counts = _read_features(features, read, settings, data_uri)
     train_counts = [counts.get("train", {}).get(n, 0) for n in label_names]
     if min(train_counts) == 0:
         raise TrainingError(f"training subset has a single class: {dict(zip(label_names, train_counts))}")
@@ -377,17 +431,21 @@ def _fit_and_report(spark: SparkSession, config: Mapping[str, Any], data_uri: st
     class_weights = None
     if settings.class_weighting:
         train_df, class_weights = add_class_weights(train_df, train_counts)
-    classifier, tuning_info = fit_classifier(train_df, settings, weighted=settings.class_weighting)
+    with timer.phase("fitting"):
+        classifier, tuning_info = fit_classifier(train_df, settings, weighted=settings.class_weighting)
 
-    scored = with_scores(classifier.transform(data.where(F.col("subset").isin("val", "test")))).cache()
-    val_labels, val_scores = collect_scores(scored.where(F.col("subset") == "val"))
-    choice = choose_threshold(val_labels, val_scores, **settings.threshold_rule_args())
+    with timer.phase("evaluation"):
+        scored = with_scores(classifier.transform(data.where(F.col("subset").isin("val", "test")))).cache()
+        val_labels, val_scores = collect_scores(scored.where(F.col("subset") == "val"))
+        choice = choose_threshold(val_labels, val_scores, **settings.threshold_rule_args())
     model = PipelineModel(stages=[featurizer, *classifier.stages])
-    model.write().save(run.model)
+    with timer.phase("writing"):
+        model.write().save(run.model)
 
     test = scored.where(F.col("subset") == "test")
-    report = evaluation.evaluate(test, choice, label_names)
-    report["validation"] = evaluation.validation_report(val_labels, val_scores, choice)
+    with timer.phase("evaluation"):
+        report = evaluation.evaluate(test, choice, label_names)
+        report["validation"] = evaluation.validation_report(val_labels, val_scores, choice)
     report.update({
         "data": data_uri, "run": final, "counts": counts, "split": split_info,
         "rejected": len(rejected), "class_weights": dict(zip(label_names, class_weights)) if class_weights else None,
@@ -400,6 +458,7 @@ def _fit_and_report(spark: SparkSession, config: Mapping[str, Any], data_uri: st
         "featurizer": {"model_name": fsettings.model_name, "feature_layer": fsettings.feature_layer,
                        "image_size": fsettings.image_size, "weights_sha256": featurizer.getWeightsSha256(),
                        "cache": outcome.as_dict()},
+        "timing": timer.report(outcome.featurized_rows or 0),
     })
     evaluation.write_report(run, report, test, label_names)
     storage.write_bytes(run.rejected, _rejections_csv(rejected).encode())
@@ -407,7 +466,7 @@ def _fit_and_report(spark: SparkSession, config: Mapping[str, Any], data_uri: st
                                                 .orderBy("path").collect()).encode())
     model_export.export_classifier(model, run.root, threshold=choice.threshold, label_names=label_names,
                                    image_size=fsettings.image_size)
-    summary = evaluation.summary_text(report)
+    summary = evaluation.summary_text(report).rstrip("\n") + "\n" + timer.text() + "\n"
     storage.write_bytes(run.summary, summary.encode())
     data.unpersist()
     scored.unpersist()
