@@ -15,9 +15,11 @@ true when ``spark.task.resource.gpu.amount`` equals
 ``spark.executor.resource.gpu.amount`` (``conf/gpu.yaml``); a worker asked for
 other GPUs than it holds fails the task with that advice rather than share a GPU.
 
-Decoding overlaps inference: a thread decodes the next ``batch_size`` images
-(reading ahead into the next Arrow batch) while the model runs on the current
-ones; Pillow and TensorFlow both release the GIL.
+Optionally (``prefetch``, off by default) decoding overlaps inference: a thread decodes the next
+``batch_size`` images, reading ahead into the next Arrow batch, while the model runs on the current ones.
+It stays off until measured to help: its benefit is unmeasured here (no quiet machine), and a reader thread
+still inside Spark's input stream when a task ends early (``limit``, ``take``) could read a reused
+worker's next task.
 """
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ class WorkerSettings:
     max_pixels: int
     tf_threads: int = 0  # 0 = the task's cores (spark.task.cpus)
     image_size: tuple[int, int] | None = None  # None = the backbone's native input size
-    prefetch: bool = True  # decode the next batch while the model runs on this one
+    prefetch: bool = False  # decode the next batch while the model runs on this one (see the module docstring)
 
     @property
     def cache_key(self) -> tuple:

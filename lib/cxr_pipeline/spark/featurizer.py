@@ -330,7 +330,7 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
             batch_size=self.getBatchSize(),
             max_pixels=self.getMaxPixels(),
             image_size=self.image_size() if self.getImageSize() else None,
-            prefetch=getattr(self, "prefetch", True),  # bench_featurizer --no-prefetch; not a Param
+            prefetch=getattr(self, "prefetch", False),  # bench_featurizer --prefetch; not a Param
         )
 
     def _transform(self, dataset: DataFrame) -> DataFrame:
