@@ -26,7 +26,7 @@ RUN        ?= hdfs://127.0.0.1:9000/runs/demo
 PYTEST_ARGS ?=
 
 .PHONY: help venv hadoop hdfs-up hdfs-down hdfs-status spark-up spark-down spark-status \
-        sample-data weights hdfs-load demo test test-fast bench wheel clean browser serve notebooks mlflow-ui
+        sample-data weights hdfs-load demo lint test test-fast bench wheel clean browser serve notebooks mlflow-ui
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -81,10 +81,14 @@ NOTEBOOK_ARGS ?=
 notebooks: hdfs-load weights ## run the 4 Databricks notebooks locally on DEST, top to bottom (plots in runs/notebooks/)
 	CXR_DATA_URI=$(DEST) $(PY) -m cxr_pipeline.notebook_runner notebooks/0*.py --out $(NOTEBOOK_OUT) $(NOTEBOOK_ARGS)
 
-test: venv hadoop sample-data weights browser ## the whole test suite (real HDFS, real Spark, real weights, real browser)
+lint: venv ## ruff lint + format checks (pyproject.toml); "ruff format . && ruff check --fix ." repairs most
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint hadoop sample-data weights browser ## lint, then the whole test suite (real HDFS, real Spark, real weights, real browser)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: venv hadoop sample-data weights ## the test suite without the slow end-to-end tests
+test-fast: lint hadoop sample-data weights ## lint, then the test suite without the slow end-to-end tests
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 browser: ## Debian's chromium for the upload-page test (apt; idempotent)

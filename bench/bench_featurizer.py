@@ -22,6 +22,7 @@ thread of (b) (off by default: one decode-then-predict loop per task) to measure
     PYTHONPATH=lib .venv/bin/python bench/bench_featurizer.py [--n 1000] [--size 1500x1200]
         [--layer mixed5] [--batch-size 16] [--master local[2]]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,18 +49,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--size", default="1500x1200", help="WIDTHxHEIGHT of the synthetic JPEGs")
     parser.add_argument("--model", default="InceptionV3")
     parser.add_argument("--layer", default=None, help="feature layer (default: the last)")
-    parser.add_argument("--weights", default=None,
-                        help="weights file (default: the provisioned one, else 'random')")
+    parser.add_argument("--weights", default=None, help="weights file (default: the provisioned one, else 'random')")
     parser.add_argument("--batch-size", type=int, default=16, help="images per model call in every variant")
     parser.add_argument("--master", default="local[2]")
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="(a)/(b) pairs, run alternately back to back (default 2)")
-    parser.add_argument("--partitions", type=int, default=None,
-                        help="repartition the read images to N before (b) and (c) (default: as binaryFile splits them)")
-    parser.add_argument("--prefetch", action="store_true",
-                        help="(b) with the decode-ahead thread (ImageFeaturizer.prefetch = True; off by default)")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="(a)/(b) pairs, run alternately back to back (default 2)"
+    )
+    parser.add_argument(
+        "--partitions",
+        type=int,
+        default=None,
+        help="repartition the read images to N before (b) and (c) (default: as binaryFile splits them)",
+    )
+    parser.add_argument(
+        "--prefetch",
+        action="store_true",
+        help="(b) with the decode-ahead thread (ImageFeaturizer.prefetch = True; off by default)",
+    )
     parser.add_argument("--local-dir", default=None, help="where the synthetic tree is generated (kept, resumable)")
-    parser.add_argument("--hdfs-dir", default=None, help="hdfs:// folder for the tree (default /bench/featurizer_<n>_<size>)")
+    parser.add_argument(
+        "--hdfs-dir", default=None, help="hdfs:// folder for the tree (default /bench/featurizer_<n>_<size>)"
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -77,7 +87,10 @@ def prepare_tree(args) -> tuple[Path, str]:
     hdfs = ensure_running()
     remote = args.hdfs_dir or f"{hdfs.namenode_uri}/bench/featurizer_{args.n}_{args.size}"
     local_count = sum(1 for p in local.rglob("*.jpeg"))
-    if not storage.exists(remote) or sum(1 for f in storage.list_files(remote) if f.uri.endswith(".jpeg")) != local_count:
+    if (
+        not storage.exists(remote)
+        or sum(1 for f in storage.list_files(remote) if f.uri.endswith(".jpeg")) != local_count
+    ):
         if storage.exists(remote):
             storage.delete(remote, recursive=True)
         started = time.perf_counter()
@@ -112,7 +125,7 @@ def bench_bare_keras(args, files: list[Path], weights: str) -> float:
     size = input_size(args.model)
     arrays = np.stack([decode_image(p.read_bytes(), size) for p in files])
     model = build_backbone(args.model, weights=weights, feature_layer=args.layer)
-    batches = [arrays[i:i + args.batch_size] for i in range(0, len(arrays), args.batch_size)]
+    batches = [arrays[i : i + args.batch_size] for i in range(0, len(arrays), args.batch_size)]
     for warm in {len(batch): batch for batch in batches}.values():  # trace each batch shape once
         model.predict_on_batch(preprocess(args.model, warm))
     started = time.perf_counter()
@@ -137,8 +150,9 @@ def bench_featurizer(spark, args, remote: str, weights: str) -> tuple[float, dic
     from cxr_pipeline.spark.featurizer import ImageFeaturizer
     from cxr_pipeline.spark.reader import read_images
 
-    featurizer = ImageFeaturizer(modelName=args.model, featureLayer=args.layer, weights=weights,
-                                 batchSize=args.batch_size)
+    featurizer = ImageFeaturizer(
+        modelName=args.model, featureLayer=args.layer, weights=weights, batchSize=args.batch_size
+    )
     if getattr(args, "prefetch", False):
         featurizer.prefetch = True  # not a Param: a benchmark switch only
     images = _partitioned(read_images(spark, remote), args.partitions)
@@ -182,8 +196,12 @@ def bench_predict_batch_udf(spark, args, remote: str, weights: str) -> tuple[flo
 
         return predict
 
-    featurize = predict_batch_udf(make_predict_fn, return_type=T.ArrayType(T.FloatType()),
-                                  batch_size=args.batch_size, input_tensor_shapes=[[height, width, 3]])
+    featurize = predict_batch_udf(
+        make_predict_fn,
+        return_type=T.ArrayType(T.FloatType()),
+        batch_size=args.batch_size,
+        input_tensor_shapes=[[height, width, 3]],
+    )
     from cxr_pipeline.spark.reader import read_images
 
     images = _partitioned(read_images(spark, remote), args.partitions)
@@ -208,22 +226,36 @@ def main(argv=None) -> int:
     local, remote = prepare_tree(args)
     files = sorted(local.rglob("*.jpeg"))
     weights = resolve_weights(args)
-    print(f"tree: {len(files)} JPEGs of {args.size}, mean {sum(p.stat().st_size for p in files) / len(files) / 1e3:.0f} kB, "
-          f"in {remote}")
-    print(f"model: {args.model} layer={args.layer or 'last'} weights={Path(weights).name} batch={args.batch_size} "
-          f"master={args.master} cores={os.cpu_count()}")
+    mean_kb = sum(p.stat().st_size for p in files) / len(files) / 1e3
+    print(f"tree: {len(files)} JPEGs of {args.size}, mean {mean_kb:.0f} kB, in {remote}")
+    print(
+        f"model: {args.model} layer={args.layer or 'last'} weights={Path(weights).name} batch={args.batch_size} "
+        f"master={args.master} cores={os.cpu_count()}"
+    )
 
     from cxr_pipeline.spark.featurizer import configure_arrow_for_images
     from cxr_pipeline.spark.session import spark_session
 
     spark = spark_session(
-        {"spark": {"conf": {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false", "spark.python.worker.reuse": "true",
-                            "spark.driver.memory": "2g", "spark.sql.execution.arrow.pyspark.enabled": "true"}}},
-        app_name="bench-featurizer", master=args.master,
+        {
+            "spark": {
+                "conf": {
+                    "spark.ui.enabled": "false",
+                    "spark.ui.showConsoleProgress": "false",
+                    "spark.python.worker.reuse": "true",
+                    "spark.driver.memory": "2g",
+                    "spark.sql.execution.arrow.pyspark.enabled": "true",
+                }
+            }
+        },
+        app_name="bench-featurizer",
+        master=args.master,
     )
     spark.sparkContext.setLogLevel("ERROR")
     configure_arrow_for_images(spark)
-    partitions = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(remote).rdd.getNumPartitions()
+    partitions = (
+        spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(remote).rdd.getNumPartitions()
+    )
     a_runs, b_runs = [], []
     try:
         # (a) and (b) alternate, back to back (a b, b a, a b, ...): other processes on the
@@ -239,8 +271,11 @@ def main(argv=None) -> int:
                     b_runs.append(rate)
                     if pair == 0:
                         stats = run_stats  # decode share and memory: from the first featurizer run
-                    report(f"(b) featurizer, HDFS bytes end to end #{pair + 1}", rate,
-                           f"warm-up {warm_b:.1f}s" if pair == 0 else "")
+                    report(
+                        f"(b) featurizer, HDFS bytes end to end #{pair + 1}",
+                        rate,
+                        f"warm-up {warm_b:.1f}s" if pair == 0 else "",
+                    )
             if pair == 0:
                 c, warm_c = bench_predict_batch_udf(spark, args, remote, weights)
                 report("(c) decode UDF + predict_batch_udf", c, f"warm-up {warm_c:.1f}s")
@@ -249,14 +284,20 @@ def main(argv=None) -> int:
     ratios = [b / a for a, b in zip(a_runs, b_runs)]
     print()
     print(f"images: {stats['images']} in {partitions} partitions")
-    print(f"(b)/(a) per pair: {', '.join(f'{r:.3f}' for r in ratios)}; median {float(np.median(ratios)):.3f}; "
-          f"best (b) / best (a) {max(b_runs) / max(a_runs):.3f}   goal >= 0.95")
+    print(
+        f"(b)/(a) per pair: {', '.join(f'{r:.3f}' for r in ratios)}; median {float(np.median(ratios)):.3f}; "
+        f"best (b) / best (a) {max(b_runs) / max(a_runs):.3f}   goal >= 0.95"
+    )
     print(f"(b)/(c) = {b_runs[0] / c:.3f} (first b), {float(np.median(b_runs)) / c:.3f} (median b)   goal > 1")
-    print(f"decode share of (b) worker time: {stats['decode_share']:.1%} "
-          f"(decode {stats['decode_seconds']:.1f}s, model {stats['predict_seconds']:.1f}s, "
-          f"per-task set-up {stats['setup_seconds']:.1f}s, summed over tasks)")
-    print(f"model waiting for decoded images (b): {stats['wait_seconds']:.1f}s summed over tasks "
-          f"(prefetch {'on' if args.prefetch else 'off'})")
+    print(
+        f"decode share of (b) worker time: {stats['decode_share']:.1%} "
+        f"(decode {stats['decode_seconds']:.1f}s, model {stats['predict_seconds']:.1f}s, "
+        f"per-task set-up {stats['setup_seconds']:.1f}s, summed over tasks)"
+    )
+    print(
+        f"model waiting for decoded images (b): {stats['wait_seconds']:.1f}s summed over tasks "
+        f"(prefetch {'on' if args.prefetch else 'off'})"
+    )
     print(f"peak RSS per Python worker (b): {stats['peak_worker_rss_mb']:.0f} MB")
     return 0
 

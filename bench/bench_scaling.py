@@ -18,6 +18,7 @@ taken under load are indicative only. Ratios compare runs made minutes apart in 
     PYTHONPATH=lib nice -n 5 .venv/bin/python bench/bench_scaling.py [--sizes 5000,20000]
         [--image-size 75] [--pixels 28] [--workers-n 4000] [--skip-images | --skip-workers]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,9 @@ os.environ["PYTHONPATH"] = f"{REPO / 'lib'}{os.pathsep}{os.environ.get('PYTHONPA
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="5000,20000", help="image counts of the whole-job runs (default %(default)s)")
+    parser.add_argument(
+        "--sizes", default="5000,20000", help="image counts of the whole-job runs (default %(default)s)"
+    )
     parser.add_argument("--pixels", type=int, default=28, help="side of the synthetic JPEGs (default %(default)s)")
     parser.add_argument("--image-size", type=int, default=75, help="backbone input side (InceptionV3 >= 75)")
     parser.add_argument("--layer", default="mixed5", help="feature layer (default %(default)s)")
@@ -48,8 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers-n", type=int, default=4000, help="images of the 1- vs 2-worker runs")
     parser.add_argument("--skip-images", action="store_true", help="only the workers part")
     parser.add_argument("--skip-workers", action="store_true", help="only the images part")
-    parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "cxr_bench_scaling",
-                        help="where the synthetic trees are generated (kept, resumable)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "cxr_bench_scaling",
+        help="where the synthetic trees are generated (kept, resumable)",
+    )
     return parser.parse_args(argv)
 
 
@@ -68,9 +75,16 @@ def tree(args, n: int) -> Path:
 def config_for(args) -> dict:
     from cxr_pipeline.config import load_config
 
-    return load_config("local", overrides=[
-        f"featurizer.image_size={args.image_size}", f"featurizer.feature_layer={args.layer}",
-        f"featurizer.batch_size={args.batch_size}", "tracking.enabled=false", f"spark.master={args.master}"])
+    return load_config(
+        "local",
+        overrides=[
+            f"featurizer.image_size={args.image_size}",
+            f"featurizer.feature_layer={args.layer}",
+            f"featurizer.batch_size={args.batch_size}",
+            "tracking.enabled=false",
+            f"spark.master={args.master}",
+        ],
+    )
 
 
 def whole_job(args) -> None:
@@ -96,8 +110,11 @@ def whole_job(args) -> None:
             timing = result.metrics["timing"]
             timings[n] = (wall, timing)
             phases = ", ".join(f"{k} {v:.1f}s" for k, v in timing["seconds"].items())
-            print(f"n={n:>6}: train() {wall:7.1f}s  featurize {timing.get('featurize_images_per_s', 0):.0f} images/s  "
-                  f"[{load()}]  ({phases})", flush=True)
+            print(
+                f"n={n:>6}: train() {wall:7.1f}s  featurize {timing.get('featurize_images_per_s', 0):.0f} images/s  "
+                f"[{load()}]  ({phases})",
+                flush=True,
+            )
     finally:
         spark.stop()
     small, large = min(timings), max(timings)
@@ -105,8 +122,10 @@ def whole_job(args) -> None:
         return
     factor = large / small
     (wall_s, t_s), (wall_l, t_l) = timings[small], timings[large]
-    print(f"\n{large}/{small} = {factor:.1f}x the images: train() {wall_l / wall_s:.2f}x the time"
-          f"   goal <= {factor * 1.05:.2f}x")
+    print(
+        f"\n{large}/{small} = {factor:.1f}x the images: train() {wall_l / wall_s:.2f}x the time"
+        f"   goal <= {factor * 1.05:.2f}x"
+    )
     for phase in t_l["seconds"]:
         a, b = t_s["seconds"].get(phase, 0.0), t_l["seconds"][phase]
         print(f"  {phase:<12} {a:7.1f}s -> {b:7.1f}s  {b / a if a else float('nan'):5.2f}x")
@@ -136,27 +155,36 @@ def workers(args) -> None:
 
     root = tree(args, args.workers_n)
     state = Path(tempfile.mkdtemp(prefix="cxr_bench_scaling_spark_"))
-    cluster = LocalSparkStandalone(master_port=free_port(), web_port=_free_port_run(3), workers=2, cores=1,
-                                   memory="1536m", state_dir=state)
+    cluster = LocalSparkStandalone(
+        master_port=free_port(), web_port=_free_port_run(3), workers=2, cores=1, memory="1536m", state_dir=state
+    )
     cluster.up(timeout=180)
     rates = {}
     try:
         for cores in (1, 2):
-            spark = (SparkSession.builder.master(cluster.master_url).appName(f"bench-scaling-{cores}-workers")
-                     .config("spark.ui.enabled", "false").config("spark.executor.cores", "1")
-                     .config("spark.cores.max", str(cores)).config("spark.executor.memory", "1g")
-                     .config("spark.python.worker.reuse", "true")
-                     .config("spark.executorEnv.PYTHONPATH", str(REPO / "lib"))
-                     .config("spark.scheduler.minRegisteredResourcesRatio", "1.0")
-                     .config("spark.scheduler.maxRegisteredResourcesWaitingTime", "120s").getOrCreate())
+            spark = (
+                SparkSession.builder.master(cluster.master_url)
+                .appName(f"bench-scaling-{cores}-workers")
+                .config("spark.ui.enabled", "false")
+                .config("spark.executor.cores", "1")
+                .config("spark.cores.max", str(cores))
+                .config("spark.executor.memory", "1g")
+                .config("spark.python.worker.reuse", "true")
+                .config("spark.executorEnv.PYTHONPATH", str(REPO / "lib"))
+                .config("spark.scheduler.minRegisteredResourcesRatio", "1.0")
+                .config("spark.scheduler.maxRegisteredResourcesWaitingTime", "120s")
+                .getOrCreate()
+            )
             spark.sparkContext.setLogLevel("ERROR")
             try:
                 rate, warm = featurize_rate(spark, args, f"file://{root}")
             finally:
                 spark.stop()
             rates[cores] = rate
-            print(f"{cores} worker(s), {args.workers_n} images: {rate:7.1f} images/s  (warm-up {warm:.1f}s) [{load()}]",
-                  flush=True)
+            print(
+                f"{cores} worker(s), {args.workers_n} images: {rate:7.1f} images/s  (warm-up {warm:.1f}s) [{load()}]",
+                flush=True,
+            )
     finally:
         cluster.down()
         shutil.rmtree(state, ignore_errors=True)
@@ -165,8 +193,10 @@ def workers(args) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    print(f"synthetic {args.pixels}x{args.pixels} JPEGs, InceptionV3 {args.layer} at {args.image_size}px, "
-          f"batch {args.batch_size}, {os.cpu_count()} cores [{load()}]")
+    print(
+        f"synthetic {args.pixels}x{args.pixels} JPEGs, InceptionV3 {args.layer} at {args.image_size}px, "
+        f"batch {args.batch_size}, {os.cpu_count()} cores [{load()}]"
+    )
     if not args.skip_images:
         whole_job(args)
     if not args.skip_workers:

@@ -17,6 +17,7 @@ unpacked with ``apt-get download`` + ``dpkg -x``; nothing is installed system-wi
     PYTHONPATH=lib nice -n 5 .venv/bin/python bench/bench_training_phases.py [--n 1000] [--size 1500x1200]
         [--openblas /tmp/openblas/usr/lib/x86_64-linux-gnu/openblas-pthread]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,9 +64,15 @@ def load() -> str:
 def config_for(args) -> dict:
     from cxr_pipeline.config import load_config
 
-    return load_config("local", overrides=[
-        f"featurizer.feature_layer={args.layer}", f"featurizer.batch_size={args.batch_size}",
-        "tracking.enabled=false", f"spark.master={args.master}"])
+    return load_config(
+        "local",
+        overrides=[
+            f"featurizer.feature_layer={args.layer}",
+            f"featurizer.batch_size={args.batch_size}",
+            "tracking.enabled=false",
+            f"spark.master={args.master}",
+        ],
+    )
 
 
 def main_run(args) -> int:
@@ -97,8 +104,10 @@ def main_run(args) -> int:
         print(f"  {phase:<12} {seconds:7.1f}s  {timing['shares'][phase]:6.1%}")
     snapshot = result.metrics["featurizer"]["cache"]["snapshot"]
     if args.openblas:
-        fits = {name: fit_in_child(args, snapshot, blas) for name, blas in (("Java (F2j/VectorBLAS)", None),
-                                                                          ("OpenBLAS", args.openblas))}
+        fits = {
+            name: fit_in_child(args, snapshot, blas)
+            for name, blas in (("Java (F2j/VectorBLAS)", None), ("OpenBLAS", args.openblas))
+        }
         print()
         for name, (seconds, impl) in fits.items():
             print(f"LR fit, {name:<22}: median {seconds:.2f}s over {args.fit_repeats}  ({impl}) [{load()}]")
@@ -109,8 +118,16 @@ def main_run(args) -> int:
 
 def fit_in_child(args, features_uri: str, blas_dir: str | None) -> tuple[float, str]:
     env = dict(os.environ)
-    command = [sys.executable, __file__, "--fit-only", features_uri, "--fit-repeats", str(args.fit_repeats),
-               "--master", args.master]
+    command = [
+        sys.executable,
+        __file__,
+        "--fit-only",
+        features_uri,
+        "--fit-repeats",
+        str(args.fit_repeats),
+        "--master",
+        args.master,
+    ]
     if blas_dir:
         gfortran = str(Path(blas_dir).parent)  # libgfortran.so.5 one level up in the unpacked packages
         env["LD_LIBRARY_PATH"] = f"{blas_dir}:{gfortran}:{env.get('LD_LIBRARY_PATH', '')}"
@@ -132,19 +149,28 @@ def fit_only(args) -> int:
 
     from cxr_pipeline.spark_classifier import training
 
-    builder = (SparkSession.builder.master(args.master).appName("bench-lr-fit").config("spark.ui.enabled", "false")
-               .config("spark.driver.memory", "2g"))
+    builder = (
+        SparkSession.builder.master(args.master)
+        .appName("bench-lr-fit")
+        .config("spark.ui.enabled", "false")
+        .config("spark.driver.memory", "2g")
+    )
     if os.environ.get("CXR_BENCH_BLAS"):
-        builder = builder.config("spark.driver.extraJavaOptions",
-                                 f"-Ddev.ludovic.netlib.blas.nativeLibPath={os.environ['CXR_BENCH_BLAS']}")
+        builder = builder.config(
+            "spark.driver.extraJavaOptions", f"-Ddev.ludovic.netlib.blas.nativeLibPath={os.environ['CXR_BENCH_BLAS']}"
+        )
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     jvm = spark.sparkContext._jvm
     blas = jvm.dev.ludovic.netlib.blas.BLAS.getInstance().getClass().getName()
     settings = training.TrainingSettings.from_config(config_for(args))
-    data = (spark.read.parquet(args.fit_only).where(F.col("features").isNotNull())
-            .withColumn("label", F.when(F.col("path").contains("/PNEUMONIA/"), 1).otherwise(0))
-            .withColumn(training.WEIGHT_COL, F.lit(1.0)).cache())
+    data = (
+        spark.read.parquet(args.fit_only)
+        .where(F.col("features").isNotNull())
+        .withColumn("label", F.when(F.col("path").contains("/PNEUMONIA/"), 1).otherwise(0))
+        .withColumn(training.WEIGHT_COL, F.lit(1.0))
+        .cache()
+    )
     data.count()
     seconds = []
     for _ in range(args.fit_repeats):

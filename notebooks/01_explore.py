@@ -28,7 +28,13 @@ except ImportError:
 
 from cxr_pipeline import exploration
 from cxr_pipeline.notebook_support import (
-    default_data_uri, display_or_save, get_param, notebook_config, require, show_table, spark_description,
+    default_data_uri,
+    display_or_save,
+    get_param,
+    notebook_config,
+    require,
+    show_table,
+    spark_description,
     spark_for_notebook,
 )
 

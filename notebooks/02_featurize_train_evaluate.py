@@ -28,12 +28,24 @@ except ImportError:
 from pyspark.ml import Pipeline
 
 from cxr_pipeline import storage, tracking
-from cxr_pipeline.spark_classifier import training
 from cxr_pipeline.notebook_support import (
-    counts_table, default_data_uri, default_runs_uri, describe_pipeline, display_or_save, get_param, metrics_table,
-    notebook_config, require, show_run_figures, show_table, spark_description, spark_for_notebook, spark_test_scores,
-    threshold_table, with_settings,
+    counts_table,
+    default_data_uri,
+    default_runs_uri,
+    describe_pipeline,
+    get_param,
+    metrics_table,
+    notebook_config,
+    require,
+    show_run_figures,
+    show_table,
+    spark_description,
+    spark_for_notebook,
+    spark_test_scores,
+    threshold_table,
+    with_settings,
 )
+from cxr_pipeline.spark_classifier import training
 
 config = notebook_config(get_param("conf_env", "local", "Config environment (conf/<env>.yaml)"))
 data_uri = require("data_uri", get_param("data_uri", default_data_uri(config), "Dataset root (chest_xray folder URI)"))

@@ -24,9 +24,24 @@ except ImportError:
 from cxr_pipeline import run_folder, storage, tracking
 from cxr_pipeline.cnn import train as cnn_train
 from cxr_pipeline.notebook_support import (
-    agreement_table, cnn_test_scores, compare_models, counts_table, default_data_uri, default_runs_uri,
-    display_or_save, get_param, join_scores, notebook_config, plot_roc_comparison, require, run_threshold,
-    show_run_figures, show_table, spark_for_notebook, spark_test_scores, with_settings,
+    agreement_table,
+    cnn_test_scores,
+    compare_models,
+    counts_table,
+    default_data_uri,
+    default_runs_uri,
+    display_or_save,
+    get_param,
+    join_scores,
+    notebook_config,
+    plot_roc_comparison,
+    require,
+    run_threshold,
+    show_run_figures,
+    show_table,
+    spark_for_notebook,
+    spark_test_scores,
+    with_settings,
 )
 
 config = notebook_config(get_param("conf_env", "local", "Config environment (conf/<env>.yaml)"))

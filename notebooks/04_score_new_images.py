@@ -25,8 +25,17 @@ except ImportError:
 from cxr_pipeline import storage
 from cxr_pipeline.cli.predict_image import is_cnn_model, load_classifier
 from cxr_pipeline.notebook_support import (
-    default_data_uri, default_runs_uri, display_or_save, get_param, notebook_config, plot_predictions,
-    probability_gap, require, score_files_local, show_table, spark_for_notebook,
+    default_data_uri,
+    default_runs_uri,
+    display_or_save,
+    get_param,
+    notebook_config,
+    plot_predictions,
+    probability_gap,
+    require,
+    score_files_local,
+    show_table,
+    spark_for_notebook,
 )
 from cxr_pipeline.spark_classifier.prediction import predict_images
 

@@ -11,6 +11,7 @@ references.
     PYTHONPATH=lib .venv/bin/python scripts/accuracy_check_cnn.py      # InceptionV3 transfer, 96 px (~13 min, 2 cores)
     PYTHONPATH=lib .venv/bin/python scripts/accuracy_check_cnn.py --model small_cnn --image-size 64 --epochs 15
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,9 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="inception_v3", choices=("small_cnn", "inception_v3"))
     parser.add_argument("--image-size", type=int, default=96, help="the 28 px images are upscaled to this")
     parser.add_argument("--epochs", type=int, default=6, help="phase 1 (frozen backbone for inception_v3)")
-    parser.add_argument("--cut-layer", default="mixed5", help="inception_v3: last backbone block (default: %(default)s)")
+    parser.add_argument(
+        "--cut-layer", default="mixed5", help="inception_v3: last backbone block (default: %(default)s)"
+    )
     parser.add_argument("--fine-tune-epochs", type=int, default=4, help="inception_v3: phase 2 epochs")
     parser.add_argument("--fine-tune-lr", type=float, default=1e-4, help="inception_v3: phase 2 learning rate")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
@@ -63,30 +66,53 @@ def main(argv=None) -> int:
     from cxr_pipeline.cnn.train import train_and_evaluate
 
     tree = build_tree(args.npz, args.work)
-    config = config_mod.load_config("local", overrides=[
-        f"cnn.model={args.model}", f"cnn.image_size={args.image_size}", f"cnn.epochs={args.epochs}",
-        f"cnn.inception.cut_layer={args.cut_layer}", f"cnn.fine_tune.epochs={args.fine_tune_epochs}",
-        f"cnn.fine_tune.learning_rate={args.fine_tune_lr}", "cnn.cache=memory", "cnn.verbose=2", "training.validation_fraction=0.1", *args.set,
-    ])
+    config = config_mod.load_config(
+        "local",
+        overrides=[
+            f"cnn.model={args.model}",
+            f"cnn.image_size={args.image_size}",
+            f"cnn.epochs={args.epochs}",
+            f"cnn.inception.cut_layer={args.cut_layer}",
+            f"cnn.fine_tune.epochs={args.fine_tune_epochs}",
+            f"cnn.fine_tune.learning_rate={args.fine_tune_lr}",
+            "cnn.cache=memory",
+            "cnn.verbose=2",
+            "training.validation_fraction=0.1",
+            *args.set,
+        ],
+    )
     started = time.perf_counter()
     metrics = train_and_evaluate(config, str(tree), str(args.work / "run"))
     minutes = (time.perf_counter() - started) / 60
     test = metrics["test"]
     detail = f", cut {args.cut_layer}" if args.model == "inception_v3" else ""
-    print(f"\nPneumoniaMNIST val split (n={test['n']}, NORMAL/PNEUMONIA {test['class_counts']}): "
-          f"{args.model} at {args.image_size} px{detail}, {len(metrics['history']['loss'])} epochs, {minutes:.1f} min")
+    print(
+        f"\nPneumoniaMNIST val split (n={test['n']}, NORMAL/PNEUMONIA {test['class_counts']}): "
+        f"{args.model} at {args.image_size} px{detail}, {len(metrics['history']['loss'])} epochs, {minutes:.1f} min"
+    )
     print("(the references are on the MedMNIST test split, which is not in this npz)")
     print(f"{'':34s} {'ACC':>6s} {'AUC':>6s} {'sens':>6s} {'spec':>6s}")
-    for key, name in (("at_0.5", "threshold 0.5"),
-                      ("at_threshold", f"validation threshold {metrics['threshold']:.3f}")):
+    for key, name in (
+        ("at_0.5", "threshold 0.5"),
+        ("at_threshold", f"validation threshold {metrics['threshold']:.3f}"),
+    ):
         r = test[key]
         print(f"{name:34s} {r['accuracy']:6.3f} {test['auc']:6.3f} {r['sensitivity']:6.3f} {r['specificity']:6.3f}")
     for name, ref in REFERENCES.items():
         print(f"{name:34s} {ref['accuracy']:6.3f} {ref['auc']:6.3f}")
-    print(json.dumps({"model": args.model, "image_size": args.image_size, "minutes": round(minutes, 1),
-                      "accuracy@0.5": test["at_0.5"]["accuracy"], "auc": test["auc"],
-                      "sensitivity@0.5": test["at_0.5"]["sensitivity"],
-                      "specificity@0.5": test["at_0.5"]["specificity"]}))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "image_size": args.image_size,
+                "minutes": round(minutes, 1),
+                "accuracy@0.5": test["at_0.5"]["accuracy"],
+                "auc": test["auc"],
+                "sensitivity@0.5": test["at_0.5"]["sensitivity"],
+                "specificity@0.5": test["at_0.5"]["specificity"],
+            }
+        )
+    )
     return 0
 
 

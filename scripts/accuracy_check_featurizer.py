@@ -16,6 +16,7 @@ InceptionV3 (to mixed5, the default layer) took 33 min on 2 busy cores (about 25
 a re-run reuses the feature cache. Each figure is printed with its 95 % bootstrap interval.
 Choosing settings: scripts/accuracy_check_levers.py (cross-validation inside npz train).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,12 @@ def convert_tree(npz: Path, out: Path, size: int, limit: int | None) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--npz", type=Path, default=REPO.parent / "shared" / "data" / "pneumoniamnist_28_trainval.npz")
-    parser.add_argument("--size", type=int, default=128, help="side of the converted JPEGs (the featurizer resizes anyway)")
-    parser.add_argument("--limit", type=int, default=None, help="at most N images per split (class-balanced); default all")
+    parser.add_argument(
+        "--size", type=int, default=128, help="side of the converted JPEGs (the featurizer resizes anyway)"
+    )
+    parser.add_argument(
+        "--limit", type=int, default=None, help="at most N images per split (class-balanced); default all"
+    )
     parser.add_argument("--work", type=Path, default=REPO / "data" / "pmnist_check", help="local tree folder")
     parser.add_argument("--hdfs", default="hdfs://127.0.0.1:9000/data/pmnist_check/chest_xray")
     parser.add_argument("--out", default="hdfs://127.0.0.1:9000/runs/accuracy_featurizer")
@@ -65,16 +70,31 @@ def main(argv=None) -> int:
     out = args.out.rstrip("/") + suffix
     started = time.time()
     convert_tree(args.npz, tree, args.size, args.limit)
-    env = {**os.environ, "PYTHONPATH": f"{REPO / 'lib'}:{os.environ.get('PYTHONPATH', '')}",
-           "SPARK_LOCAL_IP": os.environ.get("SPARK_LOCAL_IP", "127.0.0.1"),
-           "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO / 'lib'}:{os.environ.get('PYTHONPATH', '')}",
+        "SPARK_LOCAL_IP": os.environ.get("SPARK_LOCAL_IP", "127.0.0.1"),
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+    }
     from cxr_pipeline.localstack.hdfs_cluster import ensure_running
 
     ensure_running()
     subprocess.run([sys.executable, str(REPO / "scripts" / "hdfs_load.py"), str(tree), hdfs_tree], check=True, env=env)
     spark_submit = str(Path(sys.executable).parent / "spark-submit")
-    job = [spark_submit, "--master", args.master, "--driver-memory", "3g", str(REPO / "jobs" / "train_featurizer.py"),
-           "--data", hdfs_tree, "--out", out, *args.job_args]  # the default pipeline (conf/defaults.yaml)
+    job = [
+        spark_submit,
+        "--master",
+        args.master,
+        "--driver-memory",
+        "3g",
+        str(REPO / "jobs" / "train_featurizer.py"),
+        "--data",
+        hdfs_tree,
+        "--out",
+        out,
+        *args.job_args,
+    ]  # the default pipeline (conf/defaults.yaml)
     print("+", " ".join(job), flush=True)
     t_job = time.time()
     subprocess.run(job, check=True, env=env)
@@ -86,13 +106,18 @@ def main(argv=None) -> int:
     t = m["test"]
     print("\n=== PneumoniaMNIST accuracy check (held-out = npz val split) ===")
     cache = m["featurizer"].get("cache") or {}
-    print(f"images: {json.dumps(m['counts'])}; feature cache: {cache.get('reused_rows')} rows reused, "
-          f"{cache.get('featurized_rows')} featurized")
+    print(
+        f"images: {json.dumps(m['counts'])}; feature cache: {cache.get('reused_rows')} rows reused, "
+        f"{cache.get('featurized_rows')} featurized"
+    )
     print(f"job wall time {job_seconds:.0f} s (total {time.time() - started:.0f} s)")
     print(f"threshold rule: {m['threshold'].get('description')}")
     from cxr_pipeline import metrics as M
 
-    for key, label in (("at_default_0.5", "threshold 0.5"), ("at_chosen", f"validation-chosen {t['at_chosen']['threshold']:.3f}")):
+    for key, label in (
+        ("at_default_0.5", "threshold 0.5"),
+        ("at_chosen", f"validation-chosen {t['at_chosen']['threshold']:.3f}"),
+    ):
         b = t["intervals"][key]
         print(f"{label:28s} " + "  ".join(f"{k} {M.fmt_interval(b[k])}" for k in M.INTERVAL_METRICS))
     print(f"Brier {M.fmt(t.get('brier'))}; model card: {out}/model_card.md")

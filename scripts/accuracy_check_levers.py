@@ -14,6 +14,7 @@ untouched held-out test, looked at once per candidate (``holdout``), never in a 
     # 3. one look at the held-out split per chosen candidate, with 95 % bootstrap intervals
     python scripts/accuracy_check_levers.py holdout data/levers/none_1200.npz --set mixed5_avg --reg 0.01
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,6 +41,7 @@ GEM_P = 3.0
 
 # ------------------------------------------------------------------ featurize
 
+
 def job_pixels(image28: np.ndarray, size: tuple[int, int], tree_px: int = 128) -> np.ndarray:
     """The pixels the job sees: the tree's JPEG (medmnist.convert) decoded by imaging.decode_image."""
     from cxr_pipeline import imaging
@@ -64,7 +66,8 @@ def pooled_model(image_size: int):
         outputs[f"{layer}_avg"] = keras.layers.GlobalAveragePooling2D()(fmap)
         outputs[f"{layer}_max"] = keras.layers.GlobalMaxPooling2D()(fmap)
         outputs[f"{layer}_gem"] = keras.layers.Lambda(
-            lambda x: ops.power(ops.mean(ops.power(ops.maximum(x, 1e-6), GEM_P), axis=(1, 2)), 1.0 / GEM_P))(fmap)
+            lambda x: ops.power(ops.mean(ops.power(ops.maximum(x, 1e-6), GEM_P), axis=(1, 2)), 1.0 / GEM_P)
+        )(fmap)
     return keras.Model(base.inputs, outputs)
 
 
@@ -83,7 +86,7 @@ def featurize(args) -> int:
             rows = np.sort(np.random.default_rng(0).choice(rows, args.subset, replace=False))
         feats: dict[str, list[np.ndarray]] = {}
         for start in range(0, len(rows), args.batch_size):
-            chunk = rows[start:start + args.batch_size]
+            chunk = rows[start : start + args.batch_size]
             batch = np.stack([job_pixels(images[i], size) for i in chunk])
             x = backbones.preprocess("InceptionV3", batch)
             if args.flip_tta:
@@ -103,6 +106,7 @@ def featurize(args) -> int:
 
 
 # ------------------------------------------------------------------ numpy logistic regression (Spark objective)
+
 
 def standardize(train: np.ndarray, *others: np.ndarray):
     mean, std = train.mean(0), train.std(0, ddof=1)
@@ -214,16 +218,24 @@ def cv(args) -> int:
             for reg in args.regs:
                 t0 = time.time()
                 y, s, thr = cv_candidate(data, names, reg, k=args.folds)
-                row = {"features": tag, "set": "+".join(names), "reg": reg, "auc": M.roc_auc(y, s),
-                       "brier": float(np.mean((s - y) ** 2))}
+                row = {
+                    "features": tag,
+                    "set": "+".join(names),
+                    "reg": reg,
+                    "auc": M.roc_auc(y, s),
+                    "brier": float(np.mean((s - y) ** 2)),
+                }
                 for r, t in thr.items():
                     pred = (s >= t).astype(int)
                     row[f"acc_{r}"] = float(np.mean(pred == y))
                     row[f"spec_{r}"] = float(np.mean(pred[y == 0] == 0))
                     row[f"sens_{r}"] = float(np.mean(pred[y == 1] == 1))
                 results.append(row)
-                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
-                      f"({time.time() - t0:.0f} s)", flush=True)
+                print(
+                    json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
+                    f"({time.time() - t0:.0f} s)",
+                    flush=True,
+                )
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0
@@ -250,8 +262,12 @@ def holdout(args) -> int:
     print(f"held-out npz val (n={len(y_test)}): {out['features']} {args.set} reg {args.reg}")
     for rule in RULES:
         b = out[rule]
-        print(f"  {rule:9s} t={b['threshold']:.3f}  " + "  ".join(f"{k} {M.fmt_interval(b[k])}" for k in M.INTERVAL_METRICS)
-              + f"  brier {b['brier']:.4f}", flush=True)
+        print(
+            f"  {rule:9s} t={b['threshold']:.3f}  "
+            + "  ".join(f"{k} {M.fmt_interval(b[k])}" for k in M.INTERVAL_METRICS)
+            + f"  brier {b['brier']:.4f}",
+            flush=True,
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
     return 0
@@ -270,8 +286,17 @@ def main(argv=None) -> int:
     f.add_argument("--out", type=Path, required=True)
     c = sub.add_parser("cv")
     c.add_argument("features", nargs="+")
-    c.add_argument("--sets", nargs="+", default=["mixed5_avg", "mixed5_gem", "mixed4_avg+mixed5_avg",
-                                                 "mixed3_avg+mixed4_avg+mixed5_avg", "mixed5_avg+mixed5_max"])
+    c.add_argument(
+        "--sets",
+        nargs="+",
+        default=[
+            "mixed5_avg",
+            "mixed5_gem",
+            "mixed4_avg+mixed5_avg",
+            "mixed3_avg+mixed4_avg+mixed5_avg",
+            "mixed5_avg+mixed5_max",
+        ],
+    )
     c.add_argument("--regs", nargs="+", type=float, default=[0.01, 0.1, 1.0])
     c.add_argument("--folds", type=int, default=5)
     c.add_argument("--out", default=None)

@@ -3,6 +3,7 @@
 Every test featurizes with the same backbone settings where it can, so the
 Python workers of the session build the model once and reuse it.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,15 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from cxr_pipeline.backbones import BackboneError, build_backbone, featurize_arrays
-from cxr_pipeline.imaging import decode_image
-from cxr_pipeline.config import ConfigError, load_config
-from cxr_pipeline.spark.featurizer import FeaturizerSettings, ImageFeaturizer, split_failures
-from cxr_pipeline.spark.reader import read_images, read_images_with_rejections
-
 from test_reader import make_tree
 from tolerances import assert_same_features, same_probability
+
+from cxr_pipeline.backbones import BackboneError, build_backbone, featurize_arrays
+from cxr_pipeline.config import ConfigError, load_config
+from cxr_pipeline.imaging import decode_image
+from cxr_pipeline.spark.featurizer import FeaturizerSettings, ImageFeaturizer, split_failures
+from cxr_pipeline.spark.reader import read_images, read_images_with_rejections
 
 LAYER = "mixed0"  # cheap to compute, and ImageNet-trained in the provisioned weights
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def keras_features(paths: list[str], feature_layer: str = LAYER, weights=None, s
 
 
 def local_path(uri: str) -> str:
-    return uri[len("file:"):] if uri.startswith("file:") else uri
+    return uri[len("file:") :] if uri.startswith("file:") else uri
 
 
 @pytest.fixture(scope="module")
@@ -87,10 +87,12 @@ def test_pipeline_with_featurizer_saves_and_loads(spark, tree, tmp_path):
     from pyspark.ml.classification import LogisticRegression
 
     images = read_images(spark, str(tree)).where("path NOT LIKE '%text.jpeg' AND path NOT LIKE '%truncated.jpeg'")
-    pipeline = Pipeline(stages=[
-        ImageFeaturizer(featureLayer=LAYER, batchSize=4),
-        LogisticRegression(featuresCol="features", labelCol="label", maxIter=5),
-    ])
+    pipeline = Pipeline(
+        stages=[
+            ImageFeaturizer(featureLayer=LAYER, batchSize=4),
+            LogisticRegression(featuresCol="features", labelCol="label", maxIter=5),
+        ]
+    )
     model = pipeline.fit(images)
     model.write().overwrite().save(str(tmp_path / "pipeline"))
     loaded = PipelineModel.load(str(tmp_path / "pipeline"))
@@ -111,13 +113,31 @@ def test_filter_on_error_column_runs_the_model_once(spark, tree):
 
 
 def test_featurizer_params_round_trip(spark, tmp_path):
-    featurizer = ImageFeaturizer(inputCol="bytes", outputCol="vec", modelName="Xception", featureLayer="block4_pool",
-                                 weights="hdfs://nn:9000/w/x.weights.h5", batchSize=8, maxPixels=1000, imageSize=128,
-                                 arrowBatchSize=9)
+    featurizer = ImageFeaturizer(
+        inputCol="bytes",
+        outputCol="vec",
+        modelName="Xception",
+        featureLayer="block4_pool",
+        weights="hdfs://nn:9000/w/x.weights.h5",
+        batchSize=8,
+        maxPixels=1000,
+        imageSize=128,
+        arrowBatchSize=9,
+    )
     featurizer.save(str(tmp_path / "f"))
     loaded = ImageFeaturizer.load(str(tmp_path / "f"))
-    for param in ("inputCol", "outputCol", "errorCol", "modelName", "featureLayer", "weights", "batchSize", "maxPixels", "imageSize",
-                  "arrowBatchSize"):
+    for param in (
+        "inputCol",
+        "outputCol",
+        "errorCol",
+        "modelName",
+        "featureLayer",
+        "weights",
+        "batchSize",
+        "maxPixels",
+        "imageSize",
+        "arrowBatchSize",
+    ):
         assert loaded.getOrDefault(param) == featurizer.getOrDefault(param), param
     assert loaded.uid == featurizer.uid
     nulls = ImageFeaturizer(featureLayer=None, weights=None, weightsSha256=None, imageSize=None)  # null set explicitly
@@ -127,10 +147,22 @@ def test_featurizer_params_round_trip(spark, tmp_path):
 
 
 def test_featurizer_settings_come_from_the_config_section_only():
-    config = load_config("local", overrides=["featurizer.batch_size=5", "featurizer.arrow_batch_size=7",
-                                             "featurizer.image_size=96", "data.max_pixels=1234"])
+    config = load_config(
+        "local",
+        overrides=[
+            "featurizer.batch_size=5",
+            "featurizer.arrow_batch_size=7",
+            "featurizer.image_size=96",
+            "data.max_pixels=1234",
+        ],
+    )
     settings = FeaturizerSettings.from_config(config)
-    assert (settings.batch_size, settings.arrow_batch_size, settings.image_size, settings.max_pixels) == (5, 7, 96, 1234)
+    assert (settings.batch_size, settings.arrow_batch_size, settings.image_size, settings.max_pixels) == (
+        5,
+        7,
+        96,
+        1234,
+    )
     from cxr_pipeline.spark_classifier.training import build_featurizer
 
     featurizer = build_featurizer(settings)
@@ -139,16 +171,28 @@ def test_featurizer_settings_come_from_the_config_section_only():
     # An unset Param is the config default: nothing in the class restates it.
     defaults = FeaturizerSettings.from_config(load_config("local"))
     bare = ImageFeaturizer()
-    assert {name: bare.getOrDefault(param) for param, name in
-            [("modelName", "model_name"), ("featureLayer", "feature_layer"), ("batchSize", "batch_size"),
-             ("arrowBatchSize", "arrow_batch_size"), ("maxPixels", "max_pixels")]} == {
-        "model_name": defaults.model_name, "feature_layer": defaults.feature_layer, "batch_size": defaults.batch_size,
-        "arrow_batch_size": defaults.arrow_batch_size, "max_pixels": defaults.max_pixels}
+    assert {
+        name: bare.getOrDefault(param)
+        for param, name in [
+            ("modelName", "model_name"),
+            ("featureLayer", "feature_layer"),
+            ("batchSize", "batch_size"),
+            ("arrowBatchSize", "arrow_batch_size"),
+            ("maxPixels", "max_pixels"),
+        ]
+    } == {
+        "model_name": defaults.model_name,
+        "feature_layer": defaults.feature_layer,
+        "batch_size": defaults.batch_size,
+        "arrow_batch_size": defaults.arrow_batch_size,
+        "max_pixels": defaults.max_pixels,
+    }
     with pytest.raises(ConfigError, match="unknown featurizer option.*image_sise"):
         FeaturizerSettings.from_config({**config, "featurizer": {**config["featurizer"], "image_sise": 96}})
     with pytest.raises(ConfigError, match="missing.*arrow_batch_size"):
-        FeaturizerSettings.from_config({**config, "featurizer": {k: v for k, v in config["featurizer"].items()
-                                                                 if k != "arrow_batch_size"}})
+        FeaturizerSettings.from_config(
+            {**config, "featurizer": {k: v for k, v in config["featurizer"].items() if k != "arrow_batch_size"}}
+        )
     with pytest.raises(ConfigError, match="batch_size must be >= 1"):
         FeaturizerSettings.from_config({**config, "featurizer": {**config["featurizer"], "batch_size": 0}})
 
@@ -214,51 +258,8 @@ def test_weights_from_hdfs_are_fetched_by_executors(spark, tree, hdfs_tmp, featu
         assert_same_features(got[path], reference[path])
 
 
-CLUSTER_JOB = textwrap.dedent(
-    """
-    import json, sys
-    from pyspark.sql import SparkSession
-    from cxr_pipeline.spark.reader import read_images_with_rejections
-    from cxr_pipeline.spark.featurizer import ImageFeaturizer
-
-    master, data, out = sys.argv[1:4]
-    spark = (SparkSession.builder.master(master).appName("cxr-featurizer-cluster-test")
-             .config("spark.ui.enabled", "false").config("spark.executor.memory", "1g")
-             .config("spark.python.worker.reuse", "true").getOrCreate())
-    read = read_images_with_rejections(spark, data)
-    rows = ImageFeaturizer(featureLayer="mixed5", batchSize=8).transform(read.images) \\
-        .select("path", "features", "featurize_error").collect()
-    executors = spark.sparkContext._jsc.sc().getExecutorMemoryStatus().size() - 1
-    json.dump({"executors": executors,
-               "rows": [[r.path, None if r.features is None else r.features.toArray().tolist(), r.featurize_error]
-                        for r in rows]}, open(out, "w"))
-    spark.stop()
-    """
-)
-
-
-@pytest.mark.slow
-@pytest.mark.hdfs
-@pytest.mark.cluster
-def test_on_standalone_cluster_from_real_hdfs(spark_standalone, hdfs_tmp, sample_tree, tmp_path):
-    from cxr_pipeline import storage
-
-    storage.upload_dir(str(sample_tree), f"{hdfs_tmp}/chest_xray")
-    script = tmp_path / "job.py"
-    script.write_text(CLUSTER_JOB)
-    out = tmp_path / "features.json"
-    env = {**os.environ, "PYTHONPATH": f"{REPO / 'lib'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
-    done = subprocess.run([sys.executable, str(script), spark_standalone, f"{hdfs_tmp}/chest_xray", str(out)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert result["executors"] >= 1
-    rows = sorted(result["rows"])
-    assert len(rows) == len(list(sample_tree.rglob("*.jpeg"))) and all(r[2] is None for r in rows)
-    relative = ["/".join(path.split("/")[-3:]) for path, _, _ in rows]
-    expected = keras_features([str(sample_tree / rel) for rel in relative], feature_layer="mixed5")
-    assert_same_features(np.array([r[1] for r in rows]), expected)
+# Featurizing on a standalone cluster from HDFS, against plain Keras: test_faults.py (the undisturbed pass of its
+# 2-worker cluster on a private HDFS) and the GPU-scheduling test below (a private cluster with resources).
 
 
 # ------------------------------------------------------------------ GPU executors (issue 16)
@@ -316,20 +317,33 @@ def test_each_task_runs_on_the_gpu_spark_assigned_it(tree, tmp_path):
     script = tmp_path / "discover_gpus.sh"
     script.write_text('#!/bin/sh\necho \'{"name": "gpu", "addresses": ["0", "1"]}\'\n')
     script.chmod(0o755)
-    cluster = LocalSparkStandalone(master_port=free_port(), web_port=_free_port_run(2), workers=1, cores=2,
-                                   memory="2g", state_dir=tmp_path / "spark", worker_conf={
-                                       "spark.worker.resource.gpu.amount": "2",
-                                       "spark.worker.resource.gpu.discoveryScript": str(script)})
+    cluster = LocalSparkStandalone(
+        master_port=free_port(),
+        web_port=_free_port_run(2),
+        workers=1,
+        cores=2,
+        memory="2g",
+        state_dir=tmp_path / "spark",
+        worker_conf={"spark.worker.resource.gpu.amount": "2", "spark.worker.resource.gpu.discoveryScript": str(script)},
+    )
     cluster.up(timeout=180)
     try:
         job = tmp_path / "job.py"
         job.write_text(GPU_JOB)
         out = tmp_path / "tasks.json"
-        env = {**os.environ, "PYTHONPATH": f"{REPO / 'lib'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
-        done = subprocess.run([sys.executable, str(job), cluster.master_url, str(tree), str(script), str(out),
-                               str(REPO / "lib")],
-                              env=env, capture_output=True, text=True, timeout=600)
+        env = {
+            **os.environ,
+            "PYTHONPATH": f"{REPO / 'lib'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "PYSPARK_PYTHON": sys.executable,
+            "PYSPARK_DRIVER_PYTHON": sys.executable,
+        }
+        done = subprocess.run(
+            [sys.executable, str(job), cluster.master_url, str(tree), str(script), str(out), str(REPO / "lib")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
     finally:
         cluster.down()

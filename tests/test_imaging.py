@@ -1,4 +1,5 @@
 """Decoding every awkward kind of input, without Spark or TensorFlow."""
+
 from __future__ import annotations
 
 import io
@@ -89,7 +90,9 @@ def test_large_jpeg_draft_decode_matches_full_decode():
     pixels = np.clip(base * 0.7 + blobs + 40, 0, 255).astype(np.uint8)
     data = encode(Image.fromarray(pixels, mode="L"), quality=90)
     drafted = decode_image(data, size=(299, 299)).astype(np.float32)
-    full = np.asarray(Image.fromarray(pixels, mode="L").resize((299, 299), Image.Resampling.BILINEAR)).astype(np.float32)
+    full = np.asarray(Image.fromarray(pixels, mode="L").resize((299, 299), Image.Resampling.BILINEAR)).astype(
+        np.float32
+    )
     assert np.abs(drafted[..., 0] - full).mean() < 3.0
 
 
@@ -170,6 +173,7 @@ def test_enomem_oserror_propagates_but_other_oserrors_are_rejections(monkeypatch
     def fail_with(err):
         def load(*args, **kwargs):
             raise OSError(err, "simulated")
+
         return load
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", fail_with(errno.ENOMEM))
@@ -198,8 +202,14 @@ def spark_image_struct(pixels: np.ndarray) -> dict:
     height, width = pixels.shape[:2]
     channels = 1 if pixels.ndim == 2 else 3
     data = pixels.tobytes() if channels == 1 else np.ascontiguousarray(pixels[..., ::-1]).tobytes()
-    return {"origin": "file:/x.png", "height": height, "width": width, "nChannels": channels,
-            "mode": 0 if channels == 1 else 16, "data": data}
+    return {
+        "origin": "file:/x.png",
+        "height": height,
+        "width": width,
+        "nChannels": channels,
+        "mode": 0 if channels == 1 else 16,
+        "data": data,
+    }
 
 
 def test_spark_image_struct_decodes_like_the_file_itself():

@@ -5,6 +5,7 @@ weights) on the 16-image sample tree in the REAL local HDFS. The features are
 cached once per pytest session (see ``shared_sample_run``) so that the second
 training and test_predict.py reuse them instead of featurizing again.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,17 +18,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from job_args import NO_TRACKING
+from tolerances import assert_same_probabilities, same_probability
 
 from cxr_pipeline import config as cfg
 from cxr_pipeline.spark_classifier import training as T
-from job_args import NO_TRACKING
-from tolerances import assert_same_probabilities, same_probability
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_FEATURES = ["featurizer.feature_layer=mixed5", "featurizer.batch_size=8"]
 
 
 # ------------------------------------------------------------------ pure
+
 
 def settings(**changes) -> T.TrainingSettings:
     """The configured training settings (conf/defaults.yaml) with ``changes``."""
@@ -40,8 +42,12 @@ def test_settings_from_config_and_validation():
     config = cfg.load_config("local", overrides=["training.reg_param=0.5", "training.tuning=cv"])
     s = T.TrainingSettings.from_config(config)
     assert s.reg_param == 0.5 and s.tuning == "cv" and s.target_sensitivity == 0.95 and s.class_weighting
-    for bad in ("training.tuning=grid", "training.validation_fraction=1.5", "training.bogus=1",
-                "training.validation=random"):
+    for bad in (
+        "training.tuning=grid",
+        "training.validation_fraction=1.5",
+        "training.bogus=1",
+        "training.validation=random",
+    ):
         with pytest.raises(cfg.ConfigError):
             T.TrainingSettings.from_config(cfg.load_config("local", overrides=[bad]))
     incomplete = cfg.load_config("local")
@@ -63,23 +69,35 @@ def test_feature_cache_fingerprint_covers_everything_that_makes_a_feature():
     assert base == digest(weights="/elsewhere/same_file.h5")  # the file's hash is its identity, not its path
     assert base == digest(dicom={"patient_key": "secret"})  # secrets never enter the cache's files
     assert "secret" not in digest(dicom={"patient_key": "secret"})
-    changed = [digest(weightsSha256="b" * 64), digest(maxPixels=1000), digest(source="image"),
-               digest(imageSize=150), digest(featureLayer="mixed7"), digest(weights="random"),
-               digest(dicom={"window": "percentile"})]
+    changed = [
+        digest(weightsSha256="b" * 64),
+        digest(maxPixels=1000),
+        digest(source="image"),
+        digest(imageSize=150),
+        digest(featureLayer="mixed7"),
+        digest(weights="random"),
+        digest(dicom={"window": "percentile"}),
+    ]
     assert len({base, *changed}) == len(changed) + 1
 
 
 def test_job_help_and_bad_option_exit_codes():
     env = {**os.environ, "PYTHONPATH": str(REPO / "lib")}
-    out = subprocess.run([sys.executable, str(REPO / "jobs" / "train_featurizer.py"), "--help"],
-                         capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "train_featurizer.py"), "--help"], capture_output=True, text=True, env=env
+    )
     assert out.returncode == 0 and "--target-sensitivity" in out.stdout and "--set" in out.stdout
-    out = subprocess.run([sys.executable, str(REPO / "jobs" / "train_featurizer.py"), "--out", "/tmp/x",
-                          "--tuning", "bogus"], capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "train_featurizer.py"), "--out", "/tmp/x", "--tuning", "bogus"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert out.returncode == 2
 
 
 # ------------------------------------------------------------------ Spark, no featurizer
+
 
 def kermany_rows(n_patients=40, seed=0):
     """(path, split, label, label_name) rows for a fake tree: several images per patient."""
@@ -115,8 +133,10 @@ def test_assign_subsets_is_patient_grouped_and_keeps_test(spark):
 def test_class_weights_balance_the_classes(spark):
     df = spark.createDataFrame([(0,)] * 2 + [(1,)] * 6, "label int")
     weighted, weights = T.add_class_weights(df, [2, 6])
-    totals = {r["label"]: r["w"] for r in weighted.groupBy("label").agg({"weight": "sum"})
-              .withColumnRenamed("sum(weight)", "w").collect()}
+    totals = {
+        r["label"]: r["w"]
+        for r in weighted.groupBy("label").agg({"weight": "sum"}).withColumnRenamed("sum(weight)", "w").collect()
+    }
     assert totals[0] == pytest.approx(totals[1]) == pytest.approx(4.0)
     assert weights == pytest.approx([2.0, 2 / 3])
 
@@ -166,6 +186,7 @@ def test_single_class_validation_falls_back_to_half():
 
 # ------------------------------------------------------------------ end to end (real featurizer + HDFS)
 
+
 def shared_sample_run(hdfs_cluster, sample_tree, pytestconfig):
     """The sample tree in HDFS and a feature-cache root, both fixed for this pytest process
     (so test_predict.py reuses the features) and removed when the session ends."""
@@ -180,8 +201,7 @@ def shared_sample_run(hdfs_cluster, sample_tree, pytestconfig):
 
 
 def train_on_sample(spark, base, data, name, overrides=(), overwrite=False):
-    config = cfg.load_config("local", overrides=[*FAST_FEATURES, f"training.features_cache={base}/_cache",
-                                                 *overrides])
+    config = cfg.load_config("local", overrides=[*FAST_FEATURES, f"training.features_cache={base}/_cache", *overrides])
     return T.train(spark, config, data, f"{base}/{name}", overwrite=overwrite)
 
 
@@ -197,10 +217,23 @@ def test_run_folder_is_complete(trained):
 
     _, _, result = trained
     names = {Path(f.uri).name for f in storage.list_files(result.run.root, recursive=False)}
-    names |= {f.uri.rstrip("/").split("/")[-1] for f in storage.list_files(result.run.root, recursive=True)
-              if "/model/" in f.uri}
-    for expected in ("config.yaml", "metrics.json", "classifier.json", "roc.png", "pr.png",
-                     "confusion_matrix.png", "rejected.csv", "summary.txt", "images.csv", "_SUCCESS"):
+    names |= {
+        f.uri.rstrip("/").split("/")[-1]
+        for f in storage.list_files(result.run.root, recursive=True)
+        if "/model/" in f.uri
+    }
+    for expected in (
+        "config.yaml",
+        "metrics.json",
+        "classifier.json",
+        "roc.png",
+        "pr.png",
+        "confusion_matrix.png",
+        "rejected.csv",
+        "summary.txt",
+        "images.csv",
+        "_SUCCESS",
+    ):
         assert expected in names, expected
     assert storage.exists(result.run.model + "/metadata")
     saved_config = yaml.safe_load(storage.read_bytes(result.run.config))
@@ -248,7 +281,9 @@ def test_run_records_the_wall_time_of_each_phase(trained):
     assert timing["total_seconds"] == pytest.approx(sum(timing["seconds"].values()), abs=0.01)
     featurized = result.metrics["featurizer"]["cache"]["featurized_rows"]
     if featurized:  # the session's sample run may reuse an earlier session's cache
-        assert timing["featurize_images_per_s"] == pytest.approx(featurized / timing["seconds"]["featurizing"], rel=1e-2)
+        assert timing["featurize_images_per_s"] == pytest.approx(
+            featurized / timing["seconds"]["featurizing"], rel=1e-2
+        )
     assert "Time: " in result.summary and "featurizing" in result.summary
 
 
@@ -277,16 +312,20 @@ def test_model_reloads_with_identical_predictions_and_local_export_agrees(traine
     from pyspark.ml import PipelineModel
 
     from cxr_pipeline import storage
-    from cxr_pipeline.spark_classifier.model_export import LocalClassifier
     from cxr_pipeline.spark.reader import read_image_tree
+    from cxr_pipeline.spark_classifier.model_export import LocalClassifier
 
     _, data, result = trained
     images = read_image_tree(spark, data + "/test")
-    before = {r["path"]: r["p"] for r in T.with_scores(result.model.transform(images))
-              .selectExpr("path", f"{T.SCORE_COL} as p").collect()}
+    before = {
+        r["path"]: r["p"]
+        for r in T.with_scores(result.model.transform(images)).selectExpr("path", f"{T.SCORE_COL} as p").collect()
+    }
     reloaded = PipelineModel.load(result.run.model)
-    after = {r["path"]: r["p"] for r in T.with_scores(reloaded.transform(images))
-             .selectExpr("path", f"{T.SCORE_COL} as p").collect()}
+    after = {
+        r["path"]: r["p"]
+        for r in T.with_scores(reloaded.transform(images)).selectExpr("path", f"{T.SCORE_COL} as p").collect()
+    }
     assert len(before) == 4 and before.keys() == after.keys()
     assert_same_probabilities([after[p] for p in before], list(before.values()))
     local = LocalClassifier.load(result.run.root)
@@ -304,10 +343,20 @@ def test_model_reloads_with_identical_predictions_and_local_export_agrees(traine
 @pytest.mark.hdfs
 def test_retraining_reuses_features_with_tuning_and_no_weights(trained, spark):
     base, data, first = trained
-    result = train_on_sample(spark, base, data, "run_cv",
-                             ["training.tuning=cv", "training.tuning_folds=2", "training.class_weighting=false",
-                              "training.grid.reg_param=[0.01, 0.1]", "training.grid.elastic_net_param=[0.0]",
-                              "training.max_iter=30"])
+    result = train_on_sample(
+        spark,
+        base,
+        data,
+        "run_cv",
+        [
+            "training.tuning=cv",
+            "training.tuning_folds=2",
+            "training.class_weighting=false",
+            "training.grid.reg_param=[0.01, 0.1]",
+            "training.grid.elastic_net_param=[0.0]",
+            "training.max_iter=30",
+        ],
+    )
     m = result.metrics
     cache, first_cache = m["featurizer"]["cache"], first.metrics["featurizer"]["cache"]
     assert cache["featurized_rows"] == 0 and cache["reused_rows"] == 16, cache
@@ -319,28 +368,48 @@ def test_retraining_reuses_features_with_tuning_and_no_weights(trained, spark):
 @pytest.mark.slow
 @pytest.mark.hdfs
 @pytest.mark.cluster
-def test_job_on_standalone_cluster_via_spark_submit_reuses_a_local_runs_features(spark_standalone, sample_run,
-                                                                               hdfs_tmp):
+def test_job_on_standalone_cluster_via_spark_submit_reuses_a_local_runs_features(
+    spark_standalone, sample_run, hdfs_tmp
+):
     """spark-submit on the standalone cluster trains from the features a local[2] run cached: the cache is
     keyed by what makes a feature, not by the master. (Featurizing on the cluster: test_featurizer, test_faults.)"""
     from cxr_pipeline import storage
 
     base, data, local = sample_run
     out = f"{hdfs_tmp}/run"
-    env = {**os.environ, "PYTHONPATH": str(REPO / "lib"), "PYSPARK_PYTHON": sys.executable,
-           "PYSPARK_DRIVER_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
-    cmd = [str(Path(sys.executable).parent / "spark-submit"), "--master", spark_standalone,
-           str(REPO / "jobs" / "train_featurizer.py"), "--conf-env", "standalone", "--data", data, "--out", out,
-           *[arg for setting in FAST_FEATURES for arg in ("--set", setting)], "--features-cache", f"{base}/_cache",
-           *NO_TRACKING]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO / "lib"),
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "SPARK_LOCAL_IP": "127.0.0.1",
+    }
+    cmd = [
+        str(Path(sys.executable).parent / "spark-submit"),
+        "--master",
+        spark_standalone,
+        str(REPO / "jobs" / "train_featurizer.py"),
+        "--conf-env",
+        "standalone",
+        "--data",
+        data,
+        "--out",
+        out,
+        *[arg for setting in FAST_FEATURES for arg in ("--set", setting)],
+        "--features-cache",
+        f"{base}/_cache",
+        *NO_TRACKING,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "training summary" in proc.stdout and "AUC-ROC" in proc.stdout
     m = json.loads(storage.read_bytes(out + "/metrics.json"))
     local_metrics = json.loads(storage.read_bytes(local.run.metrics))
     assert m["test"]["n"] == 4 and m["featurizer"]["cache"]["featurized_rows"] == 0
-    assert m["featurizer"]["cache"]["reused_rows"] == local_metrics["featurizer"]["cache"]["reused_rows"] + \
-        local_metrics["featurizer"]["cache"]["featurized_rows"]
+    assert (
+        m["featurizer"]["cache"]["reused_rows"]
+        == local_metrics["featurizer"]["cache"]["reused_rows"] + local_metrics["featurizer"]["cache"]["featurized_rows"]
+    )
     assert storage.exists(out + "/model/metadata")
 
 

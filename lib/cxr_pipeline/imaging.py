@@ -39,12 +39,14 @@ on 7700x7700 16-bit: 237 MB for the PNG and for the uncompressed DICOM, where th
 whole-image float64 window took 1,542 MB), and the source's own size plus 1-2
 bytes per pixel for 32-bit/float images.
 """
+
 from __future__ import annotations
 
 import errno
 import io
 import warnings
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -94,9 +96,7 @@ def _open(data: bytes | None, max_pixels: int) -> Image.Image:
     if width <= 0 or height <= 0:
         raise ImageDecodeError(f"invalid image size {width}x{height}")
     if width * height > max_pixels:
-        raise ImageDecodeError(
-            f"too many pixels ({width}x{height} = {width * height} > max_pixels {max_pixels})"
-        )
+        raise ImageDecodeError(f"too many pixels ({width}x{height} = {width * height} > max_pixels {max_pixels})")
     return image
 
 
@@ -252,6 +252,7 @@ def _decode_each(items: Sequence, decode, size: tuple[int, int], max_pixels: int
 # ----------------------------------------------------------- Spark image source structs
 # Spark's ``image`` data source decodes with Java ImageIO into a struct: height, width, nChannels,
 # mode (an OpenCV type) and data (BGR[A] bytes, row-major). These turn it into the same RGB arrays.
+
 
 def decode_image_struct(
     image: Mapping[str, Any] | None,

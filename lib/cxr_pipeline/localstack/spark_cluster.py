@@ -15,6 +15,7 @@ GPU resources a worker offers: ``{"spark.worker.resource.gpu.amount": "2",
 CLI: ``python -m cxr_pipeline.localstack.spark_cluster up|down|status``.
 On 2 cores the executors compete with the driver: keep it down when not in use.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,9 @@ import os
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .. import paths
 from .processes import ProcessHandle, describe_port_owner, port_owner, state_lock, wait_for_port_free
@@ -70,9 +72,12 @@ class LocalSparkStandalone:
         self.state_dir = Path(state_dir).resolve()
         self.daemon_memory = daemon_memory
         self.worker_conf = dict(worker_conf or {})
-        self.master = ProcessHandle("master", f"{MASTER_CLASS} --host 127.0.0.1 --port {self.master_port}", self.state_dir)
+        self.master = ProcessHandle(
+            "master", f"{MASTER_CLASS} --host 127.0.0.1 --port {self.master_port}", self.state_dir
+        )
         self.workers = [
-            ProcessHandle(f"worker-{i}", f"--work-dir {self._work_dir(i)}", self.state_dir) for i in range(self.n_workers)
+            ProcessHandle(f"worker-{i}", f"--work-dir {self._work_dir(i)}", self.state_dir)
+            for i in range(self.n_workers)
         ]
 
     @property
@@ -91,8 +96,12 @@ class LocalSparkStandalone:
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update(SPARK_HOME=str(spark_home()), SPARK_LOCAL_IP="127.0.0.1",
-                   SPARK_DAEMON_MEMORY=self.daemon_memory, SPARK_NO_DAEMONIZE="1")
+        env.update(
+            SPARK_HOME=str(spark_home()),
+            SPARK_LOCAL_IP="127.0.0.1",
+            SPARK_DAEMON_MEMORY=self.daemon_memory,
+            SPARK_NO_DAEMONIZE="1",
+        )
         if self.worker_conf:
             options = " ".join(f"-D{key}={value}" for key, value in self.worker_conf.items())
             env["SPARK_WORKER_OPTS"] = f"{env.get('SPARK_WORKER_OPTS', '')} {options}".strip()
@@ -106,7 +115,7 @@ class LocalSparkStandalone:
     def is_running(self) -> bool:
         return self.master.alive() and all(w.alive() for w in self.workers)
 
-    def up(self, timeout: float = 90) -> "LocalSparkStandalone":
+    def up(self, timeout: float = 90) -> LocalSparkStandalone:
         """Start the master and workers (those not running) and wait for N ALIVE workers."""
         with state_lock(self.state_dir):
             if self.is_running() and self.alive_workers() >= self.n_workers:
@@ -115,17 +124,39 @@ class LocalSparkStandalone:
                 handle.clear_if_stale()
             if not self.master.alive():
                 self._check_ports_free()
-                self.master.start(self._spark_class(
-                    MASTER_CLASS, "--host", "127.0.0.1", "--port", str(self.master_port),
-                    "--webui-port", str(self.web_port)), env=self._env())
+                self.master.start(
+                    self._spark_class(
+                        MASTER_CLASS,
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(self.master_port),
+                        "--webui-port",
+                        str(self.web_port),
+                    ),
+                    env=self._env(),
+                )
             for index, worker in enumerate(self.workers):
                 if worker.alive():
                     continue
                 self._work_dir(index).mkdir(parents=True, exist_ok=True)
-                worker.start(self._spark_class(
-                    WORKER_CLASS, "--host", "127.0.0.1", "--cores", str(self.cores), "--memory", self.memory,
-                    "--webui-port", str(self.web_port + 1 + index), "--work-dir", str(self._work_dir(index)),
-                    self.master_url), env=self._env())
+                worker.start(
+                    self._spark_class(
+                        WORKER_CLASS,
+                        "--host",
+                        "127.0.0.1",
+                        "--cores",
+                        str(self.cores),
+                        "--memory",
+                        self.memory,
+                        "--webui-port",
+                        str(self.web_port + 1 + index),
+                        "--work-dir",
+                        str(self._work_dir(index)),
+                        self.master_url,
+                    ),
+                    env=self._env(),
+                )
             self._wait_ready(timeout)
             _log(f"standalone Spark up: {self.master_url} with {self.n_workers} workers (UI {self.web_url})")
             return self
@@ -133,8 +164,11 @@ class LocalSparkStandalone:
     def down(self, timeout: float = 20) -> None:
         with state_lock(self.state_dir):
             # Also workers of an earlier `up --workers N` with a larger N.
-            extra = [ProcessHandle(p.stem, WORKER_CLASS, self.state_dir) for p in sorted(self.state_dir.glob("worker-*.pid"))
-                     if p.stem not in {w.name for w in self.workers}]
+            extra = [
+                ProcessHandle(p.stem, WORKER_CLASS, self.state_dir)
+                for p in sorted(self.state_dir.glob("worker-*.pid"))
+                if p.stem not in {w.name for w in self.workers}
+            ]
             for handle in [*self.workers, *extra, self.master]:
                 handle.stop(timeout)
             wait_for_port_free(self.master_port, timeout=5)
@@ -171,7 +205,9 @@ class LocalSparkStandalone:
             owner = port_owner(port)
             if owner is not None:
                 who = describe_port_owner(owner)
-                raise SparkClusterError(f"port {port} ({name}) is in use by {who}: stop it or use --master-port/--web-port")
+                raise SparkClusterError(
+                    f"port {port} ({name}) is in use by {who}: stop it or use --master-port/--web-port"
+                )
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -183,8 +219,10 @@ class LocalSparkStandalone:
                 return
             time.sleep(0.5)
         raise SparkClusterError(
-            f"standalone cluster not ready after {timeout:.0f} s ({self.alive_workers()}/{self.n_workers} workers ALIVE); "
-            f"logs in {self.state_dir / 'logs'}")
+            f"standalone cluster not ready after {timeout:.0f} s "
+            f"({self.alive_workers()}/{self.n_workers} workers ALIVE); "
+            f"logs in {self.state_dir / 'logs'}"
+        )
 
 
 def _log(message: str) -> None:
@@ -207,10 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="number of workers (default: %(default)s)")
     parser.add_argument("--cores", type=int, default=1, help="cores per worker (default: %(default)s)")
     parser.add_argument("--memory", default="1g", help="memory per worker (default: %(default)s)")
-    parser.add_argument("--state-dir", type=Path, default=paths.SPARK_STATE_DIR, help="logs/pids/work dirs (default: %(default)s)")
+    parser.add_argument(
+        "--state-dir", type=Path, default=paths.SPARK_STATE_DIR, help="logs/pids/work dirs (default: %(default)s)"
+    )
     parser.add_argument("--timeout", type=float, default=90, help="seconds to wait for readiness")
     args = parser.parse_args(argv)
-    cluster = LocalSparkStandalone(args.master_port, args.web_port, args.workers, args.cores, args.memory, args.state_dir)
+    cluster = LocalSparkStandalone(
+        args.master_port, args.web_port, args.workers, args.cores, args.memory, args.state_dir
+    )
     try:
         if args.action == "up":
             cluster.up(timeout=args.timeout)

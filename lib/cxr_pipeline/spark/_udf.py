@@ -21,6 +21,7 @@ It stays off until measured to help: its benefit is unmeasured here (no quiet ma
 still inside Spark's input stream when a task ends early (``limit``, ``take``) could read a reused
 worker's next task.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,9 @@ import queue
 import tempfile
 import threading
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -45,7 +47,7 @@ log = logging.getLogger(__name__)
 _MODELS: dict[tuple, object] = {}  # WorkerSettings.cache_key -> keras.Model
 _LOCK = threading.Lock()
 _TF_CONFIGURED = False
-_PINNED: "DeviceChoice | None" = None  # what this process's TensorFlow was pinned to
+_PINNED: DeviceChoice | None = None  # what this process's TensorFlow was pinned to
 _PLACED: str | None = None  # the device TensorFlow runs on after pinning ("GPU:0", "CPU")
 GPU_RESOURCE = "gpu"  # Spark's resource name (spark.{executor,task}.resource.gpu.*)
 
@@ -158,7 +160,8 @@ def pin_tensorflow(choice: DeviceChoice) -> str:
             raise DevicePinningError(
                 f"this Python worker runs TensorFlow on {_PINNED.name} but the task was given {choice.name}: "
                 "set spark.task.resource.gpu.amount equal to spark.executor.resource.gpu.amount (conf/gpu.yaml), "
-                "or spark.python.worker.reuse=false")
+                "or spark.python.worker.reuse=false"
+            )
         return _PLACED or "CPU"
     import tensorflow as tf
 
@@ -170,11 +173,17 @@ def pin_tensorflow(choice: DeviceChoice) -> str:
             tf.config.experimental.set_memory_growth(gpu, True)
         placed = "GPU:" + ",".join(g.name.rsplit(":", 1)[-1] for g in wanted) if wanted else "CPU"
     except RuntimeError:  # TF already started in this process (the driver in local tests): keep its devices
-        placed = "GPU:" + ",".join(g.name.rsplit(":", 1)[-1] for g in tf.config.get_visible_devices("GPU")) \
-            if tf.config.get_visible_devices("GPU") else "CPU"
+        placed = (
+            "GPU:" + ",".join(g.name.rsplit(":", 1)[-1] for g in tf.config.get_visible_devices("GPU"))
+            if tf.config.get_visible_devices("GPU")
+            else "CPU"
+        )
     if choice.gpu_addresses and not wanted:
-        log.warning("task was given %s but TensorFlow sees %d GPU(s) and none with those addresses: using the CPU",
-                    choice.name, len(gpus))
+        log.warning(
+            "task was given %s but TensorFlow sees %d GPU(s) and none with those addresses: using the CPU",
+            choice.name,
+            len(gpus),
+        )
     _PINNED, _PLACED = choice, placed
     return placed
 
@@ -216,8 +225,11 @@ def cached_model(settings: WorkerSettings, device: DeviceChoice | None = None):
         if model is None:
             configure_tensorflow_threads(settings.tf_threads)
             model = backbones.build_backbone(
-                settings.model_name, weights=local_weights(settings), feature_layer=settings.feature_layer,
-                image_size=settings.image_size, weights_sha256=settings.weights_sha256,
+                settings.model_name,
+                weights=local_weights(settings),
+                feature_layer=settings.feature_layer,
+                image_size=settings.image_size,
+                weights_sha256=settings.weights_sha256,
             )
             _MODELS[settings.cache_key] = model
         return model
@@ -263,8 +275,9 @@ class WorkerFeaturizer:
                 for index, reason in failed:
                     errors[start + index] = reason
                 if good:
-                    vectors = backbones.featurize_arrays(self.model, self.settings.model_name, arrays,
-                                                         self.settings.batch_size)
+                    vectors = backbones.featurize_arrays(
+                        self.model, self.settings.model_name, arrays, self.settings.batch_size
+                    )
                     for index, vector in zip(good, vectors):
                         features[start + index] = vector
                 self.predict_seconds += time.perf_counter() - began
@@ -282,7 +295,7 @@ class WorkerFeaturizer:
             yield "batch", len(values)
             for start in range(0, len(values), step):
                 began = time.perf_counter()
-                decoded = self._decode(values[start:start + step])
+                decoded = self._decode(values[start : start + step])
                 self.decode_seconds += time.perf_counter() - began
                 yield "chunk", (start, decoded)
             yield "end", None
@@ -389,7 +402,9 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def featurize_batches(settings: WorkerSettings, batches: Iterator, stats: FeaturizerStats | None = None) -> Iterator[pd.DataFrame]:
+def featurize_batches(
+    settings: WorkerSettings, batches: Iterator, stats: FeaturizerStats | None = None
+) -> Iterator[pd.DataFrame]:
     """Body of the scalar-iterator pandas UDF: set-up once, then one frame per Arrow batch."""
     began = time.perf_counter()
     resources = task_resources()
@@ -409,9 +424,17 @@ def featurize_batches(settings: WorkerSettings, batches: Iterator, stats: Featur
             stats.setup_seconds.add(setup)
             stats.images.add(images)
             stats.peak_worker_rss_mb.add(_peak_rss_mb())
-            stats.tasks.add({_task_name(): {"gpu_addresses": list(getattr(resources.get(GPU_RESOURCE), "addresses", [])),
-                                            "chosen": device.name, "placed": runner.placed, "pid": os.getpid(),
-                                            "images": images}})
+            stats.tasks.add(
+                {
+                    _task_name(): {
+                        "gpu_addresses": list(getattr(resources.get(GPU_RESOURCE), "addresses", [])),
+                        "chosen": device.name,
+                        "placed": runner.placed,
+                        "pid": os.getpid(),
+                        "images": images,
+                    }
+                }
+            )
 
 
 def _task_name() -> str:

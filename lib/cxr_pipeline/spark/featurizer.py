@@ -23,13 +23,15 @@ saves and loads on its own and inside a ``Pipeline``/``PipelineModel``.
 ``hdfs://`` (any Hadoop) URI shipped to executors once with
 ``SparkContext.addFile``, ``"imagenet"`` (Keras' download) or ``"random"``.
 """
+
 from __future__ import annotations
 
 import functools
 import logging
 import posixpath
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import pandas as pd
 from pyspark import keyword_only
@@ -75,11 +77,11 @@ class FeaturizerSettings:
     max_pixels: int  # data.max_pixels: the same guard the reader and every decoder use
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "FeaturizerSettings":
+    def from_config(cls, config: Mapping[str, Any]) -> FeaturizerSettings:
         return cfg.section_settings(cls, config, "featurizer", max_pixels=cfg.get(config, "data.max_pixels"))
 
     @classmethod
-    def defaults(cls) -> "FeaturizerSettings":
+    def defaults(cls) -> FeaturizerSettings:
         """From ``conf/defaults.yaml`` alone (read once per process)."""
         return _default_settings()
 
@@ -97,9 +99,15 @@ class FeaturizerSettings:
         return {_PARAM_OF[name]: value for name, value in values.items()}
 
 
-_PARAM_OF = {"model_name": "modelName", "feature_layer": "featureLayer", "weights": "weights",
-             "batch_size": "batchSize", "arrow_batch_size": "arrowBatchSize", "image_size": "imageSize",
-             "max_pixels": "maxPixels"}
+_PARAM_OF = {
+    "model_name": "modelName",
+    "feature_layer": "featureLayer",
+    "weights": "weights",
+    "batch_size": "batchSize",
+    "arrow_batch_size": "arrowBatchSize",
+    "image_size": "imageSize",
+    "max_pixels": "maxPixels",
+}
 
 
 @functools.lru_cache(maxsize=1)
@@ -127,6 +135,7 @@ def configure_arrow_for_images(spark: SparkSession, records: int | None = None) 
 
 def _or_null(convert):
     """A Param type converter that also takes None (``Params.set``, used when loading, converts null too)."""
+
     def converter(value):
         return None if value is None else convert(value)
 
@@ -169,28 +178,60 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
     'mixed0'
     """
 
-    errorCol = Param(Params._dummy(), "errorCol", "output column: why an image was not featurized (null if it was)",
-                     typeConverter=TypeConverters.toString)
-    modelName = Param(Params._dummy(), "modelName", f"backbone: {', '.join(backbones.BACKBONES)}",
-                      typeConverter=TypeConverters.toString)
-    featureLayer = Param(Params._dummy(), "featureLayer", "layer whose output is pooled (null = the last)",
-                         typeConverter=_or_null(TypeConverters.toString))
-    weights = Param(Params._dummy(), "weights",
-                    "null (provisioned default), a local path, a Hadoop URI, 'imagenet' or 'random'",
-                    typeConverter=_or_null(TypeConverters.toString))
-    weightsSha256 = Param(Params._dummy(), "weightsSha256",
-                          "sha256 the weights file must have on every executor (null = unchecked)",
-                          typeConverter=_or_null(TypeConverters.toString))
-    batchSize = Param(Params._dummy(), "batchSize", "images decoded and run through the model at a time",
-                      typeConverter=TypeConverters.toInt)
-    maxPixels = Param(Params._dummy(), "maxPixels", "decompression-bomb guard: reject images above width*height",
-                      typeConverter=TypeConverters.toInt)
-    imageSize = Param(Params._dummy(), "imageSize",
-                      "square input side images are resized to (null = the backbone's native size, e.g. 299)",
-                      typeConverter=_or_null(TypeConverters.toInt))
-    arrowBatchSize = Param(Params._dummy(), "arrowBatchSize",
-                           "cap for spark.sql.execution.arrow.maxRecordsPerBatch while featurizing",
-                           typeConverter=TypeConverters.toInt)
+    errorCol = Param(
+        Params._dummy(),
+        "errorCol",
+        "output column: why an image was not featurized (null if it was)",
+        typeConverter=TypeConverters.toString,
+    )
+    modelName = Param(
+        Params._dummy(),
+        "modelName",
+        f"backbone: {', '.join(backbones.BACKBONES)}",
+        typeConverter=TypeConverters.toString,
+    )
+    featureLayer = Param(
+        Params._dummy(),
+        "featureLayer",
+        "layer whose output is pooled (null = the last)",
+        typeConverter=_or_null(TypeConverters.toString),
+    )
+    weights = Param(
+        Params._dummy(),
+        "weights",
+        "null (provisioned default), a local path, a Hadoop URI, 'imagenet' or 'random'",
+        typeConverter=_or_null(TypeConverters.toString),
+    )
+    weightsSha256 = Param(
+        Params._dummy(),
+        "weightsSha256",
+        "sha256 the weights file must have on every executor (null = unchecked)",
+        typeConverter=_or_null(TypeConverters.toString),
+    )
+    batchSize = Param(
+        Params._dummy(),
+        "batchSize",
+        "images decoded and run through the model at a time",
+        typeConverter=TypeConverters.toInt,
+    )
+    maxPixels = Param(
+        Params._dummy(),
+        "maxPixels",
+        "decompression-bomb guard: reject images above width*height",
+        typeConverter=TypeConverters.toInt,
+    )
+    imageSize = Param(
+        Params._dummy(),
+        "imageSize",
+        "square input side images are resized to (null = the backbone's native size, e.g. 299)",
+        typeConverter=_or_null(TypeConverters.toInt),
+    )
+    arrowBatchSize = Param(
+        Params._dummy(),
+        "arrowBatchSize",
+        "cap for spark.sql.execution.arrow.maxRecordsPerBatch while featurizing",
+        typeConverter=TypeConverters.toInt,
+    )
 
     @keyword_only
     def __init__(
@@ -214,8 +255,13 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         Only the arguments given are set; the others keep their defaults (see the class doc).
         """
         super().__init__()
-        self._setDefault(inputCol="content", outputCol="features", errorCol="featurize_error", weightsSha256=None,
-                         **FeaturizerSettings.defaults().params())
+        self._setDefault(
+            inputCol="content",
+            outputCol="features",
+            errorCol="featurize_error",
+            weightsSha256=None,
+            **FeaturizerSettings.defaults().params(),
+        )
         self.setParams(**self._input_kwargs)
 
     @keyword_only
@@ -233,7 +279,7 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         maxPixels: int | None = None,
         imageSize: int | None = None,
         arrowBatchSize: int | None = None,
-    ) -> "ImageFeaturizer":
+    ) -> ImageFeaturizer:
         """setParams(self, \\*, inputCol=None, outputCol=None, errorCol=None, modelName=None, featureLayer=None, \
         weights=None, weightsSha256=None, batchSize=None, maxPixels=None, imageSize=None, arrowBatchSize=None)
 
@@ -242,58 +288,58 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         return self._set(**self._input_kwargs)
 
     # Getters / setters, pyspark.ml style.
-    def setInputCol(self, value: str) -> "ImageFeaturizer":
+    def setInputCol(self, value: str) -> ImageFeaturizer:
         return self._set(inputCol=value)
 
-    def setOutputCol(self, value: str) -> "ImageFeaturizer":
+    def setOutputCol(self, value: str) -> ImageFeaturizer:
         return self._set(outputCol=value)
 
     def getErrorCol(self) -> str:
         return self.getOrDefault(self.errorCol)
 
-    def setErrorCol(self, value: str) -> "ImageFeaturizer":
+    def setErrorCol(self, value: str) -> ImageFeaturizer:
         return self._set(errorCol=value)
 
     def getModelName(self) -> str:
         return self.getOrDefault(self.modelName)
 
-    def setModelName(self, value: str) -> "ImageFeaturizer":
+    def setModelName(self, value: str) -> ImageFeaturizer:
         return self._set(modelName=value)
 
     def getFeatureLayer(self) -> str | None:
         return self.getOrDefault(self.featureLayer)
 
-    def setFeatureLayer(self, value: str | None) -> "ImageFeaturizer":
+    def setFeatureLayer(self, value: str | None) -> ImageFeaturizer:
         return self._set(featureLayer=value)
 
     def getWeights(self) -> str | None:
         return self.getOrDefault(self.weights)
 
-    def setWeights(self, value: str | None) -> "ImageFeaturizer":
+    def setWeights(self, value: str | None) -> ImageFeaturizer:
         return self._set(weights=value)
 
     def getWeightsSha256(self) -> str | None:
         return self.getOrDefault(self.weightsSha256)
 
-    def setWeightsSha256(self, value: str | None) -> "ImageFeaturizer":
+    def setWeightsSha256(self, value: str | None) -> ImageFeaturizer:
         return self._set(weightsSha256=value)
 
     def getBatchSize(self) -> int:
         return self.getOrDefault(self.batchSize)
 
-    def setBatchSize(self, value: int) -> "ImageFeaturizer":
+    def setBatchSize(self, value: int) -> ImageFeaturizer:
         return self._set(batchSize=value)
 
     def getMaxPixels(self) -> int:
         return self.getOrDefault(self.maxPixels)
 
-    def setMaxPixels(self, value: int) -> "ImageFeaturizer":
+    def setMaxPixels(self, value: int) -> ImageFeaturizer:
         return self._set(maxPixels=value)
 
     def getImageSize(self) -> int | None:
         return self.getOrDefault(self.imageSize)
 
-    def setImageSize(self, value: int | None) -> "ImageFeaturizer":
+    def setImageSize(self, value: int | None) -> ImageFeaturizer:
         return self._set(imageSize=value)
 
     def getArrowBatchSize(self) -> int:
@@ -383,7 +429,9 @@ def _ship_file(spark: SparkSession, uri: str) -> str | None:
     return name
 
 
-def split_failures(featurized: DataFrame, error_col: str = "featurize_error", path_col: str = "path") -> tuple[DataFrame, DataFrame]:
+def split_failures(
+    featurized: DataFrame, error_col: str = "featurize_error", path_col: str = "path"
+) -> tuple[DataFrame, DataFrame]:
     """``(images that got features, [path, reason] of those that did not)``."""
     good = featurized.where(F.col(error_col).isNull())
     failed = featurized.where(F.col(error_col).isNotNull()).select(path_col, F.col(error_col).alias("reason"))

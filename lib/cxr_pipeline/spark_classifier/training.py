@@ -15,15 +15,17 @@ The flow of ``train`` (called by ``jobs/train_featurizer.py``):
 
 The saved ``PipelineModel`` has all three stages, so it scores raw images.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import time
 import warnings
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from pyspark.ml import Pipeline, PipelineModel
 from pyspark.ml.classification import LogisticRegression
@@ -100,7 +102,7 @@ class TrainingSettings:
     features_cache_lease_hours: float
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "TrainingSettings":
+    def from_config(cls, config: Mapping[str, Any]) -> TrainingSettings:
         return cfg.section_settings(cls, config, "training")
 
     def validate(self) -> None:
@@ -113,7 +115,9 @@ class TrainingSettings:
         if not 0.0 < float(self.target_sensitivity) <= 1.0:
             raise cfg.ConfigError("training.target_sensitivity must be in (0, 1]")
         if self.threshold_rule not in M.THRESHOLD_RULES:
-            raise cfg.ConfigError(f"training.threshold_rule must be one of {M.THRESHOLD_RULES}, got {self.threshold_rule!r}")
+            raise cfg.ConfigError(
+                f"training.threshold_rule must be one of {M.THRESHOLD_RULES}, got {self.threshold_rule!r}"
+            )
         if min(float(self.cost_fn), float(self.cost_fp)) < 0 or float(self.cost_fn) + float(self.cost_fp) <= 0:
             raise cfg.ConfigError("training.cost_fn and training.cost_fp must be >= 0 and not both 0")
         if self.tuning == "cv" and int(self.tuning_folds) < 2:
@@ -121,11 +125,17 @@ class TrainingSettings:
 
     def threshold_rule_args(self) -> dict[str, Any]:
         """Keyword arguments of ``metrics.choose_threshold_by_rule`` (the CNN job uses the same)."""
-        return {"rule": self.threshold_rule, "target_sensitivity": float(self.target_sensitivity),
-                "cost_fn": float(self.cost_fn), "cost_fp": float(self.cost_fp), "fixed": float(self.fixed_threshold)}
+        return {
+            "rule": self.threshold_rule,
+            "target_sensitivity": float(self.target_sensitivity),
+            "cost_fn": float(self.cost_fn),
+            "cost_fp": float(self.cost_fp),
+            "fixed": float(self.fixed_threshold),
+        }
 
 
 # ---------------------------------------------------------------- timing
+
 
 @dataclass
 class PhaseTimer:
@@ -167,6 +177,7 @@ class PhaseTimer:
 
 # ---------------------------------------------------------------- featurization
 
+
 def build_featurizer(settings: FeaturizerSettings):
     """The ``ImageFeaturizer`` stage for these settings (weights and their sha256 resolved on the driver)."""
     from ..backbones import weights_sha256
@@ -180,20 +191,25 @@ def features_cache_root(out_uri: str, cache_root: str | None = None) -> str:
     return (cache_root or (out_uri.rstrip("/").rsplit("/", 1)[0] + "/_features_cache")).rstrip("/")
 
 
-def open_feature_cache(config: Mapping[str, Any], data_uri: str, out_uri: str, featurizer,
-                       settings: "TrainingSettings"):
+def open_feature_cache(config: Mapping[str, Any], data_uri: str, out_uri: str, featurizer, settings: TrainingSettings):
     from ..feature_cache import FeatureCache, fingerprint
 
     source = cfg.get(config, "data.source", "binaryFile")
     print_ = fingerprint(featurizer, source, cfg.get(config, "dicom", None))
-    return FeatureCache(features_cache_root(out_uri, settings.features_cache), data_uri, print_,
-                        lease_hours=settings.features_cache_lease_hours)
+    return FeatureCache(
+        features_cache_root(out_uri, settings.features_cache),
+        data_uri,
+        print_,
+        lease_hours=settings.features_cache_lease_hours,
+    )
 
 
 # ---------------------------------------------------------------- subsets
 
-def assign_subsets(features: DataFrame, settings: TrainingSettings,
-                   patients: Mapping[str, str] | None = None) -> tuple[DataFrame, dict[str, Any]]:
+
+def assign_subsets(
+    features: DataFrame, settings: TrainingSettings, patients: Mapping[str, str] | None = None
+) -> tuple[DataFrame, dict[str, Any]]:
     """Adds ``subset`` (train | val | test) and ``patient``.
 
     ``carve``: training images and the dataset's small ``val`` folder are pooled
@@ -217,8 +233,13 @@ def assign_subsets(features: DataFrame, settings: TrainingSettings,
         summary = splits.summarize(names, flags)
         for r, is_val in zip(pool, flags):
             subset[r["path"]] = "val" if is_val else "train"
-        info = {"mode": "carve", "fraction": settings.validation_fraction, "seed": settings.seed,
-                "train_patients": summary.train_patients, "val_patients": summary.val_patients}
+        info = {
+            "mode": "carve",
+            "fraction": settings.validation_fraction,
+            "seed": settings.seed,
+            "train_patients": summary.train_patients,
+            "val_patients": summary.val_patients,
+        }
     else:
         for r in pool:
             subset[r["path"]] = r["split"]
@@ -242,6 +263,7 @@ def counts_by_subset(df: DataFrame, label_names: list[str]) -> dict[str, dict[st
 
 # ---------------------------------------------------------------- classifier
 
+
 def add_class_weights(df: DataFrame, class_counts: list[int]) -> tuple[DataFrame, list[float]]:
     """A ``weight`` column = n / (k * n_class) from the training counts (balanced => 1.0)."""
     weights = M.inverse_frequency_weights(class_counts)
@@ -254,9 +276,12 @@ def add_class_weights(df: DataFrame, class_counts: list[int]) -> tuple[DataFrame
 def build_classifier(settings: TrainingSettings, weighted: bool) -> tuple[Pipeline, LogisticRegression]:
     scaler = StandardScaler(inputCol=FEATURES_COL, outputCol=SCALED_COL, withMean=True, withStd=True)
     lr = LogisticRegression(
-        featuresCol=SCALED_COL, labelCol="label",
-        regParam=float(settings.reg_param), elasticNetParam=float(settings.elastic_net_param),
-        maxIter=int(settings.max_iter), family="binomial",
+        featuresCol=SCALED_COL,
+        labelCol="label",
+        regParam=float(settings.reg_param),
+        elasticNetParam=float(settings.elastic_net_param),
+        maxIter=int(settings.max_iter),
+        family="binomial",
     )
     if weighted:
         lr.setWeightCol(WEIGHT_COL)
@@ -278,7 +303,9 @@ def _patient_folds(df: DataFrame, folds: int, seed: int) -> DataFrame:
     return df.withColumn("fold", F.pmod(F.xxhash64(F.lit(str(seed)), F.col("patient")), F.lit(folds)).cast("int"))
 
 
-def fit_classifier(train_df: DataFrame, settings: TrainingSettings, weighted: bool) -> tuple[PipelineModel, dict[str, Any]]:
+def fit_classifier(
+    train_df: DataFrame, settings: TrainingSettings, weighted: bool
+) -> tuple[PipelineModel, dict[str, Any]]:
     """Fits scaler + LR (tuned or not). Returns (PipelineModel[scaler, lr], tuning info)."""
     pipeline, lr = build_classifier(settings, weighted)
     if settings.tuning == "none":
@@ -286,24 +313,34 @@ def fit_classifier(train_df: DataFrame, settings: TrainingSettings, weighted: bo
     grid = _param_grid(lr, settings.grid)
     evaluator = BinaryClassificationEvaluator(labelCol="label", metricName="areaUnderROC")
     if settings.tuning == "cv":
-        tuner = CrossValidator(estimator=pipeline, estimatorParamMaps=grid, evaluator=evaluator,
-                               numFolds=int(settings.tuning_folds), seed=int(settings.seed), foldCol="fold")
+        tuner = CrossValidator(
+            estimator=pipeline,
+            estimatorParamMaps=grid,
+            evaluator=evaluator,
+            numFolds=int(settings.tuning_folds),
+            seed=int(settings.seed),
+            foldCol="fold",
+        )
         fitted = tuner.fit(_patient_folds(train_df, int(settings.tuning_folds), int(settings.seed)))
         scores = list(fitted.avgMetrics)
     else:
-        tuner = TrainValidationSplit(estimator=pipeline, estimatorParamMaps=grid, evaluator=evaluator,
-                                     trainRatio=0.8, seed=int(settings.seed))
+        tuner = TrainValidationSplit(
+            estimator=pipeline, estimatorParamMaps=grid, evaluator=evaluator, trainRatio=0.8, seed=int(settings.seed)
+        )
         fitted = tuner.fit(train_df)
         scores = list(fitted.validationMetrics)
-    candidates = [
-        {**{p.name: m[p] for p in m}, "areaUnderROC": s} for m, s in zip(grid, scores)
-    ]
+    candidates = [{**{p.name: m[p] for p in m}, "areaUnderROC": s} for m, s in zip(grid, scores)]
     best = fitted.bestModel
     best_lr = best.stages[-1]
     info = {
-        "mode": settings.tuning, "metric": "areaUnderROC", "candidates": candidates,
-        "best": {"regParam": best_lr.getOrDefault("regParam"), "elasticNetParam": best_lr.getOrDefault("elasticNetParam"),
-                 "maxIter": best_lr.getOrDefault("maxIter")},
+        "mode": settings.tuning,
+        "metric": "areaUnderROC",
+        "candidates": candidates,
+        "best": {
+            "regParam": best_lr.getOrDefault("regParam"),
+            "elasticNetParam": best_lr.getOrDefault("elasticNetParam"),
+            "maxIter": best_lr.getOrDefault("maxIter"),
+        },
     }
     return best, info
 
@@ -318,8 +355,9 @@ def collect_scores(predictions: DataFrame) -> tuple[list[int], list[float]]:
     return [int(r["label"]) for r in rows], [float(r[SCORE_COL]) for r in rows]
 
 
-def choose_threshold(val_labels: list[int], val_scores: list[float], target: float | None = None,
-                     **rule: Any) -> M.ThresholdChoice:
+def choose_threshold(
+    val_labels: list[int], val_scores: list[float], target: float | None = None, **rule: Any
+) -> M.ThresholdChoice:
     """The validation threshold by ``training.threshold_rule`` (``rule``: ``TrainingSettings.threshold_rule_args``;
     none = the highest threshold reaching sensitivity ``target``)."""
     rule = {"rule": "sensitivity", **rule}
@@ -334,6 +372,7 @@ def choose_threshold(val_labels: list[int], val_scores: list[float], target: flo
 
 
 # ---------------------------------------------------------------- the whole run
+
 
 @dataclass
 class TrainingResult:
@@ -352,8 +391,9 @@ def label_names_of(df: DataFrame) -> list[str]:
     return names
 
 
-def train(spark: SparkSession, config: Mapping[str, Any], data_uri: str, out_uri: str,
-          overwrite: bool = False) -> TrainingResult:
+def train(
+    spark: SparkSession, config: Mapping[str, Any], data_uri: str, out_uri: str, overwrite: bool = False
+) -> TrainingResult:
     """Trains and evaluates into ``out_uri``, all or nothing (see :mod:`cxr_pipeline.run_folder`).
 
     A non-empty ``out_uri`` is refused unless ``overwrite``; the run is written into a temporary
@@ -369,13 +409,24 @@ def train(spark: SparkSession, config: Mapping[str, Any], data_uri: str, out_uri
     return TrainingResult(run=RunLayout(final), model=result.model, metrics=result.metrics, summary=result.summary)
 
 
-def _train_into(spark: SparkSession, config: Mapping[str, Any], data_uri: str, run: RunLayout, final: str,
-                settings: TrainingSettings, featurizer) -> TrainingResult:
+def _train_into(
+    spark: SparkSession,
+    config: Mapping[str, Any],
+    data_uri: str,
+    run: RunLayout,
+    final: str,
+    settings: TrainingSettings,
+    featurizer,
+) -> TrainingResult:
     from .. import storage
     from ..spark.reader import read_images_with_rejections
 
-    storage.write_bytes(run.config, cfg.dump_config({**config, "data": {**config.get("data", {}), "uri": data_uri},
-                                                      "run": {"out": final}}).encode())
+    storage.write_bytes(
+        run.config,
+        cfg.dump_config(
+            {**config, "data": {**config.get("data", {}), "uri": data_uri}, "run": {"out": final}}
+        ).encode(),
+    )
     timer = PhaseTimer()
     source = cfg.get(config, "data.source", "binaryFile")
     from ..feature_cache import image_identities
@@ -389,8 +440,9 @@ def _train_into(spark: SparkSession, config: Mapping[str, Any], data_uri: str, r
     log.info("feature cache %s: %s", cache.uri, outcome.reason)
     features = read.images.select("path", "split", "label", "label_name").join(cached, "path", "inner")
     with cache.lease(snapshot):
-        result = _fit_and_report(spark, config, data_uri, run, final, settings, featurizer, read, features, outcome,
-                                 timer)
+        result = _fit_and_report(
+            spark, config, data_uri, run, final, settings, featurizer, read, features, outcome, timer
+        )
     cache.prune(keep=snapshot)
     return result
 
@@ -406,18 +458,31 @@ def _read_features(features: DataFrame, read, settings: TrainingSettings, data_u
     if len(label_names) != 2 or label_names[1] != POSITIVE_LABEL:
         raise TrainingError(f"expected classes NORMAL and PNEUMONIA, found {label_names}")
 
-    patients = ({r["path"]: r["patient"] for r in read.patients.select("path", "patient").collect()}
-                if read.patients is not None else None)
+    patients = (
+        {r["path"]: r["patient"] for r in read.patients.select("path", "patient").collect()}
+        if read.patients is not None
+        else None
+    )
     data, split_info = assign_subsets(good, settings, patients)
     data = data.cache()
     return data, label_names, split_info, rejected, counts_by_subset(data, label_names)  # counting fills the cache
 
 
-def _fit_and_report(spark: SparkSession, config: Mapping[str, Any], data_uri: str, run: RunLayout, final: str,
-                    settings: TrainingSettings, featurizer, read, features: DataFrame, outcome,
-                    timer: PhaseTimer | None = None) -> TrainingResult:
-    from . import evaluation, model_export
+def _fit_and_report(
+    spark: SparkSession,
+    config: Mapping[str, Any],
+    data_uri: str,
+    run: RunLayout,
+    final: str,
+    settings: TrainingSettings,
+    featurizer,
+    read,
+    features: DataFrame,
+    outcome,
+    timer: PhaseTimer | None = None,
+) -> TrainingResult:
     from .. import storage
+    from . import evaluation, model_export
 
     timer = timer or PhaseTimer()
     fsettings = FeaturizerSettings.from_config(config)
@@ -446,26 +511,41 @@ def _fit_and_report(spark: SparkSession, config: Mapping[str, Any], data_uri: st
     with timer.phase("evaluation"):
         report = evaluation.evaluate(test, choice, label_names)
         report["validation"] = evaluation.validation_report(val_labels, val_scores, choice)
-    report.update({
-        "data": data_uri, "run": final, "counts": counts, "split": split_info,
-        "rejected": len(rejected), "class_weights": dict(zip(label_names, class_weights)) if class_weights else None,
-        "classifier": {"regParam": classifier.stages[-1].getOrDefault("regParam"),
-                       "elasticNetParam": classifier.stages[-1].getOrDefault("elasticNetParam"),
-                       "maxIter": classifier.stages[-1].getOrDefault("maxIter"),
-                       "iterations": classifier.stages[-1].summary.totalIterations
-                       if classifier.stages[-1].hasSummary else None},
-        "tuning": tuning_info,
-        "featurizer": {"model_name": fsettings.model_name, "feature_layer": fsettings.feature_layer,
-                       "image_size": fsettings.image_size, "weights_sha256": featurizer.getWeightsSha256(),
-                       "cache": outcome.as_dict()},
-        "timing": timer.report(outcome.featurized_rows or 0),
-    })
+    report.update(
+        {
+            "data": data_uri,
+            "run": final,
+            "counts": counts,
+            "split": split_info,
+            "rejected": len(rejected),
+            "class_weights": dict(zip(label_names, class_weights)) if class_weights else None,
+            "classifier": {
+                "regParam": classifier.stages[-1].getOrDefault("regParam"),
+                "elasticNetParam": classifier.stages[-1].getOrDefault("elasticNetParam"),
+                "maxIter": classifier.stages[-1].getOrDefault("maxIter"),
+                "iterations": classifier.stages[-1].summary.totalIterations
+                if classifier.stages[-1].hasSummary
+                else None,
+            },
+            "tuning": tuning_info,
+            "featurizer": {
+                "model_name": fsettings.model_name,
+                "feature_layer": fsettings.feature_layer,
+                "image_size": fsettings.image_size,
+                "weights_sha256": featurizer.getWeightsSha256(),
+                "cache": outcome.as_dict(),
+            },
+            "timing": timer.report(outcome.featurized_rows or 0),
+        }
+    )
     evaluation.write_report(run, report, test, label_names)
     storage.write_bytes(run.rejected, _rejections_csv(rejected).encode())
-    storage.write_bytes(run.images, _images_csv(data.select("path", "subset", "label", "label_name")
-                                                .orderBy("path").collect()).encode())
-    model_export.export_classifier(model, run.root, threshold=choice.threshold, label_names=label_names,
-                                   image_size=fsettings.image_size)
+    storage.write_bytes(
+        run.images, _images_csv(data.select("path", "subset", "label", "label_name").orderBy("path").collect()).encode()
+    )
+    model_export.export_classifier(
+        model, run.root, threshold=choice.threshold, label_names=label_names, image_size=fsettings.image_size
+    )
     summary = evaluation.summary_text(report).rstrip("\n") + "\n" + timer.text() + "\n"
     storage.write_bytes(run.summary, summary.encode())
     data.unpersist()
