@@ -265,3 +265,20 @@ def test_reporting_model_card_and_calibration_plot(tmp_path):
     ):
         assert needle in card
     assert any("95% CI @chosen (" in line for line in reporting.interval_lines(honest))
+
+
+def test_decisions_give_one_answer_per_input_in_order():
+    rows = m.decisions(
+        4, [(0, 0.2), (3, 0.7)], [(1, "truncated image"), (2, "not an image")], 0.5, ["NORMAL", "PNEUMONIA"]
+    )
+    assert [r["label_name"] for r in rows] == ["NORMAL", None, None, "PNEUMONIA"]
+    assert [r["error"] for r in rows] == [None, "truncated image", "not an image", None]
+    assert rows[3] == {
+        "probability": 0.7,
+        "predicted_label": 1,
+        "label_name": "PNEUMONIA",
+        "threshold": 0.5,
+        "error": None,
+    }
+    assert rows[1]["probability"] is None and rows[1]["threshold"] == 0.5
+    assert m.decisions(1, [(0, 0.5)], [], 0.5, ["NORMAL", "PNEUMONIA"])[0]["predicted_label"] == 1  # >= threshold

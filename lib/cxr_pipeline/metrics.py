@@ -56,6 +56,27 @@ def predict_at(scores: Sequence[float], threshold: float) -> np.ndarray:
     return (np.asarray(scores, dtype=np.float64) >= threshold).astype(np.int64)
 
 
+def decisions(
+    n: int,
+    scored: Sequence[tuple[int, float]],
+    failed: Sequence[tuple[int, str]],
+    threshold: float | None,
+    label_names: Sequence[str],
+) -> list[dict[str, Any]]:
+    """The Spark-free scorers' answer per input, in order: ``probability, predicted_label, label_name, threshold,
+    error``. ``scored`` holds (index, P(positive)), ``failed`` (index, reason); a failed input has only ``error``."""
+    results: list[dict[str, Any]] = [
+        {"probability": None, "predicted_label": None, "label_name": None, "threshold": threshold, "error": None}
+        for _ in range(n)
+    ]
+    for index, reason in failed:
+        results[index]["error"] = reason
+    for index, probability in scored:
+        label = int(probability >= threshold)
+        results[index].update(probability=float(probability), predicted_label=label, label_name=label_names[label])
+    return results
+
+
 @dataclass(frozen=True)
 class BinaryReport:
     threshold: float

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..metrics import decisions
+
 
 def is_cnn_model(model: str) -> bool:
     if model.endswith(".keras"):
@@ -60,17 +62,9 @@ def classify(model: str, files: Sequence[str], threshold: float | None = None) -
     readable = [i for i in range(len(files)) if i not in read_errors]
     kwargs = {"threshold": threshold} if threshold is not None else {}
     scored = classifier.predict_bytes([contents[i] for i in readable], **kwargs) if readable else []
-    results: list[dict[str, Any]] = [dict() for _ in files]
+    results = decisions(len(files), [], list(read_errors.items()), threshold, [])
     for i, res in zip(readable, scored):
         results[i] = dict(res)
-    for i, reason in read_errors.items():
-        results[i] = {
-            "probability": None,
-            "predicted_label": None,
-            "label_name": None,
-            "threshold": threshold,
-            "error": reason,
-        }
     for name, res in zip(files, results):
         res["file"] = name
     return results

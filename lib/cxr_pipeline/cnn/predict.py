@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from cxr_pipeline import metrics as M
 from cxr_pipeline import storage
 
 from . import data
@@ -107,22 +108,4 @@ class LocalCnnClassifier:
         threshold = self.threshold if threshold is None else float(threshold)
         batch, good_idx, bad = self.decode(blobs)
         scores = self.predict_arrays(batch)
-        results: list[dict[str, Any]] = [{}] * len(blobs)
-        for i, p in zip(good_idx, scores):
-            label = int(p >= threshold)
-            results[i] = {
-                "probability": float(p),
-                "predicted_label": label,
-                "label_name": self.label_names[label],
-                "threshold": threshold,
-                "error": None,
-            }
-        for i, reason in bad:
-            results[i] = {
-                "probability": None,
-                "predicted_label": None,
-                "label_name": None,
-                "threshold": threshold,
-                "error": reason,
-            }
-        return results
+        return M.decisions(len(blobs), list(zip(good_idx, scores)), bad, threshold, self.label_names)

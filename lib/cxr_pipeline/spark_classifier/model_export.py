@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import metrics as M
+
 CLASSIFIER_FILE = "classifier.json"
 FORMAT_VERSION = 1
 
@@ -207,15 +209,5 @@ class LocalClassifier:
         threshold = self.threshold if threshold is None else float(threshold)
         kwargs = {"max_pixels": self.spec["max_pixels"]} if self.spec.get("max_pixels") else {}
         batch, good_idx, bad = decode_batch(list(contents), self.image_size, **kwargs)
-        results: list[dict[str, Any]] = [
-            {"probability": None, "predicted_label": None, "label_name": None, "threshold": threshold, "error": None}
-            for _ in contents
-        ]
-        for idx, reason in bad:
-            results[idx]["error"] = reason
-        if good_idx:
-            probabilities = score_features(self.spec, self.features(batch))
-            for idx, p in zip(good_idx, probabilities):
-                label = int(p >= threshold)
-                results[idx].update(probability=float(p), predicted_label=label, label_name=self.label_names[label])
-        return results
+        probabilities = score_features(self.spec, self.features(batch)) if good_idx else []
+        return M.decisions(len(contents), list(zip(good_idx, probabilities)), bad, threshold, self.label_names)
