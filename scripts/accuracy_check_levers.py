@@ -42,13 +42,13 @@ GEM_P = 3.0
 # ------------------------------------------------------------------ featurize
 
 
-def job_pixels(image28: np.ndarray, size: tuple[int, int], tree_px: int = 128) -> np.ndarray:
+def job_pixels(image28: np.ndarray, size: tuple[int, int], tree_px: int = 128, intensity: str = "none") -> np.ndarray:
     """The pixels the job sees: the tree's JPEG (medmnist.convert) decoded by imaging.decode_image."""
     from cxr_pipeline import imaging
     from cxr_pipeline.datasets import medmnist, tree_writer
 
     jpeg = tree_writer.encode_gray_jpeg(medmnist.to_pixels(image28, tree_px), 95)
-    return imaging.decode_image(jpeg, size)
+    return imaging.decode_image(jpeg, size, intensity=intensity)
 
 
 def pooled_model(image_size: int):
@@ -87,7 +87,7 @@ def featurize(args) -> int:
         feats: dict[str, list[np.ndarray]] = {}
         for start in range(0, len(rows), args.batch_size):
             chunk = rows[start : start + args.batch_size]
-            batch = np.stack([job_pixels(images[i], size) for i in chunk])
+            batch = np.stack([job_pixels(images[i], size, intensity=args.intensity) for i in chunk])
             x = backbones.preprocess("InceptionV3", batch)
             if args.flip_tta:
                 x = x[:, :, ::-1, :]
@@ -283,6 +283,7 @@ def main(argv=None) -> int:
     f.add_argument("--limit", type=int, default=None)
     f.add_argument("--subset", type=int, default=None, help="featurize only N random npz train rows (val: all)")
     f.add_argument("--flip-tta", action="store_true", help="featurize the mirrored images (for TTA)")
+    f.add_argument("--intensity", default="none", help="imaging.decode_image's intensity normalization")
     f.add_argument("--out", type=Path, required=True)
     c = sub.add_parser("cv")
     c.add_argument("features", nargs="+")

@@ -62,7 +62,9 @@ def small_run(tree_with_junk, tmp_path_factory):
     from cxr_pipeline.cnn.train import train_and_evaluate
 
     out = tmp_path_factory.mktemp("cnn_run") / "run"
-    metrics = train_and_evaluate(cnn_config("cnn.model=small_cnn"), str(tree_with_junk), str(out))
+    # equalized: cnn.json must carry it to prediction (test_saved_model_reloads_and_predicts_the_same_probabilities)
+    config = cnn_config("cnn.model=small_cnn", "data.intensity=equalize")
+    metrics = train_and_evaluate(config, str(tree_with_junk), str(out))
     return out, metrics
 
 
@@ -164,6 +166,13 @@ def test_decoding_matches_imaging_and_excludes_corrupt_files(tree_with_junk):
     assert images.dtype == np.uint8 and images.shape == (len(good), 64, 64, 3)
     # The cache is filled: a second pass decodes nothing more (no new rejection is recorded).
     assert len(list(ds)) == len(good) and len(rejections.items) == 1
+    equalized = data.decoded_dataset(good[:1], 64, data.Rejections(), cache=None, intensity="equalize")
+    [(first, _)] = list(equalized)
+    uri = good[0].uri
+    np.testing.assert_array_equal(
+        first.numpy(), imaging.decode_image(Path(uri).read_bytes(), (64, 64), intensity="equalize")
+    )
+    assert not np.array_equal(first.numpy(), expected)
 
 
 def test_augmentation_and_oversampling_batches(tree_with_junk):
@@ -243,6 +252,7 @@ def test_small_cnn_run_outputs_are_well_formed(small_run):
     assert "IM-0001-0001.jpeg" in rejected and "notes.txt" in rejected
     meta = json.loads((out / "cnn.json").read_text())
     assert meta["image_size"] == 150 and meta["label_names"] == ["NORMAL", "PNEUMONIA"]
+    assert meta["intensity"] == "equalize"
     conf = config_mod.read_yaml(out / "config.yaml")
     assert conf["cnn"]["model"] == "small_cnn" and conf["cnn"]["epochs"] == 1
     assert saved["threshold_choice"]["rule"] == conf["training"]["threshold_rule"]  # the Spark job's rule
@@ -256,6 +266,7 @@ def test_saved_model_reloads_and_predicts_the_same_probabilities(small_run):
     assert {r["used_as"] for r in rows} == {"val", "test"}
     for source in (out, out / "model.keras"):
         classifier = LocalCnnClassifier.load(str(source))
+        assert classifier.intensity == "equalize"
         results = classifier.predict_bytes([Path(r["path"]).read_bytes() for r in rows] + [b"junk"])
         got = np.array([res["probability"] for res in results[:-1]])
         assert_same_probabilities(got, [float(r["probability"]) for r in rows])

@@ -171,11 +171,13 @@ def test_featurizing_on_the_cluster_from_hdfs_equals_plain_keras(featurize_passe
     """The undisturbed pass (2 workers reading the private HDFS) gives bare Keras' features for the same files."""
     from cxr_pipeline.backbones import build_backbone, featurize_arrays
     from cxr_pipeline.imaging import decode_image
+    from cxr_pipeline.spark.featurizer import FeaturizerSettings
 
     table = faults.read_feature_table(featurize_passes.passes[0]["table"])
     files = [sample_tree / "/".join(path.split("/")[-3:]) for path in table["paths"]]
     model = build_backbone("InceptionV3", feature_layer=FEATURE_LAYER, image_size=IMAGE_SIZE)
-    batch = [decode_image(f.read_bytes(), (IMAGE_SIZE, IMAGE_SIZE)) for f in files]
+    intensity = FeaturizerSettings.defaults().intensity  # the featurizer's default decoding
+    batch = [decode_image(f.read_bytes(), (IMAGE_SIZE, IMAGE_SIZE), intensity=intensity) for f in files]
     expected = featurize_arrays(model, "InceptionV3", np.stack(batch), batch_size=len(batch))
     assert_same_features(np.stack([table["features"][path] for path in table["paths"]]), expected)
 

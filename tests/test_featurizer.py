@@ -20,18 +20,22 @@ from tolerances import assert_same_features, same_probability
 
 from cxr_pipeline.backbones import BackboneError, build_backbone, featurize_arrays
 from cxr_pipeline.config import ConfigError, load_config
-from cxr_pipeline.imaging import decode_image
+from cxr_pipeline.imaging import INTENSITY_MODES, decode_image
 from cxr_pipeline.spark.featurizer import FeaturizerSettings, ImageFeaturizer, split_failures
 from cxr_pipeline.spark.reader import read_images, read_images_with_rejections
 
 LAYER = "mixed0"  # cheap to compute, and ImageNet-trained in the provisioned weights
+INTENSITY = FeaturizerSettings.defaults().intensity  # what an ImageFeaturizer decodes with unless told otherwise
+OTHER_INTENSITY = next(mode for mode in INTENSITY_MODES if mode != INTENSITY)
 REPO = Path(__file__).resolve().parents[1]
 
 
-def keras_features(paths: list[str], feature_layer: str = LAYER, weights=None, side: int = 299) -> np.ndarray:
+def keras_features(
+    paths: list[str], feature_layer: str = LAYER, weights=None, side: int = 299, intensity: str = INTENSITY
+) -> np.ndarray:
     """A plain Keras predict on the same files: the reference the featurizer must match."""
     model = build_backbone("InceptionV3", weights=weights, feature_layer=feature_layer, image_size=side)
-    batch = np.stack([decode_image(Path(p).read_bytes(), (side, side)) for p in paths])
+    batch = np.stack([decode_image(Path(p).read_bytes(), (side, side), intensity=intensity) for p in paths])
     return featurize_arrays(model, "InceptionV3", batch, batch_size=len(batch))
 
 
@@ -70,6 +74,16 @@ def test_smaller_image_size_matches_keras_at_that_size(spark, tree):
     rows.sort(key=lambda r: r.path)
     expected = keras_features([local_path(r.path) for r in rows], side=96)
     assert_same_features(np.stack([r.features.toArray() for r in rows]), expected)
+
+
+def test_the_other_intensity_mode_matches_keras_on_those_pixels(spark, tree):
+    featurizer = ImageFeaturizer(featureLayer=LAYER, imageSize=96, batchSize=4, intensity=OTHER_INTENSITY)
+    rows = featurizer.transform(read_images(spark, str(tree))).where("featurize_error IS NULL").collect()
+    rows.sort(key=lambda r: r.path)
+    got = np.stack([r.features.toArray() for r in rows])
+    paths = [local_path(r.path) for r in rows]
+    assert_same_features(got, keras_features(paths, side=96, intensity=OTHER_INTENSITY))
+    assert not np.allclose(got, keras_features(paths, side=96), rtol=1e-2)  # the Param is not ignored
 
 
 def test_broken_files_are_reported_not_fatal(featurized, spark):
@@ -122,6 +136,7 @@ def test_featurizer_params_round_trip(spark, tmp_path):
         batchSize=8,
         maxPixels=1000,
         imageSize=128,
+        intensity=OTHER_INTENSITY,
         arrowBatchSize=9,
     )
     featurizer.save(str(tmp_path / "f"))
@@ -136,9 +151,11 @@ def test_featurizer_params_round_trip(spark, tmp_path):
         "batchSize",
         "maxPixels",
         "imageSize",
+        "intensity",
         "arrowBatchSize",
     ):
         assert loaded.getOrDefault(param) == featurizer.getOrDefault(param), param
+    assert loaded.getIntensity() == OTHER_INTENSITY  # set, saved and read back, not the default
     assert loaded.uid == featurizer.uid
     nulls = ImageFeaturizer(featureLayer=None, weights=None, weightsSha256=None, imageSize=None)  # null set explicitly
     nulls.save(str(tmp_path / "nulls"))
@@ -154,6 +171,7 @@ def test_featurizer_settings_come_from_the_config_section_only():
             "featurizer.arrow_batch_size=7",
             "featurizer.image_size=96",
             "data.max_pixels=1234",
+            f"data.intensity={OTHER_INTENSITY}",
         ],
     )
     settings = FeaturizerSettings.from_config(config)
@@ -167,6 +185,7 @@ def test_featurizer_settings_come_from_the_config_section_only():
 
     featurizer = build_featurizer(settings)
     assert (featurizer.getBatchSize(), featurizer.getArrowBatchSize(), featurizer.getMaxPixels()) == (5, 7, 1234)
+    assert featurizer.getIntensity() == OTHER_INTENSITY and featurizer.worker_settings().intensity == OTHER_INTENSITY
     assert featurizer.getWeightsSha256()  # the provisioned file's, resolved on the driver
     # An unset Param is the config default: nothing in the class restates it.
     defaults = FeaturizerSettings.from_config(load_config("local"))
@@ -179,6 +198,7 @@ def test_featurizer_settings_come_from_the_config_section_only():
             ("batchSize", "batch_size"),
             ("arrowBatchSize", "arrow_batch_size"),
             ("maxPixels", "max_pixels"),
+            ("intensity", "intensity"),
         ]
     } == {
         "model_name": defaults.model_name,
@@ -186,6 +206,7 @@ def test_featurizer_settings_come_from_the_config_section_only():
         "batch_size": defaults.batch_size,
         "arrow_batch_size": defaults.arrow_batch_size,
         "max_pixels": defaults.max_pixels,
+        "intensity": defaults.intensity,
     }
     with pytest.raises(ConfigError, match="unknown featurizer option.*image_sise"):
         FeaturizerSettings.from_config({**config, "featurizer": {**config["featurizer"], "image_sise": 96}})
@@ -193,6 +214,8 @@ def test_featurizer_settings_come_from_the_config_section_only():
         FeaturizerSettings.from_config(
             {**config, "featurizer": {k: v for k, v in config["featurizer"].items() if k != "arrow_batch_size"}}
         )
+    with pytest.raises(ConfigError, match="data.intensity must be one of"):
+        FeaturizerSettings.from_config({**config, "data": {**config["data"], "intensity": "clahe"}})
     with pytest.raises(ConfigError, match="batch_size must be >= 1"):
         FeaturizerSettings.from_config({**config, "featurizer": {**config["featurizer"], "batch_size": 0}})
 

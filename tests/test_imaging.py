@@ -234,3 +234,38 @@ def test_spark_image_structs_report_undecodable_and_oversized_images():
     assert failed[0][1] == "not decodable by Spark's image source" and "is not 16x16x1" in failed[2][1]
     with pytest.raises(ImageDecodeError, match="too many pixels"):
         decode_image_struct(good, size=(8, 8), max_pixels=100)
+
+
+def test_equalize_spreads_a_dim_low_contrast_xray_over_the_whole_range():
+    dim = (gradient(120, 80) // 4 + 40).astype(np.uint8)  # grey levels 40..103
+    data = encode(Image.fromarray(dim, mode="L"), "PNG")
+    plain = decode_image(data, size=(40, 60))
+    flat = decode_image(data, size=(40, 60), intensity="equalize")
+    assert plain.min() >= 40 and plain.max() <= 104
+    assert flat.min() < 10 and flat.max() > 245
+    assert np.array_equal(flat[..., 0], flat[..., 2])  # still grey
+    assert (np.diff(flat[0, :, 0].astype(int)) >= 0).all()  # the ramp keeps its order
+    # the same image brighter and with less contrast equalizes to (almost) the same pixels
+    brighter = encode(Image.fromarray((dim // 2 + 120).astype(np.uint8), mode="L"), "PNG")
+    assert np.abs(decode_image(brighter, (40, 60), intensity="equalize").astype(int) - flat).mean() < 8
+    arrays, ok, _ = decode_batch([data], size=(40, 60), intensity="equalize")
+    assert ok == [0] and np.array_equal(arrays[0], flat)
+    struct = decode_image_struct(spark_image_struct(dim), size=(40, 60), intensity="equalize")
+    assert np.array_equal(struct, flat)
+
+
+def test_unknown_intensity_mode_is_a_setting_error_not_a_rejected_image():
+    data = encode(Image.fromarray(gradient(20, 20), mode="L"), "PNG")
+    with pytest.raises(ValueError, match="intensity must be one of") as raised:
+        decode_image(data, (8, 8), intensity="clahe")
+    assert not isinstance(raised.value, ImageDecodeError)
+    with pytest.raises(ValueError, match="intensity must be one of"):
+        decode_batch([data], (8, 8), intensity="clahe")  # not reported as a failed image
+
+
+def test_the_module_examples_hold():
+    import doctest
+
+    from cxr_pipeline import imaging
+
+    assert doctest.testmod(imaging).failed == 0

@@ -159,8 +159,9 @@ def test_single_image_command(run, sample_tree):
     assert "cannot read" in lines[2]["error"]
 
 
-def test_local_classifier_runs_the_backbone_at_the_exported_image_size(sample_tree):
-    """A run trained with imageSize=96 must be scored at 96 px, not the backbone's native 299."""
+@pytest.mark.parametrize("intensity", ["none", "equalize"])
+def test_local_classifier_runs_the_backbone_at_the_exported_image_size(sample_tree, intensity):
+    """A run trained with imageSize=96 (and an intensity mode) must be scored so, not at the backbone's 299."""
     import numpy as np
 
     from cxr_pipeline.backbones import build_backbone, featurize_arrays
@@ -181,11 +182,16 @@ def test_local_classifier_runs_the_backbone_at_the_exported_image_size(sample_tr
         "coefficients": rng.normal(size=dim).tolist(),
         "intercept": 0.1,
         "threshold": 0.5,
+        "intensity": intensity,
     }
     content = next(sample_tree.glob("test/*/*.jpeg")).read_bytes()
     [result] = LocalClassifier(spec).predict_bytes([content])
     assert result["error"] is None
 
     reference = build_backbone("InceptionV3", weights="random", feature_layer="mixed0", image_size=96)
-    features = featurize_arrays(reference, "InceptionV3", decode_image(content, size=(96, 96))[None], 16)
+    pixels = decode_image(content, size=(96, 96), intensity=intensity)
+    features = featurize_arrays(reference, "InceptionV3", pixels[None], 16)
     assert result["probability"] == same_probability(float(score_features(spec, features)[0]))
+    if intensity != "none":  # can fail: the other decoding scores differently
+        plain = featurize_arrays(reference, "InceptionV3", decode_image(content, size=(96, 96))[None], 16)
+        assert result["probability"] != same_probability(float(score_features(spec, plain)[0]))

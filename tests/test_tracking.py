@@ -135,6 +135,7 @@ def test_run_params_metrics_artifacts_dataset_and_tags_are_in_the_store(logged, 
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
     assert params["featurizer.feature_layer"] == "mixed5" and params["model.backbone"] == "InceptionV3"
     assert params["model.weights_sha256"] == result.metrics["featurizer"]["weights_sha256"]
+    assert params["model.intensity"] == config["data"]["intensity"] == result.metrics["featurizer"]["intensity"]
     assert params["dicom.patient_key"] == cfg.REDACTED
     assert metrics["validation_auc"] == pytest.approx(result.metrics["validation"]["roc_auc"])
     assert metrics["test_auc"] == pytest.approx(result.metrics["test"]["areaUnderROC"])

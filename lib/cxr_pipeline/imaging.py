@@ -19,6 +19,9 @@ component sees exactly the same pixels.
   same resize as any other image.
 * The ``image`` struct of Spark's image data source (already decoded by the JVM,
   BGR bytes) becomes the same RGB array: :func:`decode_image_struct`.
+* ``intensity="equalize"`` (optional, off by default) equalizes the grey-level
+  histogram at the source resolution, before the resize, so exposure and
+  contrast differences between scanners or exports weigh less: :func:`normalize_intensity`.
 * The image is resized to ``size`` without keeping the aspect ratio, as
   ``keras.utils.image_dataset_from_directory`` does by default.
 * Anything that cannot be decoded raises :class:`ImageDecodeError` whose text is
@@ -61,6 +64,7 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "GIF", "WEBP", "PPM")
 _WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 _NATIVE_MODES = ("L", "RGB")
 STRIP_PIXELS = 1 << 20  # wide images are windowed this many pixels at a time (bounded float64 scratch)
+INTENSITY_MODES = ("none", "equalize")  # featurizer.intensity / cnn: see normalize_intensity
 
 
 class ImageDecodeError(ValueError):
@@ -180,15 +184,44 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def normalize_intensity(image: Image.Image, intensity: str = "none") -> Image.Image:
+    """An 8-bit ``L``/``RGB`` image with its intensities normalized by ``intensity`` (one of :data:`INTENSITY_MODES`).
+
+    ``equalize``: Pillow's histogram equalization, which maps grey levels through their cumulative
+    histogram so that every image spans the full range with a flat histogram. An RGB image is
+    equalized per channel (a grey X-ray stored as RGB stays grey).
+
+    >>> from PIL import Image
+    >>> dim = Image.fromarray(np.repeat(np.arange(100, 164, dtype=np.uint8), 16).reshape(32, 32))  # levels 100..163
+    >>> flat = np.asarray(normalize_intensity(dim, "equalize"))
+    >>> int(flat.min()), int(flat.max())
+    (0, 255)
+    >>> normalize_intensity(dim, "none") is dim
+    True
+    """
+    _check_intensity(intensity)
+    if intensity == "equalize":
+        return ImageOps.equalize(image)
+    return image
+
+
+def _check_intensity(intensity: str) -> None:
+    if intensity not in INTENSITY_MODES:
+        raise ValueError(f"intensity must be one of {INTENSITY_MODES}, not {intensity!r}")
+
+
 def decode_image(
     data: bytes,
     size: tuple[int, int] = DEFAULT_SIZE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    intensity: str = "none",
 ) -> np.ndarray:
     """Bytes of one image file -> ``uint8`` array ``(size[0], size[1], 3)`` (height, width, RGB).
 
-    Raises :class:`ImageDecodeError` with a short reason for anything unusable.
+    ``intensity``: see :func:`normalize_intensity`. Raises :class:`ImageDecodeError` with a short
+    reason for anything unusable.
     """
+    _check_intensity(intensity)  # a setting, not a property of the image: never a rejection
     height, width = size
     if data and is_dicom(data):
         from . import dicom
@@ -205,7 +238,7 @@ def decode_image(
             except Exception as exc:  # noqa: BLE001 - a broken EXIF block must not lose the image
                 if is_resource_error(exc):
                     raise
-        image = _to_8bit(image)
+        image = normalize_intensity(_to_8bit(image), intensity)
         # Resize while still 1-channel for grayscale X-rays: 3x less work.
         image = image.resize((width, height), Image.Resampling.BILINEAR)
         if image.mode != "RGB":
@@ -226,22 +259,23 @@ def decode_batch(
     contents: Sequence[bytes | None],
     size: tuple[int, int] = DEFAULT_SIZE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    intensity: str = "none",
 ) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
     """Decode many images; bad ones are reported, not raised.
 
     Returns ``(arrays [n_good, H, W, 3] uint8, good_indices, [(index, reason), ...])``.
     """
-    return _decode_each(contents, decode_image, size, max_pixels)
+    return _decode_each(contents, decode_image, size, max_pixels, intensity)
 
 
-def _decode_each(items: Sequence, decode, size: tuple[int, int], max_pixels: int):
+def _decode_each(items: Sequence, decode, size: tuple[int, int], max_pixels: int, intensity: str):
     height, width = size
     arrays = np.empty((len(items), height, width, 3), dtype=np.uint8)
     good: list[int] = []
     failed: list[tuple[int, str]] = []
     for index, item in enumerate(items):
         try:
-            arrays[len(good)] = decode(item, size, max_pixels)
+            arrays[len(good)] = decode(item, size, max_pixels, intensity)
         except ImageDecodeError as exc:
             failed.append((index, str(exc)))
         else:
@@ -258,8 +292,10 @@ def decode_image_struct(
     image: Mapping[str, Any] | None,
     size: tuple[int, int] = DEFAULT_SIZE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    intensity: str = "none",
 ) -> np.ndarray:
     """One Spark image-source struct (a dict) -> ``uint8`` array ``(size[0], size[1], 3)``, RGB."""
+    _check_intensity(intensity)
     image = image or {}
     height, width, channels = image.get("height"), image.get("width"), image.get("nChannels")
     data = image.get("data")
@@ -274,6 +310,7 @@ def decode_image_struct(
         picture = Image.fromarray(pixels[..., 0], mode="L")
     else:  # BGR[A] -> RGB
         picture = Image.fromarray(np.ascontiguousarray(pixels[..., 2::-1]), mode="RGB")
+    picture = normalize_intensity(picture, intensity)
     out = picture.resize((size[1], size[0]), Image.Resampling.BILINEAR).convert("RGB")
     return np.asarray(out, dtype=np.uint8)
 
@@ -282,6 +319,7 @@ def decode_image_structs(
     images: Sequence[Mapping[str, Any] | None],
     size: tuple[int, int] = DEFAULT_SIZE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    intensity: str = "none",
 ) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
     """:func:`decode_batch` for Spark image-source structs: ``(arrays, good_indices, [(index, reason)])``."""
-    return _decode_each(images, decode_image_struct, size, max_pixels)
+    return _decode_each(images, decode_image_struct, size, max_pixels, intensity)

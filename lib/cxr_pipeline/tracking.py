@@ -137,13 +137,14 @@ def config_params(config: Mapping[str, Any]) -> dict[str, str]:
 
 
 def model_params(kind: str, metrics: Mapping[str, Any], run_meta: Mapping[str, Any]) -> dict[str, str]:
-    """The model's identity: backbone, layer, image size, weights sha256 (whatever the run has)."""
+    """The model's identity: backbone, layer, image size, intensity mode, weights sha256 (whatever the run has)."""
     if kind == "spark":
         f = metrics.get("featurizer") or {}
         values = {
             "backbone": f.get("model_name"),
             "feature_layer": f.get("feature_layer"),
             "image_size": f.get("image_size"),
+            "intensity": f.get("intensity"),
             "weights_sha256": f.get("weights_sha256"),
         }
     else:
@@ -151,6 +152,7 @@ def model_params(kind: str, metrics: Mapping[str, Any], run_meta: Mapping[str, A
             "backbone": run_meta.get("model_name") or metrics.get("model"),
             "feature_layer": run_meta.get("cut_layer"),
             "image_size": run_meta.get("image_size") or metrics.get("image_size"),
+            "intensity": run_meta.get("intensity"),  # the Keras flavor takes decoded pixels: decode them so
             "weights_sha256": run_meta.get("weights_sha256"),
         }
     return {f"model.{k}": "null" if v is None else str(v) for k, v in values.items()}

@@ -244,7 +244,7 @@ def _read_remote(uri: bytes, rejections: Rejections) -> bytes:
         return b""
 
 
-def _decoder(size: int, max_pixels: int, rejections: Rejections):
+def _decoder(size: int, max_pixels: int, rejections: Rejections, intensity: str = "none"):
     from cxr_pipeline import imaging
 
     empty = np.zeros((size, size, 3), np.uint8)
@@ -253,7 +253,7 @@ def _decoder(size: int, max_pixels: int, rejections: Rejections):
         if not data:  # unreadable: already recorded by the reader
             return empty, False
         try:
-            image = imaging.decode_image(data, size=(size, size), max_pixels=max_pixels)
+            image = imaging.decode_image(data, size=(size, size), max_pixels=max_pixels, intensity=intensity)
         except imaging.ImageDecodeError as exc:
             rejections.add(uri.decode(), str(exc))
             return empty, False
@@ -268,15 +268,17 @@ def decoded_dataset(
     rejections: Rejections,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     cache: str | None = "memory",
+    intensity: str = "none",
 ) -> tf.data.Dataset:
     """``(image uint8 [S, S, 3], label float32)`` for each record that decodes, in order.
 
-    ``cache``: "memory", a cache file path prefix, or None. Iterate it once with
+    ``cache``: "memory", a cache file path prefix, or None. ``intensity``: ``imaging.normalize_intensity``.
+    Iterate it once with
     :func:`prepare` before training so the cache is complete and rejections known.
     """
     if not records:
         raise ValueError("no images to read")
-    decode = _decoder(image_size, max_pixels, rejections)
+    decode = _decoder(image_size, max_pixels, rejections, intensity)
     if any(r.table_file for r in records):
         return _finish(_table_rows(records).map(_decode_map(decode, image_size), num_parallel_calls=AUTOTUNE), cache)
     from cxr_pipeline import storage
@@ -438,14 +440,18 @@ def labels_of(decoded: tf.data.Dataset) -> np.ndarray:
     return np.concatenate([y.numpy() for _, y in decoded.batch(1024)]).astype(np.int64) if decoded else np.zeros(0)
 
 
-def images_from_bytes(blobs: Iterable[bytes], image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS):
+def images_from_bytes(
+    blobs: Iterable[bytes], image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, intensity: str = "none"
+):
     """Decode for prediction: (uint8 batch of the good ones, good indexes, [(index, reason)])."""
     from cxr_pipeline import imaging
 
     good, idx, bad = [], [], []
     for i, data in enumerate(blobs):
         try:
-            good.append(imaging.decode_image(data, size=(image_size, image_size), max_pixels=max_pixels))
+            good.append(
+                imaging.decode_image(data, size=(image_size, image_size), max_pixels=max_pixels, intensity=intensity)
+            )
             idx.append(i)
         except imaging.ImageDecodeError as exc:
             bad.append((i, str(exc)))

@@ -68,6 +68,7 @@ class LocalCnnClassifier:
     threshold: float = 0.5
     max_pixels: int = data.DEFAULT_MAX_PIXELS
     model_name: str = "cnn"
+    intensity: str = "none"  # imaging.normalize_intensity, as trained (cnn.json; older runs: none)
 
     @classmethod
     def load(cls, path: str, threshold: float | None = None) -> LocalCnnClassifier:
@@ -89,6 +90,7 @@ class LocalCnnClassifier:
             threshold=float(threshold if threshold is not None else meta.get("threshold", 0.5)),
             max_pixels=int(meta.get("max_pixels") or data.DEFAULT_MAX_PIXELS),
             model_name=str(meta.get("model_name") or model.name),
+            intensity=str(meta.get("intensity") or "none"),
         )
 
     def predict_arrays(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -99,7 +101,7 @@ class LocalCnnClassifier:
         return np.asarray(scores, np.float64).ravel()
 
     def decode(self, blobs: Sequence[bytes]):
-        return data.images_from_bytes(blobs, self.image_size, self.max_pixels)
+        return data.images_from_bytes(blobs, self.image_size, self.max_pixels, self.intensity)
 
     def predict_bytes(self, blobs: Sequence[bytes], threshold: float | None = None) -> list[dict[str, Any]]:
         """One dict per input, in order: probability, predicted_label, label_name, threshold, error

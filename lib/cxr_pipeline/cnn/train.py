@@ -114,6 +114,7 @@ class Settings:
     threshold_rule: dict[str, Any]  # metrics.choose_threshold_by_rule kwargs
     early_stopping_patience: int
     max_pixels: int
+    intensity: str  # data.intensity (imaging.normalize_intensity), saved in cnn.json for prediction
     verbose: int
 
     @classmethod
@@ -143,8 +144,17 @@ class Settings:
             threshold_rule=M.rule_args_from_config(config.get("training") or {}),
             early_stopping_patience=int(need("cnn.early_stopping_patience")),
             max_pixels=int(need("data.max_pixels")),
+            intensity=_intensity(need("data.intensity")),
             verbose=int(need("cnn.verbose")),
         )
+
+
+def _intensity(value: Any) -> str:
+    from .. import imaging
+
+    if value not in imaging.INTENSITY_MODES:
+        raise config_mod.ConfigError(f"data.intensity must be one of {imaging.INTENSITY_MODES}, got {value!r}")
+    return str(value)
 
 
 def _model_options(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -298,7 +308,12 @@ def _decoded(records, settings: Settings, rejections, scratch: Path, name: str) 
     if not records:
         return Split(None, [])
     ds = data.decoded_dataset(
-        records, settings.image_size, rejections, settings.max_pixels, _cache_spec(settings.cache, scratch, name)
+        records,
+        settings.image_size,
+        rejections,
+        settings.max_pixels,
+        _cache_spec(settings.cache, scratch, name),
+        intensity=settings.intensity,
     )
     good = data.prepare(ds, records, rejections)
     return Split(data.with_length(ds, len(good)) if good else None, good)
@@ -551,6 +566,7 @@ def _write_run(stage: Path, config, settings: Settings, metrics, prepared: Prepa
                 "threshold": threshold,
                 "default_threshold": M.DEFAULT_THRESHOLD,
                 "max_pixels": settings.max_pixels,
+                "intensity": settings.intensity,
             },
             indent=2,
         )

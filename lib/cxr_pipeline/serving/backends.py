@@ -199,7 +199,10 @@ class ClassifierBackend:
 
         try:
             return decode_image(
-                data, size=self.input_size, **({"max_pixels": self.max_pixels} if self.max_pixels else {})
+                data,
+                size=self.input_size,
+                intensity=getattr(self.classifier, "intensity", "none"),
+                **({"max_pixels": self.max_pixels} if self.max_pixels else {}),
             )
         except ImageDecodeError as err:
             raise PredictionError(str(err)) from err

@@ -67,6 +67,7 @@ class WorkerSettings:
     weights_sha256: str | None  # checked on the worker before the weights are loaded
     batch_size: int
     max_pixels: int
+    intensity: str = "none"  # imaging.normalize_intensity
     tf_threads: int = 0  # 0 = the task's cores (spark.task.cpus)
     image_size: tuple[int, int] | None = None  # None = the backbone's native input size
     prefetch: bool = False  # decode the next batch while the model runs on this one (see the module docstring)
@@ -302,8 +303,8 @@ class WorkerFeaturizer:
 
     def _decode(self, chunk: list) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
         if chunk and isinstance(chunk[0], dict):  # Spark image source structs
-            return decode_image_structs(chunk, self.size, self.settings.max_pixels)
-        return decode_batch(chunk, self.size, self.settings.max_pixels)
+            return decode_image_structs(chunk, self.size, self.settings.max_pixels, self.settings.intensity)
+        return decode_batch(chunk, self.size, self.settings.max_pixels, self.settings.intensity)
 
 
 _DONE = object()

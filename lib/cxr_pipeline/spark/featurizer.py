@@ -46,6 +46,7 @@ from pyspark.sql import types as T
 
 from .. import backbones
 from .. import config as cfg
+from ..imaging import INTENSITY_MODES
 from ._udf import FeaturizerStats, WorkerSettings, featurize_batches
 
 log = logging.getLogger(__name__)
@@ -75,10 +76,17 @@ class FeaturizerSettings:
     arrow_batch_size: int
     image_size: int | None
     max_pixels: int  # data.max_pixels: the same guard the reader and every decoder use
+    intensity: str  # data.intensity: imaging.normalize_intensity, the same for every path
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> FeaturizerSettings:
-        return cfg.section_settings(cls, config, "featurizer", max_pixels=cfg.get(config, "data.max_pixels"))
+        return cfg.section_settings(
+            cls,
+            config,
+            "featurizer",
+            max_pixels=cfg.get(config, "data.max_pixels"),
+            intensity=cfg.get(config, "data.intensity"),
+        )
 
     @classmethod
     def defaults(cls) -> FeaturizerSettings:
@@ -90,6 +98,8 @@ class FeaturizerSettings:
         for name in ("batch_size", "arrow_batch_size", "max_pixels"):
             if int(getattr(self, name)) < 1:
                 raise cfg.ConfigError(f"featurizer.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.intensity not in INTENSITY_MODES:
+            raise cfg.ConfigError(f"data.intensity must be one of {INTENSITY_MODES}, got {self.intensity!r}")
         if self.image_size is not None and int(self.image_size) < 32:
             raise cfg.ConfigError(f"featurizer.image_size must be null or >= 32, got {self.image_size!r}")
 
@@ -107,6 +117,7 @@ _PARAM_OF = {
     "arrow_batch_size": "arrowBatchSize",
     "image_size": "imageSize",
     "max_pixels": "maxPixels",
+    "intensity": "intensity",
 }
 
 
@@ -226,6 +237,12 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         "square input side images are resized to (null = the backbone's native size, e.g. 299)",
         typeConverter=_or_null(TypeConverters.toInt),
     )
+    intensity = Param(
+        Params._dummy(),
+        "intensity",
+        f"intensity normalization before the resize: {', '.join(INTENSITY_MODES)} (imaging.normalize_intensity)",
+        typeConverter=TypeConverters.toString,
+    )
     arrowBatchSize = Param(
         Params._dummy(),
         "arrowBatchSize",
@@ -247,10 +264,12 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         batchSize: int | None = None,
         maxPixels: int | None = None,
         imageSize: int | None = None,
+        intensity: str | None = None,
         arrowBatchSize: int | None = None,
     ):
         """__init__(self, \\*, inputCol=None, outputCol=None, errorCol=None, modelName=None, featureLayer=None, \
-        weights=None, weightsSha256=None, batchSize=None, maxPixels=None, imageSize=None, arrowBatchSize=None)
+        weights=None, weightsSha256=None, batchSize=None, maxPixels=None, imageSize=None, intensity=None, \
+        arrowBatchSize=None)
 
         Only the arguments given are set; the others keep their defaults (see the class doc).
         """
@@ -278,10 +297,12 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         batchSize: int | None = None,
         maxPixels: int | None = None,
         imageSize: int | None = None,
+        intensity: str | None = None,
         arrowBatchSize: int | None = None,
     ) -> ImageFeaturizer:
         """setParams(self, \\*, inputCol=None, outputCol=None, errorCol=None, modelName=None, featureLayer=None, \
-        weights=None, weightsSha256=None, batchSize=None, maxPixels=None, imageSize=None, arrowBatchSize=None)
+        weights=None, weightsSha256=None, batchSize=None, maxPixels=None, imageSize=None, intensity=None, \
+        arrowBatchSize=None)
 
         Sets the Params given (an explicit ``None`` sets null, e.g. ``featureLayer=None`` = the last layer).
         """
@@ -342,6 +363,12 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
     def setImageSize(self, value: int | None) -> ImageFeaturizer:
         return self._set(imageSize=value)
 
+    def getIntensity(self) -> str:
+        return self.getOrDefault(self.intensity)
+
+    def setIntensity(self, value: str) -> ImageFeaturizer:
+        return self._set(intensity=value)
+
     def getArrowBatchSize(self) -> int:
         return self.getOrDefault(self.arrowBatchSize)
 
@@ -375,6 +402,7 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
             weights_sha256=self.getWeightsSha256(),
             batch_size=self.getBatchSize(),
             max_pixels=self.getMaxPixels(),
+            intensity=self.getIntensity(),
             image_size=self.image_size() if self.getImageSize() else None,
             prefetch=getattr(self, "prefetch", False),  # bench_featurizer --prefetch; not a Param
         )

@@ -74,6 +74,7 @@ def classifier_spec(
         "weights_uri": str(weights) if weights else None,
         "weights_sha256": _param(featurizer, "weightsSha256"),
         "max_pixels": _param(featurizer, "maxPixels"),
+        "intensity": _param(featurizer, "intensity") or "none",
         "label_names": list(label_names),
         "positive_label": label_names[1],
         "scaler": {
@@ -184,6 +185,11 @@ class LocalClassifier:
         h, w = self.spec["image_size"]
         return int(h), int(w)
 
+    @property
+    def intensity(self) -> str:
+        """``imaging.normalize_intensity`` mode the model was trained with (older exports: none)."""
+        return self.spec.get("intensity") or "none"
+
     def backbone(self):
         if self._backbone is None:
             from ..backbones import build_backbone
@@ -208,6 +214,6 @@ class LocalClassifier:
 
         threshold = self.threshold if threshold is None else float(threshold)
         kwargs = {"max_pixels": self.spec["max_pixels"]} if self.spec.get("max_pixels") else {}
-        batch, good_idx, bad = decode_batch(list(contents), self.image_size, **kwargs)
+        batch, good_idx, bad = decode_batch(list(contents), self.image_size, intensity=self.intensity, **kwargs)
         probabilities = score_features(self.spec, self.features(batch)) if good_idx else []
         return M.decisions(len(contents), list(zip(good_idx, probabilities)), bad, threshold, self.label_names)

@@ -532,6 +532,7 @@ def _fit_and_report(
                 "model_name": fsettings.model_name,
                 "feature_layer": fsettings.feature_layer,
                 "image_size": fsettings.image_size,
+                "intensity": fsettings.intensity,
                 "weights_sha256": featurizer.getWeightsSha256(),
                 "cache": outcome.as_dict(),
             },
