@@ -97,6 +97,7 @@ def test_tree_labels_split_and_rejections(spark, tmp_path):
         assert row.path.startswith("file:")
     rejected = {rel(r.path): r.reason for r in result.rejected.collect()}
     assert rejected == expected_junk
+    assert result.patients is None  # no DICOM header to read: no extra pass, patients are the file names
 
 
 def test_any_number_of_classes_sorted(spark, tmp_path):

@@ -69,7 +69,9 @@ class ReadResult:
     images: DataFrame  # path, split, label, label_name, content, length
     rejected: DataFrame  # path, reason
     label_names: tuple[str, ...]  # index i is label i
-    patients: DataFrame | None = None  # path, patient, view_position: one row per image (no raw header value)
+    # path, patient, view_position: one row per image (no raw header value); None when no image has a header
+    # to read (no DICOM): every patient is then the file name's (dataset_layout.patient_id), nothing to collect
+    patients: DataFrame | None = None
 
 
 def is_dicom_path(path: Column) -> Column:
@@ -106,8 +108,9 @@ def patient_facts_udf(patient_key: str):
     return facts
 
 
-def _patients(images: DataFrame, settings: DicomSettings, has_dicom: bool) -> DataFrame:
-    content = F.when(is_dicom_path(F.col("path")), F.col("content")) if has_dicom else F.lit(None).cast("binary")
+def _patients(images: DataFrame, settings: DicomSettings) -> DataFrame:
+    """Patient and view of every image of a tree holding DICOM files (the other files' patient: their name)."""
+    content = F.when(is_dicom_path(F.col("path")), F.col("content"))
     facts = patient_facts_udf(settings.patient_key)(F.col("path"), content)
     return images.select("path", facts.alias("_f")).select("path", "_f.patient", "_f.view_position")
 
@@ -268,9 +271,11 @@ def read_images_with_rejections(
     has_dicom = source == "binaryFile" and bool(
         good.where(is_dicom_path(F.col("path"))).select("path").limit(1).collect()
     )
-    patients = _patients(images, dicom, has_dicom)
-    if dicom.frontal_only and has_dicom:
-        images, rejected, patients = _keep_frontal(images, rejected, patients)
+    patients = None
+    if has_dicom:
+        patients = _patients(images, dicom)
+        if dicom.frontal_only:
+            images, rejected, patients = _keep_frontal(images, rejected, patients)
     return ReadResult(images=images, rejected=rejected, label_names=names, patients=patients)
 
 
@@ -323,7 +328,7 @@ def read_image_table_with_rejections(
         if dicom.frontal_only:
             images, rejected, patients = _keep_frontal(images, rejected, patients)
     else:
-        patients = _patients(images, dicom, has_dicom=False)
+        patients = None  # an older table: patients come from the file names
     return ReadResult(images=images, rejected=rejected, label_names=names, patients=patients)
 
 

@@ -448,24 +448,34 @@ def _train_into(
 
 
 def _read_features(features: DataFrame, read, settings: TrainingSettings, data_uri: str):
-    """The cached features read back into memory with their subsets: (data, label names, split, rejected, counts)."""
-    failed = features.where(F.col(FEATURES_COL).isNull()).select("path", F.col("featurize_error").alias("reason"))
-    rejected = read.rejected.select("path", "reason").unionByName(failed).collect()
-    good = features.where(F.col(FEATURES_COL).isNotNull())
-    if good.limit(1).count() == 0:
-        raise TrainingError(f"no usable images under {data_uri} ({len(rejected)} rejected)")
-    label_names = label_names_of(good)
-    if len(label_names) != 2 or label_names[1] != POSITIVE_LABEL:
-        raise TrainingError(f"expected classes NORMAL and PNEUMONIA, found {label_names}")
+    """The cached features read back into memory with their subsets: (data, label names, split, rejected, counts).
 
-    patients = (
-        {r["path"]: r["patient"] for r in read.patients.select("path", "patient").collect()}
-        if read.patients is not None
-        else None
-    )
-    data, split_info = assign_subsets(good, settings, patients)
-    data = data.cache()
-    return data, label_names, split_info, rejected, counts_by_subset(data, label_names)  # counting fills the cache
+    ``features`` (the listing joined with the cache's Parquet) is held in memory while the steps below
+    look at it four times (failures, label names, the patient split's collect, the subsets' counts):
+    otherwise each of them would list the tree and read the cache again.
+    """
+    features = features.persist()
+    try:
+        failed = features.where(F.col(FEATURES_COL).isNull()).select("path", F.col("featurize_error").alias("reason"))
+        rejected = read.rejected.select("path", "reason").unionByName(failed).collect()
+        good = features.where(F.col(FEATURES_COL).isNotNull())
+        if good.limit(1).count() == 0:
+            raise TrainingError(f"no usable images under {data_uri} ({len(rejected)} rejected)")
+        label_names = label_names_of(good)
+        if len(label_names) != 2 or label_names[1] != POSITIVE_LABEL:
+            raise TrainingError(f"expected classes NORMAL and PNEUMONIA, found {label_names}")
+
+        patients = (
+            {r["path"]: r["patient"] for r in read.patients.select("path", "patient").collect()}
+            if read.patients is not None
+            else None
+        )
+        data, split_info = assign_subsets(good, settings, patients)
+        data = data.cache()
+        counts = counts_by_subset(data, label_names)  # counting fills data's cache from the persisted features
+    finally:
+        features.unpersist()
+    return data, label_names, split_info, rejected, counts
 
 
 def _fit_and_report(
