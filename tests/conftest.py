@@ -27,6 +27,7 @@ _MLFLOW_STORE = Path(tempfile.mkdtemp(prefix="cxr-tests-mlflow-"))
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_MLFLOW_STORE}/mlflow.db"
 
 from cxr_pipeline import paths  # noqa: E402
+from cxr_pipeline.spark.session import LOCAL_MASTER_CONF  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +51,7 @@ def spark():
         .config("spark.sql.execution.arrow.maxRecordsPerBatch", "16")
         .config("spark.driver.memory", "2g")
         .config("spark.python.worker.reuse", "true")
+        .config("spark.locality.wait", LOCAL_MASTER_CONF["spark.locality.wait"])  # why: spark/session.py
         .getOrCreate()
     )
     session.sparkContext.setLogLevel("ERROR")

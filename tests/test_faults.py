@@ -71,6 +71,7 @@ CRASH_ONCE_JOB = textwrap.dedent(
     spark = spark_session(load_config("local"), app_name="cxr-crash-once")
     spark.sparkContext.setLogLevel("ERROR")
     print("MASTER", spark.sparkContext.master)
+    print("LOCALITY_WAIT", spark.conf.get("spark.locality.wait"))
     print("RESULT", sum(spark.sparkContext.parallelize(range(10), 2).map(crash_first_attempt).collect()))
     spark.stop()
     """
@@ -101,6 +102,7 @@ def test_a_crashed_python_worker_is_retried_under_spark_submit_local_master(tmp_
     assert marker.exists(), "the job never crashed a worker: the test proves nothing"
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"MASTER local[2,{configured_attempts()}]" in done.stdout
+    assert "LOCALITY_WAIT 0s" in done.stdout  # no delay scheduling on one executor (spark/session.py)
     assert "RESULT 285" in done.stdout
 
 

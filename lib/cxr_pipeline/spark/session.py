@@ -14,6 +14,12 @@ from pyspark.sql import SparkSession
 MAX_FAILURES_KEY = "spark.task.maxFailures"
 # local, local[4], local[*]: one attempt per task (Spark ignores spark.task.maxFailures in local mode).
 _LOCAL_WITHOUT_RETRIES = re.compile(r"local(?:\[(\d+|\*)\])?")
+# Settings a local master gets unless the config sets them. spark.locality.wait: local mode has one executor,
+# so no task can be more local than another, but delay scheduling still holds back tasks whose preferred host
+# (an HDFS DataNode's 127.0.0.1) is not the executor's name while others read cached blocks; local mode
+# offers its free cores again only when a task ends, so once nothing runs a held-back stage waits forever.
+# Seen as train() hanging at a collect with no task running and both cores free (issue 16).
+LOCAL_MASTER_CONF = {"spark.locality.wait": "0s"}
 
 
 def with_local_retries(master: str | None, max_failures: Any) -> str | None:
@@ -85,6 +91,8 @@ def spark_session(
     chosen_master = with_local_retries(chosen_master, settings.get(MAX_FAILURES_KEY))
     if chosen_master:
         builder = builder.master(chosen_master)
+        if chosen_master.startswith("local"):
+            settings = {**LOCAL_MASTER_CONF, **settings}
     for key, value in settings.items():
         builder = builder.config(key, str(value))
     session = builder.getOrCreate()
