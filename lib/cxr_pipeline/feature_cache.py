@@ -285,7 +285,9 @@ class FeatureCache:
         Returns (features, outcome, snapshot to hold a lease on while reading the features).
         """
         outcome = CacheOutcome(uri=self.uri, fingerprint=self.digest)
-        wanted = images.join(identities, "path", "left")
+        # Broadcast the small (path, identity) side: otherwise Spark plans a sort-merge join that shuffles every
+        # image's bytes (content) through local disk before the featurizer sees them.
+        wanted = images.join(F.broadcast(identities), "path", "left")
         previous = self._current()
         error_col = featurizer.getOrDefault("errorCol")
         parts = max(1, spark.sparkContext.defaultParallelism)
