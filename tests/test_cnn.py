@@ -247,6 +247,7 @@ def test_small_cnn_run_outputs_are_well_formed(small_run):
     assert 0.0 <= test["brier"] <= 1.0 and sum(test["calibration"]["count"]) == 4
     card = (out / "model_card.md").read_text()
     assert "Measured on: the dataset's test folder (n=4)" in card and "## Known failure modes" in card
+    assert "intensity equalize." in card
     assert len(saved["history"]["loss"]) == 1 and saved["train_images_per_s"][0] > 0
     rejected = (out / "rejected.csv").read_text()
     assert "IM-0001-0001.jpeg" in rejected and "notes.txt" in rejected

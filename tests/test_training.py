@@ -268,6 +268,10 @@ def test_metrics_are_well_formed(trained):
     assert 0.0 < th["threshold"] <= 1.0 and th["target_sensitivity"] == 0.95
     assert th["fallback"] is not None or th["sensitivity"] >= 0.95
     assert "AUC-ROC" in result.summary and "threshold" in result.summary
+    saved_config = yaml.safe_load(storage.read_bytes(result.run.config))
+    assert m["featurizer"]["intensity"] == saved_config["data"]["intensity"]  # how the images were decoded
+    card = storage.read_bytes(result.run.file("model_card.md")).decode()
+    assert f"intensity {saved_config['data']['intensity']})" in card
 
 
 def test_run_records_the_wall_time_of_each_phase(trained):

@@ -615,11 +615,12 @@ def _model_card(config, settings: Settings, metrics, prepared: Prepared) -> str:
         description = (
             f"Keras InceptionV3 transfer model cut at `{inception.get('cut_layer')}`, {settings.image_size} px, "
             f"{settings.epochs} frozen + {fine_tune.get('epochs', 0)} fine-tuning epochs, "
-            f"balance {settings.balance}."
+            f"balance {settings.balance}, intensity {settings.intensity}."
         )
     else:
         description = (
-            f"Keras {settings.model} trained from scratch, {settings.image_size} px, balance {settings.balance}."
+            f"Keras {settings.model} trained from scratch, {settings.image_size} px, balance {settings.balance}, "
+            f"intensity {settings.intensity}."
         )
     counts = {k: dict(zip(prepared.label_names, v)) for k, v in prepared.counts().items()}
     split = (
