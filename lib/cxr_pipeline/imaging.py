@@ -19,9 +19,11 @@ component sees exactly the same pixels.
   same resize as any other image.
 * The ``image`` struct of Spark's image data source (already decoded by the JVM,
   BGR bytes) becomes the same RGB array: :func:`decode_image_struct`.
-* ``intensity="equalize"`` (optional, off by default) equalizes the grey-level
-  histogram at the source resolution, before the resize, so exposure and
-  contrast differences between scanners or exports weigh less: :func:`normalize_intensity`.
+* ``intensity="equalize"`` equalizes the grey-level histogram at the source
+  resolution, before the resize, so exposure and contrast differences between
+  scanners or exports weigh less: :func:`normalize_intensity`. The functions
+  here default to ``"none"``; the jobs pass ``data.intensity`` (``equalize`` in
+  ``conf/defaults.yaml``), and every saved model records the mode it used.
 * The image is resized to ``size`` without keeping the aspect ratio, as
   ``keras.utils.image_dataset_from_directory`` does by default.
 * Anything that cannot be decoded raises :class:`ImageDecodeError` whose text is
@@ -64,7 +66,7 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "GIF", "WEBP", "PPM")
 _WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 _NATIVE_MODES = ("L", "RGB")
 STRIP_PIXELS = 1 << 20  # wide images are windowed this many pixels at a time (bounded float64 scratch)
-INTENSITY_MODES = ("none", "equalize")  # featurizer.intensity / cnn: see normalize_intensity
+INTENSITY_MODES = ("none", "equalize")  # data.intensity: see normalize_intensity
 
 
 class ImageDecodeError(ValueError):
