@@ -374,7 +374,7 @@ class BodySizeLimit:
 
 
 def decode_upload(
-    data: bytes, max_bytes: int, size: tuple[int, int], max_pixels: int | None
+    data: bytes, max_bytes: int, size: tuple[int, int], max_pixels: int | None, intensity: str = "none"
 ) -> tuple[CheckedImage, np.ndarray]:
     """``(description, pixels at the model's size)``, or :class:`UploadRejected` with validation's verdict.
 
@@ -388,7 +388,7 @@ def decode_upload(
     if not data or len(data) > max_bytes:
         check_upload(data, max_bytes, size=size, max_pixels=max_pixels)  # raises: empty / too large
     try:
-        pixels = decode_image(data, size=size, max_pixels=max_pixels)
+        pixels = decode_image(data, size=size, max_pixels=max_pixels, intensity=intensity)
         width, height, fmt = image_info(data, max_pixels)
     except ImageDecodeError as err:
         check_upload(data, max_bytes, size=size, max_pixels=max_pixels)  # raises validation's verdict
@@ -570,7 +570,7 @@ def create_app(
         try:
             async with decode_slots.get():  # at most max_active decodes at once
                 checked, pixels = await run_in_threadpool(
-                    decode_upload, data, settings.max_bytes, input_size, max_pixels
+                    decode_upload, data, settings.max_bytes, input_size, max_pixels, backend.intensity
                 )
             prediction = await asyncio.wrap_future(backend.submit(pixels))
             heatmap = await draw_heatmap(pixels, data) if with_heatmap else None

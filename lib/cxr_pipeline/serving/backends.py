@@ -92,6 +92,9 @@ class ModelBackend(Protocol):
     @property
     def max_pixels(self) -> int | None: ...
 
+    @property
+    def intensity(self) -> str: ...
+
     def submit(self, pixels: np.ndarray) -> Future: ...
 
     def submit_heatmap(self, pixels: np.ndarray, image_bytes: bytes) -> Future: ...
@@ -201,7 +204,7 @@ class ClassifierBackend:
             return decode_image(
                 data,
                 size=self.input_size,
-                intensity=getattr(self.classifier, "intensity", "none"),
+                intensity=self.intensity,
                 **({"max_pixels": self.max_pixels} if self.max_pixels else {}),
             )
         except ImageDecodeError as err:
@@ -215,6 +218,11 @@ class ClassifierBackend:
     def input_size(self) -> tuple[int, int]:
         """(height, width) the model decodes images to."""
         return size_pair(getattr(self.classifier, "image_size", None) or (299, 299))
+
+    @property
+    def intensity(self) -> str:
+        """``imaging.normalize_intensity`` mode the model was trained with (saved with it; older models: none)."""
+        return getattr(self.classifier, "intensity", None) or "none"
 
     @property
     def max_pixels(self) -> int | None:
