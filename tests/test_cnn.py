@@ -71,6 +71,14 @@ def small_run(tree_with_junk, tmp_path_factory):
 # ----------------------------------------------------------------- models
 
 
+def test_cnn_settings_refuse_an_unknown_intensity_mode():
+    from cxr_pipeline.cnn.train import Settings
+
+    assert Settings.from_config(cnn_config("data.intensity=none")).intensity == "none"
+    with pytest.raises(config_mod.ConfigError, match="data.intensity must be one of"):
+        Settings.from_config(cnn_config("data.intensity=clahe"))
+
+
 def test_small_cnn_is_the_seeds_architecture():
     model = models.build_small_cnn(150)
     kinds = [type(layer).__name__ for layer in model.layers]

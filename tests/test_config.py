@@ -1,6 +1,6 @@
 import pytest
 
-from cxr_pipeline.config import ConfigError, get, load_config, parse_override
+from cxr_pipeline.config import ConfigError, get, load_config, parse_override, require_choice
 
 
 def test_env_overrides_defaults_and_cli_overrides_env():
@@ -34,3 +34,9 @@ def test_dumped_config_never_carries_secrets():
     dumped = yaml.safe_load(text)
     assert dumped["dicom"]["patient_key"] == "<redacted>" and dumped["tracking"]["api_token"] == "<redacted>"
     assert dumped["training"] == config["training"]  # the rest still says how the run was made
+
+
+def test_require_choice_names_the_setting_and_its_choices():
+    assert require_choice("cv", ("none", "cv"), "training.tuning") == "cv"
+    with pytest.raises(ConfigError, match=r"training.tuning must be one of \('none', 'cv'\), got 'grid'"):
+        require_choice("grid", ("none", "cv"), "training.tuning")

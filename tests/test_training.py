@@ -42,6 +42,8 @@ def test_settings_from_config_and_validation():
     config = cfg.load_config("local", overrides=["training.reg_param=0.5", "training.tuning=cv"])
     s = T.TrainingSettings.from_config(config)
     assert s.reg_param == 0.5 and s.tuning == "cv" and s.target_sensitivity == 0.95 and s.class_weighting
+    with pytest.raises(cfg.ConfigError, match="training.threshold_rule must be one of"):
+        T.TrainingSettings.from_config(cfg.load_config("local", overrides=["training.threshold_rule=coin"]))
     for bad in (
         "training.tuning=grid",
         "training.validation_fraction=1.5",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,17 @@ def section_settings(cls: type, config: Mapping[str, Any], section: str, **overr
     if hasattr(settings, "validate"):
         settings.validate()
     return settings
+
+
+def require_choice(value: Any, choices: Sequence[Any], dotted: str) -> Any:
+    """``value`` if it is one of ``choices``, else :class:`ConfigError` naming the setting and the choices.
+
+    >>> require_choice("cv", ("none", "cv"), "training.tuning")
+    'cv'
+    """
+    if value not in choices:
+        raise ConfigError(f"{dotted} must be one of {tuple(choices)}, got {value!r}")
+    return value
 
 
 def get(config: Mapping[str, Any], dotted: str, default: Any = None) -> Any:

@@ -24,8 +24,8 @@ import keras
 import numpy as np
 
 from cxr_pipeline import config as config_mod
+from cxr_pipeline import imaging, plots, reporting, storage
 from cxr_pipeline import metrics as M
-from cxr_pipeline import plots, reporting, storage
 from cxr_pipeline.dicom import DicomSettings
 
 from . import data, models
@@ -144,17 +144,9 @@ class Settings:
             threshold_rule=M.rule_args_from_config(config.get("training") or {}),
             early_stopping_patience=int(need("cnn.early_stopping_patience")),
             max_pixels=int(need("data.max_pixels")),
-            intensity=_intensity(need("data.intensity")),
+            intensity=str(config_mod.require_choice(need("data.intensity"), imaging.INTENSITY_MODES, "data.intensity")),
             verbose=int(need("cnn.verbose")),
         )
-
-
-def _intensity(value: Any) -> str:
-    from .. import imaging
-
-    if value not in imaging.INTENSITY_MODES:
-        raise config_mod.ConfigError(f"data.intensity must be one of {imaging.INTENSITY_MODES}, got {value!r}")
-    return str(value)
 
 
 def _model_options(config: Mapping[str, Any]) -> dict[str, Any]:

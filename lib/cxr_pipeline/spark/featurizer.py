@@ -98,8 +98,7 @@ class FeaturizerSettings:
         for name in ("batch_size", "arrow_batch_size", "max_pixels"):
             if int(getattr(self, name)) < 1:
                 raise cfg.ConfigError(f"featurizer.{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.intensity not in INTENSITY_MODES:
-            raise cfg.ConfigError(f"data.intensity must be one of {INTENSITY_MODES}, got {self.intensity!r}")
+        cfg.require_choice(self.intensity, INTENSITY_MODES, "data.intensity")
         if self.image_size is not None and int(self.image_size) < 32:
             raise cfg.ConfigError(f"featurizer.image_size must be null or >= 32, got {self.image_size!r}")
 

@@ -106,18 +106,14 @@ class TrainingSettings:
         return cfg.section_settings(cls, config, "training")
 
     def validate(self) -> None:
-        if self.tuning not in TUNING_MODES:
-            raise cfg.ConfigError(f"training.tuning must be one of {TUNING_MODES}, got {self.tuning!r}")
+        cfg.require_choice(self.tuning, TUNING_MODES, "training.tuning")
         if self.validation not in ("carve", "folder"):
             raise cfg.ConfigError(f"training.validation must be carve or folder, got {self.validation!r}")
         if not 0.0 < float(self.validation_fraction) < 1.0:
             raise cfg.ConfigError("training.validation_fraction must be in (0, 1)")
         if not 0.0 < float(self.target_sensitivity) <= 1.0:
             raise cfg.ConfigError("training.target_sensitivity must be in (0, 1]")
-        if self.threshold_rule not in M.THRESHOLD_RULES:
-            raise cfg.ConfigError(
-                f"training.threshold_rule must be one of {M.THRESHOLD_RULES}, got {self.threshold_rule!r}"
-            )
+        cfg.require_choice(self.threshold_rule, M.THRESHOLD_RULES, "training.threshold_rule")
         if min(float(self.cost_fn), float(self.cost_fp)) < 0 or float(self.cost_fn) + float(self.cost_fp) <= 0:
             raise cfg.ConfigError("training.cost_fn and training.cost_fp must be >= 0 and not both 0")
         if self.tuning == "cv" and int(self.tuning_folds) < 2:
