@@ -222,7 +222,7 @@ class ClassifierBackend:
     @property
     def intensity(self) -> str:
         """``imaging.normalize_intensity`` mode the model was trained with (saved with it; older models: none)."""
-        return getattr(self.classifier, "intensity", None) or "none"
+        return self.classifier.intensity
 
     @property
     def max_pixels(self) -> int | None:
