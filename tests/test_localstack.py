@@ -135,6 +135,29 @@ def test_stale_pid_file_is_not_a_running_daemon(tmp_path):
     assert not handle.alive()
 
 
+def test_a_daemon_in_the_middle_of_exec_is_still_alive(tmp_path):
+    """spark-class is a shell script that ``exec``s java, and while the kernel swaps the program in,
+    ``/proc/<pid>/cmdline`` reads empty. A fresh clone's CI run once took that instant for "worker exited
+    during start-up" and tore the cluster down. Here a process exec's itself a thousand times, the
+    marker in every command line, and it must never look dead."""
+    marker = "cxr-exec-race-marker"
+    script = tmp_path / "exec_loop.sh"
+    script.write_text(
+        '#!/bin/sh\n[ "$1" -gt 0 ] || exec /bin/sh -c "sleep 0.2" "$2"\n'
+        'exec /bin/sh "$0" $(($1 - 1)) "$2"\n'
+    )
+    process = subprocess.Popen(["/bin/sh", str(script), "1000", marker])
+    handle = ProcessHandle("looper", marker, tmp_path)
+    handle.pid_file.write_text(f"{process.pid}\n")
+    checks, looked_dead = 0, 0
+    while process.poll() is None:
+        checks += 1
+        if not handle.alive() and process.poll() is None:
+            looked_dead += 1
+    assert checks > 100, "the exec loop ended before it could be watched"
+    assert looked_dead == 0, f"{looked_dead} of {checks} checks took a live, exec'ing daemon for dead"
+
+
 def test_default_layout_has_one_datanode_and_one_replica(tmp_path):
     hdfs = LocalHdfs(tmp_path / "hdfs")
     hdfs.write_config()

@@ -108,14 +108,22 @@ class ProcessHandle:
 
 
 def process_matches(pid: int, marker: str) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    # A zombie (exited, not yet reaped by its parent) counts as gone.
-    state = stat.rsplit(")", 1)[-1].split()[0]
-    return marker in cmdline and state != "Z"
+    # While a process exec's (spark-class is a shell script that ends in ``exec java``), the kernel has
+    # swapped in the new program before it sets its arguments, and cmdline reads empty for that instant.
+    # A live process with an empty command line is therefore read again, not called gone.
+    for _ in range(50):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        # A zombie (exited, not yet reaped by its parent) counts as gone.
+        if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+            return False
+        if cmdline:
+            return marker in cmdline
+        time.sleep(0.01)
+    return False
 
 
 def _signal(pid: int, sig: int) -> None:
