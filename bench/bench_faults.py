@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                     faults={2: stack.kill_python_worker, 4: stack.stop_datanode},
                     layer=args.layer,
                     image_size=args.image_size,
+                    until_a_task_fails={2},
                 )
                 stack.hdfs.up()
                 if run.returncode != 0:

@@ -138,6 +138,7 @@ def featurize_passes(fault_stack, tmp_path_factory):
         faults={1: stack.kill_python_worker, 2: stack.stop_datanode},
         layer=FEATURE_LAYER,
         image_size=IMAGE_SIZE,
+        until_a_task_fails={1},
     )
     stack.hdfs.up()  # DataNode 1 back for the next tests
     assert run.returncode == 0, run.log[-4000:]
@@ -159,7 +160,7 @@ def assert_same_table(got: dict, reference: dict) -> None:
 def test_python_worker_killed_mid_featurization_gives_the_same_table(featurize_passes, sample_tree):
     undisturbed, killed = featurize_passes.passes[0], featurize_passes.passes[1]
     assert featurize_passes.injected[1].startswith("SIGKILL Python worker")
-    assert killed["failed_tasks"] >= 1, "the kill did not hit a running task"
+    assert killed["failed_tasks"] >= 1, f"no kill hit a running task: {featurize_passes.injected[1]}"
     reference = faults.read_feature_table(undisturbed["table"])
     assert len(reference["paths"]) == len(list(sample_tree.rglob("*.jpeg"))) and not reference["errors"]
     assert_same_table(faults.read_feature_table(killed["table"]), reference)

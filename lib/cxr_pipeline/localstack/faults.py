@@ -10,7 +10,9 @@ The faults (used by tests/test_faults.py and bench/bench_faults.py):
 
 ``run_featurize_passes`` runs this module's ``featurize`` driver (N passes of ImageFeaturizer
 over a tree, each written as a Parquet table) and fires a fault in chosen passes once the pass's
-first task has finished, i.e. in the middle of the pass. ``run_training`` runs
+first task has finished, i.e. in the middle of the pass; a fault that must make a task fail (a
+Python worker kill can land on a worker idle between two tasks) is fired again until one has.
+``run_training`` runs
 jobs/train_featurizer.py under spark-submit and can kill a worker JVM once featurization runs on it.
 """
 
@@ -25,7 +27,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,13 +244,13 @@ def _running_jobs(ui_url: str) -> list[dict[str, Any]]:
         return []
 
 
-def _pass_half_done(ui_url: str, index: int) -> bool:
-    """Pass ``index``'s featurization job has finished a task and has tasks left."""
+def _half_done_job(ui_url: str, index: int) -> dict[str, Any] | None:
+    """Pass ``index``'s featurization job while it has finished a task and has tasks left, else None."""
     wanted = FEATURIZE_JOB_DESCRIPTION.format(index=index)
-    return any(
-        job.get("description") == wanted and 1 <= job.get("numCompletedTasks", 0) < job.get("numTasks", 0)
-        for job in _running_jobs(ui_url)
-    )
+    for job in _running_jobs(ui_url):
+        if job.get("description") == wanted and 1 <= job.get("numCompletedTasks", 0) < job.get("numTasks", 0):
+            return job
+    return None
 
 
 @dataclass
@@ -268,8 +270,16 @@ def run_featurize_passes(
     layer: str = "mixed0",
     image_size: int = 96,
     timeout: float = 1800,
+    until_a_task_fails: Collection[int] = (),
+    refire_after: float = 2.0,
+    max_fires: int = 6,
 ) -> FeaturizeRun:
-    """Run the featurize driver on ``stack``; ``faults[i]()`` fires in the middle of pass i."""
+    """Run the featurize driver on ``stack``; ``faults[i]()`` fires in the middle of pass i.
+
+    For the passes in ``until_a_task_fails`` the fault fires again (``refire_after`` seconds apart, at most
+    ``max_fires`` times) while the pass's job still has tasks left and none has failed: a short task can end
+    between choosing a victim and killing it, and killing an idle worker tests nothing.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     ui_port = free_port()
     log_path = out_dir / "driver.log"
@@ -299,11 +309,27 @@ def run_featurize_passes(
         output: list[str] = []
         reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
         reader.start()
+        ui_url = f"http://127.0.0.1:{ui_port}"
+        fired: dict[int, list[tuple[float, str]]] = {}  # pass -> (when, what) per firing
         deadline = time.monotonic() + timeout
         while process.poll() is None and time.monotonic() < deadline:
             for index in sorted(pending):
-                if _pass_half_done(f"http://127.0.0.1:{ui_port}", index):
-                    injected[index] = pending.pop(index)()
+                job = _half_done_job(ui_url, index)
+                if job is None or (index in fired and time.monotonic() - fired[index][-1][0] < refire_after):
+                    continue
+                if index in fired and job.get("numFailedTasks", 0) >= 1:
+                    pending.pop(index)  # a firing hit a running task
+                    continue
+                try:
+                    what = pending[index]()
+                except RuntimeError:
+                    if index not in fired:
+                        raise
+                    continue  # between a killed worker and its replacement there is none to kill: try again
+                fired.setdefault(index, []).append((time.monotonic(), what))
+                injected[index] = "; ".join(what for _, what in fired[index])
+                if index not in until_a_task_fails or len(fired[index]) >= max_fires:
+                    pending.pop(index)
             time.sleep(0.2)
         if process.poll() is None:
             process.kill()
