@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from serving_support import job_env
 
 from cxr_pipeline.datasets.dicom_from_images import Identity, gray_pixels, jpeg_dicom, native_dicom
 
@@ -96,15 +96,7 @@ def dicom_run(tmp_path_factory, sample_tree):
     identities = make_tree(sample_tree, tree)
     mlflow_store = base / "mlflow"
     mlflow_store.mkdir()
-    env = dict(
-        os.environ,
-        PYTHONPATH=f"{REPO / 'lib'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        SPARK_LOCAL_IP="127.0.0.1",
-        PYSPARK_PYTHON=sys.executable,
-        PYSPARK_DRIVER_PYTHON=sys.executable,
-        TF_CPP_MIN_LOG_LEVEL="2",
-        MLFLOW_TRACKING_URI=f"sqlite:///{mlflow_store}/mlflow.db",
-    )
+    env = dict(job_env(), MLFLOW_TRACKING_URI=f"sqlite:///{mlflow_store}/mlflow.db")
     logs = base / "logs"
     logs.mkdir()
     run_folder, predictions = base / "run", base / "predictions"

@@ -55,11 +55,9 @@ def plot_roc(
     """``operating_points``: name -> (fpr, tpr), e.g. the two thresholds."""
     fig, ax = plt.subplots(figsize=(4.8, 4.4))
     ax.plot(fpr, tpr, lw=2, label=f"AUC = {_auc_text(auc)}")
-    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
     for name, (x, y) in (operating_points or {}).items():
         ax.scatter([x], [y], zorder=3, label=name)
-    ax.set(xlabel="1 - specificity (FPR)", ylabel="sensitivity (TPR)", title=title, xlim=(0, 1), ylim=(0, 1.02))
-    ax.legend(loc="lower right", fontsize=8)
+    _finish_roc_axes(ax, title)
     return _finish(fig, out)
 
 
@@ -72,10 +70,15 @@ def plot_roc_curves(
     fig, ax = plt.subplots(figsize=(4.8, 4.4))
     for name, (fpr, tpr, auc) in curves.items():
         ax.plot(fpr, tpr, lw=2, label=f"{name} (AUC {_auc_text(auc)})")
+    _finish_roc_axes(ax, title)
+    return _finish(fig, out)
+
+
+def _finish_roc_axes(ax, title: str) -> None:
+    """The chance diagonal, the axes' names and limits, the legend: every ROC figure's frame."""
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
     ax.set(xlabel="1 - specificity (FPR)", ylabel="sensitivity (TPR)", title=title, xlim=(0, 1), ylim=(0, 1.02))
     ax.legend(loc="lower right", fontsize=8)
-    return _finish(fig, out)
 
 
 def plot_pr(

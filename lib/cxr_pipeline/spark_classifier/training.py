@@ -401,44 +401,49 @@ def train(
     settings = TrainingSettings.from_config(config)
     featurizer = build_featurizer(FeaturizerSettings.from_config(config))
     with run_folder.staged_output(final, overwrite=overwrite, tool="train_featurizer") as stage:
-        result = _train_into(spark, config, data_uri, RunLayout(stage), final, settings, featurizer)
+        result = _train_into(_Job(spark, config, data_uri, RunLayout(stage), final, settings, featurizer))
     return TrainingResult(run=RunLayout(final), model=result.model, metrics=result.metrics, summary=result.summary)
 
 
-def _train_into(
-    spark: SparkSession,
-    config: Mapping[str, Any],
-    data_uri: str,
-    run: RunLayout,
-    final: str,
-    settings: TrainingSettings,
-    featurizer,
-) -> TrainingResult:
+@dataclass
+class _Job:
+    """What one training run works with, from the listing to the report: ``run`` is the staged folder being
+    written, ``final`` the folder it becomes."""
+
+    spark: SparkSession
+    config: Mapping[str, Any]
+    data_uri: str
+    run: RunLayout
+    final: str
+    settings: TrainingSettings
+    featurizer: Any
+    timer: PhaseTimer = field(default_factory=PhaseTimer)
+
+
+def _train_into(job: _Job) -> TrainingResult:
     from .. import storage
     from ..spark.reader import read_images_with_rejections
 
+    spark, config, data_uri, final, timer = job.spark, job.config, job.data_uri, job.final, job.timer
     storage.write_bytes(
-        run.config,
+        job.run.config,
         cfg.dump_config(
             {**config, "data": {**config.get("data", {}), "uri": data_uri}, "run": {"out": final}}
         ).encode(),
     )
-    timer = PhaseTimer()
     source = cfg.get(config, "data.source", "binaryFile")
     from ..feature_cache import image_identities
 
     with timer.phase("listing"):
         read = read_images_with_rejections(spark, data_uri, source=source, dicom=DicomSettings.from_config(config))
         identities = image_identities(spark, data_uri, source)
-    cache = open_feature_cache(config, data_uri, final, featurizer, settings)
+    cache = open_feature_cache(config, data_uri, final, job.featurizer, job.settings)
     with timer.phase("featurizing"):
-        cached, outcome, snapshot = cache.features_for(spark, read.images, identities, featurizer)
+        cached, outcome, snapshot = cache.features_for(spark, read.images, identities, job.featurizer)
     log.info("feature cache %s: %s", cache.uri, outcome.reason)
     features = read.images.select("path", "split", "label", "label_name").join(cached, "path", "inner")
     with cache.lease(snapshot):
-        result = _fit_and_report(
-            spark, config, data_uri, run, final, settings, featurizer, read, features, outcome, timer
-        )
+        result = _fit_and_report(job, read, features, outcome)
     cache.prune(keep=snapshot)
     return result
 
@@ -474,26 +479,14 @@ def _read_features(features: DataFrame, read, settings: TrainingSettings, data_u
     return data, label_names, split_info, rejected, counts
 
 
-def _fit_and_report(
-    spark: SparkSession,
-    config: Mapping[str, Any],
-    data_uri: str,
-    run: RunLayout,
-    final: str,
-    settings: TrainingSettings,
-    featurizer,
-    read,
-    features: DataFrame,
-    outcome,
-    timer: PhaseTimer | None = None,
-) -> TrainingResult:
+def _fit_and_report(job: _Job, read, features: DataFrame, outcome) -> TrainingResult:
     from .. import storage
     from . import evaluation, model_export
 
-    timer = timer or PhaseTimer()
-    fsettings = FeaturizerSettings.from_config(config)
+    run, settings, timer = job.run, job.settings, job.timer
+    fsettings = FeaturizerSettings.from_config(job.config)
     with timer.phase("cache_read"):
-        data, label_names, split_info, rejected, counts = _read_features(features, read, settings, data_uri)
+        data, label_names, split_info, rejected, counts = _read_features(features, read, settings, job.data_uri)
     train_counts = [counts.get("train", {}).get(n, 0) for n in label_names]
     if min(train_counts) == 0:
         raise TrainingError(f"training subset has a single class: {dict(zip(label_names, train_counts))}")
@@ -509,7 +502,7 @@ def _fit_and_report(
         scored = with_scores(classifier.transform(data.where(F.col("subset").isin("val", "test")))).cache()
         val_labels, val_scores = collect_scores(scored.where(F.col("subset") == "val"))
         choice = choose_threshold(val_labels, val_scores, **settings.threshold_rule_args())
-    model = PipelineModel(stages=[featurizer, *classifier.stages])
+    model = PipelineModel(stages=[job.featurizer, *classifier.stages])
     with timer.phase("writing"):
         model.write().save(run.model)
 
@@ -519,8 +512,8 @@ def _fit_and_report(
         report["validation"] = evaluation.validation_report(val_labels, val_scores, choice)
     report.update(
         {
-            "data": data_uri,
-            "run": final,
+            "data": job.data_uri,
+            "run": job.final,
             "counts": counts,
             "split": split_info,
             "rejected": len(rejected),
@@ -539,7 +532,7 @@ def _fit_and_report(
                 "feature_layer": fsettings.feature_layer,
                 "image_size": fsettings.image_size,
                 "intensity": fsettings.intensity,
-                "weights_sha256": featurizer.getWeightsSha256(),
+                "weights_sha256": job.featurizer.getWeightsSha256(),
                 "cache": outcome.as_dict(),
             },
             "timing": timer.report(outcome.featurized_rows or 0),
