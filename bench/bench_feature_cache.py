@@ -21,15 +21,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+import _bench_env  # noqa: F401 - lib/ importable, the local Spark environment
 
 
 def timed_pass(spark, tree: Path, cache_root: str, featurizer) -> tuple[float, int, object]:

@@ -32,15 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import _bench_env  # noqa: F401 - lib/ importable, the local Spark environment
 import numpy as np
 import pandas as pd
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "lib"))
-os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

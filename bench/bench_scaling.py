@@ -29,13 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "lib"))
-os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-os.environ["PYTHONPATH"] = f"{REPO / 'lib'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+from _bench_env import REPO  # lib/ importable, the local Spark environment
 
 
 def parse_args(argv=None) -> argparse.Namespace:
