@@ -63,6 +63,10 @@ PATH_CASES = [
     ("hdfs://nn:9000/NORMAL/a.jpeg", 5, (None, None, "not in a <split>/<CLASS>/ folder")),
     ("file:/train/a.jpeg", 5, (None, None, "not in a <split>/<CLASS>/ folder")),
     ("/d/training/NORMAL/a.jpeg", 5, (None, None, "not in a <split>/<CLASS>/ folder")),
+    ("train/NORMAL/a.jpeg", 5, ("train", "NORMAL", None)),
+    ("NORMAL/a.jpeg", 5, (None, None, "not in a <split>/<CLASS>/ folder")),
+    ("a.jpeg", 5, (None, None, "not in a <split>/<CLASS>/ folder")),
+    ("/train/NORMAL/", 5, (None, None, "not in a <split>/<CLASS>/ folder")),
 ]
 
 
