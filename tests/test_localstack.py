@@ -143,7 +143,7 @@ def test_a_daemon_in_the_middle_of_exec_is_still_alive(tmp_path):
     marker = "cxr-exec-race-marker"
     script = tmp_path / "exec_loop.sh"
     script.write_text(
-        '#!/bin/sh\n[ "$1" -gt 0 ] || exec /bin/sh -c "sleep 0.2" "$2"\n' 'exec /bin/sh "$0" $(($1 - 1)) "$2"\n'
+        '#!/bin/sh\n[ "$1" -gt 0 ] || exec /bin/sh -c "sleep 0.2" "$2"\nexec /bin/sh "$0" $(($1 - 1)) "$2"\n'
     )
     process = subprocess.Popen(["/bin/sh", str(script), "1000", marker])
     handle = ProcessHandle("looper", marker, tmp_path)

@@ -114,11 +114,9 @@ def process_matches(pid: int, marker: str) -> bool:
     for _ in range(50):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             return False
-        # A zombie (exited, not yet reaped by its parent) counts as gone.
-        if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+        if _is_zombie(pid):  # exited, not yet reaped by its parent: gone
             return False
         if cmdline:
             return marker in cmdline
