@@ -285,6 +285,38 @@ def test_weights_from_hdfs_are_fetched_by_executors(spark, tree, hdfs_tmp, featu
 # 2-worker cluster on a private HDFS) and the GPU-scheduling test below (a private cluster with resources).
 
 
+def test_the_cached_model_is_out_of_the_cyclic_gcs_reach():
+    """pyspark's daemon gc.collect()s after every task; the model a worker keeps must not be walked each time."""
+    script = textwrap.dedent(
+        f"""
+        import gc, json
+        from cxr_pipeline.spark import _udf
+        settings = _udf.WorkerSettings(
+            model_name="InceptionV3", feature_layer={LAYER!r}, weights="random", weights_spark_file=None,
+            weights_sha256=None, batch_size=4, max_pixels=10**8, image_size=(75, 75),
+        )
+        model = _udf.cached_model(settings)
+        frozen = gc.get_freeze_count()
+        tracked = {{id(o) for o in gc.get_objects()}}
+        again = _udf.cached_model(settings)
+        print(json.dumps({{
+            "frozen": frozen,
+            "still_tracked": len(tracked),
+            "model_tracked": id(model) in tracked,
+            "layers_tracked": sum(id(layer) in tracked for layer in model.layers),
+            "same_model": again is model,
+            "frozen_after_reuse": gc.get_freeze_count(),
+        }}))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["same_model"]
+    assert not report["model_tracked"] and report["layers_tracked"] == 0
+    assert report["frozen"] > report["still_tracked"]  # the bulk of the worker's objects is frozen
+    assert report["frozen_after_reuse"] == report["frozen"]  # a reused model is not frozen again
+
+
 # ------------------------------------------------------------------ GPU executors (issue 16)
 def test_device_choice_follows_the_task_gpu_addresses(monkeypatch):
     from pyspark.resource import ResourceInformation
