@@ -215,6 +215,25 @@ def report(label: str, images_per_s: float, note: str = "") -> None:
     print(f"{label:<42}: {images_per_s:7.2f} images/s  [1-min load {load:.1f}]{extra}", flush=True)
 
 
+def start_bench_spark(master: str, app_name: str, extra_conf: dict[str, str] | None = None):
+    """The Spark session (b) and (c) run in: reused Python workers, Arrow on and capped for images, no UI."""
+    from cxr_pipeline.spark.featurizer import configure_arrow_for_images
+    from cxr_pipeline.spark.session import spark_session
+
+    conf = {
+        "spark.ui.enabled": "false",
+        "spark.ui.showConsoleProgress": "false",
+        "spark.python.worker.reuse": "true",
+        "spark.driver.memory": "2g",
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        **(extra_conf or {}),
+    }
+    spark = spark_session({"spark": {"conf": conf}}, app_name=app_name, master=master)
+    spark.sparkContext.setLogLevel("ERROR")
+    configure_arrow_for_images(spark)
+    return spark
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     local, remote = prepare_tree(args)
@@ -227,26 +246,7 @@ def main(argv=None) -> int:
         f"master={args.master} cores={os.cpu_count()}"
     )
 
-    from cxr_pipeline.spark.featurizer import configure_arrow_for_images
-    from cxr_pipeline.spark.session import spark_session
-
-    spark = spark_session(
-        {
-            "spark": {
-                "conf": {
-                    "spark.ui.enabled": "false",
-                    "spark.ui.showConsoleProgress": "false",
-                    "spark.python.worker.reuse": "true",
-                    "spark.driver.memory": "2g",
-                    "spark.sql.execution.arrow.pyspark.enabled": "true",
-                }
-            }
-        },
-        app_name="bench-featurizer",
-        master=args.master,
-    )
-    spark.sparkContext.setLogLevel("ERROR")
-    configure_arrow_for_images(spark)
+    spark = start_bench_spark(args.master, "bench-featurizer")
     partitions = (
         spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(remote).rdd.getNumPartitions()
     )

@@ -23,6 +23,8 @@ from pathlib import Path
 import _bench_env  # noqa: F401 - lib/ importable, the local Spark environment
 import bench_featurizer as bench
 
+from cxr_pipeline.localstack.processes import command_line
+
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -41,13 +43,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _cmdline(pid: str) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def _kind(pid: str, cmdline: str) -> str | None:
     if int(pid) == os.getpid():
         return "driver python"
@@ -64,7 +59,7 @@ def thread_seconds() -> Counter:
     """(process kind, thread name) -> CPU seconds so far, for every thread of the processes above."""
     totals: Counter = Counter()
     for pid in filter(str.isdigit, os.listdir("/proc")):
-        kind = _kind(pid, _cmdline(pid))
+        kind = _kind(pid, command_line(pid) or "")
         if kind is None:
             continue
         try:
@@ -88,20 +83,8 @@ def main(argv=None) -> int:
     _, remote = bench.prepare_tree(args)
     weights = bench.resolve_weights(args)
 
-    from cxr_pipeline.spark.featurizer import configure_arrow_for_images
-    from cxr_pipeline.spark.session import spark_session
-
-    conf = {
-        "spark.ui.enabled": "false",
-        "spark.ui.showConsoleProgress": "false",
-        "spark.python.worker.reuse": "true",
-        "spark.driver.memory": "2g",
-        "spark.sql.execution.arrow.pyspark.enabled": "true",
-    }
-    conf.update(dict(item.split("=", 1) for item in args.conf))
-    spark = spark_session({"spark": {"conf": conf}}, app_name="probe-cpu-split", master=args.master)
-    spark.sparkContext.setLogLevel("ERROR")
-    configure_arrow_for_images(spark)
+    extra_conf = dict(item.split("=", 1) for item in args.conf)
+    spark = bench.start_bench_spark(args.master, "probe-cpu-split", extra_conf)
     from cxr_pipeline.spark.featurizer import ImageFeaturizer
     from cxr_pipeline.spark.reader import read_images
 

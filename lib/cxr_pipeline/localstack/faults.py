@@ -50,10 +50,7 @@ def _proc_stat(pid: int) -> list[str] | None:
 
 
 def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
+    return processes.command_line(pid) or ""
 
 
 def descendants(root: int) -> list[int]:

@@ -107,14 +107,21 @@ class ProcessHandle:
         return was_running
 
 
+def command_line(pid: int | str) -> str | None:
+    """``pid``'s arguments joined by spaces (empty while it exec's), or None when there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+
+
 def process_matches(pid: int, marker: str) -> bool:
     # While a process exec's (spark-class is a shell script that ends in ``exec java``), the kernel has
     # swapped in the new program before it sets its arguments, and cmdline reads empty for that instant.
     # A live process with an empty command line is therefore read again, not called gone.
     for _ in range(50):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
+        cmdline = command_line(pid)
+        if cmdline is None:
             return False
         if _is_zombie(pid):  # exited, not yet reaped by its parent: gone
             return False
