@@ -15,7 +15,7 @@ OpenBLAS (``--openblas DIR``: a folder holding libblas.so.3, e.g. the libopenbla
 unpacked with ``apt-get download`` + ``dpkg -x``; nothing is installed system-wide).
 
     PYTHONPATH=lib nice -n 5 .venv/bin/python bench/bench_training_phases.py [--n 1000] [--size 1500x1200]
-        [--openblas /tmp/openblas/usr/lib/x86_64-linux-gnu/openblas-pthread]
+        [--openblas /tmp/openblas/usr/lib/x86_64-linux-gnu/openblas-pthread] [--stages]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import _bench_env  # noqa: F401 - lib/ importable, the local Spark environment
+import _spark_jobs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,6 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--master", default="local[2]")
     parser.add_argument("--openblas", default=None, help="folder with an OpenBLAS libblas.so.3 for the fit comparison")
     parser.add_argument("--fit-repeats", type=int, default=3, help="LR fits per BLAS variant (default 3)")
+    parser.add_argument(
+        "--stages",
+        action="store_true",
+        help="also list Spark's stages of (b) and of the job (wall, tasks, executor run/CPU time, from an event log)",
+    )
     parser.add_argument("--fit-only", default=None, help=argparse.SUPPRESS)  # child process: features URI
     parser.add_argument("--local-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--hdfs-dir", default=None, help=argparse.SUPPRESS)
@@ -77,13 +83,19 @@ def main_run(args) -> int:
 
     _, remote = bf.prepare_tree(args)
     config = config_for(args)
+    event_log = Path(tempfile.mkdtemp(prefix="cxr_bench_events_")) if args.stages else None
+    if event_log:  # spark_session() builds from the config alone; the launcher's arguments reach the JVM too
+        settings = " ".join(f"--conf {k}={v}" for k, v in _spark_jobs.event_log_conf(event_log).items())
+        os.environ["PYSPARK_SUBMIT_ARGS"] = f"{settings} pyspark-shell"
     spark = spark_session(config, app_name="bench-training-phases", master=args.master)
     spark.sparkContext.setLogLevel("ERROR")
     out = Path(tempfile.mkdtemp(prefix="cxr_bench_phases_"))
     try:
         weights = bf.resolve_weights(args)  # bench_featurizer reads args.model/layer/weights/batch_size/partitions
+        b_began_ms = int(time.time() * 1000)
         rate_b, _, warm = bf.bench_featurizer(spark, args, remote, weights)
         print(f"(b) featurizer alone     : {rate_b:7.2f} images/s  (warm-up {warm:.1f}s) [{load()}]", flush=True)
+        job_began_ms = int(time.time() * 1000)
         began = time.perf_counter()
         result = training.train(spark, config, remote, f"file://{out}/run")
         wall = time.perf_counter() - began
@@ -96,6 +108,13 @@ def main_run(args) -> int:
     print(f"\ntrain() {wall:.1f}s wall, phases {timing['total_seconds']:.1f}s:")
     for phase, seconds in timing["seconds"].items():
         print(f"  {phase:<12} {seconds:7.1f}s  {timing['shares'][phase]:6.1%}")
+    if event_log:
+        found = _spark_jobs.stages(event_log)
+        print("\nSpark stages of (b), warm-up first:")
+        _spark_jobs.print_stages(found, b_began_ms, job_began_ms)
+        print("\nSpark stages of the job:")
+        _spark_jobs.print_stages(found, job_began_ms)
+        shutil.rmtree(event_log, ignore_errors=True)
     snapshot = result.metrics["featurizer"]["cache"]["snapshot"]
     if args.openblas:
         fits = {
