@@ -126,12 +126,45 @@ def test_spark_image_source(spark, tmp_path):
     (tmp_path / "train" / "NORMAL" / "broken.jpeg").write_bytes(b"\xff\xd8\xff\xe0 garbage")
     result = read_images_with_rejections(spark, str(tmp_path), source="image")
     assert "image" in result.images.columns and "content" not in result.images.columns
+    assert not result.listing_only_paths  # its paths come out of decoding: counting them is not done in one task
     rows = result.images.collect()
     assert len(rows) == 4
     assert all(r.image.height == 32 and r.image.width == 40 for r in rows)
     assert [(rel(r.path), r.reason) for r in result.rejected.collect()] == [
         ("train/NORMAL/broken.jpeg", "not decodable by Spark's image source")
     ]
+
+
+def tasks_per_job(spark, action) -> list[int]:
+    """Run ``action``; the number of tasks of each Spark job it started (status tracker, skipped stages left out)."""
+    context, group = spark.sparkContext, f"count-tasks-{id(action)}"
+    context.setJobGroup(group, "counting tasks")
+    try:
+        action()
+    finally:
+        context.setLocalProperty("spark.jobGroup.id", None)
+    tracker = context.statusTracker()
+    jobs = sorted(tracker.getJobIdsForGroup(group))
+    return [sum(tracker.getStageInfo(s).numTasks for s in tracker.getJobInfo(j).stageIds) for j in jobs]
+
+
+def test_listing_only_queries_run_in_one_task_however_binaryfile_splits_the_tree(spark, tmp_path):
+    from cxr_pipeline.feature_cache import image_identities
+
+    make_tree(tmp_path, per_class=3, junk=False)
+    previous = spark.conf.get("spark.sql.files.maxPartitionBytes")
+    spark.conf.set("spark.sql.files.maxPartitionBytes", "1")  # every file its own task when bytes are read
+    try:
+        result = read_images_with_rejections(spark, str(tmp_path))
+        assert result.images.rdd.getNumPartitions() == 12
+        assert result.listing_only_paths
+        assert tasks_per_job(spark, result.count_images) == [1]
+        assert result.count_images() == 12
+        assert result.rejected.rdd.getNumPartitions() == 1 and result.rejected.count() == 0
+        identities = image_identities(spark, str(tmp_path), "binaryFile")
+        assert identities.rdd.getNumPartitions() == 1 and identities.count() == 12
+    finally:
+        spark.conf.set("spark.sql.files.maxPartitionBytes", previous)
 
 
 @pytest.mark.hdfs

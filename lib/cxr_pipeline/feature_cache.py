@@ -45,6 +45,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from . import storage
+from .spark.reader import in_one_task
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def image_identities(spark: SparkSession, data_uri: str, source: str) -> DataFra
     identity = F.concat_ws(
         "|", F.col("length").cast("string"), F.col("modificationTime").cast("timestamp").cast("double").cast("string")
     )
-    return listing.select("path", identity.alias("identity"))
+    return in_one_task(listing.select("path", identity.alias("identity")))
 
 
 def _compare(cached: DataFrame, wanted: DataFrame) -> tuple[int, int, int]:
@@ -278,9 +279,12 @@ class FeatureCache:
 
     # ------------------------------------------------------------- the one entry point
     def features_for(
-        self, spark: SparkSession, images: DataFrame, identities: DataFrame, featurizer
+        self, spark: SparkSession, images: DataFrame, identities: DataFrame, featurizer, count_images=None
     ) -> tuple[DataFrame, CacheOutcome, str | None]:
         """Features of ``images`` (DataFrame[path, ..., content]) as DataFrame[path, features, featurize_error].
+
+        ``count_images``: a cheaper way to count the rows of ``images`` than counting ``images`` joined with
+        ``identities`` (``ReadResult.count_images``), called only when every image is to be featurized.
 
         Returns (features, outcome, snapshot to hold a lease on while reading the features).
         """
@@ -311,7 +315,8 @@ class FeatureCache:
                     f"{n_cached - n_kept} removed or changed row(s) dropped"
                 )
                 return self._extend(spark, featurizer, todo, n_todo, kept, error_col, parts, outcome)
-        return self._extend(spark, featurizer, todo, wanted.count(), kept, error_col, parts, outcome)
+        n_todo = wanted.count() if count_images is None else count_images()
+        return self._extend(spark, featurizer, todo, n_todo, kept, error_col, parts, outcome)
 
     def _extend(self, spark, featurizer, todo, n_todo, kept, error_col, parts, outcome):
         from .progress import images_bar

@@ -72,6 +72,12 @@ class ReadResult:
     # path, patient, view_position: one row per image (no raw header value); None when no image has a header
     # to read (no DICOM): every patient is then the file name's (dataset_layout.patient_id), nothing to collect
     patients: DataFrame | None = None
+    listing_only_paths: bool = False  # images.select("path") reads no file bytes (binaryFile without DICOM)
+
+    def count_images(self) -> int:
+        """How many usable images; in one task where that reads no file bytes (see :func:`in_one_task`)."""
+        paths = self.images.select("path")
+        return (in_one_task(paths) if self.listing_only_paths else paths).count()
 
 
 def is_dicom_path(path: Column) -> Column:
@@ -192,9 +198,20 @@ def _with_labels(df: DataFrame, label_names: Sequence[str]) -> DataFrame:
     return df.withColumn("label", mapping[F.col("label_name")].cast("int"))
 
 
+def in_one_task(listing: DataFrame) -> DataFrame:
+    """``listing``, a query that reads no file contents (paths, sizes, times), as one task.
+
+    binaryFile cuts a tree into tasks sized for reading the files' bytes (33 for 1,000 X-rays). A query
+    that reads none of them would pay Spark's scheduling of each task for nothing: 0.4-0.5 s a job at
+    33 tasks against ~0.05 s in one (``bench/bench_training_phases.py --stages``). One task lists
+    100,000 paths in well under a second, and a broadcast of them goes through the driver anyway.
+    """
+    return listing.coalesce(1)
+
+
 def _discover_label_names(classified: DataFrame) -> tuple[str, ...]:
     # Metadata only: binaryFile does not read file contents for this query.
-    rows = classified.where("_meta.reason IS NULL").select("_meta.label_name").distinct().collect()
+    rows = in_one_task(classified.where("_meta.reason IS NULL").select("_meta.label_name")).distinct().collect()
     names = sorted(row[0] for row in rows)
     if not names:
         raise LayoutError("no images found in <split>/<CLASS>/ folders")
@@ -283,14 +300,21 @@ def read_images_with_rejections(
     rejected = rejected.unionByName(_unscanned_files(spark, raw))
     # Metadata only (path column), no file contents: is there any DICOM to read headers from?
     has_dicom = source == "binaryFile" and bool(
-        good.where(is_dicom_path(F.col("path"))).select("path").limit(1).collect()
+        in_one_task(good.where(is_dicom_path(F.col("path"))).select("path")).limit(1).collect()
     )
     patients = None
     if has_dicom:
         patients = _patients(images, dicom)
         if dicom.frontal_only:
             images, rejected, patients = _keep_frontal(images, rejected, patients)
-    return ReadResult(images=images, rejected=rejected, label_names=names, patients=patients)
+    listing_only = source == "binaryFile" and not has_dicom  # no rejection needs a file's bytes either
+    return ReadResult(
+        images=images,
+        rejected=in_one_task(rejected) if listing_only else rejected,
+        label_names=names,
+        patients=patients,
+        listing_only_paths=listing_only,
+    )
 
 
 def _hadoop_path_form(uri: str) -> str:

@@ -439,7 +439,9 @@ def _train_into(job: _Job) -> TrainingResult:
         identities = image_identities(spark, data_uri, source)
     cache = open_feature_cache(config, data_uri, final, job.featurizer, job.settings)
     with timer.phase("featurizing"):
-        cached, outcome, snapshot = cache.features_for(spark, read.images, identities, job.featurizer)
+        cached, outcome, snapshot = cache.features_for(
+            spark, read.images, identities, job.featurizer, count_images=read.count_images
+        )
     log.info("feature cache %s: %s", cache.uri, outcome.reason)
     features = read.images.select("path", "split", "label", "label_name").join(cached, "path", "inner")
     with cache.lease(snapshot):
@@ -454,8 +456,14 @@ def _read_features(features: DataFrame, read, settings: TrainingSettings, data_u
     ``features`` (the listing joined with the cache's Parquet) is held in memory while the steps below
     look at it four times (failures, label names, the patient split's collect, the subsets' counts):
     otherwise each of them would list the tree and read the cache again.
+
+    It is held in as many partitions as the cluster has cores (``defaultParallelism``), not in the listing's
+    (33 for 1,000 X-rays, sized for reading image bytes): the fit and the evaluation run dozens of Spark jobs
+    on these rows, each job paying the scheduling of every partition (an LBFGS iteration took 0.3 s over 33
+    partitions of 1,000 rows, ``bench/bench_training_phases.py --stages``).
     """
-    features = features.persist()
+    cores = max(1, features.sparkSession.sparkContext.defaultParallelism)
+    features = features.coalesce(cores).persist()
     try:
         failed = features.where(F.col(FEATURES_COL).isNull()).select("path", F.col("featurize_error").alias("reason"))
         rejected = read.rejected.select("path", "reason").unionByName(failed).collect()
