@@ -60,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="(b) with the decode-ahead thread (ImageFeaturizer.prefetch = True; off by default)",
     )
+    parser.add_argument(
+        "--conf", action="append", default=[], help="extra Spark setting KEY=VALUE for (b) and (c) (repeatable)"
+    )
     parser.add_argument("--local-dir", default=None, help="where the synthetic tree is generated (kept, resumable)")
     parser.add_argument(
         "--hdfs-dir", default=None, help="hdfs:// folder for the tree (default /bench/featurizer_<n>_<size>)"
@@ -246,7 +249,7 @@ def main(argv=None) -> int:
         f"master={args.master} cores={os.cpu_count()}"
     )
 
-    spark = start_bench_spark(args.master, "bench-featurizer")
+    spark = start_bench_spark(args.master, "bench-featurizer", dict(item.split("=", 1) for item in args.conf))
     partitions = (
         spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(remote).rdd.getNumPartitions()
     )

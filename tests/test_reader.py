@@ -160,6 +160,7 @@ def test_listing_only_queries_run_in_one_task_however_binaryfile_splits_the_tree
         assert result.listing_only_paths
         assert tasks_per_job(spark, result.count_images) == [1]
         assert result.count_images() == 12
+        assert result.labelled_paths().rdd.getNumPartitions() == 1
         assert result.rejected.rdd.getNumPartitions() == 1 and result.rejected.count() == 0
         identities = image_identities(spark, str(tmp_path), "binaryFile")
         assert identities.rdd.getNumPartitions() == 1 and identities.count() == 12

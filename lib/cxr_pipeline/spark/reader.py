@@ -72,12 +72,16 @@ class ReadResult:
     # path, patient, view_position: one row per image (no raw header value); None when no image has a header
     # to read (no DICOM): every patient is then the file name's (dataset_layout.patient_id), nothing to collect
     patients: DataFrame | None = None
-    listing_only_paths: bool = False  # images.select("path") reads no file bytes (binaryFile without DICOM)
+    listing_only_paths: bool = False  # the images' paths and labels read no file bytes (binaryFile, no DICOM)
+
+    def labelled_paths(self) -> DataFrame:
+        """``path, split, label, label_name`` of the usable images, as one task where that reads no file bytes."""
+        paths = self.images.select("path", "split", "label", "label_name")
+        return in_one_task(paths) if self.listing_only_paths else paths
 
     def count_images(self) -> int:
-        """How many usable images; in one task where that reads no file bytes (see :func:`in_one_task`)."""
-        paths = self.images.select("path")
-        return (in_one_task(paths) if self.listing_only_paths else paths).count()
+        """How many usable images (see :meth:`labelled_paths`)."""
+        return self.labelled_paths().count()
 
 
 def is_dicom_path(path: Column) -> Column:

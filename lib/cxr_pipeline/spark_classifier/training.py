@@ -443,7 +443,7 @@ def _train_into(job: _Job) -> TrainingResult:
             spark, read.images, identities, job.featurizer, count_images=read.count_images
         )
     log.info("feature cache %s: %s", cache.uri, outcome.reason)
-    features = read.images.select("path", "split", "label", "label_name").join(cached, "path", "inner")
+    features = read.labelled_paths().join(cached, "path", "inner")
     with cache.lease(snapshot):
         result = _fit_and_report(job, read, features, outcome)
     cache.prune(keep=snapshot)
