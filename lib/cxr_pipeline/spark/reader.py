@@ -301,7 +301,7 @@ def read_images_with_rejections(
             "reason"
         ),
     )
-    rejected = rejected.unionByName(_unscanned_files(spark, raw))
+    rejected = rejected.unionByName(_unscanned_files(spark, raw, listing_only=source == "binaryFile"))
     # Metadata only (path column), no file contents: is there any DICOM to read headers from?
     has_dicom = source == "binaryFile" and bool(
         in_one_task(good.where(is_dicom_path(F.col("path"))).select("path")).limit(1).collect()
@@ -326,14 +326,18 @@ def _hadoop_path_form(uri: str) -> str:
     return "file:/" + uri[len("file:///") :] if uri.startswith("file:///") else uri
 
 
-def _unscanned_files(spark: SparkSession, raw: DataFrame) -> DataFrame:
-    """Listed files the scan produced no row for: Spark's file sources skip zero-byte files."""
+def _unscanned_files(spark: SparkSession, raw: DataFrame, listing_only: bool) -> DataFrame:
+    """Listed files the scan produced no row for: Spark's file sources skip zero-byte files.
+
+    ``listing_only``: the scan's paths come without reading any bytes (binaryFile), so they are read in one task.
+    """
     listed = [(_hadoop_path_form(uri),) for uri in raw.inputFiles()]
     if not listed:
         return spark.createDataFrame([], REJECTED_SCHEMA)
+    scanned = raw.select("path")
     return (
         spark.createDataFrame(listed, "path string")
-        .join(raw.select("path"), "path", "left_anti")
+        .join(in_one_task(scanned) if listing_only else scanned, "path", "left_anti")
         .withColumn("reason", F.lit("zero-byte file"))
     )
 
