@@ -207,8 +207,9 @@ def in_one_task(listing: DataFrame) -> DataFrame:
 
     binaryFile cuts a tree into tasks sized for reading the files' bytes (33 for 1,000 X-rays). A query
     that reads none of them would pay Spark's scheduling of each task for nothing: 0.4-0.5 s a job at
-    33 tasks against ~0.05 s in one (``bench/bench_training_phases.py --stages``). One task lists
-    100,000 paths in well under a second, and a broadcast of them goes through the driver anyway.
+    33 tasks against 0.1-0.2 s in one (``bench/bench_training_phases.py --stages``). Counting 100,000
+    listed paths took 1.8-1.9 s in one task against 8.5-9.2 s in their 3,125 splits (``local[2]``), and a
+    broadcast of them goes through the driver anyway.
     """
     return listing.coalesce(1)
 
