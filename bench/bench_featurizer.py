@@ -218,8 +218,11 @@ def report(label: str, images_per_s: float, note: str = "") -> None:
     print(f"{label:<42}: {images_per_s:7.2f} images/s  [1-min load {load:.1f}]{extra}", flush=True)
 
 
-def start_bench_spark(master: str, app_name: str, extra_conf: dict[str, str] | None = None):
-    """The Spark session (b) and (c) run in: reused Python workers, Arrow on and capped for images, no UI."""
+def start_bench_spark(master: str, app_name: str, extra_conf: list[str] | None = None):
+    """The Spark session (b) and (c) run in: reused Python workers, Arrow on and capped for images, no UI.
+
+    ``extra_conf``: ``KEY=VALUE`` settings on top (a benchmark's repeatable ``--conf``).
+    """
     from cxr_pipeline.spark.featurizer import configure_arrow_for_images
     from cxr_pipeline.spark.session import spark_session
 
@@ -229,7 +232,7 @@ def start_bench_spark(master: str, app_name: str, extra_conf: dict[str, str] | N
         "spark.python.worker.reuse": "true",
         "spark.driver.memory": "2g",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
-        **(extra_conf or {}),
+        **dict(item.split("=", 1) for item in extra_conf or []),
     }
     spark = spark_session({"spark": {"conf": conf}}, app_name=app_name, master=master)
     spark.sparkContext.setLogLevel("ERROR")
@@ -249,7 +252,7 @@ def main(argv=None) -> int:
         f"master={args.master} cores={os.cpu_count()}"
     )
 
-    spark = start_bench_spark(args.master, "bench-featurizer", dict(item.split("=", 1) for item in args.conf))
+    spark = start_bench_spark(args.master, "bench-featurizer", args.conf)
     partitions = (
         spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(remote).rdd.getNumPartitions()
     )

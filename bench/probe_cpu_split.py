@@ -83,8 +83,7 @@ def main(argv=None) -> int:
     _, remote = bench.prepare_tree(args)
     weights = bench.resolve_weights(args)
 
-    extra_conf = dict(item.split("=", 1) for item in args.conf)
-    spark = bench.start_bench_spark(args.master, "probe-cpu-split", extra_conf)
+    spark = bench.start_bench_spark(args.master, "probe-cpu-split", args.conf)
     from cxr_pipeline.spark.featurizer import ImageFeaturizer
     from cxr_pipeline.spark.reader import read_images
 
