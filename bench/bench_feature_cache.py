@@ -29,15 +29,13 @@ import _bench_env  # noqa: F401 - lib/ importable, the local Spark environment
 
 
 def timed_pass(spark, tree: Path, cache_root: str, featurizer) -> tuple[float, int, object]:
-    from cxr_pipeline.feature_cache import FeatureCache, fingerprint, image_identities
-    from cxr_pipeline.spark.reader import read_images
+    from cxr_pipeline.feature_cache import FeatureCache, fingerprint
+    from cxr_pipeline.spark.reader import read_images_with_rejections
 
     stats = featurizer.track_stats(spark)
     started = time.perf_counter()
     cache = FeatureCache(cache_root, str(tree), fingerprint(featurizer, "binaryFile"))
-    features, outcome, _ = cache.features_for(
-        spark, read_images(spark, str(tree)), image_identities(spark, str(tree), "binaryFile"), featurizer
-    )
+    features, outcome, _ = cache.features_for(spark, read_images_with_rejections(spark, str(tree)), featurizer)
     features.write.format("noop").mode("overwrite").save()  # what training reads next
     return time.perf_counter() - started, stats.summary()["images"], outcome
 

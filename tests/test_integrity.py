@@ -167,17 +167,14 @@ def test_changed_decoding_settings_are_featurized_again_not_served_stale(trained
 
 
 def _cache_run(spark, tree, root, featurizer=None):
-    from cxr_pipeline.feature_cache import FeatureCache, fingerprint, image_identities
+    from cxr_pipeline.feature_cache import FeatureCache, fingerprint
     from cxr_pipeline.spark.featurizer import ImageFeaturizer
-    from cxr_pipeline.spark.reader import read_images
+    from cxr_pipeline.spark.reader import read_images_with_rejections
 
     featurizer = featurizer or ImageFeaturizer(featureLayer="mixed0", weights="random", imageSize=75, batchSize=4)
     stats = featurizer.track_stats(spark)
     cache = FeatureCache(root, str(tree), fingerprint(featurizer, "binaryFile"))
-    images = read_images(spark, str(tree))
-    features, outcome, snapshot = cache.features_for(
-        spark, images, image_identities(spark, str(tree), "binaryFile"), featurizer
-    )
+    features, outcome, snapshot = cache.features_for(spark, read_images_with_rejections(spark, str(tree)), featurizer)
     rows = {r.path.rsplit("/", 1)[-1]: r.features.toArray() for r in features.collect()}
     return rows, outcome, stats.summary()["images"], cache, snapshot
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -90,7 +91,8 @@ def test_tree_labels_split_and_rejections(spark, tmp_path):
     result = read_images_with_rejections(spark, str(tmp_path))
     assert result.label_names == ("NORMAL", "PNEUMONIA")
     rows = result.images.collect()
-    assert list(result.images.columns) == ["path", "split", "label", "label_name", "content", "length"]
+    assert list(result.images.columns) == ["path", "split", "label", "label_name", "content", "length", "identity"]
+    assert result.count_images() == 10 == result.image_count
     # 8 good + the two content-level bad files (text.jpeg, truncated.jpeg)
     assert len(rows) == 10
     for row in rows:
@@ -99,6 +101,9 @@ def test_tree_labels_split_and_rejections(spark, tmp_path):
         assert row.label == {"NORMAL": 0, "PNEUMONIA": 1}[label_name]
         assert row.length == len(row.content) > 0
         assert row.path.startswith("file:")
+        stat = (tmp_path / rel(row.path)).stat()
+        size, seconds = row.identity.split("|")
+        assert int(size) == stat.st_size and float(seconds) == pytest.approx(stat.st_mtime, abs=1.0)
     rejected = {rel(r.path): r.reason for r in result.rejected.collect()}
     assert rejected == expected_junk
     assert result.patients is None  # no DICOM header to read: no extra pass, patients are the file names
@@ -130,6 +135,9 @@ def test_spark_image_source(spark, tmp_path):
     rows = result.images.collect()
     assert len(rows) == 4
     assert all(r.image.height == 32 and r.image.width == 40 for r in rows)
+    # the same files' identities as binaryFile gives them: a cache filled from either source stays valid
+    by_binary = dict(read_images_with_rejections(spark, str(tmp_path)).identities().collect())
+    assert {r.path: r.identity for r in rows}.items() <= by_binary.items()
     assert [(rel(r.path), r.reason) for r in result.rejected.collect()] == [
         ("train/NORMAL/broken.jpeg", "not decodable by Spark's image source")
     ]
@@ -149,22 +157,22 @@ def tasks_per_job(spark, action) -> list[int]:
 
 
 def test_listing_only_queries_run_in_one_task_however_binaryfile_splits_the_tree(spark, tmp_path):
-    from cxr_pipeline.feature_cache import image_identities
-
     make_tree(tmp_path, per_class=3, junk=False)
     previous = spark.conf.get("spark.sql.files.maxPartitionBytes")
     spark.conf.set("spark.sql.files.maxPartitionBytes", "1")  # every file its own task when bytes are read
     try:
+        listing = tasks_per_job(spark, lambda: read_images_with_rejections(spark, str(tmp_path)))
+        assert listing == [1], listing  # the classes, any DICOM, the image count: one query
         result = read_images_with_rejections(spark, str(tmp_path))
         # first, as a DataFrame runs its broadcasts once: here the scanned paths' (for zero-byte files), then the union
         assert tasks_per_job(spark, result.rejected.collect) == [1, 1]
         assert result.images.rdd.getNumPartitions() == 12
         assert result.listing_only_paths
-        assert tasks_per_job(spark, result.count_images) == [1]
-        assert result.count_images() == 12
+        assert tasks_per_job(spark, result.count_images) == []  # counted by the listing
+        assert result.count_images() == 12 == result.labelled_paths().count()
         assert result.labelled_paths().rdd.getNumPartitions() == 1
         assert result.rejected.rdd.getNumPartitions() == 1
-        identities = image_identities(spark, str(tmp_path), "binaryFile")
+        identities = result.identities()
         assert identities.rdd.getNumPartitions() == 1 and identities.count() == 12
     finally:
         spark.conf.set("spark.sql.files.maxPartitionBytes", previous)
@@ -210,6 +218,7 @@ def test_pack_and_read_table(spark, tmp_path):
             original.label_name,
             original.content,
         )
+        assert row.identity == hashlib.sha256(row.content).hexdigest()  # a table's rows: identified by their bytes
     full = spark.read.parquet(table)
     assert {"width", "height", "sha256", "format"} <= set(full.columns)
     assert full.where("width = 40 AND height = 32").count() == 10

@@ -7,7 +7,8 @@ of the decoding and model libraries. Inside an entry every row also carries its 
 *identity*: path + length + modification time (``binaryFile``'s own metadata, read without the
 bytes), or the sha256 of the bytes for a packed table. A row is reused only when both match, so
 other weights, another ``max_pixels``, another source or an image replaced in place under the
-same name are featurized again, never served stale.
+same name are featurized again, never served stale. The reader gives every image its identity
+(``spark.reader``: the ``identity`` column), in the same scan that reads its bytes.
 
 Incremental: a re-run featurizes only the images that are new or changed, keeps the rows of the
 unchanged ones and drops the rows of removed ones.
@@ -45,7 +46,6 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from . import storage
-from .spark.reader import in_one_task
 
 log = logging.getLogger(__name__)
 
@@ -108,23 +108,6 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "
         elif a != b:
             found.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return found
-
-
-def image_identities(spark: SparkSession, data_uri: str, source: str) -> DataFrame:
-    """DataFrame[path, identity] of the images under ``data_uri``, without reading image bytes
-    (a packed table is the exception: its rows are identified by the sha256 of their bytes)."""
-    if source == "parquet":
-        return spark.read.parquet(data_uri).select("path", F.sha2(F.col("content"), 256).alias("identity"))
-    listing = (
-        spark.read.format("binaryFile")
-        .option("recursiveFileLookup", "true")
-        .load(data_uri)
-        .select("path", "length", "modificationTime")
-    )  # content not selected: not read
-    identity = F.concat_ws(
-        "|", F.col("length").cast("string"), F.col("modificationTime").cast("timestamp").cast("double").cast("string")
-    )
-    return in_one_task(listing.select("path", identity.alias("identity")))
 
 
 def _compare(cached: DataFrame, wanted: DataFrame) -> tuple[int, int, int]:
@@ -278,45 +261,35 @@ class FeatureCache:
         return final
 
     # ------------------------------------------------------------- the one entry point
-    def features_for(
-        self, spark: SparkSession, images: DataFrame, identities: DataFrame, featurizer, count_images=None
-    ) -> tuple[DataFrame, CacheOutcome, str | None]:
-        """Features of ``images`` (DataFrame[path, ..., content]) as DataFrame[path, features, featurize_error].
-
-        ``count_images``: a cheaper way to count the rows of ``images`` than counting ``images`` joined with
-        ``identities`` (``ReadResult.count_images``), called only when every image is to be featurized.
+    def features_for(self, spark: SparkSession, read, featurizer) -> tuple[DataFrame, CacheOutcome, str | None]:
+        """Features of ``read.images`` (a ``spark.reader.ReadResult``) as DataFrame[path, features, featurize_error].
 
         Returns (features, outcome, snapshot to hold a lease on while reading the features).
         """
         outcome = CacheOutcome(uri=self.uri, fingerprint=self.digest)
-        # Broadcast the small (path, identity) side: otherwise Spark plans a sort-merge join that shuffles every
-        # image's bytes (content) through local disk before the featurizer sees them.
-        wanted = images.join(F.broadcast(identities), "path", "left")
         previous = self._current()
         error_col = featurizer.getOrDefault("errorCol")
         parts = max(1, spark.sparkContext.defaultParallelism)
         if previous is None:
             outcome.reason = self._why_not()
-            todo, kept = wanted, None
-        else:
-            with self.lease(previous):
-                cached = spark.read.parquet(previous)
-                keys = wanted.select("path", "identity")
-                kept = cached.join(keys, ["path", "identity"], "inner")
-                todo = wanted.join(cached.select("path", "identity"), ["path", "identity"], "left_anti")
-                n_cached, n_kept, n_todo = _compare(cached.select("path", "identity"), keys)
-                outcome.reused_rows, outcome.dropped_rows = n_kept, n_cached - n_kept
-                if n_todo == 0 and n_kept == n_cached:
-                    outcome.reason = "every image and every setting matched"
-                    outcome.snapshot = previous
-                    return cached.select("path", "features", "featurize_error"), outcome, previous
-                outcome.reason = (
-                    f"{n_todo} new or changed image(s) featurized, {n_kept} reused, "
-                    f"{n_cached - n_kept} removed or changed row(s) dropped"
-                )
-                return self._extend(spark, featurizer, todo, n_todo, kept, error_col, parts, outcome)
-        n_todo = wanted.count() if count_images is None else count_images()
-        return self._extend(spark, featurizer, todo, n_todo, kept, error_col, parts, outcome)
+            return self._extend(spark, featurizer, read.images, read.count_images(), None, error_col, parts, outcome)
+        with self.lease(previous):
+            cached = spark.read.parquet(previous)
+            keys = read.identities()
+            kept = cached.join(keys, ["path", "identity"], "inner")
+            # Broadcast the cached (path, identity) side: a sort-merge join would shuffle every image's bytes.
+            todo = read.images.join(F.broadcast(cached.select("path", "identity")), ["path", "identity"], "left_anti")
+            n_cached, n_kept, n_todo = _compare(cached.select("path", "identity"), keys)
+            outcome.reused_rows, outcome.dropped_rows = n_kept, n_cached - n_kept
+            if n_todo == 0 and n_kept == n_cached:
+                outcome.reason = "every image and every setting matched"
+                outcome.snapshot = previous
+                return cached.select("path", "features", "featurize_error"), outcome, previous
+            outcome.reason = (
+                f"{n_todo} new or changed image(s) featurized, {n_kept} reused, "
+                f"{n_cached - n_kept} removed or changed row(s) dropped"
+            )
+            return self._extend(spark, featurizer, todo, n_todo, kept, error_col, parts, outcome)
 
     def _extend(self, spark, featurizer, todo, n_todo, kept, error_col, parts, outcome):
         from .progress import images_bar

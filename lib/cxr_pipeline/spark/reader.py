@@ -3,7 +3,7 @@
 ``read_images_with_rejections(spark, "hdfs://nn:9000/data/chest_xray")`` returns
 a :class:`ReadResult`: ``images`` with the columns
 
-    path (string, full URI), split, label (int), label_name, content (binary), length (long)
+    path (string, full URI), split, label (int), label_name, content (binary), length (long), identity (string)
 
 and ``rejected`` (``path``, ``reason``) listing every file that was left out.
 Folder names are not ``key=value``, so Spark's partition discovery does not
@@ -15,6 +15,10 @@ Rejections made here are the ones file metadata can tell (wrong layout, not an
 image extension, zero bytes) and never touch the file contents; files whose
 *bytes* are bad (not an image, truncated or corrupt JPEG) are reported by the
 featurizer in its error column. Hadoop itself skips hidden files (``.x``, ``_x``).
+
+``identity`` tells one version of an image from another without reading its bytes: the file's
+size and modification time (``size|seconds``), or the sha256 of the bytes for a packed table
+(:mod:`cxr_pipeline.feature_cache` reuses a row's features only while its identity is unchanged).
 
 Sources: ``binaryFile`` (default: raw bytes, decoded later in pandas UDFs),
 ``image`` (Spark's built-in image source, decoded by the JVM into an ``image``
@@ -55,7 +59,7 @@ from ..dataset_layout import (
 from ..dicom import FRONTAL_VIEWS, DicomSettings
 
 SOURCES = ("binaryFile", "image", "parquet")
-IMAGE_COLUMNS = ("path", "split", "label", "label_name", "content", "length")
+IMAGE_COLUMNS = ("path", "split", "label", "label_name", "content", "length", "identity")
 REJECTED_SCHEMA = "path string, reason string"
 LAYOUT_REASON = "not in a <split>/<CLASS>/ folder"
 
@@ -66,22 +70,29 @@ PATIENT_SCHEMA = T.StructType(
 
 @dataclass(frozen=True)
 class ReadResult:
-    images: DataFrame  # path, split, label, label_name, content, length
+    images: DataFrame  # path, split, label, label_name, content, length, identity
     rejected: DataFrame  # path, reason
     label_names: tuple[str, ...]  # index i is label i
     # path, patient, view_position: one row per image (no raw header value); None when no image has a header
     # to read (no DICOM): every patient is then the file name's (dataset_layout.patient_id), nothing to collect
     patients: DataFrame | None = None
     listing_only_paths: bool = False  # the images' paths and labels read no file bytes (binaryFile, no DICOM)
+    image_count: int | None = None  # the usable images, when the listing already counted them
 
     def labelled_paths(self) -> DataFrame:
         """``path, split, label, label_name`` of the usable images, as one task where that reads no file bytes."""
-        paths = self.images.select("path", "split", "label", "label_name")
-        return in_one_task(paths) if self.listing_only_paths else paths
+        return self._listing_query(self.images.select("path", "split", "label", "label_name"))
+
+    def identities(self) -> DataFrame:
+        """``path, identity`` of the usable images (see :meth:`labelled_paths`)."""
+        return self._listing_query(self.images.select("path", "identity"))
 
     def count_images(self) -> int:
-        """How many usable images (see :meth:`labelled_paths`)."""
-        return self.labelled_paths().count()
+        """How many usable images: known from the listing, else counted (see :meth:`labelled_paths`)."""
+        return self.image_count if self.image_count is not None else self.labelled_paths().count()
+
+    def _listing_query(self, query: DataFrame) -> DataFrame:
+        return in_one_task(query) if self.listing_only_paths else query
 
 
 def is_dicom_path(path: Column) -> Column:
@@ -214,13 +225,33 @@ def in_one_task(listing: DataFrame) -> DataFrame:
     return listing.coalesce(1)
 
 
-def _discover_label_names(classified: DataFrame) -> tuple[str, ...]:
-    # Metadata only: binaryFile does not read file contents for this query.
-    rows = in_one_task(classified.where("_meta.reason IS NULL").select("_meta.label_name")).distinct().collect()
-    names = sorted(row[0] for row in rows)
+def _usable_files_by_class(classified: DataFrame, one_task: bool) -> dict[tuple[str, bool], int]:
+    """``(class folder, is DICOM) -> usable files``, in one query: the class names, whether any header is to
+    be read and the image count all come from it. ``one_task``: the classification reads no file contents
+    (binaryFile), so the query is one task."""
+    usable = classified.where("_meta.reason IS NULL").select(
+        F.col("_meta.label_name").alias("label_name"), is_dicom_path(F.col("path")).alias("dicom")
+    )
+    rows = (in_one_task(usable) if one_task else usable).groupBy("label_name", "dicom").count().collect()
+    return {(row["label_name"], row["dicom"]): row["count"] for row in rows}
+
+
+def _class_names(by_class: dict[tuple[str, bool], int]) -> tuple[str, ...]:
+    names = sorted({name for name, _ in by_class})
     if not names:
         raise LayoutError("no images found in <split>/<CLASS>/ folders")
     return tuple(names)
+
+
+def file_identity() -> Column:
+    """``size|modification time in seconds`` of the file a row was read from, from Spark's hidden
+    ``_metadata`` column: known from the listing, for any file source (the image source has no
+    ``length`` or ``modificationTime`` of its own)."""
+    return F.concat_ws(
+        "|",
+        F.col("_metadata.file_size").cast("string"),
+        F.col("_metadata.file_modification_time").cast("double").cast("string"),
+    ).alias("identity")
 
 
 def _load_raw(spark: SparkSession, uri: str, source: str, path_glob: str | None) -> DataFrame:
@@ -228,7 +259,7 @@ def _load_raw(spark: SparkSession, uri: str, source: str, path_glob: str | None)
         reader = spark.read.format("binaryFile").option("recursiveFileLookup", "true")
         if path_glob:
             reader = reader.option("pathGlobFilter", path_glob)
-        return reader.load(uri).select("path", "content", "length")
+        return reader.load(uri).select("path", "content", "length", file_identity())
     if source == "image":
         reader = spark.read.format("image").option("dropInvalid", "false").option("recursiveFileLookup", "true")
         if path_glob:
@@ -242,6 +273,7 @@ def _load_raw(spark: SparkSession, uri: str, source: str, path_glob: str | None)
             .otherwise(F.lit(None))
             .cast("long")
             .alias("length"),
+            file_identity(),
         )
     raise ValueError(f"unknown image source {source!r}; choose one of {', '.join(SOURCES)}")
 
@@ -281,7 +313,10 @@ def read_images_with_rejections(
                 ),
             ).otherwise(F.col("_meta")),
         )
-    names = tuple(sorted(set(label_names))) if label_names is not None else _discover_label_names(classified)
+    binary = source == "binaryFile"
+    # Spark's image source classifies a file by decoding it: no listing pass unless the classes are to be found
+    by_class = _usable_files_by_class(classified, one_task=binary) if binary or label_names is None else {}
+    names = tuple(sorted(set(label_names))) if label_names is not None else _class_names(by_class)
 
     known = F.col("_meta.label_name").isin(list(names))
     good = classified.where(F.col("_meta.reason").isNull() & known)
@@ -293,32 +328,31 @@ def read_images_with_rejections(
             F.col("_meta.label_name").alias("label_name"),
             payload,
             "length",
+            "identity",
         ),
         names,
-    ).select("path", "split", "label", "label_name", payload, "length")
+    ).select("path", "split", "label", "label_name", payload, "length", "identity")
     rejected = classified.where(F.col("_meta.reason").isNotNull() | ~known).select(
         "path",
         F.coalesce(F.col("_meta.reason"), F.concat(F.lit("class folder not in "), F.lit(",".join(names)))).alias(
             "reason"
         ),
     )
-    rejected = rejected.unionByName(_unscanned_files(spark, raw, listing_only=source == "binaryFile"))
-    # Metadata only (path column), no file contents: is there any DICOM to read headers from?
-    has_dicom = source == "binaryFile" and bool(
-        in_one_task(good.where(is_dicom_path(F.col("path"))).select("path")).limit(1).collect()
-    )
+    rejected = rejected.unionByName(_unscanned_files(spark, raw, listing_only=binary))
+    has_dicom = binary and any(dicom for (name, dicom) in by_class if name in names)
     patients = None
     if has_dicom:
         patients = _patients(images, dicom)
         if dicom.frontal_only:
             images, rejected, patients = _keep_frontal(images, rejected, patients)
-    listing_only = source == "binaryFile" and not has_dicom  # no rejection needs a file's bytes either
+    listing_only = binary and not has_dicom  # no rejection needs a file's bytes either
     return ReadResult(
         images=images,
         rejected=in_one_task(rejected) if listing_only else rejected,
         label_names=names,
         patients=patients,
         listing_only_paths=listing_only,
+        image_count=sum(n for (name, _), n in by_class.items() if name in names) if listing_only else None,
     )
 
 
@@ -366,7 +400,8 @@ def read_image_table_with_rejections(
     else:
         names = tuple(sorted(set(label_names)))
     known = F.col("label_name").isin(list(names))
-    images = _with_labels(table.where(known), names).select(*IMAGE_COLUMNS)
+    images = _with_labels(table.where(known), names).withColumn("identity", F.sha2(F.col("content"), 256))
+    images = images.select(*IMAGE_COLUMNS)
     rejected = table.where(~known).select(
         "path", F.concat(F.lit("class folder not in "), F.lit(",".join(names))).alias("reason")
     )

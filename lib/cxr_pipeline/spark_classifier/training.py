@@ -138,8 +138,8 @@ class PhaseTimer:
     """Wall time per phase of a run (metrics.json ``timing``; bench/bench_training_phases.py prints the shares).
 
     Spark is lazy, so a phase is the wall time between two points where work is forced: listing is
-    the file listing and identities, featurizing includes writing the feature cache (and the count of
-    images to featurize), cache_read is reading the cached features back into memory, writing is the
+    the file listing (the classes, the image count), featurizing includes writing the feature cache,
+    cache_read is reading the cached features back into memory, writing is the
     model save; the files written after metrics.json are not counted.
     """
 
@@ -432,16 +432,11 @@ def _train_into(job: _Job) -> TrainingResult:
         ).encode(),
     )
     source = cfg.get(config, "data.source", "binaryFile")
-    from ..feature_cache import image_identities
-
     with timer.phase("listing"):
         read = read_images_with_rejections(spark, data_uri, source=source, dicom=DicomSettings.from_config(config))
-        identities = image_identities(spark, data_uri, source)
     cache = open_feature_cache(config, data_uri, final, job.featurizer, job.settings)
     with timer.phase("featurizing"):
-        cached, outcome, snapshot = cache.features_for(
-            spark, read.images, identities, job.featurizer, count_images=read.count_images
-        )
+        cached, outcome, snapshot = cache.features_for(spark, read, job.featurizer)
     log.info("feature cache %s: %s", cache.uri, outcome.reason)
     features = read.labelled_paths().join(cached, "path", "inner")
     with cache.lease(snapshot):
