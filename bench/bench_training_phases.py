@@ -78,18 +78,29 @@ def config_for(args) -> dict:
 def main_run(args) -> int:
     import bench_featurizer as bf
 
-    from cxr_pipeline.spark.session import spark_session
-    from cxr_pipeline.spark_classifier import training
-
     _, remote = bf.prepare_tree(args)
     config = config_for(args)
     event_log = Path(tempfile.mkdtemp(prefix="cxr_bench_events_")) if args.stages else None
+    out = Path(tempfile.mkdtemp(prefix="cxr_bench_phases_"))
+    try:
+        return measure(args, config, remote, out, event_log)
+    finally:  # the run folder and the event log are this benchmark's own, kept only while it runs
+        shutil.rmtree(out, ignore_errors=True)
+        if event_log:
+            shutil.rmtree(event_log, ignore_errors=True)
+
+
+def measure(args, config: dict, remote: str, out: Path, event_log: Path | None) -> int:
+    import bench_featurizer as bf
+
+    from cxr_pipeline.spark.session import spark_session
+    from cxr_pipeline.spark_classifier import training
+
     if event_log:  # spark_session() builds from the config alone; the launcher's arguments reach the JVM too
         settings = " ".join(f"--conf {k}={v}" for k, v in _spark_jobs.event_log_conf(event_log).items())
         os.environ["PYSPARK_SUBMIT_ARGS"] = f"{settings} pyspark-shell"
     spark = spark_session(config, app_name="bench-training-phases", master=args.master)
     spark.sparkContext.setLogLevel("ERROR")
-    out = Path(tempfile.mkdtemp(prefix="cxr_bench_phases_"))
     try:
         weights = bf.resolve_weights(args)  # bench_featurizer reads args.model/layer/weights/batch_size/partitions
         b_began_ms = int(time.time() * 1000)
@@ -114,7 +125,6 @@ def main_run(args) -> int:
         _spark_jobs.print_stages(found, b_began_ms, job_began_ms)
         print("\nSpark stages of the job:")
         _spark_jobs.print_stages(found, job_began_ms)
-        shutil.rmtree(event_log, ignore_errors=True)
     snapshot = result.metrics["featurizer"]["cache"]["snapshot"]
     if args.openblas:
         fits = {
@@ -125,7 +135,6 @@ def main_run(args) -> int:
         for name, (seconds, impl) in fits.items():
             print(f"LR fit, {name:<22}: median {seconds:.2f}s over {args.fit_repeats}  ({impl}) [{load()}]")
         print(f"fit share of train(): {timing['seconds']['fitting'] / timing['total_seconds']:.1%}")
-    shutil.rmtree(out, ignore_errors=True)
     return 0
 
 

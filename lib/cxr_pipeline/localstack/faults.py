@@ -49,10 +49,6 @@ def _proc_stat(pid: int) -> list[str] | None:
         return None
 
 
-def _cmdline(pid: int) -> str:
-    return processes.command_line(pid) or ""
-
-
 def descendants(root: int) -> list[int]:
     """All live processes below ``root`` (children, grandchildren, ...)."""
     parents: dict[int, int] = {}
@@ -74,13 +70,13 @@ def python_workers(roots: list[int]) -> list[int]:
     for root in roots:
         for pid in descendants(root):
             stat = _proc_stat(pid)
-            if stat and "python" in _cmdline(pid) and "python" in _cmdline(int(stat[1])):
+            if stat and processes.process_matches(pid, "python") and processes.process_matches(int(stat[1]), "python"):
                 workers.append(pid)
     return workers
 
 
 def executor_jvms(worker_pid: int) -> list[int]:
-    return [pid for pid in descendants(worker_pid) if "CoarseGrainedExecutorBackend" in _cmdline(pid)]
+    return [pid for pid in descendants(worker_pid) if processes.process_matches(pid, "CoarseGrainedExecutorBackend")]
 
 
 def tensorflow_loaded(pid: int) -> bool:
