@@ -160,6 +160,7 @@ def workers(args) -> None:
                 SparkSession.builder.master(cluster.master_url)
                 .appName(f"bench-scaling-{cores}-workers")
                 .config("spark.ui.enabled", "false")
+                .config("spark.ui.showConsoleProgress", "false")  # the figures, not Spark's stage bars
                 .config("spark.executor.cores", "1")
                 .config("spark.cores.max", str(cores))
                 .config("spark.executor.memory", "1g")
