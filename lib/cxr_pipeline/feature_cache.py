@@ -46,6 +46,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from . import storage
+from .spark.reader import ReadResult
 
 log = logging.getLogger(__name__)
 
@@ -261,8 +262,10 @@ class FeatureCache:
         return final
 
     # ------------------------------------------------------------- the one entry point
-    def features_for(self, spark: SparkSession, read, featurizer) -> tuple[DataFrame, CacheOutcome, str | None]:
-        """Features of ``read.images`` (a ``spark.reader.ReadResult``) as DataFrame[path, features, featurize_error].
+    def features_for(
+        self, spark: SparkSession, read: ReadResult, featurizer
+    ) -> tuple[DataFrame, CacheOutcome, str | None]:
+        """Features of ``read.images`` as DataFrame[path, features, featurize_error].
 
         Returns (features, outcome, snapshot to hold a lease on while reading the features).
         """
