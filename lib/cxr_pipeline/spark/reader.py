@@ -400,8 +400,9 @@ def read_image_table_with_rejections(
     else:
         names = tuple(sorted(set(label_names)))
     known = F.col("label_name").isin(list(names))
-    images = _with_labels(table.where(known), names).withColumn("identity", F.sha2(F.col("content"), 256))
-    images = images.select(*IMAGE_COLUMNS)
+    # Tables packed with a sha256 column carry their identity already; older ones are hashed here.
+    identity = F.col("sha256") if "sha256" in table.columns else F.sha2(F.col("content"), 256)
+    images = _with_labels(table.where(known), names).withColumn("identity", identity).select(*IMAGE_COLUMNS)
     rejected = table.where(~known).select(
         "path", F.concat(F.lit("class folder not in "), F.lit(",".join(names))).alias("reason")
     )
