@@ -9,13 +9,17 @@ in the local HDFS, in one run and one Spark session (local[2] by default):
   (b) featurizer   read_images(hdfs://...) -> ImageFeaturizer, end to end from HDFS bytes
   (c) spark-native a plain Pillow decode pandas UDF (full decode + resize to a float array)
                    -> pyspark.ml.functions.predict_batch_udf with the same Keras model
+  (d) no Spark     the featurizer's own worker loop (spark._udf.WorkerFeaturizer: decode,
+                   preprocess, predict) in one one-thread process per core, on JPEG bytes
+                   already in memory: (b)/(d) is what Spark, HDFS and Arrow cost around the
+                   loop, (d)/(a) what decoding and the per-core split cost
 
 Each Spark variant is warmed up first (workers start, build and cache the model),
 then timed over the whole tree with a no-op write; (a) and (b) run ``--repeats``
 times, alternately, since other processes on shared cores shift speeds over
 minutes. Prints images/s (with the load average at the time), (b)/(a) per pair,
 their median and best-(b)/best-(a),
-(b)/(c), the decode share of (b)'s worker time and peak RSS per Python worker.
+(b)/(c), (b)/(d), (d)/(a), the decode share of (b)'s worker time and peak RSS per Python worker.
 Goal (issue 16): (b)/(a) >= 0.95 and (b) faster than (c). ``--prefetch`` turns on the decode-ahead
 thread of (b) (off by default: one decode-then-predict loop per task) to measure what it brings.
 
@@ -130,6 +134,50 @@ def bench_bare_keras(args, files: list[Path], weights: str) -> float:
         model.predict_on_batch(preprocess(args.model, batch))
     elapsed = time.perf_counter() - started
     return len(files) / elapsed
+
+
+def _plain_process(settings, paths: list[str], barrier, results) -> None:
+    """One core's share of (d): read its files, warm the model, wait for the others, time the loop."""
+    from cxr_pipeline.spark._udf import WorkerFeaturizer
+
+    contents = [Path(path).read_bytes() for path in paths]
+    runner = WorkerFeaturizer(settings)
+    runner.featurize_contents(pd.Series(contents[: settings.batch_size]))  # traces the batch shape
+    chunks = [pd.Series(contents[i : i + 64]) for i in range(0, len(contents), 64)]  # Arrow-batch-sized
+    barrier.wait(timeout=600)  # a sibling that failed to start breaks the barrier instead of hanging
+    started = time.time()  # wall clock: comparable across the processes
+    done = sum(int(frame["features"].notna().sum()) for frame in runner.featurize_stream(iter(chunks)))
+    results.put((started, time.time(), done, runner.decode_seconds, runner.predict_seconds))
+
+
+def bench_plain_processes(args, files: list[Path], weights: str, processes: int) -> tuple[float, float]:
+    """(d): the featurizer's worker loop without Spark, ``processes`` one-thread processes side by side.
+
+    Returns images/s over the wall time from the common start to the last process's end, and the
+    decode share of the loop's time (decode / (decode + predict), summed over processes).
+    """
+    import dataclasses
+    import multiprocessing
+
+    from cxr_pipeline.spark.featurizer import ImageFeaturizer
+
+    featurizer = ImageFeaturizer(
+        modelName=args.model, featureLayer=args.layer, weights=weights, batchSize=args.batch_size
+    )
+    settings = dataclasses.replace(featurizer.worker_settings(), tf_threads=1)
+    context = multiprocessing.get_context("spawn")  # the parent holds TensorFlow: never fork it
+    barrier, results = context.Barrier(processes), context.Queue()
+    shares = [[str(p) for p in files[i::processes]] for i in range(processes)]
+    workers = [context.Process(target=_plain_process, args=(settings, share, barrier, results)) for share in shares]
+    for worker in workers:
+        worker.start()
+    finished = [results.get(timeout=3600) for _ in workers]
+    for worker in workers:
+        worker.join()
+    started, ended = min(r[0] for r in finished), max(r[1] for r in finished)
+    images = sum(r[2] for r in finished)
+    decode, predict = sum(r[3] for r in finished), sum(r[4] for r in finished)
+    return images / (ended - started), decode / (decode + predict)
 
 
 def _partitioned(images, partitions: int | None):
@@ -256,6 +304,7 @@ def main(argv=None) -> int:
     partitions = (
         spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(remote).rdd.getNumPartitions()
     )
+    cores = spark.sparkContext.defaultParallelism
     a_runs, b_runs = [], []
     try:
         # (a) and (b) alternate, back to back (a b, b a, a b, ...): other processes on the
@@ -279,6 +328,8 @@ def main(argv=None) -> int:
             if pair == 0:
                 c, warm_c = bench_predict_batch_udf(spark, args, remote, weights)
                 report("(c) decode UDF + predict_batch_udf", c, f"warm-up {warm_c:.1f}s")
+                d, decode_share_d = bench_plain_processes(args, files, weights, cores)
+                report(f"(d) the worker loop in {cores} plain processes", d)
     finally:
         spark.stop()
     ratios = [b / a for a, b in zip(a_runs, b_runs)]
@@ -289,6 +340,11 @@ def main(argv=None) -> int:
         f"best (b) / best (a) {max(b_runs) / max(a_runs):.3f}   goal >= 0.95"
     )
     print(f"(b)/(c) = {b_runs[0] / c:.3f} (first b), {float(np.median(b_runs)) / c:.3f} (median b)   goal > 1")
+    print(
+        f"(b)/(d) = {float(np.median(b_runs)) / d:.3f} (median b): Spark, HDFS and Arrow around the worker loop; "
+        f"(d)/(a) = {d / float(np.median(a_runs)):.3f} (median a): decoding and the per-core split; "
+        f"decode share of (d)'s loop {decode_share_d:.1%}"
+    )
     print(
         f"decode share of (b) worker time: {stats['decode_share']:.1%} "
         f"(decode {stats['decode_seconds']:.1f}s, model {stats['predict_seconds']:.1f}s, "
