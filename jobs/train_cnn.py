@@ -81,6 +81,9 @@ def main(argv=None) -> int:
         return 2
 
     from cxr_pipeline import run_folder, storage, tracking
+    from cxr_pipeline.tensorflow_runtime import import_tensorflow
+
+    import_tensorflow()  # before cnn.train imports Keras: TensorFlow's start-up notices stay off the console
     from cxr_pipeline.cnn.train import train_and_evaluate
 
     storage.configure(config)

@@ -99,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from .. import tracking
+    from ..tensorflow_runtime import import_tensorflow
+
+    import_tensorflow()  # its start-up notices stay off the console
     from ..backbones import BackboneError
 
     try:

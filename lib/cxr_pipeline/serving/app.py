@@ -54,6 +54,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import config as cfg
+from ..tensorflow_runtime import import_tensorflow
 from .backends import HeatMap, ModelBackend, Prediction, load_backend
 from .validation import MIB, CheckedImage, UploadRejected, browser_image, check_upload, too_large
 
@@ -496,6 +497,7 @@ def create_app(
     if backend is None:
         if model_dir is None:
             raise ValueError("create_app needs model_dir or backend")
+        import_tensorflow()  # before the model loads Keras: its start-up notices stay off the console
         backend = load_backend(model_dir, max_batch=settings.max_batch)
     info = backend.info
     input_size = backend.input_size

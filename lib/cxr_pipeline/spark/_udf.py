@@ -42,6 +42,7 @@ from pyspark.accumulators import AccumulatorParam
 
 from .. import backbones
 from ..imaging import decode_batch, decode_image_structs
+from ..tensorflow_runtime import import_tensorflow
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def configure_tensorflow_threads(threads: int = 0) -> int:
         threads = _task_cpus()
     if _TF_CONFIGURED:
         return threads
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -165,7 +166,7 @@ def pin_tensorflow(choice: DeviceChoice) -> str:
                 "or spark.python.worker.reuse=false"
             )
         return _PLACED or "CPU"
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     gpus = tf.config.list_physical_devices("GPU")
     wanted = [gpu for gpu in gpus if gpu.name.rsplit(":", 1)[-1] in choice.gpu_addresses]

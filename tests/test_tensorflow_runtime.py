@@ -1,0 +1,82 @@
+"""TensorFlow's start-up notices stay off the console; everything else written meanwhile still reaches it."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NOTICE = "oneDNN custom operations are on"
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    environment.update(PYTHONPATH=str(REPO / "lib"), **env)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=environment, timeout=300
+    )
+
+
+def test_only_the_notices_are_left_out_and_the_rest_keeps_its_order():
+    out = run_python(
+        """
+        import os, sys
+        from cxr_pipeline.tensorflow_runtime import START_UP_NOTICES, stderr_without
+
+        with stderr_without(START_UP_NOTICES):
+            os.write(2, b"native error before\\n")
+            os.write(2, b"I0000 port.cc:153] oneDNN custom operations are on. You may see ...\\n")
+            os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n")
+            print("python warning after", file=sys.stderr)
+        print("after the block", file=sys.stderr)
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.splitlines() == ["native error before", "python warning after", "after the block"]
+
+
+def test_what_was_caught_comes_back_when_the_import_fails():
+    out = run_python(
+        """
+        import os
+        from cxr_pipeline.tensorflow_runtime import stderr_without
+
+        try:
+            with stderr_without(["oneDNN"]):
+                os.write(2, b"libfoo.so: cannot open shared object file\\n")
+                raise ImportError("boom")
+        except ImportError:
+            pass
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    assert "libfoo.so: cannot open shared object file" in out.stderr
+
+
+IMPORT = """
+from cxr_pipeline.tensorflow_runtime import import_tensorflow
+tf = import_tensorflow()
+print(tf.__name__, tf.constant(2).numpy() + 1)
+"""
+
+
+def test_the_first_import_prints_no_start_up_notice():
+    out = run_python(IMPORT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["tensorflow", "3"]
+    assert NOTICE not in out.stderr and "absl::InitializeLog" not in out.stderr
+    assert "This TensorFlow binary is optimized" not in out.stderr  # an INFO line after logging starts
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="oneDNN's notice is printed on x86-64 builds")
+def test_tf_cpp_min_log_level_0_still_shows_the_notice():
+    """The control: TensorFlow does print the notice, and asking for every INFO line gets it."""
+    out = run_python(IMPORT, TF_CPP_MIN_LOG_LEVEL="0")
+    assert out.returncode == 0, out.stderr
+    assert NOTICE in out.stderr
