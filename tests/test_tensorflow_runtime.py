@@ -80,3 +80,23 @@ def test_tf_cpp_min_log_level_0_still_shows_the_notice():
     out = run_python(IMPORT, TF_CPP_MIN_LOG_LEVEL="0")
     assert out.returncode == 0, out.stderr
     assert NOTICE in out.stderr
+
+
+def test_two_threads_importing_at_once_leave_stderr_where_it_was():
+    out = run_python(
+        """
+        import sys, threading
+        from cxr_pipeline.tensorflow_runtime import import_tensorflow
+
+        names = []
+        threads = [threading.Thread(target=lambda: names.append(import_tensorflow().__name__)) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        print(names, file=sys.stderr)
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == "['tensorflow', 'tensorflow']"
+    assert NOTICE not in out.stderr

@@ -23,25 +23,26 @@ import contextlib
 import os
 import sys
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 
 START_UP_NOTICES = (
     "All log messages before absl::InitializeLog() is called are written to STDERR",
     "oneDNN custom operations are on",
 )
+_IMPORT_LOCK = threading.Lock()
 
 
 def import_tensorflow():
     """The ``tensorflow`` module, imported on first use with its start-up notices left out of stderr."""
-    if "tensorflow" in sys.modules:
-        return sys.modules["tensorflow"]
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # no INFO lines once TensorFlow's logging is up
-    if os.environ["TF_CPP_MIN_LOG_LEVEL"].strip() == "0":
-        import tensorflow
+    with _IMPORT_LOCK:  # one thread at a time moves file descriptor 2
+        if "tensorflow" not in sys.modules:
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # no INFO lines once TensorFlow's logging is up
+            if os.environ["TF_CPP_MIN_LOG_LEVEL"].strip() != "0":
+                with stderr_without(START_UP_NOTICES):
+                    import tensorflow
+    import tensorflow  # also waits for an import another thread has started without this function
 
-        return tensorflow
-    with stderr_without(START_UP_NOTICES):
-        import tensorflow
     return tensorflow
 
 
@@ -54,8 +55,12 @@ def stderr_without(notices: Iterable[str]) -> Iterator[None]:
     """
     notices = tuple(notices)
     sys.stderr.flush()
-    with tempfile.TemporaryFile() as caught:
+    try:
         saved = os.dup(2)
+    except OSError:  # no stderr at all (a daemon with descriptor 2 closed): nothing to keep clean
+        yield
+        return
+    with tempfile.TemporaryFile() as caught:
         os.dup2(caught.fileno(), 2)
         try:
             yield
