@@ -136,6 +136,13 @@ def bench_bare_keras(args, files: list[Path], weights: str) -> float:
     return len(files) / elapsed
 
 
+def featurizer_for(args, weights: str):
+    """The ImageFeaturizer every featurizer variant here runs: ``--model``, ``--layer``, ``--batch-size``."""
+    from cxr_pipeline.spark.featurizer import ImageFeaturizer
+
+    return ImageFeaturizer(modelName=args.model, featureLayer=args.layer, weights=weights, batchSize=args.batch_size)
+
+
 def _plain_process(settings, paths: list[str], barrier, results) -> None:
     """One core's share of (d): read its files, warm the model, wait for the others, time the loop."""
     from cxr_pipeline.spark._udf import WorkerFeaturizer
@@ -159,12 +166,7 @@ def bench_plain_processes(args, files: list[Path], weights: str, processes: int)
     import dataclasses
     import multiprocessing
 
-    from cxr_pipeline.spark.featurizer import ImageFeaturizer
-
-    featurizer = ImageFeaturizer(
-        modelName=args.model, featureLayer=args.layer, weights=weights, batchSize=args.batch_size
-    )
-    settings = dataclasses.replace(featurizer.worker_settings(), tf_threads=1)
+    settings = dataclasses.replace(featurizer_for(args, weights).worker_settings(), tf_threads=1)
     context = multiprocessing.get_context("spawn")  # the parent holds TensorFlow: never fork it
     barrier, results = context.Barrier(processes), context.Queue()
     shares = [[str(p) for p in files[i::processes]] for i in range(processes)]
@@ -192,12 +194,9 @@ def run_noop(df) -> float:
 
 def bench_featurizer(spark, args, remote: str, weights: str) -> tuple[float, dict, float]:
     """(b): our reader + ImageFeaturizer from HDFS bytes."""
-    from cxr_pipeline.spark.featurizer import ImageFeaturizer
     from cxr_pipeline.spark.reader import read_images
 
-    featurizer = ImageFeaturizer(
-        modelName=args.model, featureLayer=args.layer, weights=weights, batchSize=args.batch_size
-    )
+    featurizer = featurizer_for(args, weights)
     if getattr(args, "prefetch", False):
         featurizer.prefetch = True  # not a Param: a benchmark switch only
     images = _partitioned(read_images(spark, remote), args.partitions)

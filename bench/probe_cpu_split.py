@@ -84,14 +84,11 @@ def main(argv=None) -> int:
     weights = bench.resolve_weights(args)
 
     spark = bench.start_bench_spark(args.master, "probe-cpu-split", args.conf)
-    from cxr_pipeline.spark.featurizer import ImageFeaturizer
     from cxr_pipeline.spark.reader import read_images
 
     try:
         warm_rate, _, _ = bench.bench_featurizer(spark, args, remote, weights)  # workers up, model built
-        featurizer = ImageFeaturizer(
-            modelName=args.model, featureLayer=args.layer, weights=weights, batchSize=args.batch_size
-        )
+        featurizer = bench.featurizer_for(args, weights)
         stats = featurizer.track_stats(spark)
         print("measured pass starts", flush=True)
         before, began = thread_seconds(), time.perf_counter()
