@@ -16,7 +16,7 @@ import pytest
 keras = pytest.importorskip("keras")
 
 from job_args import NO_TRACKING  # noqa: E402
-from tolerances import assert_same_probabilities  # noqa: E402
+from tolerances import assert_same_features, assert_same_probabilities  # noqa: E402
 
 from cxr_pipeline import config as config_mod  # noqa: E402
 from cxr_pipeline import dataset_layout  # noqa: E402
@@ -338,6 +338,49 @@ def test_inception_transfer_one_epoch_with_fine_tuning(tree_with_junk, tmp_path)
     classifier = LocalCnnClassifier.load(str(tmp_path / "run"))
     got = [r["probability"] for r in classifier.predict_bytes([Path(r["path"]).read_bytes() for r in rows])]
     assert_same_probabilities(got, [float(r["probability"]) for r in rows])
+    check_exported_backbone(tmp_path / "run", [Path(r["path"]).read_bytes() for r in rows])
+
+
+def check_exported_backbone(run: Path, images: list[bytes]) -> None:
+    """The exported backbone file, loaded as the featurizer loads it, gives the trained backbone's pooled features."""
+    from cxr_pipeline import backbones, imaging
+    from cxr_pipeline.cnn.train import BACKBONE_FILE
+
+    backbone = json.loads((run / "cnn.json").read_text())["backbone"]
+    exported = run / BACKBONE_FILE
+    assert backbone["weights_sha256"] == backbones.file_sha256(exported)
+    assert (backbone["feature_layer"], backbone["image_size"]) == ("mixed5", 75)
+    size = (75, 75)
+    pixels = np.stack([imaging.decode_image(b, size, intensity=backbone["intensity"]) for b in images])
+
+    def features(weights):
+        model = backbones.build_backbone("InceptionV3", weights, "mixed5", image_size=size)
+        return backbones.featurize_arrays(model, "InceptionV3", pixels)
+
+    trained = models.backbone_of(keras.models.load_model(run / "model.keras"))
+    pooled = keras.layers.GlobalAveragePooling2D()(trained(backbones.preprocess("InceptionV3", pixels)))
+    assert_same_features(features(str(exported)), np.asarray(pooled))
+
+
+def test_exported_backbone_carries_the_trained_values(sample_tree, tmp_path):
+    """Values changed in the cut backbone (as fine-tuning changes them) reach the featurizer through the file;
+    layers past the cut keep the start weights so the file loads into a whole no-top InceptionV3."""
+    from cxr_pipeline import backbones, imaging
+
+    model = models.build_inception_transfer(75, cut_layer="mixed5")
+    conv = [layer for layer in models.backbone_of(model).layers if layer.weights][-1]
+    conv.set_weights([w + 0.05 for w in conv.get_weights()])
+    models.export_backbone(model, None, tmp_path / "backbone.weights.h5")
+    pixels = np.stack([imaging.decode_image(p.read_bytes(), (75, 75)) for p in sorted(sample_tree.rglob("*.jpeg"))[:4]])
+    x = backbones.preprocess("InceptionV3", pixels)
+    expected = np.asarray(keras.layers.GlobalAveragePooling2D()(models.backbone_of(model)(x)))
+
+    def features(weights):
+        built = backbones.build_backbone("InceptionV3", weights, "mixed5", image_size=75)
+        return backbones.featurize_arrays(built, "InceptionV3", pixels)
+
+    assert_same_features(features(str(tmp_path / "backbone.weights.h5")), expected)
+    assert not np.allclose(features(None), expected, atol=1e-3)
 
 
 @pytest.mark.hdfs

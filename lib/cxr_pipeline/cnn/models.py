@@ -118,6 +118,28 @@ def backbone_of(model: keras.Model) -> keras.Model | None:
     return None
 
 
+def export_backbone(model: keras.Model, start_weights: str | os.PathLike | None, path: str | os.PathLike) -> None:
+    """Write the trained backbone of ``model`` as a whole no-top InceptionV3 weights file, the shape that
+    ``keras.applications.InceptionV3(include_top=False)`` and so the Spark featurizer load (``featurizer.weights``).
+
+    Layers up to the cut carry the trained values; layers past it keep ``start_weights``, the file training
+    started from (None = the provisioned default), which the featurizer never reads when it pools at the cut.
+    """
+    trained = backbone_of(model)
+    if trained is None:
+        raise ValueError(f"{model.name} has no pretrained backbone to export")
+    whole = inception_backbone(int(trained.input_shape[1]), start_weights, cut_layer=None)
+    # A cut model lists its layers in the whole network's order, so they pair up with its first ones;
+    # the class and weight shapes are checked rather than assumed.
+    for source, target in zip(trained.layers, whole.layers):
+        shapes = [w.shape for w in source.weights], [w.shape for w in target.weights]
+        if type(source) is not type(target) or shapes[0] != shapes[1]:
+            raise ValueError(f"cannot export {trained.name}: layer {source.name} does not match {target.name}")
+        if source.weights:
+            target.set_weights(source.get_weights())
+    whole.save_weights(str(path))
+
+
 def unfreeze_top_blocks(model: keras.Model, n_blocks: int = 2) -> list[str]:
     """Make the last ``n_blocks`` Inception blocks of the backbone trainable (batch
     norms stay frozen); returns the names of the layers made trainable."""

@@ -33,6 +33,7 @@ from . import data, models
 DEFAULT_IMAGE_SIZE = {"small_cnn": 150, "inception_v3": 299}
 CNN_JSON = "cnn.json"
 MODEL_FILE = "model.keras"
+BACKBONE_FILE = "backbone.weights.h5"  # the fine-tuned backbone, for the Spark featurizer (featurizer.backbone_run)
 # Keras' AUC bins scores on 200 evenly spaced thresholds: a confident model whose
 # scores all sit above 0.995 would read 0.5. Logit-spaced thresholds resolve both ends.
 AUC_THRESHOLDS = [float(t) for t in 1 / (1 + np.exp(-np.linspace(-12, 12, 601)))]
@@ -524,6 +525,8 @@ def train_and_evaluate(
         stage = scratch / "run"
         stage.mkdir()
         model.save(stage / MODEL_FILE)
+        if settings.model == "inception_v3":
+            metrics["backbone"] = _export_backbone(config, settings, model, stage)
         (stage / "predictions.csv").write_text(_predictions_csv(scored))
         _write_run(stage, config, settings, metrics, prepared, scored)
         _write_outputs(stage, out_uri, overwrite)
@@ -538,6 +541,22 @@ def train_and_evaluate(
         return metrics
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _export_backbone(config, settings: Settings, model, stage: Path) -> dict[str, Any]:
+    """Write the trained backbone beside the model; returns how the featurizer is to use it (cnn.json)."""
+    from cxr_pipeline.backbones import file_sha256
+
+    options = _model_options(config)
+    models.export_backbone(model, options.get("weights"), stage / BACKBONE_FILE)
+    return {
+        "model_name": "InceptionV3",
+        "weights_file": BACKBONE_FILE,
+        "weights_sha256": file_sha256(stage / BACKBONE_FILE),
+        "feature_layer": options["cut_layer"],
+        "image_size": settings.image_size,
+        "intensity": settings.intensity,
+    }
 
 
 def _write_run(stage: Path, config, settings: Settings, metrics, prepared: Prepared, scored) -> None:
@@ -559,6 +578,7 @@ def _write_run(stage: Path, config, settings: Settings, metrics, prepared: Prepa
                 "default_threshold": M.DEFAULT_THRESHOLD,
                 "max_pixels": settings.max_pixels,
                 "intensity": settings.intensity,
+                "backbone": metrics.get("backbone"),
             },
             indent=2,
         )
