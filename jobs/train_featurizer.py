@@ -61,6 +61,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--seed", type=int)
     t.add_argument("--features-cache", help="root URI of the feature cache (default: next to the run)")
     f = parser.add_argument_group("featurizer shortcuts (same as --set featurizer.*)")
+    f.add_argument(
+        "--backbone-run",
+        help="a train_cnn run folder (--model inception_v3): featurize with its fine-tuned backbone "
+        "(sets the model, weights, layer and image size)",
+    )
     f.add_argument("--model-name")
     f.add_argument("--feature-layer")
     f.add_argument("--image-size", type=int, help="square input side (default: the backbone's own)")
@@ -87,6 +92,7 @@ def main(argv=None) -> int:
             ("training.target_sensitivity", args.target_sensitivity),
             ("training.seed", args.seed),
             ("training.features_cache", args.features_cache),
+            ("featurizer.backbone_run", args.backbone_run),
             ("featurizer.model_name", args.model_name),
             ("featurizer.feature_layer", args.feature_layer),
             ("featurizer.image_size", args.image_size),

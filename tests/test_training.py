@@ -439,3 +439,66 @@ def test_report_with_single_class_sets_is_undefined_not_a_crash(spark, tmp_path)
     assert saved["threshold"]["fallback"] and saved["figures"] == [run.confusion]
     text = evaluation.summary_text(saved)
     assert "AUC-ROC undefined" in text and "fallback" in text and "specificity undefined" in text
+
+
+def write_cnn_run_with_backbone(cnn_run: str, scratch: Path, intensity: str) -> str:
+    """A finished train_cnn run folder holding an exported backbone whose values differ from the provisioned
+    ones (as fine-tuning leaves them); returns its weights' sha256."""
+    import keras
+
+    from cxr_pipeline import backbones, run_folder, storage
+    from cxr_pipeline.cnn import models
+    from cxr_pipeline.cnn.train import BACKBONE_FILE, CNN_JSON
+
+    model = models.build_inception_transfer(75, cut_layer="mixed5")
+    conv = [layer for layer in models.backbone_of(model).layers if isinstance(layer, keras.layers.Conv2D)][-1]
+    conv.set_weights([w * 1.5 for w in conv.get_weights()])
+    scratch.mkdir(parents=True, exist_ok=True)
+    models.export_backbone(model, None, scratch / BACKBONE_FILE)
+    sha = backbones.file_sha256(scratch / BACKBONE_FILE)
+    backbone = {
+        "model_name": "InceptionV3",
+        "weights_file": BACKBONE_FILE,
+        "weights_sha256": sha,
+        "feature_layer": "mixed5",
+        "image_size": 75,
+        "intensity": intensity,
+    }
+    (scratch / CNN_JSON).write_text(json.dumps({"model_name": "inception_v3", "backbone": backbone}))
+    with run_folder.staged_output(cnn_run, overwrite=False, tool="train_cnn") as target:
+        storage.upload_dir(str(scratch), target)
+    return sha
+
+
+@pytest.mark.slow
+@pytest.mark.hdfs
+def test_featurizes_with_the_fine_tuned_backbone_of_a_cnn_run(spark, sample_run, tmp_path):
+    from cxr_pipeline import backbones, storage
+    from cxr_pipeline.spark.featurizer import BackboneRunError
+    from cxr_pipeline.spark_classifier.model_export import LocalClassifier
+
+    base, data, default = sample_run
+    intensity = cfg.get(cfg.load_config("local"), "data.intensity")
+    cnn_run = f"{base}/cnn_with_backbone"
+    sha = write_cnn_run_with_backbone(cnn_run, tmp_path / "cnn", intensity)
+
+    result = train_on_sample(spark, base, data, "run_backbone", [f"featurizer.backbone_run={cnn_run}"])
+    featurizer = result.metrics["featurizer"]
+    assert featurizer["backbone_run"] == cnn_run and featurizer["image_size"] == 75
+    assert featurizer["weights_sha256"] == sha != default.metrics["featurizer"]["weights_sha256"]
+    assert featurizer["cache"]["reused_rows"] == 0  # other weights: no feature of the default run is reused
+    # the run carries the weights, so the Spark-free scorer needs nothing from the CNN run
+    spec = json.loads(storage.read_bytes(result.run.classifier))
+    assert spec["weights"] == "backbone.weights.h5" and spec["weights_sha256"] == sha
+    test_images = [f.uri for f in storage.list_files(f"{data}/test") if f.uri.endswith(".jpeg")]
+    scored = LocalClassifier.load(result.run.root).predict_bytes([storage.read_bytes(u) for u in test_images])
+    assert all(r["error"] is None for r in scored)
+
+    other = "none" if intensity != "none" else "equalize"
+    with pytest.raises(BackboneRunError, match=f"data.intensity={intensity}"):
+        train_on_sample(spark, base, data, "run_x", [f"featurizer.backbone_run={cnn_run}", f"data.intensity={other}"])
+    storage.write_bytes(f"{cnn_run}/backbone.weights.h5", b"replaced")
+    with pytest.raises(backbones.WeightsMismatchError, match="replaced after the CNN run"):
+        train_on_sample(spark, base, data, "run_y", [f"featurizer.backbone_run={cnn_run}"])
+    with pytest.raises(BackboneRunError, match="not a finished train_cnn run"):
+        train_on_sample(spark, base, data, "run_z", [f"featurizer.backbone_run={base}/no_such_run"])

@@ -27,6 +27,7 @@ saves and loads on its own and inside a ``Pipeline``/``PipelineModel``.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import posixpath
 from collections.abc import Iterator, Mapping
@@ -72,6 +73,7 @@ class FeaturizerSettings:
     model_name: str
     feature_layer: str | None
     weights: str | None
+    backbone_run: str | None  # a train_cnn run whose fine-tuned backbone sets the four fields around it
     batch_size: int
     arrow_batch_size: int
     image_size: int | None
@@ -105,7 +107,7 @@ class FeaturizerSettings:
     def params(self) -> dict[str, Any]:
         """``ImageFeaturizer`` keyword arguments (the Param names)."""
         values = asdict(self)
-        return {_PARAM_OF[name]: value for name, value in values.items()}
+        return {_PARAM_OF[name]: value for name, value in values.items() if name in _PARAM_OF}
 
 
 _PARAM_OF = {
@@ -118,6 +120,59 @@ _PARAM_OF = {
     "max_pixels": "maxPixels",
     "intensity": "intensity",
 }
+
+
+class BackboneRunError(cfg.ConfigError):
+    """``featurizer.backbone_run`` names no usable train_cnn run."""
+
+
+def resolve_backbone_run(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with the featurizer set from the fine-tuned backbone of the train_cnn run that
+    ``featurizer.backbone_run`` names (its ``cnn.json`` ``backbone`` entry): model, weights file (read from
+    the run folder, wherever it is), pooled layer and image size. Unchanged when ``backbone_run`` is null.
+
+    The CNN was trained on ``data.intensity``-normalized images, so another setting here is refused: the
+    features would come from pixels the backbone never saw.
+    """
+    from .. import run_folder, storage
+
+    run = cfg.get(config, "featurizer.backbone_run")
+    if not run:
+        return dict(config)
+    run = str(run).rstrip("/")
+    try:
+        run_folder.require_complete(run)
+        backbone = json.loads(storage.read_bytes(storage.join(run, "cnn.json"))).get("backbone")
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        raise BackboneRunError(f"featurizer.backbone_run {run}: not a finished train_cnn run ({exc})") from exc
+    if not backbone:
+        raise BackboneRunError(
+            f"featurizer.backbone_run {run}: this CNN run exported no backbone (only --model inception_v3 does)"
+        )
+    if backbone["intensity"] != cfg.get(config, "data.intensity"):
+        raise BackboneRunError(
+            f"featurizer.backbone_run {run} was trained with data.intensity={backbone['intensity']}, this job has "
+            f"{cfg.get(config, 'data.intensity')}: pass --set data.intensity={backbone['intensity']}"
+        )
+    weights = storage.join(run, backbone["weights_file"])
+    resolved = cfg.deep_merge(
+        config,
+        {
+            "featurizer": {
+                "model_name": backbone["model_name"],
+                "weights": weights,
+                "feature_layer": backbone["feature_layer"],
+                "image_size": int(backbone["image_size"]),
+            }
+        },
+    )
+    actual = backbones.weights_sha256(backbone["model_name"], weights)
+    if actual != backbone["weights_sha256"]:
+        raise backbones.WeightsMismatchError(
+            f"{weights} has sha256 {actual[:16]}..., but {run}/cnn.json recorded {backbone['weights_sha256'][:16]}...: "
+            "the backbone file was replaced after the CNN run wrote it; re-run train_cnn"
+        )
+    return resolved
 
 
 @functools.lru_cache(maxsize=1)

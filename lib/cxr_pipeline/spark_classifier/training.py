@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import posixpath
 import time
 import warnings
 from collections.abc import Mapping
@@ -396,8 +397,10 @@ def train(
     sibling and renamed into place with ``_SUCCESS`` last, so a failure leaves ``out_uri`` as it was.
     """
     from .. import run_folder
+    from ..spark.featurizer import resolve_backbone_run
 
     final = out_uri.rstrip("/")
+    config = resolve_backbone_run(config)
     settings = TrainingSettings.from_config(config)
     featurizer = build_featurizer(FeaturizerSettings.from_config(config))
     with run_folder.staged_output(final, overwrite=overwrite, tool="train_featurizer") as stage:
@@ -536,6 +539,7 @@ def _fit_and_report(job: _Job, read, features: DataFrame, outcome) -> TrainingRe
                 "image_size": fsettings.image_size,
                 "intensity": fsettings.intensity,
                 "weights_sha256": job.featurizer.getWeightsSha256(),
+                "backbone_run": fsettings.backbone_run,
                 "cache": outcome.as_dict(),
             },
             "timing": timer.report(outcome.featurized_rows or 0),
@@ -546,6 +550,8 @@ def _fit_and_report(job: _Job, read, features: DataFrame, outcome) -> TrainingRe
     storage.write_bytes(
         run.images, _images_csv(data.select("path", "subset", "label", "label_name").orderBy("path").collect()).encode()
     )
+    if fsettings.backbone_run:  # the fine-tuned weights travel with the run: serving needs no CNN run folder
+        storage.write_bytes(run.file(posixpath.basename(fsettings.weights)), storage.read_bytes(fsettings.weights))
     model_export.export_classifier(
         model, run.root, threshold=choice.threshold, label_names=label_names, image_size=fsettings.image_size
     )
