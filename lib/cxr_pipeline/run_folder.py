@@ -53,7 +53,7 @@ SUCCESS_FILE = "_SUCCESS"
 # Files by which an output folder of an older version of this tool (before _SUCCESS) is recognised.
 LEGACY_MARKERS = ("config.yaml", "classifier.json", "cnn.json", "predictions.parquet")
 STAGING, REPLACED = "staging", "replaced"  # the two kinds of sibling a job makes next to its --out
-# Swaps tried when --out changes between the renames (a reader restored the old run, another job published).
+# Tries when --out changes between two looks (a reader restored the old run, another job published).
 PUBLISH_ATTEMPTS = 5
 _HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())
 # After ".<name>.<kind>-": <created, epoch s>-<pid>-<host>-<id>; versions before wrote only a 10-hex id.
@@ -259,7 +259,7 @@ def remove_leftovers(out_uri: str) -> list[str]:
 
 
 def _discard(aside: str) -> None:
-    """Delete a replaced run, ``_SUCCESS`` first: a local delete stopped half-way leaves nothing to restore."""
+    """Delete a replaced run, ``_SUCCESS`` first: a local delete stopped half-way leaves no complete run."""
     storage.delete(_child(aside, SUCCESS_FILE))
     storage.delete(aside, recursive=True)
 
