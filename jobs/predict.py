@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     from cxr_pipeline.spark_classifier.prediction import predict_images
 
     storage.configure(config)
+    run_folder.configure(config)
     try:
         args.model = tracking.resolve_model(args.model, config)  # models:/NAME@ALIAS -> its run folder
         run_folder.require_complete(args.model)

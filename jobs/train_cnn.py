@@ -87,6 +87,7 @@ def main(argv=None) -> int:
     from cxr_pipeline.cnn.train import train_and_evaluate
 
     storage.configure(config)
+    run_folder.configure(config)
     try:
         metrics = train_and_evaluate(config, config_mod.get(config, "data.uri"), args.out, overwrite=args.overwrite)
     except run_folder.OutputExistsError as exc:

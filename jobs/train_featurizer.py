@@ -106,6 +106,7 @@ def main(argv=None) -> int:
 
     data_uri = args.data or cfg.get(config, "data.uri")
     storage.configure(config)
+    run_folder.configure(config)
     try:
         run_folder.check_output(args.out, args.overwrite)  # before Spark starts and hours of work
     except (run_folder.OutputExistsError, ValueError) as exc:

@@ -1,8 +1,9 @@
 """Shared fixtures: a real local Spark session and the real local HDFS.
 
 The HDFS fixture starts the project's single-node HDFS (NameNode + DataNode on
-127.0.0.1) if it is not already up and leaves it running for the next run;
-each test gets its own folder under /tests/<uuid> and removes it afterwards.
+127.0.0.1) if it is not already up, and stops at the end what it started (an HDFS
+it found running stays up); each test gets its own folder under /tests/<uuid> and
+removes it afterwards.
 """
 
 from __future__ import annotations
@@ -61,10 +62,12 @@ def spark():
 
 @pytest.fixture(scope="session")
 def hdfs_cluster():
-    """The real local HDFS, started on demand (make hdfs-up does the same)."""
-    from cxr_pipeline.localstack.hdfs_cluster import ensure_running
+    """The real local HDFS, started on demand (make hdfs-up does the same) and stopped after the session
+    if this session started it; its daemons that were already running are left alone."""
+    from cxr_pipeline.localstack.hdfs_cluster import default_instance
 
-    return ensure_running()
+    with default_instance().running() as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="session")

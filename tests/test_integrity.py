@@ -226,3 +226,39 @@ def test_cache_never_deletes_a_snapshot_another_run_is_reading(spark, tmp_path):
         assert storage.exists(old + "/_SUCCESS")
     assert cache2.prune(keep=new) == [old.rsplit("/", 1)[-1]]
     assert storage.exists(new + "/_SUCCESS") and not storage.exists(old)
+
+
+# A run that SIGKILLs itself while it holds a lease on a cache snapshot: its lease file stays behind.
+LEASE_AND_DIE = """
+import os, signal, sys
+from cxr_pipeline.feature_cache import FeatureCache
+cache = FeatureCache(sys.argv[1], sys.argv[2], {"test": "leases"}, lease_hours=48)
+with cache.lease(sys.argv[3]):
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_the_next_run_removes_expired_leases_of_killed_runs_and_nothing_else(hdfs_tmp):
+    from cxr_pipeline.feature_cache import FeatureCache
+
+    root, data = f"{hdfs_tmp}/cache", "hdfs://127.0.0.1:9000/data/leases"
+    cache = FeatureCache(root, data, {"test": "leases"}, lease_hours=48)
+    current, superseded = f"{cache.uri}/snap-2-bbbbbbbb", f"{cache.uri}/snap-1-aaaaaaaa"
+    for snapshot in (current, superseded):
+        storage.write_bytes(f"{snapshot}/_SUCCESS", b"")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "lib"), os.environ.get("PYTHONPATH", "")])}
+        child = subprocess.run([sys.executable, "-c", LEASE_AND_DIE, root, data, snapshot], env=env, timeout=300)
+        assert child.returncode == -9
+    storage.write_bytes(f"{current}/_readers/notes.txt", b"not a lease")
+
+    def readers() -> list[str]:
+        return sorted(info.name for info in storage.list_files(f"{current}/_readers"))
+
+    assert len(readers()) == 2
+    assert cache.prune(keep=current) == []  # within lease_hours a killed run's lease still counts
+    assert len(readers()) == 2
+
+    later = FeatureCache(root, data, {"test": "leases"}, lease_hours=0)  # every lease is past its age now
+    with later.lease(current):  # ... but this run, alive on this host, still reads
+        assert later.prune(keep=current) == [superseded.rsplit("/", 1)[1]]
+        assert readers() == sorted(["notes.txt", later.run_id])

@@ -17,7 +17,7 @@ import pytest
 from cxr_pipeline import storage
 from cxr_pipeline.localstack import provision
 from cxr_pipeline.localstack.hdfs_cluster import HdfsClusterError, LocalHdfs
-from cxr_pipeline.localstack.processes import ProcessHandle, port_in_use
+from cxr_pipeline.localstack.processes import ProcessHandle, free_port, port_in_use
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -228,6 +228,46 @@ def test_second_instance_on_other_ports_with_stale_pids_and_a_crash(hdfs_cluster
     assert not hdfs.namenode.pid_file.exists() and not hdfs.datanode.pid_file.exists()
     assert not any(port_in_use(p) for p in (rpc, http, data, data_http, data_ipc))
     assert hdfs.status()["ready"] is False
+
+
+@pytest.mark.hdfs
+@pytest.mark.slow
+def test_running_stops_only_the_daemons_it_started(tmp_path):
+    """The tests' hdfs_cluster fixture: what it found running stays up, what it started stops. On an HDFS of
+    its own (other ports and state dir), so the shared one on 9000 is never touched."""
+    rpc, http, *datanode_ports = (free_port() for _ in range(5))
+
+    def instance() -> LocalHdfs:
+        return LocalHdfs(tmp_path / "hdfs", rpc_port=rpc, http_port=http, datanode_ports=tuple(datanode_ports))
+
+    theirs = instance()  # someone else's `make hdfs-up` / `make hdfs-down` on the same HDFS
+    try:
+        with instance().running() as hdfs:  # nothing running: both daemons started, and stopped at the end
+            assert sorted(hdfs.started) == ["datanode", "namenode"] and hdfs.status()["ready"]
+            storage.write_bytes(f"{hdfs.namenode_uri}/f.bin", b"x")
+        assert not theirs.namenode.alive() and not theirs.datanode.alive()
+        assert not any(port_in_use(port) for port in (rpc, http, *datanode_ports))
+
+        theirs.up()  # found running: left running, under the same pids
+        pids = (theirs.namenode.pid(), theirs.datanode.pid())
+        with instance().running() as hdfs:
+            assert hdfs.started == {}
+        assert theirs.status()["ready"] and (theirs.namenode.pid(), theirs.datanode.pid()) == pids
+
+        theirs.datanode.stop()  # only the NameNode found running: the DataNode alone is started and stopped
+        with instance().running() as hdfs:
+            assert list(hdfs.started) == ["datanode"] and hdfs.status()["ready"]
+        assert theirs.namenode.alive() and theirs.namenode.pid() == pids[0] and not theirs.datanode.alive()
+
+        theirs.namenode.stop()  # started by the block, then restarted by someone else meanwhile: theirs now
+        with instance().running() as hdfs:
+            assert sorted(hdfs.started) == ["datanode", "namenode"]
+            theirs.down()
+            theirs.up()
+        assert theirs.is_running() and theirs.status()["ready"]
+    finally:
+        theirs.down()
+    assert not any(port_in_use(port) for port in (rpc, http, *datanode_ports))
 
 
 # ---------------------------------------------------------- standalone Spark cluster

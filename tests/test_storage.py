@@ -220,6 +220,33 @@ def test_rename_file_and_folder(root):
         storage.rename(storage.join(root, "ghost"), storage.join(root, "ghost2"))
 
 
+def test_list_folder_gives_files_and_folders_with_their_modification_times(root):
+    import time
+
+    before = time.time()
+    storage.write_bytes(storage.join(root, "sub", "deep.bin"), b"d")
+    storage.write_bytes(storage.join(root, ".hidden"), b"h")
+    entries = storage.list_folder(root)
+    assert [(e.name, e.is_dir) for e in entries] == [(".hidden", False), ("sub", True)]
+    assert all(e.uri == storage.join(root, e.name) for e in entries)
+    assert all(before - 5 <= e.modified <= time.time() + 5 for e in entries)  # clocks of one machine
+    with pytest.raises(FileNotFoundError):
+        storage.list_folder(storage.join(root, "ghost"))
+
+
+def test_a_folder_that_appears_at_the_destination_is_never_renamed_into(root):
+    """The backends' own rename refuses a destination that appeared after storage.rename looked: HDFS's plain
+    rename would move the source into that folder."""
+    storage.write_bytes(storage.join(root, "src", "f.bin"), b"src")
+    storage.write_bytes(storage.join(root, "dst", "g.bin"), b"dst")
+    backend, src = storage._resolve(storage.join(root, "src"))
+    _backend, dst = storage._resolve(storage.join(root, "dst"))
+    with pytest.raises(FileExistsError):
+        backend.rename(src, dst)
+    assert [info.name for info in storage.list_files(storage.join(root, "dst"))] == ["g.bin"]
+    assert storage.read_bytes(storage.join(root, "src", "f.bin")) == b"src"
+
+
 @pytest.mark.hdfs
 def test_hdfs_uri_without_authority_uses_the_configured_namenode(hdfs_tmp, tmp_path):
     path = hdfs_tmp.split("127.0.0.1:9000", 1)[1]

@@ -23,8 +23,9 @@ Layout under the cache root (``training.features_cache``; default ``_features_ca
         .tmp-snap-<id>/           a snapshot being written (renamed to snap-... when complete)
 
 Snapshots are immutable: a run writes a new one and moves ``CURRENT``; a superseded snapshot is
-deleted only when no lease younger than ``lease_hours`` is left in it, so two runs sharing a
-cache never delete what the other is reading.
+deleted only when no live lease is left in it (one younger than ``lease_hours``, or one whose
+process still runs on this host), so two runs sharing a cache never delete what the other is
+reading. The next run removes the expired leases (of killed runs) from the snapshots that stay.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from . import storage
+from .run_folder import process_runs
 from .spark.reader import ReadResult
 
 log = logging.getLogger(__name__)
@@ -208,22 +210,41 @@ class FeatureCache:
             except Exception as exc:  # noqa: BLE001 - a stale lease only delays a clean-up
                 log.warning("could not remove the cache lease %s: %s", lease, exc)
 
-    def _live_leases(self, snapshot: str) -> int:
+    def _leases(self, snapshot: str) -> list[tuple[str, dict[str, Any]]]:
+        """``[(uri, record)]`` of the leases on ``snapshot``: files in ``_readers/`` that hold a lease record."""
         try:
-            leases = storage.list_files(f"{snapshot}/_readers", recursive=False)
+            files = storage.list_files(f"{snapshot}/_readers", recursive=False)
         except FileNotFoundError:
-            return 0
-        live = 0
-        for info in leases:
+            return []
+        leases = []
+        for info in files:
             try:
-                since = float(json.loads(storage.read_bytes(info.uri)).get("since", 0))
-            except (FileNotFoundError, ValueError):
-                continue
-            live += time.time() - since < self.lease_seconds
-        return live
+                record = json.loads(storage.read_bytes(info.uri))
+                lease = {"host": str(record["host"]), "pid": int(record["pid"]), "since": float(record["since"])}
+            except (FileNotFoundError, ValueError, KeyError, TypeError):
+                continue  # released meanwhile, or not a lease: never counted, never removed
+            leases.append((info.uri, lease))
+        return leases
+
+    def _expired(self, lease: Mapping[str, Any]) -> bool:
+        """Older than lease_hours, and not held by a process still running on this host."""
+        if time.time() - lease["since"] < self.lease_seconds:
+            return False
+        return not (lease["host"] == socket.gethostname() and process_runs(lease["pid"], lease["since"]))
+
+    def _live_leases(self, snapshot: str) -> int:
+        return sum(not self._expired(lease) for _uri, lease in self._leases(snapshot))
+
+    def _remove_expired_leases(self, snapshot: str) -> None:
+        """Expired leases (their runs were killed) go when their snapshot stays."""
+        for uri, lease in self._leases(snapshot):
+            if self._expired(lease):
+                storage.delete(uri)
+                log.info("removed the expired cache lease %s (%s pid %s)", uri, lease["host"], lease["pid"])
 
     def prune(self, keep: str | None) -> list[str]:
-        """Delete superseded snapshots nobody reads, and temporary ones older than lease_hours."""
+        """Delete superseded snapshots nobody reads, temporary ones older than lease_hours, and the expired
+        leases on the snapshots that stay; returns the snapshots deleted."""
         removed = []
         try:
             names = {f.uri[len(self.uri) + 1 :].split("/", 1)[0] for f in storage.list_files(self.uri, recursive=True)}
@@ -231,16 +252,12 @@ class FeatureCache:
             return removed
         for name in sorted(names):
             uri = f"{self.uri}/{name}"
-            if keep and uri == keep:
+            if name.startswith("snap-") and ((keep and uri == keep) or self._live_leases(uri)):
+                self._remove_expired_leases(uri)
                 continue
-            if name.startswith("snap-") and self._live_leases(uri) == 0:
-                pass
-            elif name.startswith(".tmp-snap-") and self._age(name) > self.lease_seconds:
-                pass
-            else:
-                continue
-            storage.delete(uri, recursive=True)
-            removed.append(name)
+            if name.startswith("snap-") or (name.startswith(".tmp-snap-") and self._age(name) > self.lease_seconds):
+                storage.delete(uri, recursive=True)
+                removed.append(name)
         return removed
 
     @staticmethod

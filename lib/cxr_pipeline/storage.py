@@ -36,6 +36,7 @@ from :func:`hdfs_filesystem`; it is the one WebHDFS client of the project
 
 from __future__ import annotations
 
+import errno
 import getpass
 import io
 import logging
@@ -133,6 +134,19 @@ class FileInfo:
         return posixpath.basename(self.uri.rstrip("/"))
 
 
+@dataclass(frozen=True)
+class FolderEntry:
+    """One entry of a folder, file or folder, with its modification time (seconds since the epoch)."""
+
+    uri: str
+    is_dir: bool
+    modified: float
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.uri.rstrip("/"))
+
+
 # --------------------------------------------------------------------------- URIs
 def is_remote(uri: str | os.PathLike) -> bool:
     """True for anything that is not the local filesystem (hdfs://, s3a://, ...)."""
@@ -213,6 +227,12 @@ def list_files(uri: str | os.PathLike, recursive: bool = True) -> list[FileInfo]
     """The files (not folders) at ``uri``, sorted by URI; a file URI lists itself."""
     backend, path = _resolve(uri)
     return sorted(backend.list_files(path, recursive), key=lambda info: info.uri)
+
+
+def list_folder(uri: str | os.PathLike) -> list[FolderEntry]:
+    """The entries (files and folders) directly in the folder ``uri``, sorted by URI."""
+    backend, path = _resolve(uri)
+    return sorted(backend.list_folder(path), key=lambda entry: entry.uri)
 
 
 def read_bytes(uri: str | os.PathLike) -> bytes:
@@ -317,7 +337,10 @@ def delete(uri: str | os.PathLike, recursive: bool = False) -> bool:
 
 
 def rename(src_uri: str | os.PathLike, dst_uri: str | os.PathLike) -> None:
-    """Move a file or folder within one filesystem; ``dst_uri`` must not exist (parents are created)."""
+    """Move a file or folder within one filesystem; ``dst_uri`` must not exist (parents are created).
+
+    FileExistsError when it does, also when it appears at the last moment (on HDFS one NameNode rename that
+    refuses an existing destination; locally ``rename(2)``, which refuses a non-empty folder)."""
     src_backend, src = _resolve(src_uri)
     dst_backend, dst = _resolve(dst_uri)
     if src_backend.key != dst_backend.key:
@@ -601,6 +624,18 @@ class _LocalBackend:
         found = path.rglob("*") if recursive else path.iterdir()
         return [FileInfo(self._uri(p), p.stat().st_size) for p in found if p.is_file()]
 
+    def list_folder(self, path: Path) -> list[FolderEntry]:
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is not a folder")
+        entries = []
+        for child in path.iterdir():
+            try:
+                stat = child.lstat()
+            except FileNotFoundError:  # removed since the listing
+                continue
+            entries.append(FolderEntry(self._uri(child), child.is_dir() and not child.is_symlink(), stat.st_mtime))
+        return entries
+
     def read_bytes(self, path: Path) -> bytes:
         return path.read_bytes()
 
@@ -640,7 +675,12 @@ class _LocalBackend:
 
     def rename(self, src: Path, dst: Path) -> None:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(src, dst)
+        try:
+            os.rename(src, dst)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):  # a folder appeared at dst since the caller's check
+                raise FileExistsError(f"{dst} already exists") from exc
+            raise
 
 
 def hdfs_filesystem(uri: str, webhdfs_url: str | None = None, user: str | None = None) -> HdfsFilesystem:
@@ -724,6 +764,12 @@ class HdfsFilesystem:
     def content_summary(self, path: str) -> dict | None:
         """WebHDFS ContentSummary (``fileCount``, ``length``, ...), or None when nothing is there."""
         return self._call("summarize", path, self.client.content, path, strict=False)
+
+    def list_folder(self, path: str) -> list[FolderEntry]:
+        return [
+            FolderEntry(self.uri(posixpath.join(path, name)), st["type"] == "DIRECTORY", st["modificationTime"] / 1000)
+            for name, st in self.list_status(path)
+        ]
 
     def list_files(self, path: str, recursive: bool) -> list[FileInfo]:
         status = self.status(path)
@@ -899,5 +945,7 @@ class HdfsFilesystem:
         return bool(self._call("delete", path, self.client.delete, path, recursive=recursive))
 
     def rename(self, src: str, dst: str) -> None:
+        """Like :meth:`rename_to` without replace (a folder at ``dst`` is refused, never moved into); parents are
+        created."""
         self.makedirs(posixpath.dirname(dst) or "/")
-        self._call("rename", src, self.client.rename, src, dst)
+        self.rename_to(src, dst)

@@ -9,6 +9,9 @@ instance's state dir, next to its name/data dirs and its rendered config::
     hdfs.namenode_uri           # "hdfs://127.0.0.1:9000"
     hdfs.down()
 
+    with LocalHdfs().running():  # up for the block, then stops only the daemons it started (the tests do)
+        ...
+
 ``LocalHdfs(..., datanodes=2)`` is the replicated layout: two DataNodes (data dirs
 ``data`` and ``data-1``) and replication 2, so either DataNode can stop without
 losing a block. CLI: ``python -m cxr_pipeline.localstack.hdfs_cluster up|down|status [--datanodes 2]``.
@@ -24,6 +27,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +91,7 @@ class LocalHdfs:
         self.datanodes = [ProcessHandle(_datanode_name(i), DATANODE_CLASS, self.state_dir) for i in range(datanodes)]
         self.datanode = self.datanodes[0]
         self._registered_pids: dict[str, int] = {}
+        self.started: dict[str, int] = {}  # daemon name -> pid, of the daemons the latest up() started
         storage.register_webhdfs(self.namenode_uri, self.webhdfs_url)
 
     # -- addresses -----------------------------------------------------------
@@ -191,7 +197,10 @@ class LocalHdfs:
         return self.namenode.alive() and all(handle.alive() for handle in self.datanodes)
 
     def up(self, timeout: float = 90) -> LocalHdfs:
-        """Start (formatting on first use) and wait until writable; a no-op when already up."""
+        """Start (formatting on first use) and wait until writable; a no-op when already up.
+
+        :attr:`started` names the daemons this call started (none when all were running)."""
+        self.started = {}
         with state_lock(self.state_dir):
             self.write_config()  # also refreshes the client config of a running instance
             if self.is_running() and self._is_ready():
@@ -203,10 +212,10 @@ class LocalHdfs:
                 _log(f"formatting a new namespace in {self.state_dir / 'name'}")
                 self.format()
             if not self.namenode.alive():
-                self.namenode.start(self.java_command(NAMENODE_CLASS))
+                self.started[self.namenode.name] = self.namenode.start(self.java_command(NAMENODE_CLASS))
             for index, handle in enumerate(self.datanodes):
                 if not handle.alive():
-                    handle.start(self.datanode_command(index))
+                    self.started[handle.name] = handle.start(self.datanode_command(index))
             self._wait_ready(timeout)
             _log(f"HDFS up: {self.namenode_uri} (WebHDFS {self.webhdfs_url}), state in {self.state_dir}")
             return self
@@ -224,6 +233,35 @@ class LocalHdfs:
                 handle.stop(timeout)
             for port in self.all_ports.values():
                 wait_for_port_free(port, timeout=5)
+
+    def stop_started(self, started: Mapping[str, int], timeout: float = 20) -> list[str]:
+        """Stop the daemons of ``started`` (name -> pid, an earlier :attr:`started`) that still run under that
+        pid, DataNodes first; one found running, or restarted since by someone else, is left alone."""
+        with state_lock(self.state_dir):
+            stopped = []
+            for handle in (*self.datanodes, self.namenode):
+                pid = started.get(handle.name)
+                if pid is not None and handle.pid() == pid and handle.alive():
+                    handle.stop(timeout)
+                    stopped.append(handle.name)
+            for name, port in self.all_ports.items():
+                if name.split(" ")[0] in stopped:
+                    wait_for_port_free(port, timeout=5)
+            return stopped
+
+    @contextmanager
+    def running(self, timeout: float = 90) -> Iterator[LocalHdfs]:
+        """Up for the block, then stop only what this call started: an HDFS found running stays running."""
+        try:
+            self.up(timeout)
+        except BaseException:
+            self.stop_started(self.started)  # a start that failed half-way
+            raise
+        started = dict(self.started)
+        try:
+            yield self
+        finally:
+            self.stop_started(started)
 
     def status(self) -> dict[str, Any]:
         info: dict[str, Any] = {
