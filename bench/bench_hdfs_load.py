@@ -5,12 +5,17 @@ Makes a synthetic chest_xray tree of small JPEGs (cxr_pipeline.datasets.syntheti
 then, in one run and against the same HDFS, times end to end (process start to exit):
 
   plain    scripts/hdfs dfs -put -f SRC DEST          (one JVM, files one after another)
-  cli      scripts/hdfs_load.py SRC DEST --via cli     (scan+MD5, staged batches, rename, manifest, verify)
+  cli      scripts/hdfs_load.py SRC DEST --via cli     (scan+MD5, staged batches, mark, rename, manifest, verify)
   webhdfs  scripts/hdfs_load.py SRC DEST --via webhdfs
-  re-run   scripts/hdfs_load.py SRC DEST (cli target again: nothing to upload)
-  checksum scripts/hdfs_load.py SRC DEST --verify checksum (cli target again: every file re-read twice, MD5)
+  web-size scripts/hdfs_load.py SRC DEST --via webhdfs --verify size (a fresh target: what content checks cost)
+  rerun    scripts/hdfs_load.py SRC DEST --verify size (the cli target again, else the webhdfs one: nothing to
+           upload, sizes compared)
+  crc      scripts/hdfs_load.py SRC DEST --verify crc (that target again: HDFS's file checksum of every file,
+           against the same computed locally)
+  checksum scripts/hdfs_load.py SRC DEST --verify checksum (that target again: every file re-read, MD5)
 
-and prints files/s, MB/s and the ratio ours/plain (> 1: ours is faster).
+The first loads verify by hdfs_load.verify (conf/defaults.yaml). Prints files/s, MB/s, the ratio
+ours/plain (> 1: ours is faster), and what crc and checksum cost against sizes only.
 
     PYTHONPATH=lib .venv/bin/python bench/bench_hdfs_load.py [--n 2000] [--size 256x256] [--workers 8]
 """
@@ -62,8 +67,8 @@ def main() -> int:
     parser.add_argument("--tree", type=Path, help="reuse/keep the synthetic tree here (default: a temp dir)")
     parser.add_argument(
         "--modes",
-        default="plain,cli,webhdfs,rerun,checksum",
-        help="comma list (default %(default)s; rerun and checksum need cli first)",
+        default="plain,cli,webhdfs,web-size,rerun,crc,checksum",
+        help="comma list (default %(default)s; rerun, crc and checksum need cli or webhdfs first)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the HDFS copies")
     args = parser.parse_args()
@@ -80,6 +85,8 @@ def main() -> int:
             f" {len(files) - len(images)} other file(s); workers={args.workers}; HDFS {hdfs.namenode_uri}"
         )
         loader = [sys.executable, str(REPO / "scripts" / "hdfs_load.py"), str(tree)]
+        modes = args.modes.split(",")
+        again = f"{base}/cli" if "cli" in modes else f"{base}/webhdfs"  # what rerun, crc and checksum load again
         commands = {
             "plain": [str(REPO / "scripts" / "hdfs"), "dfs", "-put", "-f", str(tree), f"{base}/plain"],
             "cli": [*loader, f"{base}/cli", "--via", "cli", "--workers", str(args.workers), "--no-progress"],
@@ -92,21 +99,26 @@ def main() -> int:
                 str(args.workers),
                 "--no-progress",
             ],
-            "rerun": [*loader, f"{base}/cli", "--via", "cli", "--workers", str(args.workers), "--no-progress"],
-            "checksum": [
+            "web-size": [
                 *loader,
-                f"{base}/cli",
+                f"{base}/webhdfs-size",
+                "--via",
+                "webhdfs",
                 "--verify",
-                "checksum",
+                "size",
                 "--workers",
                 str(args.workers),
                 "--no-progress",
             ],
+            **{
+                mode: [*loader, again, "--verify", verify, "--workers", str(args.workers), "--no-progress"]
+                for mode, verify in (("rerun", "size"), ("crc", "crc"), ("checksum", "checksum"))
+            },
         }
         storage.makedirs(base)
         results = {}
         try:
-            for mode in args.modes.split(","):
+            for mode in modes:
                 seconds = timed(commands[mode])
                 results[mode] = seconds
                 print(f"  {mode:<8} {seconds:8.1f} s", flush=True)
@@ -117,9 +129,16 @@ def main() -> int:
     for mode, seconds in results.items():
         ratio = f"{results['plain'] / seconds:10.2f}" if "plain" in results and mode != "plain" else f"{'':>10}"
         print(f"{mode:<8} {seconds:8.1f} {len(images) / seconds:8.1f} {n_bytes / 1e6 / seconds:7.2f} {ratio}")
-    print("(ours/plain = plain seconds / our seconds, i.e. throughput ratio; 'rerun' and 'checksum' upload nothing)")
-    if "rerun" in results and "checksum" in results:
-        print(f"--verify checksum re-run / size re-run: {results['checksum'] / results['rerun']:.2f}x the time")
+    print("(ours/plain = plain seconds / our seconds, i.e. throughput ratio; rerun, crc and checksum upload nothing)")
+    for mode in ("crc", "checksum"):
+        if "rerun" in results and mode in results:
+            extra = results[mode] - results["rerun"]
+            print(
+                f"--verify {mode} re-run / size re-run: {results[mode] / results['rerun']:.2f}x the time "
+                f"(+{extra:.1f} s, {extra / len(images) * 1e3:.1f} ms per file)"
+            )
+    if "webhdfs" in results and "web-size" in results:
+        print(f"webhdfs load verified as configured / --verify size: {results['webhdfs'] / results['web-size']:.2f}x")
     return 0
 
 

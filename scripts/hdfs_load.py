@@ -2,7 +2,7 @@
 """Push a local chest_xray tree into HDFS (`make hdfs-load`): resumable, verified, junk skipped.
 
     scripts/hdfs_load.py [SRC] [DEST] [--via auto|webhdfs|cli] [--workers N] [--dry-run]
-                         [--verify size|checksum] [--replace] [--break-lock]
+                         [--verify size|crc|checksum] [--replace] [--break-lock]
 
 Exit codes: 0 loaded and verified; 1 verification mismatch (including files kept because
 hdfs-load did not write them); 2 usage, source, permission or other HDFS error; 3 HDFS
@@ -53,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--verify",
         choices=hdfs_load.VERIFY_MODES,
-        help="size: compare sizes; checksum: also "
-        "re-read every file from HDFS and compare its MD5 with the local file's (plan and "
-        "verification); default: hdfs_load.verify",
+        help="size: compare sizes only; crc: also compare content by HDFS's file checksum (an MD5 of the "
+        "CRC32Cs HDFS stores per block) with the same computed from the local file, without re-reading "
+        "anything; checksum: re-read every file from HDFS and compare MD5s (plan and verification); "
+        "default: hdfs_load.verify",
     )
     parser.add_argument(
         "--replace",
@@ -65,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--break-lock",
         action="store_true",
-        help="remove DEST's lock left by a load that was "
-        "killed (its holder is named when a load is refused); only when no load is running",
+        help="remove DEST's lock left by a load that was killed (its holder is named when a load is "
+        "refused); refused while that load runs: on this host while its process lives, on another "
+        "host until its lease has gone unrenewed for hdfs_load.lock_lease_s",
     )
     parser.add_argument("--webhdfs-url", help="WebHDFS URL of the target's NameNode (default: from config)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -114,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
             dry_run=args.dry_run,
             progress=not args.no_progress and sys.stderr.isatty(),
             replace=args.replace,
-            verify_mode=args.verify or section.get("verify") or "size",
+            verify_mode=args.verify or section["verify"],
             break_lock=args.break_lock,
+            lock_lease_s=section["lock_lease_s"],
         )
     except Exception as exc:
         code = exit_code(exc)

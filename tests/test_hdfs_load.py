@@ -195,10 +195,27 @@ def test_plan_keeps_files_it_did_not_write_unless_replace():
         rewritten.rel: "size differs",
     }
     assert plan.size_only == [same_size.rel]
-    by_content = make_plan([same_size], remote, {}, remote_md5={same_size.rel: "f" * 32})
+    by_content = make_plan([same_size], remote, {}, content_equal={same_size.rel: False})
     assert [(f.rel, why) for f, why in by_content.kept_foreign] == [(same_size.rel, "content differs")]
     forced = make_plan([unrecorded, rewritten, same_size], remote, manifest, replace=True)
     assert {f.rel for f, _ in forced.to_upload} == forced.replacing == {unrecorded.rel, rewritten.rel}
+
+
+def test_plan_takes_a_file_whose_mark_gives_its_size_as_its_own():
+    kept, resized, foreign = (
+        local_file(f"train/NORMAL/{n}.jpeg", tiny_jpeg(i)) for i, n in enumerate(["kept", "resized", "foreign"])
+    )
+    remote = {kept.rel: kept.size, resized.rel: resized.size + 3, foreign.rel: foreign.size + 1}
+    marks = {
+        kept.rel: {"size": kept.size, "md5": kept.md5},
+        resized.rel: {"size": resized.size + 3, "md5": "1" * 32},  # its load was killed before the manifest
+        foreign.rel: {"size": foreign.size, "md5": foreign.md5},  # appended to since: no longer what it sent
+    }
+    plan = make_plan([kept, resized, foreign], remote, {}, marks=marks)
+    assert [f.rel for f in plan.unchanged] == [kept.rel] and plan.size_only == []
+    assert [(f.rel, why) for f, why in plan.to_upload] == [(resized.rel, "size differs")]
+    assert [(f.rel, why) for f, why in plan.kept_foreign] == [(foreign.rel, "size differs")]
+    assert plan.adopted == {kept.rel: {"size": kept.size, "md5": kept.md5}, resized.rel: marks[resized.rel]}
 
 
 def test_merge_manifest_keeps_true_records_and_adds_placed():
@@ -262,6 +279,12 @@ def test_cli_help_and_missing_source(tmp_path):
     result = run_cli(str(tmp_path / "nope"), "hdfs://127.0.0.1:9000/tests/never")
     assert result.returncode == 2
     assert "source folder" in result.stderr and "does not exist" in result.stderr
+
+
+def test_a_lease_of_no_time_is_refused(tmp_path):
+    root = make_tree(tmp_path / "chest_xray", 1)
+    result = run_cli(str(root), "hdfs://127.0.0.1:9000/tests/never", "--set", "hdfs_load.lock_lease_s=0")
+    assert result.returncode == 2 and "hdfs_load.lock_lease_s must be a number of seconds above 0" in result.stderr
 
 
 def test_unreachable_namenode_exit_3(tmp_path):
@@ -328,7 +351,7 @@ def test_cli_transport_and_changed_files_are_reuploaded(tmp_path, hdfs_tmp):
     same_size.write_bytes(bytes(data))
     grown = root / "val" / "NORMAL" / "img001.jpeg"
     grown.write_bytes(tiny_jpeg(99, size=60))
-    second = hdfs_load.load_tree(root, target, via="webhdfs", workers=2, progress=False)
+    second = hdfs_load.load_tree(root, target, via="webhdfs", workers=2, progress=False, verify_mode="size")
     assert {f.rel: why for f, why in second.plan.to_upload} == {
         "train/NORMAL/img000.jpeg": "checksum differs",
         "val/NORMAL/img001.jpeg": "size differs",
@@ -567,7 +590,7 @@ def test_manifest_records_the_bytes_sent_when_the_source_changes_during_the_uplo
     assert report.ok and report.changed_during_upload == [rel]
 
     (root / rel).write_bytes(data)  # back to what the scan saw: HDFS has the rewritten bytes
-    again = hdfs_load.load_tree(root, target, via="webhdfs", progress=False)
+    again = hdfs_load.load_tree(root, target, via="webhdfs", progress=False, verify_mode="size")  # by the manifest
     assert [(f.rel, why) for f, why in again.plan.to_upload] == [(rel, "checksum differs")]
     assert_byte_identical(root, target)
 
@@ -592,7 +615,7 @@ def test_verify_checksum_compares_content(tmp_path, hdfs_tmp):
     foreign, ours = "train/NORMAL/img000.jpeg", "val/NORMAL/img001.jpeg"
     same_size_other_bytes = bytes(b ^ 0xFF for b in (root / foreign).read_bytes())
     storage.write_bytes(f"{target}/{foreign}", same_size_other_bytes)  # not written by hdfs-load
-    first = hdfs_load.load_tree(root, target, via="webhdfs", progress=False)
+    first = hdfs_load.load_tree(root, target, via="webhdfs", progress=False, verify_mode="size")
     assert first.ok and first.plan.size_only == [foreign]  # sizes alone cannot tell
     storage.write_bytes(f"{target}/{ours}", bytes(b ^ 0xFF for b in (root / ours).read_bytes()))
 
@@ -603,3 +626,234 @@ def test_verify_checksum_compares_content(tmp_path, hdfs_tmp):
     assert storage.read_bytes(f"{target}/{ours}") == (root / ours).read_bytes()
     assert storage.read_bytes(f"{target}/{foreign}") == same_size_other_bytes
     assert "VERIFY FAILED: 1 mismatch" in result.stdout and "content differs: MD5" in result.stdout
+
+
+# -- a live load is never broken; a killed load's files stay its own (issue 30 §3) -----------
+
+
+def start_loader(root: Path, target: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(root), target, "--no-progress", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_placed(target: str, proc: subprocess.Popen, count: int) -> None:
+    deadline = time.monotonic() + 240
+    while len(visible_files(target)) < count and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the load ended before it could be interrupted: " + proc.communicate()[1]
+
+
+def manifest_records(target: str) -> dict[str, dict]:
+    return json.loads(storage.read_bytes(f"{target}/{hdfs_load.MANIFEST_NAME}"))["files"]
+
+
+@pytest.mark.hdfs
+def test_break_lock_is_refused_while_the_holder_runs(tmp_path, hdfs_tmp):
+    n = 60
+    root = make_tree(tmp_path / "chest_xray", n)
+    target = f"{hdfs_tmp}/chest_xray"
+    first = start_loader(root, target, "--via", "webhdfs", "--workers", "1")
+    try:
+        wait_for_placed(target, first, 3)
+        second = run_cli(str(root), target, "--via", "webhdfs", "--break-lock")
+        assert first.poll() is None, "the first load ended before the second one tried"
+    finally:
+        out, err = first.communicate(timeout=300)
+    assert second.returncode == 4, second.stdout + second.stderr
+    assert "--break-lock refused" in second.stderr and f"pid {first.pid} " in second.stderr, second.stderr
+    assert "appeared on HDFS during the load" not in out + second.stdout
+    assert first.returncode == 0, out + err
+    assert f"verified: {n} file(s)" in out
+    assert len(manifest_records(target)) == n
+    again = run_cli(str(root), target, "--via", "webhdfs")
+    assert again.returncode == 0 and f"already on HDFS: {n} file(s)\n" in again.stdout, again.stdout
+
+
+@pytest.mark.hdfs
+def test_a_killed_loads_files_stay_its_own(tmp_path, hdfs_tmp):
+    n = 60
+    root = make_tree(tmp_path / "chest_xray", n)
+    target = f"{hdfs_tmp}/chest_xray"
+    killed = start_loader(root, target, "--via", "webhdfs", "--workers", "1")
+    wait_for_placed(target, killed, 20)
+    killed.kill()
+    killed.communicate(timeout=60)
+    placed_before_the_kill = sorted(visible_files(target))
+    assert 20 <= len(placed_before_the_kill) < n
+
+    resumed = run_cli(str(root), target, "--via", "webhdfs", "--break-lock")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "matched by size only" not in resumed.stdout
+    assert sorted(manifest_records(target)) == sorted(local_images(root))
+
+    changed = root / placed_before_the_kill[0]
+    changed.write_bytes(tiny_jpeg(200, size=70))  # another size: a plan by sizes alone sees it
+    again = run_cli(str(root), target, "--via", "webhdfs")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "NOT REPLACED" not in again.stdout and "planned uploads: 1 size differs" in again.stdout
+    assert_byte_identical(root, target)
+
+
+@pytest.mark.hdfs
+def test_manifest_writes_keep_another_writers_records(tmp_path, hdfs_tmp):
+    root = make_tree(tmp_path / "chest_xray", 3)
+    target = f"{hdfs_tmp}/chest_xray"
+    theirs = "train/NORMAL/theirs.jpeg"
+
+    def another_writer_records_a_file(f: LocalFile) -> None:  # lands between this load's plan and its record
+        if not storage.exists(f"{target}/{theirs}"):
+            storage.write_bytes(f"{target}/{theirs}", b"their bytes")
+            remote = hdfs_load.RemoteTree(hdfs_load.resolve_target(target))
+            record = {"size": 11, "md5": hashlib.md5(b"their bytes").hexdigest()}
+            remote.write_manifest({theirs: record}, "another-run")
+
+    report = hdfs_load.load_tree(
+        root, target, via="webhdfs", workers=1, progress=False, on_placed=another_writer_records_a_file
+    )
+    assert report.ok
+    assert sorted(manifest_records(target)) == sorted([*local_images(root), theirs])
+
+
+# -- content verification by default (issue 30 §4) ----------------------------------------------
+
+
+@pytest.mark.hdfs
+def test_same_size_junk_over_a_loaded_file_is_found_by_default(tmp_path, hdfs_tmp):
+    root = make_tree(tmp_path / "chest_xray", 3)
+    target = f"{hdfs_tmp}/chest_xray"
+    assert run_cli(str(root), target, "--via", "webhdfs").returncode == 0
+    rel = "val/NORMAL/img001.jpeg"
+    junk = bytes(b ^ 0xFF for b in (root / rel).read_bytes())
+    storage.write_bytes(f"{target}/{rel}", junk)  # same size, other bytes
+
+    by_size = run_cli(str(root), target, "--via", "webhdfs", "--verify", "size")
+    assert by_size.returncode == 0, by_size.stdout + by_size.stderr
+    assert "only sizes were compared" in by_size.stdout
+    assert storage.read_bytes(f"{target}/{rel}") == junk
+
+    default = run_cli(str(root), target, "--via", "webhdfs")
+    assert default.returncode == 0, default.stdout + default.stderr
+    assert "planned uploads: 1 content differs" in default.stdout
+    assert "verified: 3 file(s) on HDFS with matching sizes and HDFS checksums" in default.stdout
+    assert_byte_identical(root, target)
+
+
+@pytest.mark.hdfs
+@pytest.mark.parametrize(
+    "size, block_size",
+    [
+        pytest.param(3000, None, id="one-block-partial-chunk"),
+        pytest.param(2_500_000, 1 << 20, id="three-blocks"),
+        pytest.param(5 * (1 << 20) + 17, 1 << 20, id="six-blocks"),
+        pytest.param(4 * (1 << 20), 1 << 20, id="four-whole-blocks"),
+    ],
+)
+def test_hdfs_checksum_computed_locally_is_the_namenodes(hdfs_tmp, tmp_path, size, block_size):
+    data = os.urandom(size)
+    local = tmp_path / "x.bin"
+    local.write_bytes(data)
+    fs = storage.hdfs_filesystem(hdfs_tmp)
+    path = f"{hdfs_load.resolve_target(hdfs_tmp).path}/x.bin"
+    fs.client.write(path, data=data, **({"blocksize": block_size} if block_size else {}))
+    theirs = hdfs_load.HdfsChecksum.from_webhdfs(fs.file_checksum(path), path)
+    assert theirs.of_local_file(local) == theirs.md5
+    changed = bytearray(data)
+    changed[size // 2] ^= 1
+    local.write_bytes(bytes(changed))
+    assert theirs.of_local_file(local) != theirs.md5
+
+
+@pytest.mark.hdfs
+def test_hdfs_checksum_asks_another_datanode_when_one_refuses(hdfs_tmp, monkeypatch):
+    from test_storage import first_redirect_to, refusing_port, without_backoff
+
+    without_backoff(monkeypatch)
+    fs = storage.hdfs_filesystem(hdfs_tmp)
+    path = f"{hdfs_load.resolve_target(hdfs_tmp).path}/x.bin"
+    fs.create(path, b"x" * 5000)
+    expected = fs.file_checksum(path)
+    with refusing_port() as port:
+        redirects = first_redirect_to(fs, port, monkeypatch)
+        assert fs.file_checksum(path) == expected
+    assert len(redirects) == 2, "the checksum went back to the NameNode once"
+
+
+# -- the lock's lease -----------------------------------------------------------------------------
+
+
+def write_lock(target: str, host: str, pid: int, proc_start: int | None = None) -> None:
+    owner = hdfs_load.Owner("held-" + host, host, pid, "someone", "2026-01-01T00:00:00Z", proc_start)
+    storage.write_bytes(f"{target}/{hdfs_load.LOCK_NAME}", owner.to_json())
+
+
+@pytest.mark.hdfs
+def test_break_lock_takes_another_hosts_lock_only_once_its_lease_expired(tmp_path, hdfs_tmp):
+    root = make_tree(tmp_path / "chest_xray", 2)
+    target = f"{hdfs_tmp}/chest_xray"
+    write_lock(target, "another-host", 4242)
+    with pytest.raises(hdfs_load.TargetLocked, match="--break-lock refused: .* lease was renewed 0 s ago"):
+        hdfs_load.load_tree(root, target, via="webhdfs", progress=False, break_lock=True, lock_lease_s=60)
+    assert storage.exists(f"{target}/{hdfs_load.LOCK_NAME}") and not visible_files(target)
+
+    fs = storage.hdfs_filesystem(target)
+    lock = f"{hdfs_load.resolve_target(target).path}/{hdfs_load.LOCK_NAME}"
+    fs.set_modification_time(lock, fs.status(lock)["modificationTime"] - 61_000)  # not renewed for 61 s
+    report = hdfs_load.load_tree(root, target, via="webhdfs", progress=False, break_lock=True, lock_lease_s=60)
+    assert report.ok and report.broken_lock.host == "another-host"
+    assert "broke the lock of someone@another-host pid 4242" in hdfs_load.format_summary(report)
+
+
+def test_a_reused_pid_is_not_the_lock_holder():
+    with subprocess.Popen(["sleep", "60"]) as other:
+        try:
+            started = hdfs_load.process_start(other.pid)
+            assert started is not None
+            here = socket.gethostname()
+            assert hdfs_load.Owner("r", here, other.pid, "u", "t", started).running() is True
+            assert hdfs_load.Owner("r", here, other.pid, "u", "t", started - 1).running() is False
+            assert hdfs_load.Owner("r", here, other.pid, "u", "t", None).running() is True  # an older lock
+        finally:
+            other.kill()
+
+
+@pytest.mark.hdfs
+def test_a_running_load_renews_its_lease(tmp_path, hdfs_tmp):
+    root = make_tree(tmp_path / "chest_xray", 2)
+    target = f"{hdfs_tmp}/chest_xray"
+    fs = storage.hdfs_filesystem(target)
+    lock = f"{hdfs_load.resolve_target(target).path}/{hdfs_load.LOCK_NAME}"
+    renewed: list[int] = []
+
+    def wait_for_a_renewal(f: LocalFile) -> None:
+        if renewed:
+            return
+        first = fs.status(lock)["modificationTime"]
+        deadline = time.monotonic() + 60
+        while fs.status(lock)["modificationTime"] == first and time.monotonic() < deadline:
+            time.sleep(0.1)
+        renewed.append(fs.status(lock)["modificationTime"] - first)
+
+    report = hdfs_load.load_tree(
+        root, target, via="webhdfs", workers=1, progress=False, lock_lease_s=2, on_placed=wait_for_a_renewal
+    )
+    assert report.ok and renewed[0] > 0
+
+
+@pytest.mark.hdfs
+def test_a_load_whose_lock_is_taken_stops(tmp_path, hdfs_tmp):
+    n = 60
+    root = make_tree(tmp_path / "chest_xray", n)
+    target = f"{hdfs_tmp}/chest_xray"
+    loader = start_loader(root, target, "--via", "webhdfs", "--workers", "1", "--set", "hdfs_load.lock_lease_s=2")
+    wait_for_placed(target, loader, 3)
+    write_lock(target, "another-host", 4242)  # in one rename: what a --break-lock does, had the lease expired
+    out, err = loader.communicate(timeout=300)
+    assert loader.returncode == 4, out + err
+    assert "this load lost its lock" in err and "now held by someone@another-host pid 4242" in err, err
+    assert len(visible_files(target)) < n
+    assert hdfs_load.Owner.from_json(storage.read_bytes(f"{target}/{hdfs_load.LOCK_NAME}")).host == "another-host"

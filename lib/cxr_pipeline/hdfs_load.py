@@ -12,25 +12,34 @@ scan
 plan
     The remote listing gives sizes, and ``<target>/.hdfs_load_manifest.json`` gives the
     size and MD5 of the bytes each earlier load sent. A file is uploaded when it is
-    missing, its size differs, or its recorded MD5 differs from the local one. A file
-    at the final path that this tool did not write (no record, or a record whose size
-    no longer matches) is never replaced unless ``replace``; it is listed instead. (HDFS's
-    own checksums are MD5-of-CRC32C and not comparable with a plain MD5, so a file placed
-    by something else is matched by size only, and reported so; ``verify_mode="checksum"``
-    re-reads the remote files and compares content, in the plan and in the verification.)
+    missing, its size differs, its content differs (``verify_mode`` ``crc``, the default:
+    HDFS's own file checksum against the same computed from the local file; ``checksum``:
+    a re-read), or its recorded MD5 differs from the local one. A file at the final path
+    is this tool's when the manifest records it with its current size, or, failing that,
+    when its own mark (an extended attribute set before it was renamed into place) does:
+    so the files of a load killed before it wrote the manifest stay its own. Any other
+    file that differs is never replaced unless ``replace``; it is listed instead.
+    (``verify_mode="size"`` compares sizes only and says so: a same-size rewrite passes.)
 transfer
     One load per target at a time: ``<target>/.hdfs_load.lock`` is created without
-    overwrite and names the loader (host, pid, user, start); a second load is refused
-    with that name, and a stale lock is only broken on request (``break_lock``).
+    overwrite and names the loader (host, pid and its start time, user, start); a second
+    load is refused with that name. The holder renews a lease on it (its modification
+    time, set to the NameNode's clock every ``lock_lease_s``/4); ``break_lock`` removes
+    the lock only when its holder is gone: on this host its process has ended, on another
+    host the lease has not been renewed for ``lock_lease_s``. A load whose lock was taken
+    from it stops before placing another file.
     Every file goes to ``<target>/.staging-<runid>/<split>/<CLASS>/<file>`` first and is
     then renamed to its final name; an HDFS rename is atomic, so an interrupted load
     (Ctrl-C, killed, NameNode gone) never leaves a partial file under the final name.
     Each staging folder carries a marker naming its loader; a later load removes only
     folders with that marker whose loader is gone (not a user's ``.staging-x`` folder).
-    The manifest records the MD5 of the bytes actually sent (hashed while streaming over
-    WebHDFS; for ``hdfs dfs -put``, the scan's MD5 if the file was untouched since, else
-    a re-read of the staged copy), so a source rewritten during the upload cannot leave
-    HDFS and the manifest disagreeing.
+    Each staged file gets its mark (``user.cxr_pipeline.hdfs_load``: size, MD5, run)
+    before the rename, so there is no instant at which a placed file is not recorded.
+    The manifest is rewritten by merging: it is read again just before each write and
+    keeps every record that still matches the file's size. It records the MD5 of the
+    bytes actually sent (hashed while streaming over WebHDFS; for ``hdfs dfs -put``, the
+    scan's MD5 if the file was untouched since, else a re-read of the staged copy), so a
+    source rewritten during the upload cannot leave HDFS and the manifest disagreeing.
     Transports for the bytes: ``cli`` runs ``hdfs dfs -put`` on a few batches of
     files in parallel (one JVM per batch instead of one per file); ``webhdfs``
     uses a thread pool (one WebHDFS client per thread); ``auto`` takes ``cli`` for big
@@ -38,25 +47,31 @@ transfer
     and the manifest go through WebHDFS in both cases.
 verify
     The target is listed again and every source image must be there with its current
-    size (``checksum``: and the same MD5, re-read from HDFS); ``LoadReport.ok`` is False
+    size and, by ``verify_mode``, content (``crc``: HDFS's file checksum, which a DataNode
+    computes from the CRCs stored with each block, against the same computed locally;
+    ``checksum``: an MD5 of the file re-read from HDFS), each file's content compared once
+    per run (the plan's comparison stands for the files it found equal); ``LoadReport.ok`` is False
     on any mismatch, including files that were kept because this tool did not write them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
 import math
 import os
 import posixpath
+import re
 import socket
 import subprocess
 import tempfile
 import threading
 import time
 import uuid
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -71,9 +86,12 @@ MANIFEST_NAME = ".hdfs_load_manifest.json"
 LOCK_NAME = ".hdfs_load.lock"
 STAGING_PREFIX = ".staging-"
 STAGING_MARKER = ".hdfs_load_staging.json"  # inside each staging folder: who made it
+CLOCK_PROBE_PREFIX = ".hdfs_load.clock-"  # a short-lived empty file: the NameNode's time (lease ages)
+OWN_PREFIX = ".hdfs_load"  # top-level names of the loader's own files (lock, manifest, clock probes)
+MARK_XATTR = "user.cxr_pipeline.hdfs_load"  # on every file it placed: the size and MD5 it sent
 WRITTEN_BY = "cxr_pipeline.hdfs_load"
 TRANSPORTS = ("auto", "cli", "webhdfs")
-VERIFY_MODES = ("size", "checksum")
+VERIFY_MODES = ("size", "crc", "checksum")
 HEAD_BYTES = 256  # enough for every signature dataset_layout sniffs (DICOM's sits at byte 128)
 # A `hdfs dfs -put` JVM costs ~1.5 s to start; a small file ~0.2-0.4 s (Hadoop 2.7's completeFile back-off).
 MIN_FILES_PER_CLI_BATCH = 25
@@ -233,6 +251,8 @@ class Plan:
     extra_remote: list[str]  # files under the target that the source does not have
     replacing: set[str] = field(default_factory=set)  # rel paths that exist remotely and will be replaced
     kept_foreign: list[tuple[LocalFile, str]] = field(default_factory=list)  # differ, not ours, no --replace
+    adopted: dict[str, dict[str, object]] = field(default_factory=dict)  # ours by their mark, not in the manifest
+    same_content: set[str] = field(default_factory=set)  # unchanged files whose content was compared and equal
 
     @property
     def upload_bytes(self) -> int:
@@ -240,15 +260,26 @@ class Plan:
 
 
 def _difference(
-    f: LocalFile, remote_size: int, record: Mapping[str, object] | None, remote_md5: str | None
+    f: LocalFile, remote_size: int, record: Mapping[str, object] | None, content_equal: bool | None
 ) -> str | None:
     """Why the remote copy of ``f`` is not the local file, or None when it is (as far as can be told)."""
     if remote_size != f.size:
         return "size differs"
-    if remote_md5 is not None:
-        return "content differs" if remote_md5 != f.md5 else None
+    if content_equal is not None:
+        return None if content_equal else "content differs"
     if record is not None and record.get("md5") != f.md5:
         return "checksum differs"
+    return None
+
+
+def own_record(
+    recorded: Mapping[str, object] | None, mark: Mapping[str, object] | None, remote_size: int
+) -> Mapping[str, object] | None:
+    """What this tool wrote at a path, when the file there is still that: the manifest's record, else the file's
+    own mark, whichever gives its current size; None when neither does (not this tool's file)."""
+    for record in (recorded, mark):
+        if record is not None and record.get("size") == remote_size:
+            return record
     return None
 
 
@@ -257,13 +288,17 @@ def make_plan(
     remote_sizes: Mapping[str, int],
     manifest: Mapping[str, Mapping[str, object]],
     replace: bool = False,
-    remote_md5: Mapping[str, str] | None = None,
+    content_equal: Mapping[str, bool] | None = None,
+    marks: Mapping[str, Mapping[str, object] | None] | None = None,
 ) -> Plan:
     """What to upload, given the local files, the remote ``{rel: size}`` and the recorded ``{rel: {size, md5}}``.
 
-    A remote file is this tool's when the manifest records it with its current size; any other file that
-    differs from the source is kept (``kept_foreign``) unless ``replace``. ``remote_md5`` (``{rel: md5}`` of
-    re-read remote files) makes the comparison by content."""
+    A remote file is this tool's when the manifest records it with its current size, or its mark (``marks``:
+    ``{rel: record}`` read from the files the manifest does not record so) does; any other file that differs
+    from the source is kept (``kept_foreign``) unless ``replace``. ``content_equal`` (``{rel: bool}``, by HDFS
+    checksums or a re-read) makes the comparison by content."""
+    content_equal = content_equal or {}
+    marks = marks or {}
     plan = Plan([], [], [], [])
     local_rels = set()
     for f in files:
@@ -272,14 +307,18 @@ def make_plan(
         if remote_size is None:
             plan.to_upload.append((f, "missing"))
             continue
-        record = manifest.get(f.rel)
-        ours = record is not None and record.get("size") == remote_size
-        why = _difference(f, remote_size, record if ours else None, (remote_md5 or {}).get(f.rel))
+        recorded = manifest.get(f.rel)
+        record = own_record(recorded, marks.get(f.rel), remote_size)
+        if record is not None and record is not recorded:
+            plan.adopted[f.rel] = {"size": record["size"], "md5": record.get("md5")}
+        why = _difference(f, remote_size, record, content_equal.get(f.rel))
         if why is None:
             plan.unchanged.append(f)
-            if not ours and f.rel not in (remote_md5 or {}):
+            if content_equal.get(f.rel):
+                plan.same_content.add(f.rel)
+            if record is None and f.rel not in content_equal:
                 plan.size_only.append(f.rel)
-        elif ours or replace:
+        elif record is not None or replace:
             plan.to_upload.append((f, why))
             plan.replacing.add(f.rel)
         else:
@@ -289,12 +328,20 @@ def make_plan(
 
 
 def merge_manifest(
-    previous: Mapping[str, Mapping[str, object]], remote_sizes: Mapping[str, int], placed: Iterable[LocalFile]
+    previous: Mapping[str, Mapping[str, object]],
+    remote_sizes: Mapping[str, int],
+    placed: Iterable[LocalFile],
+    adopted: Mapping[str, Mapping[str, object]] | None = None,
 ) -> dict[str, dict[str, object]]:
-    """Records still true (same remote size) plus the files this load placed (size and MD5 as sent)."""
+    """Records still true (same remote size), whoever wrote them, plus the files found to be this tool's by
+    their mark and the files this load placed (size and MD5 as sent)."""
     merged = {rel: dict(rec) for rel, rec in previous.items() if remote_sizes.get(rel) == rec.get("size")}
+    for rel, rec in (adopted or {}).items():
+        if remote_sizes.get(rel) == rec.get("size"):
+            merged[rel] = dict(rec)
     for f in placed:
-        merged[f.rel] = {"size": f.size, "md5": f.md5}
+        if remote_sizes.get(f.rel) == f.size:
+            merged[f.rel] = {"size": f.size, "md5": f.md5}
     return dict(sorted(merged.items()))
 
 
@@ -307,6 +354,15 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks after boot, from /proc): tells a reused pid from the
+    process that had it. None where there is no /proc entry for it."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 @dataclass(frozen=True)
 class Owner:
     """A load: written into the target's lock and into each staging folder's marker."""
@@ -316,11 +372,17 @@ class Owner:
     pid: int
     user: str
     started_at: str
+    proc_start: int | None = None  # process_start(pid) when it was written; None: unknown
 
     @classmethod
     def this_process(cls, user: str) -> Owner:
         return cls(
-            new_run_id(), socket.gethostname(), os.getpid(), user, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            new_run_id(),
+            socket.gethostname(),
+            os.getpid(),
+            user,
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            process_start(os.getpid()),
         )
 
     def to_json(self) -> bytes:
@@ -330,10 +392,16 @@ class Owner:
     def from_json(cls, raw: bytes) -> Owner | None:
         try:
             data = json.loads(raw)
+            proc_start = data.get("proc_start")  # absent from locks written before it was recorded
             return cls(
-                str(data["run_id"]), str(data["host"]), int(data["pid"]), str(data["user"]), str(data["started_at"])
+                str(data["run_id"]),
+                str(data["host"]),
+                int(data["pid"]),
+                str(data["user"]),
+                str(data["started_at"]),
+                None if proc_start is None else int(proc_start),
             )
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
     def running(self) -> bool | None:
@@ -347,11 +415,28 @@ class Owner:
         except ProcessLookupError:
             return False
         except PermissionError:  # another user's live process
-            return True
-        return True
+            pass
+        started = process_start(self.pid)
+        return self.proc_start is None or started is None or started == self.proc_start
 
     def describe(self) -> str:
         return f"{self.user}@{self.host} pid {self.pid} since {self.started_at} (run {self.run_id})"
+
+
+def holder_alive(holder: Owner | None, lease_age_s: Callable[[], float], lease_s: float) -> tuple[bool, str]:
+    """Whether the load holding a lock may still be running, and why. On this host its process tells; on
+    another host (or for an unreadable lock) the lease does: a running load renews it every ``lease_s``/4
+    seconds, so a lock not renewed for ``lease_s`` (``lease_age_s()``, by the NameNode's clock) is a dead one's."""
+    running = holder.running() if holder is not None else None
+    if running is not None:
+        return running, f"that process is {'still' if running else 'no longer'} running on this host"
+    age = lease_age_s()
+    if age < lease_s:
+        return True, (
+            f"its lease was renewed {age:.0f} s ago: it is running elsewhere (a lease not renewed for "
+            f"hdfs_load.lock_lease_s = {lease_s:g} s means its load is gone)"
+        )
+    return False, f"its lease was last renewed {age:.0f} s ago (hdfs_load.lock_lease_s = {lease_s:g} s)"
 
 
 def locked_message(lock_uri: str, holder: Owner | None) -> str:
@@ -369,6 +454,58 @@ def locked_message(lock_uri: str, holder: Owner | None) -> str:
         f"another hdfs-load is writing to this target: {lock_uri} is held by {holder.describe()}.{state} "
         "Wait for it to finish; if it was killed, run again with --break-lock."
     )
+
+
+def break_refused_message(lock_uri: str, holder: Owner | None, why: str) -> str:
+    who = holder.describe() if holder is not None else "a load whose lock cannot be read"
+    return (
+        f"--break-lock refused: {lock_uri} is held by {who}, and {why}. Breaking it would let two loads write "
+        "the same files. Wait for that load to finish, or stop it, then run again."
+    )
+
+
+class LockLease:
+    """This load's hold on the target's lock, renewed in a thread: every ``lease_s``/4 seconds it checks that
+    the lock still names this load and sets the lock's modification time to the NameNode's now (the holder's
+    clock plus the offset measured when the NameNode stamped the lock). Once the lock names another load,
+    ``check`` raises: a load whose lock was broken stops before it places another file."""
+
+    def __init__(self, remote: RemoteTree, owner: Owner, lease_s: float, clock_offset_ms: int):
+        self.remote, self.owner, self.lease_s, self.offset_ms = remote, owner, lease_s, clock_offset_ms
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew_until_stopped, name="hdfs-load-lease", daemon=True)
+
+    def __enter__(self) -> LockLease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _renew_until_stopped(self) -> None:
+        while self.lost is None and not self._stop.wait(self.lease_s / 4):
+            self.renew()
+
+    def renew(self) -> None:
+        try:
+            holder = self.remote.read_owner(LOCK_NAME)
+            if holder is None or holder.run_id != self.owner.run_id:
+                self.lost = f"it is now held by {holder.describe()}" if holder else "it was removed"
+                return
+            now_ms = time.time() * 1000 + self.offset_ms
+            self.remote.fs.set_modification_time(self.remote.path(LOCK_NAME), int(now_ms))
+        except OSError:
+            pass  # HDFS unreachable for now: the next renewal tries again (a lease outlasts three missed ones)
+
+    def check(self) -> None:
+        if self.lost is not None:
+            raise TargetLocked(
+                f"this load lost its lock {self.remote.address.uri(LOCK_NAME)} ({self.lost}): stopped before "
+                "placing another file. Files already in place are complete and recorded on themselves; run "
+                "again once the other load is done."
+            )
 
 
 # -- HDFS side ----------------------------------------------------------------
@@ -479,7 +616,7 @@ class RemoteTree:
 
     def list_tree(self) -> tuple[dict[str, int], list[str], bool]:
         """``({rel: size} of files, [top-level staging folder names], manifest present)``; the loader's
-        own top-level entries (staging folders, manifest, lock) are not part of the tree."""
+        own top-level entries (staging folders, manifest, lock, clock probes) are not part of the tree."""
         sizes: dict[str, int] = {}
         staging: list[str] = []
         has_manifest = False
@@ -491,7 +628,7 @@ class RemoteTree:
                 is_dir = status["type"] == "DIRECTORY"
                 if not rel_dir and is_dir and name.startswith(STAGING_PREFIX):
                     staging.append(name)
-                elif not rel_dir and name in (MANIFEST_NAME, LOCK_NAME):
+                elif not rel_dir and name.startswith(OWN_PREFIX):
                     has_manifest = has_manifest or name == MANIFEST_NAME
                 elif is_dir:
                     walk(rel)
@@ -508,24 +645,46 @@ class RemoteTree:
         except FileNotFoundError:
             return None
 
-    def acquire_lock(self, owner: Owner, break_lock: bool = False) -> Owner | None:
+    def acquire_lock(self, owner: Owner, break_lock: bool, lease_s: float) -> tuple[Owner | None, int]:
         """Create the target's lock without overwrite (the NameNode lets one creator win); TargetLocked when
-        another load holds it, unless ``break_lock``. Returns the holder whose lock was broken, if any."""
+        another load holds it, unless ``break_lock`` and its holder is gone (``holder_alive``). Returns the
+        holder whose lock was broken, if any, and the NameNode's clock minus this host's (ms)."""
         lock, broken = self.path(LOCK_NAME), None
+        lock_uri = self.address.uri(LOCK_NAME)
         self.fs.makedirs(self.address.path)
         for _attempt in range(3):
             try:
                 self.fs.create(lock, owner.to_json(), overwrite=False)
-                return broken
+                local_ms = time.time() * 1000
+                return broken, int(self.fs.status(lock)["modificationTime"] - local_ms)
             except FileExistsError:
-                holder = self.read_owner(LOCK_NAME)
-                if holder is None and not self.fs.exists(lock):
+                status, holder = self.fs.status(lock), self.read_owner(LOCK_NAME)
+                if status is None:
                     continue  # released meanwhile
                 if not break_lock:
-                    raise TargetLocked(locked_message(self.address.uri(LOCK_NAME), holder)) from None
-                self.fs.delete(lock)
-                broken = holder or Owner("unreadable", "?", 0, "?", "?")
-        raise TargetLocked(f"could not take {self.address.uri(LOCK_NAME)}: other loads keep taking it")
+                    raise TargetLocked(locked_message(lock_uri, holder)) from None
+                lease_age_s = functools.partial(self.seconds_since, status["modificationTime"])
+                alive, why = holder_alive(holder, lease_age_s, lease_s)
+                if alive:
+                    raise TargetLocked(break_refused_message(lock_uri, holder, why)) from None
+                current = self.fs.status(lock)
+                if current is not None and current["fileId"] == status["fileId"]:  # still the lock judged
+                    self.fs.delete(lock)
+                    broken = holder or Owner("unreadable", "?", 0, "?", "?")
+        raise TargetLocked(f"could not take {lock_uri}: other loads keep taking it")
+
+    def seconds_since(self, epoch_ms: int) -> float:
+        """Seconds from ``epoch_ms`` (a time the NameNode stamped) to now by the NameNode's clock."""
+        return (self.namenode_now_ms() - epoch_ms) / 1000
+
+    def namenode_now_ms(self) -> int:
+        """The NameNode's clock, which stamps lock renewals: the modification time of an empty file made for it."""
+        probe = self.path(CLOCK_PROBE_PREFIX + uuid.uuid4().hex[:8])
+        try:
+            self.fs.create(probe, b"", overwrite=False)
+            return int(self.fs.status(probe)["modificationTime"])
+        finally:
+            self.fs.delete(probe)
 
     def release_lock(self, owner: Owner) -> None:
         """Remove the lock if it is still this load's; best effort (HDFS may be gone: --break-lock then)."""
@@ -604,6 +763,25 @@ class RemoteTree:
             if replace:
                 raise
             return False
+
+    def mark(self, rel: str, sent: LocalFile, run_id: str) -> None:
+        """Label a (staged) file as this tool's, with the size and MD5 it sent; a rename keeps the label, and
+        anything that replaces the file drops it."""
+        record = {"size": sent.size, "md5": sent.md5, "run_id": run_id, "written_by": WRITTEN_BY}
+        self.fs.set_xattr(self.path(rel), MARK_XATTR, json.dumps(record, sort_keys=True).encode())
+
+    def read_mark(self, rel: str) -> dict[str, object] | None:
+        """The record ``mark`` left on a file, or None (no label: not placed by this tool, or replaced since)."""
+        raw = self.fs.get_xattr(self.path(rel), MARK_XATTR)
+        try:
+            record = json.loads(raw) if raw else None
+        except ValueError:
+            return None
+        ok = isinstance(record, dict) and isinstance(record.get("size"), int) and isinstance(record.get("md5"), str)
+        return record if ok else None
+
+    def file_checksum(self, rel: str) -> HdfsChecksum:
+        return HdfsChecksum.from_webhdfs(self.fs.file_checksum(self.path(rel)), self.address.uri(rel))
 
     def staged_file_count(self, staging: str) -> int:
         summary = self.fs.content_summary(self.path(staging))
@@ -756,6 +934,101 @@ def upload_cli(
             raise
 
 
+# -- content: HDFS's file checksum, computed locally ----------------------------------
+
+_MD5_OF_CRCS = re.compile(r"MD5-of-(\d+)MD5-of-(\d+)(CRC32C?)")
+
+
+@dataclass(frozen=True)
+class HdfsChecksum:
+    """HDFS's default file checksum (MD5MD5CRC): a CRC of every ``bytes_per_crc`` bytes, the MD5 of each
+    block's CRCs, and the MD5 of those. A DataNode computes it from the CRCs it keeps beside every block."""
+
+    algorithm: str  # as HDFS names it: MD5-of-<crc_per_block>MD5-of-<bytes_per_crc><crc>
+    bytes_per_crc: int
+    crc_per_block: int  # 0: the file has a single block
+    crc: str  # CRC32C | CRC32
+    md5: str
+
+    @classmethod
+    def from_webhdfs(cls, answer: Mapping[str, object], where: str) -> HdfsChecksum:
+        algorithm = str(answer.get("algorithm"))
+        match = _MD5_OF_CRCS.fullmatch(algorithm)
+        if not match:
+            raise SourceError(
+                f"{where}: HDFS gives its checksum as {algorithm}, which hdfs-load cannot compute locally "
+                "(dfs.checksum.combine.mode=COMPOSITE_CRC?): use --verify checksum (re-reads the files) instead"
+            )
+        # "bytes": bytes_per_crc (4 bytes), crc_per_block (8), then the MD5 (16), in hex
+        return cls(algorithm, int(match[2]), int(match[1]), match[3], str(answer["bytes"])[24:56])
+
+    def of_local_file(self, path: Path) -> str:
+        """The MD5 part of this checksum for a local file with the same bytes."""
+        if self.crc == "CRC32C":
+            import google_crc32c
+
+            crc_of = google_crc32c.value
+        else:
+            crc_of = zlib.crc32
+        step = self.bytes_per_crc
+        block_bytes = self.crc_per_block * step or math.inf
+        read_size = step * max(1, READ_CHUNK // step)
+        block_md5s: list[bytes] = []
+        digest, in_block = hashlib.md5(usedforsecurity=False), 0
+        with open(path, "rb") as handle:
+            while chunk := handle.read(int(min(read_size, block_bytes - in_block))):
+                digest.update(_chunk_crcs(chunk, step, crc_of))
+                in_block += len(chunk)
+                if in_block == block_bytes:
+                    block_md5s.append(digest.digest())
+                    digest, in_block = hashlib.md5(usedforsecurity=False), 0
+        if in_block:
+            block_md5s.append(digest.digest())
+        # Hadoop digests the whole Java DataOutputBuffer the block MD5s were written to (FileChecksumHelper),
+        # zero padding included: 32 bytes, doubled whenever it fills.
+        joined, capacity = b"".join(block_md5s), 32
+        while capacity < len(joined):
+            capacity *= 2
+        return hashlib.md5(joined.ljust(capacity, b"\0"), usedforsecurity=False).hexdigest()
+
+
+def _chunk_crcs(data: bytes, step: int, crc_of: Callable[[bytes], int]) -> bytes:
+    """The CRC of every ``step`` bytes of ``data``, 4 bytes big-endian each, as HDFS stores them."""
+    return b"".join(crc_of(data[i : i + step]).to_bytes(4, "big") for i in range(0, len(data), step))
+
+
+class LocalChecksums:
+    """HDFS checksums of local files, computed once per file state and checksum scheme (plan and verify
+    both ask)."""
+
+    def __init__(self):
+        self._known: dict[tuple, str] = {}
+        self._lock = threading.Lock()
+
+    def of(self, path: Path, scheme: HdfsChecksum) -> str:
+        key = (path, _stamp(path.stat()), scheme.bytes_per_crc, scheme.crc_per_block, scheme.crc)
+        with self._lock:
+            known = self._known.get(key)
+        if known is None:
+            known = scheme.of_local_file(path)
+            with self._lock:
+                self._known[key] = known
+        return known
+
+
+def content_problem(remote: RemoteTree, f: LocalFile, verify_mode: str, checksums: LocalChecksums) -> str | None:
+    """How the bytes of ``f`` on HDFS differ from the local file now (None: they do not), compared by
+    ``verify_mode``: ``crc`` HDFS's file checksum against the same computed locally, ``checksum`` a re-read."""
+    if verify_mode == "crc":
+        theirs = remote.file_checksum(f.rel)
+        mine = checksums.of(f.path, theirs)
+        if mine == theirs.md5:
+            return None
+        return f"content differs: HDFS checksum ({theirs.algorithm}) {theirs.md5} on HDFS, {mine} local"
+    remote_md5, local_md5 = remote.content_md5(f.rel)[1], md5_of(f.path)
+    return None if remote_md5 == local_md5 else f"content differs: MD5 {remote_md5} on HDFS, {local_md5} local"
+
+
 # -- the load -------------------------------------------------------------------
 
 
@@ -772,7 +1045,7 @@ class LoadReport:
     transport: str
     scan: LocalScan
     plan: Plan
-    verify_mode: str = "size"
+    verify_mode: str
     placed: list[LocalFile] = field(default_factory=list)  # size and MD5 as sent
     not_replaced: list[tuple[str, str]] = field(default_factory=list)  # (rel, why): not ours, kept
     changed_during_upload: list[str] = field(default_factory=list)  # sent bytes differ from the scan's
@@ -799,7 +1072,9 @@ def _parallel(func: Callable, items: Sequence, workers: int) -> list:
         return list(pool.map(func, items))
 
 
-def _check_one(f: LocalFile, remote_size: int | None, remote_md5: Callable[[str], str] | None) -> Mismatch | None:
+def _check_one(
+    f: LocalFile, remote_size: int | None, content: Callable[[LocalFile], str | None] | None
+) -> Mismatch | None:
     if remote_size is None:
         return Mismatch(f.rel, "missing on HDFS")
     try:
@@ -808,24 +1083,27 @@ def _check_one(f: LocalFile, remote_size: int | None, remote_md5: Callable[[str]
         return Mismatch(f.rel, "no longer in the source")
     if remote_size != local_size:
         return Mismatch(f.rel, f"size {remote_size} on HDFS, {local_size} local")
-    if remote_md5 is None:
-        return None
-    remote, local = remote_md5(f.rel), md5_of(f.path)
-    return None if remote == local else Mismatch(f.rel, f"content differs: MD5 {remote} on HDFS, {local} local")
+    problem = content(f) if content is not None else None
+    return None if problem is None else Mismatch(f.rel, problem)
 
 
 def verify(
     files: Iterable[LocalFile],
     remote_sizes: Mapping[str, int],
-    remote_md5: Callable[[str], str] | None = None,
+    content: Callable[[LocalFile], str | None] | None = None,
     workers: int = 4,
 ) -> list[Mismatch]:
-    """Every source file against HDFS as they are now: sizes, and with ``remote_md5`` (a re-read) content."""
+    """Every source file against HDFS as they are now: sizes, and with ``content`` (``content_problem``) bytes."""
     files = list(files)
-    checked = _parallel(
-        lambda f: _check_one(f, remote_sizes.get(f.rel), remote_md5), files, workers if remote_md5 else 1
-    )
+    checked = _parallel(lambda f: _check_one(f, remote_sizes.get(f.rel), content), files, workers if content else 1)
     return [m for m in checked if m is not None]
+
+
+def _setting(name: str):
+    """``hdfs_load.<name>`` from the config in conf/, for a caller that passes no value."""
+    from .config import load_config
+
+    return load_config()["hdfs_load"][name]
 
 
 def load_tree(
@@ -841,33 +1119,44 @@ def load_tree(
     progress: bool = True,
     on_placed: ProgressFn | None = None,
     replace: bool = False,
-    verify_mode: str = "size",
+    verify_mode: str | None = None,
     break_lock: bool = False,
+    lock_lease_s: float | None = None,
 ) -> LoadReport:
     """Scan, plan, transfer (through staging, under the target's lock) and verify; see the module docstring.
 
     ``on_placed(file)`` is called after each file reaches its final name. ``replace``: overwrite files this
-    tool did not write; ``verify_mode``: ``size`` or ``checksum``; ``break_lock``: remove another load's lock.
+    tool did not write; ``verify_mode``: ``size``, ``crc`` or ``checksum``; ``break_lock``: remove the lock of
+    a load that is gone; ``lock_lease_s``: how long an unrenewed lock from another host stays valid
+    (``verify_mode`` and ``lock_lease_s`` default to hdfs_load.verify and hdfs_load.lock_lease_s).
     Raises SourceError / TargetLocked / storage.StorageUnavailable / storage.StorageError.
     """
     started = time.monotonic()
     choose_transport(via)  # a bad option fails before any work
+    verify_mode = verify_mode or _setting("verify")
     if verify_mode not in VERIFY_MODES:
         raise SourceError(f"--verify must be one of {', '.join(VERIFY_MODES)}, not {verify_mode!r}")
+    lease_s = float(_setting("lock_lease_s") if lock_lease_s is None else lock_lease_s)
+    if not lease_s > 0:
+        raise SourceError(f"hdfs_load.lock_lease_s must be a number of seconds above 0, not {lease_s:g}")
     scan = scan_local_tree(source, workers=workers)
     remote = RemoteTree(resolve_target(target, default_namenode, webhdfs_url), user=user)
     exists = remote.probe()
+    checksums = LocalChecksums()
     if dry_run:
-        report = _survey(remote, scan, exists, via, replace, verify_mode, workers)[0]
+        report = _survey(remote, scan, exists, via, replace, verify_mode, workers, checksums)[0]
         report.dry_run = True
         report.lock_holder = remote.read_owner(LOCK_NAME) if exists else None
     else:
         owner = Owner.this_process(remote.user)
         _ACTIVE_RUNS.add(owner.run_id)
         try:
-            broken = remote.acquire_lock(owner, break_lock)
+            broken, clock_offset_ms = remote.acquire_lock(owner, break_lock, lease_s)
             try:
-                report = _load_locked(remote, owner, scan, via, workers, replace, verify_mode, progress, on_placed)
+                with LockLease(remote, owner, lease_s, clock_offset_ms) as lease:
+                    report = _load_locked(
+                        remote, owner, lease, scan, via, workers, replace, verify_mode, checksums, progress, on_placed
+                    )
             finally:
                 remote.release_lock(owner)
             report.broken_lock = broken
@@ -887,17 +1176,42 @@ class _Remote:
     has_manifest: bool
 
 
+def compare_content(
+    remote: RemoteTree, files: Sequence[LocalFile], verify_mode: str, workers: int, checksums: LocalChecksums
+) -> dict[str, bool]:
+    """``{rel: same bytes on HDFS}`` for ``files`` (each with a same-size remote copy); {} for ``size``."""
+    if verify_mode == "size":
+        return {}
+    same = _parallel(lambda f: content_problem(remote, f, verify_mode, checksums) is None, files, workers)
+    return {f.rel: equal for f, equal in zip(files, same)}
+
+
+def read_marks(remote: RemoteTree, rels: Sequence[str], workers: int) -> dict[str, Mapping[str, object] | None]:
+    """``{rel: the record on the file's mark, or None}``: read only for files the manifest does not record
+    with their size (a load killed before it wrote the manifest, or files someone else put there)."""
+    return dict(zip(rels, _parallel(remote.read_mark, rels, workers)))
+
+
 def _survey(
-    remote: RemoteTree, scan: LocalScan, exists: bool, via: str, replace: bool, verify_mode: str, workers: int
+    remote: RemoteTree,
+    scan: LocalScan,
+    exists: bool,
+    via: str,
+    replace: bool,
+    verify_mode: str,
+    workers: int,
+    checksums: LocalChecksums,
 ) -> tuple[LoadReport, _Remote]:
     """A report holding the plan, and the remote state it was made from."""
     sizes, staging, has_manifest = remote.list_tree() if exists else ({}, [], False)
     state = _Remote(sizes, staging, remote.read_manifest() if has_manifest else {}, has_manifest)
-    remote_md5 = None
-    if verify_mode == "checksum":  # compare by content: re-read every remote file that could be equal
-        same_size = [f.rel for f in scan.files if sizes.get(f.rel) == f.size]
-        remote_md5 = dict(zip(same_size, _parallel(lambda rel: remote.content_md5(rel)[1], same_size, workers)))
-    plan = make_plan(scan.files, sizes, state.manifest, replace=replace, remote_md5=remote_md5)
+    same_size = [f for f in scan.files if sizes.get(f.rel) == f.size]
+    content_equal = compare_content(remote, same_size, verify_mode, workers, checksums)
+    unrecorded = [
+        f.rel for f in scan.files if f.rel in sizes and (state.manifest.get(f.rel) or {}).get("size") != sizes[f.rel]
+    ]
+    marks = read_marks(remote, unrecorded, workers)
+    plan = make_plan(scan.files, sizes, state.manifest, replace=replace, content_equal=content_equal, marks=marks)
     report = LoadReport(
         str(scan.root),
         remote.address.uri(),
@@ -913,40 +1227,49 @@ def _survey(
 def _load_locked(
     remote: RemoteTree,
     owner: Owner,
+    lease: LockLease,
     scan: LocalScan,
     via: str,
     workers: int,
     replace: bool,
     verify_mode: str,
+    checksums: LocalChecksums,
     progress: bool,
     on_placed: ProgressFn | None,
 ) -> LoadReport:
-    report, state = _survey(remote, scan, True, via, replace, verify_mode, workers)
+    report, state = _survey(remote, scan, True, via, replace, verify_mode, workers, checksums)
     stale, report.staging_left_alone = remote.sort_staging(state.staging)
     for name in stale:  # left by a killed load
         remote.delete(name, recursive=True)
         report.stale_staging_removed.append(name)
-    if report.plan.to_upload:
-        _upload(remote, owner, report, state, workers, progress, on_placed)
-    else:
-        still_true = merge_manifest(state.manifest, state.sizes, [])
-        if still_true != state.manifest or not state.has_manifest:  # drop records of files changed by others
-            remote.write_manifest(still_true, owner.run_id)
+    staging = _upload(remote, owner, lease, report, workers, progress, on_placed) if report.plan.to_upload else None
     after, _, _ = remote.list_tree()
-    remote_md5 = (lambda rel: remote.content_md5(rel)[1]) if verify_mode == "checksum" else None
-    report.mismatches = verify(scan.files, after, remote_md5, workers)
+    lease.check()
+    _record(remote, report, after, owner.run_id)
+    if staging is not None:
+        remote.delete(staging, recursive=True)
+    content = None
+    if verify_mode != "size":  # content once per file and run: what the plan found equal is not asked again
+        compared = report.plan.same_content
+
+        def content(f: LocalFile) -> str | None:
+            return None if f.rel in compared else content_problem(remote, f, verify_mode, checksums)
+
+    report.mismatches = verify(scan.files, after, content, workers)
     return report
 
 
 def _upload(
     remote: RemoteTree,
     owner: Owner,
+    lease: LockLease,
     report: LoadReport,
-    state: _Remote,
     workers: int,
     progress: bool,
     on_placed: ProgressFn | None,
-) -> None:
+) -> str:
+    """Stage and place the plan's uploads; returns the staging folder (removed by the caller once the
+    manifest is written). On an interruption, records what was placed and removes the staging folder."""
     from tqdm import tqdm
 
     plan = report.plan
@@ -963,6 +1286,8 @@ def _upload(
     lock = threading.Lock()
 
     def place(staged_rel: str, scanned: LocalFile, sent: LocalFile) -> None:
+        lease.check()  # a load whose lock was broken places nothing more
+        remote.mark(staged_rel, sent, owner.run_id)  # recorded before it is visible: no unrecorded instant
         if not remote.place(staged_rel, sent.rel, sent.rel in plan.replacing):
             with lock:
                 report.not_replaced.append((sent.rel, "appeared on HDFS during the load"))
@@ -988,27 +1313,30 @@ def _upload(
             upload_webhdfs(remote, plan.to_upload, staging, place, workers)
     except BaseException:
         bar.close()
-        _save_progress(remote, state, report.placed, staging, owner.run_id)
+        _save_progress(remote, report, staging, owner.run_id)
         raise
     bar.close()
     report.upload_seconds = time.monotonic() - upload_started
-    _record(remote, state, report.placed, owner.run_id)
-    remote.delete(staging, recursive=True)
+    return staging
 
 
-def _record(remote: RemoteTree, state: _Remote, placed: list[LocalFile], run_id: str) -> None:
-    after_sizes = dict(state.sizes)
-    after_sizes.update({f.rel: f.size for f in placed})
-    remote.write_manifest(merge_manifest(state.manifest, after_sizes, placed), run_id)
+def _record(remote: RemoteTree, report: LoadReport, remote_sizes: Mapping[str, int], run_id: str) -> None:
+    """Merge this load's records into the manifest as it is now (read again: another writer's records stay);
+    ``remote_sizes`` is a listing taken after the last placement."""
+    has_manifest = remote.fs.exists(remote.path(MANIFEST_NAME))
+    current = remote.read_manifest() if has_manifest else {}
+    merged = merge_manifest(current, remote_sizes, report.placed, report.plan.adopted)
+    if merged != current or not has_manifest:
+        remote.write_manifest(merged, run_id)
 
 
-def _save_progress(remote: RemoteTree, state: _Remote, placed: list[LocalFile], staging: str, run_id: str) -> None:
+def _save_progress(remote: RemoteTree, report: LoadReport, staging: str, run_id: str) -> None:
     """Best effort after an interruption: record what was placed, drop our staging folder."""
     try:
-        _record(remote, state, placed, run_id)
+        _record(remote, report, remote.list_tree()[0], run_id)
         remote.delete(staging, recursive=True)
     except OSError:
-        pass  # HDFS gone: the next load removes the (marked) staging folder and compares sizes
+        pass  # HDFS gone: the next load removes the (marked) staging folder and reads the files' marks
 
 
 # -- reporting --------------------------------------------------------------------
@@ -1097,6 +1425,10 @@ def format_summary(report: LoadReport, max_listed: int = 30) -> str:
         for m in report.mismatches[:max_listed]:
             lines.append(f"    {m.rel}: {m.problem}")
     elif report.mismatches is not None:
-        what = "sizes and content (MD5, re-read)" if report.verify_mode == "checksum" else "sizes"
+        what = {
+            "size": "sizes (only sizes were compared: a same-size rewrite passes; --verify crc compares content)",
+            "crc": "sizes and HDFS checksums (MD5 of the block CRCs, computed locally too)",
+            "checksum": "sizes and content (MD5, re-read)",
+        }[report.verify_mode]
         lines.append(f"  verified: {len(report.scan.files)} file(s) on HDFS with matching {what}")
     return "\n".join(lines)

@@ -949,3 +949,44 @@ class HdfsFilesystem:
         created."""
         self.makedirs(posixpath.dirname(dst) or "/")
         self.rename_to(src, dst)
+
+    def file_checksum(self, path: str) -> dict:
+        """HDFS's own checksum of a file (WebHDFS GETFILECHECKSUM: ``algorithm``, ``bytes`` in hex, ``length``).
+        A DataNode computes it from the CRCs stored beside each block: the data itself is not read. A DataNode
+        that fails is replaced by the next one the NameNode names, as for a read."""
+        answer: dict = {}
+
+        def ask(location: str) -> None:
+            response = self.client._request("GET", url=location)
+            if not response:
+                raise _hdfs_error(response)
+            answer.update(response.json()["FileChecksum"])
+
+        self._via_datanode("checksum", path, "GET", "GETFILECHECKSUM", dict, ask, may_resend=lambda failure: True)
+        return answer
+
+    def set_modification_time(self, path: str, epoch_ms: int) -> None:
+        self._call("set times of", path, self.client.set_times, path, modification_time=int(epoch_ms))
+
+    def _namenode_call(self, method: str, path: str, params: Mapping[str, Any]):
+        url = f"{self.webhdfs_url}/webhdfs/v1{quote(self.client.resolve(path), '/= ')}"
+        response = self.client._request(method, url=url, params=params)
+        if not response:
+            raise _hdfs_error(response)
+        return response
+
+    def get_xattr(self, path: str, name: str) -> bytes | None:
+        """The value of the extended attribute ``name`` (``user.x``), or None when the file has none."""
+        answer = self._call(
+            "read attributes of", path, self._namenode_call, "GET", path, {"op": "GETXATTRS", "encoding": "hex"}
+        ).json()
+        for xattr in answer.get("XAttrs", []):
+            if xattr.get("name") == name:
+                value = xattr.get("value") or "0x"
+                return bytes.fromhex(value[2:] if value.startswith("0x") else value)
+        return None
+
+    def set_xattr(self, path: str, name: str, value: bytes) -> None:
+        """Set an extended attribute; it stays with the file through renames and goes when the file is replaced."""
+        params = {"op": "SETXATTR", "xattr.name": name, "xattr.value": "0x" + value.hex(), "flag": "CREATE,REPLACE"}
+        self._call("set an attribute of", path, self._namenode_call, "PUT", path, params)
