@@ -101,7 +101,15 @@ def test_settings_come_from_the_config_and_are_checked(tmp_path):
         ServingSettings.from_config(load_config(overrides=["serving.max_uploads=3"]))
     with pytest.raises(ValueError, match="upload_dir"):
         ServingSettings.from_config(load_config(overrides=["serving.keep_uploads=true"]))
-    for bad in ("max_upload_mb=-1", "max_active=0", "retry_after_s=0", "allowed_hosts=[]"):
+    for bad in (
+        "max_upload_mb=-1",
+        "max_active=0",
+        "retry_after_s=0",
+        "allowed_hosts=[]",
+        "max_receiving=0",
+        "body_grace_s=0",
+        "body_min_kb_s=0",
+    ):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             ServingSettings.from_config(load_config(overrides=[f"serving.{bad}"]))
     kept = ServingSettings.from_config(None, keep_uploads=True, upload_dir=str(tmp_path))

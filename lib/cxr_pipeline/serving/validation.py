@@ -36,6 +36,8 @@ class CheckedImage:
 
 
 def describe_size(n_bytes: float) -> str:
+    if n_bytes < 1024:
+        return f"{n_bytes:.0f} bytes"
     if n_bytes >= MIB:
         return f"{n_bytes / MIB:.1f} MB"
     return f"{n_bytes / 1024:.0f} kB"
