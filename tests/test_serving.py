@@ -11,6 +11,7 @@ import base64
 import http.client
 import io
 import json
+import re
 import socket
 import stat
 import subprocess
@@ -19,10 +20,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 
+import numpy as np
 import pytest
 import serving_support as support
 from tolerances import clear_of_threshold, same_probability
 
+from cxr_pipeline.datasets.dicom_from_images import FAKE_IDENTITY, gray_pixels, jpeg_dicom, native_dicom
 from cxr_pipeline.serving.launcher import HOST, get_json, multipart_image
 
 pytestmark = pytest.mark.slow
@@ -515,14 +518,28 @@ def test_page_shows_image_class_probability_threshold(lr_client, images):
     assert f'data-value="{api["probability"]}"' in html
     assert f'data-value="{api["threshold"]}"' in html
     assert 'src="data:image/jpeg;base64,' in html
-    assert "result-heatmap" not in html  # the Spark model has no Grad-CAM
+    assert "result-heatmap" not in html  # the Spark model has no Grad-CAM, and the page says so
+    assert 'id="heatmap-error"' in html and "Grad-CAM needs a CNN" in html
 
 
-def test_client_file_name_is_escaped_on_the_page(lr_client, images):
-    response = lr_client.post("/", files=upload(b"", '<img src=x onerror="alert(1)">.jpeg'))
-    assert response.status_code == 400
-    assert "<img src=x" not in response.text
-    assert "&lt;img src=x" in response.text
+def test_a_heat_map_asked_of_a_model_without_one_says_why(lr_client, images):
+    asked = lr_client.post("/predict?heatmap=true", files=upload(images[0].read_bytes())).json()
+    assert asked["heatmap_png_base64"] is None
+    assert "no heat map" in asked["heatmap_error"] and "spark-lr" in asked["heatmap_error"]
+    assert lr_client.post("/predict", files=upload(images[0].read_bytes())).json()["heatmap_error"] is None
+
+
+def test_the_page_never_shows_the_client_file_name(lr_client, images):
+    """A PACS export is often named after the patient: the name is not echoed, accepted or rejected."""
+    name = "Planted^Jane^Quincy_MRN-PLANTED-4711.jpeg"
+    accepted = lr_client.post("/", files=upload(images[0].read_bytes(), name))
+    rejected = lr_client.post("/", files=upload(b"", name))
+    hostile = lr_client.post("/", files=upload(b"", '<img src=x onerror="alert(1)">.jpeg'))
+    assert (accepted.status_code, rejected.status_code, hostile.status_code) == (200, 400, 400)
+    for page in (accepted.text, rejected.text):
+        for part in ("Planted", "Quincy", "MRN-PLANTED-4711"):
+            assert part not in page
+    assert "img src=x" not in hostile.text
 
 
 # ----------------------------------------------------------------------------
@@ -634,6 +651,24 @@ def test_cnn_rejects_what_imaging_rejects(cnn_client, images):
     assert response.status_code == 422 and response.json()["code"] == "corrupt_image"
 
 
+def test_a_failed_heat_map_is_explained_without_the_error_text(cnn_client, images, monkeypatch):
+    from cxr_pipeline.cnn import gradcam
+
+    def failing_gradcam(*args, **kwargs):
+        raise RuntimeError(f"as if an error quoted a header value: {FAKE_IDENTITY.name}")
+
+    monkeypatch.setattr(gradcam, "gradcam_heatmap", failing_gradcam)
+    data = images[0].read_bytes()
+    answer = cnn_client.post("/predict?heatmap=true", files=upload(data))
+    page = cnn_client.post("/", files=upload(data))
+    assert answer.status_code == page.status_code == 200  # the prediction stands without its explanation
+    assert answer.json()["heatmap_png_base64"] is None
+    assert "could not be drawn" in answer.json()["heatmap_error"]
+    assert 'id="heatmap-error"' in page.text and "could not be drawn" in page.text
+    for served in (answer.text, page.text):
+        assert "Planted" not in served and "RuntimeError" not in served
+
+
 # ----------------------------------------------------------------------------
 # The live service (uvicorn, as `python -m cxr_pipeline.serving` runs it) serving the CNN
 
@@ -707,6 +742,53 @@ def test_ten_stalled_uploads_do_not_keep_a_working_client_out(live_cnn, images):
     assert after["receiving"] == 0
     assert after["slow_rejections"] - before["slow_rejections"] == 10
     assert after["busy_rejections"] == before["busy_rejections"]
+
+
+def monochrome1_12bit(jpeg: bytes) -> bytes:
+    """Stored values inverted (high = dark), 12 bits, with the window that maps them back to the JPEG's."""
+    return native_dicom(
+        4080 - gray_pixels(jpeg).astype(np.uint16) * 16, 12, photometric="MONOCHROME1", window=(2040.5, 4081)
+    )
+
+
+DICOMS = {"jpeg-baseline": jpeg_dicom, "12-bit MONOCHROME1": monochrome1_12bit}
+PATIENT_FILE_NAME = "Planted^Jane^Quincy_MRN-PLANTED-4711.dcm"  # a PACS export named after the patient
+
+
+def assert_no_planted_values(text: str) -> None:
+    """No planted header value in ``text`` (base64 images left out: short values occur in them by chance)."""
+    text = re.sub(r"[A-Za-z0-9+/=]{200,}", "", text).lower()
+    for value in FAKE_IDENTITY.values():
+        assert value.lower() not in text, value
+
+
+@pytest.mark.parametrize("kind", DICOMS)
+def test_a_dicom_upload_gets_its_heat_map(live_cnn, images, kind):
+    """Issue 28.4: Grad-CAM over a real DICOM (pydicom-written), in the JSON and on the page, drawn over
+    the X-ray as displayed; no header value and not the file name reach either."""
+    from PIL import Image
+
+    port, log = live_cnn
+    jpeg = images[0].read_bytes()
+    data = DICOMS[kind](jpeg)
+    status, text = post(port, "/predict?heatmap=true", data, PATIENT_FILE_NAME)
+    assert status == 200, text
+    answer = json.loads(text)
+    assert answer["heatmap_error"] is None and answer["heatmap_png_base64"], answer
+    overlay = Image.open(io.BytesIO(base64.b64decode(answer["heatmap_png_base64"])))
+    reference = Image.open(io.BytesIO(jpeg)).convert("L")
+    assert abs(overlay.width / overlay.height - reference.width / reference.height) < 0.02
+    drawn = np.asarray(overlay.convert("L"), dtype=float)
+    seen = np.asarray(reference.resize(overlay.size), dtype=float)
+    # The X-ray as displayed under the colours (not a blank, white or inverted base).
+    assert np.corrcoef(drawn.ravel(), seen.ravel())[0, 1] > 0.5
+    page_status, page = post(port, "/", data, PATIENT_FILE_NAME)
+    assert page_status == 200
+    assert 'id="result-heatmap" src="data:image/png;base64,' in page and 'id="heatmap-error"' not in page
+    assert 'src="data:image/png;base64,' in page.split('id="result-image"', 1)[1][:40]
+    for served in (text, page):
+        assert_no_planted_values(served)
+    assert "Grad-CAM failed" not in log.read_text()
 
 
 # ----------------------------------------------------------------------------

@@ -155,6 +155,9 @@ class PredictionResponse(BaseModel):
     model: ModelDescription
     heatmap_png_base64: str | None = Field(None, description="Grad-CAM overlay (CNN models, ?heatmap=true)")
     heatmap_flat: bool | None = Field(None, description="true: the Grad-CAM map is flat, no region stands out")
+    heatmap_error: str | None = Field(
+        None, description="why no heat map came back when one was asked for (e.g. the model has none)"
+    )
 
     model_config = {"populate_by_name": True}
 
@@ -606,6 +609,13 @@ class Scored:
     checked: CheckedImage
     prediction: Prediction
     heatmap: HeatMap | None
+    heatmap_error: str | None = None  # why no heat map, when one was asked for
+    shown: tuple[bytes, str] | None = None  # (bytes, mime) of the picture a browser shows, when asked for
+
+
+# Why a heat map asked for did not come back (the JSON's heatmap_error and the page): never the
+# exception's own text, which could quote the upload.
+HEATMAP_FAILED = "the heat map could not be drawn for this image (the service's log has the details)"
 
 
 def create_app(
@@ -642,7 +652,7 @@ def create_app(
         title="Chest X-ray pneumonia classifier",
         version="1.0",
         description=(
-            f"Serves model `{info.model_id}` ({info.name}). POST a chest X-ray (JPEG/PNG, at most "
+            f"Serves model `{info.model_id}` ({info.name}). POST a chest X-ray (JPEG, PNG or DICOM, at most "
             f"{settings.max_upload_mb:g} MB) to /predict. Upload page at /."
         ),
         docs_url=None,  # Swagger UI / ReDoc pull their assets from a CDN; the machine is offline
@@ -661,11 +671,9 @@ def create_app(
         context.update(info=info, max_upload_mb=settings.max_upload_mb)
         return templates.TemplateResponse(request, "index.html", context, status_code=status_code)
 
-    def reject_response(scope: Scope, rejection: UploadRejected, filename: str = "") -> Response:
+    def reject_response(scope: Scope, rejection: UploadRejected) -> Response:
         if scope["path"] == "/":
-            response: Response = render_page(
-                Request(scope), status_code=rejection.status_code, error=rejection, filename=filename
-            )
+            response: Response = render_page(Request(scope), status_code=rejection.status_code, error=rejection)
         else:
             response = JSONResponse(rejection.as_json(), status_code=rejection.status_code)
         if rejection.status_code == 503:
@@ -697,31 +705,39 @@ def create_app(
     app.add_middleware(HostCheck, allowed=list(settings.allowed_hosts))
     decode_slots = LoopLocal(lambda: asyncio.Semaphore(int(settings.max_active)))
 
-    async def score(data: bytes, with_heatmap: bool) -> Scored:
-        with_heatmap = with_heatmap and backend.supports_heatmap
-        if with_heatmap and counters.heatmaps_in_flight >= int(settings.max_heatmaps):
+    no_heatmap = None if backend.supports_heatmap else f"this model ({info.kind}) has no heat map: Grad-CAM needs a CNN"
+
+    async def score(data: bytes, with_heatmap: bool, show: bool = False) -> Scored:
+        """Decode, score, and when asked draw the heat map and the picture a browser shows."""
+        draw = with_heatmap and backend.supports_heatmap
+        if draw and counters.heatmaps_in_flight >= int(settings.max_heatmaps):
             counters.busy_rejections += 1
             raise busy(f"{counters.heatmaps_in_flight} heat maps are being drawn", int(settings.retry_after_s))
-        counters.heatmaps_in_flight += with_heatmap
+        counters.heatmaps_in_flight += draw
         try:
             async with decode_slots.get():  # at most max_active decodes at once
                 checked, pixels = await run_in_threadpool(
                     decode_upload, data, settings.max_bytes, input_size, max_pixels, backend.intensity
                 )
+                # The heat map is drawn over what the browser shows: a DICOM or 16-bit PNG only as a PNG copy.
+                shown = await run_in_threadpool(browser_image, data, checked) if show or draw else None
             prediction = await asyncio.wrap_future(backend.submit(pixels))
-            heatmap = await draw_heatmap(pixels, data) if with_heatmap else None
+            heatmap, heatmap_error = await draw_heatmap(pixels, shown[0]) if draw else (None, None)
         finally:
-            counters.heatmaps_in_flight -= with_heatmap
+            counters.heatmaps_in_flight -= draw
+        if with_heatmap and not draw:
+            heatmap_error = no_heatmap
         if keeper is not None:
             await run_in_threadpool(keeper.keep, data, checked, prediction, info.model_id)
-        return Scored(checked, prediction, heatmap)
+        return Scored(checked, prediction, heatmap, heatmap_error, shown if show else None)
 
-    async def draw_heatmap(pixels: np.ndarray, data: bytes) -> HeatMap | None:
+    async def draw_heatmap(pixels: np.ndarray, picture: bytes) -> tuple[HeatMap | None, str | None]:
+        """``(heat map, None)``, or ``(None, why not)`` when Grad-CAM failed: the prediction stands without it."""
         try:
-            return await asyncio.wrap_future(backend.submit_heatmap(pixels, data))
+            return await asyncio.wrap_future(backend.submit_heatmap(pixels, picture)), None
         except Exception:  # noqa: BLE001 - the prediction stands without its explanation
             log.exception("Grad-CAM failed for %s; answering without a heat map", info.model_id)
-            return None
+            return None, HEATMAP_FAILED
 
     async def read_upload(file: UploadFile | None) -> bytes:
         if file is None:
@@ -750,22 +766,20 @@ def create_app(
 
     @app.post("/", response_class=HTMLResponse, include_in_schema=False)
     async def page_predict(request: Request, file: UploadFile | None = File(None)) -> Response:
+        # The client's file name is never shown: a PACS export is often named after the patient.
         data = await read_upload(file)
-        filename = (file.filename if file else "") or ""
         try:
-            scored = await score(data, True)
+            scored = await score(data, True, show=True)
         except UploadRejected as rejection:
-            return reject_response(request.scope, rejection, filename)
-        async with decode_slots.get():  # a TIFF or DICOM is converted for the browser: a decode, so bounded too
-            shown, mime = await run_in_threadpool(browser_image, data, scored.checked)
+            return reject_response(request.scope, rejection)
         return render_page(
             request,
             result=scored.prediction,
             checked=scored.checked,
-            filename=filename,
-            image_uri=data_uri(shown, mime),
+            image_uri=data_uri(*scored.shown),
             heatmap_uri=data_uri(scored.heatmap.png, "image/png") if scored.heatmap else None,
             heatmap_flat=bool(scored.heatmap and scored.heatmap.flat),
+            heatmap_error=scored.heatmap_error,
         )
 
     @app.post(
@@ -838,4 +852,5 @@ def prediction_json(scored: Scored, info) -> dict[str, Any]:
         "model": info.as_dict(),
         "heatmap_png_base64": base64.b64encode(scored.heatmap.png).decode("ascii") if scored.heatmap else None,
         "heatmap_flat": scored.heatmap.flat if scored.heatmap else None,
+        "heatmap_error": scored.heatmap_error,
     }
