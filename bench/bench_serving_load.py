@@ -15,6 +15,12 @@ requests in all, and stops the service. Each client sends, in a seeded shuffled 
   not_image   text bytes named .jpeg                      -> 415 not_an_image
   too_large   random bytes over serving.max_upload_mb     -> 413 too_large
 
+``--scenario stalled`` (issue 30): ``--stalled`` sockets (10) each send ``POST /predict`` headers
+announcing 1 MB and 10 bytes of body, then stall; while they are open one client sends good
+uploads one after another. Prints the normal uploads' answers and latency while the stalled
+sockets were open, and when and how the stalled ones were answered (408 once they fall behind
+serving.body_min_kb_s after serving.body_grace_s).
+
 "Batch scoring" is the run's own ``predict_bytes`` (LocalClassifier / LocalCnnClassifier,
 what ``cxr-predict-image`` uses; the serving tests tie it to ``jobs/predict.py``), computed
 before the service starts; equal means within tests/tolerances.PROBABILITY_ATOL.
@@ -34,6 +40,7 @@ import io
 import json
 import os
 import random
+import socket
 import statistics
 import sys
 import threading
@@ -266,9 +273,100 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+# ----------------------------------------------------------------------------
+# Scenario: stalled uploads next to a working client
+
+
+def open_stalled_upload(port: int, announced: int) -> socket.socket:
+    """Headers announcing ``announced`` bytes, the start of a multipart image part and 10 bytes of it; then nothing."""
+    sock = socket.create_connection((HOST, port), timeout=600)
+    head = (
+        f"POST /predict HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+        f"Content-Type: multipart/form-data; boundary=stall\r\nContent-Length: {announced}\r\n\r\n"
+        '--stall\r\nContent-Disposition: form-data; name="file"; filename="x.jpeg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n"
+    )
+    sock.sendall(head.encode() + b"\xff\xd8\xff\xe0" + bytes(6))
+    return sock
+
+
+def await_answer(sock: socket.socket, opened: float) -> tuple[int | str, float, str]:
+    """(status or error name, seconds from opening to the answer, error code) of one stalled socket."""
+    try:
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        body = response.read()
+        code = json.loads(body).get("code", "") if body else ""
+        return response.status, time.monotonic() - opened, code
+    except (OSError, http.client.HTTPException, ValueError):
+        return "no answer", time.monotonic() - opened, "(the bench hung up)"
+    finally:
+        sock.close()
+
+
+def stalled_scenario(port: int, n_stalled: int, image: bytes, limit_s: float) -> None:
+    body, content_type = multipart_image(image, "upload.jpeg")
+    opened = time.monotonic()
+    sockets = [open_stalled_upload(port, 1_000_000) for _ in range(n_stalled)]
+    give_up = opened + 60
+    while (load := get_json(port, "/health")[1]["load"]).get("receiving", 0) + load["in_flight"] < n_stalled:
+        if time.monotonic() > give_up:
+            raise SystemExit(f"the {n_stalled} stalled uploads never all reached the service: {load}")
+        time.sleep(0.05)
+    arrived = time.monotonic() - opened
+    with ThreadPoolExecutor(n_stalled) as pool:
+        answers = [pool.submit(await_answer, sock, opened) for sock in sockets]
+        statuses: Counter = Counter()
+        latencies: list[float] = []
+        first: tuple[int, float] | None = None
+        conn = http.client.HTTPConnection(HOST, port, timeout=120)
+        deadline = opened + limit_s
+        while not all(a.done() for a in answers) and time.monotonic() < deadline:
+            start = time.perf_counter()
+            conn.request("POST", "/predict", body=body, headers={"Content-Type": content_type})
+            response = conn.getresponse()
+            response.read()
+            elapsed = time.perf_counter() - start
+            statuses[response.status] += 1
+            latencies.append(elapsed)
+            first = first or (response.status, elapsed)
+            if response.status == 503:  # a well-behaved client waits as told
+                time.sleep(float(response.getheader("Retry-After") or 1))
+        conn.close()
+        for sock, answer in zip(sockets, answers):
+            if not answer.done():  # still unanswered at the time limit: the bench hangs up
+                sock.shutdown(socket.SHUT_RDWR)
+        stalled = [a.result() for a in answers]
+    health = get_json(port, "/health")[1]["load"]
+    waited = sorted(t for _, t, _ in stalled)
+    outcomes = Counter(f"{status} {code}".strip() for status, _, code in stalled)
+    print(f"\n{n_stalled} stalled uploads (1 MB announced, 10 bytes sent) + 1 client sending good uploads, loopback\n")
+    print("| figure | value |\n|---|---|")
+    print(f"| stalled sockets held by the service after | {arrived * 1000:.0f} ms |")
+    if first:
+        print(f"| first normal upload while they were open | {first[0]} in {first[1] * 1000:.0f} ms |")
+    print(f"| normal uploads while they were open | {', '.join(f'{s}: {n}' for s, n in sorted(statuses.items()))} |")
+    if latencies:
+        ms = [v * 1000 for v in latencies]
+        print(f"| normal upload p50 / p95 | {statistics.median(ms):.0f} / {percentile(ms, 95):.0f} ms |")
+    print(f"| stalled sockets answered | {', '.join(f'{o}: {n}' for o, n in sorted(outcomes.items()))} |")
+    print(f"| stalled answered after (min / max) | {waited[0]:.1f} / {waited[-1]:.1f} s |")
+    print(
+        f"| service counters | peak receiving {health.get('peak_receiving', 'n/a')}, peak in flight "
+        f"{health['peak_in_flight']}, 408s {health.get('slow_rejections', 'n/a')}, 503s {health['busy_rejections']} |"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="run folder (train_featurizer or train_cnn) to serve")
+    parser.add_argument(
+        "--scenario",
+        choices=("mix", "stalled"),
+        default="mix",
+        help="mix: the client mix above (default); stalled: stalled uploads next to a working client",
+    )
+    parser.add_argument("--stalled", type=int, default=10, help="stalled sockets in --scenario stalled (default 10)")
     parser.add_argument("--clients", type=int, default=12, help="client threads (default 12)")
     parser.add_argument("--duration", type=float, default=120.0, help="seconds of load (default 120)")
     parser.add_argument("--max-requests", type=int, default=20000, help="stop after this many requests (default 20000)")
@@ -290,8 +388,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--startup-timeout", type=float, default=180.0)
     args = parser.parse_args(argv)
-    if args.clients < 1 or args.duration <= 0 or args.max_requests < 1:
-        parser.error("--clients, --duration and --max-requests must be positive")
+    if args.clients < 1 or args.duration <= 0 or args.max_requests < 1 or args.stalled < 1:
+        parser.error("--clients, --duration, --max-requests and --stalled must be positive")
+    if args.scenario == "stalled":
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+        extra = [arg for override in args.overrides for arg in ("--set", override)]
+        with service_process(args.model, extra, timeout=args.startup_timeout, env=env) as (port, _health, _server):
+            stalled_scenario(port, args.stalled, sample_images(1)[0].read_bytes(), args.duration)
+        return 0
 
     payloads = build_payloads(args.model, args.images, args.max_upload_mb, args.seed)
     kinds = Counter(p.kind for p in payloads)

@@ -195,3 +195,17 @@ def test_local_classifier_runs_the_backbone_at_the_exported_image_size(sample_tr
     if intensity != "none":  # can fail: the other decoding scores differently
         plain = featurize_arrays(reference, "InceptionV3", decode_image(content, size=(96, 96))[None], 16)
         assert result["probability"] != same_probability(float(score_features(spec, plain)[0]))
+
+
+def test_single_image_command_help_names_every_format_it_reads():
+    env = {**os.environ, "PYTHONPATH": str(REPO / "lib")}
+    helped = subprocess.run(
+        [sys.executable, "-m", "cxr_pipeline.cli.predict_image", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert helped.returncode == 0, helped.stderr[-2000:]
+    assert "DICOM" in helped.stdout and ".dcm" in helped.stdout
+    assert "JPEG/PNG" not in helped.stdout

@@ -8,19 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
 import io
 import json
+import re
+import socket
 import stat
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor, wait
 
+import numpy as np
 import pytest
 import serving_support as support
 from tolerances import clear_of_threshold, same_probability
 
-from cxr_pipeline.serving.launcher import multipart_image
+from cxr_pipeline.datasets.dicom_from_images import FAKE_IDENTITY, gray_pixels, jpeg_dicom, native_dicom
+from cxr_pipeline.serving.launcher import HOST, get_json, multipart_image
 
 pytestmark = pytest.mark.slow
 
@@ -320,9 +326,12 @@ def test_an_api_token_is_required_when_configured(lr_backend, images):
 # Under load: bounded admission (503), heat maps apart, one decode per upload
 
 
-async def call_app(app, body: bytes, content_type: str, hold: asyncio.Event | None = None) -> tuple[int, dict, dict]:
+async def call_app(
+    app, body: bytes, content_type: str, hold: asyncio.Event | None = None, hold_answer: asyncio.Event | None = None
+) -> tuple[int, dict, dict]:
     """One POST /predict through the ASGI app, as uvicorn drives it; with ``hold``, the body stops
-    half-way until the event is set (a slow upload). Returns (status, headers, JSON answer)."""
+    half-way until the event is set (a slow upload); with ``hold_answer``, the answer is not taken
+    until it is set (a client slow to read). Returns (status, headers, JSON answer)."""
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -356,6 +365,8 @@ async def call_app(app, body: bytes, content_type: str, hold: asyncio.Event | No
         return {"type": "http.disconnect"}
 
     async def send(message: dict) -> None:
+        if hold_answer is not None:
+            await hold_answer.wait()
         sent.append(message)
 
     await app(scope, receive, send)
@@ -366,7 +377,7 @@ async def call_app(app, body: bytes, content_type: str, hold: asyncio.Event | No
 
 
 def test_a_saturated_service_answers_503_with_retry_after(lr_backend, images):
-    """One upload admitted (max_active 1, max_queued 0) and stalled mid-body: the next gets 503 at once."""
+    """One upload admitted (max_active 1, max_queued 0) and its answer held: the next gets 503 at once."""
     from cxr_pipeline.serving import create_app
 
     app = create_app(backend=lr_backend, max_active=1, max_queued=0, retry_after_s=3)
@@ -374,7 +385,7 @@ def test_a_saturated_service_answers_503_with_retry_after(lr_backend, images):
 
     async def scenario():
         release = asyncio.Event()
-        slow = asyncio.create_task(call_app(app, body, content_type, hold=release))
+        slow = asyncio.create_task(call_app(app, body, content_type, hold_answer=release))
         while getattr(app.state, "load", None) is None or app.state.load.in_flight < 1:
             assert not slow.done(), slow.result()
             await asyncio.sleep(0.01)  # until the slow upload is admitted (ordering, not timing)
@@ -389,6 +400,52 @@ def test_a_saturated_service_answers_503_with_retry_after(lr_backend, images):
     assert slow[0] == 200 and after[0] == 200  # the admitted upload is answered, and the next one once it is done
     assert slow[2]["probability"] == same_probability(after[2]["probability"])
     assert app.state.load.busy_rejections == 1 and app.state.load.peak_in_flight == 1
+
+
+def test_a_stalled_body_holds_no_admission_slot_and_gets_408(lr_backend, images):
+    """max_active 1, max_queued 0: a body stalled half-way does not keep the next upload out, and is
+    answered 408 once it falls behind the pace (a 0.2 s grace here)."""
+    from cxr_pipeline.serving import create_app
+
+    app = create_app(backend=lr_backend, max_active=1, max_queued=0, body_grace_s=0.2)
+    body, content_type = multipart_image(images[0].read_bytes())
+
+    async def scenario():
+        never = asyncio.Event()  # the rest of the body never comes
+        stalled = asyncio.create_task(call_app(app, body, content_type, hold=never))
+        while getattr(app.state, "load", None) is None or app.state.load.receiving < 1:
+            await asyncio.sleep(0.01)  # until the stalled body is being received (ordering, not timing)
+        working = await call_app(app, body, content_type)
+        return working, await stalled
+
+    (status, _, answer), (slow_status, slow_headers, slow_answer) = asyncio.run(scenario())
+    assert status == 200 and 0 <= answer["probability"] <= 1
+    assert slow_status == 408 and slow_answer["code"] == "upload_too_slow"
+    assert "kB/s" in slow_answer["detail"]
+    assert slow_headers["connection"] == "close"  # the unread rest of the body cannot carry another request
+    load = app.state.load
+    assert (load.slow_rejections, load.busy_rejections, load.receiving, load.in_flight) == (1, 0, 0, 0)
+
+
+def test_bodies_arriving_past_max_receiving_get_503(lr_backend, images):
+    from cxr_pipeline.serving import create_app
+
+    app = create_app(backend=lr_backend, max_receiving=1)
+    body, content_type = multipart_image(images[0].read_bytes())
+
+    async def scenario():
+        release = asyncio.Event()
+        slow = asyncio.create_task(call_app(app, body, content_type, hold=release))
+        while getattr(app.state, "load", None) is None or app.state.load.receiving < 1:
+            await asyncio.sleep(0.01)
+        refused = await call_app(app, body, content_type)
+        release.set()
+        return refused, await slow
+
+    (status, headers, answer), slow = asyncio.run(scenario())
+    assert status == 503 and answer["code"] == "busy" and "arriving" in answer["detail"]
+    assert "retry-after" in headers
+    assert slow[0] == 200
 
 
 def test_plain_predictions_are_not_held_up_by_a_heat_map(cnn_client, images, monkeypatch):
@@ -461,14 +518,28 @@ def test_page_shows_image_class_probability_threshold(lr_client, images):
     assert f'data-value="{api["probability"]}"' in html
     assert f'data-value="{api["threshold"]}"' in html
     assert 'src="data:image/jpeg;base64,' in html
-    assert "result-heatmap" not in html  # the Spark model has no Grad-CAM
+    assert "result-heatmap" not in html  # the Spark model has no Grad-CAM, and the page says so
+    assert 'id="heatmap-error"' in html and "Grad-CAM needs a CNN" in html
 
 
-def test_client_file_name_is_escaped_on_the_page(lr_client, images):
-    response = lr_client.post("/", files=upload(b"", '<img src=x onerror="alert(1)">.jpeg'))
-    assert response.status_code == 400
-    assert "<img src=x" not in response.text
-    assert "&lt;img src=x" in response.text
+def test_a_heat_map_asked_of_a_model_without_one_says_why(lr_client, images):
+    asked = lr_client.post("/predict?heatmap=true", files=upload(images[0].read_bytes())).json()
+    assert asked["heatmap_png_base64"] is None
+    assert "no heat map" in asked["heatmap_error"] and "spark-lr" in asked["heatmap_error"]
+    assert lr_client.post("/predict", files=upload(images[0].read_bytes())).json()["heatmap_error"] is None
+
+
+def test_the_page_never_shows_the_client_file_name(lr_client, images):
+    """A PACS export is often named after the patient: the name is not echoed, accepted or rejected."""
+    name = "Planted^Jane^Quincy_MRN-PLANTED-4711.jpeg"
+    accepted = lr_client.post("/", files=upload(images[0].read_bytes(), name))
+    rejected = lr_client.post("/", files=upload(b"", name))
+    hostile = lr_client.post("/", files=upload(b"", '<img src=x onerror="alert(1)">.jpeg'))
+    assert (accepted.status_code, rejected.status_code, hostile.status_code) == (200, 400, 400)
+    for page in (accepted.text, rejected.text):
+        for part in ("Planted", "Quincy", "MRN-PLANTED-4711"):
+            assert part not in page
+    assert "img src=x" not in hostile.text
 
 
 # ----------------------------------------------------------------------------
@@ -578,6 +649,146 @@ def test_cnn_page_shows_the_heatmap(cnn_client, images):
 def test_cnn_rejects_what_imaging_rejects(cnn_client, images):
     response = cnn_client.post("/predict", files=upload(support.truncated_jpeg(images[0].read_bytes())))
     assert response.status_code == 422 and response.json()["code"] == "corrupt_image"
+
+
+def test_a_failed_heat_map_is_explained_without_the_error_text(cnn_client, images, monkeypatch):
+    from cxr_pipeline.cnn import gradcam
+
+    def failing_gradcam(*args, **kwargs):
+        raise RuntimeError(f"as if an error quoted a header value: {FAKE_IDENTITY.name}")
+
+    monkeypatch.setattr(gradcam, "gradcam_heatmap", failing_gradcam)
+    data = images[0].read_bytes()
+    answer = cnn_client.post("/predict?heatmap=true", files=upload(data))
+    page = cnn_client.post("/", files=upload(data))
+    assert answer.status_code == page.status_code == 200  # the prediction stands without its explanation
+    assert answer.json()["heatmap_png_base64"] is None
+    assert "could not be drawn" in answer.json()["heatmap_error"]
+    assert 'id="heatmap-error"' in page.text and "could not be drawn" in page.text
+    for served in (answer.text, page.text):
+        assert "Planted" not in served and "RuntimeError" not in served
+
+
+# ----------------------------------------------------------------------------
+# The live service (uvicorn, as `python -m cxr_pipeline.serving` runs it) serving the CNN
+
+
+@pytest.fixture(scope="module")
+def live_cnn(cnn_run, tmp_path_factory):
+    log = tmp_path_factory.mktemp("live_cnn") / "serve.log"
+    with support.live_service(cnn_run, log) as port:
+        yield port, log
+
+
+def post(port: int, path: str, data: bytes, filename: str) -> tuple[int, str]:
+    body, content_type = multipart_image(data, filename)
+    conn = http.client.HTTPConnection(HOST, port, timeout=120)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": content_type})
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+def load(port: int) -> dict:
+    return get_json(port, "/health")[1]["load"]
+
+
+def stalled_upload(port: int) -> socket.socket:
+    """A client that announces a 1 MB upload, sends its first 10 bytes of image, then nothing more."""
+    sock = socket.create_connection((HOST, port), timeout=120)
+    head = (
+        f"POST /predict HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+        "Content-Type: multipart/form-data; boundary=stall\r\nContent-Length: 1000000\r\n\r\n"
+        '--stall\r\nContent-Disposition: form-data; name="file"; filename="x.jpeg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n"
+    )
+    sock.sendall(head.encode() + b"\xff\xd8\xff\xe0" + bytes(6))
+    return sock
+
+
+def wait_until(condition, what: str, limit_s: float = 120) -> None:
+    """Poll ``condition`` until it holds (ordering, not timing: ``limit_s`` only detects a hang)."""
+    give_up = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < give_up, f"never happened: {what}"
+        time.sleep(0.1)
+
+
+def test_ten_stalled_uploads_do_not_keep_a_working_client_out(live_cnn, images):
+    """Issue 30.1: ten sockets send headers (1 MB announced) and 10 bytes, then stall. A normal upload is
+    still answered, and each stalled one gets 408 once it falls behind the pace (body_grace_s later)."""
+    port, _ = live_cnn
+    before = load(port)
+    stalled = [stalled_upload(port) for _ in range(10)]
+    try:
+        # Arrived: being received (or, before issue 30, admitted while their body arrives).
+        held = ("receiving", "in_flight")
+        wait_until(lambda: sum(load(port).get(k, 0) for k in held) == 10, "the ten stalled uploads arrived")
+        status, answer = support.post_image(port, images[0].read_bytes())
+        assert status == 200, answer
+        assert 0 <= answer["probability"] <= 1
+        for sock in stalled:
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            assert response.status == 408
+            assert response.getheader("Connection") == "close"
+            assert json.loads(response.read())["code"] == "upload_too_slow"
+    finally:
+        for sock in stalled:
+            sock.close()
+    after = load(port)
+    assert after["receiving"] == 0
+    assert after["slow_rejections"] - before["slow_rejections"] == 10
+    assert after["busy_rejections"] == before["busy_rejections"]
+
+
+def monochrome1_12bit(jpeg: bytes) -> bytes:
+    """Stored values inverted (high = dark), 12 bits, with the window that maps them back to the JPEG's."""
+    return native_dicom(
+        4080 - gray_pixels(jpeg).astype(np.uint16) * 16, 12, photometric="MONOCHROME1", window=(2040.5, 4081)
+    )
+
+
+DICOMS = {"jpeg-baseline": jpeg_dicom, "12-bit MONOCHROME1": monochrome1_12bit}
+PATIENT_FILE_NAME = "Planted^Jane^Quincy_MRN-PLANTED-4711.dcm"  # a PACS export named after the patient
+
+
+def assert_no_planted_values(text: str) -> None:
+    """No planted header value in ``text`` (base64 images left out: short values occur in them by chance)."""
+    text = re.sub(r"[A-Za-z0-9+/=]{200,}", "", text).lower()
+    for value in FAKE_IDENTITY.values():
+        assert value.lower() not in text, value
+
+
+@pytest.mark.parametrize("kind", DICOMS)
+def test_a_dicom_upload_gets_its_heat_map(live_cnn, images, kind):
+    """Issue 28.4: Grad-CAM over a real DICOM (pydicom-written), in the JSON and on the page, drawn over
+    the X-ray as displayed; no header value and not the file name reach either."""
+    from PIL import Image
+
+    port, log = live_cnn
+    jpeg = images[0].read_bytes()
+    data = DICOMS[kind](jpeg)
+    status, text = post(port, "/predict?heatmap=true", data, PATIENT_FILE_NAME)
+    assert status == 200, text
+    answer = json.loads(text)
+    assert answer["heatmap_error"] is None and answer["heatmap_png_base64"], answer
+    overlay = Image.open(io.BytesIO(base64.b64decode(answer["heatmap_png_base64"])))
+    reference = Image.open(io.BytesIO(jpeg)).convert("L")
+    assert abs(overlay.width / overlay.height - reference.width / reference.height) < 0.02
+    drawn = np.asarray(overlay.convert("L"), dtype=float)
+    seen = np.asarray(reference.resize(overlay.size), dtype=float)
+    # The X-ray as displayed under the colours (not a blank, white or inverted base).
+    assert np.corrcoef(drawn.ravel(), seen.ravel())[0, 1] > 0.5
+    page_status, page = post(port, "/", data, PATIENT_FILE_NAME)
+    assert page_status == 200
+    assert 'id="result-heatmap" src="data:image/png;base64,' in page and 'id="heatmap-error"' not in page
+    assert 'src="data:image/png;base64,' in page.split('id="result-image"', 1)[1][:40]
+    for served in (text, page):
+        assert_no_planted_values(served)
+    assert "Grad-CAM failed" not in log.read_text()
 
 
 # ----------------------------------------------------------------------------

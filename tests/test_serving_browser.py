@@ -92,6 +92,27 @@ def test_upload_a_sample_image_and_read_the_result(page, service, sample_tree):
         page.screenshot(path=shot, full_page=True)
 
 
+def test_upload_a_dicom_named_after_its_patient_and_see_its_heat_map(page, service, sample_tree, tmp_path):
+    """A PACS export (a real DICOM with planted patient data, named after the patient): the page shows the
+    result and the Grad-CAM map, and neither the file name nor any header value."""
+    from cxr_pipeline.datasets.dicom_from_images import FAKE_IDENTITY, jpeg_dicom
+
+    image = support.sample_images(sample_tree)[-1]
+    export = tmp_path / "Planted^Jane^Quincy_MRN-PLANTED-4711.dcm"
+    export.write_bytes(jpeg_dicom(image.read_bytes(), identity=FAKE_IDENTITY))
+    page.goto(f"http://127.0.0.1:{service}/")
+    page.set_input_files("#file", str(export))
+    page.click("#submit")
+    page.wait_for_selector("#result")
+    for selector in ("#result-image", "#result-heatmap"):
+        assert page.eval_on_selector(selector, "img => img.complete && img.naturalWidth > 0"), selector
+    assert page.query_selector("#heatmap-error") is None
+    shown = page.inner_text("body").lower()
+    assert "dicom" in shown  # the image line: width x height DICOM
+    for value in FAKE_IDENTITY.values():
+        assert value.lower() not in shown, value
+
+
 def test_a_non_image_gets_a_clear_message(page, service, tmp_path):
     bogus = tmp_path / "notes.jpeg"
     bogus.write_bytes(support.not_an_image())

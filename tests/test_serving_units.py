@@ -63,6 +63,27 @@ def test_browser_gets_jpeg_as_is_and_other_formats_as_png():
     assert mime == "image/png" and Image.open(io.BytesIO(shown)).size == (320, 240)
 
 
+def wide_png(width=300, height=200) -> bytes:
+    """A 16-bit grayscale PNG whose values (1000..60000) all lie above 255: a plain convert() shows it white."""
+    ramp = np.linspace(1000, 60000, width * height).reshape(height, width).astype(np.uint16)
+    out = io.BytesIO()
+    Image.fromarray(ramp).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_a_16_bit_png_is_shown_windowed_and_the_heat_map_drawn_over_it():
+    data = wide_png()
+    shown, mime = browser_image(data, check_upload(data, MIB, (64, 64)))
+    assert mime == "image/png" and shown != data
+    picture = np.asarray(Image.open(io.BytesIO(shown)).convert("L"), np.int32)
+    assert picture.shape == (200, 300)
+    assert picture.min() <= 2 and picture.max() >= 253  # the whole range, as the model sees it (not all white)
+    flat = overlay_heatmap(shown, np.zeros((4, 4), np.float32))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(flat.png)).convert("L"), np.int32), picture)
+    eight_bit = support.png_bytes(50, 40)  # an 8-bit PNG goes to the browser as it came
+    assert browser_image(eight_bit, check_upload(eight_bit, MIB, (64, 64))) == (eight_bit, "image/png")
+
+
 def test_overlay_colours_the_hot_region_at_the_image_aspect():
     heat = np.zeros((8, 8), np.float32)
     heat[:, 6:] = 1.0  # right edge hot
@@ -101,7 +122,15 @@ def test_settings_come_from_the_config_and_are_checked(tmp_path):
         ServingSettings.from_config(load_config(overrides=["serving.max_uploads=3"]))
     with pytest.raises(ValueError, match="upload_dir"):
         ServingSettings.from_config(load_config(overrides=["serving.keep_uploads=true"]))
-    for bad in ("max_upload_mb=-1", "max_active=0", "retry_after_s=0", "allowed_hosts=[]"):
+    for bad in (
+        "max_upload_mb=-1",
+        "max_active=0",
+        "retry_after_s=0",
+        "allowed_hosts=[]",
+        "max_receiving=0",
+        "body_grace_s=0",
+        "body_min_kb_s=0",
+    ):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             ServingSettings.from_config(load_config(overrides=[f"serving.{bad}"]))
     kept = ServingSettings.from_config(None, keep_uploads=True, upload_dir=str(tmp_path))

@@ -186,6 +186,12 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def to_8bit(image: Image.Image) -> Image.Image:
+    """``image`` as an 8-bit ``L`` or ``RGB`` image, as the models see it before the resize
+    (16/32-bit and float windowed to their own range; alpha dropped)."""
+    return _to_8bit(image)
+
+
 def normalize_intensity(image: Image.Image, intensity: str = "none") -> Image.Image:
     """An 8-bit ``L``/``RGB`` image with its intensities normalized by ``intensity`` (one of :data:`INTENSITY_MODES`).
 

@@ -1,10 +1,12 @@
 """Classify one or more chest X-ray files on this computer (no Spark, no cluster).
 
-    cxr-predict-image --model runs/demo scan1.jpeg scan2.png
+    cxr-predict-image --model runs/demo scan1.jpeg scan2.png scan3.dcm
     python -m cxr_pipeline.cli.predict_image --model runs/cnn/model.keras scan.jpeg --json
 
 --model is a run folder of jobs/train_featurizer.py (classifier.json), a run folder
 of jobs/train_cnn.py (cnn.json) or a saved .keras CNN; local paths or hdfs:// URIs.
+Images: JPEG, PNG (8 or 16-bit), TIFF, BMP, GIF, WebP or DICOM (.dcm), decoded as
+the batch jobs decode them (DICOM: its window and LUTs, MONOCHROME1 inverted).
 Prints one line per image: class, P(PNEUMONIA) and the threshold used. Exit status
 1 when some file could not be read or decoded (it is reported, the others are still
 classified).
@@ -88,7 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run folder (Spark or CNN), a .keras file, or a registered "
         "model models:/NAME@ALIAS or models:/NAME/VERSION (MLflow, tracking.* in conf/)",
     )
-    parser.add_argument("images", nargs="+", help="image file(s): JPEG/PNG, local or hdfs://")
+    parser.add_argument(
+        "images", nargs="+", help="image file(s): JPEG, PNG, TIFF, BMP, GIF, WebP or DICOM; local or hdfs://"
+    )
     parser.add_argument(
         "--threshold",
         type=float,

@@ -10,9 +10,13 @@ returns a FastAPI app with
 
 Under load (settings in the ``serving`` section of ``conf/defaults.yaml``):
 
-* at most ``max_active + max_queued`` uploads are admitted at once, counted from
-  the moment their headers arrive (before the body is read); the next one gets
-  ``503`` with ``Retry-After``. So the uploads held in memory are bounded too;
+* at most ``max_receiving`` upload bodies arrive at once (each held in memory,
+  at most ``max_upload_mb``); each must keep a pace: after ``body_grace_s``, at
+  least ``body_min_kb_s`` on average, or it gets ``408`` and its connection is
+  closed. So a stalled or trickling client loses its place within seconds;
+* an upload is admitted once its whole body is in: at most
+  ``max_active + max_queued`` at once, the next one gets ``503`` with
+  ``Retry-After``. A slow body never holds a slot that a working client needs;
 * at most ``max_active`` uploads are decoded at once, each decoded once; the
   pixels go to the model's batching thread;
 * Grad-CAM maps are drawn on their own thread, at most ``max_heatmaps`` requests
@@ -56,7 +60,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import config as cfg
 from ..tensorflow_runtime import import_tensorflow
 from .backends import HeatMap, ModelBackend, Prediction, load_backend
-from .validation import MIB, CheckedImage, UploadRejected, browser_image, check_upload, too_large
+from .validation import MIB, CheckedImage, UploadRejected, browser_image, check_upload, describe_size, too_large
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +90,9 @@ class ServingSettings:
     max_batch: int
     max_active: int
     max_queued: int
+    max_receiving: int
+    body_grace_s: float
+    body_min_kb_s: float
     max_heatmaps: int
     retry_after_s: int
     allowed_hosts: list[str]
@@ -98,13 +105,14 @@ class ServingSettings:
     def validate(self) -> None:
         if self.keep_uploads and not self.upload_dir:
             raise cfg.ConfigError("serving.keep_uploads is on but serving.upload_dir is not set")
-        for name, low in (("max_upload_mb", 0), ("upload_quota_mb", 0)):
+        for name, low in (("max_upload_mb", 0), ("upload_quota_mb", 0), ("body_grace_s", 0), ("body_min_kb_s", 0)):
             if not float(getattr(self, name)) > low:
                 raise cfg.ConfigError(f"serving.{name} must be > {low}, got {getattr(self, name)!r}")
         for name, low in (
             ("max_batch", 1),
             ("max_active", 1),
             ("max_queued", 0),
+            ("max_receiving", 1),
             ("max_heatmaps", 1),
             ("retry_after_s", 1),
         ):
@@ -120,6 +128,10 @@ class ServingSettings:
     @property
     def max_admitted(self) -> int:
         return int(self.max_active) + int(self.max_queued)
+
+    @property
+    def pace(self) -> BodyPace:
+        return BodyPace(float(self.body_grace_s), float(self.body_min_kb_s) * 1024)
 
 
 # ----------------------------------------------------------------------------
@@ -143,6 +155,9 @@ class PredictionResponse(BaseModel):
     model: ModelDescription
     heatmap_png_base64: str | None = Field(None, description="Grad-CAM overlay (CNN models, ?heatmap=true)")
     heatmap_flat: bool | None = Field(None, description="true: the Grad-CAM map is flat, no region stands out")
+    heatmap_error: str | None = Field(
+        None, description="why no heat map came back when one was asked for (e.g. the model has none)"
+    )
 
     model_config = {"populate_by_name": True}
 
@@ -151,7 +166,7 @@ class ErrorResponse(BaseModel):
     detail: str = Field(description="what was wrong with the upload, for a person")
     code: str = Field(
         description="empty_upload | too_large | not_an_image | corrupt_image | missing_file | "
-        "invalid_request | busy | host_not_allowed | unauthorized"
+        "invalid_request | upload_too_slow | busy | host_not_allowed | unauthorized"
     )
 
 
@@ -165,11 +180,15 @@ class BatchingStats(BaseModel):
 class LoadStats(BaseModel):
     max_active: int = Field(description="uploads decoded at once")
     max_queued: int = Field(description="uploads admitted beyond max_active; more get 503")
+    max_receiving: int = Field(description="upload bodies arriving at once; more get 503")
     max_heatmaps: int = Field(description="Grad-CAM requests admitted at once; more get 503")
-    in_flight: int = Field(description="uploads admitted now (being received, decoded, scored or answered)")
+    receiving: int = Field(description="upload bodies arriving now (not yet admitted)")
+    peak_receiving: int
+    in_flight: int = Field(description="uploads admitted now (whole body in; being decoded, scored or answered)")
     peak_in_flight: int
     heatmaps_in_flight: int
     busy_rejections: int = Field(description="503 answers since start-up")
+    slow_rejections: int = Field(description="408 answers since start-up: bodies that fell behind the minimum pace")
 
 
 class HealthResponse(BaseModel):
@@ -182,6 +201,11 @@ class HealthResponse(BaseModel):
 UPLOAD_ERRORS = {
     400: {"model": ErrorResponse, "description": "empty upload, or a Host name not in serving.allowed_hosts"},
     401: {"model": ErrorResponse, "description": "missing or wrong API token (when the service has one)"},
+    408: {
+        "model": ErrorResponse,
+        "description": "the upload arrived slower than serving.body_min_kb_s (after serving.body_grace_s); "
+        "the connection is closed",
+    },
     413: {"model": ErrorResponse, "description": "file over the size limit"},
     415: {"model": ErrorResponse, "description": "not an image"},
     422: {
@@ -193,7 +217,7 @@ UPLOAD_ERRORS = {
 
 
 # ----------------------------------------------------------------------------
-# Middleware: Host check, API token, admission (503), size limit (413)
+# Middleware: Host check, API token, the body (413, 408, 503), admission (503)
 
 
 def host_name(header: str) -> str:
@@ -261,17 +285,172 @@ class BearerToken:
 class LoadCounters:
     """What /health reports about the load; changed on the event loop only (no lock needed)."""
 
+    receiving: int = 0
+    peak_receiving: int = 0
     in_flight: int = 0
     peak_in_flight: int = 0
     heatmaps_in_flight: int = 0
     busy_rejections: int = 0
+    slow_rejections: int = 0
+
+
+def is_upload(scope: Scope) -> bool:
+    return scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in UPLOAD_PATHS
+
+
+class BodyTooSlow(Exception):
+    """The request body fell behind its :class:`BodyPace`."""
+
+
+@dataclass(frozen=True)
+class BodyPace:
+    """The pace a request body keeps: after ``grace_s``, at least ``min_rate`` bytes/s on average.
+
+    Each byte received moves the body's deadline ``1 / min_rate`` s further: a client that keeps
+    sending keeps its place, one that stalls loses it once its average falls below ``min_rate``.
+    """
+
+    grace_s: float
+    min_rate: float  # bytes per second
+
+
+class PacedReceive:
+    """``receive`` under a :class:`BodyPace`: raises :class:`BodyTooSlow` once the body falls behind."""
+
+    def __init__(self, receive: Receive, pace: BodyPace):
+        self.receive, self.pace = receive, pace
+        self.start = time.monotonic()
+        self.received = 0
+
+    async def __call__(self) -> Message:
+        left = self.start + self.pace.grace_s + self.received / self.pace.min_rate - time.monotonic()
+        if left <= 0:
+            raise BodyTooSlow
+        try:
+            message = await asyncio.wait_for(self.receive(), left)
+        except TimeoutError:
+            raise BodyTooSlow from None
+        self.received += len(message.get("body", b""))
+        return message
+
+    def too_slow(self) -> UploadRejected:
+        seconds = time.monotonic() - self.start
+        return UploadRejected(
+            408,
+            "upload_too_slow",
+            f"The upload arrived too slowly ({describe_size(self.received)} in {seconds:.0f} s; the service "
+            f"needs {self.pace.min_rate / 1024:g} kB/s after the first {self.pace.grace_s:g} s): "
+            "send it again over a faster connection.",
+        )
+
+
+class ClientGone(Exception):
+    """The client disconnected before its body was in."""
+
+
+class BodyReceiver:
+    """ASGI middleware: an upload's whole body is read, at a minimum pace and within the size limit,
+    before the app (and admission) sees the request.
+
+    * a Content-Length over ``max_body`` gets 413 at once; a chunked body is counted as it arrives;
+    * at most ``limit`` bodies arrive at once (each is held in memory); the next upload gets 503;
+    * a body that falls behind ``pace`` gets 408 and its connection is closed, so a stalled or
+      trickling client gives up its place within ``pace.grace_s`` of stalling (at the start).
+    The body then reaches the app as it arrived, one message per piece.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int,
+        pace: BodyPace,
+        max_body: int,
+        max_file: int,
+        retry_after_s: int,
+        counters: LoadCounters,
+        reject: Callable[[Scope, UploadRejected], Response],
+    ):
+        self.app, self.limit, self.pace, self.counters, self.reject = app, limit, pace, counters, reject
+        self.max_body, self.max_file, self.retry_after_s = max_body, max_file, retry_after_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not is_upload(scope):
+            await self.app(scope, receive, send)
+            return
+        paced = PacedReceive(receive, self.pace)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            await self.refuse_unread(scope, paced, send, too_large(int(declared), self.max_file))
+            return
+        counters = self.counters
+        if counters.receiving >= self.limit:
+            counters.busy_rejections += 1
+            rejection = busy(f"{counters.receiving} uploads are arriving", self.retry_after_s)
+            await self.refuse_unread(scope, paced, send, rejection)
+            return
+        counters.receiving += 1
+        counters.peak_receiving = max(counters.peak_receiving, counters.receiving)
+        try:
+            body: list[Message] | UploadRejected = await self.read_body(paced)
+        except UploadRejected as rejection:
+            body = rejection
+        except ClientGone:
+            return
+        finally:
+            counters.receiving -= 1
+        if isinstance(body, UploadRejected):
+            await self.answer(scope, send, body, close=True)
+            return
+        await self.app(scope, replay(body, receive), send)
+
+    async def read_body(self, paced: PacedReceive) -> list[Message]:
+        """The body's messages; :class:`UploadRejected` (408, 413) or :class:`ClientGone` if it cannot be had."""
+        messages, size = [], 0
+        while True:
+            try:
+                message = await paced()
+            except BodyTooSlow:
+                self.counters.slow_rejections += 1
+                raise paced.too_slow() from None
+            if message["type"] != "http.request":
+                raise ClientGone
+            size += len(message.get("body", b""))
+            if size > self.max_body:
+                raise too_large(None, self.max_file)
+            messages.append(message)
+            if not message.get("more_body", False):
+                return messages
+
+    async def refuse_unread(self, scope: Scope, paced: PacedReceive, send: Send, rejection: UploadRejected) -> None:
+        """Answer without keeping the body; the connection is closed unless the whole body could be drained."""
+        drained = await drain(paced, limit=DRAIN_LIMIT_FACTOR * self.max_body)
+        await self.answer(scope, send, rejection, close=not drained)
+
+    async def answer(self, scope: Scope, send: Send, rejection: UploadRejected, close: bool) -> None:
+        response = self.reject(scope, rejection)
+        if close:  # the rest of the body is never read: the connection cannot carry another request
+            response.headers["Connection"] = "close"
+        await response(scope, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def replay(body: list[Message], receive: Receive) -> Receive:
+    """A ``receive`` that gives ``body`` (dropping each message as it goes), then the client's own."""
+
+    async def replaying() -> Message:
+        return body.pop(0) if body else await receive()
+
+    return replaying
 
 
 class Admission:
     """ASGI middleware: at most ``limit`` uploads in flight; the next one gets 503 + Retry-After at once.
 
-    Counted from the moment a POST to an upload path arrives, before its body is
-    read: uploads waiting for their turn never pile up in memory.
+    Placed after :class:`BodyReceiver`: an upload is counted once its whole body is in, so a slow
+    body never holds a slot; the slot is held until the answer is written.
     """
 
     def __init__(
@@ -281,19 +460,17 @@ class Admission:
         retry_after_s: int,
         counters: LoadCounters,
         reject: Callable[[Scope, UploadRejected], Response],
-        max_body: int,
     ):
         self.app, self.limit, self.retry_after_s, self.counters = app, limit, retry_after_s, counters
-        self.reject, self.max_body = reject, max_body
+        self.reject = reject
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in UPLOAD_PATHS:
+        if not is_upload(scope):
             await self.app(scope, receive, send)
             return
         counters = self.counters
         if counters.in_flight >= self.limit:
             counters.busy_rejections += 1
-            await drain(receive, limit=DRAIN_LIMIT_FACTOR * self.max_body)
             rejection = busy(f"{counters.in_flight} uploads are in progress", self.retry_after_s)
             await self.reject(scope, rejection)(scope, receive, send)
             return
@@ -309,65 +486,22 @@ def busy(reason: str, retry_after_s: int) -> UploadRejected:
     return UploadRejected(503, "busy", f"The service is busy ({reason}): try again in {retry_after_s} s.")
 
 
-async def drain(receive: Receive, limit: int) -> None:
+async def drain(receive: Receive, limit: int) -> bool:
     """Read (and drop) what the client is sending so it sees the answer rather than a reset
-    connection; past ``limit`` bytes the server closes the connection instead."""
+    connection. True once the body is all in; False past ``limit`` bytes, when the client
+    left, or when a paced ``receive`` finds the body too slow."""
     seen = 0
-    while seen <= limit:
-        message = await receive()
-        seen += len(message.get("body", b""))
-        if message["type"] != "http.request" or not message.get("more_body", False):
-            return
-
-
-class BodySizeLimit:
-    """ASGI middleware: a POST to an upload path larger than ``max_body`` gets 413.
-
-    Content-Length is checked up front; a chunked body is counted as it
-    arrives and cut off once over the limit.
-    """
-
-    def __init__(self, app: ASGIApp, max_body: int, max_file: int, reject: Callable[[Scope, UploadRejected], Response]):
-        self.app, self.max_body, self.max_file, self.reject = app, max_body, max_file, reject
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in UPLOAD_PATHS:
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope["headers"])
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-            await drain(receive, limit=DRAIN_LIMIT_FACTOR * self.max_body)
-            await self.reject(scope, too_large(int(declared), self.max_file))(scope, receive, send)
-            return
-        seen = 0
-        over = False
-        started = False
-
-        async def counting_receive() -> Message:
-            nonlocal seen, over
+    try:
+        while seen <= limit:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_body:
-                    over = True
-                    return {"type": "http.disconnect"}
-            return message
-
-        async def guarded_send(message: Message) -> None:
-            nonlocal started
-            if over:  # the app's own answer to the cut-off body is replaced below
-                return
-            started = True
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, guarded_send)
-        except Exception:
-            if not over:
-                raise
-        if over and not started:
-            await self.reject(scope, too_large(None, self.max_file))(scope, receive, send)
+            if message["type"] != "http.request":
+                return False
+            seen += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return True
+    except BodyTooSlow:
+        return False
+    return False
 
 
 # ----------------------------------------------------------------------------
@@ -475,6 +609,13 @@ class Scored:
     checked: CheckedImage
     prediction: Prediction
     heatmap: HeatMap | None
+    heatmap_error: str | None = None  # why no heat map, when one was asked for
+    shown: tuple[bytes, str] | None = None  # (bytes, mime) of the picture a browser shows, when asked for
+
+
+# Why a heat map asked for did not come back (the JSON's heatmap_error and the page): never the
+# exception's own text, which could quote the upload.
+HEATMAP_FAILED = "the heat map could not be drawn for this image (the service's log has the details)"
 
 
 def create_app(
@@ -511,7 +652,7 @@ def create_app(
         title="Chest X-ray pneumonia classifier",
         version="1.0",
         description=(
-            f"Serves model `{info.model_id}` ({info.name}). POST a chest X-ray (JPEG/PNG, at most "
+            f"Serves model `{info.model_id}` ({info.name}). POST a chest X-ray (JPEG, PNG or DICOM, at most "
             f"{settings.max_upload_mb:g} MB) to /predict. Upload page at /."
         ),
         docs_url=None,  # Swagger UI / ReDoc pull their assets from a CDN; the machine is offline
@@ -530,24 +671,16 @@ def create_app(
         context.update(info=info, max_upload_mb=settings.max_upload_mb)
         return templates.TemplateResponse(request, "index.html", context, status_code=status_code)
 
-    def reject_response(scope: Scope, rejection: UploadRejected, filename: str = "") -> Response:
+    def reject_response(scope: Scope, rejection: UploadRejected) -> Response:
         if scope["path"] == "/":
-            response: Response = render_page(
-                Request(scope), status_code=rejection.status_code, error=rejection, filename=filename
-            )
+            response: Response = render_page(Request(scope), status_code=rejection.status_code, error=rejection)
         else:
             response = JSONResponse(rejection.as_json(), status_code=rejection.status_code)
         if rejection.status_code == 503:
             response.headers["Retry-After"] = str(settings.retry_after_s)
         return response
 
-    # Added innermost first: a request meets HostCheck, then the token, then admission, then the size limit.
-    app.add_middleware(
-        BodySizeLimit,
-        max_body=settings.max_bytes + MULTIPART_OVERHEAD,
-        max_file=settings.max_bytes,
-        reject=reject_response,
-    )
+    # Added innermost first: a request meets HostCheck, then the token, then the body, then admission.
     counters = LoadCounters()
     app.state.load = counters
     app.add_middleware(
@@ -556,38 +689,55 @@ def create_app(
         retry_after_s=int(settings.retry_after_s),
         counters=counters,
         reject=reject_response,
+    )
+    app.add_middleware(
+        BodyReceiver,
+        limit=int(settings.max_receiving),
+        pace=settings.pace,
         max_body=settings.max_bytes + MULTIPART_OVERHEAD,
+        max_file=settings.max_bytes,
+        retry_after_s=int(settings.retry_after_s),
+        counters=counters,
+        reject=reject_response,
     )
     if api_token:
         app.add_middleware(BearerToken, token=api_token)
     app.add_middleware(HostCheck, allowed=list(settings.allowed_hosts))
     decode_slots = LoopLocal(lambda: asyncio.Semaphore(int(settings.max_active)))
 
-    async def score(data: bytes, with_heatmap: bool) -> Scored:
-        with_heatmap = with_heatmap and backend.supports_heatmap
-        if with_heatmap and counters.heatmaps_in_flight >= int(settings.max_heatmaps):
+    no_heatmap = None if backend.supports_heatmap else f"this model ({info.kind}) has no heat map: Grad-CAM needs a CNN"
+
+    async def score(data: bytes, with_heatmap: bool, show: bool = False) -> Scored:
+        """Decode, score, and when asked draw the heat map and the picture a browser shows."""
+        draw = with_heatmap and backend.supports_heatmap
+        if draw and counters.heatmaps_in_flight >= int(settings.max_heatmaps):
             counters.busy_rejections += 1
             raise busy(f"{counters.heatmaps_in_flight} heat maps are being drawn", int(settings.retry_after_s))
-        counters.heatmaps_in_flight += with_heatmap
+        counters.heatmaps_in_flight += draw
         try:
             async with decode_slots.get():  # at most max_active decodes at once
                 checked, pixels = await run_in_threadpool(
                     decode_upload, data, settings.max_bytes, input_size, max_pixels, backend.intensity
                 )
+                # The heat map is drawn over what the browser shows: a DICOM or 16-bit PNG only as a PNG copy.
+                shown = await run_in_threadpool(browser_image, data, checked) if show or draw else None
             prediction = await asyncio.wrap_future(backend.submit(pixels))
-            heatmap = await draw_heatmap(pixels, data) if with_heatmap else None
+            heatmap, heatmap_error = await draw_heatmap(pixels, shown[0]) if draw else (None, None)
         finally:
-            counters.heatmaps_in_flight -= with_heatmap
+            counters.heatmaps_in_flight -= draw
+        if with_heatmap and not draw:
+            heatmap_error = no_heatmap
         if keeper is not None:
             await run_in_threadpool(keeper.keep, data, checked, prediction, info.model_id)
-        return Scored(checked, prediction, heatmap)
+        return Scored(checked, prediction, heatmap, heatmap_error, shown if show else None)
 
-    async def draw_heatmap(pixels: np.ndarray, data: bytes) -> HeatMap | None:
+    async def draw_heatmap(pixels: np.ndarray, picture: bytes) -> tuple[HeatMap | None, str | None]:
+        """``(heat map, None)``, or ``(None, why not)`` when Grad-CAM failed: the prediction stands without it."""
         try:
-            return await asyncio.wrap_future(backend.submit_heatmap(pixels, data))
+            return await asyncio.wrap_future(backend.submit_heatmap(pixels, picture)), None
         except Exception:  # noqa: BLE001 - the prediction stands without its explanation
             log.exception("Grad-CAM failed for %s; answering without a heat map", info.model_id)
-            return None
+            return None, HEATMAP_FAILED
 
     async def read_upload(file: UploadFile | None) -> bytes:
         if file is None:
@@ -616,22 +766,20 @@ def create_app(
 
     @app.post("/", response_class=HTMLResponse, include_in_schema=False)
     async def page_predict(request: Request, file: UploadFile | None = File(None)) -> Response:
+        # The client's file name is never shown: a PACS export is often named after the patient.
         data = await read_upload(file)
-        filename = (file.filename if file else "") or ""
         try:
-            scored = await score(data, True)
+            scored = await score(data, True, show=True)
         except UploadRejected as rejection:
-            return reject_response(request.scope, rejection, filename)
-        async with decode_slots.get():  # a TIFF or DICOM is converted for the browser: a decode, so bounded too
-            shown, mime = await run_in_threadpool(browser_image, data, scored.checked)
+            return reject_response(request.scope, rejection)
         return render_page(
             request,
             result=scored.prediction,
             checked=scored.checked,
-            filename=filename,
-            image_uri=data_uri(shown, mime),
+            image_uri=data_uri(*scored.shown),
             heatmap_uri=data_uri(scored.heatmap.png, "image/png") if scored.heatmap else None,
             heatmap_flat=bool(scored.heatmap and scored.heatmap.flat),
+            heatmap_error=scored.heatmap_error,
         )
 
     @app.post(
@@ -662,6 +810,7 @@ def create_app(
             "load": {
                 "max_active": settings.max_active,
                 "max_queued": settings.max_queued,
+                "max_receiving": settings.max_receiving,
                 "max_heatmaps": settings.max_heatmaps,
                 **asdict(counters),
             },
@@ -703,4 +852,5 @@ def prediction_json(scored: Scored, info) -> dict[str, Any]:
         "model": info.as_dict(),
         "heatmap_png_base64": base64.b64encode(scored.heatmap.png).decode("ascii") if scored.heatmap else None,
         "heatmap_flat": scored.heatmap.flat if scored.heatmap else None,
+        "heatmap_error": scored.heatmap_error,
     }

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 MIB = 1024 * 1024
 # imaging.decode_image's reason for bytes no image decoder recognises (-> 415, not 422)
 NOT_AN_IMAGE = "not an image"
+# PNG modes a browser (and the heat-map overlay) shows as the model sees them; wider ones are windowed first.
+SHOWN_AS_IS = ("1", "L", "LA", "P", "RGB", "RGBA")
 
 
 @dataclass
@@ -36,6 +38,8 @@ class CheckedImage:
 
 
 def describe_size(n_bytes: float) -> str:
+    if n_bytes < 1024:
+        return f"{n_bytes:.0f} bytes"
     if n_bytes >= MIB:
         return f"{n_bytes / MIB:.1f} MB"
     return f"{n_bytes / 1024:.0f} kB"
@@ -68,22 +72,27 @@ def check_upload(data: bytes, max_bytes: int, size: tuple[int, int], max_pixels:
 
 
 def browser_image(data: bytes, checked: CheckedImage, max_side: int = 1024) -> tuple[bytes, str]:
-    """``(bytes, mime)`` a browser can show: the upload itself if JPEG/PNG, else a PNG copy.
+    """``(bytes, mime)`` a browser can show: the upload itself if JPEG or 8-bit PNG, else a PNG copy.
 
-    A DICOM is shown as the model sees it (windowed, MONOCHROME1 inverted) and never sent back as
-    DICOM: its header holds patient data.
+    The copy is windowed as the model sees it (16-bit and float images to their range, DICOM by its
+    LUTs, MONOCHROME1 inverted); the heat map is drawn over the same picture. A DICOM is never sent
+    back as DICOM: its header holds patient data.
     """
-    if checked.format in ("jpeg", "png"):
-        return data, f"image/{checked.format}"
     from PIL import Image
 
+    if checked.format == "jpeg":
+        return data, "image/jpeg"
     if checked.format == "dicom":
         from cxr_pipeline import dicom
 
         copy = dicom.decode_to_image(data, (max_side, max_side), checked.width * checked.height).convert("RGB")
     else:
+        from cxr_pipeline.imaging import to_8bit
+
         with Image.open(io.BytesIO(data)) as img:
-            copy = img.convert("RGB")
+            if checked.format == "png" and img.mode in SHOWN_AS_IS:
+                return data, "image/png"
+            copy = to_8bit(img).convert("RGB")
     copy.thumbnail((max_side, max_side))
     out = io.BytesIO()
     copy.save(out, format="PNG")
