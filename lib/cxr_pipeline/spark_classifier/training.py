@@ -187,11 +187,17 @@ def features_cache_root(out_uri: str, cache_root: str | None = None) -> str:
     return (cache_root or (out_uri.rstrip("/").rsplit("/", 1)[0] + "/_features_cache")).rstrip("/")
 
 
+def data_source(config: Mapping[str, Any]) -> str:
+    """``data.source``, refused before any Spark work when it is not one the reader knows."""
+    from ..spark.reader import SOURCES
+
+    return cfg.require_choice(cfg.get(config, "data.source"), SOURCES, "data.source")
+
+
 def open_feature_cache(config: Mapping[str, Any], data_uri: str, out_uri: str, featurizer, settings: TrainingSettings):
     from ..feature_cache import FeatureCache, fingerprint
 
-    source = cfg.get(config, "data.source", "binaryFile")
-    print_ = fingerprint(featurizer, source, cfg.get(config, "dicom", None))
+    print_ = fingerprint(featurizer, data_source(config), cfg.get(config, "dicom", None))
     return FeatureCache(
         features_cache_root(out_uri, settings.features_cache),
         data_uri,
@@ -399,6 +405,7 @@ def train(
 
     final = out_uri.rstrip("/")
     settings = TrainingSettings.from_config(config)
+    data_source(config)
     featurizer = build_featurizer(FeaturizerSettings.from_config(config))
     with run_folder.staged_output(final, overwrite=overwrite, tool="train_featurizer") as stage:
         result = _train_into(_Job(spark, config, data_uri, RunLayout(stage), final, settings, featurizer))
@@ -431,9 +438,10 @@ def _train_into(job: _Job) -> TrainingResult:
             {**config, "data": {**config.get("data", {}), "uri": data_uri}, "run": {"out": final}}
         ).encode(),
     )
-    source = cfg.get(config, "data.source", "binaryFile")
     with timer.phase("listing"):
-        read = read_images_with_rejections(spark, data_uri, source=source, dicom=DicomSettings.from_config(config))
+        read = read_images_with_rejections(
+            spark, data_uri, source=data_source(config), dicom=DicomSettings.from_config(config)
+        )
     cache = open_feature_cache(config, data_uri, final, job.featurizer, job.settings)
     with timer.phase("featurizing"):
         cached, outcome, snapshot = cache.features_for(spark, read, job.featurizer)
