@@ -15,6 +15,7 @@ they test (a source, a backbone, an intensity mode) does not depend on the weigh
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import re
 import subprocess
@@ -209,8 +210,9 @@ def documented_values() -> dict[str, set[str]]:
     return {k: v for k, v in ((k, _comment_values(c)) for k, c in comments.items()) if v}
 
 
-def help_choices() -> dict[tuple[str, str], set[str]]:
-    """``(tool, flag) -> choices`` from each tool's ``--help``."""
+@functools.lru_cache(maxsize=1)
+def help_choices() -> dict[tuple[str, str], frozenset[str]]:
+    """``(tool, flag) -> choices`` from each tool's ``--help`` (five interpreters: read once)."""
     found = {}
     for tool in HELP_FLAGS:
         out = subprocess.run(
@@ -218,7 +220,7 @@ def help_choices() -> dict[tuple[str, str], set[str]]:
         )
         assert out.returncode == 0, out.stderr[-2000:]
         for flag, choices in re.findall(r"(--[\w-]+) \{([^}]*)\}", out.stdout):
-            found[(tool, flag)] = set(choices.split(","))
+            found[(tool, flag)] = frozenset(choices.split(","))
     return found
 
 
