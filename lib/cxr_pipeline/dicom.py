@@ -95,6 +95,22 @@ class DicomSettings:
 
         return cls.from_config(config_mod.load_config())
 
+    def uses_published_key(self) -> bool:
+        """Whether ``patient_key`` is still the one conf/defaults.yaml publishes (see PUBLISHED_KEY_WARNING)."""
+        from . import config as config_mod
+        from .paths import CONF_DIR
+
+        return self.patient_key == config_mod.read_yaml(CONF_DIR / "defaults.yaml")["dicom"]["patient_key"]
+
+
+# Training on DICOM warns rather than refuses: its pseudonyms only group the validation split and are not
+# written (tests/test_phi.py scans every byte a DICOM run writes), so a first try with the sample key is safe.
+PUBLISHED_KEY_WARNING = (
+    "DICOM patient pseudonyms were made with the published dicom.patient_key of conf/defaults.yaml: anyone "
+    "can recompute them from PatientIDs. Set a secret key of your own in a site config kept out of git "
+    "(--conf site.yaml with dicom: {patient_key: ...}) before training on real patients' images."
+)
+
 
 @dataclass(frozen=True)
 class ImageHeader:

@@ -40,7 +40,7 @@ from .. import config as cfg
 from .. import metrics as M
 from .. import splits
 from ..dataset_layout import invert_label_index, label_index, parse_image_path, patient_id
-from ..dicom import DicomSettings
+from ..dicom import PUBLISHED_KEY_WARNING, DicomSettings
 from ..spark.featurizer import FeaturizerSettings
 
 log = logging.getLogger(__name__)
@@ -425,6 +425,7 @@ class _Job:
     settings: TrainingSettings
     featurizer: Any
     timer: PhaseTimer = field(default_factory=PhaseTimer)
+    warnings: list[str] = field(default_factory=list)  # also in metrics.json and at the end of summary.txt
 
 
 def _train_into(job: _Job) -> TrainingResult:
@@ -438,10 +439,13 @@ def _train_into(job: _Job) -> TrainingResult:
             {**config, "data": {**config.get("data", {}), "uri": data_uri}, "run": {"out": final}}
         ).encode(),
     )
+    dicom = DicomSettings.from_config(config)
     with timer.phase("listing"):
-        read = read_images_with_rejections(
-            spark, data_uri, source=data_source(config), dicom=DicomSettings.from_config(config)
-        )
+        read = read_images_with_rejections(spark, data_uri, source=data_source(config), dicom=dicom)
+    # pseudonyms were made here from DICOM headers (a packed table's were made when it was packed)
+    if read.patients is not None and data_source(config) != "parquet" and dicom.uses_published_key():
+        log.warning(PUBLISHED_KEY_WARNING)
+        job.warnings.append(PUBLISHED_KEY_WARNING)
     cache = open_feature_cache(config, data_uri, final, job.featurizer, job.settings)
     with timer.phase("featurizing"):
         cached, outcome, snapshot = cache.features_for(spark, read, job.featurizer)
@@ -547,6 +551,7 @@ def _fit_and_report(job: _Job, read, features: DataFrame, outcome) -> TrainingRe
                 "cache": outcome.as_dict(),
             },
             "timing": timer.report(outcome.featurized_rows or 0),
+            "warnings": job.warnings,
         }
     )
     evaluation.write_report(run, report, test, label_names)
@@ -558,6 +563,7 @@ def _fit_and_report(job: _Job, read, features: DataFrame, outcome) -> TrainingRe
         model, run.root, threshold=choice.threshold, label_names=label_names, image_size=fsettings.image_size
     )
     summary = evaluation.summary_text(report).rstrip("\n") + "\n" + timer.text() + "\n"
+    summary += "".join(f"WARNING: {warning}\n" for warning in job.warnings)
     storage.write_bytes(run.summary, summary.encode())
     data.unpersist()
     scored.unpersist()
