@@ -320,6 +320,25 @@ def test_an_undocumented_source_is_refused_before_any_work(spark, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_backbone_without_offline_weights_is_a_clear_error_before_spark_starts(tmp_path):
+    """featurizer.model_name=ResNet50 with the default weights (none can be provisioned offline) was a traceback
+    after Spark had started; the job says what to do and exits 2."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "jobs" / "train_featurizer.py"),
+            *("--out", str(tmp_path / "run"), "--set", "featurizer.model_name=ResNet50"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "no offline weights exist here for ResNet50" in out.stderr and "weights='imagenet'" in out.stderr
+    assert "Traceback" not in out.stderr and "SparkContext" not in out.stderr
+
+
 # ------------------------------------------------------------------ the runs
 
 
