@@ -101,15 +101,20 @@ def main(argv=None) -> int:
     )
     from cxr_pipeline import config as cfg
     from cxr_pipeline import run_folder, storage, tracking
+    from cxr_pipeline.spark.featurizer import FeaturizerSettings
     from cxr_pipeline.spark.session import spark_job
     from cxr_pipeline.spark_classifier.training import TrainingError, train
+    from cxr_pipeline.weights import WeightsNotFound, default_weights_path
 
     data_uri = args.data or cfg.get(config, "data.uri")
     storage.configure(config)
     run_folder.configure(config)
     try:
         run_folder.check_output(args.out, args.overwrite)  # before Spark starts and hours of work
-    except (run_folder.OutputExistsError, ValueError) as exc:
+        featurizer = FeaturizerSettings.from_config(config)  # the backbone and its default weights, likewise
+        if featurizer.weights is None:
+            default_weights_path(featurizer.model_name)
+    except (run_folder.OutputExistsError, ValueError, WeightsNotFound) as exc:
         print(f"train_featurizer: error: {exc}", file=sys.stderr)
         return 2
     try:

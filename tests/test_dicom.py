@@ -182,6 +182,67 @@ def test_unusable_dicom_is_a_recorded_rejection(name, reason):
     assert good == [] and reason in failed[0][1]
 
 
+PLANTED = "AUDITTRAP"  # a header string no rejection may repeat
+PRIVATE_UID = "1.2.826.0.1.3680043.10.4711.424242"  # a private UID: in no DICOM dictionary
+
+
+def edited(data: bytes, **changes) -> bytes:
+    """``data`` with header elements set (``TransferSyntaxUID`` in the file meta), or deleted with ``None``."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    for name, value in changes.items():
+        target = ds.file_meta if name == "TransferSyntaxUID" else ds
+        if value is None:
+            delattr(target, name)
+        else:
+            setattr(target, name, value)
+    out = io.BytesIO()
+    ds.save_as(out, implicit_vr=False, little_endian=True)  # required for a private transfer syntax
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    "encoding, changes, reason",
+    [
+        (
+            "native",
+            {"PhotometricInterpretation": PLANTED},
+            "unsupported DICOM photometric interpretation (not a term of the standard)",
+        ),
+        (
+            "jpeg",
+            {"PhotometricInterpretation": PLANTED},
+            "unsupported DICOM photometric interpretation (not a term of the standard)",
+        ),
+        (
+            "jpeg",
+            {"TransferSyntaxUID": "1.2.840.10008.1.2.4.100"},
+            "no decoder for DICOM transfer syntax MPEG2 Main Profile / Main Level",
+        ),
+        ("jpeg", {"TransferSyntaxUID": PRIVATE_UID}, "no decoder for an unknown DICOM transfer syntax"),
+        ("native", {"TransferSyntaxUID": PRIVATE_UID}, "no decoder for an unknown DICOM transfer syntax"),
+        ("native", {"Rows": None, "SOPClassUID": PRIVATE_UID}, "DICOM without an image (an unknown SOP class)"),
+    ],
+)
+def test_rejections_name_the_standard_never_a_header_string(one_xray, changes, reason, encoding):
+    """A reason names the DICOM dictionary's term for a UID or a photometric interpretation, or says it is unknown:
+    the header's own string (here a planted word, or a UID) is never repeated, and pydicom's text is not passed on."""
+    base = jpeg_dicom(one_xray) if encoding == "jpeg" else native_dicom(gray_pixels(one_xray)[:64, :64], 8)
+    data = edited(base, **changes)
+    with pytest.raises(ImageDecodeError) as caught:
+        decode_image(data, (32, 32))
+    _, good, failed = decode_batch([data], (32, 32))
+    assert str(caught.value) == reason and good == [] and failed[0][1] == reason
+    for value in changes.values():
+        assert value is None or str(value) not in reason
+
+
+def test_facts_keep_a_known_view_term_only(one_xray):
+    assert dicom.read_facts(jpeg_dicom(one_xray, view="LL"), "k").view_position == "LL"
+    assert dicom.read_facts(jpeg_dicom(one_xray, view=PLANTED), "k").view_position == dicom.OTHER_VIEW
+
+
 def test_missing_or_truncated_pixel_data_is_a_rejection(one_xray):
     import pydicom
 

@@ -229,3 +229,48 @@ def test_the_scan_finds_planted_values_where_they_are(dicom_run):
     dicom_file = next((tree / "test").rglob("*.dcm")).read_bytes()
     (leaked / "example.json").write_text(json.dumps({"data": [base64.encodebytes(dicom_file).decode()]}))
     assert any("example.json (base64)" in hit for hit in leaks([leaked], values)[1])
+
+
+# ---------------------------------------------------------------- the published patient key
+
+
+@pytest.fixture(scope="module")
+def dicom_tree(tmp_path_factory, sample_tree) -> Path:
+    tree = tmp_path_factory.mktemp("published_key") / "chest_xray"
+    make_tree(sample_tree, tree)
+    return tree
+
+
+SITE_KEY = "dicom.patient_key=a-secret-of-this-test-site"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", ["published", "site"])
+@pytest.mark.parametrize("job", ["spark", "cnn"])
+def test_training_on_dicom_with_the_published_patient_key_warns(job, key, dicom_tree, spark, tmp_path, caplog, capfd):
+    """conf/defaults.yaml publishes a patient key: a run whose pseudonyms were made with it says so on the console,
+    in metrics.json and (Spark job) at the end of summary.txt; a site's own key gives no warning."""
+    from cxr_pipeline import config as cfg
+    from cxr_pipeline.dicom import PUBLISHED_KEY_WARNING
+
+    overrides = ["tracking.enabled=false", *([SITE_KEY] if key == "site" else [])]
+    if job == "spark":
+        from cxr_pipeline.spark_classifier.training import train
+
+        features = ["featurizer.weights=random", "featurizer.feature_layer=mixed0"]
+        features.append(f"featurizer.image_size={IMAGE_SIZE}")
+        cache = f"training.features_cache={dicom_tree.parent / 'features_cache'}"
+        config = cfg.load_config("local", overrides=[*overrides, *features, cache])
+        result = train(spark, config, str(dicom_tree), str(tmp_path / "run"))
+        metrics, console = result.metrics, caplog.text
+        assert (PUBLISHED_KEY_WARNING in result.summary) == (key == "published")
+    else:
+        from cxr_pipeline.cnn.train import train_and_evaluate
+
+        cnn = ["cnn.epochs=1", "cnn.batch_size=4", "cnn.image_size=32", "cnn.verbose=0"]
+        config = cfg.load_config("local", overrides=[*overrides, *cnn])
+        metrics = train_and_evaluate(config, str(dicom_tree), str(tmp_path / "run"))
+        console = capfd.readouterr().err
+    assert metrics["warnings"] == ([PUBLISHED_KEY_WARNING] if key == "published" else [])
+    assert (PUBLISHED_KEY_WARNING in console) == (key == "published")
+    assert (PUBLISHED_KEY_WARNING in (tmp_path / "run" / "metrics.json").read_text()) == (key == "published")

@@ -50,10 +50,16 @@ from PIL import Image
 from .imaging import STRIP_PIXELS, ImageDecodeError, _draft, _load, is_resource_error
 
 FRONTAL_VIEWS = ("PA", "AP")
+# ViewPosition as kept (read_facts): the standard's Defined Terms (PS3.3 C.8.11.5) and the common LATERAL/LAT;
+# any other value becomes OTHER_VIEW, so a free-text header string never reaches a table or a rejection.
+KNOWN_VIEWS = (*FRONTAL_VIEWS, "LL", "RL", "RLD", "LLD", "RLO", "LLO", "LATERAL", "LAT")
+OTHER_VIEW = "OTHER"
 PERCENTILE_WINDOW = (0.5, 99.5)  # % of pixels clipped to black / white when no window is given
 MAX_TABLE_LEVELS = 1 << 16  # stored values may span 16 bits (BitsStored <= 16, every CR/DX image)
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
+# The standard's other photometric interpretations (PS3.3 C.7.6.3.1.2): named in a rejection, any other value is not
+_UNSUPPORTED_PHOTOMETRIC = ("PALETTE COLOR", "HSV", "ARGB", "CMYK", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "XYB")
 _JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 PNG_BITS = (8, 16)
 # PNG text chunk of a 16-bit PNG that holds *display* values (pack_payload): imaging scales it by 255/65535
@@ -89,6 +95,22 @@ class DicomSettings:
 
         return cls.from_config(config_mod.load_config())
 
+    def uses_published_key(self) -> bool:
+        """Whether ``patient_key`` is still the one conf/defaults.yaml publishes (see PUBLISHED_KEY_WARNING)."""
+        from . import config as config_mod
+        from .paths import CONF_DIR
+
+        return self.patient_key == config_mod.read_yaml(CONF_DIR / "defaults.yaml")["dicom"]["patient_key"]
+
+
+# Training on DICOM warns rather than refuses: its pseudonyms only group the validation split and are not
+# written (tests/test_phi.py scans every byte a DICOM run writes), so a first try with the sample key is safe.
+PUBLISHED_KEY_WARNING = (
+    "DICOM patient pseudonyms were made with the published dicom.patient_key of conf/defaults.yaml: anyone "
+    "can recompute them from PatientIDs. Set a secret key of your own in a site config kept out of git "
+    "(--conf site.yaml with dicom: {patient_key: ...}) before training on real patients' images."
+)
+
 
 @dataclass(frozen=True)
 class ImageHeader:
@@ -106,7 +128,7 @@ class DicomFacts:
     """De-identified header facts kept next to an image (reader, packed table)."""
 
     patient: str | None  # keyed hash of PatientID, None when the header has none
-    view_position: str | None  # PA, AP, LATERAL, LL, ... as written in the header
+    view_position: str | None  # one of KNOWN_VIEWS as the header writes it, else OTHER_VIEW
     modality: str | None  # CR, DX, ...
 
 
@@ -182,10 +204,36 @@ def _dataset(data: bytes, stop_before_pixels: bool = True):
         raise ImageDecodeError(f"corrupt DICOM header ({type(exc).__name__})") from None
 
 
-def _uid_name(value: Any) -> str:
+def _uid_name(value: Any) -> str | None:
+    """The DICOM dictionary's name of a UID, None when it has none: never the header's own string (pydicom's
+    ``UID.name`` gives the UID itself back when its dictionary lacks it)."""
     from pydicom.uid import UID
 
-    return UID(str(value)).name if value else "unknown"
+    uid = str(value or "").strip()
+    name = UID(uid).name if uid else uid
+    return name if name != uid else None
+
+
+def _sop_class(ds) -> str:
+    return _uid_name(ds.get("SOPClassUID")) or "an unknown SOP class"
+
+
+def _no_decoder(transfer_syntax: str) -> str:
+    name = _uid_name(transfer_syntax)
+    return f"no decoder for DICOM transfer syntax {name}" if name else "no decoder for an unknown DICOM transfer syntax"
+
+
+def _has_decoder(transfer_syntax: str) -> bool:
+    """Whether pydicom has a decoder for the transfer syntax with a plugin installed (True when the file
+    names none: pydicom then reads it as native data)."""
+    from pydicom.pixels import get_decoder
+
+    if not transfer_syntax:
+        return True
+    try:
+        return get_decoder(transfer_syntax).is_available
+    except (NotImplementedError, ValueError):
+        return False
 
 
 def _transfer_syntax(ds) -> str:
@@ -195,7 +243,7 @@ def _transfer_syntax(ds) -> str:
 
 def _header(ds, max_pixels: int) -> ImageHeader:
     if "Rows" not in ds or "Columns" not in ds:
-        raise ImageDecodeError(f"DICOM without an image ({_uid_name(ds.get('SOPClassUID'))})")
+        raise ImageDecodeError(f"DICOM without an image ({_sop_class(ds)})")
     try:
         rows, columns = int(ds.Rows), int(ds.Columns)
         frames = int(ds.get("NumberOfFrames") or 1)
@@ -210,10 +258,15 @@ def _header(ds, max_pixels: int) -> ImageHeader:
         raise ImageDecodeError(f"too many pixels ({columns}x{rows} = {rows * columns} > max_pixels {max_pixels})")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if photometric not in _MONOCHROME + _COLOUR:
-        raise ImageDecodeError(f"unsupported DICOM photometric interpretation {photometric}")
+        raise ImageDecodeError(f"unsupported DICOM photometric interpretation {_standard_term(photometric)}")
     if bits_stored > 16:
         raise ImageDecodeError(f"DICOM pixel values wider than 16 bits (BitsStored {bits_stored})")
     return ImageHeader(columns, rows, _transfer_syntax(ds), photometric, bits_stored)
+
+
+def _standard_term(photometric: str) -> str:
+    """An unsupported photometric interpretation as named in a rejection: a term of the standard, or no name."""
+    return photometric if photometric in _UNSUPPORTED_PHOTOMETRIC else "(not a term of the standard)"
 
 
 @_rejecting_surprises
@@ -225,13 +278,18 @@ def read_image_header(data: bytes, max_pixels: int) -> ImageHeader:
 
 @_rejecting_surprises
 def read_facts(data: bytes, patient_key: str) -> DicomFacts:
-    """De-identified facts from the header; raises :class:`ImageDecodeError` for a broken header."""
+    """De-identified facts from the header (the view as a known term, see ``KNOWN_VIEWS``); raises
+    :class:`ImageDecodeError` for a broken header."""
     with _quiet():
         ds = _dataset(data)
         patient_id = str(ds.get("PatientID") or "").strip()
         view = str(ds.get("ViewPosition") or "").strip().upper() or None
         modality = str(ds.get("Modality") or "").strip().upper() or None
-    return DicomFacts(patient_pseudonym(patient_id, patient_key) if patient_id else None, view, modality)
+    return DicomFacts(patient_pseudonym(patient_id, patient_key) if patient_id else None, _known_view(view), modality)
+
+
+def _known_view(view: str | None) -> str | None:
+    return view if view is None or view in KNOWN_VIEWS else OTHER_VIEW
 
 
 # ---------------------------------------------------------------- windowing
@@ -350,13 +408,13 @@ def _jpeg_frame(data: bytes) -> bytes:
 
     ds = _dataset(data, stop_before_pixels=False)
     if "PixelData" not in ds:
-        raise ImageDecodeError(f"DICOM without pixel data ({_uid_name(ds.get('SOPClassUID'))})")
+        raise ImageDecodeError(f"DICOM without pixel data ({_sop_class(ds)})")
     try:
         return next(generate_frames(ds.PixelData, number_of_frames=1))
     except Exception as exc:  # noqa: BLE001
         if is_resource_error(exc):
             raise
-        raise ImageDecodeError(f"corrupt DICOM pixel data ({type(exc).__name__}: {exc})") from None
+        raise ImageDecodeError(f"corrupt DICOM pixel data ({type(exc).__name__})") from None
 
 
 def _decode_jpeg_baseline(
@@ -398,11 +456,11 @@ def _decode_pixels(data: bytes, header: ImageHeader) -> np.ndarray:
         text = str(exc)
         if "has no 'Pixel Data'" in text:
             raise ImageDecodeError("DICOM without pixel data") from None
-        if isinstance(exc, (NotImplementedError, RuntimeError)) and "plugin" in text.lower():
-            raise ImageDecodeError(
-                f"no decoder for DICOM transfer syntax {_uid_name(header.transfer_syntax)}"
-            ) from None
-        raise ImageDecodeError(f"corrupt DICOM pixel data ({type(exc).__name__}: {text[:160]})") from None
+        missing_plugin = isinstance(exc, (NotImplementedError, RuntimeError)) and "plugin" in text.lower()
+        if missing_plugin or not _has_decoder(header.transfer_syntax):
+            raise ImageDecodeError(_no_decoder(header.transfer_syntax)) from None
+        # pydicom's message is left out: it may quote a header value
+        raise ImageDecodeError(f"corrupt DICOM pixel data ({type(exc).__name__})") from None
 
 
 @_rejecting_surprises

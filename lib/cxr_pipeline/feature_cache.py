@@ -292,7 +292,9 @@ class FeatureCache:
         parts = max(1, spark.sparkContext.defaultParallelism)
         if previous is None:
             outcome.reason = self._why_not()
-            return self._extend(spark, featurizer, read.images, read.count_images(), None, error_col, parts, outcome)
+            return self._extend(
+                spark, featurizer, read.payload, read.images, read.count_images(), None, error_col, parts, outcome
+            )
         with self.lease(previous):
             cached = spark.read.parquet(previous)
             keys = read.identities()
@@ -309,14 +311,16 @@ class FeatureCache:
                 f"{n_todo} new or changed image(s) featurized, {n_kept} reused, "
                 f"{n_cached - n_kept} removed or changed row(s) dropped"
             )
-            return self._extend(spark, featurizer, todo, n_todo, kept, error_col, parts, outcome)
+            return self._extend(spark, featurizer, read.payload, todo, n_todo, kept, error_col, parts, outcome)
 
-    def _extend(self, spark, featurizer, todo, n_todo, kept, error_col, parts, outcome):
+    def _extend(self, spark, featurizer, payload, todo, n_todo, kept, error_col, parts, outcome):
         from .progress import images_bar
 
         stats = getattr(featurizer, "_stats", None) or featurizer.track_stats(spark)
         start = stats.images.value
-        fresh = featurizer.transform(todo).select(
+        # The read's own pixel column (Spark's image source gives an image struct): the saved featurizer keeps
+        # its inputCol, content, which is what prediction and serving give it.
+        fresh = featurizer.transform(todo, {featurizer.inputCol: payload}).select(
             "path", "identity", featurizer.getOrDefault("outputCol"), F.col(error_col).alias("featurize_error")
         )
         rows = fresh if kept is None else fresh.unionByName(kept.select(*CACHE_COLUMNS))

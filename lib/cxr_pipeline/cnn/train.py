@@ -26,7 +26,7 @@ import numpy as np
 from cxr_pipeline import config as config_mod
 from cxr_pipeline import imaging, plots, reporting, storage
 from cxr_pipeline import metrics as M
-from cxr_pipeline.dicom import DicomSettings
+from cxr_pipeline.dicom import PUBLISHED_KEY_WARNING, DicomSettings
 
 from . import data, models
 
@@ -292,6 +292,7 @@ class Prepared:
     label_names: list[str]
     rejections: data.Rejections
     decode_seconds: float
+    warnings: list[str]  # metrics.json "warnings"
 
     def counts(self) -> dict[str, list[int]]:
         return {name: data.class_counts(getattr(self, name).records) for name in ("train", "val", "test")}
@@ -316,14 +317,21 @@ def prepare_data(config: Mapping[str, Any], settings: Settings, data_uri: str, s
     """List, split, decode and cache every split once; rejections are known afterwards."""
     started = time.perf_counter()
     source = "parquet" if config_mod.get(config, "data.source") == "parquet" else "auto"
+    dicom = DicomSettings.from_config(config)
     splits = data.load_splits(
         data_uri,
         settings.validation,
         settings.validation_fraction,
         settings.seed,
         source,
-        patient_key=DicomSettings.from_config(config).patient_key,
+        patient_key=dicom.patient_key,
     )
+    warnings = []
+    # pseudonyms were made here from DICOM headers (a packed table's were made when it was packed)
+    header_patients = any(r.patient for r in (*splits.train, *splits.val, *splits.test))
+    if source != "parquet" and header_patients and dicom.uses_published_key():
+        log(f"WARNING: {PUBLISHED_KEY_WARNING}")
+        warnings.append(PUBLISHED_KEY_WARNING)
     log(
         f"listed {data_uri}: train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)} images; "
         f"{len(splits.rejections.items)} rejected while listing"
@@ -336,6 +344,7 @@ def prepare_data(config: Mapping[str, Any], settings: Settings, data_uri: str, s
         label_names=splits.label_names,
         rejections=splits.rejections,
         decode_seconds=round(time.perf_counter() - started, 2),
+        warnings=warnings,
     )
     if not prepared.train.records:
         raise ValueError("no training image could be decoded (see rejected.csv)")
@@ -520,6 +529,7 @@ def train_and_evaluate(
                 "train_images_per_s": timer.images_per_s,
                 "decode_seconds": prepared.decode_seconds,
                 "total_seconds": round(time.perf_counter() - started, 2),
+                "warnings": prepared.warnings,
             }
         )
         stage = scratch / "run"

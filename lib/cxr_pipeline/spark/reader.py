@@ -77,6 +77,7 @@ class ReadResult:
     # to read (no DICOM): every patient is then the file name's (dataset_layout.patient_id), nothing to collect
     patients: DataFrame | None = None
     listing_only_paths: bool = False  # the images' paths and labels read no file bytes (binaryFile, no DICOM)
+    payload: str = "content"  # the images' pixel column: content (bytes), or image (Spark's image source's struct)
     image_count: int | None = None  # the usable images, when the listing already counted them
 
     def labelled_paths(self) -> DataFrame:
@@ -352,6 +353,7 @@ def read_images_with_rejections(
         label_names=names,
         patients=patients,
         listing_only_paths=listing_only,
+        payload=payload,
         image_count=sum(n for (name, _), n in by_class.items() if name in names) if listing_only else None,
     )
 

@@ -41,7 +41,7 @@ from .. import config as cfg
 from .. import metrics as M
 from .. import splits
 from ..dataset_layout import invert_label_index, label_index, parse_image_path, patient_id
-from ..dicom import DicomSettings
+from ..dicom import PUBLISHED_KEY_WARNING, DicomSettings
 from ..spark.featurizer import FeaturizerSettings
 
 log = logging.getLogger(__name__)
@@ -188,11 +188,17 @@ def features_cache_root(out_uri: str, cache_root: str | None = None) -> str:
     return (cache_root or (out_uri.rstrip("/").rsplit("/", 1)[0] + "/_features_cache")).rstrip("/")
 
 
+def data_source(config: Mapping[str, Any]) -> str:
+    """``data.source``, refused before any Spark work when it is not one the reader knows."""
+    from ..spark.reader import SOURCES
+
+    return cfg.require_choice(cfg.get(config, "data.source"), SOURCES, "data.source")
+
+
 def open_feature_cache(config: Mapping[str, Any], data_uri: str, out_uri: str, featurizer, settings: TrainingSettings):
     from ..feature_cache import FeatureCache, fingerprint
 
-    source = cfg.get(config, "data.source", "binaryFile")
-    print_ = fingerprint(featurizer, source, cfg.get(config, "dicom", None))
+    print_ = fingerprint(featurizer, data_source(config), cfg.get(config, "dicom", None))
     return FeatureCache(
         features_cache_root(out_uri, settings.features_cache),
         data_uri,
@@ -402,6 +408,7 @@ def train(
     final = out_uri.rstrip("/")
     config = resolve_backbone_run(config)
     settings = TrainingSettings.from_config(config)
+    data_source(config)
     featurizer = build_featurizer(FeaturizerSettings.from_config(config))
     with run_folder.staged_output(final, overwrite=overwrite, tool="train_featurizer") as stage:
         result = _train_into(_Job(spark, config, data_uri, RunLayout(stage), final, settings, featurizer))
@@ -421,6 +428,7 @@ class _Job:
     settings: TrainingSettings
     featurizer: Any
     timer: PhaseTimer = field(default_factory=PhaseTimer)
+    warnings: list[str] = field(default_factory=list)  # also in metrics.json and at the end of summary.txt
 
 
 def _train_into(job: _Job) -> TrainingResult:
@@ -434,9 +442,13 @@ def _train_into(job: _Job) -> TrainingResult:
             {**config, "data": {**config.get("data", {}), "uri": data_uri}, "run": {"out": final}}
         ).encode(),
     )
-    source = cfg.get(config, "data.source", "binaryFile")
+    dicom = DicomSettings.from_config(config)
     with timer.phase("listing"):
-        read = read_images_with_rejections(spark, data_uri, source=source, dicom=DicomSettings.from_config(config))
+        read = read_images_with_rejections(spark, data_uri, source=data_source(config), dicom=dicom)
+    # pseudonyms were made here from DICOM headers (a packed table's were made when it was packed)
+    if read.patients is not None and data_source(config) != "parquet" and dicom.uses_published_key():
+        log.warning(PUBLISHED_KEY_WARNING)
+        job.warnings.append(PUBLISHED_KEY_WARNING)
     cache = open_feature_cache(config, data_uri, final, job.featurizer, job.settings)
     with timer.phase("featurizing"):
         cached, outcome, snapshot = cache.features_for(spark, read, job.featurizer)
@@ -543,6 +555,7 @@ def _fit_and_report(job: _Job, read, features: DataFrame, outcome) -> TrainingRe
                 "cache": outcome.as_dict(),
             },
             "timing": timer.report(outcome.featurized_rows or 0),
+            "warnings": job.warnings,
         }
     )
     evaluation.write_report(run, report, test, label_names)
@@ -556,6 +569,7 @@ def _fit_and_report(job: _Job, read, features: DataFrame, outcome) -> TrainingRe
         model, run.root, threshold=choice.threshold, label_names=label_names, image_size=fsettings.image_size
     )
     summary = evaluation.summary_text(report).rstrip("\n") + "\n" + timer.text() + "\n"
+    summary += "".join(f"WARNING: {warning}\n" for warning in job.warnings)
     storage.write_bytes(run.summary, summary.encode())
     data.unpersist()
     scored.unpersist()
