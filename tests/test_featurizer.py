@@ -138,6 +138,8 @@ def test_featurizer_params_round_trip(spark, tmp_path):
         imageSize=128,
         intensity=OTHER_INTENSITY,
         arrowBatchSize=9,
+        runtime="openvino",
+        precision="bf16",
     )
     featurizer.save(str(tmp_path / "f"))
     loaded = ImageFeaturizer.load(str(tmp_path / "f"))
@@ -153,6 +155,8 @@ def test_featurizer_params_round_trip(spark, tmp_path):
         "imageSize",
         "intensity",
         "arrowBatchSize",
+        "runtime",
+        "precision",
     ):
         assert loaded.getOrDefault(param) == featurizer.getOrDefault(param), param
     assert loaded.getIntensity() == OTHER_INTENSITY  # set, saved and read back, not the default
@@ -172,6 +176,8 @@ def test_featurizer_settings_come_from_the_config_section_only():
             "featurizer.image_size=96",
             "data.max_pixels=1234",
             f"data.intensity={OTHER_INTENSITY}",
+            "featurizer.runtime=openvino",
+            "featurizer.precision=bf16",
         ],
     )
     settings = FeaturizerSettings.from_config(config)
@@ -187,6 +193,8 @@ def test_featurizer_settings_come_from_the_config_section_only():
     assert (featurizer.getBatchSize(), featurizer.getArrowBatchSize(), featurizer.getMaxPixels()) == (5, 7, 1234)
     assert featurizer.getIntensity() == OTHER_INTENSITY and featurizer.worker_settings().intensity == OTHER_INTENSITY
     assert featurizer.getWeightsSha256()  # the provisioned file's, resolved on the driver
+    assert (featurizer.getRuntime(), featurizer.getPrecision()) == ("openvino", "bf16")
+    assert (featurizer.worker_settings().runtime, featurizer.worker_settings().precision) == ("openvino", "bf16")
     # An unset Param is the config default: nothing in the class restates it.
     defaults = FeaturizerSettings.from_config(load_config("local"))
     bare = ImageFeaturizer()
@@ -199,6 +207,8 @@ def test_featurizer_settings_come_from_the_config_section_only():
             ("arrowBatchSize", "arrow_batch_size"),
             ("maxPixels", "max_pixels"),
             ("intensity", "intensity"),
+            ("runtime", "runtime"),
+            ("precision", "precision"),
         ]
     } == {
         "model_name": defaults.model_name,
@@ -207,6 +217,8 @@ def test_featurizer_settings_come_from_the_config_section_only():
         "arrow_batch_size": defaults.arrow_batch_size,
         "max_pixels": defaults.max_pixels,
         "intensity": defaults.intensity,
+        "runtime": defaults.runtime,
+        "precision": defaults.precision,
     }
     with pytest.raises(ConfigError, match="unknown featurizer option.*image_sise"):
         FeaturizerSettings.from_config({**config, "featurizer": {**config["featurizer"], "image_sise": 96}})
@@ -216,6 +228,12 @@ def test_featurizer_settings_come_from_the_config_section_only():
         )
     with pytest.raises(ConfigError, match="data.intensity must be one of"):
         FeaturizerSettings.from_config({**config, "data": {**config["data"], "intensity": "clahe"}})
+    with pytest.raises(ConfigError, match="featurizer.runtime must be one of"):
+        FeaturizerSettings.from_config({**config, "featurizer": {**config["featurizer"], "runtime": "tensorrt"}})
+    with pytest.raises(ConfigError, match="bf16 runs on OpenVINO only"):
+        FeaturizerSettings.from_config(
+            {**config, "featurizer": {**config["featurizer"], "runtime": "onnxruntime", "precision": "bf16"}}
+        )
     with pytest.raises(ConfigError, match="batch_size must be >= 1"):
         FeaturizerSettings.from_config({**config, "featurizer": {**config["featurizer"], "batch_size": 0}})
 
@@ -293,7 +311,8 @@ def test_the_cached_model_is_out_of_the_cyclic_gcs_reach():
         from cxr_pipeline.spark import _udf
         settings = _udf.WorkerSettings(
             model_name="InceptionV3", feature_layer={LAYER!r}, weights="random", weights_spark_file=None,
-            weights_sha256=None, batch_size=4, max_pixels=10**8, image_size=(75, 75),
+            weights_sha256=None, batch_size=4, max_pixels=10**8, runtime="keras", precision="fp32",
+            image_size=(75, 75),
         )
         model = _udf.cached_model(settings)
         frozen = gc.get_freeze_count()
