@@ -76,6 +76,17 @@ def test_smaller_image_size_matches_keras_at_that_size(spark, tree):
     assert_same_features(np.stack([r.features.toArray() for r in rows]), expected)
 
 
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_other_runtimes_give_the_keras_features_in_the_workers(spark, tree, runtime):
+    featurizer = ImageFeaturizer(featureLayer=LAYER, imageSize=96, batchSize=4, runtime=runtime)
+    rows = featurizer.transform(read_images(spark, str(tree))).collect()
+    errors = {r.path.rsplit("/", 1)[-1]: r.featurize_error for r in rows if r.featurize_error}
+    assert errors == {"text.jpeg": "not an image", "truncated.jpeg": "truncated image"}
+    good = sorted((r for r in rows if r.featurize_error is None), key=lambda r: r.path)
+    expected = keras_features([local_path(r.path) for r in good], side=96)
+    assert_same_features(np.stack([r.features.toArray() for r in good]), expected)
+
+
 def test_the_other_intensity_mode_matches_keras_on_those_pixels(spark, tree):
     featurizer = ImageFeaturizer(featureLayer=LAYER, imageSize=96, batchSize=4, intensity=OTHER_INTENSITY)
     rows = featurizer.transform(read_images(spark, str(tree))).where("featurize_error IS NULL").collect()

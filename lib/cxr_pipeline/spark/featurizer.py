@@ -19,6 +19,10 @@ decoded) and ``errorCol`` (the reason, e.g. "truncated image", else null).
 Persisted through its Params only (``DefaultParamsWritable/Readable``), so it
 saves and loads on its own and inside a ``Pipeline``/``PipelineModel``.
 
+``runtime``/``precision`` (``featurizer.runtime``/``featurizer.precision``): what runs the backbone,
+Keras itself or ONNX Runtime / OpenVINO on an ONNX file converted from the same weights file
+(:mod:`cxr_pipeline.backbone_runtimes`); both are part of the feature cache's fingerprint.
+
 ``weights``: null = the provisioned file (``make weights``), a local path, an
 ``hdfs://`` (any Hadoop) URI shipped to executors once with
 ``SparkContext.addFile``, ``"imagenet"`` (Keras' download) or ``"random"``.
