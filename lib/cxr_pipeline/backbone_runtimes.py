@@ -1,4 +1,5 @@
-"""The backbone on ONNX Runtime or OpenVINO instead of TensorFlow: the same model, converted once.
+"""The backbone (or a trained CNN) on ONNX Runtime or OpenVINO instead of TensorFlow: the same model,
+converted once.
 
 :func:`build_runtime_model` builds the Keras backbone of :func:`backbones.build_backbone` from the
 same weights file (its sha256 checked as for Keras), converts it to ONNX with Keras' own exporter
@@ -15,6 +16,9 @@ The conversion runs in a child Python process, so a Spark worker or a service th
 runtime never loads TensorFlow itself (its memory stays the runtime's). Two processes that need the
 same file at once take turns on ``<name>.lock``: the second finds the file made by the first. The
 file appears by rename of a complete temporary file, so no reader ever sees a partial one.
+
+A trained CNN (``model.keras``, :func:`build_keras_file_model`) is converted the same way, keyed by the
+file's sha256 and the converter, and cached in the temporary directory: a run folder stays as written.
 """
 
 from __future__ import annotations
@@ -67,9 +71,7 @@ def package_versions(names) -> dict[str, str | None]:
     return versions
 
 
-def conversion_key(
-    model_name: str, weights_identity: str, feature_layer: str | None, image_size
-) -> dict[str, Any]:
+def conversion_key(model_name: str, weights_identity: str, feature_layer: str | None, image_size) -> dict[str, Any]:
     """What decides the converted file: weights (sha256, or the keyword 'random'/'imagenet'), spec, converter."""
     return {
         "format": CONVERSION_FORMAT,
@@ -105,16 +107,40 @@ def converted_onnx(model_name: str, weights_file: str | None, feature_layer: str
     if weights_file not in (None, "imagenet"):
         identity = backbones.file_sha256(weights_file)
     key = conversion_key(model_name, identity, feature_layer, image_size)
+    request = {
+        "kind": "backbone",
+        "model_name": model_name,
+        "weights": weights_file if weights_file is not None else backbones.RANDOM_WEIGHTS,
+        "weights_sha256": identity if weights_file not in (None, "imagenet") else None,
+        "feature_layer": key["feature_layer"],
+        "image_size": key["image_size"],
+    }
+    return _cached_conversion(key, request, cache_folder(weights_file), model_name)
+
+
+def converted_keras_file(model_file: str | os.PathLike, sha256: str) -> Path:
+    """The ONNX file of a saved Keras model (a trained CNN's ``model.keras``, whose sha256 is ``sha256``),
+    cached in the temporary directory (a run folder stays as training wrote it)."""
+    key = {
+        "format": CONVERSION_FORMAT,
+        "keras_file_sha256": sha256,
+        "opset": ONNX_OPSET,
+        "converter": package_versions(CONVERTER_PACKAGES),
+    }
+    request = {"kind": "keras_file", "path": str(model_file), "sha256": sha256}
+    return _cached_conversion(key, request, cache_folder(None), "keras_model")
+
+
+def _cached_conversion(key: dict[str, Any], request: dict[str, Any], folder: Path, prefix: str) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    folder = cache_folder(weights_file)
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{model_name}_{digest}.onnx"
+    target = folder / f"{prefix}_{digest}.onnx"
     if target.is_file():
         return target
     with _exclusive(target.with_suffix(".lock")):
         if target.is_file():  # another process converted it while this one waited
             return target
-        _convert(key, weights_file, target)
+        _convert(key, request, target)
     return target
 
 
@@ -128,16 +154,9 @@ def _exclusive(lock_path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _convert(key: dict[str, Any], weights_file: str | None, target: Path) -> None:
+def _convert(key: dict[str, Any], request: dict[str, Any], target: Path) -> None:
     partial = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part.onnx")
-    request = {
-        "model_name": key["model_name"],
-        "weights": weights_file if weights_file is not None else backbones.RANDOM_WEIGHTS,
-        "weights_sha256": key["weights"] if weights_file not in (None, "imagenet") else None,
-        "feature_layer": key["feature_layer"],
-        "image_size": key["image_size"],
-    }
-    log.info("converting %s (%s) to ONNX: %s", key["model_name"], key["feature_layer"] or "last layer", target)
+    log.info("converting %s to ONNX: %s", request.get("model_name") or request.get("path"), target)
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),  # the package as this process sees it
@@ -154,9 +173,9 @@ def _convert(key: dict[str, Any], weights_file: str | None, target: Path) -> Non
         if done.returncode != 0 or not partial.is_file():
             tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-12:])
             raise backbones.BackboneError(
-                f"converting {key['model_name']} to ONNX for {target} failed (exit {done.returncode}):\n{tail}\n"
-                "Use featurizer.runtime=keras meanwhile; the requirements.txt versions of keras, tensorflow and "
-                "tf2onnx convert it."
+                f"converting {request.get('model_name') or request.get('path')} to ONNX for {target} failed "
+                f"(exit {done.returncode}):\n{tail}\nUse runtime keras meanwhile; the requirements.txt versions "
+                "of keras, tensorflow and tf2onnx convert it."
             )
         target.with_suffix(".json").write_text(json.dumps(key, indent=1, sort_keys=True))
         os.replace(partial, target)
@@ -165,18 +184,26 @@ def _convert(key: dict[str, Any], weights_file: str | None, target: Path) -> Non
 
 
 def _convert_in_this_process(request: dict[str, Any], out: str) -> None:
-    """The child's work: build the Keras backbone (weights checked again) and export it to ``out``."""
+    """The child's work: build the Keras backbone, or load the saved model, (file hashes checked again) and
+    export it to ``out`` for any batch size."""
     from .tensorflow_runtime import import_tensorflow
 
     tf = import_tensorflow()
-    model = backbones.build_backbone(
-        request["model_name"],
-        weights=request["weights"],
-        feature_layer=request["feature_layer"],
-        image_size=tuple(request["image_size"]),
-        weights_sha256=request["weights_sha256"],
-    )
-    images = tf.TensorSpec((None, *request["image_size"], 3), tf.float32, name="images")  # any batch size
+    if request["kind"] == "backbone":
+        model = backbones.build_backbone(
+            request["model_name"],
+            weights=request["weights"],
+            feature_layer=request["feature_layer"],
+            image_size=tuple(request["image_size"]),
+            weights_sha256=request["weights_sha256"],
+        )
+    else:
+        import keras
+
+        if backbones.file_sha256(request["path"]) != request["sha256"]:
+            raise backbones.WeightsMismatchError(f"{request['path']} changed while it was being converted")
+        model = keras.models.load_model(request["path"], compile=False)
+    images = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, name="images")
     model.export(out, format="onnx", input_signature=[images], opset_version=ONNX_OPSET, verbose=False)
 
 
@@ -261,6 +288,17 @@ def build_runtime_model(
     weights_file = backbones.resolve_weights_file(model_name, weights)
     backbones.check_weights_file(weights_file, weights_sha256, model_name)
     onnx_file = converted_onnx(model_name, weights_file, feature_layer, image_size)
+    return load_runtime_model(runtime, precision, onnx_file, threads)
+
+
+def build_keras_file_model(model_file: str | os.PathLike, runtime: str, precision: str, threads: int = 0):
+    """A saved Keras model (a trained CNN) on ``onnxruntime`` / ``openvino``, converted once per file content."""
+    backbones.check_runtime(runtime, precision)
+    onnx_file = converted_keras_file(model_file, backbones.file_sha256(model_file))
+    return load_runtime_model(runtime, precision, onnx_file, threads)
+
+
+def load_runtime_model(runtime: str, precision: str, onnx_file: str | os.PathLike, threads: int = 0):
     if runtime == "onnxruntime":
         return OnnxRuntimeModel(onnx_file, threads)
     return OpenVinoModel(onnx_file, precision, threads)
