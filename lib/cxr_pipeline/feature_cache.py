@@ -6,10 +6,10 @@ precision, ...), the sha256 of the weights file, the image source, the DICOM dec
 the versions of the decoding and model libraries (and the runtime's, for ONNX Runtime / OpenVINO).
 Inside an entry every row also carries its image's *identity*: path + length + modification time
 (``binaryFile``'s own metadata, read without the bytes), or the sha256 of the bytes for a packed
-table. A row is reused only when both match, so
-other weights, another ``max_pixels``, another source or an image replaced in place under the
-same name are featurized again, never served stale. The reader gives every image its identity
-(``spark.reader``: the ``identity`` column), in the same scan that reads its bytes.
+table. A row is reused only when both match, so other weights, another ``max_pixels``, another
+source or an image replaced in place under the same name are featurized again, never served stale.
+The reader gives every image its identity (``spark.reader``: the ``identity`` column), in the same
+scan that reads its bytes.
 
 Incremental: a re-run featurizes only the images that are new or changed, keeps the rows of the
 unchanged ones and drops the rows of removed ones.
