@@ -362,6 +362,10 @@ def test_device_choice_follows_the_task_gpu_addresses(monkeypatch):
     assert _udf.pin_tensorflow(_udf.DeviceChoice(("0",))) == "GPU:0"
     with pytest.raises(_udf.DevicePinningError, match="spark.task.resource.gpu.amount"):
         _udf.pin_tensorflow(_udf.DeviceChoice(("1",)))
+    # ONNX Runtime / OpenVINO run on the CPU here: a task given a GPU says to use keras there
+    _udf.require_cpu_task("onnxruntime", _udf.DeviceChoice())
+    with pytest.raises(_udf.DevicePinningError, match="featurizer.runtime=keras on GPU executors"):
+        _udf.require_cpu_task("onnxruntime", _udf.DeviceChoice(("0",)))
 
 
 GPU_JOB = textwrap.dedent(
@@ -380,7 +384,7 @@ GPU_JOB = textwrap.dedent(
              .config("spark.executorEnv.PYTHONPATH", lib).config("spark.scheduler.minRegisteredResourcesRatio", "1.0")
              .config("spark.scheduler.maxRegisteredResourcesWaitingTime", "120s")
              .config("spark.python.worker.reuse", "true").getOrCreate())
-    featurizer = ImageFeaturizer(featureLayer="mixed0", imageSize=75, weights="random", batchSize=4)
+    featurizer = ImageFeaturizer(featureLayer="mixed0", imageSize=75, weights="random", batchSize=4, runtime="keras")
     stats = featurizer.track_stats(spark)
     rows = featurizer.transform(read_images(spark, data).repartition(6)).select("path", "featurize_error").collect()
     json.dump({"rows": len(rows), "tasks": stats.summary()["tasks"]}, open(out, "w"))
