@@ -63,7 +63,7 @@ def test_feature_cache_fingerprint_covers_everything_that_makes_a_feature():
     from cxr_pipeline.spark.featurizer import ImageFeaturizer
 
     def digest(source="binaryFile", dicom=None, **params):
-        base = {"featureLayer": "mixed5", "weightsSha256": "a" * 64, **params}
+        base = {"featureLayer": "mixed5", "weightsSha256": "a" * 64, "runtime": "keras", "precision": "fp32", **params}
         return json.dumps(fingerprint(ImageFeaturizer(**base), source, dicom), sort_keys=True)
 
     base = digest()
