@@ -26,7 +26,7 @@ RUN        ?= hdfs://127.0.0.1:9000/runs/demo
 PYTEST_ARGS ?=
 
 .PHONY: help venv hadoop hdfs-up hdfs-down hdfs-status spark-up spark-down spark-status \
-        sample-data weights hdfs-load demo lint test test-fast bench wheel clean browser serve notebooks mlflow-ui
+        sample-data weights hdfs-load demo lint test test-fast bench bench-featurizer wheel clean browser serve notebooks mlflow-ui
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -101,6 +101,12 @@ serve: venv ## serve a trained model: make serve MODEL=runs/<run> (page on http:
 MLFLOW_PORT ?= 5000
 mlflow-ui: venv ## MLflow UI on the tracking store (default .local/mlflow), loopback only: http://127.0.0.1:5000/
 	$(PY) -m cxr_pipeline.tracking ui --port $(MLFLOW_PORT)
+
+BENCH_N ?= 1000
+bench-featurizer: venv ## the featurizer on every runtime vs bare Keras, predict_batch_udf, Ray Data (quiet machine, long)
+	$(PIP) install -q -r requirements-bench.txt
+	PYTHONPATH=lib $(PY) bench/bench_featurizer.py --n $(BENCH_N) --layer mixed5 \
+		--images ../shared/data/kermany_chest_xray_224_train.tar synthetic:1500x1200
 
 wheel: venv ## build the project wheel (for spark-submit --py-files / YARN)
 	$(PY) -m pip wheel --no-deps -w dist .

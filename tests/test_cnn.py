@@ -79,6 +79,14 @@ def test_cnn_settings_refuse_an_unknown_intensity_mode():
         Settings.from_config(cnn_config("data.intensity=clahe"))
 
 
+def test_cnn_settings_take_a_scoring_runtime_and_refuse_bf16_off_openvino():
+    from cxr_pipeline.cnn.train import Settings
+
+    assert Settings.from_config(cnn_config("cnn.runtime=openvino")).runtime == "openvino"
+    with pytest.raises(config_mod.ConfigError, match="bf16 runs on OpenVINO only"):
+        Settings.from_config(cnn_config("cnn.runtime=onnxruntime", "cnn.precision=bf16"))
+
+
 def test_small_cnn_is_the_seeds_architecture():
     model = models.build_small_cnn(150)
     kinds = [type(layer).__name__ for layer in model.layers]
@@ -262,6 +270,8 @@ def test_small_cnn_run_outputs_are_well_formed(small_run):
     meta = json.loads((out / "cnn.json").read_text())
     assert meta["image_size"] == 150 and meta["label_names"] == ["NORMAL", "PNEUMONIA"]
     assert meta["intensity"] == "equalize"
+    defaults = config_mod.load_config("local")["cnn"]
+    assert (meta["runtime"], meta["precision"]) == (defaults["runtime"], defaults["precision"])  # what scores it
     conf = config_mod.read_yaml(out / "config.yaml")
     assert conf["cnn"]["model"] == "small_cnn" and conf["cnn"]["epochs"] == 1
     assert saved["threshold_choice"]["rule"] == conf["training"]["threshold_rule"]  # the Spark job's rule
@@ -281,6 +291,23 @@ def test_saved_model_reloads_and_predicts_the_same_probabilities(small_run):
         assert_same_probabilities(got, [float(r["probability"]) for r in rows])
         assert results[-1]["error"] and results[-1]["probability"] is None
     assert classifier.threshold == metrics["threshold"]
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_a_cnn_saved_for_another_runtime_scores_the_keras_probabilities(small_run, tmp_path, runtime):
+    """cnn.json names the runtime (cnn.runtime at training); the model is converted and scored on it."""
+    from cxr_pipeline.cnn.predict import LocalCnnClassifier
+
+    out, _ = small_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    meta = json.loads((run / "cnn.json").read_text())
+    (run / "cnn.json").write_text(json.dumps({**meta, "runtime": runtime, "precision": "fp32"}))
+    classifier = LocalCnnClassifier.load(str(run))
+    assert classifier.scorer is not None and classifier.scorer.runtime == runtime
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    results = classifier.predict_bytes([Path(r["path"]).read_bytes() for r in rows])
+    assert_same_probabilities([res["probability"] for res in results], [float(r["probability"]) for r in rows])
 
 
 def test_gradcam_heatmap_shape_and_range(small_run, sample_tree):

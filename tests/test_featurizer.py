@@ -76,6 +76,17 @@ def test_smaller_image_size_matches_keras_at_that_size(spark, tree):
     assert_same_features(np.stack([r.features.toArray() for r in rows]), expected)
 
 
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_other_runtimes_give_the_keras_features_in_the_workers(spark, tree, runtime):
+    featurizer = ImageFeaturizer(featureLayer=LAYER, imageSize=96, batchSize=4, runtime=runtime)
+    rows = featurizer.transform(read_images(spark, str(tree))).collect()
+    errors = {r.path.rsplit("/", 1)[-1]: r.featurize_error for r in rows if r.featurize_error}
+    assert errors == {"text.jpeg": "not an image", "truncated.jpeg": "truncated image"}
+    good = sorted((r for r in rows if r.featurize_error is None), key=lambda r: r.path)
+    expected = keras_features([local_path(r.path) for r in good], side=96)
+    assert_same_features(np.stack([r.features.toArray() for r in good]), expected)
+
+
 def test_the_other_intensity_mode_matches_keras_on_those_pixels(spark, tree):
     featurizer = ImageFeaturizer(featureLayer=LAYER, imageSize=96, batchSize=4, intensity=OTHER_INTENSITY)
     rows = featurizer.transform(read_images(spark, str(tree))).where("featurize_error IS NULL").collect()
@@ -138,6 +149,8 @@ def test_featurizer_params_round_trip(spark, tmp_path):
         imageSize=128,
         intensity=OTHER_INTENSITY,
         arrowBatchSize=9,
+        runtime="openvino",
+        precision="bf16",
     )
     featurizer.save(str(tmp_path / "f"))
     loaded = ImageFeaturizer.load(str(tmp_path / "f"))
@@ -153,6 +166,8 @@ def test_featurizer_params_round_trip(spark, tmp_path):
         "imageSize",
         "intensity",
         "arrowBatchSize",
+        "runtime",
+        "precision",
     ):
         assert loaded.getOrDefault(param) == featurizer.getOrDefault(param), param
     assert loaded.getIntensity() == OTHER_INTENSITY  # set, saved and read back, not the default
@@ -172,6 +187,8 @@ def test_featurizer_settings_come_from_the_config_section_only():
             "featurizer.image_size=96",
             "data.max_pixels=1234",
             f"data.intensity={OTHER_INTENSITY}",
+            "featurizer.runtime=openvino",
+            "featurizer.precision=bf16",
         ],
     )
     settings = FeaturizerSettings.from_config(config)
@@ -187,6 +204,8 @@ def test_featurizer_settings_come_from_the_config_section_only():
     assert (featurizer.getBatchSize(), featurizer.getArrowBatchSize(), featurizer.getMaxPixels()) == (5, 7, 1234)
     assert featurizer.getIntensity() == OTHER_INTENSITY and featurizer.worker_settings().intensity == OTHER_INTENSITY
     assert featurizer.getWeightsSha256()  # the provisioned file's, resolved on the driver
+    assert (featurizer.getRuntime(), featurizer.getPrecision()) == ("openvino", "bf16")
+    assert (featurizer.worker_settings().runtime, featurizer.worker_settings().precision) == ("openvino", "bf16")
     # An unset Param is the config default: nothing in the class restates it.
     defaults = FeaturizerSettings.from_config(load_config("local"))
     bare = ImageFeaturizer()
@@ -199,6 +218,8 @@ def test_featurizer_settings_come_from_the_config_section_only():
             ("arrowBatchSize", "arrow_batch_size"),
             ("maxPixels", "max_pixels"),
             ("intensity", "intensity"),
+            ("runtime", "runtime"),
+            ("precision", "precision"),
         ]
     } == {
         "model_name": defaults.model_name,
@@ -207,6 +228,8 @@ def test_featurizer_settings_come_from_the_config_section_only():
         "arrow_batch_size": defaults.arrow_batch_size,
         "max_pixels": defaults.max_pixels,
         "intensity": defaults.intensity,
+        "runtime": defaults.runtime,
+        "precision": defaults.precision,
     }
     with pytest.raises(ConfigError, match="unknown featurizer option.*image_sise"):
         FeaturizerSettings.from_config({**config, "featurizer": {**config["featurizer"], "image_sise": 96}})
@@ -216,6 +239,12 @@ def test_featurizer_settings_come_from_the_config_section_only():
         )
     with pytest.raises(ConfigError, match="data.intensity must be one of"):
         FeaturizerSettings.from_config({**config, "data": {**config["data"], "intensity": "clahe"}})
+    with pytest.raises(ConfigError, match="featurizer.runtime must be one of"):
+        FeaturizerSettings.from_config({**config, "featurizer": {**config["featurizer"], "runtime": "tensorrt"}})
+    with pytest.raises(ConfigError, match="bf16 runs on OpenVINO only"):
+        FeaturizerSettings.from_config(
+            {**config, "featurizer": {**config["featurizer"], "runtime": "onnxruntime", "precision": "bf16"}}
+        )
     with pytest.raises(ConfigError, match="batch_size must be >= 1"):
         FeaturizerSettings.from_config({**config, "featurizer": {**config["featurizer"], "batch_size": 0}})
 
@@ -293,7 +322,8 @@ def test_the_cached_model_is_out_of_the_cyclic_gcs_reach():
         from cxr_pipeline.spark import _udf
         settings = _udf.WorkerSettings(
             model_name="InceptionV3", feature_layer={LAYER!r}, weights="random", weights_spark_file=None,
-            weights_sha256=None, batch_size=4, max_pixels=10**8, image_size=(75, 75),
+            weights_sha256=None, batch_size=4, max_pixels=10**8, runtime="keras", precision="fp32",
+            image_size=(75, 75),
         )
         model = _udf.cached_model(settings)
         frozen = gc.get_freeze_count()
@@ -332,6 +362,10 @@ def test_device_choice_follows_the_task_gpu_addresses(monkeypatch):
     assert _udf.pin_tensorflow(_udf.DeviceChoice(("0",))) == "GPU:0"
     with pytest.raises(_udf.DevicePinningError, match="spark.task.resource.gpu.amount"):
         _udf.pin_tensorflow(_udf.DeviceChoice(("1",)))
+    # ONNX Runtime / OpenVINO run on the CPU here: a task given a GPU says to use keras there
+    _udf.require_cpu_task("onnxruntime", _udf.DeviceChoice())
+    with pytest.raises(_udf.DevicePinningError, match="featurizer.runtime=keras on GPU executors"):
+        _udf.require_cpu_task("onnxruntime", _udf.DeviceChoice(("0",)))
 
 
 GPU_JOB = textwrap.dedent(
@@ -350,7 +384,7 @@ GPU_JOB = textwrap.dedent(
              .config("spark.executorEnv.PYTHONPATH", lib).config("spark.scheduler.minRegisteredResourcesRatio", "1.0")
              .config("spark.scheduler.maxRegisteredResourcesWaitingTime", "120s")
              .config("spark.python.worker.reuse", "true").getOrCreate())
-    featurizer = ImageFeaturizer(featureLayer="mixed0", imageSize=75, weights="random", batchSize=4)
+    featurizer = ImageFeaturizer(featureLayer="mixed0", imageSize=75, weights="random", batchSize=4, runtime="keras")
     stats = featurizer.track_stats(spark)
     rows = featurizer.transform(read_images(spark, data).repartition(6)).select("path", "featurize_error").collect()
     json.dump({"rows": len(rows), "tasks": stats.summary()["tasks"]}, open(out, "w"))

@@ -63,7 +63,7 @@ def test_feature_cache_fingerprint_covers_everything_that_makes_a_feature():
     from cxr_pipeline.spark.featurizer import ImageFeaturizer
 
     def digest(source="binaryFile", dicom=None, **params):
-        base = {"featureLayer": "mixed5", "weightsSha256": "a" * 64, **params}
+        base = {"featureLayer": "mixed5", "weightsSha256": "a" * 64, "runtime": "keras", "precision": "fp32", **params}
         return json.dumps(fingerprint(ImageFeaturizer(**base), source, dicom), sort_keys=True)
 
     base = digest()
@@ -79,8 +79,15 @@ def test_feature_cache_fingerprint_covers_everything_that_makes_a_feature():
         digest(featureLayer="mixed7"),
         digest(weights="random"),
         digest(dicom={"window": "percentile"}),
+        digest(runtime="onnxruntime"),
+        digest(runtime="openvino"),
+        digest(runtime="openvino", precision="bf16"),
     ]
     assert len({base, *changed}) == len(changed) + 1
+    # Keras at fp32 was the only featurizer before the runtime setting: its entries from then stay valid.
+    legacy = json.loads(digest(runtime="keras", precision="fp32"))
+    assert "runtime" not in legacy["featurizer"] and "precision" not in legacy["featurizer"]
+    assert "onnxruntime" in json.loads(digest(runtime="onnxruntime"))["libraries"]  # its version decides too
 
 
 def test_job_help_and_bad_option_exit_codes():

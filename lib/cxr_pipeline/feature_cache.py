@@ -1,14 +1,15 @@
 """The feature cache: backbone features reused only when they are exactly what this run would compute.
 
 A cache entry is named by a *fingerprint* of everything that decides a feature vector, other
-than the image itself: the featurizer's Params (backbone, layer, image size, pixel guard, ...),
-the sha256 of the weights file, the image source, the DICOM decoding settings and the versions
-of the decoding and model libraries. Inside an entry every row also carries its image's
-*identity*: path + length + modification time (``binaryFile``'s own metadata, read without the
-bytes), or the sha256 of the bytes for a packed table. A row is reused only when both match, so
-other weights, another ``max_pixels``, another source or an image replaced in place under the
-same name are featurized again, never served stale. The reader gives every image its identity
-(``spark.reader``: the ``identity`` column), in the same scan that reads its bytes.
+than the image itself: the featurizer's Params (backbone, layer, image size, pixel guard, runtime,
+precision, ...), the sha256 of the weights file, the image source, the DICOM decoding settings and
+the versions of the decoding and model libraries (and the runtime's, for ONNX Runtime / OpenVINO).
+Inside an entry every row also carries its image's *identity*: path + length + modification time
+(``binaryFile``'s own metadata, read without the bytes), or the sha256 of the bytes for a packed
+table. A row is reused only when both match, so other weights, another ``max_pixels``, another
+source or an image replaced in place under the same name are featurized again, never served stale.
+The reader gives every image its identity (``spark.reader``: the ``identity`` column), in the same
+scan that reads its bytes.
 
 Incremental: a re-run featurizes only the images that are new or changed, keeps the rows of the
 unchanged ones and drops the rows of removed ones.
@@ -57,11 +58,16 @@ CACHE_COLUMNS = ("path", "identity", "features", "featurize_error")
 # Params that name columns or size batches: they never change a feature vector.
 NEUTRAL_PARAMS = ("inputCol", "outputCol", "errorCol", "batchSize", "arrowBatchSize", "weights")
 LIBRARIES = ("pillow", "keras", "pydicom")
+# The featurizer before it had a runtime setting: Params at these values are left out of the fingerprint,
+# so the cache entries written then (all Keras at fp32) stay valid.
+RUNTIME_BEFORE_THE_SETTING = {"runtime": "keras", "precision": "fp32"}
 
 
-def _library_versions() -> dict[str, str | None]:
+def _library_versions(runtime: str) -> dict[str, str | None]:
+    from .backbone_runtimes import RUNTIME_PACKAGES
+
     versions = {}
-    for name in LIBRARIES:
+    for name in (*LIBRARIES, *RUNTIME_PACKAGES[runtime]):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -85,12 +91,16 @@ def fingerprint(featurizer, source: str, dicom: Mapping[str, Any] | None = None)
     weights = featurizer.getOrDefault("weights")
     if weights in ("random", "imagenet"):
         params["weights"] = weights  # keywords, not files: the keyword is the identity
+    runtime = featurizer.getOrDefault("runtime")
+    for name, before in RUNTIME_BEFORE_THE_SETTING.items():
+        if params.get(name) == before:
+            del params[name]
     return {
         "format": FORMAT_VERSION,
         "featurizer": params,
         "source": source,
         "dicom": _without_secrets(dicom),
-        "libraries": _library_versions(),
+        "libraries": _library_versions(runtime),
     }
 
 

@@ -2,7 +2,9 @@
 
 Loads a run folder written by ``jobs/train_cnn.py`` (``model.keras`` + ``cnn.json``)
 or a bare ``.keras`` file, local or on HDFS, and classifies image bytes with
-the same decoding as training (``cxr_pipeline.imaging``).
+the same decoding as training (``cxr_pipeline.imaging``). Scores on the runtime cnn.json names
+(``cnn.runtime`` when it was trained: Keras, or ONNX Runtime / OpenVINO on the same model converted,
+``cxr_pipeline.backbone_runtimes``); Grad-CAM always runs on the Keras model.
 """
 
 from __future__ import annotations
@@ -69,6 +71,9 @@ class LocalCnnClassifier:
     max_pixels: int = data.DEFAULT_MAX_PIXELS
     model_name: str = "cnn"
     intensity: str = "none"  # imaging.normalize_intensity, as trained (cnn.json; older runs: none)
+    runtime: str = "keras"  # what scores (cnn.json; older runs: keras, all there was)
+    precision: str = "fp32"
+    scorer: Any = None  # the backbone_runtimes model when runtime is not keras
 
     @classmethod
     def load(cls, path: str, threshold: float | None = None) -> LocalCnnClassifier:
@@ -80,6 +85,12 @@ class LocalCnnClassifier:
         try:
             model_file, meta = _fetch(path, scratch)
             model = keras.models.load_model(model_file, compile=False)
+            runtime, precision = meta.get("runtime") or "keras", meta.get("precision") or "fp32"
+            scorer = None
+            if runtime != "keras":
+                from ..backbone_runtimes import build_keras_file_model
+
+                scorer = build_keras_file_model(model_file, runtime, precision)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         size = int(meta.get("image_size") or model.input_shape[1])
@@ -91,13 +102,21 @@ class LocalCnnClassifier:
             max_pixels=int(meta.get("max_pixels") or data.DEFAULT_MAX_PIXELS),
             model_name=str(meta.get("model_name") or model.name),
             intensity=str(meta.get("intensity") or "none"),
+            runtime=runtime,
+            precision=precision,
+            scorer=scorer,
         )
 
     def predict_arrays(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """P(PNEUMONIA) for a uint8 batch [n, S, S, 3] already at ``image_size``."""
         if len(images) == 0:
             return np.zeros(0)
-        scores = self.model.predict(np.asarray(images, np.float32), batch_size=batch_size, verbose=0)
+        pixels = np.asarray(images, np.float32)
+        if self.scorer is not None:
+            starts = range(0, len(pixels), batch_size)
+            parts = [self.scorer.predict_on_batch(pixels[i : i + batch_size]) for i in starts]
+            return np.asarray(np.concatenate(parts), np.float64).ravel()
+        scores = self.model.predict(pixels, batch_size=batch_size, verbose=0)
         return np.asarray(scores, np.float64).ravel()
 
     def decode(self, blobs: Sequence[bytes]):

@@ -23,8 +23,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from cxr_pipeline import backbones, imaging, plots, reporting, storage
 from cxr_pipeline import config as config_mod
-from cxr_pipeline import imaging, plots, reporting, storage
 from cxr_pipeline import metrics as M
 from cxr_pipeline.dicom import PUBLISHED_KEY_WARNING, DicomSettings
 
@@ -117,6 +117,8 @@ class Settings:
     max_pixels: int
     intensity: str  # data.intensity (imaging.normalize_intensity), saved in cnn.json for prediction
     verbose: int
+    runtime: str  # cnn.runtime: what scores the saved model (cnn.json); training and its evaluation are Keras
+    precision: str  # cnn.precision
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Settings:
@@ -129,6 +131,11 @@ class Settings:
         model = need("cnn.model")
         if model not in models.MODEL_NAMES:
             raise ValueError(f"cnn.model must be one of {', '.join(models.MODEL_NAMES)}, got {model!r}")
+        runtime, precision = str(need("cnn.runtime")), str(need("cnn.precision"))
+        try:
+            backbones.check_runtime(runtime, precision)
+        except backbones.BackboneError as exc:
+            raise config_mod.ConfigError(f"cnn.runtime/cnn.precision: {exc}") from None
         return cls(
             model=model,
             image_size=int(need("cnn.image_size") or DEFAULT_IMAGE_SIZE[model]),
@@ -147,6 +154,8 @@ class Settings:
             max_pixels=int(need("data.max_pixels")),
             intensity=str(config_mod.require_choice(need("data.intensity"), imaging.INTENSITY_MODES, "data.intensity")),
             verbose=int(need("cnn.verbose")),
+            runtime=runtime,
+            precision=precision,
         )
 
 
@@ -589,6 +598,8 @@ def _write_run(stage: Path, config, settings: Settings, metrics, prepared: Prepa
                 "max_pixels": settings.max_pixels,
                 "intensity": settings.intensity,
                 "backbone": metrics.get("backbone"),
+                "runtime": settings.runtime,
+                "precision": settings.precision,
             },
             indent=2,
         )

@@ -1,11 +1,12 @@
 """Worker-side half of the featurizer: runs inside Spark's Python workers.
 
-One Keras model per ``(model_name, feature_layer, weights)`` lives in the
+One model per ``(model_name, feature_layer, weights, runtime, ...)`` lives in the
 module-level ``_MODELS`` dict of each Python worker, so with
-``spark.python.worker.reuse=true`` the Keras model is built and its weights
+``spark.python.worker.reuse=true`` the model is built and its weights
 loaded once per worker and reused by every batch of every later task.
-TensorFlow's thread pools are sized to the task's cores before TensorFlow
-starts, so two tasks on two cores do not each spawn a pool per machine core.
+TensorFlow's thread pools (or ONNX Runtime's / OpenVINO's threads, ``featurizer.runtime``) are sized
+to the task's cores, so two tasks on two cores do not each spawn a pool per machine core. A worker
+on ONNX Runtime or OpenVINO never imports TensorFlow (the conversion runs in a child process).
 
 GPUs: TensorFlow is pinned, before it starts, to exactly the GPU addresses
 Spark's resource scheduling gave the task (``TaskContext.resources()["gpu"]``,
@@ -46,7 +47,7 @@ from ..tensorflow_runtime import import_tensorflow
 
 log = logging.getLogger(__name__)
 
-_MODELS: dict[tuple, object] = {}  # WorkerSettings.cache_key -> keras.Model
+_MODELS: dict[tuple, object] = {}  # WorkerSettings.cache_key -> keras.Model or backbone_runtimes model
 _LOCK = threading.Lock()
 _TF_CONFIGURED = False
 _PINNED: DeviceChoice | None = None  # what this process's TensorFlow was pinned to
@@ -69,6 +70,8 @@ class WorkerSettings:
     weights_sha256: str | None  # checked on the worker before the weights are loaded
     batch_size: int
     max_pixels: int
+    runtime: str  # backbones.RUNTIMES
+    precision: str  # backbones.PRECISIONS
     intensity: str = "none"  # imaging.normalize_intensity
     tf_threads: int = 0  # 0 = the task's cores (spark.task.cpus)
     image_size: tuple[int, int] | None = None  # None = the backbone's native input size
@@ -76,7 +79,15 @@ class WorkerSettings:
 
     @property
     def cache_key(self) -> tuple:
-        return (self.model_name, self.feature_layer, self.weights, self.weights_sha256, self.image_size)
+        return (
+            self.model_name,
+            self.feature_layer,
+            self.weights,
+            self.weights_sha256,
+            self.image_size,
+            self.runtime,
+            self.precision,
+        )
 
 
 def configure_tensorflow_threads(threads: int = 0) -> int:
@@ -223,20 +234,37 @@ def local_weights(settings: WorkerSettings) -> str | None:
 def cached_model(settings: WorkerSettings, device: DeviceChoice | None = None):
     """The backbone for ``settings``, built at most once per Python worker, on ``device`` (the task's)."""
     with _LOCK:
-        pin_tensorflow(device or DeviceChoice())  # every task checks: a reused worker never switches devices
+        if settings.runtime == "keras":
+            pin_tensorflow(device or DeviceChoice())  # every task checks: a reused worker never switches devices
+        else:
+            require_cpu_task(settings.runtime, device or DeviceChoice())
         model = _MODELS.get(settings.cache_key)
         if model is None:
-            configure_tensorflow_threads(settings.tf_threads)
-            model = backbones.build_backbone(
+            threads = settings.tf_threads if settings.tf_threads > 0 else _task_cpus()
+            if settings.runtime == "keras":
+                configure_tensorflow_threads(threads)
+            model = backbones.build_feature_model(
                 settings.model_name,
                 weights=local_weights(settings),
                 feature_layer=settings.feature_layer,
                 image_size=settings.image_size,
                 weights_sha256=settings.weights_sha256,
+                runtime=settings.runtime,
+                precision=settings.precision,
+                threads=threads,
             )
             _MODELS[settings.cache_key] = model
             freeze_long_lived_objects()
         return model
+
+
+def require_cpu_task(runtime: str, device: DeviceChoice) -> None:
+    """ONNX Runtime and OpenVINO run on the CPU here: a task given GPUs would leave them idle, so it fails."""
+    if device.gpu_addresses:
+        raise DevicePinningError(
+            f"the task was given {device.name} but featurizer.runtime={runtime} runs on the CPU only: "
+            "set featurizer.runtime=keras on GPU executors (conf/gpu.yaml does)"
+        )
 
 
 def freeze_long_lived_objects() -> None:

@@ -19,6 +19,10 @@ decoded) and ``errorCol`` (the reason, e.g. "truncated image", else null).
 Persisted through its Params only (``DefaultParamsWritable/Readable``), so it
 saves and loads on its own and inside a ``Pipeline``/``PipelineModel``.
 
+``runtime``/``precision`` (``featurizer.runtime``/``featurizer.precision``): what runs the backbone,
+Keras itself or ONNX Runtime / OpenVINO on an ONNX file converted from the same weights file
+(:mod:`cxr_pipeline.backbone_runtimes`); both are part of the feature cache's fingerprint.
+
 ``weights``: null = the provisioned file (``make weights``), a local path, an
 ``hdfs://`` (any Hadoop) URI shipped to executors once with
 ``SparkContext.addFile``, ``"imagenet"`` (Keras' download) or ``"random"``.
@@ -77,6 +81,8 @@ class FeaturizerSettings:
     batch_size: int
     arrow_batch_size: int
     image_size: int | None
+    runtime: str
+    precision: str
     max_pixels: int  # data.max_pixels: the same guard the reader and every decoder use
     intensity: str  # data.intensity: imaging.normalize_intensity, the same for every path
 
@@ -101,6 +107,12 @@ class FeaturizerSettings:
             if int(getattr(self, name)) < 1:
                 raise cfg.ConfigError(f"featurizer.{name} must be >= 1, got {getattr(self, name)!r}")
         cfg.require_choice(self.intensity, INTENSITY_MODES, "data.intensity")
+        cfg.require_choice(self.runtime, backbones.RUNTIMES, "featurizer.runtime")
+        cfg.require_choice(self.precision, backbones.PRECISIONS, "featurizer.precision")
+        try:
+            backbones.check_runtime(self.runtime, self.precision)
+        except backbones.BackboneError as exc:
+            raise cfg.ConfigError(str(exc)) from None
         if self.image_size is not None and int(self.image_size) < 32:
             raise cfg.ConfigError(f"featurizer.image_size must be null or >= 32, got {self.image_size!r}")
 
@@ -117,6 +129,8 @@ _PARAM_OF = {
     "batch_size": "batchSize",
     "arrow_batch_size": "arrowBatchSize",
     "image_size": "imageSize",
+    "runtime": "runtime",
+    "precision": "precision",
     "max_pixels": "maxPixels",
     "intensity": "intensity",
 }
@@ -297,6 +311,18 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         f"intensity normalization before the resize: {', '.join(INTENSITY_MODES)} (imaging.normalize_intensity)",
         typeConverter=TypeConverters.toString,
     )
+    runtime = Param(
+        Params._dummy(),
+        "runtime",
+        f"what runs the backbone: {', '.join(backbones.RUNTIMES)} (the same weights; see backbone_runtimes)",
+        typeConverter=TypeConverters.toString,
+    )
+    precision = Param(
+        Params._dummy(),
+        "precision",
+        f"the backbone's arithmetic: {', '.join(backbones.PRECISIONS)} (bf16: openvino on AMX/avx512_bf16 CPUs)",
+        typeConverter=TypeConverters.toString,
+    )
     arrowBatchSize = Param(
         Params._dummy(),
         "arrowBatchSize",
@@ -320,10 +346,12 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         imageSize: int | None = None,
         intensity: str | None = None,
         arrowBatchSize: int | None = None,
+        runtime: str | None = None,
+        precision: str | None = None,
     ):
         """__init__(self, \\*, inputCol=None, outputCol=None, errorCol=None, modelName=None, featureLayer=None, \
         weights=None, weightsSha256=None, batchSize=None, maxPixels=None, imageSize=None, intensity=None, \
-        arrowBatchSize=None)
+        arrowBatchSize=None, runtime=None, precision=None)
 
         Only the arguments given are set; the others keep their defaults (see the class doc).
         """
@@ -353,10 +381,12 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         imageSize: int | None = None,
         intensity: str | None = None,
         arrowBatchSize: int | None = None,
+        runtime: str | None = None,
+        precision: str | None = None,
     ) -> ImageFeaturizer:
         """setParams(self, \\*, inputCol=None, outputCol=None, errorCol=None, modelName=None, featureLayer=None, \
         weights=None, weightsSha256=None, batchSize=None, maxPixels=None, imageSize=None, intensity=None, \
-        arrowBatchSize=None)
+        arrowBatchSize=None, runtime=None, precision=None)
 
         Sets the Params given (an explicit ``None`` sets null, e.g. ``featureLayer=None`` = the last layer).
         """
@@ -426,6 +456,18 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
     def getArrowBatchSize(self) -> int:
         return self.getOrDefault(self.arrowBatchSize)
 
+    def getRuntime(self) -> str:
+        return self.getOrDefault(self.runtime)
+
+    def setRuntime(self, value: str) -> ImageFeaturizer:
+        return self._set(runtime=value)
+
+    def getPrecision(self) -> str:
+        return self.getOrDefault(self.precision)
+
+    def setPrecision(self, value: str) -> ImageFeaturizer:
+        return self._set(precision=value)
+
     def track_stats(self, spark: SparkSession) -> FeaturizerStats:
         """Accumulators filled by the workers of later transforms: decode/predict seconds,
         images, peak worker RSS. Not a Param: not saved with the featurizer."""
@@ -440,6 +482,7 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
     def worker_settings(self, spark: SparkSession | None = None) -> WorkerSettings:
         """What the workers need; ships a remote weights file with ``addFile`` when ``spark`` is given."""
         backbones.spec(self.getModelName())  # fail fast on an unknown backbone
+        backbones.check_runtime(self.getRuntime(), self.getPrecision())
         weights = self.getWeights()
         spark_file = None
         if spark is not None and weights and "://" in weights and not weights.startswith("file://"):
@@ -458,6 +501,8 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
             max_pixels=self.getMaxPixels(),
             intensity=self.getIntensity(),
             image_size=self.image_size() if self.getImageSize() else None,
+            runtime=self.getRuntime(),
+            precision=self.getPrecision(),
             prefetch=getattr(self, "prefetch", False),  # bench_featurizer --prefetch; not a Param
         )
 

@@ -184,7 +184,8 @@ def model_card_text(report: Mapping[str, Any], choice: M.ThresholdChoice, label_
         title=f"Spark ML pneumonia classifier ({report.get('run')})",
         model_description=(
             f"{feat.get('model_name')} ImageNet features pooled at `{feat.get('feature_layer')}` "
-            f"(image size {feat.get('image_size') or 'native'}, intensity {feat.get('intensity') or 'none'}) -> "
+            f"(image size {feat.get('image_size') or 'native'}, intensity {feat.get('intensity') or 'none'}, "
+            f"run on {feat.get('runtime') or 'keras'} at {feat.get('precision') or 'fp32'}) -> "
             "StandardScaler -> "
             f"LogisticRegression (regParam {clf.get('regParam')}, elasticNetParam "
             f"{clf.get('elasticNetParam')}, class weights {report.get('class_weights')})."

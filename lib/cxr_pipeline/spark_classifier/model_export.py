@@ -4,8 +4,8 @@
 (ImageFeaturizer -> StandardScalerModel -> LogisticRegressionModel) needs at
 scoring time: backbone name, layer, image size and weights file, the scaler's
 mean/std, the LR coefficients/intercept, label names and thresholds.
-``LocalClassifier`` rebuilds the same computation with the same Keras backbone
-(``cxr_pipeline.backbones``) and the same decoding (``cxr_pipeline.imaging``),
+``LocalClassifier`` rebuilds the same computation with the same backbone on the same runtime and
+precision (``cxr_pipeline.backbones``) and the same decoding (``cxr_pipeline.imaging``),
 so its probabilities equal Spark's to float tolerance, with no JVM: a person at
 a workstation or the web service uses it.
 """
@@ -75,6 +75,8 @@ def classifier_spec(
         "weights_sha256": _param(featurizer, "weightsSha256"),
         "max_pixels": _param(featurizer, "maxPixels"),
         "intensity": _param(featurizer, "intensity") or "none",
+        "runtime": featurizer.getOrDefault("runtime"),
+        "precision": featurizer.getOrDefault("precision"),
         "label_names": list(label_names),
         "positive_label": label_names[1],
         "scaler": {
@@ -190,16 +192,24 @@ class LocalClassifier:
         """``imaging.normalize_intensity`` mode the model was trained with (older exports: none)."""
         return self.spec.get("intensity") or "none"
 
+    @property
+    def runtime(self) -> tuple[str, str]:
+        """``(runtime, precision)`` the features were trained with (older exports: Keras at fp32, all there was)."""
+        return self.spec.get("runtime") or "keras", self.spec.get("precision") or "fp32"
+
     def backbone(self):
         if self._backbone is None:
-            from ..backbones import build_backbone
+            from ..backbones import build_feature_model
 
-            self._backbone = build_backbone(
+            runtime, precision = self.runtime
+            self._backbone = build_feature_model(
                 self.spec["model_name"],
                 weights=_resolve_weights(self.spec, self.run_dir),
                 feature_layer=self.spec.get("feature_layer"),
                 image_size=self.image_size,
                 weights_sha256=self.spec.get("weights_sha256"),
+                runtime=runtime,
+                precision=precision,
             )
         return self._backbone
 

@@ -50,14 +50,17 @@ def load_run(run_uri: str) -> SavedRun:
     if not storage.exists(spec_uri):
         raise FileNotFoundError(f"{spec_uri} not found: --model must be a run folder of jobs/train_featurizer.py")
     model = PipelineModel.load(root + "/model")
+    spec = json.loads(storage.read_bytes(spec_uri))
     featurizer = model.stages[0]
+    # Scored on the runtime it was trained on; a run from before the setting: Keras at fp32, all there was.
+    featurizer.setRuntime(spec.get("runtime") or "keras").setPrecision(spec.get("precision") or "fp32")
     weights = featurizer.getOrDefault("weights")
     if weights is None or "://" not in weights or weights.startswith("file://"):
         # Local files are checked here, on the driver, before any task; remote ones on each executor.
         local = resolve_weights_file(featurizer.getOrDefault("modelName"), weights)
         sha = featurizer.getOrDefault("weightsSha256") if featurizer.hasParam("weightsSha256") else None
         check_weights_file(local, sha, featurizer.getOrDefault("modelName"))
-    return SavedRun(model=model, spec=json.loads(storage.read_bytes(spec_uri)))
+    return SavedRun(model=model, spec=spec)
 
 
 def read_new_images(spark: SparkSession, uri: str) -> DataFrame:

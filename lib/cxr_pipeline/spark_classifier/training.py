@@ -550,6 +550,8 @@ def _fit_and_report(job: _Job, read, features: DataFrame, outcome) -> TrainingRe
                 "feature_layer": fsettings.feature_layer,
                 "image_size": fsettings.image_size,
                 "intensity": fsettings.intensity,
+                "runtime": fsettings.runtime,
+                "precision": fsettings.precision,
                 "weights_sha256": job.featurizer.getWeightsSha256(),
                 "backbone_run": fsettings.backbone_run,
                 "cache": outcome.as_dict(),
