@@ -192,6 +192,9 @@ class LocalClassifier:
 
     def backbone(self):
         if self._backbone is None:
+            from ..tensorflow_runtime import import_tensorflow
+
+            import_tensorflow()  # before backbones imports Keras: TensorFlow's start-up notices stay off the console
             from ..backbones import build_backbone
 
             self._backbone = build_backbone(
