@@ -42,6 +42,8 @@ def test_settings_come_from_defaults_and_the_embedded_store_is_git_ignored_state
     assert settings.tracking_uri().endswith("/.local/mlflow/mlflow.db")
     assert tracking.artifact_root_for("sqlite:////x/y/mlflow.db") == "file:///x/y/artifacts"
     assert tracking.artifact_root_for("databricks") is None
+    assert tracking.resolved_dir("sqlite:////x/y/mlflow.db") == Path("/x/y/resolved")  # a store's own copies
+    assert tracking.resolved_dir(settings.tracking_uri()) == tracking.default_store_dir() / "resolved"
     with pytest.raises(cfg.ConfigError):
         tracking.TrackingSettings.from_config(cfg.load_config("local", overrides=["tracking.bogus=1"]))
     monkeypatch.setenv("DATABRICKS_RUNTIME_VERSION", "17.3")

@@ -789,6 +789,14 @@ def _read_json(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- registry URIs -> local run folders
 
 
+def resolved_dir(tracking_uri: str) -> Path:
+    """Where registered run folders are copied to: beside a SQLite store (its own cache, a test's store's in a
+    temporary folder), else ``.local/mlflow/resolved``."""
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri[len("sqlite:///") :]).parent / "resolved"
+    return default_store_dir() / "resolved"
+
+
 def is_registry_uri(model: str) -> bool:
     return str(model).startswith(REGISTRY_PREFIX)
 
@@ -803,19 +811,14 @@ def resolve_model(model: str, config: Mapping[str, Any] | None = None, dest: str
 
     settings = TrackingSettings.from_config(config or cfg.load_config("local"))
     try:
-        use_store(settings)
+        uri = use_store(settings)
         client = MlflowClient()
         version = _version_of(client, model)
         # keyed by the run too: two stores (a test's, the embedded one) both have a "v1"
         target = (
             Path(dest)
             if dest
-            else (
-                default_store_dir()
-                / "resolved"
-                / version.name
-                / f"v{version.version}-{(version.run_id or 'norun')[:12]}"
-            )
+            else resolved_dir(uri) / version.name / f"v{version.version}-{(version.run_id or 'norun')[:12]}"
         )
         local = target / f"{version.name}-v{version.version}"  # its name becomes the served model's id
         if not (local / "_SUCCESS").is_file():  # renamed into place only once complete
