@@ -94,8 +94,8 @@ test-fast: lint hadoop sample-data weights ## lint, then the test suite without 
 browser: ## Debian's chromium for the upload-page test (apt; idempotent)
 	@command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 
-serve: venv ## serve a trained model: make serve MODEL=runs/<run> (page on http://127.0.0.1:8000/)
-	@test -n "$(MODEL)" || { echo "usage: make serve MODEL=<run folder of train_featurizer or train_cnn, or models:/NAME@ALIAS>"; exit 2; }
+MODEL ?= $(RUN)
+serve: venv ## serve the demo run on http://127.0.0.1:8000/; MODEL=models:/cxr-pneumonia-spark@champion or any run folder
 	$(PY) -m cxr_pipeline.serving --model $(MODEL)
 
 MLFLOW_PORT ?= 5000

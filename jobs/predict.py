@@ -1,12 +1,13 @@
 """Apply a trained run to new images: one row per image (path, probability, class, threshold).
 
-    spark-submit --master local[2] jobs/predict.py --model hdfs://127.0.0.1:9000/runs/demo \\
+    scripts/spark-submit --master local[2] jobs/predict.py --model hdfs://127.0.0.1:9000/runs/demo \\
         --images hdfs://127.0.0.1:9000/incoming/ --out hdfs://127.0.0.1:9000/predictions/today --csv
 
 --images is a folder (searched recursively, any layout) or a Parquet table with
 path + content columns (name ending in .parquet). Writes OUT/predictions.parquet,
 OUT/predictions_csv/ with --csv, and OUT/unreadable.csv listing files that could
-not be scored (they are reported, not fatal).
+not be scored (they are reported, not fatal), and prints each path. In pandas:
+cxr_pipeline.tables.read_table(OUT + "/predictions.parquet").
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ except ImportError:  # ... else the checkout's lib/
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 
 from cxr_pipeline.cli import add_config_options, configure_logging, resolve_config  # noqa: E402
+
+OUTPUT_LABELS = {"parquet": "predictions", "csv": "predictions (CSV)", "unreadable": "unreadable files"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,18 +56,23 @@ def main(argv=None) -> int:
     configure_logging(args.verbose)
     from cxr_pipeline import run_folder, storage, tracking
     from cxr_pipeline.backbones import BackboneError
+    from cxr_pipeline.cli import missing_on_this_machine
     from cxr_pipeline.spark.session import spark_job
     from cxr_pipeline.spark_classifier.prediction import predict_images
 
     storage.configure(config)
     run_folder.configure(config)
     try:
+        missing = missing_on_this_machine(args.model, config)
+        if missing:
+            raise FileNotFoundError(f"--model {missing}")
         args.model = tracking.resolve_model(args.model, config)  # models:/NAME@ALIAS -> its run folder
         run_folder.require_complete(args.model)
         run_folder.check_output(args.out, args.overwrite)
     except (FileNotFoundError, run_folder.OutputExistsError, ValueError) as exc:
         print(f"predict: error: {exc}", file=sys.stderr)
         return 2
+    print(f"predict: scoring {args.images} with {args.model} into {args.out}", flush=True)
     try:
         with spark_job(config, "cxr-predict", master=args.master, verbose=args.verbose) as spark:
             summary = predict_images(
@@ -81,7 +89,9 @@ def main(argv=None) -> int:
         return 2
     classes = ", ".join(f"{k} {v}" for k, v in sorted(summary.by_class.items())) or "none"
     print(f"scored {summary.scored} image(s): {classes}; unreadable {summary.unreadable}")
-    print(f"predictions: {summary.out}/predictions.parquet")
+    for kind, uri in summary.files.items():
+        print(f"{OUTPUT_LABELS[kind]}: {uri}")
+    print(f'in pandas: from cxr_pipeline.tables import read_table; read_table("{summary.files["parquet"]}")')
     return 0
 
 

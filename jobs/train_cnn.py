@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train a Keras CNN on the chest_xray tree (local path or any Hadoop URI, e.g. the local HDFS).
 
-    python jobs/train_cnn.py --data hdfs://127.0.0.1:9000/data/chest_xray \\
+    .venv/bin/python jobs/train_cnn.py --data hdfs://127.0.0.1:9000/data/chest_xray \\
         --out hdfs://127.0.0.1:9000/runs/cnn --model inception_v3 --epochs 5
 
 Runs on CPU, or on every local GPU (MirroredStrategy, mixed precision, XLA) with
@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -72,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    started = time.time()  # the MLflow run spans the job from here
     args = parse_args(argv)
     configure_logging()
     try:
@@ -93,7 +95,8 @@ def main(argv=None) -> int:
     except run_folder.OutputExistsError as exc:
         print(f"train_cnn: error: {exc}", file=sys.stderr)
         return 2
-    tracking.log_cnn_run(config, metrics, args.out, config_mod.get(config, "data.uri"))  # MLflow trouble only warns
+    data_uri = config_mod.get(config, "data.uri")
+    tracking.log_cnn_run(config, metrics, args.out, data_uri, started_at=started)  # MLflow trouble only warns
     name = metrics["evaluated_on"]
     summary = {k: metrics[name][k] for k in ("n", "auc")}
     summary.update({f"{k}@0.5": metrics[name]["at_0.5"][k] for k in ("accuracy", "sensitivity", "specificity")})

@@ -1,6 +1,6 @@
 """Train the pneumonia classifier on Spark: ImageFeaturizer -> StandardScaler -> LogisticRegression.
 
-    spark-submit --master local[2] jobs/train_featurizer.py \\
+    scripts/spark-submit --master local[2] jobs/train_featurizer.py \\
         --data hdfs://127.0.0.1:9000/data/chest_xray --out hdfs://127.0.0.1:9000/runs/demo
 
 Writes the run folder (config.yaml, model/, classifier.json, metrics.json, roc.png,
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 try:  # the one bootstrap of every entry script: the installed package (make venv; the wheel on a cluster) ...
     import cxr_pipeline  # noqa: F401
@@ -74,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    started = time.time()  # the MLflow run spans the job from here
     args = parse_args(argv)
     configure_logging(args.verbose)
     config = resolve_config(
@@ -120,7 +122,7 @@ def main(argv=None) -> int:
     try:
         with spark_job(config, "cxr-train-featurizer", master=args.master, verbose=args.verbose) as spark:
             result = train(spark, config, data_uri, args.out, overwrite=args.overwrite)
-            tracking.log_spark_run(config, result, data_uri, spark)  # MLflow trouble only warns: the run is kept
+            tracking.log_spark_run(config, result, data_uri, spark, started_at=started)  # trouble only warns
     except (TrainingError, cfg.ConfigError, run_folder.OutputExistsError) as exc:
         print(f"train_featurizer: error: {exc}", file=sys.stderr)
         return 2

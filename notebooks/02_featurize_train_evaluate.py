@@ -19,6 +19,7 @@
 # Git folder the package is the repository's lib/ next to this notebooks/ folder.
 import os
 import sys
+import time
 
 try:
     import cxr_pipeline  # noqa: F401
@@ -49,9 +50,12 @@ from cxr_pipeline.spark_classifier import training
 
 config = notebook_config(get_param("conf_env", "local", "Config environment (conf/<env>.yaml)"))
 data_uri = require("data_uri", get_param("data_uri", default_data_uri(config), "Dataset root (chest_xray folder URI)"))
-run_uri = get_param("run_uri", default_runs_uri(config, data_uri) + "/notebook_featurizer", "Run folder to write (URI)")
+runs = get_param("runs_uri", default_runs_uri(config, data_uri), "Folder the notebooks write their runs and predictions to (URI)")
+run_uri = get_param("run_uri", runs + "/notebook_featurizer", "Run folder to write (URI)")
 overwrite = get_param("overwrite", True, "Replace this notebook's earlier run at run_uri (only a run folder)")
+register = get_param("register", False, "Register the model in the MLflow registry (may move its champion alias)")
 config = with_settings(config, {
+    "tracking.register": register,
     "featurizer.model_name": get_param("model_name", config["featurizer"]["model_name"], "Backbone"),
     "featurizer.feature_layer": get_param("feature_layer", config["featurizer"]["feature_layer"],
                                           "Feature layer (empty = last; mixed5 for InceptionV3)"),
@@ -94,10 +98,11 @@ show_table(describe_pipeline(pipeline), "pipeline_stages")
 
 # COMMAND ----------
 
+started = time.time()
 result = training.train(spark, config, data_uri, run_uri, overwrite=overwrite)
 print(result.summary)
-# also an MLflow run + registry version (on Databricks: this notebook's experiment); only warns if MLflow fails
-tracking.log_spark_run(config, result, data_uri, spark)
+# also an MLflow run (on Databricks: this notebook's experiment), a registry version with `register`; only warns
+tracking.log_spark_run(config, result, data_uri, spark, started_at=started)
 
 # COMMAND ----------
 

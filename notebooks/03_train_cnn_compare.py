@@ -15,6 +15,7 @@
 # Git folder the package is the repository's lib/ next to this notebooks/ folder.
 import os
 import sys
+import time
 
 try:
     import cxr_pipeline  # noqa: F401
@@ -46,11 +47,13 @@ from cxr_pipeline.notebook_support import (
 
 config = notebook_config(get_param("conf_env", "local", "Config environment (conf/<env>.yaml)"))
 data_uri = require("data_uri", get_param("data_uri", default_data_uri(config), "Dataset root (chest_xray folder URI)"))
-runs = default_runs_uri(config, data_uri)
+runs = get_param("runs_uri", default_runs_uri(config, data_uri), "Folder the notebooks write their runs and predictions to (URI)")
 cnn_run_uri = get_param("cnn_run_uri", runs + "/notebook_cnn", "CNN run folder to write (URI)")
 overwrite = get_param("overwrite", True, "Replace this notebook's earlier CNN run at cnn_run_uri (only a run folder)")
 spark_run_uri = get_param("spark_run_uri", runs + "/notebook_featurizer", "Spark run to compare with (notebook 2)")
+register = get_param("register", False, "Register the model in the MLflow registry (may move its champion alias)")
 config = with_settings(config, {
+    "tracking.register": register,
     "cnn.model": get_param("cnn_model", "small_cnn", "CNN: small_cnn | inception_v3"),
     "cnn.epochs": get_param("epochs", 3, "Epochs"),
     "cnn.image_size": get_param("image_size", 128, "Image size (pixels, square)"),
@@ -70,8 +73,9 @@ print(f"data {data_uri}\nCNN run {cnn_run_uri} ({config['cnn']['model']}, {confi
 
 # COMMAND ----------
 
+started = time.time()
 cnn_metrics = cnn_train.train_and_evaluate(config, data_uri, cnn_run_uri, overwrite=overwrite)
-tracking.log_cnn_run(config, cnn_metrics, cnn_run_uri, data_uri)  # an MLflow run too; only warns if MLflow fails
+tracking.log_cnn_run(config, cnn_metrics, cnn_run_uri, data_uri, started_at=started)  # MLflow trouble only warns
 show_table(counts_table(cnn_metrics), "cnn_images_per_subset")
 show_run_figures(cnn_run_uri, ["training_curves.png", "roc.png", "confusion_matrix.png"], prefix="cnn_")
 

@@ -38,10 +38,11 @@ from cxr_pipeline.notebook_support import (
     spark_for_notebook,
 )
 from cxr_pipeline.spark_classifier.prediction import predict_images
+from cxr_pipeline.tables import read_table
 
 config = notebook_config(get_param("conf_env", "local", "Config environment (conf/<env>.yaml)"))
 data_uri = require("data_uri", get_param("data_uri", default_data_uri(config), "Dataset root (its test folder is the default input)"))
-runs = default_runs_uri(config, data_uri)
+runs = get_param("runs_uri", default_runs_uri(config, data_uri), "Folder the notebooks write their runs and predictions to (URI)")
 model_uri = get_param("model_uri", runs + "/notebook_featurizer", "Saved run folder (Spark or CNN run)")
 images_uri = get_param("images_uri", data_uri.rstrip("/") + "/test", "Folder of images to score (URI)")
 out_uri = get_param("out_uri", runs + "/notebook_predictions", "Where to write the predictions (URI)")
@@ -63,7 +64,7 @@ if kind == "Spark":
     spark = spark_for_notebook(config)
     summary = predict_images(spark, model_uri, images_uri, out_uri, csv=True, threshold=threshold, overwrite=overwrite)
     print(f"scored {summary.scored} image(s) {summary.by_class}; unreadable {summary.unreadable}")
-    predictions = spark.read.parquet(summary.out + "/predictions.parquet").orderBy("path").toPandas()
+    predictions = read_table(summary.files["parquet"]).sort_values("path", ignore_index=True)  # any run's table
 else:
     scored = score_files_local(load_classifier(model_uri), images_uri, threshold=threshold)
     predictions = scored.drop(columns="content").rename(columns={"label_name": "predicted_class"})

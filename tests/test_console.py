@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,47 @@ def test_jobs_offer_verbose(job):
     env = {**os.environ, "PYTHONPATH": str(REPO / "lib")}
     out = subprocess.run([sys.executable, str(REPO / "jobs" / job), "--help"], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and "--verbose" in out.stdout and "--overwrite" in out.stdout
+
+
+SUBMITTED = """
+from cxr_pipeline.spark.session import spark_session
+spark = spark_session({"spark": {"log_level": "WARN", "conf": {"spark.ui.enabled": "false"}}})
+conf = spark.sparkContext.getConf()
+print("DRIVER", conf.get("spark.driver.host"), conf.get("spark.driver.bindAddress", "-"), flush=True)
+assert spark.range(10).count() == 10
+logger = spark.sparkContext._jvm.org.apache.log4j.LogManager.getLogger("org.apache.spark.CxrProbe")
+logger.info("cxr-probe-info")
+logger.warn("cxr-probe-warn")
+spark.stop()
+"""
+
+
+def _submitted(tmp_path: Path, launcher: str) -> subprocess.CompletedProcess:
+    """``SUBMITTED`` through spark-submit --master local[2], from a shell without make's variables."""
+    script = tmp_path / "submitted.py"
+    script.write_text(SUBMITTED)
+    venv_bin = Path(sys.executable).parent
+    env = {"PATH": f"{venv_bin}:/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root")}
+    env.update(PYTHONPATH=str(REPO / "lib"), VIRTUAL_ENV=str(venv_bin.parent))  # as after `source .venv/bin/activate`
+    proc = subprocess.run(
+        [launcher, "--master", "local[2]", str(script)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_plain_spark_submit_binds_a_local_driver_to_loopback_and_uses_the_jobs_log_settings(tmp_path):
+    """`spark-submit` after `source .venv/bin/activate`, no SPARK_LOCAL_IP, no SPARK_CONF_DIR: the session
+    still binds to 127.0.0.1, and once it exists Spark logs through conf/spark/log4j2.properties."""
+    proc = _submitted(tmp_path, str(Path(sys.executable).parent / "spark-submit"))
+    assert "DRIVER 127.0.0.1 127.0.0.1" in proc.stdout
+    assert re.search(r"^\d\d:\d\d:\d\d WARN CxrProbe: cxr-probe-warn$", proc.stderr, re.MULTILINE), proc.stderr[-3000:]
+    assert "cxr-probe-info" not in proc.stderr
+
+
+def test_scripts_spark_submit_needs_no_environment(tmp_path):
+    """scripts/spark-submit: loopback and the jobs' logging from the JVM's start, so not one of Spark's lines."""
+    proc = _submitted(tmp_path, str(REPO / "scripts" / "spark-submit"))
+    assert "resolves to a loopback address" not in proc.stderr and "default log4j profile" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if " INFO " in line] == [], proc.stderr[-3000:]
+    assert re.search(r"^\d\d:\d\d:\d\d WARN CxrProbe: cxr-probe-warn$", proc.stderr, re.MULTILINE)

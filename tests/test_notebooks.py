@@ -67,14 +67,10 @@ def notebook_run(hdfs_cluster, sample_tree, tmp_path_factory):
     storage.write_bytes(f"{data_uri}/train/PNEUMONIA/broken.jpeg", real[: len(real) // 3])
 
     out = tmp_path_factory.mktemp("notebook_out")
-    spark_run = f"{root}/runs/featurizer"
+    spark_run = f"{root}/runs/notebook_featurizer"  # where notebook 2 puts it under runs_uri
     params = {
         "data_uri": data_uri,
-        "run_uri": spark_run,
-        "spark_run_uri": spark_run,
-        "model_uri": spark_run,
-        "cnn_run_uri": f"{root}/runs/cnn",
-        "out_uri": f"{root}/predictions",
+        "runs_uri": f"{root}/runs",  # one parameter keeps every run and prediction of the four notebooks there
         "feature_layer": "mixed5",
         "batch_size": "8",  # featurizer and CNN batch
         # backbone_image_size stays native (299): LocalClassifier (model_export) does not build its backbone at
@@ -180,6 +176,14 @@ def test_02_featurize_train_evaluate(notebook_run):
     assert tradeoff["sensitivity"].is_monotonic_decreasing  # a higher threshold never finds more pneumonia
     for name in ("classifier.json", "metrics.json", "model/metadata/_SUCCESS"):
         assert storage.exists(f"{notebook_run['spark_run']}/{name}"), name
+    # an MLflow run, but nothing registered: a notebook's model never moves the shared champion unless `register`
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    logged = client.search_runs(experiments, f"tags.written_to = '{notebook_run['spark_run']}'")
+    assert len(logged) == 1 and "champion_decision" not in logged[0].data.tags
+    assert not [v for v in client.search_model_versions() if v.run_id == logged[0].info.run_id]
 
 
 @pytest.mark.slow
@@ -187,6 +191,9 @@ def test_02_featurize_train_evaluate(notebook_run):
 @pytest.mark.timeout(1800)
 def test_03_train_cnn_compare(notebook_run):
     cell_report(notebook_run, "03_train_cnn_compare")
+    log = notebook_run["proc"].stdout + notebook_run["proc"].stderr
+    assert "\x1b[" not in log, "a progress bar wrote ANSI escapes into the notebook log"
+    assert "oneDNN custom operations" not in log and "absl::InitializeLog" not in log, "TensorFlow start-up notices"
     for name in ("cnn_training_curves.png", "roc_comparison.png"):
         png(notebook_run, "03_train_cnn_compare", name)
     comparison = table(notebook_run, "03_train_cnn_compare", "model_comparison.csv")

@@ -101,9 +101,19 @@ def test_predict_job_writes_parquet_csv_and_unreadable_list(run, incoming, spark
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith(f"predict: scoring {incoming} with {result.run.root} into {out}\n")
     assert "scored 4 image(s)" in proc.stdout and "unreadable 2" in proc.stdout
+    for line in (f"predictions: {out}/predictions.parquet", f"predictions (CSV): {out}/predictions_csv"):
+        assert line in proc.stdout.splitlines()  # every output, by the path it has after the job
+    assert f"unreadable files: {out}/unreadable.csv" in proc.stdout.splitlines()
     written = {r["path"]: r for r in spark.read.parquet(out + "/predictions.parquet").collect()}
     assert len(written) == 6 and all(r["threshold"] == 0.5 for r in written.values())
+    from cxr_pipeline.tables import read_table  # what the job's last line tells a user to run
+
+    for table in (read_table(f"{out}/predictions.parquet"), read_table(f"{out}/predictions_csv")):
+        assert set(table["path"]) == set(written) and len(table) == 6
+        scored = table.dropna(subset=["probability"]).set_index("path")["probability"]
+        assert all(scored[path] == pytest.approx(written[path]["probability"]) for path in scored.index)
     csv_parts = [f.uri for f in storage.list_files(out + "/predictions_csv") if f.uri.endswith(".csv")]
     rows = list(csv.DictReader(io.StringIO(storage.read_bytes(csv_parts[0]).decode())))
     assert {r["path"] for r in rows} == set(written)

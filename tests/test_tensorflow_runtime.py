@@ -100,3 +100,18 @@ def test_two_threads_importing_at_once_leave_stderr_where_it_was():
     assert out.returncode == 0, out.stderr
     assert out.stderr.strip().splitlines()[-1] == "['tensorflow', 'tensorflow']"
     assert NOTICE not in out.stderr
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import cxr_pipeline.cnn.train",  # notebook 03, train_cnn, MLflow's Keras flavour
+        "from cxr_pipeline.weights.__main__ import main; main(['verify', '--models', 'InceptionV3'])",  # make weights
+    ],
+    ids=["cnn", "weights"],
+)
+def test_entry_points_that_import_keras_print_no_start_up_notice(code):
+    out = run_python(code)
+    assert out.returncode == 0, out.stderr
+    assert "absl::InitializeLog" not in out.stderr and "This TensorFlow binary is optimized" not in out.stderr
+    assert NOTICE not in out.stderr

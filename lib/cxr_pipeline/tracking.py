@@ -3,14 +3,20 @@
 The run folder stays the source of truth; MLflow is an addition. For each run of
 ``jobs/train_featurizer.py``, ``jobs/train_cnn.py`` and notebooks 02/03 this records:
 
-* params: the resolved config, flattened (secrets redacted), plus backbone, layer, image size, weights sha256;
-* metrics: every number of ``metrics.json`` (validation and test, both thresholds, AUC, sensitivity,
-  specificity, ...) under its dotted name, ``validation_auc``/``test_auc``, and the CNN's per-epoch history
-  with ``step`` = epoch;
+* a run named by data, model and start (``chest_xray · InceptionV3 mixed5 + LR · 2026-12-07 19:55``) that
+  starts when the job did (``started_at``), so its duration is the job's;
+* params: the resolved config, flattened (secrets redacted), plus backbone, layer, image size, weights sha256,
+  the chosen threshold and its rule, images per subset;
+* metrics: what the run measured (:data:`HEADLINE_METRICS`: test AUC, accuracy, sensitivity and specificity at
+  the chosen threshold, Brier; validation AUC), and the CNN's per-epoch history (``train_history.*``, step =
+  epoch); everything else of ``metrics.json`` is in that artifact;
 * artifacts: the plots, ``metrics.json``, ``rejected.csv``, ``config.yaml`` at the top, and the complete run
   folder under ``run_folder/`` (what ``models:/`` URIs resolve to, so the existing loaders serve it);
 * a dataset input (``mlflow.data``): the data URI and a digest of the image set (relative path + size);
-* tags: git commit, Spark master;
+* tags: git commit, Spark master, ``run_folder`` = ``runs:/<id>/run_folder`` (the copy a registered version
+  resolves to; the folder the job wrote, ``written_to``, can be replaced by a later run);
+* the experiment's type (model training, not GenAI) and a shared runs-list view with the headline metrics as
+  columns, which the links this module prints open (:func:`ui_url`);
 * the model: Spark ``PipelineModel`` through ``mlflow.spark`` (loads as a pyfunc too), the CNN through the
   Keras flavor, each with a signature and a real input example; registered under
   ``tracking.model_names.<kind>``. The alias ``tracking.champion_alias`` moves to the new version only when
@@ -30,6 +36,7 @@ starts the MLflow UI on the configured store, on loopback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -58,6 +65,32 @@ RUN_FOLDER_ARTIFACT = "run_folder"
 MODEL_ARTIFACT = "model"
 TOP_LEVEL_ARTIFACTS = ("metrics.json", "rejected.csv", "config.yaml", "summary.txt", "history.csv")
 MAX_PARAM_CHARS = 6000
+HEADLINE_METRICS = (  # what run_metrics logs, in the order the runs list shows them
+    "test_auc",
+    "test_accuracy",
+    "test_sensitivity",
+    "test_specificity",
+    "test_brier",
+    "validation_auc",
+)
+# The UI's runs list with these metrics as columns, newest first: a view MLflow's UI shares through an experiment
+# tag (mlflow.sharedViewState.<key>) and opens from a link (viewStateShareKey=<key>). The UI's own default shows
+# no metric at all.
+RUNS_VIEW_KEY = "cxr-pipeline-runs"
+RUNS_VIEW = {
+    "selectedColumns": ["attributes.`Dataset`", "attributes.`Models`", *(f"metrics.`{m}`" for m in HEADLINE_METRICS)],
+    "orderByKey": "attributes.start_time",
+    "orderByAsc": False,
+}
+# MLflow 3's experiment type: a model-training experiment (runs, metrics, registry), not GenAI traces.
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    f"mlflow.sharedViewState.{RUNS_VIEW_KEY}": json.dumps(RUNS_VIEW),
+}
+# The UI's own switch between its GenAI and model-training views (this UI reads it from the link, not from the
+# experiment type): a link with it opens the latter, with the model registry.
+UI_VIEW = "workflowType=machine_learning"
+DEFAULT_UI = "http://127.0.0.1:5000"  # make mlflow-ui (MLFLOW_PORT=5000)
 
 
 class TrackingWarning(UserWarning):
@@ -104,6 +137,16 @@ class TrackingSettings:
 def default_store_dir() -> Path:
     """The embedded store: ``.local/mlflow`` (git-ignored) holds mlflow.db and artifacts/."""
     return paths.LOCAL_DIR / "mlflow"
+
+
+def ui_url(base: str, experiment: str | None = None, run: str | None = None) -> str:
+    """A link into MLflow's UI at ``base`` (``http://127.0.0.1:5000``) that opens its model-training view: the
+    experiment's runs list with the headline metrics, or one run."""
+    if experiment is None:
+        return f"{base}/#/?{UI_VIEW}"
+    if run is not None:
+        return f"{base}/#/experiments/{experiment}/runs/{run}?{UI_VIEW}"
+    return f"{base}/#/experiments/{experiment}/runs?viewStateShareKey={RUNS_VIEW_KEY}&{UI_VIEW}"
 
 
 def artifact_root_for(tracking_uri: str) -> str | None:
@@ -158,17 +201,56 @@ def model_params(kind: str, metrics: Mapping[str, Any], run_meta: Mapping[str, A
     return {f"model.{k}": "null" if v is None else str(v) for k, v in values.items()}
 
 
+CHOSEN_THRESHOLD_BLOCK = {"spark": "at_chosen", "cnn": "at_threshold"}  # metrics.json's name per kind
+HEADLINE = ("accuracy", "sensitivity", "specificity")  # at the threshold chosen on validation
+
+
 def run_metrics(kind: str, metrics: Mapping[str, Any]) -> dict[str, float]:
-    """Every number in metrics.json under its dotted name, plus validation_auc and test_auc."""
+    """What the run measured, the charts' subject: test AUC, accuracy, sensitivity and specificity at the
+    chosen threshold, Brier score, and validation AUC (what the champion decision compares). The rest of
+    ``metrics.json`` (intervals, both thresholds, Spark's evaluators) stays in the ``metrics.json`` artifact;
+    settings and counts are params."""
     numbers = {}
-    for name, value in flatten({k: v for k, v in metrics.items() if k != "history"}).items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            numbers[name.replace("@", "_at_")] = float(value)
     for subset in ("validation", "test"):
         auc = subset_auc(kind, metrics, subset)
         if auc is not None:
             numbers[f"{subset}_auc"] = auc
-    return numbers
+    test = metrics.get(evaluated_subset(kind, metrics)) or {}
+    at_chosen = test.get(CHOSEN_THRESHOLD_BLOCK[kind]) or {}
+    for name in HEADLINE:
+        if _is_number(at_chosen.get(name)):
+            numbers[f"test_{name}"] = float(at_chosen[name])
+    if _is_number(test.get("brier")):
+        numbers["test_brier"] = float(test["brier"])
+    return {name: numbers[name] for name in HEADLINE_METRICS if name in numbers}
+
+
+def run_params(kind: str, metrics: Mapping[str, Any]) -> dict[str, str]:
+    """What the run was trained as, beyond the config: the chosen threshold and its rule, images per subset."""
+    threshold = metrics.get("threshold")
+    choice = threshold if isinstance(threshold, Mapping) else metrics.get("threshold_choice") or {}
+    value = choice.get("threshold") if isinstance(threshold, Mapping) else threshold
+    params = {"model.threshold": value, "model.threshold_rule": choice.get("rule")}
+    for subset, per_class in image_counts(metrics).items():
+        params[f"data.{subset}_images"] = sum(per_class)
+    return {k: "null" if v is None else str(v) for k, v in params.items()}
+
+
+def image_counts(metrics: Mapping[str, Any]) -> dict[str, list[int]]:
+    """Images per subset and class: a Spark run's ``counts`` ({subset: {class: n}}), a CNN run's ``class_counts``."""
+    counts = metrics.get("counts")
+    if isinstance(counts, Mapping):
+        return {s: [int(n) for n in c.values() if _is_number(n)] for s, c in counts.items() if isinstance(c, Mapping)}
+    return {s: [int(n) for n in c] for s, c in (metrics.get("class_counts") or {}).items() if isinstance(c, list)}
+
+
+def evaluated_subset(kind: str, metrics: Mapping[str, Any]) -> str:
+    """The CNN reports on ``val`` when a data set has no test folder (``evaluated_on``); the Spark job on test."""
+    return str(metrics.get("evaluated_on") or "test") if kind == "cnn" else "test"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
 def subset_auc(kind: str, metrics: Mapping[str, Any], subset: str) -> float | None:
@@ -181,12 +263,13 @@ def subset_auc(kind: str, metrics: Mapping[str, Any], subset: str) -> float | No
 
 
 def history_metrics(metrics: Mapping[str, Any]) -> list[tuple[str, float, int]]:
-    """(name, value, step) per epoch of the CNN's Keras history: ``epoch.<name>``, step = epoch index."""
+    """(name, value, step) per epoch of the CNN's Keras history: ``train_history.<name>``, step = epoch index.
+    The UI orders charts by name: these come after the test figures."""
     rows = []
     for name, values in (metrics.get("history") or {}).items():
         for step, value in enumerate(values or []):
             if isinstance(value, (int, float)) and value == value:  # NaN losses are skipped, not logged
-                rows.append((f"epoch.{name}", float(value), step))
+                rows.append((f"train_history.{name}", float(value), step))
     return rows
 
 
@@ -289,17 +372,20 @@ def experiment_id(settings: TrackingSettings, uri: str) -> str | None:
         return None  # the active experiment: in a Databricks notebook, the notebook's own
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(settings.experiment)
-    if found is not None:
-        return found.experiment_id
-    root = artifact_root_for(uri)
-    location = f"{root}/{settings.experiment}" if root else None
-    try:
-        return client.create_experiment(settings.experiment, artifact_location=location)
-    except MlflowException:  # another job created it a moment ago
+    if found is None:
+        root = artifact_root_for(uri)
+        location = f"{root}/{settings.experiment}" if root else None
+        try:
+            client.create_experiment(settings.experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
+        except MlflowException:  # another job created it a moment ago
+            pass
         found = client.get_experiment_by_name(settings.experiment)
         if found is None:
-            raise
-        return found.experiment_id
+            raise MlflowException(f"experiment {settings.experiment} could not be created")
+    for key, value in EXPERIMENT_TAGS.items():  # also an experiment made before this tag was set
+        if found.tags.get(key) != value:
+            client.set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id
 
 
 @dataclass(frozen=True)
@@ -339,7 +425,19 @@ def _safely(kind: str, run_uri: str, config: Mapping[str, Any], body: Callable[[
     )
     if logged.decision:
         print(f"mlflow: {logged.decision}")
+    link = ui_link(logged)
+    if link:
+        print(f"mlflow: {link}")
     return logged
+
+
+def ui_link(logged: LoggedRun) -> str | None:
+    """Where to see the run: the embedded store through ``make mlflow-ui``, a tracking server at its own address."""
+    if logged.tracking_uri.startswith("sqlite:///"):
+        return f"make mlflow-ui, then {ui_url(DEFAULT_UI, logged.experiment_id)}"
+    if logged.tracking_uri.startswith(("http://", "https://")):
+        return ui_url(logged.tracking_uri.rstrip("/"), logged.experiment_id)
+    return None
 
 
 def _warn(message: str, run_uri: str, kind: str) -> None:
@@ -351,18 +449,19 @@ def _warn(message: str, run_uri: str, kind: str) -> None:
     warnings.warn(text, TrackingWarning, stacklevel=3)
 
 
-def log_spark_run(config: Mapping[str, Any], result, data_uri: str, spark) -> LoggedRun | None:
-    """Logs a ``training.TrainingResult`` (needs the live Spark session for the model). Never raises."""
+def log_spark_run(
+    config: Mapping[str, Any], result, data_uri: str, spark, started_at: float | None = None
+) -> LoggedRun | None:
+    """Logs a ``training.TrainingResult`` (needs the live Spark session for the model). Never raises.
+
+    ``started_at`` (``time.time()`` when the job began) starts the MLflow run there, so its duration is the
+    job's; None = now."""
     run_uri = result.run.root
 
     def body(settings: TrackingSettings) -> LoggedRun:
         return _log_run(
             settings,
-            "spark",
-            config,
-            run_uri,
-            result.metrics,
-            data_uri,
+            _RunToLog("spark", config, run_uri, result.metrics, data_uri, started_at),
             tags={"spark_master": spark.sparkContext.master},
             log_model=lambda local_run: _log_spark_model(result.model, spark, data_uri),
         )
@@ -370,17 +469,16 @@ def log_spark_run(config: Mapping[str, Any], result, data_uri: str, spark) -> Lo
     return _safely("spark", run_uri, config, body)
 
 
-def log_cnn_run(config: Mapping[str, Any], metrics: Mapping[str, Any], run_uri: str, data_uri: str) -> LoggedRun | None:
-    """Logs a finished ``cnn.train.train_and_evaluate`` run folder. Never raises."""
+def log_cnn_run(
+    config: Mapping[str, Any], metrics: Mapping[str, Any], run_uri: str, data_uri: str, started_at: float | None = None
+) -> LoggedRun | None:
+    """Logs a finished ``cnn.train.train_and_evaluate`` run folder. Never raises. ``started_at``: as
+    :func:`log_spark_run`."""
 
     def body(settings: TrackingSettings) -> LoggedRun:
         return _log_run(
             settings,
-            "cnn",
-            config,
-            run_uri,
-            metrics,
-            data_uri,
+            _RunToLog("cnn", config, run_uri, metrics, data_uri, started_at),
             tags={"spark_master": "none (the CNN trains with Keras, not Spark)"},
             log_model=lambda local_run: _log_keras_model(local_run, data_uri),
         )
@@ -388,49 +486,80 @@ def log_cnn_run(config: Mapping[str, Any], metrics: Mapping[str, Any], run_uri: 
     return _safely("cnn", run_uri, config, body)
 
 
-def _log_run(
-    settings: TrackingSettings,
-    kind: str,
-    config: Mapping[str, Any],
-    run_uri: str,
-    metrics: Mapping[str, Any],
-    data_uri: str,
-    tags: Mapping[str, str],
-    log_model,
-) -> LoggedRun:
+@dataclass(frozen=True)
+class _RunToLog:
+    kind: str
+    config: Mapping[str, Any]
+    run_uri: str
+    metrics: Mapping[str, Any]
+    data_uri: str
+    started_at: float | None
+
+
+def run_name(kind: str, data_uri: str, metrics: Mapping[str, Any], run_meta: Mapping[str, Any], started: float) -> str:
+    """``chest_xray · InceptionV3 mixed5 + LR · 2026-12-07 19:55``: the data, the model, when the job began."""
+    import time
+
+    data = posixpath.basename(str(data_uri).rstrip("/")) or str(data_uri)
+    model = model_params(kind, metrics, run_meta)
+    if kind == "spark":
+        what = f"{model['model.backbone']} {model['model.feature_layer']} + LR"
+    else:
+        what = f"{model['model.backbone']} {model['model.image_size']} px"
+    return f"{data} · {what} · {time.strftime('%Y-%m-%d %H:%M', time.localtime(started))}"
+
+
+def _log_run(settings: TrackingSettings, run: _RunToLog, tags: Mapping[str, str], log_model) -> LoggedRun:
+    import time
+
     import mlflow
+    from mlflow.tracking import MlflowClient
 
     from . import storage
 
     uri = use_store(settings)
     exp_id = experiment_id(settings, uri)
+    started = run.started_at if run.started_at is not None else time.time()
     with tempfile.TemporaryDirectory(prefix="cxr_mlflow_") as tmp:
         local_run = Path(tmp) / RUN_FOLDER_ARTIFACT
-        storage.download_dir(run_uri, local_run)
+        storage.download_dir(run.run_uri, local_run)
         _redact_config_file(local_run / "config.yaml")
-        run_meta = _read_json(local_run / ("cnn.json" if kind == "cnn" else "classifier.json"))
-        with mlflow.start_run(
-            experiment_id=exp_id, run_name=f"{kind}: {posixpath.basename(run_uri.rstrip('/'))}"
-        ) as active:
+        run_meta = _read_json(local_run / ("cnn.json" if run.kind == "cnn" else "classifier.json"))
+        created = MlflowClient().create_run(
+            exp_id or _active_experiment_id(),
+            start_time=int(started * 1000),
+            run_name=run_name(run.kind, run.data_uri, run.metrics, run_meta, started),
+        )
+        run_id = created.info.run_id
+        with mlflow.start_run(run_id=run_id) as active:
             mlflow.set_tags(
                 {
-                    "kind": kind,
-                    "run_folder": run_uri,
-                    "data_uri": data_uri,
+                    "kind": run.kind,
+                    # what this run was trained as: its copy in MLflow; the folder it was written to can be
+                    # replaced by a later run (make demo --overwrite)
+                    "run_folder": f"runs:/{run_id}/{RUN_FOLDER_ARTIFACT}",
+                    "written_to": run.run_uri,
+                    "data_uri": run.data_uri,
                     "git_commit": git_commit() or "unknown",
                     **tags,
                 }
             )
-            mlflow.log_params({**config_params(config), **model_params(kind, metrics, run_meta)})
-            _log_metrics(active.info.run_id, kind, metrics)
-            _log_dataset(data_uri)
+            mlflow.log_params(
+                {
+                    **config_params(run.config),
+                    **model_params(run.kind, run.metrics, run_meta),
+                    **run_params(run.kind, run.metrics),
+                }
+            )
+            _log_metrics(run_id, run.kind, run.metrics)
+            _log_dataset(run.data_uri)
             for path in sorted(local_run.iterdir()):
                 if path.is_file() and (path.suffix == ".png" or path.name in TOP_LEVEL_ARTIFACTS):
                     mlflow.log_artifact(str(path))
             mlflow.log_artifacts(str(local_run), artifact_path=RUN_FOLDER_ARTIFACT)
             model_info = log_model(local_run)
             logged = LoggedRun(
-                run_id=active.info.run_id,
+                run_id=run_id,
                 experiment_id=active.info.experiment_id,
                 model_uri=model_info.model_uri,
                 registered_name=None,
@@ -440,8 +569,15 @@ def _log_run(
                 tracking_uri=uri,
             )
             if settings.register:
-                logged = _register(settings, kind, logged, subset_auc(kind, metrics, "validation"))
+                logged = _register(settings, run.kind, logged, subset_auc(run.kind, run.metrics, "validation"))
     return logged
+
+
+def _active_experiment_id() -> str:
+    """The experiment ``mlflow.start_run`` would use (a Databricks notebook's own, or MLflow's default)."""
+    from mlflow.tracking.fluent import _get_experiment_id
+
+    return _get_experiment_id()
 
 
 def _log_metrics(run_id: str, kind: str, metrics: Mapping[str, Any]) -> None:
@@ -517,15 +653,33 @@ def _log_keras_model(local_run: Path, data_uri: str):
     )
     from mlflow.models import Model
 
-    return Model.log(
-        artifact_path=None,
-        name=MODEL_ARTIFACT,
-        flavor=_KerasFlavor(),
-        model=classifier.model,
-        signature=signature,
-        input_example=example,
-        pip_requirements=pip_requirements(),
-    )
+    with _keras_quietly():
+        return Model.log(
+            artifact_path=None,
+            name=MODEL_ARTIFACT,
+            flavor=_KerasFlavor(),
+            model=classifier.model,
+            signature=signature,
+            input_example=example,
+            pip_requirements=pip_requirements(),
+        )
+
+
+@contextlib.contextmanager
+def _keras_quietly():
+    """MLflow scores the input example with the model it saved: without this, Keras draws a progress bar (ANSI
+    colour codes and backspaces in a job's or notebook's log) and warns that a named input got a plain tensor."""
+    import keras
+
+    interactive = keras.config.is_interactive_logging_enabled()
+    keras.config.disable_interactive_logging()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match", category=UserWarning)
+            yield
+    finally:
+        if interactive:
+            keras.config.enable_interactive_logging()
 
 
 class _KerasFlavor:
@@ -582,6 +736,10 @@ def _register(settings: TrackingSettings, kind: str, logged: LoggedRun, validati
     name, alias = settings.model_name(kind), settings.champion_alias
     version = mlflow.register_model(logged.model_uri, name)
     client = MlflowClient()
+    run_tags = client.get_run(logged.run_id).data.tags
+    for tag in ("run_folder", "written_to"):  # the version's own copy, and where the run was first written
+        if tag in run_tags:
+            client.set_model_version_tag(name, version.version, tag, run_tags[tag])
     if validation_auc is not None:
         client.set_model_version_tag(name, version.version, "validation_auc", f"{validation_auc:.6f}")
     try:
@@ -631,6 +789,14 @@ def _read_json(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- registry URIs -> local run folders
 
 
+def resolved_dir(tracking_uri: str) -> Path:
+    """Where registered run folders are copied to: beside a SQLite store (its own cache, a test's store's in a
+    temporary folder), else ``.local/mlflow/resolved``."""
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri[len("sqlite:///") :]).parent / "resolved"
+    return default_store_dir() / "resolved"
+
+
 def is_registry_uri(model: str) -> bool:
     return str(model).startswith(REGISTRY_PREFIX)
 
@@ -645,19 +811,14 @@ def resolve_model(model: str, config: Mapping[str, Any] | None = None, dest: str
 
     settings = TrackingSettings.from_config(config or cfg.load_config("local"))
     try:
-        use_store(settings)
+        uri = use_store(settings)
         client = MlflowClient()
         version = _version_of(client, model)
         # keyed by the run too: two stores (a test's, the embedded one) both have a "v1"
         target = (
             Path(dest)
             if dest
-            else (
-                default_store_dir()
-                / "resolved"
-                / version.name
-                / f"v{version.version}-{(version.run_id or 'norun')[:12]}"
-            )
+            else resolved_dir(uri) / version.name / f"v{version.version}-{(version.run_id or 'norun')[:12]}"
         )
         local = target / f"{version.name}-v{version.version}"  # its name becomes the served model's id
         if not (local / "_SUCCESS").is_file():  # renamed into place only once complete
@@ -737,6 +898,19 @@ def ui_command(settings: TrackingSettings, port: int) -> list[str]:
     return command + (["--default-artifact-root", root] if root else [])
 
 
+def _existing_experiment(settings: TrackingSettings) -> str | None:
+    """The configured experiment's id when the store has it (the UI link opens its runs), else None."""
+    if not settings.experiment:
+        return None
+    try:
+        from mlflow.tracking import MlflowClient
+
+        found = MlflowClient(use_store(settings)).get_experiment_by_name(settings.experiment)
+    except Exception:  # noqa: BLE001 - a link to the UI's start page will do
+        return None
+    return found.experiment_id if found is not None else None
+
+
 def main(argv=None) -> int:
     from .cli import add_config_options, resolve_config
 
@@ -760,9 +934,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     config = resolve_config(args)
     if args.command == "ui":
-        command = ui_command(TrackingSettings.from_config(config), args.port)
+        settings = TrackingSettings.from_config(config)
+        command = ui_command(settings, args.port)
         print(
-            f"MLflow UI on http://127.0.0.1:{args.port}/ ({command[command.index('--backend-store-uri') + 1]})",
+            f"MLflow UI on {ui_url(f'http://127.0.0.1:{args.port}', _existing_experiment(settings))} "
+            f"({command[command.index('--backend-store-uri') + 1]})",
             flush=True,
         )
         os.execv(command[0], command)

@@ -1,12 +1,13 @@
 """Classify one or more chest X-ray files on this computer (no Spark, no cluster).
 
-    cxr-predict-image --model runs/demo scan1.jpeg scan2.png scan3.dcm
-    python -m cxr_pipeline.cli.predict_image --model runs/cnn/model.keras scan.jpeg --json
+    .venv/bin/cxr-predict-image --model hdfs://127.0.0.1:9000/runs/demo scan1.jpeg scan2.png study.dcm
+    .venv/bin/cxr-predict-image --model models:/cxr-pneumonia-spark@champion scan.jpeg --json
 
 --model is a run folder of jobs/train_featurizer.py (classifier.json), a run folder
-of jobs/train_cnn.py (cnn.json) or a saved .keras CNN; local paths or hdfs:// URIs.
-Images: JPEG, PNG (8 or 16-bit), TIFF, BMP, GIF, WebP or DICOM (.dcm), decoded as
-the batch jobs decode them (DICOM: its window and LUTs, MONOCHROME1 inverted).
+of jobs/train_cnn.py (cnn.json), a saved .keras CNN (local paths or hdfs:// URIs), or a
+registered model models:/NAME@ALIAS. Images: JPEG, PNG (8 or 16-bit), TIFF, BMP, GIF, WebP
+or DICOM (.dcm), decoded as the training jobs decode them (DICOM: its window and LUTs,
+MONOCHROME1 inverted).
 Prints one line per image: class, P(PNEUMONIA) and the threshold used. Exit status
 1 when some file could not be read or decoded (it is reported, the others are still
 classified).
@@ -102,13 +103,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from .. import config as cfg
     from .. import tracking
     from ..tensorflow_runtime import import_tensorflow
+    from . import missing_on_this_machine
 
     import_tensorflow()  # its start-up notices stay off the console
     from ..backbones import BackboneError
 
     try:
+        missing = missing_on_this_machine(args.model, cfg.load_config())
+        if missing:
+            raise ValueError(f"--model {missing}")
         model = tracking.resolve_model(args.model)  # models:/NAME@ALIAS -> that version's run folder
     except ValueError as exc:
         print(f"cxr-predict-image: error: {exc}", file=sys.stderr)

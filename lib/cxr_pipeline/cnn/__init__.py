@@ -4,4 +4,10 @@ callbacks on CPU or all local GPUs, Spark-free prediction and Grad-CAM.
 
 Modules: ``data`` (listing, decoding, tf.data), ``models`` (architectures),
 ``train`` (devices, fit, outputs), ``predict`` (LocalCnnClassifier), ``gradcam``.
+
+Importing it imports TensorFlow, through ``tensorflow_runtime`` (its start-up notices kept off the console).
 """
+
+from ..tensorflow_runtime import import_tensorflow
+
+import_tensorflow()

@@ -154,13 +154,9 @@ def spark_test_scores(spark, run_uri: str, data_uri: str | None = None) -> pd.Da
 
 def cnn_test_scores(run_uri: str) -> pd.DataFrame:
     """The CNN run's own test predictions (``predictions.csv``): ``[key, path, label, score]``."""
-    import io
+    from ..tables import read_table
 
-    import pandas as pd
-
-    from .. import storage
-
-    table = pd.read_csv(io.BytesIO(storage.read_bytes(run_uri.rstrip("/") + "/predictions.csv")))
+    table = read_table(run_uri.rstrip("/") + "/predictions.csv")
     table = table[table["used_as"] == "test"].rename(columns={"probability": "score"})
     table.insert(0, "key", table["path"].map(image_key))
     return table[["key", "path", "label", "score"]].sort_values("key").reset_index(drop=True)

@@ -126,8 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     config["serving"] = serving
     from .. import tracking
+    from ..cli import missing_on_this_machine
 
     try:
+        missing = missing_on_this_machine(args.model, config)
+        if missing:
+            raise ValueError(missing)
         args.model = tracking.resolve_model(args.model, config)  # models:/NAME@ALIAS -> that version's run folder
     except ValueError as err:
         print(f"cannot serve {args.model}: {err}", file=sys.stderr)

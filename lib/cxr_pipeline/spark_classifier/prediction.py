@@ -11,7 +11,7 @@ probability: they are listed, never fatal.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pyspark.ml import PipelineModel
@@ -128,6 +128,7 @@ class PredictionSummary:
     scored: int
     unreadable: int
     by_class: dict[str, int]
+    files: dict[str, str] = field(default_factory=dict)  # what was written: "parquet", "csv", "unreadable" -> URI
 
 
 def predict_images(
@@ -141,32 +142,45 @@ def predict_images(
 ) -> PredictionSummary:
     """Writes ``OUT/predictions.parquet`` (and ``OUT/predictions_csv/`` with ``csv``) and
     ``OUT/unreadable.csv`` (path, error) when some files could not be scored; all or nothing,
-    ``_SUCCESS`` last (:mod:`cxr_pipeline.run_folder`)."""
+    ``_SUCCESS`` last (:mod:`cxr_pipeline.run_folder`). A bar counts the images scored (on a terminal)."""
     from .. import run_folder
 
     run = load_run(run_uri)
     final = out_uri.rstrip("/")
     with run_folder.staged_output(final, overwrite=overwrite, tool="predict") as stage:
         summary = _write_predictions(spark, run, images_uri, stage, csv, threshold)
-    return PredictionSummary(out=final, scored=summary.scored, unreadable=summary.unreadable, by_class=summary.by_class)
+    files = {kind: final + uri[len(stage) :] for kind, uri in summary.files.items()}
+    return PredictionSummary(
+        out=final, scored=summary.scored, unreadable=summary.unreadable, by_class=summary.by_class, files=files
+    )
 
 
 def _write_predictions(
     spark: SparkSession, run: SavedRun, images_uri: str, out: str, csv: bool, threshold: float | None
 ) -> PredictionSummary:
     from .. import storage
+    from ..progress import images_bar
 
-    result = score(run, read_new_images(spark, images_uri), threshold)
-    result.write.mode("overwrite").parquet(out + "/predictions.parquet")
-    written = spark.read.parquet(out + "/predictions.parquet")
+    images = read_new_images(spark, images_uri)
+    total = images.count()  # a listing: the count reads no image bytes
+    stats = run.model.stages[0].track_stats(spark)  # its image count drives the bar
+    result = score(run, images, threshold)
+    files = {"parquet": out + "/predictions.parquet"}
+    with images_bar(lambda: stats.images.value, total, "scoring"):
+        result.write.mode("overwrite").parquet(files["parquet"])
+    written = spark.read.parquet(files["parquet"])
     if csv:
-        written.coalesce(1).write.mode("overwrite").option("header", "true").csv(out + "/predictions_csv")
+        files["csv"] = out + "/predictions_csv"
+        written.coalesce(1).write.mode("overwrite").option("header", "true").csv(files["csv"])
     unreadable = written.where(F.col("error").isNotNull()).select("path", "error").orderBy("path").collect()
     if unreadable:
+        files["unreadable"] = out + "/unreadable.csv"
         lines = ["path,error"] + [f'"{r["path"]}","{r["error"]}"' for r in unreadable]
-        storage.write_bytes(out + "/unreadable.csv", ("\n".join(lines) + "\n").encode())
+        storage.write_bytes(files["unreadable"], ("\n".join(lines) + "\n").encode())
     counts = {
         r["predicted_class"]: r["count"]
         for r in written.where(F.col("error").isNull()).groupBy("predicted_class").count().collect()
     }
-    return PredictionSummary(out=out, scored=sum(counts.values()), unreadable=len(unreadable), by_class=counts)
+    return PredictionSummary(
+        out=out, scored=sum(counts.values()), unreadable=len(unreadable), by_class=counts, files=files
+    )

@@ -37,6 +37,9 @@ def main(argv=None) -> int:
         if args.command == "path":
             print(default_weights_path(args.model_name, args.weights_dir))
             return 0
+        from cxr_pipeline.tensorflow_runtime import import_tensorflow
+
+        import_tensorflow()  # before provisioning imports Keras: TensorFlow's start-up notices stay off the console
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         if args.command == "verify":
             verify(models, args.weights_dir)
