@@ -282,9 +282,7 @@ def build_feature_model(
     """
     check_runtime(runtime, precision)
     if runtime == "keras":
-        return build_backbone(
-            model_name, weights, feature_layer, image_size=image_size, weights_sha256=weights_sha256
-        )
+        return build_backbone(model_name, weights, feature_layer, image_size=image_size, weights_sha256=weights_sha256)
     from .backbone_runtimes import build_runtime_model
 
     return build_runtime_model(
