@@ -1,111 +1,93 @@
-"""Accuracy levers of the Spark pipeline, measured with a protocol that cannot fool you (a script, not a test).
+#!/usr/bin/env python
+"""Choosing the Spark job's feature settings by cross-validation inside the training data (a script, not a test).
 
-The npz ``train`` split is the development data; the npz ``val`` split is the
-untouched held-out test, looked at once per candidate (``holdout``), never in a loop.
+    # 1. pooled features of several layers in one forward pass, through the job's own decode path
+    #    (imaging.decode_image with data.intensity), for every image of train/ in a tree, its .tar or the npz:
+    python scripts/accuracy_check_levers.py featurize --data ../shared/data/kermany_chest_xray_224_train.tar \\
+        --model InceptionV3 --layers mixed4 mixed5 mixed7 --out data/levers/inception_299.npz
+    python scripts/accuracy_check_levers.py featurize --data ... --weights RUN_CNN/backbone.weights.h5 \\
+        --image-size 224 --layers mixed5 --out data/levers/finetuned.npz
+    # 2. patient-grouped 5-fold CV of the Spark pipeline's classifier (StandardScaler + class-weighted L2 logistic
+    #    regression, its objective in numpy), each fold's threshold chosen on the job's own 20 % carve; and the
+    #    shift check: leave one acquisition batch of NORMAL images out (file names IM-* / NORMAL2-IM-*)
+    python scripts/accuracy_check_levers.py cv data/levers/inception_299.npz --sets mixed5 mixed4+mixed5 --regs 0.1 1
 
-    # 1. features once, through the job's own decode path (npz 28 px -> 128 px JPEG as
-    #    accuracy_check_featurizer.py writes it -> imaging.decode_image at 299 px -> InceptionV3):
-    #    average / generalized-mean (p=3) / max pooling of mixed3, mixed4 and mixed5 in one forward pass
-    python scripts/accuracy_check_levers.py featurize --subset 1200 --out data/levers/none_1200.npz
-    # 2. patient-grouped 5-fold CV inside npz train: a numpy weighted logistic regression
-    #    (StandardScaler + L2, the Spark objective) over feature sets x regParam x threshold rules;
-    #    in each fold the thresholds come from the job's own patient-grouped 20 % carve
-    python scripts/accuracy_check_levers.py cv data/levers/none_1200.npz --regs 0.01 0.1 1
-    # 3. one look at the held-out split per chosen candidate, with 95 % bootstrap intervals
-    python scripts/accuracy_check_levers.py holdout data/levers/none_1200.npz --set mixed5_avg --reg 0.01
+Every figure is printed with its 95 % bootstrap interval. docs/accuracy.md says what the protocol can and cannot
+tell: folds inside one collection predict an unseen collection poorly.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # a shared 2-core machine: threads only thrash
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's solves are small: threads only contend with Spark's
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "lib"))
+sys.path.insert(0, str(REPO / "scripts"))
 
 from cxr_pipeline import metrics as M  # noqa: E402
 
-LAYERS = ("mixed3", "mixed4", "mixed5")
-POOLINGS = ("avg", "gem", "max")
-GEM_P = 3.0
+FOLDS = 5
+FOLD_SEED = 42
+CARVE_FRACTION = 0.2  # the jobs' own validation carve (training.validation_fraction)
 
 
 # ------------------------------------------------------------------ featurize
 
 
-def job_pixels(image28: np.ndarray, size: tuple[int, int], tree_px: int = 128, intensity: str = "none") -> np.ndarray:
-    """The pixels the job sees: the tree's JPEG (medmnist.convert) decoded by imaging.decode_image."""
-    from cxr_pipeline import imaging
-    from cxr_pipeline.datasets import medmnist, tree_writer
+def train_images(data: Path, work: Path) -> list[tuple[str, int, Path]]:
+    """(file name, label, path) of every image in the tree's train/ folder (a tar or npz is laid out first)."""
+    from accuracy_check import prepare_tree
 
-    jpeg = tree_writer.encode_gray_jpeg(medmnist.to_pixels(image28, tree_px), 95)
-    return imaging.decode_image(jpeg, size, intensity=intensity)
-
-
-def pooled_model(image_size: int):
-    """InceptionV3 (provisioned weights) -> {layer}_{avg|gem|max} for LAYERS, one forward pass."""
-    import keras
-    from keras import ops
-
-    from cxr_pipeline import backbones
-
-    # the provisioned weights' graph; its own (flattened) output is unused, each layer is pooled three ways below
-    base = backbones.build_backbone("InceptionV3", feature_layer="mixed5", pooling=None, image_size=image_size)
-    outputs = {}
-    for layer in LAYERS:
-        fmap = base.get_layer(layer).output
-        outputs[f"{layer}_avg"] = keras.layers.GlobalAveragePooling2D()(fmap)
-        outputs[f"{layer}_max"] = keras.layers.GlobalMaxPooling2D()(fmap)
-        outputs[f"{layer}_gem"] = keras.layers.Lambda(
-            lambda x: ops.power(ops.mean(ops.power(ops.maximum(x, 1e-6), GEM_P), axis=(1, 2)), 1.0 / GEM_P)
-        )(fmap)
-    return keras.Model(base.inputs, outputs)
+    tree = prepare_tree(data, work, holdout=0.0, seed=0) if not (data / "train").is_dir() else data
+    rows = []
+    for label, name in enumerate(("NORMAL", "PNEUMONIA")):
+        rows += [(p.name, label, p) for p in sorted((tree / "train" / name).glob("*")) if not p.name.startswith(".")]
+    return rows
 
 
 def featurize(args) -> int:
-    from cxr_pipeline import backbones
-    from cxr_pipeline.datasets import medmnist
+    import keras
 
-    size = (args.image_size, args.image_size)
-    model = pooled_model(args.image_size)
-    out = {}
+    from cxr_pipeline import backbones, imaging
+
+    rows = train_images(args.data, args.work)
+    size = backbones.resolve_image_size(args.model, args.image_size)
+    base = backbones.build_backbone(args.model, args.weights, args.layers[-1], pooling=None, image_size=size)
+    pooled = [keras.layers.GlobalAveragePooling2D()(base.get_layer(layer).output) for layer in args.layers]
+    model = keras.Model(base.inputs, pooled)
+    features = {layer: [] for layer in args.layers}
     started = time.time()
-    for split in ("train", "val"):
-        images, labels = medmnist.load_split(args.npz, split)
-        rows = medmnist.limited_rows(labels, args.limit)
-        if args.subset and split == "train" and args.subset < len(rows):  # random rows, natural class ratio
-            rows = np.sort(np.random.default_rng(0).choice(rows, args.subset, replace=False))
-        feats: dict[str, list[np.ndarray]] = {}
-        for start in range(0, len(rows), args.batch_size):
-            chunk = rows[start : start + args.batch_size]
-            batch = np.stack([job_pixels(images[i], size, intensity=args.intensity) for i in chunk])
-            x = backbones.preprocess("InceptionV3", batch)
-            if args.flip_tta:
-                x = x[:, :, ::-1, :]
-            for key, value in model.predict_on_batch(x).items():
-                feats.setdefault(key, []).append(np.asarray(value, dtype=np.float32))
-            if start % (args.batch_size * 20) == 0:
-                print(f"{split} {start}/{len(rows)} {time.time() - started:.0f} s", flush=True)
-        for key, parts in feats.items():
-            out[f"{split}/{key}"] = np.concatenate(parts)
-        out[f"{split}/labels"] = labels[rows].astype(np.int64)
-        out[f"{split}/rows"] = rows
+    for start in range(0, len(rows), args.batch_size):
+        chunk = rows[start : start + args.batch_size]
+        pixels = np.stack([imaging.decode_image(p.read_bytes(), size, intensity=args.intensity) for _, _, p in chunk])
+        outputs = model.predict_on_batch(backbones.preprocess(args.model, pixels))
+        for layer, values in zip(args.layers, outputs if len(args.layers) > 1 else [outputs]):
+            features[layer].append(np.asarray(values, np.float32))
+        if start % (50 * args.batch_size) == 0:
+            print(f"{start + len(chunk)}/{len(rows)} images, {time.time() - started:.0f} s", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(args.out, **out)
-    print(f"wrote {args.out} in {time.time() - started:.0f} s", flush=True)
+    np.savez(
+        args.out,
+        names=np.array([n for n, _, _ in rows]),
+        labels=np.array([label for _, label, _ in rows]),
+        **{layer: np.concatenate(v) for layer, v in features.items()},
+    )
+    print(f"wrote {args.out}: {len(rows)} images x {args.layers} in {time.time() - started:.0f} s")
     return 0
 
 
-# ------------------------------------------------------------------ numpy logistic regression (Spark objective)
+# ------------------------------------------------------------------ numpy logistic regression (Spark's objective)
 
 
 def standardize(train: np.ndarray, *others: np.ndarray):
@@ -114,23 +96,18 @@ def standardize(train: np.ndarray, *others: np.ndarray):
     return [(a - mean) / std for a in (train, *others)]
 
 
-def fit_lr(x: np.ndarray, y: np.ndarray, reg: float, weighted: bool = True, iters: int = 25) -> np.ndarray:
-    """Newton's method on mean weighted log-loss + reg/2 ||beta||^2 (intercept unpenalized), like Spark's LR.
-
-    With more features than images the Newton step is solved in image space (Woodbury identity),
-    so concatenated layers (2,304 features) cost no more than one layer.
-    """
-    w = np.ones(len(y))
-    if weighted:
-        cw = M.inverse_frequency_weights(M.class_counts(y))
-        w = np.where(y == 1, cw[1], cw[0])
+def fit_lr(x: np.ndarray, y: np.ndarray, reg: float, iters: int = 25) -> np.ndarray:
+    """Newton's method on the class-weighted mean log-loss + reg/2 ||beta||^2, intercept unpenalized (Spark's LR).
+    With more features than images the Newton step is solved in image space (Woodbury identity)."""
+    cw = M.inverse_frequency_weights(M.class_counts(y))
+    w = np.where(y == 1, cw[1], cw[0])
     w = w / w.sum()
     xa = np.hstack([x, np.ones((len(x), 1))])
     n, d = xa.shape
     penalty = np.full(d, float(reg))
-    penalty[-1] = 1e-8 * max(float(reg), 1e-12)  # the intercept: (almost) unpenalized
+    penalty[-1] = 1e-8 * max(float(reg), 1e-12)
     beta = np.zeros(d)
-    kernel = (xa / penalty) @ xa.T if d > n else None  # X Lambda^-1 X^T, fixed across iterations
+    kernel = (xa / penalty) @ xa.T if d > n else None
     for _ in range(iters):
         p = 1.0 / (1.0 + np.exp(-np.clip(xa @ beta, -30, 30)))
         grad = xa.T @ (w * (p - y)) + penalty * beta
@@ -152,162 +129,104 @@ def predict_lr(beta: np.ndarray, x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(x @ beta[:-1] + beta[-1], -30, 30)))
 
 
-def patient_folds(n_rows: np.ndarray, split: str, k: int, seed: int = 42) -> np.ndarray:
-    """Fold of each image by salted hash of its patient (PneumoniaMNIST: one image per file name)."""
-    import hashlib
-
-    from cxr_pipeline.dataset_layout import patient_id
-    from cxr_pipeline.datasets.medmnist import file_name
-
-    fold = []
-    for row in n_rows:
-        pid = patient_id(file_name(split, int(row)))
-        fold.append(int(hashlib.sha256(f"{seed}:{pid}".encode()).hexdigest(), 16) % k)
-    return np.asarray(fold)
+# ------------------------------------------------------------------ cross-validation
 
 
-def feature_set(data, split: str, names: list[str]) -> np.ndarray:
-    return np.hstack([data[f"{split}/{n}"] for n in names])
+def normal_batch(name: str) -> str | None:
+    """The acquisition batch of a Kermany NORMAL file name (NORMAL2-IM-* or IM-*), None for anything else."""
+    return "NORMAL2" if name.startswith("NORMAL2-") else "IM" if name.startswith("IM-") else None
 
 
-def rule_thresholds(y_val, s_val, rules) -> dict[str, float]:
-    out = {}
-    for name, rule in rules.items():
-        out[name] = M.choose_threshold_by_rule(y_val, s_val, **rule).threshold
+def rule_args(rule: str) -> dict:
+    """``choose_threshold_by_rule`` arguments: ``rule`` with the other threshold settings of conf/."""
+    from cxr_pipeline import config
+
+    return M.rule_args_from_config({**config.load_config("local")["training"], "threshold_rule": rule})
+
+
+def fit_and_score(x, y, names, train, test, reg: float, rule: str) -> tuple[np.ndarray, float]:
+    """Fit on ``train`` minus the job's patient-grouped carve; the carve picks the threshold; score ``test``."""
+    from cxr_pipeline import splits
+
+    carve = np.asarray(splits.is_validation(list(names[train]), list(y[train]), CARVE_FRACTION, FOLD_SEED))
+    fit, val = train[~carve], train[carve]
+    x_fit, x_val, x_test = standardize(x[fit], x[val], x[test])
+    beta = fit_lr(x_fit, y[fit], reg)
+    threshold = M.choose_threshold_by_rule(y[val], predict_lr(beta, x_val), **rule_args(rule)).threshold
+    return predict_lr(beta, x_test), threshold
+
+
+def summarize(y: np.ndarray, scores: np.ndarray, thresholds: np.ndarray) -> dict:
+    out = {"auc": M.roc_auc(y, scores)}
+    for tag, t in (("0.5", np.full(len(y), 0.5)), ("rule", thresholds)):
+        pred = (scores >= t).astype(int)
+        out[f"acc@{tag}"] = float(np.mean(pred == y))
+        out[f"sens@{tag}"] = float(np.mean(pred[y == 1] == 1))
+        out[f"spec@{tag}"] = float(np.mean(pred[y == 0] == 0))
     return out
 
 
-RULES = {
-    "sens95": {"rule": "sensitivity", "target_sensitivity": 0.95},
-    "youden": {"rule": "youden"},
-    "cost1": {"rule": "cost", "cost_fn": 1.0, "cost_fp": 1.0},
-    "fixed0.5": {"rule": "fixed", "fixed": 0.5},
-}
+def cv_candidate(data, layers: list[str], reg: float, rule: str) -> dict:
+    from cxr_pipeline.dataset_layout import patient_id
 
-
-def cv_candidate(data, names, reg, k=5):
-    """Out-of-fold test scores of k patient-grouped folds inside npz train. In each fold, as in the job:
-    a patient-grouped 20 % validation carve of the training part chooses the thresholds, the rest trains."""
-    from cxr_pipeline import splits
-    from cxr_pipeline.datasets.medmnist import file_name
-
-    x_all = feature_set(data, "train", names)
-    y = data["train/labels"]
-    rows = data["train/rows"]
-    folds = patient_folds(rows, "train", k)
-    scores = np.zeros(len(y))
-    thresholds = {r: np.zeros(len(y)) for r in RULES}
-    for f in range(k):
-        tr, te = np.flatnonzero(folds != f), np.flatnonzero(folds == f)
-        carve = np.asarray(splits.is_validation([file_name("train", int(r)) for r in rows[tr]], list(y[tr]), 0.2, 42))
-        fit_idx, val_idx = tr[~carve], tr[carve]
-        x_fit, x_val, x_te = standardize(x_all[fit_idx], x_all[val_idx], x_all[te])
-        beta = fit_lr(x_fit, y[fit_idx], reg)
-        scores[te] = predict_lr(beta, x_te)
-        for r, t in rule_thresholds(y[val_idx], predict_lr(beta, x_val), RULES).items():
-            thresholds[r][te] = t
-    return y, scores, thresholds
+    names, y = data["names"], data["labels"]
+    x = np.hstack([data[layer] for layer in layers]).astype(np.float64)
+    fold = np.array(
+        [int(hashlib.sha256(f"{FOLD_SEED}:{patient_id(n)}".encode()).hexdigest(), 16) % FOLDS for n in names]
+    )
+    scores, thresholds = np.zeros(len(y)), np.zeros(len(y))
+    for k in range(FOLDS):
+        train, test = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
+        scores[test], thresholds[test] = fit_and_score(x, y, names, train, test, reg, rule)
+    result = {"cv": summarize(y, scores, thresholds)}
+    result["cv"]["auc_ci"] = M.metrics_with_intervals(y, scores, 0.5, M.BOOTSTRAP_RESAMPLES, M.BOOTSTRAP_SEED)["auc"]
+    batches = np.array([normal_batch(n) if label == 0 else None for n, label in zip(names, y)])
+    for held in sorted({b for b in batches if b}):
+        # NORMAL images of one batch never seen in training, against the pneumonia patients of fold 0
+        test = np.flatnonzero((batches == held) | ((y == 1) & (fold == 0)))
+        train = np.setdiff1d(np.flatnonzero((batches != held) | (y == 1)), test)
+        s, t = fit_and_score(x, y, names, train, test, reg, rule)
+        result[f"without {held}"] = summarize(y[test], s, np.full(len(test), t))
+    return result
 
 
 def cv(args) -> int:
     results = []
     for path in args.features:
         data = dict(np.load(path))
-        tag = Path(path).stem
-        for names in [s.split("+") for s in args.sets]:
+        for spec in args.sets:
             for reg in args.regs:
-                t0 = time.time()
-                y, s, thr = cv_candidate(data, names, reg, k=args.folds)
-                row = {
-                    "features": tag,
-                    "set": "+".join(names),
-                    "reg": reg,
-                    "auc": M.roc_auc(y, s),
-                    "brier": float(np.mean((s - y) ** 2)),
-                }
-                for r, t in thr.items():
-                    pred = (s >= t).astype(int)
-                    row[f"acc_{r}"] = float(np.mean(pred == y))
-                    row[f"spec_{r}"] = float(np.mean(pred[y == 0] == 0))
-                    row[f"sens_{r}"] = float(np.mean(pred[y == 1] == 1))
+                started = time.time()
+                row = {"features": Path(path).stem, "set": spec, "reg": reg, "rule": args.rule}
+                row.update(cv_candidate(data, spec.split("+"), reg, args.rule))
                 results.append(row)
-                print(
-                    json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
-                    f"({time.time() - t0:.0f} s)",
-                    flush=True,
-                )
+                print(json.dumps(row, default=lambda v: round(float(v), 4)), f"({time.time() - started:.0f} s)")
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
-    return 0
-
-
-def holdout(args) -> int:
-    """Fit on npz train minus the job's patient-grouped carve; threshold on the carve; score npz val once."""
-    from cxr_pipeline import splits
-    from cxr_pipeline.datasets.medmnist import file_name
-
-    data = dict(np.load(args.features_file))
-    names = args.set.split("+")
-    x, y = feature_set(data, "train", names), data["train/labels"]
-    files = [file_name("train", int(r)) for r in data["train/rows"]]
-    is_val = np.asarray(splits.is_validation(files, list(y), 0.2, 42))
-    xtr, xval, xtest = standardize(x[~is_val], x[is_val], feature_set(data, "val", names))
-    beta = fit_lr(xtr, y[~is_val], args.reg)
-    s_val, s_test = predict_lr(beta, xval), predict_lr(beta, xtest)
-    y_test = data["val/labels"]
-    out = {"features": Path(args.features_file).stem, "set": args.set, "reg": args.reg, "n_test": int(len(y_test))}
-    for rule, spec in RULES.items():
-        choice = M.choose_threshold_by_rule(y[is_val], s_val, **spec)
-        out[rule] = M.metrics_with_intervals(y_test, s_test, choice.threshold, n_boot=1000, seed=0)
-    print(f"held-out npz val (n={len(y_test)}): {out['features']} {args.set} reg {args.reg}")
-    for rule in RULES:
-        b = out[rule]
-        print(
-            f"  {rule:9s} t={b['threshold']:.3f}  "
-            + "  ".join(f"{k} {M.fmt_interval(b[k])}" for k in M.INTERVAL_METRICS)
-            + f"  brier {b['brier']:.4f}",
-            flush=True,
-        )
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=1))
+        Path(args.out).write_text(json.dumps(results, indent=1, default=float))
     return 0
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    f = sub.add_parser("featurize")
-    f.add_argument("--npz", type=Path, default=REPO.parent / "shared" / "data" / "pneumoniamnist_28_trainval.npz")
-    f.add_argument("--image-size", type=int, default=299)
+    f = sub.add_parser("featurize", help="pooled features of train/ images")
+    f.add_argument("--data", type=Path, required=True, help="a chest_xray tree, its .tar, or PneumoniaMNIST's .npz")
+    f.add_argument("--work", type=Path, default=REPO / "data" / "levers", help="where a tar or npz is laid out")
+    f.add_argument("--model", default="InceptionV3")
+    f.add_argument("--weights", default=None, help="a .weights.h5 file (default: the provisioned one)")
+    f.add_argument("--layers", nargs="+", default=["mixed4", "mixed5", "mixed7"])
+    f.add_argument("--image-size", type=int, default=None, help="default: the backbone's own")
+    f.add_argument("--intensity", default="equalize", help="data.intensity (imaging.normalize_intensity)")
     f.add_argument("--batch-size", type=int, default=16)
-    f.add_argument("--limit", type=int, default=None)
-    f.add_argument("--subset", type=int, default=None, help="featurize only N random npz train rows (val: all)")
-    f.add_argument("--flip-tta", action="store_true", help="featurize the mirrored images (for TTA)")
-    f.add_argument("--intensity", default="none", help="imaging.decode_image's intensity normalization")
     f.add_argument("--out", type=Path, required=True)
-    c = sub.add_parser("cv")
-    c.add_argument("features", nargs="+")
-    c.add_argument(
-        "--sets",
-        nargs="+",
-        default=[
-            "mixed5_avg",
-            "mixed5_gem",
-            "mixed4_avg+mixed5_avg",
-            "mixed3_avg+mixed4_avg+mixed5_avg",
-            "mixed5_avg+mixed5_max",
-        ],
-    )
-    c.add_argument("--regs", nargs="+", type=float, default=[0.01, 0.1, 1.0])
-    c.add_argument("--folds", type=int, default=5)
+    c = sub.add_parser("cv", help="grouped CV and the leave-one-batch-out check")
+    c.add_argument("features", nargs="+", help=".npz files written by featurize")
+    c.add_argument("--sets", nargs="+", default=["mixed5"], help="layers, several joined by + (concatenated)")
+    c.add_argument("--regs", nargs="+", type=float, default=[0.1])
+    c.add_argument("--rule", default="youden", help="training.threshold_rule for the per-fold threshold")
     c.add_argument("--out", default=None)
-    h = sub.add_parser("holdout")
-    h.add_argument("features_file")
-    h.add_argument("--set", default="mixed5_avg")
-    h.add_argument("--reg", type=float, default=0.01)
-    h.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    return {"featurize": featurize, "cv": cv, "holdout": holdout}[args.command](args)
+    return {"featurize": featurize, "cv": cv}[args.command](args)
 
 
 if __name__ == "__main__":
