@@ -80,7 +80,7 @@ SPARK_CASES = {  # case -> --set overrides on top of SPARK_BASE
         "training.grid.elastic_net_param=[0.0]",
     ],
     "folder+cost": ["training.validation=folder", "training.threshold_rule=cost"],
-    "fixed": ["training.threshold_rule=fixed"],
+    "youden": ["training.threshold_rule=youden"],
     "image+ResNet50": [
         "data.source=image",
         "featurizer.model_name=ResNet50",
@@ -122,7 +122,7 @@ CNN_CASES = {
         "training.validation=folder",
         "training.threshold_rule=cost",
     ],
-    "parquet+fixed": ["data.source=parquet", "training.threshold_rule=fixed"],
+    "parquet+youden": ["data.source=parquet", "training.threshold_rule=youden"],
     "xla": ["cnn.xla=true", "cnn.verbose=0"],  # XLA compiles for over a minute on 2 CPU cores
 }
 HDFS_LOAD_CASES = {"defaults": []}  # scripts/hdfs_load.py as `make hdfs-load` runs it
@@ -305,9 +305,9 @@ def test_every_documented_value_is_run_end_to_end():
 
 def test_a_value_nothing_runs_is_found(monkeypatch):
     """The guard can fail: a value documented only in --help, or a case that no longer sets its value."""
-    monkeypatch.setitem(SPARK_CASES, "fixed", ["training.threshold_rule=youden"])
-    assert covering_cases("spark", "training.threshold_rule", "fixed") == []
-    with pytest.raises(AssertionError, match="training.threshold_rule=fixed: no end-to-end run"):
+    monkeypatch.setitem(SPARK_CASES, "youden", ["training.threshold_rule=sensitivity"])
+    assert covering_cases("spark", "training.threshold_rule", "youden") == []
+    with pytest.raises(AssertionError, match="training.threshold_rule=youden: no end-to-end run"):
         test_every_documented_value_is_run_end_to_end()
 
 
