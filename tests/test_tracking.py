@@ -125,6 +125,31 @@ def test_run_name_says_data_model_and_time():
     assert name == "chest_xray · InceptionV3 mixed5 + LR · 2026-12-07 19:55"
     cnn_name = tracking.run_name("cnn", "/d/pmnist", {"image_size": 96}, {"model_name": "inception_v3"}, started)
     assert cnn_name == "pmnist · inception_v3 96 px · 2026-12-07 19:55"
+    spark["featurizer"]["backbone_run"] = "hdfs://nn:9000/runs/cnn"
+    tuned = tracking.run_name("spark", "hdfs://nn:9000/data/chest_xray", spark, {}, started)
+    assert tuned == "chest_xray · InceptionV3 fine-tuned mixed5 + LR · 2026-12-07 19:55"
+
+
+def test_a_spark_run_on_a_cnn_backbone_links_the_cnn_run(tmp_path):
+    """The Spark run's tags name the CNN run folder its backbone came from and the MLflow run that wrote it
+    (the latest one, when the folder was overwritten)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = MlflowClient().create_experiment("links")
+    folder = "hdfs://nn:9000/runs/cnn"
+    ids = []
+    for kind, written_to in (("cnn", folder), ("cnn", folder), ("spark", folder), ("cnn", folder + "_other")):
+        run = MlflowClient().create_run(exp, tags={"kind": kind, "written_to": written_to})
+        MlflowClient().set_terminated(run.info.run_id)
+        ids.append(run.info.run_id)
+        time.sleep(0.01)  # distinct start times
+    tags = tracking.backbone_tags({"featurizer": {"backbone_run": folder}}, exp)
+    assert tags == {"backbone_run": folder, "backbone_mlflow_run": ids[1]}
+    assert tracking.backbone_tags({"featurizer": {"backbone_run": None}}, exp) == {}
+    unknown = tracking.backbone_tags({"featurizer": {"backbone_run": "hdfs://nn:9000/runs/gone"}}, exp)
+    assert unknown == {"backbone_run": "hdfs://nn:9000/runs/gone"}
 
 
 def test_ui_links_open_the_model_training_view():

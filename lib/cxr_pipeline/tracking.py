@@ -503,7 +503,8 @@ def run_name(kind: str, data_uri: str, metrics: Mapping[str, Any], run_meta: Map
     data = posixpath.basename(str(data_uri).rstrip("/")) or str(data_uri)
     model = model_params(kind, metrics, run_meta)
     if kind == "spark":
-        what = f"{model['model.backbone']} {model['model.feature_layer']} + LR"
+        tuned = " fine-tuned" if (metrics.get("featurizer") or {}).get("backbone_run") else ""
+        what = f"{model['model.backbone']}{tuned} {model['model.feature_layer']} + LR"
     else:
         what = f"{model['model.backbone']} {model['model.image_size']} px"
     return f"{data} · {what} · {time.strftime('%Y-%m-%d %H:%M', time.localtime(started))}"
@@ -541,6 +542,7 @@ def _log_run(settings: TrackingSettings, run: _RunToLog, tags: Mapping[str, str]
                     "written_to": run.run_uri,
                     "data_uri": run.data_uri,
                     "git_commit": git_commit() or "unknown",
+                    **backbone_tags(run.metrics, exp_id),
                     **tags,
                 }
             )
@@ -571,6 +573,26 @@ def _log_run(settings: TrackingSettings, run: _RunToLog, tags: Mapping[str, str]
             if settings.register:
                 logged = _register(settings, run.kind, logged, subset_auc(run.kind, run.metrics, "validation"))
     return logged
+
+
+def backbone_tags(metrics: Mapping[str, Any], exp_id: str | None) -> dict[str, str]:
+    """A Spark run on a CNN run's fine-tuned backbone (``featurizer.backbone_run``) names that run folder and,
+    when this store logged it, its MLflow run: the latest CNN run written to that folder."""
+    from mlflow.tracking import MlflowClient
+
+    backbone_run = (metrics.get("featurizer") or {}).get("backbone_run")
+    if not backbone_run:
+        return {}
+    tags = {"backbone_run": str(backbone_run)}
+    found = MlflowClient().search_runs(
+        [exp_id or _active_experiment_id()],
+        filter_string=f"tags.kind = 'cnn' and tags.written_to = '{backbone_run}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if found:
+        tags["backbone_mlflow_run"] = found[0].info.run_id
+    return tags
 
 
 def _active_experiment_id() -> str:
