@@ -37,7 +37,11 @@ sys.path.insert(0, str(REPO / "lib"))
 
 JOBS = ("cnn", "spark", "spark-cnn")
 # The fine-tuning recipe of the two-step flow (docs/accuracy.md says how it was chosen).
-CNN_ARGS = ["--model", "inception_v3", "--cache", "memory", "--verbose", "2"]
+CNN_ARGS = [
+    *("--model", "inception_v3", "--image-size", "224", "--cut-layer", "mixed5"),
+    *("--epochs", "2", "--fine-tune-epochs", "8", "--set", "cnn.fine_tune.blocks=3"),
+    *("--cache", "memory", "--verbose", "2"),
+]
 
 
 def prepare_tree(data: Path, work: Path, holdout: float, seed: int) -> Path:
