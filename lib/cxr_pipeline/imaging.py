@@ -47,7 +47,6 @@ bytes per pixel for 32-bit/float images.
 
 from __future__ import annotations
 
-import errno
 import io
 import warnings
 from collections.abc import Mapping, Sequence
@@ -56,7 +55,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import dicom
 from .dataset_layout import is_dicom, sniff_image_format
+from .pillow_io import STRIP_PIXELS, ImageDecodeError, draft, is_resource_error, load_pixels
 
 DEFAULT_SIZE = (299, 299)  # (height, width), InceptionV3's input
 DEFAULT_MAX_PIXELS = 60_000_000  # width*height; chest X-rays are ~1-9 Mpx
@@ -65,17 +66,7 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "GIF", "WEBP", "PPM")
 
 _WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 _NATIVE_MODES = ("L", "RGB")
-STRIP_PIXELS = 1 << 20  # wide images are windowed this many pixels at a time (bounded float64 scratch)
 INTENSITY_MODES = ("none", "equalize")  # data.intensity: see normalize_intensity
-
-
-class ImageDecodeError(ValueError):
-    """An input that is not a usable image; ``str(error)`` is a short reason."""
-
-
-def is_resource_error(exc: BaseException) -> bool:
-    """Out of memory is the machine's state, not the image's: such errors must propagate, never be a rejection."""
-    return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM)
 
 
 def _open(data: bytes | None, max_pixels: int) -> Image.Image:
@@ -109,44 +100,10 @@ def _open(data: bytes | None, max_pixels: int) -> Image.Image:
 def image_info(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int, str]:
     """``(width, height, format)`` from the header only (no pixel decoding); format ``"DICOM"`` for DICOM."""
     if data and is_dicom(data):
-        from . import dicom
-
         header = dicom.read_image_header(data, max_pixels)
         return header.width, header.height, "DICOM"
     image = _open(data, max_pixels)
     return image.size[0], image.size[1], image.format or "unknown"
-
-
-def _orientation_swaps_axes(image: Image.Image) -> bool:
-    try:
-        orientation = image.getexif().get(0x0112, 1)
-    except Exception:  # noqa: BLE001 - a broken EXIF block just means "no orientation"
-        return False
-    return orientation in (5, 6, 7, 8)
-
-
-def _draft(image: Image.Image, size: tuple[int, int]) -> None:
-    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below the target size."""
-    if image.format not in ("JPEG", "MPO"):
-        return
-    height, width = size
-    if _orientation_swaps_axes(image):
-        width, height = height, width
-    image.draft(None, (width, height))
-
-
-def _load(image: Image.Image) -> None:
-    try:
-        image.load()
-    except OSError as exc:
-        if is_resource_error(exc):
-            raise
-        reason = "truncated image" if "truncated" in str(exc).lower() else f"corrupt image ({exc})"
-        raise ImageDecodeError(reason) from None
-    except Exception as exc:  # noqa: BLE001 - decoders raise SyntaxError, ValueError, struct.error...
-        if is_resource_error(exc):
-            raise
-        raise ImageDecodeError(f"corrupt image ({type(exc).__name__}: {exc})") from None
 
 
 def _window_to_8bit(image: Image.Image) -> Image.Image:
@@ -232,15 +189,13 @@ def decode_image(
     _check_intensity(intensity)  # a setting, not a property of the image: never a rejection
     height, width = size
     if data and is_dicom(data):
-        from . import dicom
-
         image = dicom.decode_to_image(data, size, max_pixels)
     else:
         image = _open(data, max_pixels)
     try:
         if image.format is not None:  # a file Pillow opened (a DICOM arrives decoded and windowed)
-            _draft(image, size)
-            _load(image)
+            draft(image, size)
+            load_pixels(image)
             try:
                 image = ImageOps.exif_transpose(image)
             except Exception as exc:  # noqa: BLE001 - a broken EXIF block must not lose the image
