@@ -24,6 +24,8 @@ component sees exactly the same pixels.
   scanners or exports weigh less: :func:`normalize_intensity`. The functions
   here default to ``"none"``; the jobs pass ``data.intensity`` (``equalize`` in
   ``conf/defaults.yaml``), and every saved model records the mode it used.
+* ``max_pixels`` (width*height) is ``data.max_pixels`` of the configuration unless a caller passes
+  its own (the jobs pass the value their config resolved).
 * The image is resized to ``size`` without keeping the aspect ratio, as
   ``keras.utils.image_dataset_from_directory`` does by default.
 * Anything that cannot be decoded raises :class:`ImageDecodeError` whose text is
@@ -55,12 +57,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import dicom
+from . import config, dicom
 from .dataset_layout import is_dicom, sniff_image_format
 from .pillow_io import STRIP_PIXELS, ImageDecodeError, draft, is_resource_error, load_pixels
 
 DEFAULT_SIZE = (299, 299)  # (height, width), InceptionV3's input
-DEFAULT_MAX_PIXELS = 60_000_000  # width*height; chest X-rays are ~1-9 Mpx
 # Formats Pillow may try (JPEG covers MPO); anything else is "not an image" (smaller attack surface).
 ALLOWED_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "GIF", "WEBP", "PPM")
 
@@ -97,8 +98,14 @@ def _open(data: bytes | None, max_pixels: int) -> Image.Image:
     return image
 
 
-def image_info(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int, str]:
+def configured_max_pixels(max_pixels: int | None = None) -> int:
+    """``max_pixels``, or ``data.max_pixels`` of the configuration (conf/defaults.yaml) when None."""
+    return int(config.configured("data.max_pixels") if max_pixels is None else max_pixels)
+
+
+def image_info(data: bytes, max_pixels: int | None = None) -> tuple[int, int, str]:
     """``(width, height, format)`` from the header only (no pixel decoding); format ``"DICOM"`` for DICOM."""
+    max_pixels = configured_max_pixels(max_pixels)
     if data and is_dicom(data):
         header = dicom.read_image_header(data, max_pixels)
         return header.width, header.height, "DICOM"
@@ -178,7 +185,7 @@ def _check_intensity(intensity: str) -> None:
 def decode_image(
     data: bytes,
     size: tuple[int, int] = DEFAULT_SIZE,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
     intensity: str = "none",
 ) -> np.ndarray:
     """Bytes of one image file -> ``uint8`` array ``(size[0], size[1], 3)`` (height, width, RGB).
@@ -187,6 +194,7 @@ def decode_image(
     reason for anything unusable.
     """
     _check_intensity(intensity)  # a setting, not a property of the image: never a rejection
+    max_pixels = configured_max_pixels(max_pixels)
     height, width = size
     if data and is_dicom(data):
         image = dicom.decode_to_image(data, size, max_pixels)
@@ -221,14 +229,14 @@ def decode_image(
 def decode_batch(
     contents: Sequence[bytes | None],
     size: tuple[int, int] = DEFAULT_SIZE,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
     intensity: str = "none",
 ) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
     """Decode many images; bad ones are reported, not raised.
 
     Returns ``(arrays [n_good, H, W, 3] uint8, good_indices, [(index, reason), ...])``.
     """
-    return _decode_each(contents, decode_image, size, max_pixels, intensity)
+    return _decode_each(contents, decode_image, size, configured_max_pixels(max_pixels), intensity)
 
 
 def _decode_each(items: Sequence, decode, size: tuple[int, int], max_pixels: int, intensity: str):
@@ -254,11 +262,12 @@ def _decode_each(items: Sequence, decode, size: tuple[int, int], max_pixels: int
 def decode_image_struct(
     image: Mapping[str, Any] | None,
     size: tuple[int, int] = DEFAULT_SIZE,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
     intensity: str = "none",
 ) -> np.ndarray:
     """One Spark image-source struct (a dict) -> ``uint8`` array ``(size[0], size[1], 3)``, RGB."""
     _check_intensity(intensity)
+    max_pixels = configured_max_pixels(max_pixels)
     image = image or {}
     height, width, channels = image.get("height"), image.get("width"), image.get("nChannels")
     data = image.get("data")
@@ -281,8 +290,8 @@ def decode_image_struct(
 def decode_image_structs(
     images: Sequence[Mapping[str, Any] | None],
     size: tuple[int, int] = DEFAULT_SIZE,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
     intensity: str = "none",
 ) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
     """:func:`decode_batch` for Spark image-source structs: ``(arrays, good_indices, [(index, reason)])``."""
-    return _decode_each(images, decode_image_struct, size, max_pixels, intensity)
+    return _decode_each(images, decode_image_struct, size, configured_max_pixels(max_pixels), intensity)

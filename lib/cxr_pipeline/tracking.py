@@ -553,7 +553,7 @@ def _example_image_bytes(data_uri: str) -> bytes:
     """
     from . import dicom, storage
     from .dataset_layout import is_dicom
-    from .imaging import DEFAULT_MAX_PIXELS, ImageDecodeError
+    from .imaging import ImageDecodeError, configured_max_pixels
 
     files = [
         f
@@ -568,7 +568,7 @@ def _example_image_bytes(data_uri: str) -> bytes:
         if not is_dicom(data):
             return data
         try:
-            return dicom.pack_payload(data, DEFAULT_MAX_PIXELS)[0]
+            return dicom.pack_payload(data, configured_max_pixels())[0]
         except ImageDecodeError:
             continue  # an unusable DICOM: the next file
     raise FileNotFoundError(f"no decodable image under {data_uri} for the model's input example")

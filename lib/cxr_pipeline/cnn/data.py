@@ -29,7 +29,6 @@ from cxr_pipeline import dataset_layout, splits
 from cxr_pipeline.dicom import DicomSettings
 
 AUTOTUNE = tf.data.AUTOTUNE
-DEFAULT_MAX_PIXELS = 60_000_000
 
 
 @dataclass(frozen=True)
@@ -244,9 +243,10 @@ def _read_remote(uri: bytes, rejections: Rejections) -> bytes:
         return b""
 
 
-def _decoder(size: int, max_pixels: int, rejections: Rejections, intensity: str = "none"):
+def _decoder(size: int, max_pixels: int | None, rejections: Rejections, intensity: str):
     from cxr_pipeline import imaging
 
+    max_pixels = imaging.configured_max_pixels(max_pixels)
     empty = np.zeros((size, size, 3), np.uint8)
 
     def decode(uri: bytes, data: bytes):
@@ -266,13 +266,15 @@ def decoded_dataset(
     records: Sequence[ImageRecord],
     image_size: int,
     rejections: Rejections,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    cache: str | None = "memory",
+    max_pixels: int | None = None,
+    *,
+    cache: str | None,
     intensity: str = "none",
 ) -> tf.data.Dataset:
     """``(image uint8 [S, S, 3], label float32)`` for each record that decodes, in order.
 
-    ``cache``: "memory", a cache file path prefix, or None. ``intensity``: ``imaging.normalize_intensity``.
+    ``max_pixels``: None = ``data.max_pixels``. ``cache``: "memory", a cache file path prefix, or None.
+    ``intensity``: ``imaging.normalize_intensity``.
     Iterate it once with
     :func:`prepare` before training so the cache is complete and rejections known.
     """
@@ -440,12 +442,12 @@ def labels_of(decoded: tf.data.Dataset) -> np.ndarray:
     return np.concatenate([y.numpy() for _, y in decoded.batch(1024)]).astype(np.int64) if decoded else np.zeros(0)
 
 
-def images_from_bytes(
-    blobs: Iterable[bytes], image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, intensity: str = "none"
-):
-    """Decode for prediction: (uint8 batch of the good ones, good indexes, [(index, reason)])."""
+def images_from_bytes(blobs: Iterable[bytes], image_size: int, max_pixels: int | None, intensity: str):
+    """Decode for prediction: (uint8 batch of the good ones, good indexes, [(index, reason)]);
+    ``max_pixels``: None = ``data.max_pixels``."""
     from cxr_pipeline import imaging
 
+    max_pixels = imaging.configured_max_pixels(max_pixels)
     good, idx, bad = [], [], []
     for i, data in enumerate(blobs):
         try:

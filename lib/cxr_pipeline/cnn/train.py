@@ -306,7 +306,7 @@ def _decoded(records, settings: Settings, rejections, scratch: Path, name: str) 
         settings.image_size,
         rejections,
         settings.max_pixels,
-        _cache_spec(settings.cache, scratch, name),
+        cache=_cache_spec(settings.cache, scratch, name),
         intensity=settings.intensity,
     )
     good = data.prepare(ds, records, rejections)
