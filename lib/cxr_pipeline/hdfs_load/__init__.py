@@ -90,8 +90,10 @@ from .shared import (
     TRANSPORTS,
     VERIFY_MODES,
     WRITTEN_BY,
+    HdfsLoadSettings,
     SourceError,
     TargetLocked,
+    check_lease,
     parallel_map,
 )
 from .summary import format_summary
@@ -105,6 +107,7 @@ __all__ = [
     "HEAD_BYTES",
     "HdfsAddress",
     "HdfsChecksum",
+    "HdfsLoadSettings",
     "LOCK_NAME",
     "LoadReport",
     "LocalChecksums",
@@ -131,6 +134,7 @@ __all__ = [
     "VERIFY_MODES",
     "WRITTEN_BY",
     "break_refused_message",
+    "check_lease",
     "choose_transport",
     "classify_relative_path",
     "cli_batches",

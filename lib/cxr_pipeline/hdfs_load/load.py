@@ -14,7 +14,7 @@ from .lock import ACTIVE_RUNS, LockLease, Owner
 from .plan import Plan, make_plan, merge_manifest
 from .remote import RemoteTree, resolve_target
 from .scan import LocalFile, LocalScan, scan_local_tree
-from .shared import LOCK_NAME, MANIFEST_NAME, VERIFY_MODES, SourceError, parallel_map
+from .shared import LOCK_NAME, MANIFEST_NAME, VERIFY_MODES, HdfsLoadSettings, SourceError, check_lease, parallel_map
 from .transfer import ProgressFn, choose_transport, upload_cli, upload_webhdfs
 from .verify import Mismatch, compare_content, content_problem, verify
 
@@ -48,22 +48,15 @@ class LoadReport:
         return sum(f.size for f in self.placed)
 
 
-def _setting(name: str):
-    """``hdfs_load.<name>`` from the config in conf/, for a caller that passes no value."""
-    from ..config import load_config
-
-    return load_config()["hdfs_load"][name]
-
-
 def load_tree(
     source: str | os.PathLike,
     target: str,
     *,
-    via: str = "auto",
-    workers: int = 4,
+    via: str | None = None,
+    workers: int | None = None,
     webhdfs_url: str | None = None,
     user: str | None = None,
-    default_namenode: str = "hdfs://127.0.0.1:9000",
+    default_namenode: str | None = None,
     dry_run: bool = False,
     progress: bool = True,
     on_placed: ProgressFn | None = None,
@@ -77,17 +70,21 @@ def load_tree(
     ``on_placed(file)`` is called after each file reaches its final name. ``replace``: overwrite files this
     tool did not write; ``verify_mode``: ``size``, ``crc`` or ``checksum``; ``break_lock``: remove the lock of
     a load that is gone; ``lock_lease_s``: how long an unrenewed lock from another host stays valid
-    (``verify_mode`` and ``lock_lease_s`` default to hdfs_load.verify and hdfs_load.lock_lease_s).
+    (``via``, ``workers``, ``verify_mode`` and ``lock_lease_s``: None = hdfs_load.via, .workers, .verify and
+    .lock_lease_s of the configuration; ``default_namenode``, for an absolute-path target: None = hdfs.namenode_uri).
     Raises SourceError / TargetLocked / storage.StorageUnavailable / storage.StorageError.
     """
     started = time.monotonic()
+    if None in (via, workers, verify_mode, lock_lease_s):
+        settings = HdfsLoadSettings.configured()
+        via = settings.via if via is None else via
+        workers = settings.workers if workers is None else workers
+        verify_mode = settings.verify if verify_mode is None else verify_mode
+        lock_lease_s = settings.lock_lease_s if lock_lease_s is None else lock_lease_s
     choose_transport(via)  # a bad option fails before any work
-    verify_mode = verify_mode or _setting("verify")
     if verify_mode not in VERIFY_MODES:
         raise SourceError(f"--verify must be one of {', '.join(VERIFY_MODES)}, not {verify_mode!r}")
-    lease_s = float(_setting("lock_lease_s") if lock_lease_s is None else lock_lease_s)
-    if not lease_s > 0:
-        raise SourceError(f"hdfs_load.lock_lease_s must be a number of seconds above 0, not {lease_s:g}")
+    lease_s = check_lease(lock_lease_s)
     scan = scan_local_tree(source, workers=workers)
     remote = RemoteTree(resolve_target(target, default_namenode, webhdfs_url), user=user)
     exists = remote.probe()

@@ -46,13 +46,12 @@ class HdfsAddress:
         return self.namenode_uri + posixpath.join(self.path, *parts)
 
 
-def resolve_target(
-    target: str, default_namenode: str = "hdfs://127.0.0.1:9000", webhdfs_url: str | None = None
-) -> HdfsAddress:
-    """Where ``target`` lives; the WebHDFS URL, unless given, is the one ``storage`` would use."""
+def resolve_target(target: str, default_namenode: str | None = None, webhdfs_url: str | None = None) -> HdfsAddress:
+    """Where ``target`` lives. An absolute path is on ``default_namenode`` (None: storage's ``hdfs.namenode_uri``);
+    the WebHDFS URL, unless given, is the one ``storage`` would use."""
     parsed = urlsplit(target)
     if not parsed.scheme and target.startswith("/"):
-        namenode = default_namenode.rstrip("/")
+        namenode = (default_namenode or storage.hdfs_settings().namenode_uri).rstrip("/")
         path = target
     elif parsed.scheme == "hdfs" and parsed.netloc:
         namenode = f"hdfs://{parsed.netloc}"

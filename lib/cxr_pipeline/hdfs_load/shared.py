@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from .. import config as cfg
 
 MANIFEST_NAME = ".hdfs_load_manifest.json"
 LOCK_NAME = ".hdfs_load.lock"
@@ -33,6 +37,40 @@ class SourceError(Exception):
 
 class TargetLocked(Exception):
     """Another load holds the target's lock (or held it and was killed: ``break_lock`` removes it)."""
+
+
+@dataclass(frozen=True)
+class HdfsLoadSettings:
+    """The ``hdfs_load:`` section of ``conf/defaults.yaml`` (the one home of its defaults): every key required."""
+
+    source: str | None  # None: the sample tree
+    target: str | None  # None: data.uri
+    via: str
+    workers: int
+    verify: str
+    lock_lease_s: float
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> HdfsLoadSettings:
+        return cfg.section_settings(cls, config, "hdfs_load")
+
+    @classmethod
+    def configured(cls) -> HdfsLoadSettings:
+        """From the process's config, for a caller that passes no value of its own."""
+        return cls.from_config(cfg.default_config())
+
+    def validate(self) -> None:
+        cfg.require_choice(self.via, TRANSPORTS, "hdfs_load.via")
+        cfg.require_choice(self.verify, VERIFY_MODES, "hdfs_load.verify")
+        if int(self.workers) < 1:
+            raise cfg.ConfigError(f"hdfs_load.workers must be at least 1, not {self.workers!r}")
+        check_lease(self.lock_lease_s)
+
+
+def check_lease(lease_s: float) -> float:
+    if not float(lease_s) > 0:
+        raise SourceError(f"hdfs_load.lock_lease_s must be a number of seconds above 0, not {float(lease_s):g}")
+    return float(lease_s)
 
 
 def parallel_map(func: Callable, items: Sequence, workers: int) -> list:

@@ -43,8 +43,16 @@ import uuid
 from pathlib import Path
 
 from .. import paths
-from .endpoints import DEFAULT_WEBHDFS_PORT, DatanodeRetry, _authority, configure, register_webhdfs, webhdfs_url_for
-from .endpoints import _hdfs_config as _hdfs_config
+from .endpoints import (
+    DEFAULT_WEBHDFS_PORT,
+    DatanodeRetry,
+    HdfsSettings,
+    _authority,
+    configure,
+    hdfs_settings,
+    register_webhdfs,
+    webhdfs_url_for,
+)
 from .entries import CHUNK, FileInfo, FolderEntry
 from .errors import StorageError, StoragePermissionError, StorageUnavailable, hadoop_command_error, is_lost_connection
 from .local import _LocalBackend
@@ -59,6 +67,7 @@ __all__ = [
     "FileInfo",
     "FolderEntry",
     "HdfsFilesystem",
+    "HdfsSettings",
     "StorageError",
     "StoragePermissionError",
     "StorageUnavailable",
@@ -72,6 +81,7 @@ __all__ = [
     "hadoop_uri",
     "hdfs_dfs_command",
     "hdfs_filesystem",
+    "hdfs_settings",
     "is_lost_connection",
     "is_remote",
     "join",

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlparse
 
-from .endpoints import DatanodeRetry, _authority, _hdfs_config, webhdfs_url_for
+from .endpoints import DatanodeRetry, _authority, hdfs_settings, webhdfs_url_for
 from .entries import CHUNK, FileInfo, FolderEntry
 from .errors import (
     StorageError,
@@ -199,7 +199,7 @@ class HdfsFilesystem:
         self.namenode_uri = namenode_uri
         self.key = namenode_uri
         self.webhdfs_url = (webhdfs_url or webhdfs_url_for(namenode_uri)).rstrip("/")
-        self.user = user or _hdfs_config().get("user") or os.environ.get("HADOOP_USER_NAME") or getpass.getuser()
+        self.user = user or hdfs_settings().user or os.environ.get("HADOOP_USER_NAME") or getpass.getuser()
         _check_serves(self.webhdfs_url, namenode_uri)
 
     @property
@@ -370,7 +370,7 @@ class HdfsFilesystem:
         """Ask the NameNode where to go, run ``leg(location)`` there; when the DataNode fails (_datanode_errors)
         and ``may_resend(failure)``, ask the NameNode again (see DatanodeRetry). Errors are translated as in
         :meth:`_call`; a NameNode that does not answer fails at once."""
-        retry = DatanodeRetry.from_config(_hdfs_config())
+        retry = DatanodeRetry.from_settings(hdfs_settings())
         tried: list[str] = []
         for attempt in range(1, retry.attempts + 1):
             location = self._call(what, path, self._namenode_redirect, method, path, op, params())
