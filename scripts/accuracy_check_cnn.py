@@ -56,10 +56,15 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, default=96, help="the 28 px images are upscaled to this")
     parser.add_argument("--epochs", type=int, default=6, help="phase 1 (frozen backbone for inception_v3)")
     parser.add_argument(
-        "--cut-layer", default="mixed5", help="inception_v3: last backbone block (default: %(default)s)"
+        "--feature-layer",
+        "--cut-layer",
+        dest="feature_layer",
+        help="inception_v3: last backbone block (default: cnn.inception.feature_layer)",
     )
     parser.add_argument("--fine-tune-epochs", type=int, default=4, help="inception_v3: phase 2 epochs")
-    parser.add_argument("--fine-tune-lr", type=float, default=1e-4, help="inception_v3: phase 2 learning rate")
+    parser.add_argument(
+        "--fine-tune-lr", type=float, help="inception_v3: phase 2 learning rate (default: cnn.fine_tune.learning_rate)"
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
     args = parser.parse_args(argv)
 
@@ -72,9 +77,9 @@ def main(argv=None) -> int:
             f"cnn.model={args.model}",
             f"cnn.image_size={args.image_size}",
             f"cnn.epochs={args.epochs}",
-            f"cnn.inception.cut_layer={args.cut_layer}",
+            *([f"cnn.inception.feature_layer={args.feature_layer}"] if args.feature_layer else []),
             f"cnn.fine_tune.epochs={args.fine_tune_epochs}",
-            f"cnn.fine_tune.learning_rate={args.fine_tune_lr}",
+            *([f"cnn.fine_tune.learning_rate={args.fine_tune_lr}"] if args.fine_tune_lr else []),
             "cnn.cache=memory",
             "cnn.verbose=2",
             "training.validation_fraction=0.1",
@@ -85,7 +90,7 @@ def main(argv=None) -> int:
     metrics = train_and_evaluate(config, str(tree), str(args.work / "run"))
     minutes = (time.perf_counter() - started) / 60
     test = metrics["test"]
-    detail = f", cut {args.cut_layer}" if args.model == "inception_v3" else ""
+    detail = f", cut {config['cnn']['inception']['feature_layer']}" if args.model == "inception_v3" else ""
     print(
         f"\nPneumoniaMNIST val split (n={test['n']}, NORMAL/PNEUMONIA {test['class_counts']}): "
         f"{args.model} at {args.image_size} px{detail}, {len(metrics['history']['loss'])} epochs, {minutes:.1f} min"

@@ -150,7 +150,7 @@ def model_params(kind: str, metrics: Mapping[str, Any], run_meta: Mapping[str, A
     else:
         values = {
             "backbone": run_meta.get("model_name") or metrics.get("model"),
-            "feature_layer": run_meta.get("cut_layer"),
+            "feature_layer": run_meta.get("feature_layer"),
             "image_size": run_meta.get("image_size") or metrics.get("image_size"),
             "intensity": run_meta.get("intensity"),  # the Keras flavor takes decoded pixels, decoded with this mode
             "weights_sha256": run_meta.get("weights_sha256"),

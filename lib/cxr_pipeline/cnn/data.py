@@ -143,7 +143,7 @@ def list_image_tree(
 
 
 def split_records(
-    records: Sequence[ImageRecord], validation: str = "carve", val_fraction: float = 0.2, seed: int = 42
+    records: Sequence[ImageRecord], validation: str, val_fraction: float, seed: int
 ) -> tuple[list[ImageRecord], list[ImageRecord], list[ImageRecord]]:
     """(train, val, test) exactly as the Spark job splits (conf ``training.validation``):
     ``carve`` = a patient-grouped slice of the pooled ``train`` + ``val`` folders
@@ -210,13 +210,14 @@ def is_image_table(uri: str) -> bool:
 
 def load_splits(
     uri: str,
-    validation: str = "carve",
-    val_fraction: float = 0.2,
-    seed: int = 42,
+    validation: str,
+    val_fraction: float,
+    seed: int,
     source: str = "auto",
     patient_key: str | None = None,
 ) -> DataSplits:
-    """``source``: tree | parquet | auto (parquet when ``uri`` holds Parquet files).
+    """``validation``, ``val_fraction``, ``seed``: ``training.validation``, ``.validation_fraction``, ``.seed``.
+    ``source``: tree | parquet | auto (parquet when ``uri`` holds Parquet files).
     ``patient_key``: ``dicom.patient_key`` of the run's config (the Spark job's key, so both carve alike)."""
     rejections = Rejections()
     table = source == "parquet" or (source == "auto" and is_image_table(uri))
@@ -362,15 +363,8 @@ def with_length(ds: tf.data.Dataset, n: int) -> tf.data.Dataset:
 # ------------------------------------------------------------------ batching
 
 
-def augmenter(
-    rotation: float = 0.03,
-    shift: float = 0.05,
-    zoom: float = 0.1,
-    brightness: float = 0.1,
-    flip: bool = False,
-    seed: int = 42,
-):
-    """Radiograph-safe augmentation on uint8-range batches: small rotation (fraction
+def augmenter(rotation: float, shift: float, zoom: float, brightness: float, flip: bool, seed: int):
+    """Radiograph-safe augmentation on uint8-range batches (``cnn.augment``): small rotation (fraction
     of a full turn), shift, zoom and brightness; horizontal flips only when asked
     (the heart is on the left)."""
     import keras
@@ -405,12 +399,15 @@ def training_dataset(
     decoded: tf.data.Dataset,
     labels: Sequence[int],
     batch_size: int,
-    seed: int = 42,
-    augment=None,
-    balance: str = "class_weight",
-    shuffle_buffer: int = 2048,
+    seed: int,
+    augment,
+    *,
+    balance: str,
+    shuffle_buffer: int,
 ) -> tuple[tf.data.Dataset, int | None]:
-    """Shuffled, augmented, batched, prefetched; returns (dataset, steps_per_epoch).
+    """Shuffled, augmented (``augment``: an :func:`augmenter` or None), batched, prefetched; returns
+    (dataset, steps_per_epoch). ``seed``, ``balance``, ``shuffle_buffer``: ``training.seed``, ``cnn.balance``,
+    ``cnn.shuffle_buffer``.
 
     ``balance="oversample"`` draws both classes with equal probability from two
     repeated streams (steps_per_epoch then says where an epoch ends); otherwise
