@@ -696,7 +696,7 @@ def _log_later(args, config) -> int:
     storage.configure(config)
     run_folder.require_complete(args.run)
     metrics = load_metrics(args.run)
-    data_uri = args.data or metrics.get("data") or cfg.get(config, "data.uri")
+    data_uri = args.data or metrics.get("data") or cfg.require(config, "data.uri")
     if args.kind == "cnn":
         logged = log_cnn_run(config, metrics, args.run, data_uri)
         return 0 if logged else 1

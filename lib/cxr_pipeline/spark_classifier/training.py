@@ -141,13 +141,13 @@ def data_source(config: Mapping[str, Any]) -> str:
     """``data.source``, refused before any Spark work when it is not one the reader knows."""
     from ..spark.reader import SOURCES
 
-    return cfg.require_choice(cfg.get(config, "data.source"), SOURCES, "data.source")
+    return cfg.require_choice(cfg.require(config, "data.source"), SOURCES, "data.source")
 
 
 def open_feature_cache(config: Mapping[str, Any], data_uri: str, out_uri: str, featurizer, settings: TrainingSettings):
     from ..feature_cache import FeatureCache, fingerprint
 
-    print_ = fingerprint(featurizer, data_source(config), cfg.get(config, "dicom", None))
+    print_ = fingerprint(featurizer, data_source(config), cfg.require(config, "dicom"))
     return FeatureCache(
         features_cache_root(out_uri, settings.features_cache),
         data_uri,
