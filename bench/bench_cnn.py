@@ -24,6 +24,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +32,14 @@ sys.path.insert(0, str(REPO / "lib"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 DEFAULT_SIZES = {"small_cnn": 150, "inception_v3": 299}
+
+
+def configured_cnn():
+    """The ``cnn:`` settings of conf/ (the bench's own choices are its arguments)."""
+    from cxr_pipeline.cnn.settings import CnnSettings
+    from cxr_pipeline.config import load_config
+
+    return CnnSettings.from_config(load_config())
 
 
 def make_tree(root: Path, n: int, size: str) -> Path:
@@ -43,21 +52,31 @@ def make_tree(root: Path, n: int, size: str) -> Path:
 
 
 def bench_model(
-    name: str, image_size: int, records, batch_size: int, devices, strategy, cut_layer: str, augment_on: str
+    name: str, image_size: int, records, batch_size: int, devices, strategy, feature_layer: str, augment_on: str
 ) -> dict:
     import keras
 
     from cxr_pipeline.cnn import data, models
     from cxr_pipeline.cnn.train import EpochTimer, compile_model
 
+    settings = configured_cnn()
+
     rejections = data.Rejections()
     decoded = data.with_length(data.decoded_dataset(records, image_size, rejections, cache="memory"), len(records))
     labels = [r.label for r in records]
-    augment = data.augmenter(seed=1)
+    augment = data.augmenter(**asdict(settings.augment), seed=1)
     in_model = augment_on == "model"
-    train_input, _ = data.training_dataset(decoded, labels, batch_size, seed=1, augment=None if in_model else augment)
+    train_input, _ = data.training_dataset(
+        decoded,
+        labels,
+        batch_size,
+        seed=1,
+        augment=None if in_model else augment,
+        balance=settings.balance,
+        shuffle_buffer=settings.shuffle_buffer,
+    )
     with strategy.scope():
-        options = {"cut_layer": cut_layer} if name == "inception_v3" else {}
+        options = {**asdict(settings.inception), "feature_layer": feature_layer} if name == "inception_v3" else {}
         model = models.build_model(name, image_size, **options)
         if in_model:
             model = keras.Sequential([keras.Input(model.input_shape[1:]), augment, model])
@@ -108,7 +127,12 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="small_cnn,inception_v3")
     parser.add_argument("--batch-size", type=int, default=32, help="per replica (default: %(default)s)")
     parser.add_argument("--inception-size", type=int, default=DEFAULT_SIZES["inception_v3"])
-    parser.add_argument("--cut-layer", default="mixed5", help="inception_v3 backbone end (default: %(default)s)")
+    parser.add_argument(
+        "--feature-layer",
+        "--cut-layer",
+        dest="feature_layer",
+        help="inception_v3 backbone end (default: cnn.inception.feature_layer)",
+    )
     parser.add_argument(
         "--augment-on",
         default="auto",
@@ -123,7 +147,8 @@ def main(argv=None) -> int:
     from cxr_pipeline.cnn import data
     from cxr_pipeline.cnn.train import augment_placement, configure_devices
 
-    devices, strategy = configure_devices()
+    settings = configured_cnn()
+    devices, strategy = configure_devices(settings.mixed_precision, settings.xla)
     keras.utils.set_random_seed(1)
     print(devices.describe())
     placements = [augment_placement(p, devices) for p in args.augment_on.split(",")]
@@ -144,7 +169,8 @@ def main(argv=None) -> int:
         for name in args.models.split(","):
             for augment_on in placements:
                 size = args.inception_size if name == "inception_v3" else DEFAULT_SIZES[name]
-                r = bench_model(name, size, records, batch, devices, strategy, args.cut_layer, augment_on)
+                layer = args.feature_layer or settings.inception.feature_layer
+                r = bench_model(name, size, records, batch, devices, strategy, layer, augment_on)
                 print(
                     f"{r['model']:13s} {r['size']:4d} {augment_on:>10s} "
                     f"{r['cold_img_s']:13.1f} {r['warm_img_s']:13.1f} "

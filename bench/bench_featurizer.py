@@ -476,7 +476,7 @@ def start_bench_spark(master: str, app_name: str, extra_conf: list[str] | None =
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         **dict(item.split("=", 1) for item in extra_conf or []),
     }
-    spark = spark_session({"spark": {"conf": conf}}, app_name=app_name, master=master)
+    spark = spark_session({"spark": {"conf": conf, "log_level": "ERROR"}}, app_name=app_name, master=master)
     spark.sparkContext.setLogLevel("ERROR")
     configure_arrow_for_images(spark)
     return spark

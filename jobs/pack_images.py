@@ -56,10 +56,10 @@ def main(argv=None) -> int:
     with spark_job(config, "cxr-pack-images", master=args.master, verbose=args.verbose) as spark:
         summary = pack_image_tree(
             spark,
-            args.data or cfg.get(config, "data.uri"),
+            args.data or cfg.require(config, "data.uri"),
             args.out,
             target_file_mb=args.target_file_mb,
-            max_pixels=int(cfg.get(config, "data.max_pixels")),
+            max_pixels=int(cfg.require(config, "data.max_pixels")),
             overwrite=args.overwrite,
             dicom=dicom,
         )

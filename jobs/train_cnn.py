@@ -40,7 +40,7 @@ SHORTCUTS = {  # option dest -> config key
     "balance": "cnn.balance",
     "cache": "cnn.cache",
     "fine_tune_epochs": "cnn.fine_tune.epochs",
-    "cut_layer": "cnn.inception.cut_layer",
+    "feature_layer": "cnn.inception.feature_layer",
     "weights": "cnn.inception.weights",
     "seed": "training.seed",
     "verbose": "cnn.verbose",
@@ -64,7 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--balance", choices=("class_weight", "oversample", "none"))
     parser.add_argument("--cache", choices=("memory", "disk", "none"), help="where decoded images are cached")
     parser.add_argument("--fine-tune-epochs", type=int, help="inception_v3: epochs of phase 2 (top blocks unfrozen)")
-    parser.add_argument("--cut-layer", help="inception_v3: last backbone block used (mixed0..mixed10)")
+    parser.add_argument(
+        "--feature-layer",
+        "--cut-layer",
+        dest="feature_layer",
+        help="inception_v3: last backbone block used (mixed0..mixed10); --cut-layer is the old name",
+    )
     parser.add_argument("--weights", help="inception_v3: .weights.h5 file (default: provisioned by `make weights`)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--verbose", type=int, choices=(0, 1, 2), help="Keras progress: 1 bars, 2 epoch lines, 0 none")
@@ -91,11 +96,11 @@ def main(argv=None) -> int:
     storage.configure(config)
     run_folder.configure(config)
     try:
-        metrics = train_and_evaluate(config, config_mod.get(config, "data.uri"), args.out, overwrite=args.overwrite)
+        metrics = train_and_evaluate(config, config_mod.require(config, "data.uri"), args.out, overwrite=args.overwrite)
     except run_folder.OutputExistsError as exc:
         print(f"train_cnn: error: {exc}", file=sys.stderr)
         return 2
-    data_uri = config_mod.get(config, "data.uri")
+    data_uri = config_mod.require(config, "data.uri")
     tracking.log_cnn_run(config, metrics, args.out, data_uri, started_at=started)  # MLflow trouble only warns
     name = metrics["evaluated_on"]
     summary = {k: metrics[name][k] for k in ("n", "auc")}

@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     from cxr_pipeline.spark_classifier.training import TrainingError, train
     from cxr_pipeline.weights import WeightsNotFound, default_weights_path
 
-    data_uri = args.data or cfg.get(config, "data.uri")
+    data_uri = args.data or cfg.require(config, "data.uri")
     storage.configure(config)
     run_folder.configure(config)
     try:

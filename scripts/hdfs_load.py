@@ -91,14 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = resolve_config(args)
-    except conf.ConfigError as exc:
+        storage.configure(config)
+        settings = hdfs_load.HdfsLoadSettings.from_config(config)
+        target = args.dest or settings.target or conf.require(config, "data.uri")
+    except (conf.ConfigError, hdfs_load.SourceError) as exc:
         print(f"hdfs-load: config error: {exc}", file=sys.stderr)
         return 2
-    storage.configure(config)
-    section = conf.get(config, "hdfs_load", {}) or {}
-    source = args.src or section.get("source") or str(paths.SAMPLE_TREE)
-    target = args.dest or section.get("target") or conf.get(config, "data.uri")
-    workers = args.workers or int(section.get("workers") or 4)
+    source = args.src or settings.source or str(paths.SAMPLE_TREE)
+    workers = args.workers or settings.workers
     if workers < 1:
         print("hdfs-load: --workers must be at least 1", file=sys.stderr)
         return 2
@@ -108,17 +108,17 @@ def main(argv: list[str] | None = None) -> int:
         report = hdfs_load.load_tree(
             source,
             target,
-            via=args.via or section.get("via") or "auto",
+            via=args.via or settings.via,
             workers=workers,
             webhdfs_url=args.webhdfs_url,
-            user=conf.get(config, "hdfs.user"),
-            default_namenode=conf.get(config, "hdfs.namenode_uri", "hdfs://127.0.0.1:9000"),
+            user=storage.hdfs_settings().user,
+            default_namenode=storage.hdfs_settings().namenode_uri,
             dry_run=args.dry_run,
             progress=not args.no_progress and sys.stderr.isatty(),
             replace=args.replace,
-            verify_mode=args.verify or section["verify"],
+            verify_mode=args.verify or settings.verify,
             break_lock=args.break_lock,
-            lock_lease_s=section["lock_lease_s"],
+            lock_lease_s=settings.lock_lease_s,
         )
     except Exception as exc:
         code = exit_code(exc)

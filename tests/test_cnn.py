@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,18 @@ RUN_FILES = (
 def cnn_config(*overrides: str) -> dict:
     base = ["cnn.epochs=1", "cnn.batch_size=4", "cnn.cache=memory", "cnn.verbose=0"]
     return config_mod.load_config("local", overrides=[*base, *overrides])
+
+
+def cnn_settings():
+    from cxr_pipeline.cnn.settings import CnnSettings
+
+    return CnnSettings.from_config(cnn_config())
+
+
+def inception_transfer(weights, feature_layer: str):
+    """The transfer model at 75 px with the configured head (cnn.inception.dense_units, .dropout)."""
+    head = cnn_settings().inception
+    return models.build_inception_transfer(75, weights, feature_layer, head.dense_units, head.dropout)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +112,7 @@ def test_small_cnn_is_the_seeds_architecture():
 
 
 def test_inception_transfer_freezes_backbone_and_unfreezes_top_blocks():
-    model = models.build_inception_transfer(75, weights="none", cut_layer="mixed7")
+    model = inception_transfer("none", "mixed7")
     backbone = models.backbone_of(model)
     assert backbone.output_shape[-1] == 768  # mixed7
     frozen = models.trainable_summary(model)["trainable"]
@@ -111,13 +124,13 @@ def test_inception_transfer_freezes_backbone_and_unfreezes_top_blocks():
     assert min(names.index(n) for n in unfrozen) > names.index("mixed5")
     assert models.trainable_summary(model)["trainable"] > frozen
     with pytest.raises(ValueError):
-        models.build_inception_transfer(75, weights="none", cut_layer="conv2d_3")
+        inception_transfer("none", "conv2d_3")
 
 
 def test_inception_loads_provisioned_weights():
     from cxr_pipeline.weights import default_weights_path
 
-    model = models.build_inception_transfer(75, cut_layer="mixed5")
+    model = inception_transfer(None, "mixed5")
     reference = keras.applications.InceptionV3(weights=None, include_top=False, input_shape=(75, 75, 3))
     reference.load_weights(str(default_weights_path("InceptionV3")))
 
@@ -149,7 +162,7 @@ def test_validation_carve_keeps_patients_together(tree_with_junk):
     assert {r.split for r in test} == {"test"}
     train_patients = {dataset_layout.patient_id(r.file_name) for r in train}
     assert train_patients.isdisjoint(dataset_layout.patient_id(r.file_name) for r in val)
-    folder_train, folder_val, _ = data.split_records(records, "folder")
+    folder_train, folder_val, _ = data.split_records(records, "folder", 0.25, 42)
     assert {r.split for r in folder_val} == {"val"} and {r.split for r in folder_train} == {"train"}
     assert val and len(train) + len(val) == len(folder_train) + len(folder_val)
 
@@ -197,8 +210,11 @@ def test_augmentation_and_oversampling_batches(tree_with_junk):
     ds = data.decoded_dataset(records, 48, rejections, cache="memory")
     good = data.prepare(ds, records, rejections)
     labels = [r.label for r in good]
-    aug = data.augmenter(seed=1)
-    batches, steps = data.training_dataset(ds, labels, 4, seed=1, augment=aug, balance="oversample")
+    settings = cnn_settings()
+    aug = data.augmenter(**asdict(settings.augment), seed=1)
+    batches, steps = data.training_dataset(
+        ds, labels, 4, seed=1, augment=aug, balance="oversample", shuffle_buffer=settings.shuffle_buffer
+    )
     assert steps == len(good) // 4
     seen = np.concatenate([y.numpy() for _, y in batches.take(50)])
     assert 0.3 < seen.mean() < 0.7  # 3 NORMAL vs 4 PNEUMONIA drawn at 50/50
@@ -212,7 +228,7 @@ def test_augmentation_and_oversampling_batches(tree_with_junk):
 def test_devices_on_cpu_say_so():
     from cxr_pipeline.cnn.train import configure_devices
 
-    devices, strategy = configure_devices()
+    devices, strategy = configure_devices("auto", "auto")
     assert devices.gpus == [] and not devices.mixed_precision and not devices.xla
     assert "CPU only" in devices.describe() and strategy.num_replicas_in_sync == 1
 
@@ -355,7 +371,7 @@ def test_inception_transfer_one_epoch_with_fine_tuning(tree_with_junk, tmp_path)
     config = cnn_config(
         "cnn.model=inception_v3",
         "cnn.image_size=75",
-        "cnn.inception.cut_layer=mixed5",
+        "cnn.inception.feature_layer=mixed5",
         "cnn.fine_tune.epochs=1",
         "cnn.fine_tune.blocks=1",
     )
@@ -394,7 +410,7 @@ def test_exported_backbone_carries_the_trained_values(sample_tree, tmp_path):
     layers past the cut keep the start weights so the file loads into a whole no-top InceptionV3."""
     from cxr_pipeline import backbones, imaging
 
-    model = models.build_inception_transfer(75, cut_layer="mixed5")
+    model = inception_transfer(None, "mixed5")
     conv = [layer for layer in models.backbone_of(model).layers if layer.weights][-1]
     conv.set_weights([w + 0.05 for w in conv.get_weights()])
     models.export_backbone(model, None, tmp_path / "backbone.weights.h5")

@@ -15,9 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 SESSION = """
 import sys
+from cxr_pipeline.config import deep_merge, load_config
 from cxr_pipeline.spark.session import spark_session
-spark = spark_session({"spark": {"master": "local[1]", "conf": {"spark.ui.enabled": "false"}}},
-                      verbose=sys.argv[1] == "verbose")
+config = deep_merge(load_config("local"), {"spark": {"master": "local[1]", "conf": {"spark.ui.enabled": "false"}}})
+spark = spark_session(config, verbose=sys.argv[1] == "verbose")
 assert spark.range(100).selectExpr("sum(id)").first()[0] == 4950
 spark.stop()
 """

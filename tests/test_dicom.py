@@ -567,3 +567,20 @@ def test_sixteen_bit_packed_png_decodes_like_the_dicom(one_xray, backbone):
     assert dicom.pack_payload(jpeg_dicom(one_xray), 60_000_000, 16)[1] == "JPEG"
     with pytest.raises(ValueError, match="png_bits must be 8 or 16"):
         dicom.pack_payload(sources[0], 60_000_000, 12)
+
+
+def test_dicom_does_not_import_the_image_decoder_that_calls_it():
+    # imaging calls dicom for DICOM bytes; dicom takes the shared pieces from pillow_io, so there is no circle.
+    import ast
+
+    for module in (dicom, __import__("cxr_pipeline.pillow_io", fromlist=["x"])):
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = {
+            node.module if isinstance(node, ast.ImportFrom) else alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Import, ast.ImportFrom))
+            for alias in node.names
+        }
+        names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names}
+        assert not any(m and m.split(".")[-1] == "imaging" for m in imported), module.__name__
+        assert "imaging" not in names, module.__name__

@@ -15,6 +15,7 @@ they test (a source, a backbone, an intensity mode) does not depend on the weigh
 from __future__ import annotations
 
 import ast
+import csv
 import functools
 import json
 import re
@@ -25,6 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 from test_training import FAST_FEATURES, shared_sample_run
+from tolerances import assert_same_probabilities
 
 from cxr_pipeline import config as cfg
 
@@ -48,6 +50,10 @@ JOBS_OF = {
     "cnn.verbose": ("cnn",),
     "hdfs_load.via": ("hdfs-load",),
     "hdfs_load.verify": ("hdfs-load",),
+    "featurizer.runtime": ("spark",),
+    "featurizer.precision": ("spark",),
+    "cnn.runtime": ("cnn",),
+    "cnn.precision": ("cnn",),
     "--conf-env": ("spark",),
 }
 # --help choices -> the option they set (None: a choice that is not a config key)
@@ -80,7 +86,7 @@ SPARK_CASES = {  # case -> --set overrides on top of SPARK_BASE
         "training.grid.elastic_net_param=[0.0]",
     ],
     "folder+cost": ["training.validation=folder", "training.threshold_rule=cost"],
-    "youden": ["training.threshold_rule=youden"],
+    "youden+keras": ["training.threshold_rule=youden", "featurizer.runtime=keras"],
     "image+ResNet50": [
         "data.source=image",
         "featurizer.model_name=ResNet50",
@@ -99,7 +105,12 @@ SPARK_CASES = {  # case -> --set overrides on top of SPARK_BASE
         *RANDOM_FEATURES,
         "featurizer.image_size=32",
     ],
-    "Xception": ["featurizer.model_name=Xception", *RANDOM_FEATURES, "featurizer.image_size=71"],
+    "Xception+openvino": [
+        "featurizer.model_name=Xception",
+        *RANDOM_FEATURES,
+        "featurizer.image_size=71",
+        "featurizer.runtime=openvino",
+    ],
 }
 CNN_BASE = ["cnn.epochs=1", "cnn.batch_size=4", "cnn.image_size=32", "tracking.enabled=false"]
 CNN_CASES = {
@@ -122,10 +133,17 @@ CNN_CASES = {
         "training.validation=folder",
         "training.threshold_rule=cost",
     ],
-    "parquet+youden": ["data.source=parquet", "training.threshold_rule=youden"],
-    "xla": ["cnn.xla=true", "cnn.verbose=0"],  # XLA compiles for over a minute on 2 CPU cores
+    "parquet+youden+onnxruntime": ["data.source=parquet", "training.threshold_rule=youden", "cnn.runtime=onnxruntime"],
+    "xla+openvino": [
+        "cnn.xla=true",
+        "cnn.verbose=0",
+        "cnn.runtime=openvino",
+    ],  # XLA compiles for over a minute on 2 CPU cores
 }
-HDFS_LOAD_CASES = {"defaults": []}  # scripts/hdfs_load.py as `make hdfs-load` runs it
+HDFS_LOAD_CASES = {
+    "defaults": [],
+    "size": ["hdfs_load.verify=size"],
+}  # scripts/hdfs_load.py as `make hdfs-load` runs it
 # (job, option, value) -> (test that runs it, the text in that test which sets it)
 ELSEWHERE = {
     ("spark", "training.tuning", "cv"): (
@@ -161,6 +179,8 @@ ELSEWHERE = {
 NOT_RUNNABLE_HERE = {  # (job, option, value) -> why no test here runs it
     ("spark", "--conf-env", "yarn"): "needs a YARN cluster (tests/test_yarn.py checks the submission it builds)",
     ("spark", "--conf-env", "gpu"): "needs a standalone cluster with GPU executors",
+    ("spark", "featurizer.precision", "bf16"): "needs a CPU with AMX or avx512_bf16 (test_backbone_runtimes.py)",
+    ("cnn", "cnn.precision", "bf16"): "needs a CPU with AMX or avx512_bf16 (test_backbone_runtimes.py)",
 }
 
 
@@ -305,7 +325,9 @@ def test_every_documented_value_is_run_end_to_end():
 
 def test_a_value_nothing_runs_is_found(monkeypatch):
     """The guard can fail: a value documented only in --help, or a case that no longer sets its value."""
-    monkeypatch.setitem(SPARK_CASES, "youden", ["training.threshold_rule=sensitivity"])
+    monkeypatch.setitem(
+        SPARK_CASES, "youden+keras", ["training.threshold_rule=sensitivity", "featurizer.runtime=keras"]
+    )
     assert covering_cases("spark", "training.threshold_rule", "youden") == []
     with pytest.raises(AssertionError, match="training.threshold_rule=youden: no end-to-end run"):
         test_every_documented_value_is_run_end_to_end()
@@ -414,6 +436,15 @@ def test_cnn_job_runs_each_option_value(case, sample_data, tmp_path, request):
     assert train + val == 12 and (val == 4 if cfg.get(config, "training.validation") == "folder" else val > 0)
     saved = json.loads((tmp_path / "run" / "cnn.json").read_text())
     assert saved["intensity"] == cfg.get(config, "data.intensity")
+    assert saved["runtime"] == cfg.get(config, "cnn.runtime")
+    # the saved model scores as training did, through the configured runtime
+    from cxr_pipeline import storage
+    from cxr_pipeline.cnn.predict import LocalCnnClassifier
+
+    rows = [r for r in csv.DictReader((tmp_path / "run" / "predictions.csv").open()) if r["used_as"] == "test"]
+    classifier = LocalCnnClassifier.load(str(tmp_path / "run"))
+    got = classifier.predict_bytes([storage.read_bytes(r["path"]) for r in rows])
+    assert_same_probabilities([g["probability"] for g in got], [float(r["probability"]) for r in rows])
 
 
 @pytest.mark.hdfs

@@ -72,9 +72,9 @@ def test_single_patient_class_stays_in_training_and_zero_fraction():
     flags = is_validation(names, labels, 0.5, seed=0)
     assert flags[:2] == [False, False]
     assert sum(flags[2:]) == 1
-    assert is_validation(names, labels, 0.0) == [False] * 4
+    assert is_validation(names, labels, 0.0, seed=0) == [False] * 4
     with pytest.raises(ValueError):
-        is_validation(names, labels, 1.0)
+        is_validation(names, labels, 1.0, seed=0)
 
 
 def test_carve_pool_is_train_and_val_folders():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import struct
@@ -450,7 +451,9 @@ def first_redirect_to(fs: storage.HdfsFilesystem, port: int, monkeypatch) -> lis
 
 def without_backoff(monkeypatch) -> None:
     """The configured retry count, with no pause between tries (storage reads ``hdfs.datanode_*`` per call)."""
-    monkeypatch.setattr(storage, "_active_config", {**storage._hdfs_config(), "datanode_backoff_s": 0})
+    monkeypatch.setattr(
+        storage.endpoints, "_active", dataclasses.replace(storage.hdfs_settings(), datanode_backoff_s=0)
+    )
 
 
 @pytest.fixture

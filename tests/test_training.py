@@ -455,9 +455,11 @@ def write_cnn_run_with_backbone(cnn_run: str, scratch: Path, intensity: str) -> 
 
     from cxr_pipeline import backbones, run_folder, storage
     from cxr_pipeline.cnn import models
+    from cxr_pipeline.cnn.settings import CnnSettings
     from cxr_pipeline.cnn.train import BACKBONE_FILE, CNN_JSON
 
-    model = models.build_inception_transfer(75, cut_layer="mixed5")
+    head = CnnSettings.from_config(cfg.load_config("local")).inception
+    model = models.build_inception_transfer(75, None, "mixed5", head.dense_units, head.dropout)
     conv = [layer for layer in models.backbone_of(model).layers if isinstance(layer, keras.layers.Conv2D)][-1]
     conv.set_weights([w * 1.5 for w in conv.get_weights()])
     scratch.mkdir(parents=True, exist_ok=True)

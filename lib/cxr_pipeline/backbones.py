@@ -159,7 +159,7 @@ def resolve_weights_file(model_name: str, weights: str | os.PathLike | None) -> 
 
 
 def build_backbone(
-    model_name: str = "InceptionV3",
+    model_name: str,
     weights: str | os.PathLike | None = None,
     feature_layer: str | None = None,
     pooling: str | None = "avg",
@@ -296,8 +296,9 @@ def feature_dim(model: Any) -> int:
     return int(model.output.shape[-1])
 
 
-def featurize_arrays(model: Any, model_name: str, batch_uint8: np.ndarray, batch_size: int = 16) -> np.ndarray:
-    """Features ``[n, d]`` (float32) of a ``uint8`` batch, ``batch_size`` images per model call.
+def featurize_arrays(model: Any, model_name: str, batch_uint8: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+    """Features ``[n, d]`` (float32) of a ``uint8`` batch, ``batch_size`` images per model call
+    (None: ``featurizer.batch_size`` of the configuration).
 
     The last chunk is zero-padded to ``batch_size`` so the compiled predict
     function is traced once and reused for every call.
@@ -306,6 +307,10 @@ def featurize_arrays(model: Any, model_name: str, batch_uint8: np.ndarray, batch
     n = len(batch_uint8)
     if n == 0:
         return np.zeros((0, feature_dim(model)), dtype=np.float32)
+    if batch_size is None:
+        from . import config
+
+        batch_size = config.configured("featurizer.batch_size")
     batch_size = max(1, min(int(batch_size), n))
     outputs = []
     for start in range(0, n, batch_size):

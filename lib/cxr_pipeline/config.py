@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,35 @@ def require_choice(value: Any, choices: Sequence[Any], dotted: str) -> Any:
     if value not in choices:
         raise ConfigError(f"{dotted} must be one of {tuple(choices)}, got {value!r}")
     return value
+
+
+_MISSING = object()
+
+
+def require(config: Mapping[str, Any], dotted: str) -> Any:
+    """The value of the setting ``dotted`` (``"data.uri"``); :class:`ConfigError` naming it when the config lacks it.
+
+    conf/defaults.yaml defines every setting, so a missing one means an old or partial config: it is never
+    replaced by a second default in code.
+    """
+    value = get(config, dotted, _MISSING)
+    if value is _MISSING:
+        raise ConfigError(
+            f"{dotted} is missing from the config (conf/defaults.yaml defines it: is CXR_CONF_DIR pointing at an "
+            "old copy?)"
+        )
+    return value
+
+
+@lru_cache(maxsize=1)
+def default_config() -> dict[str, Any]:
+    """The configuration a caller that passes no config gets (``load_config()``), read once per process."""
+    return load_config()
+
+
+def configured(dotted: str) -> Any:
+    """:func:`require` on :func:`default_config`: the setting for a caller that passes no value of its own."""
+    return require(default_config(), dotted)
 
 
 def get(config: Mapping[str, Any], dotted: str, default: Any = None) -> Any:

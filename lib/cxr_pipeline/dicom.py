@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .imaging import STRIP_PIXELS, ImageDecodeError, _draft, _load, is_resource_error
+from .pillow_io import STRIP_PIXELS, ImageDecodeError, draft, is_resource_error, load_pixels
 
 FRONTAL_VIEWS = ("PA", "AP")
 # ViewPosition as kept (read_facts): the standard's Defined Terms (PS3.3 C.8.11.5) and the common LATERAL/LAT;
@@ -433,8 +433,8 @@ def _decode_jpeg_baseline(
         raise ImageDecodeError(
             f"corrupt DICOM: JPEG frame is {image.size[0]}x{image.size[1]}, header says {header.width}x{header.height}"
         )
-    _draft(image, size)
-    _load(image)
+    draft(image, size)
+    load_pixels(image)
     if image.mode != "L":
         image = image.convert("L")
     counts = np.asarray(image.histogram()[:256], dtype=np.int64)

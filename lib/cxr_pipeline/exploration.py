@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from . import config
 from .dataset_layout import SPLITS
-from .imaging import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, image_info
+from .imaging import ImageDecodeError, configured_max_pixels, decode_image, image_info
 
 STATS_COLUMNS = ["path", "split", "label_name", "file_size", "width", "height", "format", "error"]
 STATS_SCHEMA = (
@@ -32,8 +33,10 @@ STATS_SCHEMA = (
 _CHECK_SIZE = (16, 16)
 
 
-def describe_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
-    """``{width, height, format, error}`` of one file's bytes; ``error`` is None for a good image."""
+def describe_image(data: bytes | None, max_pixels: int | None = None) -> dict:
+    """``{width, height, format, error}`` of one file's bytes; ``error`` is None for a good image
+    (``max_pixels``: None = ``data.max_pixels``)."""
+    max_pixels = configured_max_pixels(max_pixels)
     description = {"width": None, "height": None, "format": None, "error": None}
     try:
         width, height, fmt = image_info(data, max_pixels)
@@ -63,8 +66,10 @@ def _stats_batches(batches: Iterator[pd.DataFrame], max_pixels: int) -> Iterator
         yield out[STATS_COLUMNS]
 
 
-def image_stats(images, max_pixels: int = DEFAULT_MAX_PIXELS):
-    """Spark DataFrame ``[path, split, label_name, content, length?]`` -> per-image stats (:data:`STATS_SCHEMA`)."""
+def image_stats(images, max_pixels: int | None = None):
+    """Spark DataFrame ``[path, split, label_name, content, length?]`` -> per-image stats (:data:`STATS_SCHEMA`);
+    ``max_pixels``: None = ``data.max_pixels``."""
+    max_pixels = configured_max_pixels(max_pixels)  # on the driver: the executors get the number
     columns = [c for c in ("path", "split", "label_name", "content", "length") if c in images.columns]
     return images.select(*columns).mapInPandas(lambda it: _stats_batches(it, max_pixels), STATS_SCHEMA)
 
@@ -80,10 +85,12 @@ class Overview:
         return self.stats[self.stats["error"].isna()]
 
 
-def dataset_overview(spark, uri: str, source: str = "binaryFile", max_pixels: int = DEFAULT_MAX_PIXELS) -> Overview:
-    """Read the tree at ``uri`` with the project's reader and collect per-image stats and rejections."""
+def dataset_overview(spark, uri: str, source: str | None = None, max_pixels: int | None = None) -> Overview:
+    """Read the tree at ``uri`` with the project's reader and collect per-image stats and rejections
+    (``source`` and ``max_pixels``: None = ``data.source`` and ``data.max_pixels`` of the configuration)."""
     from .spark.reader import read_images_with_rejections
 
+    source = config.configured("data.source") if source is None else source
     if source == "image":
         raise ValueError("exploration measures file sizes and decodes the raw bytes: use source binaryFile or parquet")
     result = read_images_with_rejections(spark, uri, source=source)

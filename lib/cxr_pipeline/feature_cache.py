@@ -166,11 +166,15 @@ class CacheOutcome:
 class FeatureCache:
     """One cache entry: ``<root>/<data key>/<fingerprint digest>``."""
 
-    def __init__(self, root: str, data_uri: str, print_: Mapping[str, Any], lease_hours: float = 48.0):
+    def __init__(self, root: str, data_uri: str, print_: Mapping[str, Any], lease_hours: float | None = None):
         self.print = dict(print_)
         self.digest = _digest(self.print)[:16]
         self.parent = f"{root.rstrip('/')}/{data_key(data_uri)}"
         self.uri = f"{self.parent}/{self.digest}"
+        if lease_hours is None:  # training.features_cache_lease_hours of the configuration
+            from . import config
+
+            lease_hours = config.configured("training.features_cache_lease_hours")
         self.lease_seconds = float(lease_hours) * 3600.0
         self.run_id = uuid.uuid4().hex[:12]
 

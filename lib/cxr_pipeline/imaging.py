@@ -24,6 +24,8 @@ component sees exactly the same pixels.
   scanners or exports weigh less: :func:`normalize_intensity`. The functions
   here default to ``"none"``; the jobs pass ``data.intensity`` (``equalize`` in
   ``conf/defaults.yaml``), and every saved model records the mode it used.
+* ``max_pixels`` (width*height) is ``data.max_pixels`` of the configuration unless a caller passes
+  its own (the jobs pass the value their config resolved).
 * The image is resized to ``size`` without keeping the aspect ratio, as
   ``keras.utils.image_dataset_from_directory`` does by default.
 * Anything that cannot be decoded raises :class:`ImageDecodeError` whose text is
@@ -47,7 +49,6 @@ bytes per pixel for 32-bit/float images.
 
 from __future__ import annotations
 
-import errno
 import io
 import warnings
 from collections.abc import Mapping, Sequence
@@ -56,26 +57,17 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import config, dicom
 from .dataset_layout import is_dicom, sniff_image_format
+from .pillow_io import STRIP_PIXELS, ImageDecodeError, draft, is_resource_error, load_pixels
 
 DEFAULT_SIZE = (299, 299)  # (height, width), InceptionV3's input
-DEFAULT_MAX_PIXELS = 60_000_000  # width*height; chest X-rays are ~1-9 Mpx
 # Formats Pillow may try (JPEG covers MPO); anything else is "not an image" (smaller attack surface).
 ALLOWED_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "GIF", "WEBP", "PPM")
 
 _WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 _NATIVE_MODES = ("L", "RGB")
-STRIP_PIXELS = 1 << 20  # wide images are windowed this many pixels at a time (bounded float64 scratch)
 INTENSITY_MODES = ("none", "equalize")  # data.intensity: see normalize_intensity
-
-
-class ImageDecodeError(ValueError):
-    """An input that is not a usable image; ``str(error)`` is a short reason."""
-
-
-def is_resource_error(exc: BaseException) -> bool:
-    """Out of memory is the machine's state, not the image's: such errors must propagate, never be a rejection."""
-    return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM)
 
 
 def _open(data: bytes | None, max_pixels: int) -> Image.Image:
@@ -106,47 +98,19 @@ def _open(data: bytes | None, max_pixels: int) -> Image.Image:
     return image
 
 
-def image_info(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int, str]:
-    """``(width, height, format)`` from the header only (no pixel decoding); format ``"DICOM"`` for DICOM."""
-    if data and is_dicom(data):
-        from . import dicom
+def configured_max_pixels(max_pixels: int | None = None) -> int:
+    """``max_pixels``, or ``data.max_pixels`` of the configuration (conf/defaults.yaml) when None."""
+    return int(config.configured("data.max_pixels") if max_pixels is None else max_pixels)
 
+
+def image_info(data: bytes, max_pixels: int | None = None) -> tuple[int, int, str]:
+    """``(width, height, format)`` from the header only (no pixel decoding); format ``"DICOM"`` for DICOM."""
+    max_pixels = configured_max_pixels(max_pixels)
+    if data and is_dicom(data):
         header = dicom.read_image_header(data, max_pixels)
         return header.width, header.height, "DICOM"
     image = _open(data, max_pixels)
     return image.size[0], image.size[1], image.format or "unknown"
-
-
-def _orientation_swaps_axes(image: Image.Image) -> bool:
-    try:
-        orientation = image.getexif().get(0x0112, 1)
-    except Exception:  # noqa: BLE001 - a broken EXIF block just means "no orientation"
-        return False
-    return orientation in (5, 6, 7, 8)
-
-
-def _draft(image: Image.Image, size: tuple[int, int]) -> None:
-    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below the target size."""
-    if image.format not in ("JPEG", "MPO"):
-        return
-    height, width = size
-    if _orientation_swaps_axes(image):
-        width, height = height, width
-    image.draft(None, (width, height))
-
-
-def _load(image: Image.Image) -> None:
-    try:
-        image.load()
-    except OSError as exc:
-        if is_resource_error(exc):
-            raise
-        reason = "truncated image" if "truncated" in str(exc).lower() else f"corrupt image ({exc})"
-        raise ImageDecodeError(reason) from None
-    except Exception as exc:  # noqa: BLE001 - decoders raise SyntaxError, ValueError, struct.error...
-        if is_resource_error(exc):
-            raise
-        raise ImageDecodeError(f"corrupt image ({type(exc).__name__}: {exc})") from None
 
 
 def _window_to_8bit(image: Image.Image) -> Image.Image:
@@ -221,7 +185,7 @@ def _check_intensity(intensity: str) -> None:
 def decode_image(
     data: bytes,
     size: tuple[int, int] = DEFAULT_SIZE,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
     intensity: str = "none",
 ) -> np.ndarray:
     """Bytes of one image file -> ``uint8`` array ``(size[0], size[1], 3)`` (height, width, RGB).
@@ -230,17 +194,16 @@ def decode_image(
     reason for anything unusable.
     """
     _check_intensity(intensity)  # a setting, not a property of the image: never a rejection
+    max_pixels = configured_max_pixels(max_pixels)
     height, width = size
     if data and is_dicom(data):
-        from . import dicom
-
         image = dicom.decode_to_image(data, size, max_pixels)
     else:
         image = _open(data, max_pixels)
     try:
         if image.format is not None:  # a file Pillow opened (a DICOM arrives decoded and windowed)
-            _draft(image, size)
-            _load(image)
+            draft(image, size)
+            load_pixels(image)
             try:
                 image = ImageOps.exif_transpose(image)
             except Exception as exc:  # noqa: BLE001 - a broken EXIF block must not lose the image
@@ -266,14 +229,14 @@ def decode_image(
 def decode_batch(
     contents: Sequence[bytes | None],
     size: tuple[int, int] = DEFAULT_SIZE,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
     intensity: str = "none",
 ) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
     """Decode many images; bad ones are reported, not raised.
 
     Returns ``(arrays [n_good, H, W, 3] uint8, good_indices, [(index, reason), ...])``.
     """
-    return _decode_each(contents, decode_image, size, max_pixels, intensity)
+    return _decode_each(contents, decode_image, size, configured_max_pixels(max_pixels), intensity)
 
 
 def _decode_each(items: Sequence, decode, size: tuple[int, int], max_pixels: int, intensity: str):
@@ -299,11 +262,12 @@ def _decode_each(items: Sequence, decode, size: tuple[int, int], max_pixels: int
 def decode_image_struct(
     image: Mapping[str, Any] | None,
     size: tuple[int, int] = DEFAULT_SIZE,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
     intensity: str = "none",
 ) -> np.ndarray:
     """One Spark image-source struct (a dict) -> ``uint8`` array ``(size[0], size[1], 3)``, RGB."""
     _check_intensity(intensity)
+    max_pixels = configured_max_pixels(max_pixels)
     image = image or {}
     height, width, channels = image.get("height"), image.get("width"), image.get("nChannels")
     data = image.get("data")
@@ -326,8 +290,8 @@ def decode_image_struct(
 def decode_image_structs(
     images: Sequence[Mapping[str, Any] | None],
     size: tuple[int, int] = DEFAULT_SIZE,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
     intensity: str = "none",
 ) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
     """:func:`decode_batch` for Spark image-source structs: ``(arrays, good_indices, [(index, reason)])``."""
-    return _decode_each(images, decode_image_struct, size, max_pixels, intensity)
+    return _decode_each(images, decode_image_struct, size, configured_max_pixels(max_pixels), intensity)

@@ -185,7 +185,7 @@ THRESHOLD_RULES = ("sensitivity", "youden", "cost", "fixed")
 @dataclass(frozen=True)
 class ThresholdChoice:
     threshold: float
-    target_sensitivity: float
+    target_sensitivity: float | None  # None: the rule had none to reach
     sensitivity: float | None
     specificity: float | None
     fallback: str | None = None  # why the default was used instead, if it was
@@ -212,10 +212,10 @@ class ThresholdChoice:
 def threshold_for_sensitivity(
     y_true: Sequence[int],
     scores: Sequence[float],
-    target: float = 0.95,
+    target: float,
     default: float = DEFAULT_THRESHOLD,
 ) -> ThresholdChoice:
-    """The highest threshold whose sensitivity on (y_true, scores) is >= ``target``.
+    """The highest threshold whose sensitivity on (y_true, scores) is >= ``target`` (``training.target_sensitivity``).
 
     The highest such threshold keeps specificity as high as possible. It lies
     halfway between the lowest included score (a positive's) and the next lower
@@ -310,14 +310,16 @@ def rule_args_from_config(training: Mapping[str, Any]) -> dict[str, Any]:
 def choose_threshold_by_rule(
     y_true: Sequence[int],
     scores: Sequence[float],
-    rule: str = "sensitivity",
-    target_sensitivity: float = 0.95,
-    cost_fn: float = 1.0,
-    cost_fp: float = 1.0,
-    fixed: float = DEFAULT_THRESHOLD,
+    rule: str,
+    target_sensitivity: float | None = None,
+    cost_fn: float | None = None,
+    cost_fp: float | None = None,
+    fixed: float | None = None,
     default: float = DEFAULT_THRESHOLD,
 ) -> ThresholdChoice:
-    """The decision threshold on validation by one of ``THRESHOLD_RULES``:
+    """The decision threshold on validation by one of ``THRESHOLD_RULES`` (``training.threshold_rule``); a rule's
+    own values (``training.target_sensitivity``, ``.cost_fn``/``.cost_fp``, ``.fixed_threshold``) are required
+    by that rule, and the jobs pass them all (``TrainingSettings.threshold_rule_args``):
 
     - ``sensitivity``: the highest threshold reaching ``target_sensitivity``;
     - ``youden``: maximises sensitivity + specificity - 1 (independent of the validation prevalence);
@@ -327,12 +329,18 @@ def choose_threshold_by_rule(
     """
     if rule not in THRESHOLD_RULES:
         raise ValueError(f"threshold rule must be one of {', '.join(THRESHOLD_RULES)}, got {rule!r}")
+    needed = {"sensitivity": ("target_sensitivity",), "cost": ("cost_fn", "cost_fp"), "fixed": ("fixed",)}
+    given = {"target_sensitivity": target_sensitivity, "cost_fn": cost_fn, "cost_fp": cost_fp, "fixed": fixed}
+    missing = [name for name in needed.get(rule, ()) if given[name] is None]
+    if missing:
+        raise ValueError(f"threshold rule {rule} needs {', '.join(missing)}")
     if rule == "sensitivity":
         return threshold_for_sensitivity(y_true, scores, target_sensitivity, default)
-    if min(cost_fn, cost_fp) < 0 or cost_fn + cost_fp <= 0:
+    if rule == "cost" and (min(cost_fn, cost_fp) < 0 or cost_fn + cost_fp <= 0):
         raise ValueError(f"costs must be >= 0 and not both 0, got cost_fn={cost_fn}, cost_fp={cost_fp}")
     y, s = _arrays(y_true, scores)
-    fields = {"target_sensitivity": float(target_sensitivity), "rule": rule}
+    target = None if target_sensitivity is None else float(target_sensitivity)
+    fields = {"target_sensitivity": target, "rule": rule}
     if rule == "cost":
         fields.update(cost_fn=float(cost_fn), cost_fp=float(cost_fp))
     if rule == "fixed":

@@ -34,8 +34,8 @@ def _rank(patient: str, seed: int) -> str:
 def validation_patients(
     file_names: Sequence[str],
     labels: Sequence[int],
-    fraction: float = 0.2,
-    seed: int = 42,
+    fraction: float,
+    seed: int,
 ) -> set[str]:
     """The patient ids that go to validation.
 
@@ -84,10 +84,11 @@ def validation_patients(
 def is_validation(
     file_names: Sequence[str],
     labels: Sequence[int],
-    fraction: float = 0.2,
-    seed: int = 42,
+    fraction: float,
+    seed: int,
 ) -> list[bool]:
-    """For each image, whether it goes to validation (same order as the input)."""
+    """For each image, whether it goes to validation (same order as the input); ``fraction`` and ``seed`` are
+    ``training.validation_fraction`` and ``training.seed``."""
     chosen = validation_patients(file_names, labels, fraction, seed)
     return [patient_id(name) in chosen for name in file_names]
 

@@ -193,7 +193,7 @@ def model_params(kind: str, metrics: Mapping[str, Any], run_meta: Mapping[str, A
     else:
         values = {
             "backbone": run_meta.get("model_name") or metrics.get("model"),
-            "feature_layer": run_meta.get("cut_layer"),
+            "feature_layer": run_meta.get("feature_layer"),
             "image_size": run_meta.get("image_size") or metrics.get("image_size"),
             "intensity": run_meta.get("intensity"),  # the Keras flavor takes decoded pixels, decoded with this mode
             "weights_sha256": run_meta.get("weights_sha256"),
@@ -729,7 +729,7 @@ def _example_image_bytes(data_uri: str) -> bytes:
     """
     from . import dicom, storage
     from .dataset_layout import is_dicom
-    from .imaging import DEFAULT_MAX_PIXELS, ImageDecodeError
+    from .imaging import ImageDecodeError, configured_max_pixels
 
     files = [
         f
@@ -744,7 +744,7 @@ def _example_image_bytes(data_uri: str) -> bytes:
         if not is_dicom(data):
             return data
         try:
-            return dicom.pack_payload(data, DEFAULT_MAX_PIXELS)[0]
+            return dicom.pack_payload(data, configured_max_pixels())[0]
         except ImageDecodeError:
             continue  # an unusable DICOM: the next file
     raise FileNotFoundError(f"no decodable image under {data_uri} for the model's input example")
@@ -879,7 +879,7 @@ def _log_later(args, config) -> int:
     storage.configure(config)
     run_folder.require_complete(args.run)
     metrics = load_metrics(args.run)
-    data_uri = args.data or metrics.get("data") or cfg.get(config, "data.uri")
+    data_uri = args.data or metrics.get("data") or cfg.require(config, "data.uri")
     if args.kind == "cnn":
         logged = log_cnn_run(config, metrics, args.run, data_uri)
         return 0 if logged else 1

@@ -74,9 +74,8 @@ def spark_submit_args(
     spark_submit: str | None = None,
 ) -> list[str]:
     """The full argument list (``argv[0]`` = spark-submit) for ``job`` on YARN."""
-    spark_conf = flatten_conf(cfg.get(config, "spark.conf", {}) or {})
-    yarn = dict(cfg.get(config, "yarn", {}) or {})
-    master = cfg.get(config, "spark.master", "yarn")
+    spark_conf = flatten_conf(cfg.require(config, "spark.conf") or {})
+    master = cfg.require(config, "spark.master")
     if master != "yarn":
         raise YarnConfigError(f"spark.master is {master!r}, not yarn: load the config with env 'yarn'")
     archives = spark_conf.get("spark.yarn.dist.archives")
@@ -86,12 +85,12 @@ def spark_submit_args(
     if not python:
         raise YarnConfigError("spark.conf.spark.pyspark.python must point into the unpacked environment")
 
-    args = [spark_submit or yarn.get("spark_submit") or "spark-submit", "--master", "yarn"]
-    files = list(py_files if py_files is not None else _as_list(yarn.get("py_files")))
+    args = [spark_submit or cfg.require(config, "yarn.spark_submit"), "--master", "yarn"]
+    files = list(py_files if py_files is not None else _as_list(cfg.require(config, "yarn.py_files")))
     for key, flag in _FLAG_CONF.items():
         value = spark_conf.pop(key, None)
         if key == "spark.yarn.queue":
-            value = value or yarn.get("queue")
+            value = value or cfg.require(config, "yarn.queue")
         if key == "spark.submit.pyFiles" and value:
             files = _as_list(value) + files
             continue
@@ -100,13 +99,14 @@ def spark_submit_args(
     if files:
         args += ["--py-files", ",".join(files)]
     # In cluster mode the driver runs in the ApplicationMaster: it needs the same Python.
-    deploy_mode = flatten_conf(cfg.get(config, "spark.conf", {}) or {}).get("spark.submit.deployMode", "client")
+    # spark-submit's own default deploy mode is client
+    deploy_mode = flatten_conf(cfg.require(config, "spark.conf") or {}).get("spark.submit.deployMode", "client")
     if deploy_mode == "cluster":
         spark_conf.setdefault("spark.yarn.appMasterEnv.PYSPARK_PYTHON", python)
     spark_conf.setdefault("spark.executorEnv.PYSPARK_PYTHON", python)
     for key in sorted(spark_conf):
         args += ["--conf", f"{key}={spark_conf[key]}"]
-    app_name = cfg.get(config, "spark.app_name")
+    app_name = cfg.require(config, "spark.app_name")
     if app_name:
         args += ["--name", str(app_name)]
     args.append(job)
@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     py_files = None
     if args.build_wheel:
         py_files = [str(build_wheel())]
-    elif not cfg.get(config, "yarn.py_files"):
+    elif not cfg.require(config, "yarn.py_files"):
         built = sorted(glob.glob(str(REPO_ROOT / "dist" / "cxr_pipeline-*.whl")))
         py_files = built[-1:] if built else []
     job_args = [a for a in args.job_args if a != "--"]

@@ -29,7 +29,6 @@ from cxr_pipeline import dataset_layout, splits
 from cxr_pipeline.dicom import DicomSettings
 
 AUTOTUNE = tf.data.AUTOTUNE
-DEFAULT_MAX_PIXELS = 60_000_000
 
 
 @dataclass(frozen=True)
@@ -144,7 +143,7 @@ def list_image_tree(
 
 
 def split_records(
-    records: Sequence[ImageRecord], validation: str = "carve", val_fraction: float = 0.2, seed: int = 42
+    records: Sequence[ImageRecord], validation: str, val_fraction: float, seed: int
 ) -> tuple[list[ImageRecord], list[ImageRecord], list[ImageRecord]]:
     """(train, val, test) exactly as the Spark job splits (conf ``training.validation``):
     ``carve`` = a patient-grouped slice of the pooled ``train`` + ``val`` folders
@@ -211,13 +210,14 @@ def is_image_table(uri: str) -> bool:
 
 def load_splits(
     uri: str,
-    validation: str = "carve",
-    val_fraction: float = 0.2,
-    seed: int = 42,
+    validation: str,
+    val_fraction: float,
+    seed: int,
     source: str = "auto",
     patient_key: str | None = None,
 ) -> DataSplits:
-    """``source``: tree | parquet | auto (parquet when ``uri`` holds Parquet files).
+    """``validation``, ``val_fraction``, ``seed``: ``training.validation``, ``.validation_fraction``, ``.seed``.
+    ``source``: tree | parquet | auto (parquet when ``uri`` holds Parquet files).
     ``patient_key``: ``dicom.patient_key`` of the run's config (the Spark job's key, so both carve alike)."""
     rejections = Rejections()
     table = source == "parquet" or (source == "auto" and is_image_table(uri))
@@ -244,9 +244,10 @@ def _read_remote(uri: bytes, rejections: Rejections) -> bytes:
         return b""
 
 
-def _decoder(size: int, max_pixels: int, rejections: Rejections, intensity: str = "none"):
+def _decoder(size: int, max_pixels: int | None, rejections: Rejections, intensity: str):
     from cxr_pipeline import imaging
 
+    max_pixels = imaging.configured_max_pixels(max_pixels)
     empty = np.zeros((size, size, 3), np.uint8)
 
     def decode(uri: bytes, data: bytes):
@@ -266,13 +267,15 @@ def decoded_dataset(
     records: Sequence[ImageRecord],
     image_size: int,
     rejections: Rejections,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    cache: str | None = "memory",
+    max_pixels: int | None = None,
+    *,
+    cache: str | None,
     intensity: str = "none",
 ) -> tf.data.Dataset:
     """``(image uint8 [S, S, 3], label float32)`` for each record that decodes, in order.
 
-    ``cache``: "memory", a cache file path prefix, or None. ``intensity``: ``imaging.normalize_intensity``.
+    ``max_pixels``: None = ``data.max_pixels``. ``cache``: "memory", a cache file path prefix, or None.
+    ``intensity``: ``imaging.normalize_intensity``.
     Iterate it once with
     :func:`prepare` before training so the cache is complete and rejections known.
     """
@@ -360,15 +363,8 @@ def with_length(ds: tf.data.Dataset, n: int) -> tf.data.Dataset:
 # ------------------------------------------------------------------ batching
 
 
-def augmenter(
-    rotation: float = 0.03,
-    shift: float = 0.05,
-    zoom: float = 0.1,
-    brightness: float = 0.1,
-    flip: bool = False,
-    seed: int = 42,
-):
-    """Radiograph-safe augmentation on uint8-range batches: small rotation (fraction
+def augmenter(rotation: float, shift: float, zoom: float, brightness: float, flip: bool, seed: int):
+    """Radiograph-safe augmentation on uint8-range batches (``cnn.augment``): small rotation (fraction
     of a full turn), shift, zoom and brightness; horizontal flips only when asked
     (the heart is on the left)."""
     import keras
@@ -403,12 +399,15 @@ def training_dataset(
     decoded: tf.data.Dataset,
     labels: Sequence[int],
     batch_size: int,
-    seed: int = 42,
-    augment=None,
-    balance: str = "class_weight",
-    shuffle_buffer: int = 2048,
+    seed: int,
+    augment,
+    *,
+    balance: str,
+    shuffle_buffer: int,
 ) -> tuple[tf.data.Dataset, int | None]:
-    """Shuffled, augmented, batched, prefetched; returns (dataset, steps_per_epoch).
+    """Shuffled, augmented (``augment``: an :func:`augmenter` or None), batched, prefetched; returns
+    (dataset, steps_per_epoch). ``seed``, ``balance``, ``shuffle_buffer``: ``training.seed``, ``cnn.balance``,
+    ``cnn.shuffle_buffer``.
 
     ``balance="oversample"`` draws both classes with equal probability from two
     repeated streams (steps_per_epoch then says where an epoch ends); otherwise
@@ -440,12 +439,12 @@ def labels_of(decoded: tf.data.Dataset) -> np.ndarray:
     return np.concatenate([y.numpy() for _, y in decoded.batch(1024)]).astype(np.int64) if decoded else np.zeros(0)
 
 
-def images_from_bytes(
-    blobs: Iterable[bytes], image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, intensity: str = "none"
-):
-    """Decode for prediction: (uint8 batch of the good ones, good indexes, [(index, reason)])."""
+def images_from_bytes(blobs: Iterable[bytes], image_size: int, max_pixels: int | None, intensity: str):
+    """Decode for prediction: (uint8 batch of the good ones, good indexes, [(index, reason)]);
+    ``max_pixels``: None = ``data.max_pixels``."""
     from cxr_pipeline import imaging
 
+    max_pixels = imaging.configured_max_pixels(max_pixels)
     good, idx, bad = [], [], []
     for i, data in enumerate(blobs):
         try:

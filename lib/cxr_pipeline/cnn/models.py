@@ -9,7 +9,7 @@ import os
 import keras
 from keras import layers
 
-MODEL_NAMES = ("small_cnn", "inception_v3")
+from .settings import MODEL_NAMES
 
 # InceptionV3's block outputs, in order; cutting or unfreezing happens at these.
 INCEPTION_BLOCKS = tuple(f"mixed{i}" for i in range(11))
@@ -30,7 +30,7 @@ def _separable_block(x, filters: int, dropout: float = 0.0):
     return x
 
 
-def build_small_cnn(input_size: int = 150) -> keras.Model:
+def build_small_cnn(input_size: int) -> keras.Model:
     """The seeds' from-scratch CNN: five convolution blocks (the last four separable,
     with batch norm; dropout on the last two), then 512-128-64 dense with dropout."""
     if input_size < 32:
@@ -54,12 +54,12 @@ def build_small_cnn(input_size: int = 150) -> keras.Model:
 
 
 def inception_backbone(
-    input_size: int = 299,
-    weights: str | os.PathLike | None = None,
-    cut_layer: str | None = "mixed5",
+    input_size: int,
+    weights: str | os.PathLike | None,
+    feature_layer: str | None,
 ) -> keras.Model:
-    """InceptionV3 without top, with the provisioned weights, ending at ``cut_layer``
-    (the provisioned weights are ImageNet only up to about mixed5: see weights.py)."""
+    """InceptionV3 without top, with the provisioned weights, ending at ``feature_layer`` (None: the whole network;
+    the provisioned weights are ImageNet only up to about mixed5: see weights.py)."""
     if input_size < INCEPTION_MIN_SIZE:
         raise ValueError(f"InceptionV3 needs input_size >= {INCEPTION_MIN_SIZE}, got {input_size}")
     full = keras.applications.InceptionV3(weights=None, include_top=False, input_shape=(input_size, input_size, 3))
@@ -69,19 +69,21 @@ def inception_backbone(
 
             weights = default_weights_path("InceptionV3")
         full.load_weights(str(weights))
-    if cut_layer is None or cut_layer == INCEPTION_BLOCKS[-1]:
+    if feature_layer is None or feature_layer == INCEPTION_BLOCKS[-1]:
         return keras.Model(full.input, full.output, name="inception_v3")
-    if cut_layer not in INCEPTION_BLOCKS:
-        raise ValueError(f"cut_layer must be one of {', '.join(INCEPTION_BLOCKS)}, got {cut_layer!r}")
-    return keras.Model(full.input, full.get_layer(cut_layer).output, name="inception_v3")
+    if feature_layer not in INCEPTION_BLOCKS:
+        raise ValueError(
+            f"cnn.inception.feature_layer must be one of {', '.join(INCEPTION_BLOCKS)}, got {feature_layer!r}"
+        )
+    return keras.Model(full.input, full.get_layer(feature_layer).output, name="inception_v3")
 
 
 def build_inception_transfer(
-    input_size: int = 299,
-    weights: str | os.PathLike | None = None,
-    cut_layer: str | None = "mixed5",
-    dense_units: int = 128,
-    dropout: float = 0.5,
+    input_size: int,
+    weights: str | os.PathLike | None,
+    feature_layer: str | None,
+    dense_units: int,
+    dropout: float,
 ) -> keras.Model:
     """Frozen InceptionV3 backbone + global average pooling + dense/batch-norm head + sigmoid.
 
@@ -89,8 +91,9 @@ def build_inception_transfer(
     (``cxr_pipeline.weights.default_weights_path``), or "none" for random init (tests).
     The backbone is a nested model always called in inference mode, so its batch
     norms keep their statistics when top blocks are unfrozen for fine-tuning.
+    The other arguments are ``cnn.inception`` (:class:`.settings.InceptionSettings`).
     """
-    backbone = inception_backbone(input_size, weights, cut_layer)
+    backbone = inception_backbone(input_size, weights, feature_layer)
     backbone.trainable = False
     inputs = keras.Input((input_size, input_size, 3), name="image")
     x = layers.Rescaling(1.0 / 127.5, offset=-1.0)(inputs)  # InceptionV3 expects [-1, 1]
@@ -128,7 +131,7 @@ def export_backbone(model: keras.Model, start_weights: str | os.PathLike | None,
     trained = backbone_of(model)
     if trained is None:
         raise ValueError(f"{model.name} has no pretrained backbone to export")
-    whole = inception_backbone(int(trained.input_shape[1]), start_weights, cut_layer=None)
+    whole = inception_backbone(int(trained.input_shape[1]), start_weights, feature_layer=None)
     # A cut model lists its layers in the whole network's order, so they pair up with its first ones;
     # the class and weight shapes are checked rather than assumed.
     for source, target in zip(trained.layers, whole.layers):
@@ -140,7 +143,7 @@ def export_backbone(model: keras.Model, start_weights: str | os.PathLike | None,
     whole.save_weights(str(path))
 
 
-def unfreeze_top_blocks(model: keras.Model, n_blocks: int = 2) -> list[str]:
+def unfreeze_top_blocks(model: keras.Model, n_blocks: int) -> list[str]:
     """Make the last ``n_blocks`` Inception blocks of the backbone trainable (batch
     norms stay frozen); returns the names of the layers made trainable."""
     backbone = backbone_of(model)

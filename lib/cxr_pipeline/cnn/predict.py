@@ -68,7 +68,7 @@ class LocalCnnClassifier:
     image_size: int
     label_names: list[str] = field(default_factory=lambda: list(DEFAULT_LABEL_NAMES))
     threshold: float = 0.5
-    max_pixels: int = data.DEFAULT_MAX_PIXELS
+    max_pixels: int | None = None  # None: data.max_pixels of the configuration
     model_name: str = "cnn"
     intensity: str = "none"  # imaging.normalize_intensity, as trained (cnn.json; older runs: none)
     runtime: str = "keras"  # what scores (cnn.json; older runs: keras, all there was)
@@ -99,7 +99,7 @@ class LocalCnnClassifier:
             image_size=size,
             label_names=list(meta.get("label_names") or DEFAULT_LABEL_NAMES),
             threshold=float(threshold if threshold is not None else meta.get("threshold", 0.5)),
-            max_pixels=int(meta.get("max_pixels") or data.DEFAULT_MAX_PIXELS),
+            max_pixels=meta.get("max_pixels"),
             model_name=str(meta.get("model_name") or model.name),
             intensity=str(meta.get("intensity") or "none"),
             runtime=runtime,

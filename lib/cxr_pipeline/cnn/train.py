@@ -23,14 +23,15 @@ from typing import Any
 import keras
 import numpy as np
 
-from cxr_pipeline import backbones, imaging, plots, reporting, storage
 from cxr_pipeline import config as config_mod
+from cxr_pipeline import imaging, plots, reporting, storage
 from cxr_pipeline import metrics as M
 from cxr_pipeline.dicom import PUBLISHED_KEY_WARNING, DicomSettings
+from cxr_pipeline.training_settings import TrainingSettings
 
 from . import data, models
+from .settings import CnnSettings
 
-DEFAULT_IMAGE_SIZE = {"small_cnn": 150, "inception_v3": 299}
 CNN_JSON = "cnn.json"
 MODEL_FILE = "model.keras"
 BACKBONE_FILE = "backbone.weights.h5"  # the fine-tuned backbone, for the Spark featurizer (featurizer.backbone_run)
@@ -63,10 +64,10 @@ class Devices:
 
 
 def _switch(value: Any, has_gpu: bool) -> bool:
-    return has_gpu if value in (None, "auto") else bool(value)
+    return has_gpu if value == "auto" else bool(value)
 
 
-def configure_devices(mixed_precision: Any = "auto", xla: Any = "auto"):
+def configure_devices(mixed_precision: Any, xla: Any):
     """(Devices, tf.distribute.Strategy). Must run before any model or tensor is made."""
     import tensorflow as tf
 
@@ -92,76 +93,54 @@ def configure_devices(mixed_precision: Any = "auto", xla: Any = "auto"):
 
 # ------------------------------------------------------------------ settings
 
-_MISSING = object()
-
 
 @dataclass
 class Settings:
-    """What train_and_evaluate needs from the ``cnn:``, ``training:`` and ``data:`` sections (conf/defaults.yaml
-    holds every default; a missing key is a ConfigError, never a second default here)."""
+    """What train_and_evaluate needs: the ``cnn:`` section, the ``training:`` keys both paths share (validation
+    carve, seed, threshold rule) and ``data.max_pixels`` / ``data.intensity``. conf/defaults.yaml holds every
+    default; a missing key is a ConfigError naming it."""
 
-    model: str
-    image_size: int
-    batch_size: int
-    epochs: int
-    learning_rate: float
-    balance: str
-    cache: str
-    shuffle_buffer: int
-    seed: int
-    validation: str
-    validation_fraction: float
-    target_sensitivity: float
-    threshold_rule: dict[str, Any]  # metrics.choose_threshold_by_rule kwargs
-    early_stopping_patience: int
+    cnn: CnnSettings
+    training: TrainingSettings
     max_pixels: int
     intensity: str  # data.intensity (imaging.normalize_intensity), saved in cnn.json for prediction
-    verbose: int
-    runtime: str  # cnn.runtime: what scores the saved model (cnn.json); training and its evaluation are Keras
-    precision: str  # cnn.precision
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Settings:
-        def need(dotted: str) -> Any:
-            value = config_mod.get(config, dotted, _MISSING)
-            if value is _MISSING:
-                raise config_mod.ConfigError(f"{dotted} is missing from the config (conf/defaults.yaml defines it)")
-            return value
-
-        model = need("cnn.model")
-        if model not in models.MODEL_NAMES:
-            raise ValueError(f"cnn.model must be one of {', '.join(models.MODEL_NAMES)}, got {model!r}")
-        runtime, precision = str(need("cnn.runtime")), str(need("cnn.precision"))
-        try:
-            backbones.check_runtime(runtime, precision)
-        except backbones.BackboneError as exc:
-            raise config_mod.ConfigError(f"cnn.runtime/cnn.precision: {exc}") from None
+        intensity = config_mod.require(config, "data.intensity")
         return cls(
-            model=model,
-            image_size=int(need("cnn.image_size") or DEFAULT_IMAGE_SIZE[model]),
-            batch_size=int(need("cnn.batch_size")),
-            epochs=int(need("cnn.epochs")),
-            learning_rate=float(need("cnn.learning_rate")),
-            balance=str(need("cnn.balance")),
-            cache=str(need("cnn.cache")),
-            shuffle_buffer=int(need("cnn.shuffle_buffer")),
-            seed=int(need("training.seed")),
-            validation=str(need("training.validation")),
-            validation_fraction=float(need("training.validation_fraction")),
-            target_sensitivity=float(need("training.target_sensitivity")),
-            threshold_rule=M.rule_args_from_config(config.get("training") or {}),
-            early_stopping_patience=int(need("cnn.early_stopping_patience")),
-            max_pixels=int(need("data.max_pixels")),
-            intensity=str(config_mod.require_choice(need("data.intensity"), imaging.INTENSITY_MODES, "data.intensity")),
-            verbose=int(need("cnn.verbose")),
-            runtime=runtime,
-            precision=precision,
+            cnn=CnnSettings.from_config(config),
+            training=TrainingSettings.from_config(config),
+            max_pixels=int(config_mod.require(config, "data.max_pixels")),
+            intensity=str(config_mod.require_choice(intensity, imaging.INTENSITY_MODES, "data.intensity")),
         )
 
+    model = property(lambda self: self.cnn.model)
+    image_size = property(lambda self: self.cnn.input_size)
+    batch_size = property(lambda self: int(self.cnn.batch_size))
+    epochs = property(lambda self: int(self.cnn.epochs))
+    learning_rate = property(lambda self: float(self.cnn.learning_rate))
+    balance = property(lambda self: self.cnn.balance)
+    cache = property(lambda self: self.cnn.cache)
+    shuffle_buffer = property(lambda self: int(self.cnn.shuffle_buffer))
+    early_stopping_patience = property(lambda self: int(self.cnn.early_stopping_patience))
+    verbose = property(lambda self: int(self.cnn.verbose))
+    runtime = property(lambda self: self.cnn.runtime)
+    precision = property(lambda self: self.cnn.precision)
+    seed = property(lambda self: int(self.training.seed))
+    validation = property(lambda self: self.training.validation)
+    validation_fraction = property(lambda self: float(self.training.validation_fraction))
+    target_sensitivity = property(lambda self: float(self.training.target_sensitivity))
 
-def _model_options(config: Mapping[str, Any]) -> dict[str, Any]:
-    inception = config_mod.get(config, "cnn.inception", {}) or {}
-    return {k: inception[k] for k in ("weights", "cut_layer", "dense_units", "dropout") if k in inception}
+    @property
+    def threshold_rule(self) -> dict[str, Any]:
+        """metrics.choose_threshold_by_rule keyword arguments."""
+        return self.training.threshold_rule_args()
+
+
+def _model_options(settings: Settings) -> dict[str, Any]:
+    """models.build_model keyword arguments of the configured model."""
+    return asdict(settings.cnn.inception) if settings.model == "inception_v3" else {}
 
 
 # ------------------------------------------------------------------ callbacks
@@ -185,13 +164,8 @@ class EpochTimer(keras.callbacks.Callback):
         self.images_per_s.append(round(self.n_images / elapsed, 2) if elapsed else 0.0)
 
 
-def make_callbacks(
-    checkpoint_path: Path,
-    settings: Settings,
-    reduce_lr: Mapping[str, Any],
-    has_val: bool,
-    best_so_far: float | None = None,
-):
+def make_callbacks(checkpoint_path: Path, settings: Settings, has_val: bool, best_so_far: float | None = None):
+    reduce_lr = settings.cnn.reduce_lr
     monitor = "val_auc" if has_val else "auc"
     return [
         keras.callbacks.ModelCheckpoint(
@@ -211,9 +185,9 @@ def make_callbacks(
         keras.callbacks.ReduceLROnPlateau(
             monitor=monitor,
             mode="max",
-            factor=float(reduce_lr.get("factor", 0.3)),
-            patience=int(reduce_lr.get("patience", 2)),
-            min_lr=float(reduce_lr.get("min_lr", 1e-6)),
+            factor=float(reduce_lr.factor),
+            patience=int(reduce_lr.patience),
+            min_lr=float(reduce_lr.min_lr),
             verbose=1,
         ),
     ]
@@ -315,7 +289,7 @@ def _decoded(records, settings: Settings, rejections, scratch: Path, name: str) 
         settings.image_size,
         rejections,
         settings.max_pixels,
-        _cache_spec(settings.cache, scratch, name),
+        cache=_cache_spec(settings.cache, scratch, name),
         intensity=settings.intensity,
     )
     good = data.prepare(ds, records, rejections)
@@ -325,7 +299,7 @@ def _decoded(records, settings: Settings, rejections, scratch: Path, name: str) 
 def prepare_data(config: Mapping[str, Any], settings: Settings, data_uri: str, scratch: Path) -> Prepared:
     """List, split, decode and cache every split once; rejections are known afterwards."""
     started = time.perf_counter()
-    source = "parquet" if config_mod.get(config, "data.source") == "parquet" else "auto"
+    source = "parquet" if config_mod.require(config, "data.source") == "parquet" else "auto"
     dicom = DicomSettings.from_config(config)
     splits = data.load_splits(
         data_uri,
@@ -368,11 +342,10 @@ def fit(
     config: Mapping[str, Any], settings: Settings, devices: Devices, strategy, prepared: Prepared, checkpoint: Path
 ):
     """Phase 1 (and the fine-tuning phase when configured); returns (best model, history, timer)."""
-    cnn_conf = config.get("cnn") or {}
     batch = settings.batch_size * devices.replicas
-    augment_conf = dict(cnn_conf.get("augment") or {})
-    augment = data.augmenter(**augment_conf, seed=settings.seed) if augment_conf else None
-    in_model = augment is not None and augment_placement(cnn_conf.get("augment_on"), devices) == "model"
+    augment_conf = settings.cnn.augment
+    augment = data.augmenter(**asdict(augment_conf), seed=settings.seed) if augment_conf else None
+    in_model = augment is not None and augment_placement(settings.cnn.augment_on, devices) == "model"
     train_input, steps = data.training_dataset(
         prepared.train.ds,
         list(prepared.train.labels),
@@ -385,7 +358,7 @@ def fit(
     val_input = data.eval_dataset(prepared.val.ds, batch) if prepared.val.ds is not None else None
     weights = class_weights(prepared.counts()["train"]) if settings.balance == "class_weight" else None
     with strategy.scope():
-        options = _model_options(config) if settings.model == "inception_v3" else {}
+        options = _model_options(settings)
         model = models.build_model(settings.model, settings.image_size, **options)
         # Augmenting inside the trained graph runs it on the accelerator; the saved model stays bare.
         trained = keras.Sequential([keras.Input(model.input_shape[1:]), augment, model]) if in_model else model
@@ -396,7 +369,6 @@ def fit(
     )
 
     timer = EpochTimer(len(prepared.train.records) if steps is None else steps * batch)
-    reduce_lr = cnn_conf.get("reduce_lr") or {}
     monitor = "val_auc" if val_input is not None else "auc"
     history: dict[str, list[float]] = {}
 
@@ -411,22 +383,22 @@ def fit(
             class_weight=weights,
             verbose=settings.verbose,
             shuffle=False,
-            callbacks=[*make_callbacks(checkpoint, settings, reduce_lr, val_input is not None, best), timer],
+            callbacks=[*make_callbacks(checkpoint, settings, val_input is not None, best), timer],
         )
         _merge_history(history, result.history)
 
     run_phase(settings.epochs)
-    fine_tune = cnn_conf.get("fine_tune") or {}
-    if settings.model == "inception_v3" and int(fine_tune.get("epochs", 0)) > 0:
-        blocks = int(fine_tune.get("blocks", 2))
+    fine_tune = settings.cnn.fine_tune
+    if settings.model == "inception_v3" and int(fine_tune.epochs) > 0:
+        blocks = int(fine_tune.blocks)
         with strategy.scope():
             unfrozen = models.unfreeze_top_blocks(model, blocks)
-            compile_model(trained, float(fine_tune.get("learning_rate", 1e-5)), devices.xla)
+            compile_model(trained, float(fine_tune.learning_rate), devices.xla)
         log(
             f"fine-tuning: {len(unfrozen)} layers of the top {blocks} blocks unfrozen, "
             f"{models.trainable_summary(model)}"
         )
-        run_phase(int(fine_tune["epochs"]), best=max(history.get(monitor, [0.0])))
+        run_phase(int(fine_tune.epochs), best=max(history.get(monitor, [0.0])))
 
     if checkpoint.exists():  # the best epoch on validation AUC, over both phases
         with strategy.scope():
@@ -435,10 +407,10 @@ def fit(
     return model, history, timer
 
 
-def augment_placement(setting: Any, devices: Devices) -> str:
+def augment_placement(setting: str, devices: Devices) -> str:
     """Where augmentation runs: "model" (on the accelerator) or "pipeline" (tf.data on the CPU).
     ``auto``: in the model when a GPU trains, so a few CPU cores cannot starve it."""
-    if setting in (None, "auto"):
+    if setting == "auto":
         return "model" if devices.gpus else "pipeline"
     if setting not in ("model", "pipeline"):
         raise ValueError(f"cnn.augment_on must be auto, model or pipeline, got {setting!r}")
@@ -520,8 +492,7 @@ def train_and_evaluate(
 
     run_folder.check_output(out_uri, overwrite)  # before the epochs, not after
     settings = Settings.from_config(config)
-    cnn_conf = config.get("cnn") or {}
-    devices, strategy = configure_devices(cnn_conf.get("mixed_precision", "auto"), cnn_conf.get("xla", "auto"))
+    devices, strategy = configure_devices(settings.cnn.mixed_precision, settings.cnn.xla)
     log(devices.describe())
     keras.utils.set_random_seed(settings.seed)
     started = time.perf_counter()
@@ -545,7 +516,7 @@ def train_and_evaluate(
         stage.mkdir()
         model.save(stage / MODEL_FILE)
         if settings.model == "inception_v3":
-            metrics["backbone"] = _export_backbone(config, settings, model, stage)
+            metrics["backbone"] = _export_backbone(settings, model, stage)
         (stage / "predictions.csv").write_text(_predictions_csv(scored))
         _write_run(stage, config, settings, metrics, prepared, scored)
         _write_outputs(stage, out_uri, overwrite)
@@ -562,17 +533,17 @@ def train_and_evaluate(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _export_backbone(config, settings: Settings, model, stage: Path) -> dict[str, Any]:
+def _export_backbone(settings: Settings, model, stage: Path) -> dict[str, Any]:
     """Write the trained backbone beside the model; returns how the featurizer is to use it (cnn.json)."""
     from cxr_pipeline.backbones import file_sha256
 
-    options = _model_options(config)
-    models.export_backbone(model, options.get("weights"), stage / BACKBONE_FILE)
+    inception = settings.cnn.inception
+    models.export_backbone(model, inception.weights, stage / BACKBONE_FILE)
     return {
         "model_name": "InceptionV3",
         "weights_file": BACKBONE_FILE,
         "weights_sha256": file_sha256(stage / BACKBONE_FILE),
-        "feature_layer": options["cut_layer"],
+        "feature_layer": inception.feature_layer,
         "image_size": settings.image_size,
         "intensity": settings.intensity,
     }
@@ -597,6 +568,7 @@ def _write_run(stage: Path, config, settings: Settings, metrics, prepared: Prepa
                 "default_threshold": M.DEFAULT_THRESHOLD,
                 "max_pixels": settings.max_pixels,
                 "intensity": settings.intensity,
+                "feature_layer": settings.cnn.inception.feature_layer if settings.model == "inception_v3" else None,
                 "backbone": metrics.get("backbone"),
                 "runtime": settings.runtime,
                 "precision": settings.precision,
@@ -643,11 +615,9 @@ def _model_card(config, settings: Settings, metrics, prepared: Prepared) -> str:
     choice_fields = M.ThresholdChoice.__dataclass_fields__
     choice = M.ThresholdChoice(**{k: v for k, v in metrics["threshold_choice"].items() if k in choice_fields})
     if settings.model == "inception_v3":
-        inception = config_mod.get(config, "cnn.inception", {}) or {}
-        fine_tune = config_mod.get(config, "cnn.fine_tune", {}) or {}
         description = (
-            f"Keras InceptionV3 transfer model cut at `{inception.get('cut_layer')}`, {settings.image_size} px, "
-            f"{settings.epochs} frozen + {fine_tune.get('epochs', 0)} fine-tuning epochs, "
+            f"Keras InceptionV3 transfer model cut at `{settings.cnn.inception.feature_layer}`, "
+            f"{settings.image_size} px, {settings.epochs} frozen + {settings.cnn.fine_tune.epochs} fine-tuning epochs, "
             f"balance {settings.balance}, intensity {settings.intensity}."
         )
     else:

@@ -122,7 +122,7 @@ _LOOPBACK = re.compile(r"^[a-z][a-z0-9+.-]*://(127\.0\.0\.1|localhost)([:/]|$)",
 
 def default_data_uri(config: Mapping[str, Any], namespace: Mapping[str, Any] | None = None) -> str:
     """``data.uri`` of the config; empty on Databricks when it names this project's loopback HDFS."""
-    uri = str(config_mod.get(config, "data.uri", "") or "")
+    uri = str(config_mod.require(config, "data.uri") or "")
     if on_databricks(_caller_globals(namespace)) and _LOOPBACK.match(uri):
         return ""
     return uri
@@ -143,12 +143,12 @@ def default_runs_uri(
     ``runs.uri`` from the config if set; on Databricks ``runs/`` next to the data folder
     (e.g. ``/Volumes/main/cxr/files/runs``); else ``<hdfs.namenode_uri>/runs``.
     """
-    configured = config_mod.get(config, "runs.uri")
+    configured = config_mod.require(config, "runs.uri")
     if configured:
         return str(configured).rstrip("/")
     if data_uri and on_databricks(_caller_globals(namespace)):
         return data_uri.rstrip("/").rsplit("/", 1)[0] + "/runs"
-    namenode = str(config_mod.get(config, "hdfs.namenode_uri", "")).rstrip("/")
+    namenode = str(config_mod.require(config, "hdfs.namenode_uri") or "").rstrip("/")
     return f"{namenode}/runs" if namenode else str(Path(tempfile.gettempdir()) / "cxr_runs")
 
 

@@ -517,9 +517,9 @@ def decode_upload(
     page use these pixels); :func:`.validation.check_upload` is asked only about
     bytes the decoder refuses, for its status and message.
     """
-    from cxr_pipeline.imaging import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, image_info
+    from cxr_pipeline.imaging import ImageDecodeError, configured_max_pixels, decode_image, image_info
 
-    max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+    max_pixels = configured_max_pixels(max_pixels)
     if not data or len(data) > max_bytes:
         check_upload(data, max_bytes, size=size, max_pixels=max_pixels)  # raises: empty / too large
     try:
@@ -643,7 +643,7 @@ def create_app(
     info = backend.info
     input_size = backend.input_size
     # The model's own decompression-bomb guard, as the batch job applies it.
-    max_pixels = backend.max_pixels or cfg.get(config, "data.max_pixels")
+    max_pixels = backend.max_pixels or cfg.require(config, "data.max_pixels")
     keeper = (
         UploadKeeper(Path(settings.upload_dir), int(settings.upload_quota_mb * MIB)) if settings.keep_uploads else None
     )

@@ -113,7 +113,11 @@ class MicroBatcher:
     (``serving.max_active`` + ``serving.max_queued``), so it never holds more.
     """
 
-    def __init__(self, score_many: Callable[[np.ndarray], list[Prediction]], max_batch: int = 8):
+    def __init__(self, score_many: Callable[[np.ndarray], list[Prediction]], max_batch: int | None = None):
+        if max_batch is None:  # serving.max_batch of the configuration
+            from .. import config
+
+            max_batch = int(config.configured("serving.max_batch"))
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self._score_many, self.max_batch = score_many, max_batch
@@ -156,7 +160,7 @@ class ClassifierBackend:
     here; the subclasses say how a batch of pixels becomes probabilities.
     """
 
-    def __init__(self, classifier: Any, info: ModelInfo, max_batch: int = 8):
+    def __init__(self, classifier: Any, info: ModelInfo, max_batch: int | None = None):
         self.classifier = classifier
         self.info = info
         self._batcher = MicroBatcher(self._score_many, max_batch)
@@ -262,7 +266,7 @@ class CnnBackend(ClassifierBackend):
     changes the model's weights.
     """
 
-    def __init__(self, classifier: Any, info: ModelInfo, max_batch: int = 8):
+    def __init__(self, classifier: Any, info: ModelInfo, max_batch: int | None = None):
         super().__init__(classifier, info, max_batch)
         self._gradcam = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-gradcam")
 
@@ -364,7 +368,7 @@ def _spark_model_name(meta: dict[str, Any]) -> str:
     return f"{backbone}{f' ({layer})' if layer else ''} + logistic regression"
 
 
-def load_backend(model_path: str | Path, max_batch: int = 8) -> ModelBackend:
+def load_backend(model_path: str | Path, max_batch: int | None = None) -> ModelBackend:
     """Load the model at ``model_path`` once; the returned backend is ready to predict.
 
     ``max_batch``: at most this many concurrent requests are scored in one model call.

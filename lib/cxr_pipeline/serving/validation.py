@@ -52,13 +52,13 @@ def too_large(size: int | None, max_bytes: int) -> UploadRejected:
 
 def check_upload(data: bytes, max_bytes: int, size: tuple[int, int], max_pixels: int | None = None) -> CheckedImage:
     """Raise :class:`UploadRejected` unless ``data`` is a decodable image within the limits."""
-    from cxr_pipeline.imaging import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, image_info
+    from cxr_pipeline.imaging import ImageDecodeError, configured_max_pixels, decode_image, image_info
 
     if not data:
         raise UploadRejected(400, "empty_upload", "The uploaded file is empty (0 bytes): choose an X-ray image.")
     if len(data) > max_bytes:
         raise too_large(len(data), max_bytes)
-    max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+    max_pixels = configured_max_pixels(max_pixels)
     try:
         decode_image(data, size=size, max_pixels=max_pixels)
         width, height, fmt = image_info(data, max_pixels)

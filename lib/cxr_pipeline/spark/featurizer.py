@@ -92,8 +92,8 @@ class FeaturizerSettings:
             cls,
             config,
             "featurizer",
-            max_pixels=cfg.get(config, "data.max_pixels"),
-            intensity=cfg.get(config, "data.intensity"),
+            max_pixels=cfg.require(config, "data.max_pixels"),
+            intensity=cfg.require(config, "data.intensity"),
         )
 
     @classmethod
@@ -150,7 +150,7 @@ def resolve_backbone_run(config: Mapping[str, Any]) -> dict[str, Any]:
     """
     from .. import run_folder, storage
 
-    run = cfg.get(config, "featurizer.backbone_run")
+    run = cfg.require(config, "featurizer.backbone_run")
     if not run:
         return dict(config)
     run = str(run).rstrip("/")

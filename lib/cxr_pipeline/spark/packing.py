@@ -33,7 +33,7 @@ from pyspark.sql import types as T
 
 from ..dataset_layout import parse_image_path, patient_id
 from ..dicom import DicomSettings
-from ..imaging import DEFAULT_MAX_PIXELS, ImageDecodeError, image_info
+from ..imaging import ImageDecodeError, configured_max_pixels, image_info
 from .reader import read_images_with_rejections
 
 TARGET_FILE_MB = 128
@@ -104,15 +104,17 @@ def pack_image_tree(
     source_uri: str,
     table_uri: str,
     target_file_mb: int = TARGET_FILE_MB,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
     overwrite: bool = False,
     dicom: DicomSettings | None = None,
 ) -> PackSummary:
     """Write the tree at ``source_uri`` as a Parquet image table at ``table_uri``.
 
     ``dicom``: the ``dicom:`` config section (patient key, frontal_only, packed_png_bits); default read from ``conf/``.
+    ``max_pixels``: None = ``data.max_pixels`` of the configuration.
     """
     dicom = dicom or DicomSettings.default()
+    max_pixels = configured_max_pixels(max_pixels)
     read = read_images_with_rejections(spark, source_uri, dicom=dicom)
     header = _header_reader(max_pixels, dicom.patient_key, dicom.packed_png_bits)(F.col("path"), F.col("content"))
     with_header = read.images.withColumn("_h", header).cache()

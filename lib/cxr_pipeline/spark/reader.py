@@ -96,6 +96,14 @@ class ReadResult:
         return in_one_task(query) if self.listing_only_paths else query
 
 
+def configured_source(source: str | None) -> str:
+    """``source``, or ``data.source`` of the configuration when None; refused unless one of :data:`SOURCES`."""
+    from .. import config as cfg
+
+    chosen = cfg.configured("data.source") if source is None else source
+    return cfg.require_choice(chosen, SOURCES, "data.source")
+
+
 def is_dicom_path(path: Column) -> Column:
     lower = F.lower(path)
     result = F.lit(False)
@@ -282,7 +290,7 @@ def _load_raw(spark: SparkSession, uri: str, source: str, path_glob: str | None)
 def read_images_with_rejections(
     spark: SparkSession,
     uri: str,
-    source: str = "binaryFile",
+    source: str | None = None,
     label_names: Iterable[str] | None = None,
     path_glob: str | None = None,
     dicom: DicomSettings | None = None,
@@ -292,9 +300,10 @@ def read_images_with_rejections(
     ``label_names`` fixes the class list (e.g. the one a model was trained on);
     by default it is discovered from the class folders. ``path_glob`` is
     Spark's ``pathGlobFilter`` (e.g. ``"*.jpeg"``): files it hides are not reported.
-    ``dicom``: the ``dicom:`` config section (default: read from ``conf/``).
+    ``dicom``: the ``dicom:`` config section (default: read from ``conf/``); ``source``: None = ``data.source``.
     """
     dicom = dicom or DicomSettings.default()
+    source = configured_source(source)
     if source == "parquet":
         return read_image_table_with_rejections(spark, uri, label_names, dicom)
     raw = _load_raw(spark, uri, source, path_glob)
@@ -379,7 +388,7 @@ def _unscanned_files(spark: SparkSession, raw: DataFrame, listing_only: bool) ->
     )
 
 
-def read_image_tree(spark: SparkSession, uri: str, source: str = "binaryFile", **options) -> DataFrame:
+def read_image_tree(spark: SparkSession, uri: str, source: str | None = None, **options) -> DataFrame:
     """Only the usable images of the tree at ``uri`` (see :func:`read_images_with_rejections`)."""
     return read_images_with_rejections(spark, uri, source, **options).images
 
@@ -422,6 +431,6 @@ def read_image_table(spark: SparkSession, uri: str) -> DataFrame:
     return read_image_table_with_rejections(spark, uri).images
 
 
-def read_images(spark: SparkSession, uri: str, source: str = "binaryFile", **options) -> DataFrame:
+def read_images(spark: SparkSession, uri: str, source: str | None = None, **options) -> DataFrame:
     """Dispatch on ``source``: ``binaryFile`` / ``image`` (a tree) or ``parquet`` (a packed table)."""
     return read_images_with_rejections(spark, uri, source, **options).images

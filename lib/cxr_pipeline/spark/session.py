@@ -12,6 +12,8 @@ from typing import Any
 
 from pyspark.sql import SparkSession
 
+from .. import config as cfg
+
 MAX_FAILURES_KEY = "spark.task.maxFailures"
 # local, local[4], local[*]: one attempt per task (Spark ignores spark.task.maxFailures in local mode).
 _LOCAL_WITHOUT_RETRIES = re.compile(r"local(?:\[(\d+|\*)\])?")
@@ -98,11 +100,11 @@ def spark_session(
     master: str | None = None,
     verbose: bool = False,
 ) -> SparkSession:
-    """A SparkSession for ``config["spark"]``; ``master``/``app_name`` override it.
+    """A SparkSession for ``config["spark"]`` (None: the process's config); ``master``/``app_name`` override it.
 
     Under ``spark-submit`` the master given there wins over the config's. Whatever
     its origin, a local master gets ``spark.task.maxFailures`` attempts per task.
-    Spark logs at ``spark.log_level`` (WARN by default; ``verbose`` = INFO).
+    Spark logs at ``spark.log_level`` (``verbose`` = INFO).
     """
     late_log_config = use_project_logging()
     # Python workers run this interpreter (the venv), not whatever `python3` is first on PATH; spark-submit's
@@ -110,10 +112,11 @@ def spark_session(
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     chose_address = any(os.environ.get(name) for name in ("SPARK_LOCAL_IP", "SPARK_LOCAL_HOSTNAME"))
     os.environ.setdefault("SPARK_LOCAL_IP", LOOPBACK)
-    spark_conf = dict((config or {}).get("spark", {}))
-    level = "INFO" if verbose else str(spark_conf.get("log_level", "WARN")).upper()
+    config = cfg.default_config() if config is None else config
+    spark_conf = dict(cfg.require(config, "spark"))
+    level = "INFO" if verbose else str(cfg.require(config, "spark.log_level")).upper()
     settings = dict(spark_conf.get("conf") or {})
-    builder = SparkSession.builder.appName(app_name or spark_conf.get("app_name", "cxr-pipeline"))
+    builder = SparkSession.builder.appName(app_name or cfg.require(config, "spark.app_name"))
     launched_by_submit = "PYSPARK_GATEWAY_PORT" in os.environ or "SPARK_SUBMIT_OPTS" in os.environ
     if master is None and launched_by_submit:
         chosen_master = _launcher_master()

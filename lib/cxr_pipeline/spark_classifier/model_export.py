@@ -154,16 +154,16 @@ class LocalClassifier:
     [{'probability': 0.97, 'predicted_label': 1, 'label_name': 'PNEUMONIA', 'threshold': 0.31, 'error': None}]
     """
 
-    def __init__(self, spec: dict[str, Any], run_dir: str = "", batch_size: int = 16):
+    def __init__(self, spec: dict[str, Any], run_dir: str = "", batch_size: int | None = None):
         self.spec = spec
         self.run_dir = run_dir
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # None: featurizer.batch_size of the configuration (backbones.featurize_arrays)
         self.threshold = float(spec["threshold"])
         self.label_names = list(spec["label_names"])
         self._backbone = None
 
     @classmethod
-    def load(cls, run_dir: str, batch_size: int = 16) -> LocalClassifier:
+    def load(cls, run_dir: str, batch_size: int | None = None) -> LocalClassifier:
         from .. import run_folder, storage
 
         run_folder.require_complete(str(run_dir))

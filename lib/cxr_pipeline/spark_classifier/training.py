@@ -43,6 +43,7 @@ from .. import splits
 from ..dataset_layout import invert_label_index, label_index, parse_image_path, patient_id
 from ..dicom import PUBLISHED_KEY_WARNING, DicomSettings
 from ..spark.featurizer import FeaturizerSettings
+from ..training_settings import TrainingSettings
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,6 @@ SCALED_COL = "scaled_features"
 WEIGHT_COL = "weight"
 SCORE_COL = "p_pneumonia"
 POSITIVE_LABEL = "PNEUMONIA"
-TUNING_MODES = ("none", "cv", "tvs")
 
 
 class TrainingError(RuntimeError):
@@ -78,57 +78,6 @@ class RunLayout:
     rejected = property(lambda self: self.file("rejected.csv"))
     images = property(lambda self: self.file("images.csv"))  # path, subset, label, label_name of every image used
     summary = property(lambda self: self.file("summary.txt"))
-
-
-@dataclass
-class TrainingSettings:
-    """The ``training:`` section of ``conf/defaults.yaml`` (the one home of its defaults): every key required."""
-
-    reg_param: float
-    elastic_net_param: float
-    max_iter: int
-    class_weighting: bool
-    tuning: str
-    tuning_folds: int
-    grid: dict[str, list[float]]
-    validation: str
-    validation_fraction: float
-    seed: int
-    target_sensitivity: float
-    threshold_rule: str  # metrics.THRESHOLD_RULES
-    cost_fn: float
-    cost_fp: float
-    fixed_threshold: float
-    features_cache: str | None
-    features_cache_lease_hours: float
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> TrainingSettings:
-        return cfg.section_settings(cls, config, "training")
-
-    def validate(self) -> None:
-        cfg.require_choice(self.tuning, TUNING_MODES, "training.tuning")
-        if self.validation not in ("carve", "folder"):
-            raise cfg.ConfigError(f"training.validation must be carve or folder, got {self.validation!r}")
-        if not 0.0 < float(self.validation_fraction) < 1.0:
-            raise cfg.ConfigError("training.validation_fraction must be in (0, 1)")
-        if not 0.0 < float(self.target_sensitivity) <= 1.0:
-            raise cfg.ConfigError("training.target_sensitivity must be in (0, 1]")
-        cfg.require_choice(self.threshold_rule, M.THRESHOLD_RULES, "training.threshold_rule")
-        if min(float(self.cost_fn), float(self.cost_fp)) < 0 or float(self.cost_fn) + float(self.cost_fp) <= 0:
-            raise cfg.ConfigError("training.cost_fn and training.cost_fp must be >= 0 and not both 0")
-        if self.tuning == "cv" and int(self.tuning_folds) < 2:
-            raise cfg.ConfigError("training.tuning_folds must be >= 2")
-
-    def threshold_rule_args(self) -> dict[str, Any]:
-        """Keyword arguments of ``metrics.choose_threshold_by_rule`` (the CNN job uses the same)."""
-        return {
-            "rule": self.threshold_rule,
-            "target_sensitivity": float(self.target_sensitivity),
-            "cost_fn": float(self.cost_fn),
-            "cost_fp": float(self.cost_fp),
-            "fixed": float(self.fixed_threshold),
-        }
 
 
 # ---------------------------------------------------------------- timing
@@ -192,13 +141,13 @@ def data_source(config: Mapping[str, Any]) -> str:
     """``data.source``, refused before any Spark work when it is not one the reader knows."""
     from ..spark.reader import SOURCES
 
-    return cfg.require_choice(cfg.get(config, "data.source"), SOURCES, "data.source")
+    return cfg.require_choice(cfg.require(config, "data.source"), SOURCES, "data.source")
 
 
 def open_feature_cache(config: Mapping[str, Any], data_uri: str, out_uri: str, featurizer, settings: TrainingSettings):
     from ..feature_cache import FeatureCache, fingerprint
 
-    print_ = fingerprint(featurizer, data_source(config), cfg.get(config, "dicom", None))
+    print_ = fingerprint(featurizer, data_source(config), cfg.require(config, "dicom"))
     return FeatureCache(
         features_cache_root(out_uri, settings.features_cache),
         data_uri,
