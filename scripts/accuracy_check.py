@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO / "lib"))
 JOBS = ("cnn", "spark", "spark-cnn")
 # The fine-tuning recipe of the two-step flow (docs/accuracy.md says how it was chosen).
 CNN_ARGS = [
-    *("--model", "inception_v3", "--image-size", "224", "--cut-layer", "mixed5"),
+    *("--model", "inception_v3", "--image-size", "224", "--feature-layer", "mixed5"),
     *("--epochs", "2", "--fine-tune-epochs", "8", "--set", "cnn.fine_tune.blocks=3"),
     *("--cache", "memory", "--verbose", "2"),
 ]
