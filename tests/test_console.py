@@ -69,8 +69,10 @@ def test_jobs_offer_verbose(job):
 
 
 SUBMITTED = """
+from cxr_pipeline.config import deep_merge, load_config
 from cxr_pipeline.spark.session import spark_session
-spark = spark_session({"spark": {"log_level": "WARN", "conf": {"spark.ui.enabled": "false"}}})
+config = deep_merge(load_config(), {"spark": {"log_level": "WARN", "conf": {"spark.ui.enabled": "false"}}})
+spark = spark_session(config)
 conf = spark.sparkContext.getConf()
 print("DRIVER", conf.get("spark.driver.host"), conf.get("spark.driver.bindAddress", "-"), flush=True)
 assert spark.range(10).count() == 10

@@ -74,12 +74,14 @@ def test_the_first_import_prints_no_start_up_notice():
     assert "This TensorFlow binary is optimized" not in out.stderr  # an INFO line after logging starts
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="oneDNN's notice is printed on x86-64 builds")
-def test_tf_cpp_min_log_level_0_still_shows_the_notice():
-    """The control: TensorFlow does print the notice, and asking for every INFO line gets it."""
+def test_tf_cpp_min_log_level_0_still_shows_the_notices():
+    """The control: TensorFlow does print its notices, and asking for every INFO line gets them. The oneDNN
+    one only where oneDNN is on by default (Intel CPUs; not AMD EPYC), so the absl one is the sure one."""
     out = run_python(IMPORT, TF_CPP_MIN_LOG_LEVEL="0")
     assert out.returncode == 0, out.stderr
-    assert NOTICE in out.stderr
+    assert "absl::InitializeLog" in out.stderr
+    if platform.machine() in ("x86_64", "AMD64"):  # cpu_feature_guard's INFO line, x86-64 builds only
+        assert "This TensorFlow binary is optimized" in out.stderr
 
 
 def test_two_threads_importing_at_once_leave_stderr_where_it_was():
