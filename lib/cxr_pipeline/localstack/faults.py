@@ -79,11 +79,17 @@ def executor_jvms(worker_pid: int) -> list[int]:
     return [pid for pid in descendants(worker_pid) if processes.process_matches(pid, "CoarseGrainedExecutorBackend")]
 
 
-def tensorflow_loaded(pid: int) -> bool:
+# The native libraries of featurizer.runtime's choices: a Python worker with one of them mapped is featurizing.
+# (With the default onnxruntime, executors never import TensorFlow.)
+MODEL_RUNTIME_LIBRARIES = ("tensorflow", "onnxruntime", "openvino")
+
+
+def model_runtime_loaded(pid: int) -> bool:
     try:
-        return "tensorflow" in Path(f"/proc/{pid}/maps").read_text()
+        maps = Path(f"/proc/{pid}/maps").read_text()
     except OSError:
         return False
+    return any(library in maps for library in MODEL_RUNTIME_LIBRARIES)
 
 
 def _cpu_ticks(pid: int) -> int:
@@ -183,7 +189,7 @@ class FaultStack:
     # -- faults -----------------------------------------------------------------
     def kill_python_worker(self) -> str:
         workers = python_workers(self.worker_pids())
-        victim = busiest([pid for pid in workers if tensorflow_loaded(pid)] or workers)
+        victim = busiest([pid for pid in workers if model_runtime_loaded(pid)] or workers)
         if victim is None:
             raise RuntimeError("no PySpark worker process is running on the cluster")
         os.kill(victim, signal.SIGKILL)
@@ -203,10 +209,10 @@ class FaultStack:
         return f"stopped {handle.name} pid {pid}"
 
     def featurizing_worker(self) -> int | None:
-        """Index of a Spark worker whose executor's Python has TensorFlow loaded (featurization runs there)."""
+        """Index of a Spark worker whose executor's Python has a model runtime loaded (featurization runs there)."""
         for index, handle in enumerate(self.spark.workers):
             pid = handle.pid()
-            if pid and handle.alive() and any(tensorflow_loaded(p) for p in python_workers([pid])):
+            if pid and handle.alive() and any(model_runtime_loaded(p) for p in python_workers([pid])):
                 return index
         return None
 
