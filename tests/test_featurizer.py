@@ -131,6 +131,23 @@ def test_pipeline_with_featurizer_saves_and_loads(spark, tree, tmp_path):
         assert after[path] == same_probability(p)
 
 
+SAVED_BEFORE_ISSUE_29 = REPO / "tests" / "fixtures" / "pipeline_saved_before_issue29"
+
+
+def test_a_pipeline_saved_before_the_package_moves_still_loads_and_scores(spark, tree):
+    """A saved PipelineModel names the featurizer's class (``cxr_pipeline.spark.featurizer.ImageFeaturizer``):
+    a run trained before issue 29 rearranged the package (this fixture) must still load and featurize."""
+    from pyspark.ml import PipelineModel
+
+    loaded = PipelineModel.load(str(SAVED_BEFORE_ISSUE_29))
+    featurizer = loaded.stages[0]
+    assert isinstance(featurizer, ImageFeaturizer)
+    assert (featurizer.getFeatureLayer(), featurizer.getBatchSize(), featurizer.getImageSize()) == (LAYER, 4, 96)
+    images = read_images(spark, str(tree)).where("path NOT LIKE '%text.jpeg' AND path NOT LIKE '%truncated.jpeg'")
+    rows = loaded.transform(images).collect()
+    assert len(rows) == 8 and all(r.featurize_error is None and len(r.features) > 0 for r in rows)
+
+
 def test_filter_on_error_column_runs_the_model_once(spark, tree):
     featurized = ImageFeaturizer(featureLayer=LAYER).transform(read_images(spark, str(tree)))
     plan = featurized.where("featurize_error IS NULL")._jdf.queryExecution().executedPlan().toString()
