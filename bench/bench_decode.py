@@ -40,7 +40,7 @@ from cxr_pipeline.datasets.dicom_from_images import (  # noqa: E402
     jpeg_dicom,
     twelve_bit_with_window,
 )
-from cxr_pipeline.imaging import decode_image  # noqa: E402
+from cxr_pipeline.images.decode import decode_image  # noqa: E402
 
 BEFORE_FIX = "827de81~1"  # the commit before the strip-wise window
 
@@ -157,7 +157,7 @@ def memory(side: int, workdir: Path) -> None:
     before = workdir / "imaging_before.py"
     before.write_text(
         subprocess.run(
-            ["git", "show", f"{BEFORE_FIX}:lib/cxr_pipeline/imaging.py"],
+            ["git", "show", f"{BEFORE_FIX}:lib/cxr_pipeline/images/decode.py"],
             cwd=REPO,
             check=True,
             capture_output=True,

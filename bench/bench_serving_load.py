@@ -140,7 +140,7 @@ def batch_scores(model: str, blobs: list[bytes]) -> list[float]:
     from cxr_pipeline.serving.backends import detect_kind
 
     if detect_kind(model) == "spark-lr":
-        from cxr_pipeline.spark_classifier.model_export import LocalClassifier
+        from cxr_pipeline.spark.classifier.model_export import LocalClassifier
 
         results = LocalClassifier.load(model).predict_bytes(blobs)
     else:

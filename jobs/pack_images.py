@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     configure_logging(args.verbose)
     from cxr_pipeline import config as cfg
-    from cxr_pipeline.dicom import DicomSettings
+    from cxr_pipeline.images.dicom import DicomSettings
     from cxr_pipeline.spark.packing import pack_image_tree
     from cxr_pipeline.spark.session import spark_job
 

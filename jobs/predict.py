@@ -7,7 +7,7 @@
 path + content columns (name ending in .parquet). Writes OUT/predictions.parquet,
 OUT/predictions_csv/ with --csv, and OUT/unreadable.csv listing files that could
 not be scored (they are reported, not fatal), and prints each path. In pandas:
-cxr_pipeline.tables.read_table(OUT + "/predictions.parquet").
+cxr_pipeline.infra.tables.read_table(OUT + "/predictions.parquet").
 """
 
 from __future__ import annotations
@@ -54,11 +54,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     config = resolve_config(args)
     configure_logging(args.verbose)
-    from cxr_pipeline import run_folder, storage, tracking
-    from cxr_pipeline.backbones import BackboneError
+    from cxr_pipeline import tracking
     from cxr_pipeline.cli import missing_on_this_machine
+    from cxr_pipeline.infra import run_folder, storage
+    from cxr_pipeline.models.backbones import BackboneError
+    from cxr_pipeline.spark.classifier.prediction import predict_images
     from cxr_pipeline.spark.session import spark_job
-    from cxr_pipeline.spark_classifier.prediction import predict_images
 
     storage.configure(config)
     run_folder.configure(config)
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
     print(f"scored {summary.scored} image(s): {classes}; unreadable {summary.unreadable}")
     for kind, uri in summary.files.items():
         print(f"{OUTPUT_LABELS[kind]}: {uri}")
-    print(f'in pandas: from cxr_pipeline.tables import read_table; read_table("{summary.files["parquet"]}")')
+    print(f'in pandas: from cxr_pipeline.infra.tables import read_table; read_table("{summary.files["parquet"]}")')
     return 0
 
 

@@ -87,8 +87,9 @@ def main(argv=None) -> int:
         print(f"train_cnn: error: {exc}", file=sys.stderr)
         return 2
 
-    from cxr_pipeline import run_folder, storage, tracking
-    from cxr_pipeline.tensorflow_runtime import import_tensorflow
+    from cxr_pipeline import tracking
+    from cxr_pipeline.infra import run_folder, storage
+    from cxr_pipeline.models.tensorflow_runtime import import_tensorflow
 
     import_tensorflow()  # before cnn.train imports Keras: TensorFlow's start-up notices stay off the console
     from cxr_pipeline.cnn.train import train_and_evaluate

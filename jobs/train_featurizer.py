@@ -102,11 +102,12 @@ def main(argv=None) -> int:
         ],
     )
     from cxr_pipeline import config as cfg
-    from cxr_pipeline import run_folder, storage, tracking
+    from cxr_pipeline import tracking
+    from cxr_pipeline.infra import run_folder, storage
+    from cxr_pipeline.models.weights import WeightsNotFound, default_weights_path
+    from cxr_pipeline.spark.classifier.training import TrainingError, train
     from cxr_pipeline.spark.featurizer import FeaturizerSettings
     from cxr_pipeline.spark.session import spark_job
-    from cxr_pipeline.spark_classifier.training import TrainingError, train
-    from cxr_pipeline.weights import WeightsNotFound, default_weights_path
 
     data_uri = args.data or cfg.require(config, "data.uri")
     storage.configure(config)

@@ -2,7 +2,7 @@
 # MAGIC %md
 # MAGIC # 2. Featurize, train and evaluate the Spark model
 # MAGIC
-# MAGIC The project's main job, step by step, with the library doing the work (`cxr_pipeline.spark_classifier.training`):
+# MAGIC The project's main job, step by step, with the library doing the work (`cxr_pipeline.spark.classifier.training`):
 # MAGIC
 # MAGIC 1. read the image tree (junk is rejected and listed),
 # MAGIC 2. featurize every image with a pretrained Keras backbone inside a Spark ML `Transformer`
@@ -28,7 +28,8 @@ except ImportError:
 
 from pyspark.ml import Pipeline
 
-from cxr_pipeline import storage, tracking
+from cxr_pipeline import tracking
+from cxr_pipeline.infra import storage
 from cxr_pipeline.notebook_support import (
     counts_table,
     default_data_uri,
@@ -46,7 +47,7 @@ from cxr_pipeline.notebook_support import (
     threshold_table,
     with_settings,
 )
-from cxr_pipeline.spark_classifier import training
+from cxr_pipeline.spark.classifier import training
 
 config = notebook_config(get_param("conf_env", "local", "Config environment (conf/<env>.yaml)"))
 data_uri = require("data_uri", get_param("data_uri", default_data_uri(config), "Dataset root (chest_xray folder URI)"))

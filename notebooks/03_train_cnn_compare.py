@@ -22,8 +22,9 @@ try:
 except ImportError:
     sys.path.insert(0, os.path.abspath(os.path.join(os.getcwd(), "..", "lib")))
 
-from cxr_pipeline import run_folder, storage, tracking
+from cxr_pipeline import tracking
 from cxr_pipeline.cnn import train as cnn_train
+from cxr_pipeline.infra import run_folder, storage
 from cxr_pipeline.notebook_support import (
     agreement_table,
     cnn_test_scores,

@@ -22,8 +22,9 @@ except ImportError:  # ... else the checkout's lib/
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 
 from cxr_pipeline import config as conf  # noqa: E402
-from cxr_pipeline import hdfs_load, paths, storage  # noqa: E402
+from cxr_pipeline import paths  # noqa: E402
 from cxr_pipeline.cli import add_config_options, resolve_config  # noqa: E402
+from cxr_pipeline.infra import hdfs_load, storage
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_pipeline.dataset_layout import SPLITS, parse_image_path, patient_id
 from cxr_pipeline.datasets import medmnist, sample, synthetic
+from cxr_pipeline.images.layout import SPLITS, parse_image_path, patient_id
 
 SHARED_NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist_28_trainval.npz"
 

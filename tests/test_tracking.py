@@ -261,8 +261,8 @@ def test_run_params_metrics_artifacts_dataset_and_tags_are_in_the_store(logged, 
 def test_logged_spark_model_scores_like_the_runs_pipeline_model(logged, spark_run, spark):
     import mlflow
 
+    from cxr_pipeline.spark.classifier import training as T
     from cxr_pipeline.spark.reader import read_image_tree
-    from cxr_pipeline.spark_classifier import training as T
 
     _, _, outcome, _ = logged
     data, result = spark_run
@@ -286,8 +286,8 @@ def test_logged_spark_model_scores_like_the_runs_pipeline_model(logged, spark_ru
 def test_champion_moves_only_on_a_better_validation_auc_and_resolves_to_the_run_folder(logged, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from cxr_pipeline import run_folder
-    from cxr_pipeline.spark_classifier.model_export import LocalClassifier
+    from cxr_pipeline.infra import run_folder
+    from cxr_pipeline.spark.classifier.model_export import LocalClassifier
 
     _, config, first, _ = logged
     settings = tracking.TrackingSettings.from_config(config)
@@ -322,8 +322,8 @@ def test_a_version_keeps_what_it_was_trained_as_when_its_run_folder_is_replaced(
     """Two `make demo`s write the same --out: v1 must still resolve to v1's run folder, not to v2's."""
     from mlflow.tracking import MlflowClient
 
-    from cxr_pipeline import storage
-    from cxr_pipeline.spark_classifier.training import RunLayout, TrainingResult
+    from cxr_pipeline.infra import storage
+    from cxr_pipeline.spark.classifier.training import RunLayout, TrainingResult
 
     data, result = spark_run
     storage.download_dir(result.run.root, tmp_path / "run")
@@ -350,8 +350,8 @@ def test_a_version_keeps_what_it_was_trained_as_when_its_run_folder_is_replaced(
 @pytest.mark.slow
 @pytest.mark.hdfs
 def test_unreachable_tracking_server_warns_and_keeps_the_run(spark_run, spark):
-    from cxr_pipeline import run_folder
-    from cxr_pipeline.localstack.processes import free_port
+    from cxr_pipeline.infra import run_folder
+    from cxr_pipeline.infra.localstack.processes import free_port
 
     data, result = spark_run
     uri = f"http://127.0.0.1:{free_port()}"
@@ -377,7 +377,7 @@ def test_mlflow_ui_shows_the_run_and_its_metrics(logged, spark_run, tmp_path):
     from mlflow.tracking import MlflowClient
     from playwright.sync_api import sync_playwright
 
-    from cxr_pipeline.localstack.processes import free_port
+    from cxr_pipeline.infra.localstack.processes import free_port
 
     store, _, outcome, _ = logged
     port = free_port()

@@ -88,7 +88,7 @@ def hdfs_twin(path: str, config: dict[str, Any]) -> str | None:
     not or HDFS cannot be asked."""
     import posixpath
 
-    from .. import storage
+    from ..infra import storage
 
     namenode = str(cfg.get(config, "hdfs.namenode_uri") or "").rstrip("/")
     relative = posixpath.normpath(path).lstrip("/")

@@ -24,10 +24,12 @@ import keras
 import numpy as np
 
 from cxr_pipeline import config as config_mod
-from cxr_pipeline import imaging, plots, reporting, storage
-from cxr_pipeline import metrics as M
-from cxr_pipeline.dicom import PUBLISHED_KEY_WARNING, DicomSettings
-from cxr_pipeline.training_settings import TrainingSettings
+from cxr_pipeline.evaluation import metrics as M
+from cxr_pipeline.evaluation import plots, reporting
+from cxr_pipeline.evaluation.training_settings import TrainingSettings
+from cxr_pipeline.images import decode as imaging
+from cxr_pipeline.images.dicom import PUBLISHED_KEY_WARNING, DicomSettings
+from cxr_pipeline.infra import storage
 
 from . import data, models
 from .settings import CnnSettings
@@ -452,8 +454,8 @@ def evaluate_run(model, settings: Settings, devices: Devices, prepared: Prepared
 
 
 def _write_outputs(stage: Path, out_uri: str, overwrite: bool) -> None:
-    """The finished local run folder -> ``out_uri``, all or nothing (:mod:`cxr_pipeline.run_folder`)."""
-    from .. import run_folder
+    """The finished local run folder -> ``out_uri``, all or nothing (:mod:`cxr_pipeline.infra.run_folder`)."""
+    from ..infra import run_folder
 
     with run_folder.staged_output(out_uri, overwrite=overwrite, tool="train_cnn") as target:
         storage.upload_dir(str(stage), target)
@@ -488,7 +490,7 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Train the configured CNN on ``data_uri`` and write the run folder to ``out_uri`` (new or
     empty unless ``overwrite``). Returns the metrics dict written to ``metrics.json``."""
-    from .. import run_folder
+    from ..infra import run_folder
 
     run_folder.check_output(out_uri, overwrite)  # before the epochs, not after
     settings = Settings.from_config(config)
@@ -535,7 +537,7 @@ def train_and_evaluate(
 
 def _export_backbone(settings: Settings, model, stage: Path) -> dict[str, Any]:
     """Write the trained backbone beside the model; returns how the featurizer is to use it (cnn.json)."""
-    from cxr_pipeline.backbones import file_sha256
+    from cxr_pipeline.models.backbones import file_sha256
 
     inception = settings.cnn.inception
     models.export_backbone(model, inception.weights, stage / BACKBONE_FILE)

@@ -25,8 +25,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from cxr_pipeline import paths
-from cxr_pipeline.dataset_layout import patient_id
-from cxr_pipeline.datasets import registry_assets
+from cxr_pipeline.images.layout import patient_id
+from cxr_pipeline.infra import registry_assets
 
 # Per class: 8 images -> 4 train, 2 val, 2 test.
 SPLIT_COUNTS = {"train": 4, "val": 2, "test": 2}

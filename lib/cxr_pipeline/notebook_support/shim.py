@@ -238,7 +238,7 @@ def display_or_save(fig, name: str, namespace: Mapping[str, Any] | None = None, 
     """Write a plot to ``<output_dir>/<name>.png`` and show it where the notebook can.
 
     ``fig`` is a matplotlib figure (closed afterwards) or PNG bytes, as the
-    ``cxr_pipeline.plots.plot_*`` functions return.
+    ``cxr_pipeline.evaluation.plots.plot_*`` functions return.
     """
     path = output_dir() / f"{_safe_name(name)}.png"
     scope = _caller_globals(namespace)

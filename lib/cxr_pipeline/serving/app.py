@@ -58,7 +58,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import config as cfg
-from ..tensorflow_runtime import import_tensorflow
+from ..models.tensorflow_runtime import import_tensorflow
 from .backends import HeatMap, ModelBackend, Prediction, load_backend
 from .validation import MIB, CheckedImage, UploadRejected, browser_image, check_upload, describe_size, too_large
 
@@ -517,7 +517,7 @@ def decode_upload(
     page use these pixels); :func:`.validation.check_upload` is asked only about
     bytes the decoder refuses, for its status and message.
     """
-    from cxr_pipeline.imaging import ImageDecodeError, configured_max_pixels, decode_image, image_info
+    from cxr_pipeline.images.decode import ImageDecodeError, configured_max_pixels, decode_image, image_info
 
     max_pixels = configured_max_pixels(max_pixels)
     if not data or len(data) > max_bytes:

@@ -41,9 +41,9 @@ import numpy as np
 import pandas as pd
 from pyspark.accumulators import AccumulatorParam
 
-from .. import backbones
-from ..imaging import decode_batch, decode_image_structs
-from ..tensorflow_runtime import import_tensorflow
+from ..images.decode import decode_batch, decode_image_structs
+from ..models import backbones
+from ..models.tensorflow_runtime import import_tensorflow
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def local_weights(settings: WorkerSettings) -> str | None:
     weights = settings.weights
     if weights is None or weights in (backbones.RANDOM_WEIGHTS, "imagenet"):
         return weights
-    from .. import storage
+    from ..infra import storage
 
     if not storage.is_remote(weights):
         return weights

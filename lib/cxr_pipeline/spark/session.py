@@ -147,7 +147,7 @@ def spark_job(
     >>> with spark_job(config, "cxr-predict", master=args.master, verbose=args.verbose) as spark:  # doctest: +SKIP
     ...     predict_images(spark, ...)
     """
-    from .. import storage
+    from ..infra import storage
 
     storage.configure(config)
     spark = spark_session(config, app_name=app_name, master=master, verbose=verbose)

@@ -1,0 +1,7 @@
+"""``python -m cxr_pipeline.tracking``: log, resolve, ui."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
