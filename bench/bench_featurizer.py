@@ -418,7 +418,8 @@ def bench_predict_batch_udf(spark, args, remote: str, weights: str, runtime: str
         return pd.Series([one(d) for d in contents])
 
     def make_predict_fn():
-        from cxr_pipeline.models.backbones import build_feature_model, preprocess
+        from cxr_pipeline.models.backbones import preprocess
+        from cxr_pipeline.models.runtimes import build_feature_model
 
         model = build_feature_model(
             model_name, weights=weights, feature_layer=layer, runtime=name, precision=precision, threads=1

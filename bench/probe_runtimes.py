@@ -45,7 +45,7 @@ def sample_batch(model_name: str, size: int) -> np.ndarray:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from cxr_pipeline.models.backbones import build_feature_model
+    from cxr_pipeline.models.runtimes import build_feature_model
     from cxr_pipeline.spark._udf import configure_tensorflow_threads
 
     configure_tensorflow_threads(args.threads)

@@ -20,12 +20,11 @@ from cxr_pipeline.images.decode import decode_image
 from cxr_pipeline.models.backbones import (
     BackboneError,
     WeightsMismatchError,
-    build_feature_model,
     featurize_arrays,
     file_sha256,
     resolve_weights_file,
 )
-from cxr_pipeline.models.runtimes import RuntimeUnavailableError, converted_onnx
+from cxr_pipeline.models.runtimes import RuntimeUnavailableError, build_feature_model, converted_onnx
 from cxr_pipeline.spark.featurizer import FeaturizerSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +124,7 @@ def test_a_converted_backbone_runs_without_loading_tensorflow(weights):
     converted_onnx(MODEL, weights, LAYER, DEFAULTS.image_size)  # cached by now, or made here
     script = (
         "import sys\n"
-        "from cxr_pipeline.models.backbones import build_feature_model\n"
+        "from cxr_pipeline.models.runtimes import build_feature_model\n"
         f"build_feature_model({MODEL!r}, feature_layer={LAYER!r}, runtime='onnxruntime')\n"
         "print('tensorflow' in sys.modules)\n"
     )

@@ -11,10 +11,9 @@ Weights: ``None`` = the provisioned file for the backbone (``make weights``,
 (Keras' own download, needs internet) or ``"random"`` (seeded random init, for
 tests and benchmarks where the values do not matter).
 
-Runtimes: :func:`build_feature_model` runs the same backbone on Keras (TensorFlow), or on ONNX
-Runtime or OpenVINO from an ONNX file converted from the same weights file
-(:mod:`cxr_pipeline.models.runtimes`); every one has ``predict_on_batch`` for
-:func:`featurize_arrays`.
+Runtimes: :func:`cxr_pipeline.models.runtimes.build_feature_model` runs the same backbone on Keras
+(TensorFlow), or on ONNX Runtime or OpenVINO from an ONNX file converted from the same weights file;
+every one has ``predict_on_batch`` for :func:`featurize_arrays`.
 """
 
 from __future__ import annotations
@@ -261,33 +260,6 @@ def check_runtime(runtime: str, precision: str) -> None:
             f"precision bf16 runs on OpenVINO only, not on {runtime}: set featurizer.runtime=openvino "
             "(on a CPU with AMX or avx512_bf16) or featurizer.precision=fp32"
         )
-
-
-def build_feature_model(
-    model_name: str = "InceptionV3",
-    weights: str | os.PathLike | None = None,
-    feature_layer: str | None = None,
-    image_size: int | tuple[int, int] | None = None,
-    weights_sha256: str | None = None,
-    runtime: str = "keras",
-    precision: str = "fp32",
-    threads: int = 0,
-) -> Any:
-    """The backbone of :func:`build_backbone` (average pooling) on ``runtime`` at ``precision``.
-
-    ``keras`` is that Keras model itself; ``onnxruntime`` and ``openvino`` run the ONNX file converted
-    from it, from the same weights file (its sha256 checked the same way), cached beside that file
-    (:mod:`cxr_pipeline.models.runtimes`). ``threads``: the runtime's intra-op threads (0 = its
-    default, every core); the Keras model takes TensorFlow's process-wide pools as they are.
-    """
-    check_runtime(runtime, precision)
-    if runtime == "keras":
-        return build_backbone(model_name, weights, feature_layer, image_size=image_size, weights_sha256=weights_sha256)
-    from .runtimes import build_runtime_model
-
-    return build_runtime_model(
-        runtime, precision, model_name, weights, feature_layer, image_size, weights_sha256, threads
-    )
 
 
 def feature_dim(model: Any) -> int:

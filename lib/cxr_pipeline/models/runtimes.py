@@ -274,6 +274,33 @@ def require_bf16(core) -> None:
         )
 
 
+def build_feature_model(
+    model_name: str = "InceptionV3",
+    weights: str | os.PathLike | None = None,
+    feature_layer: str | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    weights_sha256: str | None = None,
+    runtime: str = "keras",
+    precision: str = "fp32",
+    threads: int = 0,
+) -> Any:
+    """The backbone of :func:`backbones.build_backbone` (average pooling) on ``runtime`` at ``precision``.
+
+    ``keras`` is that Keras model itself; ``onnxruntime`` and ``openvino`` run the ONNX file converted
+    from it, from the same weights file (its sha256 checked the same way), cached beside that file
+    (the module doc). ``threads``: the runtime's intra-op threads (0 = its
+    default, every core); the Keras model takes TensorFlow's process-wide pools as they are.
+    """
+    backbones.check_runtime(runtime, precision)
+    if runtime == "keras":
+        return backbones.build_backbone(
+            model_name, weights, feature_layer, image_size=image_size, weights_sha256=weights_sha256
+        )
+    return build_runtime_model(
+        runtime, precision, model_name, weights, feature_layer, image_size, weights_sha256, threads
+    )
+
+
 def build_runtime_model(
     runtime: str,
     precision: str,
@@ -284,7 +311,7 @@ def build_runtime_model(
     weights_sha256: str | None,
     threads: int = 0,
 ):
-    """``backbones.build_feature_model`` for ``onnxruntime`` / ``openvino`` (see the module doc)."""
+    """:func:`build_feature_model` for ``onnxruntime`` / ``openvino`` (see the module doc)."""
     weights_file = backbones.resolve_weights_file(model_name, weights)
     backbones.check_weights_file(weights_file, weights_sha256, model_name)
     onnx_file = converted_onnx(model_name, weights_file, feature_layer, image_size)

@@ -42,7 +42,7 @@ import pandas as pd
 from pyspark.accumulators import AccumulatorParam
 
 from ..images.decode import decode_batch, decode_image_structs
-from ..models import backbones
+from ..models import backbones, runtimes
 from ..models.tensorflow_runtime import import_tensorflow
 
 log = logging.getLogger(__name__)
@@ -243,7 +243,7 @@ def cached_model(settings: WorkerSettings, device: DeviceChoice | None = None):
             threads = settings.tf_threads if settings.tf_threads > 0 else _task_cpus()
             if settings.runtime == "keras":
                 configure_tensorflow_threads(threads)
-            model = backbones.build_feature_model(
+            model = runtimes.build_feature_model(
                 settings.model_name,
                 weights=local_weights(settings),
                 feature_layer=settings.feature_layer,

@@ -199,7 +199,7 @@ class LocalClassifier:
 
     def backbone(self):
         if self._backbone is None:
-            from ...models.backbones import build_feature_model
+            from ...models.runtimes import build_feature_model
 
             runtime, precision = self.runtime
             self._backbone = build_feature_model(
