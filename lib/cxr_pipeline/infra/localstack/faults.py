@@ -8,8 +8,8 @@ The faults (used by tests/test_faults.py and bench/bench_faults.py):
 - ``kill_worker_jvm``: SIGKILL a standalone Worker JVM (its executor exits with it);
 - ``stop_datanode``: stop DataNode 1 (the blocks still have a replica on DataNode 0).
 
-``run_featurize_passes`` runs this module's ``featurize`` driver (N passes of ImageFeaturizer
-over a tree, each written as a Parquet table) and fires a fault in chosen passes once the pass's
+``run_featurize_passes`` runs the driver ``cxr_pipeline.spark.featurize_passes`` (N passes of
+ImageFeaturizer over a tree, each written as a Parquet table) and fires a fault in chosen passes once the pass's
 first task has finished, i.e. in the middle of the pass; a fault that must make a task fail (a
 Python worker kill can land on a worker idle between two tasks) is fired again until one has.
 ``run_training`` runs
@@ -18,7 +18,6 @@ jobs/train_featurizer.py under spark-submit and can kill a worker JVM once featu
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -279,8 +278,7 @@ def run_featurize_passes(
     command = [
         sys.executable,
         "-m",
-        "cxr_pipeline.infra.localstack.faults",
-        "featurize",
+        "cxr_pipeline.spark.featurize_passes",
         "--master",
         stack.master_url,
         "--data",
@@ -295,6 +293,8 @@ def run_featurize_passes(
         layer,
         "--image-size",
         str(image_size),
+        "--job-description",
+        FEATURIZE_JOB_DESCRIPTION,
     ]
     pending, injected = dict(faults), {}
     with open(log_path, "w") as log:
@@ -482,85 +482,3 @@ def run_training(
         outputs.get("stdout", ""),
         outputs.get("stderr", ""),
     )
-
-
-# ---------------------------------------------------------------------- the featurize driver
-def featurize_driver(args: argparse.Namespace) -> int:
-    from pyspark.ml.functions import vector_to_array
-
-    from ...config import load_config
-    from ...spark.featurizer import ImageFeaturizer
-    from ...spark.reader import read_images_with_rejections
-    from ...spark.session import spark_session
-
-    config = load_config("standalone")
-    config["spark"]["conf"] = {
-        **config["spark"]["conf"],
-        "spark.ui.port": str(args.ui_port),
-        "spark.port.maxRetries": "0",
-        "spark.ui.showConsoleProgress": "false",
-    }
-    spark = spark_session(config, app_name="cxr-faults-featurize", master=args.master)
-    spark.sparkContext.setLogLevel("ERROR")
-    # One file per task, so a pass has many tasks and a fault lands between its first and its last.
-    spark.conf.set("spark.sql.files.maxPartitionBytes", "1024")
-    spark.conf.set("spark.sql.files.openCostInBytes", "1")
-    tracker = spark.sparkContext.statusTracker()
-    try:
-        for index in range(args.passes):
-            started = time.monotonic()
-            spark.sparkContext.setJobGroup(f"prepare-{index}", "list the tree")
-            images = read_images_with_rejections(spark, args.data).images
-            table = ImageFeaturizer(featureLayer=args.layer, imageSize=args.image_size, batchSize=4).transform(images)
-            group = f"pass-{index}"
-            spark.sparkContext.setJobGroup(group, FEATURIZE_JOB_DESCRIPTION.format(index=index))
-            destination = f"{args.out}/pass-{index}"
-            table.select("path", vector_to_array("features").alias("features"), "featurize_error").write.mode(
-                "overwrite"
-            ).parquet(Path(destination).resolve().as_uri())
-            failed = sum(
-                stage.numFailedTasks
-                for job in tracker.getJobIdsForGroup(group)
-                if (info := tracker.getJobInfo(job))
-                for stage in map(tracker.getStageInfo, info.stageIds)
-                if stage
-            )
-            print(
-                json.dumps(
-                    {
-                        "index": index,
-                        "seconds": round(time.monotonic() - started, 2),
-                        "failed_tasks": failed,
-                        "table": destination,
-                    }
-                ),
-                flush=True,
-            )
-    finally:
-        spark.stop()
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m cxr_pipeline.infra.localstack.faults",
-        description="The featurize driver that fault-injection runs use "
-        "(run_featurize_passes starts it; see bench/bench_faults.py).",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    featurize = sub.add_parser(
-        "featurize", help="N passes of ImageFeaturizer over a tree, each to OUT/pass-i (Parquet)"
-    )
-    featurize.add_argument("--master", required=True)
-    featurize.add_argument("--data", required=True, help="chest_xray tree URI")
-    featurize.add_argument("--out", required=True, help="local folder for the pass-i tables")
-    featurize.add_argument("--passes", type=int, default=1)
-    featurize.add_argument("--ui-port", type=int, required=True, help="driver UI port (its REST API shows progress)")
-    featurize.add_argument("--layer", default="mixed0")
-    featurize.add_argument("--image-size", type=int, default=96)
-    args = parser.parse_args(argv)
-    return featurize_driver(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
