@@ -87,11 +87,11 @@ def main(argv=None) -> int:
         print(f"train_cnn: error: {exc}", file=sys.stderr)
         return 2
 
-    from cxr_pipeline import tracking
     from cxr_pipeline.infra import run_folder, storage
     from cxr_pipeline.models.tensorflow_runtime import import_tensorflow
 
     import_tensorflow()  # before cnn.train imports Keras: TensorFlow's start-up notices stay off the console
+    from cxr_pipeline.cnn.mlflow_run import log_cnn_run
     from cxr_pipeline.cnn.train import train_and_evaluate
 
     storage.configure(config)
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         print(f"train_cnn: error: {exc}", file=sys.stderr)
         return 2
     data_uri = config_mod.require(config, "data.uri")
-    tracking.log_cnn_run(config, metrics, args.out, data_uri, started_at=started)  # MLflow trouble only warns
+    log_cnn_run(config, metrics, args.out, data_uri, started_at=started)  # MLflow trouble only warns
     name = metrics["evaluated_on"]
     summary = {k: metrics[name][k] for k in ("n", "auc")}
     summary.update({f"{k}@0.5": metrics[name]["at_0.5"][k] for k in ("accuracy", "sensitivity", "specificity")})

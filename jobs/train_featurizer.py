@@ -102,9 +102,9 @@ def main(argv=None) -> int:
         ],
     )
     from cxr_pipeline import config as cfg
-    from cxr_pipeline import tracking
     from cxr_pipeline.infra import run_folder, storage
     from cxr_pipeline.models.weights import WeightsNotFound, default_weights_path
+    from cxr_pipeline.spark.classifier.mlflow_run import log_spark_run
     from cxr_pipeline.spark.classifier.training import TrainingError, train
     from cxr_pipeline.spark.featurizer import FeaturizerSettings
     from cxr_pipeline.spark.session import spark_job
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     try:
         with spark_job(config, "cxr-train-featurizer", master=args.master, verbose=args.verbose) as spark:
             result = train(spark, config, data_uri, args.out, overwrite=args.overwrite)
-            tracking.log_spark_run(config, result, data_uri, spark, started_at=started)  # trouble only warns
+            log_spark_run(config, result, data_uri, spark, started_at=started)  # trouble only warns
     except (TrainingError, cfg.ConfigError, run_folder.OutputExistsError) as exc:
         print(f"train_featurizer: error: {exc}", file=sys.stderr)
         return 2

@@ -28,7 +28,6 @@ except ImportError:
 
 from pyspark.ml import Pipeline
 
-from cxr_pipeline import tracking
 from cxr_pipeline.infra import storage
 from cxr_pipeline.notebook_support import (
     counts_table,
@@ -48,6 +47,7 @@ from cxr_pipeline.notebook_support import (
     with_settings,
 )
 from cxr_pipeline.spark.classifier import training
+from cxr_pipeline.spark.classifier.mlflow_run import log_spark_run
 
 config = notebook_config(get_param("conf_env", "local", "Config environment (conf/<env>.yaml)"))
 data_uri = require("data_uri", get_param("data_uri", default_data_uri(config), "Dataset root (chest_xray folder URI)"))
@@ -103,7 +103,7 @@ started = time.time()
 result = training.train(spark, config, data_uri, run_uri, overwrite=overwrite)
 print(result.summary)
 # also an MLflow run (on Databricks: this notebook's experiment), a registry version with `register`; only warns
-tracking.log_spark_run(config, result, data_uri, spark, started_at=started)
+log_spark_run(config, result, data_uri, spark, started_at=started)
 
 # COMMAND ----------
 
