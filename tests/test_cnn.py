@@ -386,7 +386,7 @@ def test_inception_transfer_one_epoch_with_fine_tuning(tree_with_junk, tmp_path)
 
 def check_exported_backbone(run: Path, images: list[bytes]) -> None:
     """The exported backbone file, loaded as the featurizer loads it, gives the trained backbone's pooled features."""
-    from cxr_pipeline.cnn.train import BACKBONE_FILE
+    from cxr_pipeline.cnn.run_outputs import BACKBONE_FILE
     from cxr_pipeline.images import decode as imaging
     from cxr_pipeline.models import backbones
 

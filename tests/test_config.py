@@ -59,7 +59,7 @@ SETTINGS_CLASSES = {
     "cnn.inception": "cxr_pipeline.cnn.settings:InceptionSettings",
     "cnn.fine_tune": "cxr_pipeline.cnn.settings:FineTuneSettings",
     "outputs": "cxr_pipeline.infra.run_folder:OutputSettings",
-    "serving": "cxr_pipeline.serving.app:ServingSettings",
+    "serving": "cxr_pipeline.serving.settings:ServingSettings",
     "tracking": "cxr_pipeline.tracking:TrackingSettings",
 }
 # The settings no class holds, and the files that read them (each must name the key, see _reads).

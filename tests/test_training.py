@@ -454,8 +454,8 @@ def write_cnn_run_with_backbone(cnn_run: str, scratch: Path, intensity: str) -> 
     import keras
 
     from cxr_pipeline.cnn import models
+    from cxr_pipeline.cnn.run_outputs import BACKBONE_FILE, CNN_JSON
     from cxr_pipeline.cnn.settings import CnnSettings
-    from cxr_pipeline.cnn.train import BACKBONE_FILE, CNN_JSON
     from cxr_pipeline.infra import run_folder, storage
     from cxr_pipeline.models import backbones
 

@@ -23,9 +23,8 @@ from cxr_pipeline.evaluation import metrics as M
 from cxr_pipeline.infra import storage
 
 from . import data
+from .run_outputs import CNN_JSON, MODEL_FILE
 
-CNN_JSON = "cnn.json"
-MODEL_FILE = "model.keras"
 DEFAULT_LABEL_NAMES = ["NORMAL", "PNEUMONIA"]
 
 

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"cannot serve {args.model}: {err}", file=sys.stderr)
         return 2
-    from .app import ServingSettings
+    from .settings import ServingSettings
 
     try:
         settings = ServingSettings.from_config(config)

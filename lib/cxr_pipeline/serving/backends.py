@@ -156,7 +156,7 @@ class MicroBatcher:
 class ClassifierBackend:
     """Adapter over a loaded classifier: decoded images in, :class:`Prediction` out.
 
-    The service decodes each upload once (``serving.app``) and hands the pixels
+    The service decodes each upload once (``serving.uploads``) and hands the pixels
     here; the subclasses say how a batch of pixels becomes probabilities.
     """
 
