@@ -343,24 +343,40 @@ def label_names_of(df: DataFrame) -> list[str]:
     return names
 
 
+def featurizer_for(config: Mapping[str, Any]) -> tuple[dict[str, Any], FeaturizerSettings]:
+    """``config`` with ``featurizer.backbone_run`` resolved, and the featurizer settings built from it: a job
+    builds them once (before Spark starts: a bad backbone run or missing weights fail early) and hands both on."""
+    from ..featurizer import resolve_backbone_run
+
+    resolved = resolve_backbone_run(config)
+    return resolved, FeaturizerSettings.from_config(resolved)
+
+
 def train(
-    spark: SparkSession, config: Mapping[str, Any], data_uri: str, out_uri: str, overwrite: bool = False
+    spark: SparkSession,
+    config: Mapping[str, Any],
+    data_uri: str,
+    out_uri: str,
+    overwrite: bool = False,
+    featurizer: FeaturizerSettings | None = None,
 ) -> TrainingResult:
     """Trains and evaluates into ``out_uri``, all or nothing (see :mod:`cxr_pipeline.infra.run_folder`).
 
     A non-empty ``out_uri`` is refused unless ``overwrite``; the run is written into a temporary
     sibling and renamed into place with ``_SUCCESS`` last, so a failure leaves ``out_uri`` as it was.
+    ``featurizer``: the settings :func:`featurizer_for` built, with the ``config`` it returned; None = built here.
     """
     from ...infra import run_folder
-    from ..featurizer import resolve_backbone_run
 
     final = out_uri.rstrip("/")
-    config = resolve_backbone_run(config)
+    if featurizer is None:
+        config, featurizer = featurizer_for(config)
     settings = TrainingSettings.from_config(config)
     data_source(config)
-    featurizer = build_featurizer(FeaturizerSettings.from_config(config))
+    job = _Job(spark, config, data_uri, None, final, settings, featurizer, build_featurizer(featurizer))
     with run_folder.staged_output(final, overwrite=overwrite, tool="train_featurizer") as stage:
-        result = _train_into(_Job(spark, config, data_uri, RunLayout(stage), final, settings, featurizer))
+        job.run = RunLayout(stage)
+        result = _train_into(job)
     return TrainingResult(run=RunLayout(final), model=result.model, metrics=result.metrics, summary=result.summary)
 
 
@@ -372,10 +388,11 @@ class _Job:
     spark: SparkSession
     config: Mapping[str, Any]
     data_uri: str
-    run: RunLayout
+    run: RunLayout | None  # set once the staged folder exists
     final: str
     settings: TrainingSettings
-    featurizer: Any
+    featurizer_settings: FeaturizerSettings
+    featurizer: Any  # the ImageFeaturizer built from featurizer_settings
     timer: PhaseTimer = field(default_factory=PhaseTimer)
     warnings: list[str] = field(default_factory=list)  # also in metrics.json and at the end of summary.txt
 
@@ -450,8 +467,7 @@ def _fit_and_report(job: _Job, read, features: DataFrame, outcome) -> TrainingRe
     from ...infra import storage
     from . import evaluation, model_export
 
-    run, settings, timer = job.run, job.settings, job.timer
-    fsettings = FeaturizerSettings.from_config(job.config)
+    run, settings, timer, fsettings = job.run, job.settings, job.timer, job.featurizer_settings
     with timer.phase("cache_read"):
         data, label_names, split_info, rejected, counts = _read_features(features, read, settings, job.data_uri)
     train_counts = [counts.get("train", {}).get(n, 0) for n in label_names]
