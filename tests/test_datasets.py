@@ -195,5 +195,5 @@ def test_synthetic_is_deterministic_across_workers_and_seeds(tmp_path):
 
 
 def test_synthetic_cli_rejects_bad_size(tmp_path, capsys):
-    assert synthetic.main(["--out", str(tmp_path), "--n", "2", "--size", "big"]) == 1
+    assert synthetic.main(["--out", str(tmp_path), "--n", "2", "--size", "big"]) == 2  # a usage error, as argparse
     assert "WIDTHxHEIGHT" in capsys.readouterr().err

@@ -110,7 +110,7 @@ def test_readers_refuse_a_folder_without_success(tmp_path):
 # every storage change it makes prints one line ("rename run -> aside": the old run moved aside).
 PUBLISH_AND_DIE = textwrap.dedent("""
     import os, signal, sys
-    from cxr_pipeline import run_folder, storage
+    from cxr_pipeline.infra import run_folder, storage
     out, die_after = sys.argv[1], sys.argv[2]
     parent, name = out.rsplit("/", 1)
 

@@ -19,6 +19,8 @@ import posixpath
 import sys
 from typing import TYPE_CHECKING
 
+from ..cli import Command, Job, add_config_options, run
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -67,31 +69,32 @@ def read_table(uri: str, columns: list[str] | None = None) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
 
-def main(argv=None) -> int:
-    from ..cli import add_config_options, resolve_config
-
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cxr_pipeline.infra.tables", description=__doc__.split("\n\n")[0])
     parser.add_argument("uri", help="a .parquet/.csv file or folder (local path, file:// or hdfs://)")
     parser.add_argument("--csv", metavar="OUT", help="write the table to this local CSV file instead of printing it")
     add_config_options(parser, spark=False, verbose=False)
-    args = parser.parse_args(argv)
-    from . import storage
+    return parser
 
-    storage.configure(resolve_config(args))
-    try:
-        table = read_table(args.uri)
-    except (ValueError, OSError) as exc:
-        print(f"tables: error: {exc}", file=sys.stderr)
-        return 2
-    if args.csv:
-        table.to_csv(args.csv, index=False)
-        print(f"{len(table)} rows -> {args.csv}")
+
+def _show(job: Job) -> int:
+    table = read_table(job.args.uri)
+    if job.args.csv:
+        table.to_csv(job.args.csv, index=False)
+        print(f"{len(table)} rows -> {job.args.csv}")
     else:
         import pandas as pd
 
         with pd.option_context("display.max_rows", 50, "display.width", 160, "display.max_colwidth", 80):
             print(table)
     return 0
+
+
+COMMAND = Command("tables", build_parser, _show, errors=lambda: (ValueError, OSError))
+
+
+def main(argv=None) -> int:
+    return run(COMMAND, argv)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as cfg
+from ..cli import Command, Job, add_config_options, run
 from ..paths import REPO_ROOT
 
 # spark.* settings that spark-submit takes as flags of their own.
@@ -136,7 +137,7 @@ def _as_list(value: Any) -> list[str]:
     return [str(v) for v in value]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m cxr_pipeline.infra.yarn",
         description=__doc__,
@@ -144,11 +145,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("job", help="job script, e.g. jobs/train_featurizer.py")
     parser.add_argument("job_args", nargs=argparse.REMAINDER, help="-- then the job's own arguments")
-    parser.add_argument("--conf", action="append", default=[], metavar="FILE")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--build-wheel", action="store_true", help="build dist/cxr_pipeline-*.whl and ship it")
-    args = parser.parse_args(argv)
-    config = cfg.load_config("yarn", args.conf, args.set)
+    add_config_options(parser, spark=False, verbose=False)
+    parser.set_defaults(conf_env="yarn")  # the command line is for YARN: conf/yarn.yaml unless told otherwise
+    return parser
+
+
+def _print_command(job: Job) -> int:
+    args, config = job.args, job.config
     py_files = None
     if args.build_wheel:
         py_files = [str(build_wheel())]
@@ -158,6 +162,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     job_args = [a for a in args.job_args if a != "--"]
     print(shlex.join(spark_submit_args(config, args.job, job_args, py_files)))
     return 0
+
+
+COMMAND = Command("yarn", build_parser, _print_command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(COMMAND, argv)
 
 
 if __name__ == "__main__":

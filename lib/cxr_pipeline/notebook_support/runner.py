@@ -31,6 +31,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..cli import Command, Job, UsageError, add_config_options, run
+
 HEADER = "# Databricks notebook source"
 SEPARATOR = "# COMMAND ----------"
 MAGIC_PREFIX = "# MAGIC"
@@ -216,17 +218,18 @@ def _param_env(assignments: Iterable[str]) -> dict[str, str]:
     env = {}
     for text in assignments:
         if "=" not in text:
-            raise SystemExit(f"--param {text!r} must look like name=value")
+            raise UsageError(f"--param {text!r} must look like name=value")
         name, value = text.split("=", 1)
         env[env_var_name(name.strip())] = value
     return env
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m cxr_pipeline.notebook_support.runner",
         description="Run Databricks source-format notebooks locally, top to bottom, stopping at the first "
-        "failing cell.",
+        "failing cell. --conf-env is the notebooks' conf_env parameter; --conf and --set reach every "
+        "notebook's config.",
     )
     parser.add_argument("notebooks", nargs="+", help="notebook .py files in Databricks source format")
     parser.add_argument("--out", help="folder for plots and cells.json; each notebook gets DIR/<notebook name>/")
@@ -245,9 +248,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="run the remaining notebooks after one fails (the exit status still says it failed)",
     )
-    args = parser.parse_args(argv)
+    add_config_options(parser, spark=False, verbose=False)
+    return parser
 
+
+def run_notebooks(job: Job) -> int:
+    """Each notebook in turn: exit 2 when one cannot be run at all, 1 when a cell failed."""
+    from .shim import CONF_FILES_VAR, CONF_SET_VAR
+
+    args = job.args
     os.environ.update(_param_env(args.param))
+    if args.conf_env:
+        os.environ.update(_param_env([f"conf_env={args.conf_env}"]))
+    os.environ[CONF_FILES_VAR] = os.pathsep.join(str(Path(f).resolve()) for f in args.conf)
+    os.environ[CONF_SET_VAR] = "\n".join(args.set)
     # Plots go to files; no window to open on a CI machine.
     os.environ.setdefault("MPLBACKEND", "Agg")
     status = 0
@@ -256,15 +270,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             result = run_notebook(notebook, out_dir, skip_magics=args.skip_magics)
         except (NotebookFormatError, UnsupportedMagicError, OSError) as err:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"{job.command.name}: error: {err}", file=sys.stderr)
             status = status or 2
         else:
             if not result.ok:
-                print(f"error: {notebook}: cell {result.failed_cell.number} failed", file=sys.stderr)
+                print(
+                    f"{job.command.name}: error: {notebook}: cell {result.failed_cell.number} failed", file=sys.stderr
+                )
                 status = status or 1
         if status and not args.keep_going:
             break
     return status
+
+
+COMMAND = Command("notebook runner", build_parser, run_notebooks)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(COMMAND, argv)
 
 
 if __name__ == "__main__":

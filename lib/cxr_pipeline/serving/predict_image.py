@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..cli import Command, Job, UsageError, add_config_options, run
 from ..evaluation.metrics import decisions
 
 
@@ -81,7 +82,7 @@ def format_line(res: dict[str, Any]) -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cxr-predict-image", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -101,32 +102,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="decision threshold on P(PNEUMONIA) (default: the model's validation-chosen one)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from .. import config as cfg
+    add_config_options(parser, spark=False, verbose=False)
+    return parser
+
+
+def predict_image(job: Job) -> int:
+    """Exit 1 when some file could not be read or decoded (each is reported; the others are classified)."""
     from .. import tracking
     from ..cli import missing_on_this_machine
     from ..models.tensorflow_runtime import import_tensorflow
 
     import_tensorflow()  # its start-up notices stay off the console
-    from ..models.backbones import BackboneError
-
-    try:
-        missing = missing_on_this_machine(args.model, cfg.load_config())
-        if missing:
-            raise ValueError(f"--model {missing}")
-        model = tracking.resolve_model(args.model)  # models:/NAME@ALIAS -> that version's run folder
-    except ValueError as exc:
-        print(f"cxr-predict-image: error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        results = classify(model, args.images, args.threshold)
-    except (FileNotFoundError, BackboneError) as exc:  # incomplete run, missing or replaced weights
-        print(f"cxr-predict-image: error: {exc}", file=sys.stderr)
-        return 2
+    args = job.args
+    missing = missing_on_this_machine(args.model, job.config)
+    if missing:
+        raise UsageError(f"--model {missing}")
+    model = tracking.resolve_model(args.model, job.config)  # models:/NAME@ALIAS -> that version's run folder
+    results = classify(model, args.images, args.threshold)
     for res in results:
         print(json.dumps(res) if args.json else format_line(res))
     return 1 if any(r.get("error") for r in results) else 0
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from ..models.backbones import BackboneError
+
+    return (ValueError, FileNotFoundError, BackboneError)  # a bad --model, an incomplete run, missing weights
+
+
+COMMAND = Command("cxr-predict-image", build_parser, predict_image, errors=_known_errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return run(COMMAND, argv)
 
 
 if __name__ == "__main__":

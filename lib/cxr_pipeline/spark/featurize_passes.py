@@ -11,66 +11,62 @@ import sys
 import time
 from pathlib import Path
 
+from ..cli import Command, Job, add_config_options, run
 
-def featurize_passes(args: argparse.Namespace) -> int:
+
+def featurize_passes(job: Job) -> int:
     from pyspark.ml.functions import vector_to_array
 
-    from ..config import load_config
     from .featurizer import ImageFeaturizer
     from .reader import read_images_with_rejections
-    from .session import spark_session
 
-    config = load_config("standalone")
-    config["spark"]["conf"] = {
-        **config["spark"]["conf"],
+    args = job.args
+    job.config["spark"]["conf"] = {  # the harness watches this driver's UI on the port it chose
+        **job.config["spark"]["conf"],
         "spark.ui.port": str(args.ui_port),
         "spark.port.maxRetries": "0",
         "spark.ui.showConsoleProgress": "false",
     }
-    spark = spark_session(config, app_name="cxr-faults-featurize", master=args.master)
+    spark = job.spark
     spark.sparkContext.setLogLevel("ERROR")
     # One file per task, so a pass has many tasks and a fault lands between its first and its last.
     spark.conf.set("spark.sql.files.maxPartitionBytes", "1024")
     spark.conf.set("spark.sql.files.openCostInBytes", "1")
     tracker = spark.sparkContext.statusTracker()
-    try:
-        for index in range(args.passes):
-            started = time.monotonic()
-            spark.sparkContext.setJobGroup(f"prepare-{index}", "list the tree")
-            images = read_images_with_rejections(spark, args.data).images
-            table = ImageFeaturizer(featureLayer=args.layer, imageSize=args.image_size, batchSize=4).transform(images)
-            group = f"pass-{index}"
-            spark.sparkContext.setJobGroup(group, args.job_description.format(index=index))
-            destination = f"{args.out}/pass-{index}"
-            table.select("path", vector_to_array("features").alias("features"), "featurize_error").write.mode(
-                "overwrite"
-            ).parquet(Path(destination).resolve().as_uri())
-            failed = sum(
-                stage.numFailedTasks
-                for job in tracker.getJobIdsForGroup(group)
-                if (info := tracker.getJobInfo(job))
-                for stage in map(tracker.getStageInfo, info.stageIds)
-                if stage
-            )
-            print(
-                json.dumps(
-                    {
-                        "index": index,
-                        "seconds": round(time.monotonic() - started, 2),
-                        "failed_tasks": failed,
-                        "table": destination,
-                    }
-                ),
-                flush=True,
-            )
-    finally:
-        spark.stop()
+    for index in range(args.passes):
+        started = time.monotonic()
+        spark.sparkContext.setJobGroup(f"prepare-{index}", "list the tree")
+        images = read_images_with_rejections(spark, args.data).images
+        table = ImageFeaturizer(featureLayer=args.layer, imageSize=args.image_size, batchSize=4).transform(images)
+        group = f"pass-{index}"
+        spark.sparkContext.setJobGroup(group, args.job_description.format(index=index))
+        destination = f"{args.out}/pass-{index}"
+        table.select("path", vector_to_array("features").alias("features"), "featurize_error").write.mode(
+            "overwrite"
+        ).parquet(Path(destination).resolve().as_uri())
+        failed = sum(
+            stage.numFailedTasks
+            for job_id in tracker.getJobIdsForGroup(group)
+            if (info := tracker.getJobInfo(job_id))
+            for stage in map(tracker.getStageInfo, info.stageIds)
+            if stage
+        )
+        print(
+            json.dumps(
+                {
+                    "index": index,
+                    "seconds": round(time.monotonic() - started, 2),
+                    "failed_tasks": failed,
+                    "table": destination,
+                }
+            ),
+            flush=True,
+        )
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cxr_pipeline.spark.featurize_passes", description=__doc__)
-    parser.add_argument("--master", required=True)
     parser.add_argument("--data", required=True, help="chest_xray tree URI")
     parser.add_argument("--out", required=True, help="local folder for the pass-i tables")
     parser.add_argument("--passes", type=int, required=True)
@@ -80,7 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--job-description", required=True, help='each pass\'s Spark job description, e.g. "featurize pass {index}"'
     )
-    return featurize_passes(parser.parse_args(argv))
+    add_config_options(parser, verbose=False)
+    return parser
+
+
+COMMAND = Command("featurize_passes", build_parser, featurize_passes, spark_app="cxr-faults-featurize")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(COMMAND, argv)
 
 
 if __name__ == "__main__":

@@ -5,21 +5,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
 from .. import config as cfg
+from ..cli import Command, Job, add_config_options, run
 from .registry import resolve_model
 from .store import KINDS, TrackingSettings, artifact_root_for, ui_url, use_store
 
 
-def _log_later(args, config) -> int:
+def _log_later(job: Job) -> int:
     """A finished run folder into MLflow after the fact (its job's MLflow was down): the record the job makes."""
     from ..infra import run_folder, storage
 
-    storage.configure(config)
+    args, config = job.args, job.config
     run_folder.require_complete(args.run)
     metrics = json.loads(storage.read_bytes(storage.join(args.run, "metrics.json")))
     data_uri = args.data or metrics.get("data") or cfg.require(config, "data.uri")
@@ -28,13 +28,8 @@ def _log_later(args, config) -> int:
 
         return 0 if log_cnn_run(config, metrics, args.run, data_uri) else 1
     from ..spark.classifier.mlflow_run import log_saved_spark_run
-    from ..spark.session import spark_session
 
-    spark = spark_session(config, app_name="cxr-tracking-log", master=args.master)
-    try:
-        return 0 if log_saved_spark_run(config, args.run, metrics, data_uri, spark) else 1
-    finally:
-        spark.stop()
+    return 0 if log_saved_spark_run(config, args.run, metrics, data_uri, job.spark) else 1
 
 
 def ui_command(settings: TrackingSettings, port: int) -> list[str]:
@@ -73,9 +68,7 @@ def _existing_experiment(settings: TrackingSettings) -> str | None:
     return found.experiment_id if found is not None else None
 
 
-def main(argv=None) -> int:
-    from ..cli import add_config_options, resolve_config
-
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m cxr_pipeline.tracking",
         description=__doc__,
@@ -93,8 +86,11 @@ def main(argv=None) -> int:
     p_ui = sub.add_parser("ui", help="the MLflow UI on the configured store, on 127.0.0.1 only (make mlflow-ui)")
     p_ui.add_argument("--port", type=int, default=5000)
     add_config_options(p_ui)
-    args = parser.parse_args(argv)
-    config = resolve_config(args)
+    return parser
+
+
+def tracking_command(job: Job) -> int:
+    args, config = job.args, job.config
     if args.command == "ui":
         settings = TrackingSettings.from_config(config)
         command = ui_command(settings, args.port)
@@ -105,14 +101,18 @@ def main(argv=None) -> int:
         )
         os.execv(command[0], command)
     if args.command == "resolve":
-        try:
-            print(resolve_model(args.model, config))
-        except ValueError as exc:
-            print(f"tracking: error: {exc}", file=sys.stderr)
-            return 2
+        print(resolve_model(args.model, config))
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return _log_later(args, config)
+    return _log_later(job)
+
+
+COMMAND = Command(
+    "tracking", build_parser, tracking_command, spark_app="cxr-tracking-log", errors=lambda: (ValueError, OSError)
+)
+
+
+def main(argv=None) -> int:
+    return run(COMMAND, argv)
 
 
 if __name__ == "__main__":

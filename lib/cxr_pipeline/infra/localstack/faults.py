@@ -279,6 +279,8 @@ def run_featurize_passes(
         sys.executable,
         "-m",
         "cxr_pipeline.spark.featurize_passes",
+        "--conf-env",
+        "standalone",
         "--master",
         stack.master_url,
         "--data",

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ... import paths
+from ...cli import Command, Job, UsageError, add_config_options, run
 from .. import storage
 from . import provision
 from .processes import ProcessHandle, describe_port_owner, port_owner, state_lock, wait_for_port_free
@@ -413,7 +414,7 @@ def _parse_ports(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m cxr_pipeline.infra.localstack.hdfs_cluster",
         description="Start, stop or inspect the local HDFS (NameNode + DataNodes on 127.0.0.1).",
@@ -439,30 +440,39 @@ def main(argv: list[str] | None = None) -> int:
         help="DataNodes, also the replication factor: 2 = the replicated layout (default: %(default)s)",
     )
     parser.add_argument("--timeout", type=float, default=90, help="seconds to wait for readiness / clean stop")
-    args = parser.parse_args(argv)
+    add_config_options(parser, spark=False, verbose=False)
+    return parser
+
+
+def _act(job: Job) -> int:
+    """``up``/``down`` (one line for make's console), or ``status`` as JSON: exit 3 when not ready."""
+    args = job.args
     try:
         hdfs = LocalHdfs(args.state_dir, args.rpc_port, args.http_port, args.datanode_ports, datanodes=args.datanodes)
     except ValueError as exc:
-        parser.error(str(exc))
-    try:
-        if args.action == "up":
-            hdfs.up(timeout=args.timeout)
-        elif args.action == "down":
-            hdfs.down(timeout=min(args.timeout, 30))
-            _log("HDFS stopped")
-        status = hdfs.status()
-        if args.action == "status":
-            print(json.dumps(status, indent=2))
-            return 0 if status["ready"] else 3
-        if args.action == "up":  # one line for make's console; `status` gives the whole picture as JSON
-            print(
-                f"HDFS ready: {status['namenode_uri']} (WebHDFS {status['webhdfs_url']}), "
-                f"{status['live_datanodes']} DataNode(s), state in {status['state_dir']}"
-            )
-        return 0
-    except (HdfsClusterError, provision.ProvisionError) as exc:
-        print(f"[hdfs] ERROR: {exc}", file=sys.stderr)
-        return 1
+        raise UsageError(str(exc)) from exc
+    if args.action == "up":
+        hdfs.up(timeout=args.timeout)
+    elif args.action == "down":
+        hdfs.down(timeout=min(args.timeout, 30))
+        _log("HDFS stopped")
+    status = hdfs.status()
+    if args.action == "status":
+        print(json.dumps(status, indent=2))
+        return 0 if status["ready"] else 3
+    if args.action == "up":
+        print(
+            f"HDFS ready: {status['namenode_uri']} (WebHDFS {status['webhdfs_url']}), "
+            f"{status['live_datanodes']} DataNode(s), state in {status['state_dir']}"
+        )
+    return 0
+
+
+COMMAND = Command("hdfs_cluster", build_parser, _act, errors=lambda: (HdfsClusterError, provision.ProvisionError))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(COMMAND, argv)
 
 
 if __name__ == "__main__":

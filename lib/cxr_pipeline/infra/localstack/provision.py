@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from ... import paths
+from ...cli import Command, Job, add_config_options, run
 
 PYSPARK_SDIST_VERSION = "2.4.8"
 PYSPARK_SDIST_NAME = f"pyspark-{PYSPARK_SDIST_VERSION}.tar.gz"
@@ -239,7 +240,7 @@ def provision(hadoop_home: Path = paths.HADOOP_HOME, cache_dir: Path = paths.CAC
     return classpath_file(hadoop_home)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m cxr_pipeline.infra.localstack.provision",
         description="Provision Apache Hadoop 2.7.3 HDFS jars (from the pyspark 2.4.8 sdist on PyPI "
@@ -250,13 +251,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--cache-dir", type=Path, default=paths.CACHE_DIR, help="download cache (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="re-extract even when already provisioned")
-    args = parser.parse_args(argv)
-    try:
-        provision(args.hadoop_home, args.cache_dir, force=args.force)
-    except ProvisionError as exc:
-        print(f"[provision] ERROR: {exc}", file=sys.stderr)
-        return 1
+    add_config_options(parser, spark=False, verbose=False)
+    return parser
+
+
+def _provision(job: Job) -> int:
+    provision(job.args.hadoop_home, job.args.cache_dir, force=job.args.force)
     return 0
+
+
+COMMAND = Command("provision", build_parser, _provision, errors=lambda: (ProvisionError,))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(COMMAND, argv)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ... import paths
+from ...cli import Command, Job, add_config_options, run
 from .processes import ProcessHandle, describe_port_owner, port_owner, state_lock, wait_for_port_free
 
 MASTER_CLASS = "org.apache.spark.deploy.master.Master"
@@ -234,7 +235,7 @@ def ensure_running(workers: int = 2, timeout: float = 90) -> LocalSparkStandalon
     return LocalSparkStandalone(workers=workers).up(timeout=timeout)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m cxr_pipeline.infra.localstack.spark_cluster",
         description="Start, stop or inspect a Spark standalone master + workers on 127.0.0.1 (from the pip pyspark).",
@@ -249,22 +250,31 @@ def main(argv: list[str] | None = None) -> int:
         "--state-dir", type=Path, default=paths.SPARK_STATE_DIR, help="logs/pids/work dirs (default: %(default)s)"
     )
     parser.add_argument("--timeout", type=float, default=90, help="seconds to wait for readiness")
-    args = parser.parse_args(argv)
+    add_config_options(parser, spark=False, verbose=False)
+    return parser
+
+
+def _act(job: Job) -> int:
+    """``up``/``down``, then the status as JSON; ``status`` exits 3 when the cluster is not ready."""
+    args = job.args
     cluster = LocalSparkStandalone(
         args.master_port, args.web_port, args.workers, args.cores, args.memory, args.state_dir
     )
-    try:
-        if args.action == "up":
-            cluster.up(timeout=args.timeout)
-        elif args.action == "down":
-            cluster.down()
-            _log("standalone Spark stopped")
-        status = cluster.status()
-        print(json.dumps(status, indent=2))
-        return 0 if args.action != "status" or status["ready"] else 3
-    except SparkClusterError as exc:
-        print(f"[spark] ERROR: {exc}", file=sys.stderr)
-        return 1
+    if args.action == "up":
+        cluster.up(timeout=args.timeout)
+    elif args.action == "down":
+        cluster.down()
+        _log("standalone Spark stopped")
+    status = cluster.status()
+    print(json.dumps(status, indent=2))
+    return 0 if args.action != "status" or status["ready"] else 3
+
+
+COMMAND = Command("spark_cluster", build_parser, _act, errors=lambda: (SparkClusterError,))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(COMMAND, argv)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 from cxr_pipeline import paths
+from cxr_pipeline.cli import Command, Job, add_config_options, run
 from cxr_pipeline.infra import registry_assets
 from cxr_pipeline.models.weights import WEIGHT_FILES, WeightsNotFound, default_weights_path, stage_to_hdfs
 from cxr_pipeline.models.weights.provisioning import STAMP_NAME, WeightsVerificationError, _log, provision, verify
 
 
-def main(argv=None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m cxr_pipeline.models.weights",
         description="Provision (convert offline from registry packages) and verify pretrained backbone weights.",
@@ -31,30 +31,44 @@ def main(argv=None) -> int:
     path_cmd = sub.add_parser("path", help="print the provisioned weights file of a model")
     path_cmd.add_argument("model_name")
     path_cmd.add_argument("--weights-dir", type=Path, default=paths.WEIGHTS_DIR)
-    args = parser.parse_args(argv)
+    for command in (prov, ver, path_cmd):
+        add_config_options(command, spark=False, verbose=False)
+    return parser
 
-    try:
-        if args.command == "path":
-            print(default_weights_path(args.model_name, args.weights_dir))
-            return 0
-        from cxr_pipeline.models.tensorflow_runtime import import_tensorflow
 
-        import_tensorflow()  # before provisioning imports Keras: TensorFlow's start-up notices stay off the console
-        models = [m.strip() for m in args.models.split(",") if m.strip()]
-        if args.command == "verify":
-            verify(models, args.weights_dir)
-            return 0
-        provision(models, args.weights_dir, force=args.force)
-        verify(models, args.weights_dir)
-        if args.stage_hdfs:
-            for model_name in models:
-                target = stage_to_hdfs(model_name, args.stage_hdfs.rstrip("/") + "/", args.weights_dir)
-                _log(f"{model_name}: staged to {target}")
-        (args.weights_dir / STAMP_NAME).touch()
+def weights(job: Job) -> int:
+    args = job.args
+    if args.command == "path":
+        print(default_weights_path(args.model_name, args.weights_dir))
         return 0
-    except (WeightsNotFound, WeightsVerificationError, registry_assets.AssetError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    from cxr_pipeline.models.tensorflow_runtime import import_tensorflow
+
+    import_tensorflow()  # before provisioning imports Keras: TensorFlow's start-up notices stay off the console
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.command == "verify":
+        verify(models, args.weights_dir)
+        return 0
+    provision(models, args.weights_dir, force=args.force)
+    verify(models, args.weights_dir)
+    if args.stage_hdfs:
+        for model_name in models:
+            target = stage_to_hdfs(model_name, args.stage_hdfs.rstrip("/") + "/", args.weights_dir)
+            _log(f"{model_name}: staged to {target}")
+    (args.weights_dir / STAMP_NAME).touch()
+    return 0
+
+
+COMMAND = Command(
+    "weights",
+    build_parser,
+    weights,
+    errors=lambda: (WeightsNotFound, WeightsVerificationError, registry_assets.AssetError, ValueError),
+)
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return run(COMMAND, argv)
 
 
 if __name__ == "__main__":
