@@ -31,7 +31,6 @@ import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "lib"))
 
 from cxr_pipeline.infra import storage  # noqa: E402
 from cxr_pipeline.infra.localstack.hdfs_cluster import ensure_running  # noqa: E402

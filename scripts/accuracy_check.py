@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "lib"))
 
 JOBS = ("cnn", "spark", "spark-cnn")
 # The fine-tuning recipe of the two-step flow (docs/accuracy.md says how it was chosen).

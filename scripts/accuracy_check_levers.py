@@ -32,7 +32,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "lib"))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from cxr_pipeline.evaluation import metrics as M  # noqa: E402
