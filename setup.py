@@ -45,7 +45,7 @@ setup(
     cmdclass={"build_py": BuildPyWithConf},
     entry_points={
         "console_scripts": [
-            "cxr-predict-image=cxr_pipeline.cli.predict_image:main",
+            "cxr-predict-image=cxr_pipeline.serving.predict_image:main",
         ]
     },
 )

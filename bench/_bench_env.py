@@ -1,6 +1,7 @@
 """What every Spark benchmark sets up before it starts Spark (``from _bench_env import REPO``).
 
-This checkout's ``lib/`` is importable in the benchmark and in the Python workers Spark starts for it,
+This checkout's ``lib/`` (run as ``PYTHONPATH=lib .venv/bin/python bench/...``) is what the Python workers Spark
+starts import too,
 Spark binds to the loopback address, its workers run this interpreter, and TensorFlow logs warnings only:
 the environment the Makefile gives the jobs.
 """
@@ -14,8 +15,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 LIB = str(REPO / "lib")
 
-if LIB not in sys.path:
-    sys.path.insert(0, LIB)
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (LIB, os.environ.get("PYTHONPATH", "")) if p)
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -29,7 +29,6 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "lib"))
 
 from cxr_pipeline import paths  # noqa: E402
 from cxr_pipeline.datasets.dicom_from_images import (  # noqa: E402
@@ -40,7 +39,7 @@ from cxr_pipeline.datasets.dicom_from_images import (  # noqa: E402
     jpeg_dicom,
     twelve_bit_with_window,
 )
-from cxr_pipeline.imaging import decode_image  # noqa: E402
+from cxr_pipeline.images.decode import decode_image  # noqa: E402
 
 BEFORE_FIX = "827de81~1"  # the commit before the strip-wise window
 
@@ -120,7 +119,7 @@ if which == "before":
     spec = importlib.util.spec_from_file_location("cxr_pipeline.imaging_before", before)
     imaging = importlib.util.module_from_spec(spec); spec.loader.exec_module(imaging)
 else:
-    from cxr_pipeline import imaging
+    from cxr_pipeline.images import decode as imaging
 small = io.BytesIO(); Image.fromarray(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)).save(small, "PNG")
 imaging.decode_image(small.getvalue())
 data = open(path, "rb").read()
@@ -157,7 +156,7 @@ def memory(side: int, workdir: Path) -> None:
     before = workdir / "imaging_before.py"
     before.write_text(
         subprocess.run(
-            ["git", "show", f"{BEFORE_FIX}:lib/cxr_pipeline/imaging.py"],
+            ["git", "show", f"{BEFORE_FIX}:lib/cxr_pipeline/imaging.py"],  # its path at that commit
             cwd=REPO,
             check=True,
             capture_output=True,

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_pipeline import paths, storage
-from cxr_pipeline.localstack import faults
+from cxr_pipeline import paths
+from cxr_pipeline.infra import storage
+from cxr_pipeline.infra.localstack import faults
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))

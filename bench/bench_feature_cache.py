@@ -29,7 +29,7 @@ import _bench_env  # noqa: F401 - lib/ importable, the local Spark environment
 
 
 def timed_pass(spark, tree: Path, cache_root: str, featurizer) -> tuple[float, int, object]:
-    from cxr_pipeline.feature_cache import FeatureCache, fingerprint
+    from cxr_pipeline.spark.feature_cache import FeatureCache, fingerprint
     from cxr_pipeline.spark.reader import read_images_with_rejections
 
     stats = featurizer.track_stats(spark)

@@ -166,8 +166,8 @@ def unpacked(tar: str) -> str:
 
 def upload(local: Path, remote: str) -> str:
     """``local`` under ``remote`` in the local HDFS, unless the same number of JPEGs is there already."""
-    from cxr_pipeline import storage
-    from cxr_pipeline.localstack.hdfs_cluster import ensure_running
+    from cxr_pipeline.infra import storage
+    from cxr_pipeline.infra.localstack.hdfs_cluster import ensure_running
 
     hdfs = ensure_running()
     remote = remote if "://" in remote else f"{hdfs.namenode_uri}{remote}"
@@ -187,7 +187,7 @@ def upload(local: Path, remote: str) -> str:
 def resolve_weights(args) -> str:
     if args.weights:
         return args.weights
-    from cxr_pipeline.weights import WeightsNotFound, default_weights_path
+    from cxr_pipeline.models.weights import WeightsNotFound, default_weights_path
 
     try:
         return str(default_weights_path(args.model))
@@ -208,7 +208,7 @@ def bench_bare_keras(args, files: list[Path], weights: str, arrays: np.ndarray |
     array through tf.data on one core (measured: 11 images/s against 17-20 for n=400 here),
     which would measure Keras' array ingestion, not the model.
     """
-    from cxr_pipeline.backbones import build_backbone, preprocess
+    from cxr_pipeline.models.backbones import build_backbone, preprocess
 
     if arrays is None:
         arrays = decoded_arrays(args, files)
@@ -227,8 +227,8 @@ def bench_bare_keras(args, files: list[Path], weights: str, arrays: np.ndarray |
 
 
 def decoded_arrays(args, files: list[Path]) -> np.ndarray:
-    from cxr_pipeline.backbones import input_size
-    from cxr_pipeline.imaging import decode_image
+    from cxr_pipeline.images.decode import decode_image
+    from cxr_pipeline.models.backbones import input_size
 
     return np.stack([decode_image(p.read_bytes(), input_size(args.model)) for p in files])
 
@@ -401,7 +401,7 @@ def bench_predict_batch_udf(spark, args, remote: str, weights: str, runtime: str
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
-    from cxr_pipeline.backbones import input_size
+    from cxr_pipeline.models.backbones import input_size
 
     height, width = input_size(args.model)
     model_name, layer = args.model, args.layer
@@ -418,7 +418,8 @@ def bench_predict_batch_udf(spark, args, remote: str, weights: str, runtime: str
         return pd.Series([one(d) for d in contents])
 
     def make_predict_fn():
-        from cxr_pipeline.backbones import build_feature_model, preprocess
+        from cxr_pipeline.models.backbones import preprocess
+        from cxr_pipeline.models.runtimes import build_feature_model
 
         model = build_feature_model(
             model_name, weights=weights, feature_layer=layer, runtime=name, precision=precision, threads=1

@@ -31,10 +31,9 @@ import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "lib"))
 
-from cxr_pipeline import storage  # noqa: E402
-from cxr_pipeline.localstack.hdfs_cluster import ensure_running  # noqa: E402
+from cxr_pipeline.infra import storage  # noqa: E402
+from cxr_pipeline.infra.localstack.hdfs_cluster import ensure_running  # noqa: E402
 
 
 def make_tree(out: Path, n: int, size: str) -> Path:

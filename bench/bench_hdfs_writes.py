@@ -11,7 +11,7 @@ sessions, one per setting (the HDFS client reads it once per JVM), on the local 
   2 files    the feature cache's snapshot (defaultParallelism files after a shuffle)
 
 and prints the median of ``--repeats`` writes (after one warm-up) and the ratio. Writes through WebHDFS
-(``cxr_pipeline.storage``) close their files in the DataNode's own client, which the local Hadoop 2.7.3
+(``cxr_pipeline.infra.storage``) close their files in the DataNode's own client, which the local Hadoop 2.7.3
 does not let anyone configure (its 400 ms is fixed; the setting came in 2.8): they still wait.
 
     PYTHONPATH=lib .venv/bin/python bench/bench_hdfs_writes.py [--repeats 5]
@@ -47,7 +47,7 @@ def child(args) -> dict[str, list[float]]:
     from pyspark.sql import functions as F
 
     from cxr_pipeline.config import load_config
-    from cxr_pipeline.localstack.hdfs_cluster import ensure_running
+    from cxr_pipeline.infra.localstack.hdfs_cluster import ensure_running
     from cxr_pipeline.spark.session import spark_session
 
     config = load_config()

@@ -82,8 +82,8 @@ def config_for(args) -> dict:
 
 
 def whole_job(args) -> None:
+    from cxr_pipeline.spark.classifier import training
     from cxr_pipeline.spark.session import spark_session
-    from cxr_pipeline.spark_classifier import training
 
     sizes = [int(s) for s in args.sizes.split(",")]
     config = config_for(args)
@@ -143,9 +143,9 @@ def featurize_rate(spark, args, data_uri: str) -> tuple[float, float]:
 def workers(args) -> None:
     from pyspark.sql import SparkSession
 
-    from cxr_pipeline.localstack.faults import _free_port_run
-    from cxr_pipeline.localstack.processes import free_port
-    from cxr_pipeline.localstack.spark_cluster import LocalSparkStandalone
+    from cxr_pipeline.infra.localstack.faults import _free_port_run
+    from cxr_pipeline.infra.localstack.processes import free_port
+    from cxr_pipeline.infra.localstack.spark_cluster import LocalSparkStandalone
 
     root = tree(args, args.workers_n)
     state = Path(tempfile.mkdtemp(prefix="cxr_bench_scaling_spark_"))

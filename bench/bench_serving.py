@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "lib"))
 
 from cxr_pipeline.serving.launcher import HOST, get_json, multipart_image, running_service  # noqa: E402
 

@@ -51,7 +51,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "lib"))
 sys.path.insert(0, str(REPO / "tests"))
 
 from tolerances import PROBABILITY_ATOL  # noqa: E402
@@ -140,7 +139,7 @@ def batch_scores(model: str, blobs: list[bytes]) -> list[float]:
     from cxr_pipeline.serving.backends import detect_kind
 
     if detect_kind(model) == "spark-lr":
-        from cxr_pipeline.spark_classifier.model_export import LocalClassifier
+        from cxr_pipeline.spark.classifier.model_export import LocalClassifier
 
         results = LocalClassifier.load(model).predict_bytes(blobs)
     else:

@@ -14,8 +14,9 @@ import time
 import uuid
 from pathlib import Path
 
-from cxr_pipeline import paths, storage
-from cxr_pipeline.localstack.hdfs_cluster import ensure_running
+from cxr_pipeline import paths
+from cxr_pipeline.infra import storage
+from cxr_pipeline.infra.localstack.hdfs_cluster import ensure_running
 
 
 def timed(func, *args, **kwargs) -> float:

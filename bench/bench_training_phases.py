@@ -93,8 +93,8 @@ def main_run(args) -> int:
 def measure(args, config: dict, remote: str, out: Path, event_log: Path | None) -> int:
     import bench_featurizer as bf
 
+    from cxr_pipeline.spark.classifier import training
     from cxr_pipeline.spark.session import spark_session
-    from cxr_pipeline.spark_classifier import training
 
     if event_log:  # spark_session() builds from the config alone; the launcher's arguments reach the JVM too
         settings = " ".join(f"--conf {k}={v}" for k, v in _spark_jobs.event_log_conf(event_log).items())
@@ -169,7 +169,7 @@ def fit_only(args) -> int:
     from pyspark.sql import SparkSession
     from pyspark.sql import functions as F
 
-    from cxr_pipeline.spark_classifier import training
+    from cxr_pipeline.spark.classifier import training
 
     builder = (
         SparkSession.builder.master(args.master)

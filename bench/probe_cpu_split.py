@@ -23,7 +23,7 @@ from pathlib import Path
 import _bench_env  # noqa: F401 - lib/ importable, the local Spark environment
 import bench_featurizer as bench
 
-from cxr_pipeline.localstack.processes import command_line
+from cxr_pipeline.infra.localstack.processes import command_line
 
 TICK = os.sysconf("SC_CLK_TCK")
 

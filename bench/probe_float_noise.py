@@ -16,16 +16,13 @@ this process, and the effect of real mistakes (another layer, other weights, ano
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
-
 from cxr_pipeline import paths  # noqa: E402
-from cxr_pipeline.backbones import build_backbone, featurize_arrays  # noqa: E402
-from cxr_pipeline.imaging import decode_image  # noqa: E402
+from cxr_pipeline.images.decode import decode_image  # noqa: E402
+from cxr_pipeline.models.backbones import build_backbone, featurize_arrays  # noqa: E402
 
 LAYER = "mixed5"
 

@@ -35,8 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def sample_batch(model_name: str, size: int) -> np.ndarray:
     from cxr_pipeline import paths
-    from cxr_pipeline.backbones import input_size, preprocess
-    from cxr_pipeline.imaging import decode_image
+    from cxr_pipeline.images.decode import decode_image
+    from cxr_pipeline.models.backbones import input_size, preprocess
 
     files = sorted(paths.SAMPLE_TREE.rglob("*.jpeg"))
     images = [decode_image(files[i % len(files)].read_bytes(), input_size(model_name)) for i in range(size)]
@@ -45,7 +45,7 @@ def sample_batch(model_name: str, size: int) -> np.ndarray:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from cxr_pipeline.backbones import build_feature_model
+    from cxr_pipeline.models.runtimes import build_feature_model
     from cxr_pipeline.spark._udf import configure_tensorflow_threads
 
     configure_tensorflow_threads(args.threads)

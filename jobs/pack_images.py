@@ -16,18 +16,12 @@ the keyed hash of PatientID (dicom.patient_key), so the table holds no patient d
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-try:  # the one bootstrap of every entry script: the installed package (make venv; the wheel on a cluster) ...
-    import cxr_pipeline  # noqa: F401
-except ImportError:  # ... else the checkout's lib/
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-
-from cxr_pipeline.cli import add_config_options, configure_logging, resolve_config  # noqa: E402
+from cxr_pipeline.cli import Command, Job, add_config_options, run
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pack_images.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -36,35 +30,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--target-file-mb", type=int, default=128, help="approximate Parquet file size (default 128)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing table")
     add_config_options(parser)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def pack_images(job: Job) -> int:
+    from cxr_pipeline import config as cfg
+    from cxr_pipeline.images.dicom import DicomSettings
+    from cxr_pipeline.spark.packing import pack_image_tree
+
+    args, config = job.args, job.config
+    dicom = DicomSettings.from_config(config)
+    summary = pack_image_tree(
+        job.spark,
+        args.data or cfg.require(config, "data.uri"),
+        args.out,
+        target_file_mb=args.target_file_mb,
+        max_pixels=int(cfg.require(config, "data.max_pixels")),
+        overwrite=args.overwrite,
+        dicom=dicom,
+    )
+    print("\n".join(summary.lines()))
+    return 0
+
+
+COMMAND = Command("pack_images", build_parser, pack_images, spark_app="cxr-pack-images")
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    configure_logging(args.verbose)
-    from cxr_pipeline import config as cfg
-    from cxr_pipeline.dicom import DicomSettings
-    from cxr_pipeline.spark.packing import pack_image_tree
-    from cxr_pipeline.spark.session import spark_job
-
-    try:
-        config = resolve_config(args)
-        dicom = DicomSettings.from_config(config)
-    except cfg.ConfigError as exc:
-        print(f"pack_images: error: {exc}", file=sys.stderr)
-        return 2
-    with spark_job(config, "cxr-pack-images", master=args.master, verbose=args.verbose) as spark:
-        summary = pack_image_tree(
-            spark,
-            args.data or cfg.require(config, "data.uri"),
-            args.out,
-            target_file_mb=args.target_file_mb,
-            max_pixels=int(cfg.require(config, "data.max_pixels")),
-            overwrite=args.overwrite,
-            dicom=dicom,
-        )
-    print("\n".join(summary.lines()))
-    return 0
+    return run(COMMAND, argv)
 
 
 if __name__ == "__main__":

@@ -7,26 +7,20 @@
 path + content columns (name ending in .parquet). Writes OUT/predictions.parquet,
 OUT/predictions_csv/ with --csv, and OUT/unreadable.csv listing files that could
 not be scored (they are reported, not fatal), and prints each path. In pandas:
-cxr_pipeline.tables.read_table(OUT + "/predictions.parquet").
+cxr_pipeline.infra.tables.read_table(OUT + "/predictions.parquet").
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-try:  # the one bootstrap of every entry script: the installed package (make venv; the wheel on a cluster) ...
-    import cxr_pipeline  # noqa: F401
-except ImportError:  # ... else the checkout's lib/
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-
-from cxr_pipeline.cli import add_config_options, configure_logging, resolve_config  # noqa: E402
+from cxr_pipeline.cli import Command, Job, add_config_options, run
 
 OUTPUT_LABELS = {"parquet": "predictions", "csv": "predictions (CSV)", "unreadable": "unreadable files"}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="predict.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -47,52 +41,50 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="decision threshold on P(PNEUMONIA) (default: the run's validation-chosen one)",
     )
     add_config_options(parser)
-    return parser.parse_args(argv)
+    return parser
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    config = resolve_config(args)
-    configure_logging(args.verbose)
-    from cxr_pipeline import run_folder, storage, tracking
-    from cxr_pipeline.backbones import BackboneError
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def predict(job: Job) -> int:
+    from cxr_pipeline import tracking
     from cxr_pipeline.cli import missing_on_this_machine
-    from cxr_pipeline.spark.session import spark_job
-    from cxr_pipeline.spark_classifier.prediction import predict_images
+    from cxr_pipeline.infra import run_folder
+    from cxr_pipeline.spark.classifier.prediction import predict_images
 
-    storage.configure(config)
-    run_folder.configure(config)
-    try:
-        missing = missing_on_this_machine(args.model, config)
-        if missing:
-            raise FileNotFoundError(f"--model {missing}")
-        args.model = tracking.resolve_model(args.model, config)  # models:/NAME@ALIAS -> its run folder
-        run_folder.require_complete(args.model)
-        run_folder.check_output(args.out, args.overwrite)
-    except (FileNotFoundError, run_folder.OutputExistsError, ValueError) as exc:
-        print(f"predict: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"predict: scoring {args.images} with {args.model} into {args.out}", flush=True)
-    try:
-        with spark_job(config, "cxr-predict", master=args.master, verbose=args.verbose) as spark:
-            summary = predict_images(
-                spark,
-                args.model,
-                args.images,
-                args.out,
-                csv=args.csv,
-                threshold=args.threshold,
-                overwrite=args.overwrite,
-            )
-    except (FileNotFoundError, BackboneError, run_folder.OutputExistsError) as exc:
-        print(f"predict: error: {exc}", file=sys.stderr)
-        return 2
+    args, config = job.args, job.config
+    missing = missing_on_this_machine(args.model, config)
+    if missing:
+        raise FileNotFoundError(f"--model {missing}")
+    model = tracking.resolve_model(args.model, config)  # models:/NAME@ALIAS -> its run folder
+    run_folder.require_complete(model)
+    run_folder.check_output(args.out, args.overwrite)
+    print(f"predict: scoring {args.images} with {model} into {args.out}", flush=True)
+    summary = predict_images(
+        job.spark, model, args.images, args.out, csv=args.csv, threshold=args.threshold, overwrite=args.overwrite
+    )
     classes = ", ".join(f"{k} {v}" for k, v in sorted(summary.by_class.items())) or "none"
     print(f"scored {summary.scored} image(s): {classes}; unreadable {summary.unreadable}")
     for kind, uri in summary.files.items():
         print(f"{OUTPUT_LABELS[kind]}: {uri}")
-    print(f'in pandas: from cxr_pipeline.tables import read_table; read_table("{summary.files["parquet"]}")')
+    print(f'in pandas: from cxr_pipeline.infra.tables import read_table; read_table("{summary.files["parquet"]}")')
     return 0
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from cxr_pipeline.infra.run_folder import OutputExistsError
+    from cxr_pipeline.models.backbones import BackboneError
+
+    return (FileNotFoundError, OutputExistsError, BackboneError, ValueError)
+
+
+COMMAND = Command("predict", build_parser, predict, spark_app="cxr-predict", errors=_known_errors)
+
+
+def main(argv=None) -> int:
+    return run(COMMAND, argv)
 
 
 if __name__ == "__main__":

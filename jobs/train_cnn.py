@@ -17,18 +17,10 @@ import argparse
 import json
 import os
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-
-try:  # the one bootstrap of every entry script: the installed package (make venv; the wheel on a cluster) ...
-    import cxr_pipeline  # noqa: F401
-except ImportError:  # ... else the checkout's lib/
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-
-from cxr_pipeline import config as config_mod  # noqa: E402
-from cxr_pipeline.cli import add_config_options, configure_logging, resolve_config  # noqa: E402
+from cxr_pipeline.cli import Command, Job, add_config_options, run  # noqa: E402
 
 SHORTCUTS = {  # option dest -> config key
     "data": "data.uri",
@@ -47,7 +39,7 @@ SHORTCUTS = {  # option dest -> config key
 }
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train_cnn.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -74,34 +66,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--verbose", type=int, choices=(0, 1, 2), help="Keras progress: 1 bars, 2 epoch lines, 0 none")
     add_config_options(parser, spark=False, verbose=False)  # --verbose here is Keras's progress
-    return parser.parse_args(argv)
+    return parser
 
 
-def main(argv=None) -> int:
-    started = time.time()  # the MLflow run spans the job from here
-    args = parse_args(argv)
-    configure_logging()
-    try:
-        config = resolve_config(args, [(key, getattr(args, dest)) for dest, key in SHORTCUTS.items()])
-    except config_mod.ConfigError as exc:
-        print(f"train_cnn: error: {exc}", file=sys.stderr)
-        return 2
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
-    from cxr_pipeline import run_folder, storage, tracking
-    from cxr_pipeline.tensorflow_runtime import import_tensorflow
+
+def train_cnn(job: Job) -> int:
+    from cxr_pipeline import config as cfg
+    from cxr_pipeline.models.tensorflow_runtime import import_tensorflow
 
     import_tensorflow()  # before cnn.train imports Keras: TensorFlow's start-up notices stay off the console
+    from cxr_pipeline.cnn.mlflow_run import log_cnn_run
     from cxr_pipeline.cnn.train import train_and_evaluate
 
-    storage.configure(config)
-    run_folder.configure(config)
-    try:
-        metrics = train_and_evaluate(config, config_mod.require(config, "data.uri"), args.out, overwrite=args.overwrite)
-    except run_folder.OutputExistsError as exc:
-        print(f"train_cnn: error: {exc}", file=sys.stderr)
-        return 2
-    data_uri = config_mod.require(config, "data.uri")
-    tracking.log_cnn_run(config, metrics, args.out, data_uri, started_at=started)  # MLflow trouble only warns
+    args, config = job.args, job.config
+    data_uri = cfg.require(config, "data.uri")
+    metrics = train_and_evaluate(config, data_uri, args.out, overwrite=args.overwrite)
+    log_cnn_run(config, metrics, args.out, data_uri, started_at=job.started_at)  # MLflow trouble only warns
     name = metrics["evaluated_on"]
     summary = {k: metrics[name][k] for k in ("n", "auc")}
     summary.update({f"{k}@0.5": metrics[name]["at_0.5"][k] for k in ("accuracy", "sensitivity", "specificity")})
@@ -111,6 +94,26 @@ def main(argv=None) -> int:
     )
     print(json.dumps({name: summary}, indent=2, default=float))
     return 0
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from cxr_pipeline.infra.run_folder import OutputExistsError
+
+    return (OutputExistsError,)
+
+
+COMMAND = Command(
+    "train_cnn",
+    build_parser,
+    train_cnn,
+    verbose_logs=False,
+    errors=_known_errors,
+    shortcuts=lambda args: [(key, getattr(args, dest)) for dest, key in SHORTCUTS.items()],
+)
+
+
+def main(argv=None) -> int:
+    return run(COMMAND, argv)
 
 
 if __name__ == "__main__":

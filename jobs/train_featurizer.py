@@ -12,19 +12,33 @@ option can be overridden with --set section.key=value or the shortcuts below.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 
-try:  # the one bootstrap of every entry script: the installed package (make venv; the wheel on a cluster) ...
-    import cxr_pipeline  # noqa: F401
-except ImportError:  # ... else the checkout's lib/
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+from cxr_pipeline.cli import Command, Job, add_config_options, run
 
-from cxr_pipeline.cli import add_config_options, configure_logging, resolve_config  # noqa: E402
+SHORTCUTS = {  # option dest -> config key
+    "reg_param": "training.reg_param",
+    "elastic_net_param": "training.elastic_net_param",
+    "max_iter": "training.max_iter",
+    "class_weighting": "training.class_weighting",
+    "tuning": "training.tuning",
+    "validation": "training.validation",
+    "validation_fraction": "training.validation_fraction",
+    "threshold_rule": "training.threshold_rule",
+    "cost_fn": "training.cost_fn",
+    "cost_fp": "training.cost_fp",
+    "target_sensitivity": "training.target_sensitivity",
+    "seed": "training.seed",
+    "features_cache": "training.features_cache",
+    "backbone_run": "featurizer.backbone_run",
+    "model_name": "featurizer.model_name",
+    "feature_layer": "featurizer.feature_layer",
+    "image_size": "featurizer.image_size",
+    "batch_size": "featurizer.batch_size",
+}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train_featurizer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -71,65 +85,54 @@ def parse_args(argv=None) -> argparse.Namespace:
     f.add_argument("--feature-layer")
     f.add_argument("--image-size", type=int, help="square input side (default: the backbone's own)")
     f.add_argument("--batch-size", type=int)
-    return parser.parse_args(argv)
+    return parser
 
 
-def main(argv=None) -> int:
-    started = time.time()  # the MLflow run spans the job from here
-    args = parse_args(argv)
-    configure_logging(args.verbose)
-    config = resolve_config(
-        args,
-        [
-            ("training.reg_param", args.reg_param),
-            ("training.elastic_net_param", args.elastic_net_param),
-            ("training.max_iter", args.max_iter),
-            ("training.class_weighting", args.class_weighting),
-            ("training.tuning", args.tuning),
-            ("training.validation", args.validation),
-            ("training.validation_fraction", args.validation_fraction),
-            ("training.threshold_rule", args.threshold_rule),
-            ("training.cost_fn", args.cost_fn),
-            ("training.cost_fp", args.cost_fp),
-            ("training.target_sensitivity", args.target_sensitivity),
-            ("training.seed", args.seed),
-            ("training.features_cache", args.features_cache),
-            ("featurizer.backbone_run", args.backbone_run),
-            ("featurizer.model_name", args.model_name),
-            ("featurizer.feature_layer", args.feature_layer),
-            ("featurizer.image_size", args.image_size),
-            ("featurizer.batch_size", args.batch_size),
-        ],
-    )
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def train_featurizer(job: Job) -> int:
     from cxr_pipeline import config as cfg
-    from cxr_pipeline import run_folder, storage, tracking
-    from cxr_pipeline.spark.featurizer import FeaturizerSettings
-    from cxr_pipeline.spark.session import spark_job
-    from cxr_pipeline.spark_classifier.training import TrainingError, train
-    from cxr_pipeline.weights import WeightsNotFound, default_weights_path
+    from cxr_pipeline.infra import run_folder
+    from cxr_pipeline.models.weights import default_weights_path
+    from cxr_pipeline.spark.classifier.mlflow_run import log_spark_run
+    from cxr_pipeline.spark.classifier.training import featurizer_for, train
 
-    data_uri = args.data or cfg.require(config, "data.uri")
-    storage.configure(config)
-    run_folder.configure(config)
-    try:
-        run_folder.check_output(args.out, args.overwrite)  # before Spark starts and hours of work
-        featurizer = FeaturizerSettings.from_config(config)  # the backbone and its default weights, likewise
-        if featurizer.weights is None:
-            default_weights_path(featurizer.model_name)
-    except (run_folder.OutputExistsError, ValueError, WeightsNotFound) as exc:
-        print(f"train_featurizer: error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        with spark_job(config, "cxr-train-featurizer", master=args.master, verbose=args.verbose) as spark:
-            result = train(spark, config, data_uri, args.out, overwrite=args.overwrite)
-            tracking.log_spark_run(config, result, data_uri, spark, started_at=started)  # trouble only warns
-    except (TrainingError, cfg.ConfigError, run_folder.OutputExistsError) as exc:
-        print(f"train_featurizer: error: {exc}", file=sys.stderr)
-        return 2
+    args = job.args
+    data_uri = args.data or cfg.require(job.config, "data.uri")
+    run_folder.check_output(args.out, args.overwrite)  # before Spark starts and hours of work
+    config, featurizer = featurizer_for(job.config)  # the backbone and its default weights, likewise
+    if featurizer.weights is None:
+        default_weights_path(featurizer.model_name)
+    result = train(job.spark, config, data_uri, args.out, overwrite=args.overwrite, featurizer=featurizer)
+    log_spark_run(job.config, result, data_uri, job.spark, started_at=job.started_at)  # trouble only warns
     print("\n=== cxr-pipeline training summary ===")
     print(result.summary, end="")
     print(f"run folder: {result.run.root}")
     return 0
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from cxr_pipeline.infra.run_folder import OutputExistsError
+    from cxr_pipeline.models.weights import WeightsNotFound
+    from cxr_pipeline.spark.classifier.training import TrainingError
+
+    return (OutputExistsError, WeightsNotFound, TrainingError, ValueError)
+
+
+COMMAND = Command(
+    "train_featurizer",
+    build_parser,
+    train_featurizer,
+    spark_app="cxr-train-featurizer",
+    errors=_known_errors,
+    shortcuts=lambda args: [(key, getattr(args, dest)) for dest, key in SHORTCUTS.items()],
+)
+
+
+def main(argv=None) -> int:
+    return run(COMMAND, argv)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@
 # MAGIC   a shortcut a model could learn instead of the lungs),
 # MAGIC * junk and corrupt files, which the pipeline excludes and reports rather than losing silently.
 # MAGIC
-# MAGIC All the logic is in the `cxr_pipeline` library (`cxr_pipeline.exploration`); this notebook only calls it.
+# MAGIC All the logic is in the `cxr_pipeline` library (`cxr_pipeline.notebook_support.exploration`); this notebook only calls it.
 # MAGIC On Databricks set the widgets at the top; locally the same parameters come from `CXR_<NAME>` environment
-# MAGIC variables (see `python -m cxr_pipeline.notebook_runner --help`).
+# MAGIC variables (see `python -m cxr_pipeline.notebook_support.runner --help`).
 
 # COMMAND ----------
 
@@ -26,10 +26,10 @@ try:
 except ImportError:
     sys.path.insert(0, os.path.abspath(os.path.join(os.getcwd(), "..", "lib")))
 
-from cxr_pipeline import exploration
 from cxr_pipeline.notebook_support import (
     default_data_uri,
     display_or_save,
+    exploration,
     get_param,
     notebook_config,
     require,

@@ -2,7 +2,7 @@
 # MAGIC %md
 # MAGIC # 2. Featurize, train and evaluate the Spark model
 # MAGIC
-# MAGIC The project's main job, step by step, with the library doing the work (`cxr_pipeline.spark_classifier.training`):
+# MAGIC The project's main job, step by step, with the library doing the work (`cxr_pipeline.spark.classifier.training`):
 # MAGIC
 # MAGIC 1. read the image tree (junk is rejected and listed),
 # MAGIC 2. featurize every image with a pretrained Keras backbone inside a Spark ML `Transformer`
@@ -28,7 +28,7 @@ except ImportError:
 
 from pyspark.ml import Pipeline
 
-from cxr_pipeline import storage, tracking
+from cxr_pipeline.infra import storage
 from cxr_pipeline.notebook_support import (
     counts_table,
     default_data_uri,
@@ -46,7 +46,8 @@ from cxr_pipeline.notebook_support import (
     threshold_table,
     with_settings,
 )
-from cxr_pipeline.spark_classifier import training
+from cxr_pipeline.spark.classifier import training
+from cxr_pipeline.spark.classifier.mlflow_run import log_spark_run
 
 config = notebook_config(get_param("conf_env", "local", "Config environment (conf/<env>.yaml)"))
 data_uri = require("data_uri", get_param("data_uri", default_data_uri(config), "Dataset root (chest_xray folder URI)"))
@@ -102,7 +103,7 @@ started = time.time()
 result = training.train(spark, config, data_uri, run_uri, overwrite=overwrite)
 print(result.summary)
 # also an MLflow run (on Databricks: this notebook's experiment), a registry version with `register`; only warns
-tracking.log_spark_run(config, result, data_uri, spark, started_at=started)
+log_spark_run(config, result, data_uri, spark, started_at=started)
 
 # COMMAND ----------
 

@@ -22,8 +22,9 @@ try:
 except ImportError:
     sys.path.insert(0, os.path.abspath(os.path.join(os.getcwd(), "..", "lib")))
 
-from cxr_pipeline import run_folder, storage, tracking
 from cxr_pipeline.cnn import train as cnn_train
+from cxr_pipeline.cnn.mlflow_run import log_cnn_run
+from cxr_pipeline.infra import run_folder, storage
 from cxr_pipeline.notebook_support import (
     agreement_table,
     cnn_test_scores,
@@ -75,7 +76,7 @@ print(f"data {data_uri}\nCNN run {cnn_run_uri} ({config['cnn']['model']}, {confi
 
 started = time.time()
 cnn_metrics = cnn_train.train_and_evaluate(config, data_uri, cnn_run_uri, overwrite=overwrite)
-tracking.log_cnn_run(config, cnn_metrics, cnn_run_uri, data_uri, started_at=started)  # MLflow trouble only warns
+log_cnn_run(config, cnn_metrics, cnn_run_uri, data_uri, started_at=started)  # MLflow trouble only warns
 show_table(counts_table(cnn_metrics), "cnn_images_per_subset")
 show_run_figures(cnn_run_uri, ["training_curves.png", "roc.png", "confusion_matrix.png"], prefix="cnn_")
 

@@ -3,7 +3,7 @@
 # MAGIC # 4. Score new images with a saved model
 # MAGIC
 # MAGIC * A **Spark run** (notebook 2 / `jobs/train_featurizer.py`): the saved `PipelineModel` scores a whole folder
-# MAGIC   of images on the cluster (`cxr_pipeline.spark_classifier.prediction.predict_images`, as `jobs/predict.py` does) and writes
+# MAGIC   of images on the cluster (`cxr_pipeline.spark.classifier.prediction.predict_images`, as `jobs/predict.py` does) and writes
 # MAGIC   `predictions.parquet`; files that are not images are listed with the reason, never dropped silently.
 # MAGIC   The same run's Spark-free export (`classifier.json`) is checked against it on a few images.
 # MAGIC * A **CNN run** (notebook 3 / `jobs/train_cnn.py`): scored on the driver with `LocalCnnClassifier`.
@@ -22,8 +22,8 @@ try:
 except ImportError:
     sys.path.insert(0, os.path.abspath(os.path.join(os.getcwd(), "..", "lib")))
 
-from cxr_pipeline import storage
-from cxr_pipeline.cli.predict_image import is_cnn_model, load_classifier
+from cxr_pipeline.infra import storage
+from cxr_pipeline.infra.tables import read_table
 from cxr_pipeline.notebook_support import (
     default_data_uri,
     default_runs_uri,
@@ -37,8 +37,8 @@ from cxr_pipeline.notebook_support import (
     show_table,
     spark_for_notebook,
 )
-from cxr_pipeline.spark_classifier.prediction import predict_images
-from cxr_pipeline.tables import read_table
+from cxr_pipeline.serving.predict_image import is_cnn_model, load_classifier
+from cxr_pipeline.spark.classifier.prediction import predict_images
 
 config = notebook_config(get_param("conf_env", "local", "Config environment (conf/<env>.yaml)"))
 data_uri = require("data_uri", get_param("data_uri", default_data_uri(config), "Dataset root (its test folder is the default input)"))

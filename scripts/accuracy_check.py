@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "lib"))
 
 JOBS = ("cnn", "spark", "spark-cnn")
 # The fine-tuning recipe of the two-step flow (docs/accuracy.md says how it was chosen).
@@ -80,7 +79,7 @@ def _unpacked(tar: Path, work: Path) -> Path:
 
 def carve_test(tree: Path, fraction: float, seed: int) -> None:
     """Move a patient-grouped, class-stratified ``fraction`` of train/ into test/ (the jobs' own carve rule)."""
-    from cxr_pipeline import splits
+    from cxr_pipeline.images import splits
 
     files = sorted(p for p in (tree / "train").glob("*/*") if p.is_file())
     labels = [0 if p.parent.name == "NORMAL" else 1 for p in files]
@@ -136,7 +135,7 @@ def figures(metrics: dict) -> dict:
 
 
 def report(results: dict[str, dict], out: Path) -> None:
-    from cxr_pipeline import metrics as M
+    from cxr_pipeline.evaluation import metrics as M
 
     print(f"\n{'job':10s} {'threshold':>9s} " + " ".join(f"{k:>22s}" for k in M.INTERVAL_METRICS))
     for job, result in results.items():
@@ -166,8 +165,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rerun", action="store_true", help="run jobs whose run folder is already complete")
     args = parser.parse_args(argv)
 
-    from cxr_pipeline import run_folder, storage
-    from cxr_pipeline.localstack.hdfs_cluster import ensure_running
+    from cxr_pipeline.infra import run_folder, storage
+    from cxr_pipeline.infra.localstack.hdfs_cluster import ensure_running
 
     name = hashlib.sha256(str(args.data.resolve()).encode()).hexdigest()[:8]
     work = args.work / f"{args.data.stem}-{name}"

@@ -32,10 +32,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "lib"))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from cxr_pipeline import metrics as M  # noqa: E402
+from cxr_pipeline.evaluation import metrics as M  # noqa: E402
 
 FOLDS = 5
 FOLD_SEED = 42
@@ -59,7 +58,8 @@ def train_images(data: Path, work: Path) -> list[tuple[str, int, Path]]:
 def featurize(args) -> int:
     import keras
 
-    from cxr_pipeline import backbones, imaging
+    from cxr_pipeline.images import decode as imaging
+    from cxr_pipeline.models import backbones
 
     rows = train_images(args.data, args.work)
     size = backbones.resolve_image_size(args.model, args.image_size)
@@ -146,7 +146,7 @@ def rule_args(rule: str) -> dict:
 
 def fit_and_score(x, y, names, train, test, reg: float, rule: str) -> tuple[np.ndarray, float]:
     """Fit on ``train`` minus the job's patient-grouped carve; the carve picks the threshold; score ``test``."""
-    from cxr_pipeline import splits
+    from cxr_pipeline.images import splits
 
     carve = np.asarray(splits.is_validation(list(names[train]), list(y[train]), CARVE_FRACTION, FOLD_SEED))
     fit, val = train[~carve], train[carve]
@@ -167,7 +167,7 @@ def summarize(y: np.ndarray, scores: np.ndarray, thresholds: np.ndarray) -> dict
 
 
 def cv_candidate(data, layers: list[str], reg: float, rule: str) -> dict:
-    from cxr_pipeline.dataset_layout import patient_id
+    from cxr_pipeline.images.layout import patient_id
 
     names, y = data["names"], data["labels"]
     x = np.hstack([data[layer] for layer in layers]).astype(np.float64)

@@ -12,18 +12,14 @@ unreachable; 4 another load holds DEST's lock; 130 interrupted (re-run to resume
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 
-try:  # the one bootstrap of every entry script: the installed package (make venv; the wheel on a cluster) ...
-    import cxr_pipeline  # noqa: F401
-except ImportError:  # ... else the checkout's lib/
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-
-from cxr_pipeline import config as conf  # noqa: E402
-from cxr_pipeline import hdfs_load, paths, storage  # noqa: E402
-from cxr_pipeline.cli import add_config_options, resolve_config  # noqa: E402
+from cxr_pipeline import config as conf
+from cxr_pipeline import paths
+from cxr_pipeline.cli import Command, Job, UsageError, add_config_options, run
+from cxr_pipeline.cli.runner import exit_status
+from cxr_pipeline.infra import hdfs_load, storage
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,32 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_CODES = {  # most specific first; any other known error exits 2
+    hdfs_load.TargetLocked: 4,
+    storage.StorageUnavailable: 3,
+    hdfs_load.SourceError: 2,
+    OSError: 2,  # storage errors are OSErrors
+}
+
+
 def exit_code(error: BaseException) -> int | None:
     """The exit code of a load that stopped on ``error``; None for a bug (let it show its traceback)."""
-    if isinstance(error, hdfs_load.TargetLocked):
-        return 4
-    if isinstance(error, storage.StorageUnavailable):
-        return 3
-    if isinstance(error, (hdfs_load.SourceError, OSError)):  # storage errors are OSErrors
-        return 2
-    return None
+    return exit_status(COMMAND, error)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        config = resolve_config(args)
-        storage.configure(config)
-        settings = hdfs_load.HdfsLoadSettings.from_config(config)
-        target = args.dest or settings.target or conf.require(config, "data.uri")
-    except (conf.ConfigError, hdfs_load.SourceError) as exc:
-        print(f"hdfs-load: config error: {exc}", file=sys.stderr)
-        return 2
+def load(job: Job) -> int:
+    args, config = job.args, job.config
+    settings = hdfs_load.HdfsLoadSettings.from_config(config)
+    target = args.dest or settings.target or conf.require(config, "data.uri")
     source = args.src or settings.source or str(paths.SAMPLE_TREE)
     workers = args.workers or settings.workers
     if workers < 1:
-        print("hdfs-load: --workers must be at least 1", file=sys.stderr)
-        return 2
+        raise UsageError("--workers must be at least 1")
     # A `kill` (SIGTERM) stops as cleanly as Ctrl-C: staging removed, placed files recorded.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -120,12 +111,6 @@ def main(argv: list[str] | None = None) -> int:
             break_lock=args.break_lock,
             lock_lease_s=settings.lock_lease_s,
         )
-    except Exception as exc:
-        code = exit_code(exc)
-        if code is None:
-            raise
-        print(f"hdfs-load: ERROR: {exc}", file=sys.stderr)
-        return code
     except KeyboardInterrupt:
         print(
             "hdfs-load: interrupted; files already in place are complete, nothing partial is visible. "
@@ -135,6 +120,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(hdfs_load.format_summary(report))
     return 0 if report.ok else 1
+
+
+COMMAND = Command(
+    "hdfs-load", build_parser, load, errors=lambda: (hdfs_load.SourceError,), exit_codes=lambda: EXIT_CODES
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(COMMAND, argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "lib"))
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
@@ -64,7 +63,7 @@ def spark():
 def hdfs_cluster():
     """The real local HDFS, started on demand (make hdfs-up does the same) and stopped after the session
     if this session started it; its daemons that were already running are left alone."""
-    from cxr_pipeline.localstack.hdfs_cluster import default_instance
+    from cxr_pipeline.infra.localstack.hdfs_cluster import default_instance
 
     with default_instance().running() as cluster:
         yield cluster
@@ -77,7 +76,7 @@ def spark_standalone():
     Started on demand and stopped after the session if this session started it
     (its three JVMs compete for the 2 cores); left alone if it was already up.
     """
-    from cxr_pipeline.localstack.spark_cluster import LocalSparkStandalone
+    from cxr_pipeline.infra.localstack.spark_cluster import LocalSparkStandalone
 
     cluster = LocalSparkStandalone(workers=2)
     was_running = cluster.is_running()
@@ -90,7 +89,7 @@ def spark_standalone():
 @pytest.fixture
 def hdfs_tmp(hdfs_cluster):
     """A fresh hdfs:// folder URI for one test, removed afterwards."""
-    from cxr_pipeline import storage
+    from cxr_pipeline.infra import storage
 
     uri = f"{hdfs_cluster.namenode_uri}/tests/{uuid.uuid4().hex[:12]}"
     storage.makedirs(uri)

@@ -127,7 +127,7 @@ def sample_images(tree: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------
-# Bad inputs (each must be rejected by cxr_pipeline.imaging as well)
+# Bad inputs (each must be rejected by cxr_pipeline.images.decode as well)
 
 
 def truncated_jpeg(good: bytes) -> bytes:

@@ -16,16 +16,15 @@ import numpy as np
 import pytest
 from tolerances import assert_same_features, assert_same_probabilities
 
-from cxr_pipeline.backbone_runtimes import RuntimeUnavailableError, converted_onnx
-from cxr_pipeline.backbones import (
+from cxr_pipeline.images.decode import decode_image
+from cxr_pipeline.models.backbones import (
     BackboneError,
     WeightsMismatchError,
-    build_feature_model,
     featurize_arrays,
     file_sha256,
     resolve_weights_file,
 )
-from cxr_pipeline.imaging import decode_image
+from cxr_pipeline.models.runtimes import RuntimeUnavailableError, build_feature_model, converted_onnx
 from cxr_pipeline.spark.featurizer import FeaturizerSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +40,7 @@ def weights() -> str:
 
 @pytest.fixture(scope="module")
 def pixels(sample_tree) -> np.ndarray:
-    from cxr_pipeline.backbones import resolve_image_size
+    from cxr_pipeline.models.backbones import resolve_image_size
 
     size = resolve_image_size(MODEL, DEFAULTS.image_size)
     paths = sorted(sample_tree.rglob("*.jpeg"))
@@ -102,7 +101,7 @@ def test_two_processes_converting_at_once_convert_once(tmp_path):
     script = (
         "import logging, sys\n"
         "logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='%(message)s')\n"
-        "from cxr_pipeline.backbone_runtimes import converted_onnx\n"
+        "from cxr_pipeline.models.runtimes import converted_onnx\n"
         "print('FILE', converted_onnx('InceptionV3', None, 'mixed0', 75))\n"
     )
     env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(REPO / "lib")}  # random weights: cached in TMPDIR
@@ -125,7 +124,7 @@ def test_a_converted_backbone_runs_without_loading_tensorflow(weights):
     converted_onnx(MODEL, weights, LAYER, DEFAULTS.image_size)  # cached by now, or made here
     script = (
         "import sys\n"
-        "from cxr_pipeline.backbones import build_feature_model\n"
+        "from cxr_pipeline.models.runtimes import build_feature_model\n"
         f"build_feature_model({MODEL!r}, feature_layer={LAYER!r}, runtime='onnxruntime')\n"
         "print('tensorflow' in sys.modules)\n"
     )
@@ -136,7 +135,7 @@ def test_a_converted_backbone_runs_without_loading_tensorflow(weights):
 
 
 def test_the_spark_free_scorer_uses_the_runtime_saved_with_the_model(pixels, keras_features, weights):
-    from cxr_pipeline.spark_classifier.model_export import LocalClassifier, score_features
+    from cxr_pipeline.spark.classifier.model_export import LocalClassifier, score_features
 
     rng = np.random.default_rng(0)
     dim = keras_features.shape[1]

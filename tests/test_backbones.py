@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from tolerances import assert_same_features
 
-from cxr_pipeline import backbones
-from cxr_pipeline.backbones import BackboneError, build_backbone, featurize_arrays, input_size, preprocess
+from cxr_pipeline.models import backbones
+from cxr_pipeline.models.backbones import BackboneError, build_backbone, featurize_arrays, input_size, preprocess
 
 
 @pytest.mark.parametrize(

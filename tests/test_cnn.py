@@ -20,8 +20,8 @@ from job_args import NO_TRACKING  # noqa: E402
 from tolerances import assert_same_features, assert_same_probabilities  # noqa: E402
 
 from cxr_pipeline import config as config_mod  # noqa: E402
-from cxr_pipeline import dataset_layout  # noqa: E402
 from cxr_pipeline.cnn import data, gradcam, models  # noqa: E402
+from cxr_pipeline.images import layout as dataset_layout  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -128,7 +128,7 @@ def test_inception_transfer_freezes_backbone_and_unfreezes_top_blocks():
 
 
 def test_inception_loads_provisioned_weights():
-    from cxr_pipeline.weights import default_weights_path
+    from cxr_pipeline.models.weights import default_weights_path
 
     model = inception_transfer(None, "mixed5")
     reference = keras.applications.InceptionV3(weights=None, include_top=False, input_shape=(75, 75, 3))
@@ -169,7 +169,7 @@ def test_validation_carve_keeps_patients_together(tree_with_junk):
 
 def test_carve_pools_the_val_folder_like_the_spark_job(tree_with_junk):
     """The Spark job (training.assign_subsets) carves from train + val pooled; so must the CNN."""
-    from cxr_pipeline import splits
+    from cxr_pipeline.images import splits
 
     records, _ = data.list_image_tree(str(tree_with_junk))
     train, val, _ = data.split_records(records, "carve", 0.25, seed=42)
@@ -181,7 +181,7 @@ def test_carve_pools_the_val_folder_like_the_spark_job(tree_with_junk):
 
 
 def test_decoding_matches_imaging_and_excludes_corrupt_files(tree_with_junk):
-    from cxr_pipeline import imaging
+    from cxr_pipeline.images import decode as imaging
 
     records, _ = data.list_image_tree(str(tree_with_junk / "train"))  # layout: .../train/CLASS/file
     rejections = data.Rejections()
@@ -386,8 +386,9 @@ def test_inception_transfer_one_epoch_with_fine_tuning(tree_with_junk, tmp_path)
 
 def check_exported_backbone(run: Path, images: list[bytes]) -> None:
     """The exported backbone file, loaded as the featurizer loads it, gives the trained backbone's pooled features."""
-    from cxr_pipeline import backbones, imaging
-    from cxr_pipeline.cnn.train import BACKBONE_FILE
+    from cxr_pipeline.cnn.run_outputs import BACKBONE_FILE
+    from cxr_pipeline.images import decode as imaging
+    from cxr_pipeline.models import backbones
 
     backbone = json.loads((run / "cnn.json").read_text())["backbone"]
     exported = run / BACKBONE_FILE
@@ -408,7 +409,8 @@ def check_exported_backbone(run: Path, images: list[bytes]) -> None:
 def test_exported_backbone_carries_the_trained_values(sample_tree, tmp_path):
     """Values changed in the cut backbone (as fine-tuning changes them) reach the featurizer through the file;
     layers past the cut keep the start weights so the file loads into a whole no-top InceptionV3."""
-    from cxr_pipeline import backbones, imaging
+    from cxr_pipeline.images import decode as imaging
+    from cxr_pipeline.models import backbones
 
     model = inception_transfer(None, "mixed5")
     conv = [layer for layer in models.backbone_of(model).layers if layer.weights][-1]
@@ -428,7 +430,7 @@ def test_exported_backbone_carries_the_trained_values(sample_tree, tmp_path):
 
 @pytest.mark.hdfs
 def test_pipeline_reads_the_real_hdfs_with_the_same_pixels(sample_tree, hdfs_tmp):
-    from cxr_pipeline import storage
+    from cxr_pipeline.infra import storage
 
     storage.upload_dir(str(sample_tree / "test"), f"{hdfs_tmp}/chest_xray/test")
     storage.write_bytes(f"{hdfs_tmp}/chest_xray/test/NORMAL/IM-0002-0001.jpeg", b"\xff\xd8\xff truncated")
@@ -449,8 +451,8 @@ def test_pipeline_reads_the_real_hdfs_with_the_same_pixels(sample_tree, hdfs_tmp
 @pytest.mark.hdfs
 @pytest.mark.slow
 def test_train_from_and_to_the_real_hdfs(sample_tree, hdfs_tmp):
-    from cxr_pipeline import storage
     from cxr_pipeline.cnn.predict import LocalCnnClassifier
+    from cxr_pipeline.infra import storage
 
     data_uri = f"{hdfs_tmp}/chest_xray"
     storage.upload_dir(str(sample_tree), data_uri)

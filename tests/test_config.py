@@ -48,18 +48,18 @@ DEFAULTS_FILE = "defaults.yaml"
 # Each section of conf/defaults.yaml that a settings class holds (config.section_settings builds it: an unknown
 # key is refused, a missing one named). A nested section ("cnn.augment") is a field of its parent's class.
 SETTINGS_CLASSES = {
-    "hdfs": "cxr_pipeline.storage.endpoints:HdfsSettings",
-    "hdfs_load": "cxr_pipeline.hdfs_load.shared:HdfsLoadSettings",
-    "dicom": "cxr_pipeline.dicom:DicomSettings",
+    "hdfs": "cxr_pipeline.infra.storage.endpoints:HdfsSettings",
+    "hdfs_load": "cxr_pipeline.infra.hdfs_load.shared:HdfsLoadSettings",
+    "dicom": "cxr_pipeline.images.dicom:DicomSettings",
     "featurizer": "cxr_pipeline.spark.featurizer:FeaturizerSettings",
-    "training": "cxr_pipeline.training_settings:TrainingSettings",
+    "training": "cxr_pipeline.evaluation.training_settings:TrainingSettings",
     "cnn": "cxr_pipeline.cnn.settings:CnnSettings",
     "cnn.augment": "cxr_pipeline.cnn.settings:AugmentSettings",
     "cnn.reduce_lr": "cxr_pipeline.cnn.settings:ReduceLrSettings",
     "cnn.inception": "cxr_pipeline.cnn.settings:InceptionSettings",
     "cnn.fine_tune": "cxr_pipeline.cnn.settings:FineTuneSettings",
-    "outputs": "cxr_pipeline.run_folder:OutputSettings",
-    "serving": "cxr_pipeline.serving.app:ServingSettings",
+    "outputs": "cxr_pipeline.infra.run_folder:OutputSettings",
+    "serving": "cxr_pipeline.serving.settings:ServingSettings",
     "tracking": "cxr_pipeline.tracking:TrackingSettings",
 }
 # The settings no class holds, and the files that read them (each must name the key, see _reads).
@@ -67,22 +67,22 @@ DOCUMENTED_READERS = {
     "data.uri": ("jobs/train_featurizer.py", "jobs/train_cnn.py", "jobs/pack_images.py", "scripts/hdfs_load.py"),
     "data.source": (
         "lib/cxr_pipeline/spark/reader.py",
-        "lib/cxr_pipeline/spark_classifier/training.py",
+        "lib/cxr_pipeline/spark/classifier/training.py",
         "lib/cxr_pipeline/cnn/train.py",
     ),
     "data.max_pixels": (
-        "lib/cxr_pipeline/imaging.py",
+        "lib/cxr_pipeline/images/decode.py",
         "lib/cxr_pipeline/spark/featurizer.py",
         "lib/cxr_pipeline/cnn/train.py",
     ),
     "data.intensity": ("lib/cxr_pipeline/spark/featurizer.py", "lib/cxr_pipeline/cnn/train.py"),
-    "spark.master": ("lib/cxr_pipeline/spark/session.py", "lib/cxr_pipeline/yarn.py"),
-    "spark.app_name": ("lib/cxr_pipeline/spark/session.py", "lib/cxr_pipeline/yarn.py"),
+    "spark.master": ("lib/cxr_pipeline/spark/session.py", "lib/cxr_pipeline/infra/yarn.py"),
+    "spark.app_name": ("lib/cxr_pipeline/spark/session.py", "lib/cxr_pipeline/infra/yarn.py"),
     "spark.log_level": ("lib/cxr_pipeline/spark/session.py",),
-    "spark.conf": ("lib/cxr_pipeline/spark/session.py", "lib/cxr_pipeline/yarn.py"),
-    "yarn.py_files": ("lib/cxr_pipeline/yarn.py",),
-    "yarn.queue": ("lib/cxr_pipeline/yarn.py",),
-    "yarn.spark_submit": ("lib/cxr_pipeline/yarn.py",),
+    "spark.conf": ("lib/cxr_pipeline/spark/session.py", "lib/cxr_pipeline/infra/yarn.py"),
+    "yarn.py_files": ("lib/cxr_pipeline/infra/yarn.py",),
+    "yarn.queue": ("lib/cxr_pipeline/infra/yarn.py",),
+    "yarn.spark_submit": ("lib/cxr_pipeline/infra/yarn.py",),
     "runs.uri": ("lib/cxr_pipeline/notebook_support/shim.py",),
 }
 

@@ -47,7 +47,7 @@ class _Terminal(io.StringIO):
 
 
 def test_images_bar_counts_images_and_is_silent_off_a_terminal(monkeypatch):
-    from cxr_pipeline.progress import images_bar
+    from cxr_pipeline.infra.progress import images_bar
 
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)

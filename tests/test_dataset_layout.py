@@ -1,6 +1,6 @@
 import pytest
 
-from cxr_pipeline.dataset_layout import (
+from cxr_pipeline.images.layout import (
     LayoutError,
     junk_reason,
     label_index,

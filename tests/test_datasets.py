@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_pipeline.dataset_layout import SPLITS, parse_image_path, patient_id
 from cxr_pipeline.datasets import medmnist, sample, synthetic
+from cxr_pipeline.images.layout import SPLITS, parse_image_path, patient_id
 
 SHARED_NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist_28_trainval.npz"
 
@@ -195,5 +195,5 @@ def test_synthetic_is_deterministic_across_workers_and_seeds(tmp_path):
 
 
 def test_synthetic_cli_rejects_bad_size(tmp_path, capsys):
-    assert synthetic.main(["--out", str(tmp_path), "--n", "2", "--size", "big"]) == 1
+    assert synthetic.main(["--out", str(tmp_path), "--n", "2", "--size", "big"]) == 2  # a usage error, as argparse
     assert "WIDTHxHEIGHT" in capsys.readouterr().err

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_pipeline import dicom
 from cxr_pipeline.datasets.dicom_from_images import (
     FAKE_IDENTITY,
     gray_pixels,
@@ -19,7 +18,8 @@ from cxr_pipeline.datasets.dicom_from_images import (
     native_dicom,
     twelve_bit_with_window,
 )
-from cxr_pipeline.imaging import ImageDecodeError, decode_batch, decode_image, image_info
+from cxr_pipeline.images import dicom
+from cxr_pipeline.images.decode import ImageDecodeError, decode_batch, decode_image, image_info
 
 SIZE = (299, 299)
 
@@ -98,7 +98,7 @@ def test_percentile_window_ignores_a_linear_rescale_and_monochrome1_inverts(one_
 
 @pytest.fixture(scope="module")
 def backbone():
-    from cxr_pipeline.backbones import build_backbone
+    from cxr_pipeline.models.backbones import build_backbone
 
     return build_backbone("InceptionV3", feature_layer="mixed5")
 
@@ -111,7 +111,7 @@ def test_features_of_jpeg_and_dicom_agree(one_xray, backbone):
     """
     from tolerances import assert_same_features
 
-    from cxr_pipeline.backbones import featurize_arrays
+    from cxr_pipeline.models.backbones import featurize_arrays
 
     full = png(gray_pixels(one_xray))
     batch = np.stack(
@@ -296,7 +296,7 @@ def test_facts_carry_a_keyed_pseudonym_and_the_view_never_the_raw_id(one_xray):
 
 
 def test_pseudonym_is_its_own_patient_for_the_split(one_xray):
-    from cxr_pipeline.dataset_layout import patient_id
+    from cxr_pipeline.images.layout import patient_id
 
     pseudonym = dicom.patient_pseudonym(FAKE_IDENTITY.patient_id, "k")
     assert patient_id(pseudonym) == pseudonym
@@ -481,9 +481,10 @@ def one_patient_pairs_tree(root: Path) -> dict[str, list[str]]:
 
 
 def test_cnn_carve_groups_dicom_files_by_their_header_patient_like_the_spark_job(spark, tmp_path):
-    from cxr_pipeline import config, splits
+    from cxr_pipeline import config
     from cxr_pipeline.cnn import data
-    from cxr_pipeline.spark_classifier.training import TrainingSettings, assign_subsets
+    from cxr_pipeline.images import splits
+    from cxr_pipeline.spark.classifier.training import TrainingSettings, assign_subsets
 
     pairs = one_patient_pairs_tree(tmp_path / "tree")
     fraction, seed = 0.5, 42
@@ -534,7 +535,7 @@ def test_sixteen_bit_packed_png_decodes_like_the_dicom(one_xray, backbone):
     in the middle grays: a stretched 16-bit PNG would come out with more contrast than the DICOM."""
     from tolerances import assert_same_features
 
-    from cxr_pipeline.backbones import featurize_arrays
+    from cxr_pipeline.models.backbones import featurize_arrays
     from cxr_pipeline.spark.packing import _pack_row
 
     pixels = gray_pixels(one_xray)
@@ -573,7 +574,7 @@ def test_dicom_does_not_import_the_image_decoder_that_calls_it():
     # imaging calls dicom for DICOM bytes; dicom takes the shared pieces from pillow_io, so there is no circle.
     import ast
 
-    for module in (dicom, __import__("cxr_pipeline.pillow_io", fromlist=["x"])):
+    for module in (dicom, __import__("cxr_pipeline.images.pillow_io", fromlist=["x"])):
         tree = ast.parse(Path(module.__file__).read_text())
         imported = {
             node.module if isinstance(node, ast.ImportFrom) else alias.name

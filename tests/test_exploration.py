@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxr_pipeline import exploration as ex
+from cxr_pipeline.notebook_support import exploration as ex
 
 
 def jpeg_bytes(width: int, height: int, seed: int = 0, quality: int = 90) -> bytes:
@@ -151,7 +151,7 @@ def test_image_stats_on_spark(spark, tiny_tree):
 
 @pytest.mark.hdfs
 def test_dataset_overview_on_hdfs(spark, hdfs_tmp, tiny_tree):
-    from cxr_pipeline import storage
+    from cxr_pipeline.infra import storage
 
     (tiny_tree / "train" / "NORMAL" / "notes.txt").write_bytes(b"junk")
     (tiny_tree / "test" / "NORMAL" / "empty.jpeg").write_bytes(b"")

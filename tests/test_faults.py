@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from tolerances import assert_same_features
 
-from cxr_pipeline import storage
 from cxr_pipeline.config import get, load_config
-from cxr_pipeline.localstack import faults
+from cxr_pipeline.infra import storage
+from cxr_pipeline.infra.localstack import faults
 from cxr_pipeline.spark.session import MAX_FAILURES_KEY, with_local_retries
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,8 +172,8 @@ def test_python_worker_killed_mid_featurization_gives_the_same_table(featurize_p
 @pytest.mark.timeout(CLUSTER_TEST_TIMEOUT_S)
 def test_featurizing_on_the_cluster_from_hdfs_equals_plain_keras(featurize_passes, sample_tree):
     """The undisturbed pass (2 workers reading the private HDFS) gives bare Keras' features for the same files."""
-    from cxr_pipeline.backbones import build_backbone, featurize_arrays
-    from cxr_pipeline.imaging import decode_image
+    from cxr_pipeline.images.decode import decode_image
+    from cxr_pipeline.models.backbones import build_backbone, featurize_arrays
     from cxr_pipeline.spark.featurizer import FeaturizerSettings
 
     table = faults.read_feature_table(featurize_passes.passes[0]["table"])

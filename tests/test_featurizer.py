@@ -18,9 +18,9 @@ import pytest
 from test_reader import make_tree
 from tolerances import assert_same_features, same_probability
 
-from cxr_pipeline.backbones import BackboneError, build_backbone, featurize_arrays
 from cxr_pipeline.config import ConfigError, load_config
-from cxr_pipeline.imaging import INTENSITY_MODES, decode_image
+from cxr_pipeline.images.decode import INTENSITY_MODES, decode_image
+from cxr_pipeline.models.backbones import BackboneError, build_backbone, featurize_arrays
 from cxr_pipeline.spark.featurizer import FeaturizerSettings, ImageFeaturizer, split_failures
 from cxr_pipeline.spark.reader import read_images, read_images_with_rejections
 
@@ -131,6 +131,23 @@ def test_pipeline_with_featurizer_saves_and_loads(spark, tree, tmp_path):
         assert after[path] == same_probability(p)
 
 
+SAVED_BEFORE_ISSUE_29 = REPO / "tests" / "fixtures" / "pipeline_saved_before_issue29"
+
+
+def test_a_pipeline_saved_before_the_package_moves_still_loads_and_scores(spark, tree):
+    """A saved PipelineModel names the featurizer's class (``cxr_pipeline.spark.featurizer.ImageFeaturizer``):
+    a run trained before issue 29 rearranged the package (this fixture) must still load and featurize."""
+    from pyspark.ml import PipelineModel
+
+    loaded = PipelineModel.load(str(SAVED_BEFORE_ISSUE_29))
+    featurizer = loaded.stages[0]
+    assert isinstance(featurizer, ImageFeaturizer)
+    assert (featurizer.getFeatureLayer(), featurizer.getBatchSize(), featurizer.getImageSize()) == (LAYER, 4, 96)
+    images = read_images(spark, str(tree)).where("path NOT LIKE '%text.jpeg' AND path NOT LIKE '%truncated.jpeg'")
+    rows = loaded.transform(images).collect()
+    assert len(rows) == 8 and all(r.featurize_error is None and len(r.features) > 0 for r in rows)
+
+
 def test_filter_on_error_column_runs_the_model_once(spark, tree):
     featurized = ImageFeaturizer(featureLayer=LAYER).transform(read_images(spark, str(tree)))
     plan = featurized.where("featurize_error IS NULL")._jdf.queryExecution().executedPlan().toString()
@@ -198,7 +215,7 @@ def test_featurizer_settings_come_from_the_config_section_only():
         96,
         1234,
     )
-    from cxr_pipeline.spark_classifier.training import build_featurizer
+    from cxr_pipeline.spark.classifier.training import build_featurizer
 
     featurizer = build_featurizer(settings)
     assert (featurizer.getBatchSize(), featurizer.getArrowBatchSize(), featurizer.getMaxPixels()) == (5, 7, 1234)
@@ -297,7 +314,7 @@ def test_spark_image_source_input(spark, tree, featurized):
 
 @pytest.mark.hdfs
 def test_weights_from_hdfs_are_fetched_by_executors(spark, tree, hdfs_tmp, featurized):
-    from cxr_pipeline.weights import stage_to_hdfs
+    from cxr_pipeline.models.weights import stage_to_hdfs
 
     uri = stage_to_hdfs("InceptionV3", f"{hdfs_tmp}/weights/")
     assert uri.startswith("hdfs://")
@@ -399,9 +416,9 @@ def test_each_task_runs_on_the_gpu_spark_assigned_it(tree, tmp_path):
     """Real standalone scheduling of placeholder GPUs: one worker offers addresses 0 and 1, two one-GPU
     executors take one each, and every task's featurizer chooses exactly its own address (no device here,
     so TensorFlow then runs on the CPU, which is recorded too)."""
-    from cxr_pipeline.localstack.faults import _free_port_run
-    from cxr_pipeline.localstack.processes import free_port
-    from cxr_pipeline.localstack.spark_cluster import LocalSparkStandalone
+    from cxr_pipeline.infra.localstack.faults import _free_port_run
+    from cxr_pipeline.infra.localstack.processes import free_port
+    from cxr_pipeline.infra.localstack.spark_cluster import LocalSparkStandalone
 
     script = tmp_path / "discover_gpus.sh"
     script.write_text('#!/bin/sh\necho \'{"name": "gpu", "addresses": ["0", "1"]}\'\n')

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cxr_pipeline import hdfs_load, storage
-from cxr_pipeline.hdfs_load import LocalFile, make_plan, merge_manifest
-from cxr_pipeline.localstack.processes import free_port
+from cxr_pipeline.infra import hdfs_load, storage
+from cxr_pipeline.infra.hdfs_load import LocalFile, make_plan, merge_manifest
+from cxr_pipeline.infra.localstack.processes import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "hdfs_load.py"
@@ -437,7 +437,7 @@ def test_interrupted_load_leaves_no_partial_file_and_resumes(tmp_path, hdfs_tmp,
 @pytest.mark.slow
 def test_namenode_stopped_midway_then_resume(tmp_path):
     """A throwaway HDFS on its own ports: its NameNode is killed during a load."""
-    from cxr_pipeline.localstack.hdfs_cluster import LocalHdfs
+    from cxr_pipeline.infra.localstack.hdfs_cluster import LocalHdfs
 
     hdfs = LocalHdfs(
         tmp_path / "hdfs",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_pipeline.imaging import (
+from cxr_pipeline.images.decode import (
     ImageDecodeError,
     decode_batch,
     decode_image,
@@ -186,7 +186,7 @@ def test_enomem_oserror_propagates_but_other_oserrors_are_rejections(monkeypatch
 
 def test_wide_images_are_windowed_in_strips_with_the_same_result(monkeypatch):
     # The strip-wise window must equal the whole-image float64 formula it replaced, strip edges included.
-    import cxr_pipeline.imaging as imaging
+    import cxr_pipeline.images.decode as imaging
 
     rng = np.random.default_rng(3)
     pixels = rng.integers(100, 3900, (37, 53), dtype=np.uint16)
@@ -266,6 +266,6 @@ def test_unknown_intensity_mode_is_a_setting_error_not_a_rejected_image():
 def test_the_module_examples_hold():
     import doctest
 
-    from cxr_pipeline import imaging
+    from cxr_pipeline.images import decode as imaging
 
     assert doctest.testmod(imaging).failed == 0

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from test_training import REPO, train_on_sample
 
-from cxr_pipeline import run_folder, storage
-from cxr_pipeline.backbones import WeightsMismatchError
+from cxr_pipeline.infra import run_folder, storage
+from cxr_pipeline.models.backbones import WeightsMismatchError
 
 pytestmark = [pytest.mark.slow, pytest.mark.hdfs]
 
@@ -45,8 +45,8 @@ def _edit_spec(run: Path, **changes) -> None:
 
 
 def test_the_run_records_the_sha256_of_its_weights(trained):
-    from cxr_pipeline.backbones import file_sha256
-    from cxr_pipeline.weights import default_weights_path
+    from cxr_pipeline.models.backbones import file_sha256
+    from cxr_pipeline.models.weights import default_weights_path
 
     _, _, result = trained
     expected = file_sha256(default_weights_path("InceptionV3"))
@@ -57,7 +57,7 @@ def test_the_run_records_the_sha256_of_its_weights(trained):
 
 
 def test_replaced_or_missing_weights_are_refused_at_load_not_swapped(local_copy):
-    from cxr_pipeline.spark_classifier.model_export import LocalClassifier
+    from cxr_pipeline.spark.classifier.model_export import LocalClassifier
 
     LocalClassifier.load(str(local_copy))  # intact: loads
     _edit_spec(local_copy, weights_sha256="0" * 64)  # as if the provisioned file had been replaced
@@ -69,8 +69,8 @@ def test_replaced_or_missing_weights_are_refused_at_load_not_swapped(local_copy)
 
 
 def test_incomplete_runs_are_refused_by_every_reader(local_copy, sample_tree):
-    from cxr_pipeline.spark_classifier.model_export import LocalClassifier
-    from cxr_pipeline.spark_classifier.prediction import load_run
+    from cxr_pipeline.spark.classifier.model_export import LocalClassifier
+    from cxr_pipeline.spark.classifier.prediction import load_run
 
     (local_copy / run_folder.SUCCESS_FILE).unlink()
     with pytest.raises(run_folder.IncompleteRunError, match="_SUCCESS"):
@@ -80,7 +80,7 @@ def test_incomplete_runs_are_refused_by_every_reader(local_copy, sample_tree):
     image = next(sample_tree.glob("test/*/*.jpeg"))
     env = {**os.environ, "PYTHONPATH": str(REPO / "lib")}
     cli = subprocess.run(
-        [sys.executable, "-m", "cxr_pipeline.cli.predict_image", "--model", str(local_copy), str(image)],
+        [sys.executable, "-m", "cxr_pipeline.serving.predict_image", "--model", str(local_copy), str(image)],
         capture_output=True,
         text=True,
         env=env,
@@ -119,10 +119,10 @@ def test_featurizer_refuses_other_weights_on_the_driver(spark, sample_tree):
 def test_executors_refuse_a_replaced_hdfs_weights_file(spark, sample_tree, hdfs_tmp):
     from pyspark.errors import PythonException
 
-    from cxr_pipeline.backbones import file_sha256
+    from cxr_pipeline.models.backbones import file_sha256
+    from cxr_pipeline.models.weights import default_weights_path, stage_to_hdfs
     from cxr_pipeline.spark.featurizer import ImageFeaturizer
     from cxr_pipeline.spark.reader import read_images
-    from cxr_pipeline.weights import default_weights_path, stage_to_hdfs
 
     uri = stage_to_hdfs("InceptionV3", f"{hdfs_tmp}/weights/")
     right = file_sha256(default_weights_path("InceptionV3"))
@@ -134,7 +134,7 @@ def test_executors_refuse_a_replaced_hdfs_weights_file(spark, sample_tree, hdfs_
 
 
 def test_retraining_into_a_run_is_refused_and_a_failed_overwrite_changes_nothing(trained, spark, monkeypatch):
-    from cxr_pipeline.spark_classifier import model_export
+    from cxr_pipeline.spark.classifier import model_export
 
     base, data, first = trained
     before = storage.read_bytes(first.run.classifier)
@@ -167,7 +167,7 @@ def test_changed_decoding_settings_are_featurized_again_not_served_stale(trained
 
 
 def _cache_run(spark, tree, root, featurizer=None):
-    from cxr_pipeline.feature_cache import FeatureCache, fingerprint
+    from cxr_pipeline.spark.feature_cache import FeatureCache, fingerprint
     from cxr_pipeline.spark.featurizer import ImageFeaturizer
     from cxr_pipeline.spark.reader import read_images_with_rejections
 
@@ -231,7 +231,7 @@ def test_cache_never_deletes_a_snapshot_another_run_is_reading(spark, tmp_path):
 # A run that SIGKILLs itself while it holds a lease on a cache snapshot: its lease file stays behind.
 LEASE_AND_DIE = """
 import os, signal, sys
-from cxr_pipeline.feature_cache import FeatureCache
+from cxr_pipeline.spark.feature_cache import FeatureCache
 cache = FeatureCache(sys.argv[1], sys.argv[2], {"test": "leases"}, lease_hours=48)
 with cache.lease(sys.argv[3]):
     os.kill(os.getpid(), signal.SIGKILL)
@@ -239,7 +239,7 @@ with cache.lease(sys.argv[3]):
 
 
 def test_the_next_run_removes_expired_leases_of_killed_runs_and_nothing_else(hdfs_tmp):
-    from cxr_pipeline.feature_cache import FeatureCache
+    from cxr_pipeline.spark.feature_cache import FeatureCache
 
     root, data = f"{hdfs_tmp}/cache", "hdfs://127.0.0.1:9000/data/leases"
     cache = FeatureCache(root, data, {"test": "leases"}, lease_hours=48)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from cxr_pipeline import storage
-from cxr_pipeline.localstack import provision
-from cxr_pipeline.localstack.hdfs_cluster import HdfsClusterError, LocalHdfs
-from cxr_pipeline.localstack.processes import ProcessHandle, free_port, port_in_use
+from cxr_pipeline.infra import storage
+from cxr_pipeline.infra.localstack import provision
+from cxr_pipeline.infra.localstack.hdfs_cluster import HdfsClusterError, LocalHdfs
+from cxr_pipeline.infra.localstack.processes import ProcessHandle, free_port, port_in_use
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,7 @@ def test_up_is_idempotent_and_status_reports_ready(hdfs_cluster):
 @pytest.mark.hdfs
 def test_cli_status_prints_json(hdfs_cluster):
     result = subprocess.run(
-        [sys.executable, "-m", "cxr_pipeline.localstack.hdfs_cluster", "status"],
+        [sys.executable, "-m", "cxr_pipeline.infra.localstack.hdfs_cluster", "status"],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(REPO / "lib")},
@@ -292,7 +292,7 @@ TINY_JOB = textwrap.dedent("""
 @pytest.mark.slow
 @pytest.mark.hdfs
 def test_standalone_cluster_runs_a_job_reading_hdfs(spark_standalone, hdfs_tmp, tmp_path):
-    from cxr_pipeline.localstack.spark_cluster import LocalSparkStandalone
+    from cxr_pipeline.infra.localstack.spark_cluster import LocalSparkStandalone
 
     cluster = LocalSparkStandalone(workers=2)
     assert spark_standalone == cluster.master_url == "spark://127.0.0.1:7077"

@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 
-from cxr_pipeline import metrics as m
+from cxr_pipeline.evaluation import metrics as m
 
 
 def brute_auc(y, s):
@@ -107,7 +107,7 @@ def test_bad_inputs_raise():
 
 
 def test_plots_render_png(tmp_path):
-    from cxr_pipeline import plots
+    from cxr_pipeline.evaluation import plots
 
     y, s = [0, 0, 1, 1, 1], [0.1, 0.6, 0.4, 0.8, 0.9]
     fpr, tpr, _ = m.roc_curve(y, s)
@@ -231,7 +231,7 @@ def test_calibration_curve_bins_and_error():
 
 
 def test_reporting_model_card_and_calibration_plot(tmp_path):
-    from cxr_pipeline import reporting
+    from cxr_pipeline.evaluation import reporting
 
     rng = np.random.default_rng(2)
     y = rng.integers(0, 2, 200)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cxr_pipeline import notebook_runner as nr
 from cxr_pipeline import notebook_support as ns
+from cxr_pipeline.notebook_support import runner as nr
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,7 +119,7 @@ def test_magic_cells_refused_unless_skipped():
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONPATH": str(REPO / "lib"), **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "cxr_pipeline.notebook_runner", *args],
+        [sys.executable, "-m", "cxr_pipeline.notebook_support.runner", *args],
         capture_output=True,
         text=True,
         env=full_env,

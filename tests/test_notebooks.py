@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cxr_pipeline import notebook_runner as nr
+from cxr_pipeline.notebook_support import runner as nr
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("0*.py"))
@@ -54,7 +54,7 @@ def test_notebook_is_databricks_source_without_cluster_paths(path):
 
 @pytest.fixture(scope="module")
 def notebook_run(hdfs_cluster, sample_tree, tmp_path_factory):
-    from cxr_pipeline import storage
+    from cxr_pipeline.infra import storage
 
     root = f"{hdfs_cluster.namenode_uri}/tests/notebooks-{uuid.uuid4().hex[:8]}"
     data_uri = f"{root}/chest_xray"
@@ -91,7 +91,7 @@ def notebook_run(hdfs_cluster, sample_tree, tmp_path_factory):
     command = [
         sys.executable,
         "-m",
-        "cxr_pipeline.notebook_runner",
+        "cxr_pipeline.notebook_support.runner",
         *map(str, NOTEBOOKS),
         "--out",
         str(out),
@@ -160,7 +160,7 @@ def test_01_explore(notebook_run):
 @pytest.mark.hdfs
 @pytest.mark.timeout(1800)
 def test_02_featurize_train_evaluate(notebook_run):
-    from cxr_pipeline import storage
+    from cxr_pipeline.infra import storage
 
     cell_report(notebook_run, "02_featurize_train_evaluate")
     for name in ("roc.png", "confusion_matrix.png", "threshold.png"):

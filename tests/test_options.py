@@ -334,7 +334,7 @@ def test_a_value_nothing_runs_is_found(monkeypatch):
 
 
 def test_an_undocumented_source_is_refused_before_any_work(spark, tmp_path):
-    from cxr_pipeline.spark_classifier import training as T
+    from cxr_pipeline.spark.classifier import training as T
 
     config = cfg.load_config("local", overrides=["data.source=tiff"])
     with pytest.raises(cfg.ConfigError, match=r"data.source must be one of \('binaryFile', 'image', 'parquet'\)"):
@@ -373,8 +373,8 @@ def sample_data(hdfs_cluster, sample_tree, pytestconfig):
 @pytest.fixture(scope="module")
 def packed_sample(spark, sample_data):
     """The sample tree packed into a Parquet image table in HDFS (jobs/pack_images.py's writer)."""
-    from cxr_pipeline import storage
-    from cxr_pipeline.dicom import DicomSettings
+    from cxr_pipeline.images.dicom import DicomSettings
+    from cxr_pipeline.infra import storage
     from cxr_pipeline.spark.packing import pack_image_tree
 
     base, data = sample_data
@@ -392,9 +392,9 @@ def _source_uri(request, config: dict, tree: str) -> str:
 @pytest.mark.hdfs
 @pytest.mark.parametrize("case", list(SPARK_CASES))
 def test_spark_job_runs_each_option_value(case, spark, sample_data, request):
-    from cxr_pipeline import storage
+    from cxr_pipeline.infra import storage
+    from cxr_pipeline.spark.classifier import training as T
     from cxr_pipeline.spark.reader import read_image_tree
-    from cxr_pipeline.spark_classifier import training as T
 
     base, tree = sample_data
     config = resolved([*SPARK_BASE, f"training.features_cache={base}/_cache"], SPARK_CASES[case])
@@ -438,8 +438,8 @@ def test_cnn_job_runs_each_option_value(case, sample_data, tmp_path, request):
     assert saved["intensity"] == cfg.get(config, "data.intensity")
     assert saved["runtime"] == cfg.get(config, "cnn.runtime")
     # the saved model scores as training did, through the configured runtime
-    from cxr_pipeline import storage
     from cxr_pipeline.cnn.predict import LocalCnnClassifier
+    from cxr_pipeline.infra import storage
 
     rows = [r for r in csv.DictReader((tmp_path / "run" / "predictions.csv").open()) if r["used_as"] == "test"]
     classifier = LocalCnnClassifier.load(str(tmp_path / "run"))
@@ -450,7 +450,7 @@ def test_cnn_job_runs_each_option_value(case, sample_data, tmp_path, request):
 @pytest.mark.hdfs
 @pytest.mark.parametrize("case", list(HDFS_LOAD_CASES))
 def test_hdfs_load_runs_each_option_value(case, sample_tree, hdfs_tmp):
-    from cxr_pipeline import storage
+    from cxr_pipeline.infra import storage
 
     target = f"{hdfs_tmp}/chest_xray"
     sets = [arg for setting in HDFS_LOAD_CASES[case] for arg in ("--set", setting)]

@@ -47,7 +47,7 @@ def planted_values(identities) -> list[str]:
 def make_tree(sample_tree: Path, root: Path) -> list[Identity]:
     """Every sample X-ray as DICOM (JPEG-wrapped, or 12-bit MONOCHROME1 with a window); one patient per
     file-name patient, plus one planted file without pixel data (a rejection: rejected.csv is scanned too)."""
-    from cxr_pipeline.dataset_layout import patient_id
+    from cxr_pipeline.images.layout import patient_id
 
     jpegs = sorted(sample_tree.rglob("*.jpeg"))
     patients = {p: i + 1 for i, p in enumerate(sorted({patient_id(j.name) for j in jpegs}))}
@@ -139,7 +139,7 @@ def dicom_run(tmp_path_factory, sample_tree):
     assert predicted.returncode == 0, (logs / "predict.log").read_text()[-3000:]
     one = sorted((tree / "test").rglob("*.dcm"))[0]
     cli = run(
-        ["-m", "cxr_pipeline.cli.predict_image", "--model", str(run_folder), "--json", str(one)],
+        ["-m", "cxr_pipeline.serving.predict_image", "--model", str(run_folder), "--json", str(one)],
         logs / "predict_image.log",
         env,
     )
@@ -251,11 +251,11 @@ def test_training_on_dicom_with_the_published_patient_key_warns(job, key, dicom_
     """conf/defaults.yaml publishes a patient key: a run whose pseudonyms were made with it says so on the console,
     in metrics.json and (Spark job) at the end of summary.txt; a site's own key gives no warning."""
     from cxr_pipeline import config as cfg
-    from cxr_pipeline.dicom import PUBLISHED_KEY_WARNING
+    from cxr_pipeline.images.dicom import PUBLISHED_KEY_WARNING
 
     overrides = ["tracking.enabled=false", *([SITE_KEY] if key == "site" else [])]
     if job == "spark":
-        from cxr_pipeline.spark_classifier.training import train
+        from cxr_pipeline.spark.classifier.training import train
 
         features = ["featurizer.weights=random", "featurizer.feature_layer=mixed0"]
         features.append(f"featurizer.image_size={IMAGE_SIZE}")

@@ -30,7 +30,7 @@ def run(sample_run):
 @pytest.fixture(scope="module")
 def incoming(run, tmp_path_factory):
     """New images in a flat folder (no split/class layout) plus junk: a text file and a truncated JPEG."""
-    from cxr_pipeline import storage
+    from cxr_pipeline.infra import storage
 
     base, data, _ = run
     folder = f"{base}/incoming"
@@ -46,8 +46,8 @@ def incoming(run, tmp_path_factory):
 
 
 def test_score_matches_in_memory_predictions(run, incoming, spark):
-    from cxr_pipeline.spark_classifier import training as T
-    from cxr_pipeline.spark_classifier.prediction import load_run, read_new_images, score
+    from cxr_pipeline.spark.classifier import training as T
+    from cxr_pipeline.spark.classifier.prediction import load_run, read_new_images, score
 
     _, data, result = run
     saved = load_run(result.run.root)
@@ -74,7 +74,7 @@ def test_score_matches_in_memory_predictions(run, incoming, spark):
 
 
 def test_predict_job_writes_parquet_csv_and_unreadable_list(run, incoming, spark, hdfs_tmp):
-    from cxr_pipeline import storage
+    from cxr_pipeline.infra import storage
 
     _, data, result = run
     env = {**os.environ, "PYTHONPATH": str(REPO / "lib")}
@@ -108,7 +108,7 @@ def test_predict_job_writes_parquet_csv_and_unreadable_list(run, incoming, spark
     assert f"unreadable files: {out}/unreadable.csv" in proc.stdout.splitlines()
     written = {r["path"]: r for r in spark.read.parquet(out + "/predictions.parquet").collect()}
     assert len(written) == 6 and all(r["threshold"] == 0.5 for r in written.values())
-    from cxr_pipeline.tables import read_table  # what the job's last line tells a user to run
+    from cxr_pipeline.infra.tables import read_table  # what the job's last line tells a user to run
 
     for table in (read_table(f"{out}/predictions.parquet"), read_table(f"{out}/predictions_csv")):
         assert set(table["path"]) == set(written) and len(table) == 6
@@ -120,8 +120,8 @@ def test_predict_job_writes_parquet_csv_and_unreadable_list(run, incoming, spark
     unreadable = storage.read_bytes(out + "/unreadable.csv").decode()
     assert "notes.txt" in unreadable and "broken.jpeg" in unreadable
     # the job loaded the PipelineModel in a new Spark application: same probabilities as in memory
+    from cxr_pipeline.spark.classifier import training as T
     from cxr_pipeline.spark.reader import read_image_tree
-    from cxr_pipeline.spark_classifier import training as T
 
     in_memory = {
         r["path"].rsplit("/", 1)[-1]: r["p"]
@@ -137,7 +137,7 @@ def test_predict_job_writes_parquet_csv_and_unreadable_list(run, incoming, spark
 
 
 def test_single_image_command(run, sample_tree):
-    from cxr_pipeline import storage
+    from cxr_pipeline.infra import storage
 
     _, _, result = run
     spec = json.loads(storage.read_bytes(result.run.classifier))
@@ -147,7 +147,7 @@ def test_single_image_command(run, sample_tree):
         [
             sys.executable,
             "-m",
-            "cxr_pipeline.cli.predict_image",
+            "cxr_pipeline.serving.predict_image",
             "--model",
             result.run.root,
             *images,
@@ -174,9 +174,9 @@ def test_local_classifier_runs_the_backbone_at_the_exported_image_size(sample_tr
     """A run trained with imageSize=96 (and an intensity mode) must be scored so, not at the backbone's 299."""
     import numpy as np
 
-    from cxr_pipeline.backbones import build_backbone, featurize_arrays
-    from cxr_pipeline.imaging import decode_image
-    from cxr_pipeline.spark_classifier.model_export import LocalClassifier, score_features
+    from cxr_pipeline.images.decode import decode_image
+    from cxr_pipeline.models.backbones import build_backbone, featurize_arrays
+    from cxr_pipeline.spark.classifier.model_export import LocalClassifier, score_features
 
     dim = 256  # InceptionV3 mixed0 channels
     rng = np.random.default_rng(0)
@@ -210,7 +210,7 @@ def test_local_classifier_runs_the_backbone_at_the_exported_image_size(sample_tr
 def test_single_image_command_help_names_every_format_it_reads():
     env = {**os.environ, "PYTHONPATH": str(REPO / "lib")}
     helped = subprocess.run(
-        [sys.executable, "-m", "cxr_pipeline.cli.predict_image", "--help"],
+        [sys.executable, "-m", "cxr_pipeline.serving.predict_image", "--help"],
         capture_output=True,
         text=True,
         env=env,

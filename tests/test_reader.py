@@ -180,7 +180,7 @@ def test_listing_only_queries_run_in_one_task_however_binaryfile_splits_the_tree
 
 @pytest.mark.hdfs
 def test_tree_in_real_hdfs(spark, tmp_path, hdfs_tmp):
-    from cxr_pipeline import storage
+    from cxr_pipeline.infra import storage
 
     expected_junk = make_tree(tmp_path)
     storage.upload_dir(str(tmp_path), f"{hdfs_tmp}/chest_xray")

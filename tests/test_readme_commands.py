@@ -142,7 +142,7 @@ def test_readme_command(block):
 @pytest.mark.timeout(3600)
 def test_readme_first_hour_in_a_clean_shell(hdfs_cluster, sample_tree):
     """Set-up done, a new shell: load, train, predict, open the predictions, use the champion, as the README says."""
-    from cxr_pipeline import storage
+    from cxr_pipeline.infra import storage
 
     root = f"{hdfs_cluster.namenode_uri}/tests/readme-{uuid.uuid4().hex[:8]}"
     env = clean_environment()
@@ -160,7 +160,7 @@ def test_readme_first_hour_in_a_clean_shell(hdfs_cluster, sample_tree):
 @pytest.mark.hdfs
 def test_a_local_path_that_is_a_run_on_hdfs_says_so(hdfs_tmp):
     """`make serve MODEL=runs/demo` when the demo run is on HDFS: the error names the HDFS URI to use."""
-    from cxr_pipeline import storage
+    from cxr_pipeline.infra import storage
 
     storage.write_bytes(f"{hdfs_tmp}/runs/demo/_SUCCESS", b"")
     relative = hdfs_tmp.split("://", 1)[1].split("/", 1)[1] + "/runs/demo"  # tests/<id>/runs/demo

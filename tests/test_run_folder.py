@@ -1,4 +1,4 @@
-"""All-or-nothing output folders (cxr_pipeline.run_folder), locally and on the real HDFS."""
+"""All-or-nothing output folders (cxr_pipeline.infra.run_folder), locally and on the real HDFS."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cxr_pipeline import run_folder, storage
+from cxr_pipeline.infra import run_folder, storage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,7 +110,7 @@ def test_readers_refuse_a_folder_without_success(tmp_path):
 # every storage change it makes prints one line ("rename run -> aside": the old run moved aside).
 PUBLISH_AND_DIE = textwrap.dedent("""
     import os, signal, sys
-    from cxr_pipeline import run_folder, storage
+    from cxr_pipeline.infra import run_folder, storage
     out, die_after = sys.argv[1], sys.argv[2]
     parent, name = out.rsplit("/", 1)
 

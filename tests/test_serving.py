@@ -125,7 +125,7 @@ def test_openapi_describes_the_api(lr_client):
 
 
 def test_predict_matches_the_exported_classifier(lr_client, spark_run, images):
-    from cxr_pipeline.spark_classifier.model_export import LocalClassifier
+    from cxr_pipeline.spark.classifier.model_export import LocalClassifier
 
     classifier = LocalClassifier.load(str(spark_run))
     expected = classifier.predict_bytes([p.read_bytes() for p in images])
@@ -200,7 +200,7 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("name, make, status, code", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_gets_a_4xx_json_error(lr_client, lr_backend, images, name, make, status, code):
-    from cxr_pipeline.imaging import ImageDecodeError, decode_image
+    from cxr_pipeline.images.decode import ImageDecodeError, decode_image
 
     data = make(images[0].read_bytes())
     response = lr_client.post("/predict", files=upload(data, "upload.jpeg"))
@@ -478,7 +478,7 @@ def test_plain_predictions_are_not_held_up_by_a_heat_map(cnn_client, images, mon
 
 
 def test_each_upload_is_decoded_once(cnn_client, lr_client, images, monkeypatch):
-    from cxr_pipeline import imaging
+    from cxr_pipeline.images import decode as imaging
 
     real = imaging.decode_image
     calls = []

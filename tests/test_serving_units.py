@@ -11,8 +11,10 @@ import pytest
 import serving_support as support
 from PIL import Image
 
-from cxr_pipeline.serving.app import ServingSettings, format_probability, host_name
+from cxr_pipeline.serving.app import format_probability
 from cxr_pipeline.serving.backends import overlay_heatmap
+from cxr_pipeline.serving.guards import host_name
+from cxr_pipeline.serving.settings import ServingSettings
 from cxr_pipeline.serving.validation import MIB, UploadRejected, browser_image, check_upload
 
 
@@ -182,8 +184,8 @@ def test_a_non_loopback_bind_needs_a_token_or_insecure(tmp_path):
 
 def test_a_kept_dicom_upload_is_stored_as_png_without_its_header(tmp_path):
     from cxr_pipeline.datasets.dicom_from_images import FAKE_IDENTITY, jpeg_dicom
-    from cxr_pipeline.serving.app import UploadKeeper
     from cxr_pipeline.serving.backends import Prediction
+    from cxr_pipeline.serving.uploads import UploadKeeper
 
     data = jpeg_dicom(jpeg(), identity=FAKE_IDENTITY)
     checked = check_upload(data, 10 * MIB, size=(64, 64))

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from cxr_pipeline.dataset_layout import patient_id
-from cxr_pipeline.splits import is_validation, summarize, validation_patients
+from cxr_pipeline.images.layout import patient_id
+from cxr_pipeline.images.splits import is_validation, summarize, validation_patients
 
 
 def kermany_like(n_patients=60, seed=0):
@@ -78,6 +78,6 @@ def test_single_patient_class_stays_in_training_and_zero_fraction():
 
 
 def test_carve_pool_is_train_and_val_folders():
-    from cxr_pipeline.splits import carve_pool
+    from cxr_pipeline.images.splits import carve_pool
 
     assert carve_pool(["train", "val", "test", "train"]) == [True, True, False, True]

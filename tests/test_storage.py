@@ -1,4 +1,4 @@
-"""cxr_pipeline.storage on the local filesystem (plain paths, file://) and the real local HDFS."""
+"""cxr_pipeline.infra.storage on the local filesystem (plain paths, file://) and the real local HDFS."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from cxr_pipeline import storage
-from cxr_pipeline.localstack.processes import free_port
+from cxr_pipeline.infra import storage
+from cxr_pipeline.infra.localstack.processes import free_port
 
 PAYLOAD = bytes(range(256)) * 64 + b"\x00tail\xff"  # every byte value, 16 KiB + a tail
 

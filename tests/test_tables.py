@@ -1,12 +1,12 @@
-"""cxr_pipeline.tables: a job's table opened in pandas from its URI (local, and the real local HDFS)."""
+"""cxr_pipeline.infra.tables: a job's table opened in pandas from its URI (local, and the real local HDFS)."""
 
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 
-from cxr_pipeline import storage
-from cxr_pipeline.tables import read_table
+from cxr_pipeline.infra import storage
+from cxr_pipeline.infra.tables import read_table
 
 FRAME = pd.DataFrame({"path": ["a.jpeg", "b.jpeg", "c.jpeg"], "probability": [0.1, 0.9, None]})
 

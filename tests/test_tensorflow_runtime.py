@@ -27,7 +27,7 @@ def test_only_the_notices_are_left_out_and_the_rest_keeps_its_order():
     out = run_python(
         """
         import os, sys
-        from cxr_pipeline.tensorflow_runtime import START_UP_NOTICES, stderr_without
+        from cxr_pipeline.models.tensorflow_runtime import START_UP_NOTICES, stderr_without
 
         with stderr_without(START_UP_NOTICES):
             os.write(2, b"native error before\\n")
@@ -45,7 +45,7 @@ def test_what_was_caught_comes_back_when_the_import_fails():
     out = run_python(
         """
         import os
-        from cxr_pipeline.tensorflow_runtime import stderr_without
+        from cxr_pipeline.models.tensorflow_runtime import stderr_without
 
         try:
             with stderr_without(["oneDNN"]):
@@ -60,7 +60,7 @@ def test_what_was_caught_comes_back_when_the_import_fails():
 
 
 IMPORT = """
-from cxr_pipeline.tensorflow_runtime import import_tensorflow
+from cxr_pipeline.models.tensorflow_runtime import import_tensorflow
 tf = import_tensorflow()
 print(tf.__name__, tf.constant(2).numpy() + 1)
 """
@@ -88,7 +88,7 @@ def test_two_threads_importing_at_once_leave_stderr_where_it_was():
     out = run_python(
         """
         import sys, threading
-        from cxr_pipeline.tensorflow_runtime import import_tensorflow
+        from cxr_pipeline.models.tensorflow_runtime import import_tensorflow
 
         names = []
         threads = [threading.Thread(target=lambda: names.append(import_tensorflow().__name__)) for _ in range(2)]
@@ -108,7 +108,8 @@ def test_two_threads_importing_at_once_leave_stderr_where_it_was():
     "code",
     [
         "import cxr_pipeline.cnn.train",  # notebook 03, train_cnn, MLflow's Keras flavour
-        "from cxr_pipeline.weights.__main__ import main; main(['verify', '--models', 'InceptionV3'])",  # make weights
+        # make weights
+        "from cxr_pipeline.models.weights.__main__ import main; main(['verify', '--models', 'InceptionV3'])",
     ],
     ids=["cnn", "weights"],
 )

@@ -22,6 +22,8 @@ from tolerances import assert_same_probabilities
 
 from cxr_pipeline import config as cfg
 from cxr_pipeline import tracking
+from cxr_pipeline.spark.classifier.mlflow_run import log_spark_run
+from cxr_pipeline.tracking import record, registry, runs, store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,10 +42,10 @@ def test_settings_come_from_defaults_and_the_embedded_store_is_git_ignored_state
     assert settings.enabled and settings.champion_alias == "champion"
     assert settings.model_name("spark") == "cxr-pneumonia-spark" and settings.model_name("cnn") == "cxr-pneumonia-cnn"
     assert settings.tracking_uri().endswith("/.local/mlflow/mlflow.db")
-    assert tracking.artifact_root_for("sqlite:////x/y/mlflow.db") == "file:///x/y/artifacts"
-    assert tracking.artifact_root_for("databricks") is None
-    assert tracking.resolved_dir("sqlite:////x/y/mlflow.db") == Path("/x/y/resolved")  # a store's own copies
-    assert tracking.resolved_dir(settings.tracking_uri()) == tracking.default_store_dir() / "resolved"
+    assert store.artifact_root_for("sqlite:////x/y/mlflow.db") == "file:///x/y/artifacts"
+    assert store.artifact_root_for("databricks") is None
+    assert registry.resolved_dir("sqlite:////x/y/mlflow.db") == Path("/x/y/resolved")  # a store's own copies
+    assert registry.resolved_dir(settings.tracking_uri()) == store.default_store_dir() / "resolved"
     with pytest.raises(cfg.ConfigError):
         tracking.TrackingSettings.from_config(cfg.load_config("local", overrides=["tracking.bogus=1"]))
     monkeypatch.setenv("DATABRICKS_RUNTIME_VERSION", "17.3")
@@ -54,7 +56,7 @@ def test_settings_come_from_defaults_and_the_embedded_store_is_git_ignored_state
 
 def test_params_are_the_flattened_config_without_secrets():
     config = cfg.load_config("local", overrides=["dicom.patient_key=site-secret", "training.reg_param=0.5"])
-    params = tracking.config_params(config)
+    params = record.config_params(config)
     assert params["training.reg_param"] == "0.5" and params["featurizer.feature_layer"] == "mixed5"
     assert params["dicom.patient_key"] == cfg.REDACTED
     assert "site-secret" not in json.dumps(params)
@@ -76,7 +78,7 @@ def test_metrics_are_the_headline_figures_and_settings_are_params():
         "class_weights": {"NORMAL": 1.33, "PNEUMONIA": 0.8},
         "featurizer": {"cache": {"reused": True}},
     }
-    assert tracking.run_metrics("spark", spark_metrics) == {
+    assert record.run_metrics("spark", spark_metrics) == {
         "test_auc": 0.99,
         "test_accuracy": 0.75,
         "test_sensitivity": 1.0,
@@ -84,7 +86,7 @@ def test_metrics_are_the_headline_figures_and_settings_are_params():
         "test_brier": 0.12,
         "validation_auc": 0.7,
     }
-    assert tracking.run_params("spark", spark_metrics) == {
+    assert record.run_params("spark", spark_metrics) == {
         "model.threshold": "0.42",
         "model.threshold_rule": "youden",
         "data.train_images": "8",
@@ -99,7 +101,7 @@ def test_metrics_are_the_headline_figures_and_settings_are_params():
         "class_counts": {"train": [4, 4], "test": [2, 2]},
         "history": {"val_auc": [0.5, 0.75], "loss": [1.0, float("nan")]},
     }
-    assert tracking.run_metrics("cnn", cnn) == {
+    assert record.run_metrics("cnn", cnn) == {
         "test_auc": 0.9,
         "test_accuracy": 0.5,
         "test_sensitivity": 1.0,
@@ -107,9 +109,9 @@ def test_metrics_are_the_headline_figures_and_settings_are_params():
         "test_brier": 0.2,
         "validation_auc": 0.6,
     }
-    assert tracking.run_params("cnn", cnn)["data.train_images"] == "8"
-    assert tracking.run_params("cnn", cnn)["model.threshold"] == "0.3"
-    assert tracking.history_metrics(cnn) == [
+    assert record.run_params("cnn", cnn)["data.train_images"] == "8"
+    assert record.run_params("cnn", cnn)["model.threshold"] == "0.3"
+    assert record.history_metrics(cnn) == [
         ("train_history.val_auc", 0.5, 0),
         ("train_history.val_auc", 0.75, 1),
         ("train_history.loss", 1.0, 0),
@@ -121,12 +123,12 @@ def test_run_name_says_data_model_and_time():
 
     started = time.mktime((2026, 12, 7, 19, 55, 0, 0, 0, -1))
     spark = {"featurizer": {"model_name": "InceptionV3", "feature_layer": "mixed5"}}
-    name = tracking.run_name("spark", "hdfs://nn:9000/data/chest_xray/", spark, {}, started)
+    name = record.run_name("spark", "hdfs://nn:9000/data/chest_xray/", spark, {}, started)
     assert name == "chest_xray · InceptionV3 mixed5 + LR · 2026-12-07 19:55"
-    cnn_name = tracking.run_name("cnn", "/d/pmnist", {"image_size": 96}, {"model_name": "inception_v3"}, started)
+    cnn_name = record.run_name("cnn", "/d/pmnist", {"image_size": 96}, {"model_name": "inception_v3"}, started)
     assert cnn_name == "pmnist · inception_v3 96 px · 2026-12-07 19:55"
     spark["featurizer"]["backbone_run"] = "hdfs://nn:9000/runs/cnn"
-    tuned = tracking.run_name("spark", "hdfs://nn:9000/data/chest_xray", spark, {}, started)
+    tuned = record.run_name("spark", "hdfs://nn:9000/data/chest_xray", spark, {}, started)
     assert tuned == "chest_xray · InceptionV3 fine-tuned mixed5 + LR · 2026-12-07 19:55"
 
 
@@ -145,10 +147,10 @@ def test_a_spark_run_on_a_cnn_backbone_links_the_cnn_run(tmp_path):
         MlflowClient().set_terminated(run.info.run_id)
         ids.append(run.info.run_id)
         time.sleep(0.01)  # distinct start times
-    tags = tracking.backbone_tags({"featurizer": {"backbone_run": folder}}, exp)
+    tags = runs.backbone_tags({"featurizer": {"backbone_run": folder}}, exp)
     assert tags == {"backbone_run": folder, "backbone_mlflow_run": ids[1]}
-    assert tracking.backbone_tags({"featurizer": {"backbone_run": None}}, exp) == {}
-    unknown = tracking.backbone_tags({"featurizer": {"backbone_run": "hdfs://nn:9000/runs/gone"}}, exp)
+    assert runs.backbone_tags({"featurizer": {"backbone_run": None}}, exp) == {}
+    unknown = runs.backbone_tags({"featurizer": {"backbone_run": "hdfs://nn:9000/runs/gone"}}, exp)
     assert unknown == {"backbone_run": "hdfs://nn:9000/runs/gone"}
 
 
@@ -158,19 +160,19 @@ def test_ui_links_open_the_model_training_view():
     )
     run_link = tracking.ui_url("http://h:5000", "3", "abc")
     assert run_link.endswith("/#/experiments/3/runs/abc?workflowType=machine_learning")
-    view = json.loads(tracking.EXPERIMENT_TAGS["mlflow.sharedViewState.cxr-pipeline-runs"])
+    view = json.loads(store.EXPERIMENT_TAGS["mlflow.sharedViewState.cxr-pipeline-runs"])
     assert "metrics.`test_auc`" in view["selectedColumns"] and "metrics.`validation_auc`" in view["selectedColumns"]
 
 
 def test_champion_decision_uses_only_validation_auc():
-    assert tracking.champion_decision(0.6, None, None, "1", "champion")[0]
-    assert tracking.champion_decision(0.8, 0.7, "1", "2", "champion") == (
+    assert record.champion_decision(0.6, None, None, "1", "champion")[0]
+    assert record.champion_decision(0.8, 0.7, "1", "2", "champion") == (
         True,
         "v2 is champion: validation AUC 0.8000 beats v1's 0.7000",
     )
-    promote, why = tracking.champion_decision(0.7, 0.7, "1", "2", "champion")
+    promote, why = record.champion_decision(0.7, 0.7, "1", "2", "champion")
     assert not promote and why.startswith("v1 stays champion")
-    assert not tracking.champion_decision(None, 0.1, "1", "2", "champion")[0]
+    assert not record.champion_decision(None, 0.1, "1", "2", "champion")[0]
 
 
 def test_non_registry_models_pass_through():
@@ -180,7 +182,9 @@ def test_non_registry_models_pass_through():
 
 def test_disabled_tracking_touches_nothing(tmp_path):
     config = store_config(tmp_path, "tracking.enabled=false")
-    assert tracking.log_cnn_run(config, {}, str(tmp_path / "run"), str(tmp_path)) is None
+    from cxr_pipeline.cnn.mlflow_run import log_cnn_run
+
+    assert log_cnn_run(config, {}, str(tmp_path / "run"), str(tmp_path)) is None
     assert not (tmp_path / "mlflow.db").exists()
 
 
@@ -202,7 +206,7 @@ def logged(spark_run, spark, tmp_path_factory):
     store = tmp_path_factory.mktemp("mlflow")
     config = store_config(store, "dicom.patient_key=site-secret")
     started = time.time() - JOB_SECONDS
-    outcome = tracking.log_spark_run(config, result, data, spark, started_at=started)
+    outcome = log_spark_run(config, result, data, spark, started_at=started)
     assert outcome is not None, "logging to a local SQLite store failed (see the TrackingWarning)"
     return store, config, outcome, started
 
@@ -243,8 +247,8 @@ def test_run_params_metrics_artifacts_dataset_and_tags_are_in_the_store(logged, 
     config_text = Path(client.download_artifacts(outcome.run_id, "config.yaml", str(store / "dl"))).read_text()
     assert "site-secret" not in config_text
     (dataset_input,) = run.inputs.dataset_inputs
-    rows = tracking.image_set_listing(result.metrics["data"])
-    assert len(rows) == 16 and dataset_input.dataset.digest == tracking.listing_digest(rows)[:32]
+    rows = runs.image_set_listing(result.metrics["data"])
+    assert len(rows) == 16 and dataset_input.dataset.digest == record.listing_digest(rows)[:32]
     assert json.loads(dataset_input.dataset.source)["uri"] == result.metrics["data"]
     assert tags["spark_master"].startswith("local") and len(tags["git_commit"]) == 40
     assert tags["champion_decision"].startswith("v1 is champion")
@@ -261,8 +265,8 @@ def test_run_params_metrics_artifacts_dataset_and_tags_are_in_the_store(logged, 
 def test_logged_spark_model_scores_like_the_runs_pipeline_model(logged, spark_run, spark):
     import mlflow
 
+    from cxr_pipeline.spark.classifier import training as T
     from cxr_pipeline.spark.reader import read_image_tree
-    from cxr_pipeline.spark_classifier import training as T
 
     _, _, outcome, _ = logged
     data, result = spark_run
@@ -286,8 +290,8 @@ def test_logged_spark_model_scores_like_the_runs_pipeline_model(logged, spark_ru
 def test_champion_moves_only_on_a_better_validation_auc_and_resolves_to_the_run_folder(logged, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from cxr_pipeline import run_folder
-    from cxr_pipeline.spark_classifier.model_export import LocalClassifier
+    from cxr_pipeline.infra import run_folder
+    from cxr_pipeline.spark.classifier.model_export import LocalClassifier
 
     _, config, first, _ = logged
     settings = tracking.TrackingSettings.from_config(config)
@@ -296,12 +300,12 @@ def test_champion_moves_only_on_a_better_validation_auc_and_resolves_to_the_run_
     champion_auc = float(client.get_model_version(name, first.version).tags["validation_auc"])
 
     # same model registered again with a worse, an equal and a better validation AUC (test figures never enter)
-    worse = tracking._register(settings, "spark", first, champion_auc - 0.1)
-    equal = tracking._register(settings, "spark", first, champion_auc)
+    worse = registry.register(settings, "spark", first, champion_auc - 0.1)
+    equal = registry.register(settings, "spark", first, champion_auc)
     assert not worse.promoted and not equal.promoted
     assert str(client.get_model_version_by_alias(name, "champion").version) == first.version
     assert "stays champion" in client.get_model_version(name, worse.version).tags["champion_decision"]
-    better = tracking._register(settings, "spark", first, champion_auc + 0.01)
+    better = registry.register(settings, "spark", first, champion_auc + 0.01)
     assert better.promoted and str(client.get_model_version_by_alias(name, "champion").version) == better.version
 
     local = tracking.resolve_model(f"models:/{name}@champion", config, dest=tmp_path / "resolved")
@@ -322,8 +326,8 @@ def test_a_version_keeps_what_it_was_trained_as_when_its_run_folder_is_replaced(
     """Two `make demo`s write the same --out: v1 must still resolve to v1's run folder, not to v2's."""
     from mlflow.tracking import MlflowClient
 
-    from cxr_pipeline import storage
-    from cxr_pipeline.spark_classifier.training import RunLayout, TrainingResult
+    from cxr_pipeline.infra import storage
+    from cxr_pipeline.spark.classifier.training import RunLayout, TrainingResult
 
     data, result = spark_run
     storage.download_dir(result.run.root, tmp_path / "run")
@@ -335,7 +339,7 @@ def test_a_version_keeps_what_it_was_trained_as_when_its_run_folder_is_replaced(
         storage.upload_dir(str(tmp_path / "run"), folder)
         storage.write_bytes(f"{folder}/summary.txt", text.encode())
         run = TrainingResult(run=RunLayout(folder), model=result.model, metrics=result.metrics, summary=text)
-        logged.append(tracking.log_spark_run(config, run, data, spark))
+        logged.append(log_spark_run(config, run, data, spark))
     first, second = logged
     assert (first.version, second.version) == ("1", "2")
     client = MlflowClient(tracking.use_store(tracking.TrackingSettings.from_config(config)))
@@ -350,14 +354,14 @@ def test_a_version_keeps_what_it_was_trained_as_when_its_run_folder_is_replaced(
 @pytest.mark.slow
 @pytest.mark.hdfs
 def test_unreachable_tracking_server_warns_and_keeps_the_run(spark_run, spark):
-    from cxr_pipeline import run_folder
-    from cxr_pipeline.localstack.processes import free_port
+    from cxr_pipeline.infra import run_folder
+    from cxr_pipeline.infra.localstack.processes import free_port
 
     data, result = spark_run
     uri = f"http://127.0.0.1:{free_port()}"
     config = cfg.load_config("local", overrides=[f"tracking.uri={uri}", "tracking.connect_timeout_s=2"])
     with pytest.warns(tracking.TrackingWarning, match="could not record this run") as caught:
-        assert tracking.log_spark_run(config, result, data, spark) is None
+        assert log_spark_run(config, result, data, spark) is None
     message = str(caught[0].message)
     assert uri in message and result.run.root in message and "tracking log --kind spark" in message
     run_folder.require_complete(result.run.root)
@@ -377,7 +381,7 @@ def test_mlflow_ui_shows_the_run_and_its_metrics(logged, spark_run, tmp_path):
     from mlflow.tracking import MlflowClient
     from playwright.sync_api import sync_playwright
 
-    from cxr_pipeline.localstack.processes import free_port
+    from cxr_pipeline.infra.localstack.processes import free_port
 
     store, _, outcome, _ = logged
     port = free_port()

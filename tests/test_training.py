@@ -22,7 +22,7 @@ from job_args import NO_TRACKING
 from tolerances import assert_same_probabilities, same_probability
 
 from cxr_pipeline import config as cfg
-from cxr_pipeline.spark_classifier import training as T
+from cxr_pipeline.spark.classifier import training as T
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_FEATURES = ["featurizer.feature_layer=mixed5", "featurizer.batch_size=8"]
@@ -59,7 +59,7 @@ def test_settings_from_config_and_validation():
 
 
 def test_feature_cache_fingerprint_covers_everything_that_makes_a_feature():
-    from cxr_pipeline.feature_cache import fingerprint
+    from cxr_pipeline.spark.feature_cache import fingerprint
     from cxr_pipeline.spark.featurizer import ImageFeaturizer
 
     def digest(source="binaryFile", dicom=None, **params):
@@ -123,7 +123,7 @@ def kermany_rows(n_patients=40, seed=0):
 
 
 def test_assign_subsets_is_patient_grouped_and_keeps_test(spark):
-    from cxr_pipeline.dataset_layout import parse_image_path, patient_id
+    from cxr_pipeline.images.layout import parse_image_path, patient_id
 
     rows = kermany_rows()
     df = spark.createDataFrame(rows, "path string, split string, label int, label_name string")
@@ -164,7 +164,7 @@ def _vector_df(spark, n=80, seed=0):
 
 @pytest.mark.parametrize("tuning", ["none", "cv", "tvs"])
 def test_fit_classifier_learns_and_tunes(spark, tuning):
-    from cxr_pipeline import metrics as M
+    from cxr_pipeline.evaluation import metrics as M
 
     df = _vector_df(spark)
     tuned = settings(tuning=tuning, tuning_folds=2, grid={"reg_param": [0.01, 1.0]})
@@ -199,7 +199,7 @@ def test_single_class_validation_falls_back_to_half():
 def shared_sample_run(hdfs_cluster, sample_tree, pytestconfig):
     """The sample tree in HDFS and a feature-cache root, both fixed for this pytest process
     (so test_predict.py reuses the features) and removed when the session ends."""
-    from cxr_pipeline import storage
+    from cxr_pipeline.infra import storage
 
     base = f"{hdfs_cluster.namenode_uri}/tests/cxr-train-{os.getpid()}"
     data = f"{base}/chest_xray"
@@ -222,7 +222,7 @@ def trained(sample_run):
 @pytest.mark.slow
 @pytest.mark.hdfs
 def test_run_folder_is_complete(trained):
-    from cxr_pipeline import storage
+    from cxr_pipeline.infra import storage
 
     _, _, result = trained
     names = {Path(f.uri).name for f in storage.list_files(result.run.root, recursive=False)}
@@ -253,7 +253,7 @@ def test_run_folder_is_complete(trained):
 @pytest.mark.slow
 @pytest.mark.hdfs
 def test_metrics_are_well_formed(trained):
-    from cxr_pipeline import storage
+    from cxr_pipeline.infra import storage
 
     _, _, result = trained
     m = json.loads(storage.read_bytes(result.run.metrics))
@@ -284,7 +284,7 @@ def test_metrics_are_well_formed(trained):
 
 
 def test_run_records_the_wall_time_of_each_phase(trained):
-    from cxr_pipeline import storage
+    from cxr_pipeline.infra import storage
 
     _, _, result = trained
     timing = json.loads(storage.read_bytes(result.run.metrics))["timing"]
@@ -306,7 +306,7 @@ def test_label_mapping_follows_class_folders(trained):
     import csv
     import io
 
-    from cxr_pipeline import storage
+    from cxr_pipeline.infra import storage
 
     _, _, result = trained
     rows = list(csv.DictReader(io.StringIO(storage.read_bytes(result.run.images).decode())))
@@ -324,9 +324,9 @@ def test_label_mapping_follows_class_folders(trained):
 def test_model_reloads_with_identical_predictions_and_local_export_agrees(trained, spark):
     from pyspark.ml import PipelineModel
 
-    from cxr_pipeline import storage
+    from cxr_pipeline.infra import storage
+    from cxr_pipeline.spark.classifier.model_export import LocalClassifier
     from cxr_pipeline.spark.reader import read_image_tree
-    from cxr_pipeline.spark_classifier.model_export import LocalClassifier
 
     _, data, result = trained
     images = read_image_tree(spark, data + "/test")
@@ -386,7 +386,7 @@ def test_job_on_standalone_cluster_via_spark_submit_reuses_a_local_runs_features
 ):
     """spark-submit on the standalone cluster trains from the features a local[2] run cached: the cache is
     keyed by what makes a feature, not by the master. (Featurizing on the cluster: test_featurizer, test_faults.)"""
-    from cxr_pipeline import storage
+    from cxr_pipeline.infra import storage
 
     base, data, local = sample_run
     out = f"{hdfs_tmp}/run"
@@ -429,7 +429,7 @@ def test_job_on_standalone_cluster_via_spark_submit_reuses_a_local_runs_features
 def test_report_with_single_class_sets_is_undefined_not_a_crash(spark, tmp_path):
     from pyspark.ml.linalg import Vectors
 
-    from cxr_pipeline.spark_classifier import evaluation
+    from cxr_pipeline.spark.classifier import evaluation
 
     rows = [(1, Vectors.dense([1 - p, p]), p) for p in (0.2, 0.7, 0.9)]
     test = spark.createDataFrame(rows, ["label", "probability", T.SCORE_COL])
@@ -453,10 +453,11 @@ def write_cnn_run_with_backbone(cnn_run: str, scratch: Path, intensity: str) -> 
     ones (as fine-tuning leaves them); returns its weights' sha256."""
     import keras
 
-    from cxr_pipeline import backbones, run_folder, storage
     from cxr_pipeline.cnn import models
+    from cxr_pipeline.cnn.run_outputs import BACKBONE_FILE, CNN_JSON
     from cxr_pipeline.cnn.settings import CnnSettings
-    from cxr_pipeline.cnn.train import BACKBONE_FILE, CNN_JSON
+    from cxr_pipeline.infra import run_folder, storage
+    from cxr_pipeline.models import backbones
 
     head = CnnSettings.from_config(cfg.load_config("local")).inception
     model = models.build_inception_transfer(75, None, "mixed5", head.dense_units, head.dropout)
@@ -482,9 +483,10 @@ def write_cnn_run_with_backbone(cnn_run: str, scratch: Path, intensity: str) -> 
 @pytest.mark.slow
 @pytest.mark.hdfs
 def test_featurizes_with_the_fine_tuned_backbone_of_a_cnn_run(spark, sample_run, tmp_path):
-    from cxr_pipeline import backbones, storage
+    from cxr_pipeline.infra import storage
+    from cxr_pipeline.models import backbones
+    from cxr_pipeline.spark.classifier.model_export import LocalClassifier
     from cxr_pipeline.spark.featurizer import BackboneRunError
-    from cxr_pipeline.spark_classifier.model_export import LocalClassifier
 
     base, data, default = sample_run
     intensity = cfg.get(cfg.load_config("local"), "data.intensity")

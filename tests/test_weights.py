@@ -12,9 +12,10 @@ import tarfile
 import numpy as np
 import pytest
 
-from cxr_pipeline import paths, weights
-from cxr_pipeline.datasets import registry_assets
-from cxr_pipeline.weights import provisioning
+from cxr_pipeline import paths
+from cxr_pipeline.infra import registry_assets
+from cxr_pipeline.models import weights
+from cxr_pipeline.models.weights import provisioning
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +220,7 @@ def test_stage_to_local_uri(provisioned, tmp_path):
 
 @pytest.mark.hdfs
 def test_stage_to_hdfs(provisioned, hdfs_tmp):
-    from cxr_pipeline import storage
+    from cxr_pipeline.infra import storage
 
     target = weights.stage_to_hdfs("InceptionV3", hdfs_tmp + "/weights/")
     assert storage.exists(target)

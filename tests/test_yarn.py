@@ -11,7 +11,7 @@ import zipfile
 import pytest
 
 from cxr_pipeline import config as cfg
-from cxr_pipeline import yarn
+from cxr_pipeline.infra import yarn
 
 
 def _flag(args, name):

@@ -8,6 +8,6 @@ Modules: ``data`` (listing, decoding, tf.data), ``models`` (architectures),
 Importing it imports TensorFlow, through ``tensorflow_runtime`` (its start-up notices kept off the console).
 """
 
-from ..tensorflow_runtime import import_tensorflow
+from ..models.tensorflow_runtime import import_tensorflow
 
 import_tensorflow()

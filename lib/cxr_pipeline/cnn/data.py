@@ -2,7 +2,7 @@
 
 Listing and labels come from ``storage.list_files`` + ``dataset_layout``, the
 validation carve from ``splits`` (patient-grouped, as in the Spark job: a DICOM file's
-patient is the keyed hash of its PatientID, :func:`cxr_pipeline.dicom.read_facts`, or the
+patient is the keyed hash of its PatientID, :func:`cxr_pipeline.images.dicom.read_facts`, or the
 packed table's ``patient`` column; other files' patient comes from the file name), and
 pixels from ``imaging.decode_image`` inside ``tf.numpy_function``, so the CNN
 sees exactly the pixels the Spark featurizer sees.
@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
-from cxr_pipeline import dataset_layout, splits
-from cxr_pipeline.dicom import DicomSettings
+from cxr_pipeline.images import layout as dataset_layout
+from cxr_pipeline.images import splits
+from cxr_pipeline.images.dicom import DicomSettings
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -93,8 +94,9 @@ def class_counts(records: Sequence[ImageRecord], n_classes: int = 2) -> list[int
 def _dicom_patient(uri: str, patient_key: str) -> str | None:
     """The keyed pseudonym of a DICOM file's PatientID (never the raw id); None when it has none or no readable
     header (the decode pass records why such a file is unusable), exactly as the Spark reader's patients column."""
-    from cxr_pipeline import dicom, storage
-    from cxr_pipeline.imaging import ImageDecodeError
+    from cxr_pipeline.images import dicom
+    from cxr_pipeline.images.decode import ImageDecodeError
+    from cxr_pipeline.infra import storage
 
     try:
         return dicom.read_facts(storage.read_bytes(uri), patient_key).patient
@@ -122,7 +124,7 @@ def list_image_tree(
     """Every image under ``uri`` (a ``<split>/<CLASS>/<file>`` tree) with its label;
     junk (hidden, wrong extension, empty, outside the layout) goes to ``rejections``.
     DICOM files carry their header's patient (keyed with ``patient_key``, default ``dicom.patient_key`` of conf/)."""
-    from cxr_pipeline import storage
+    from cxr_pipeline.infra import storage
 
     rejections = rejections if rejections is not None else Rejections()
     candidates: list[tuple[str, dataset_layout.ImagePath]] = []
@@ -162,7 +164,7 @@ def split_records(
 
 
 def _parquet_files(uri: str) -> list[str]:
-    from cxr_pipeline import storage
+    from cxr_pipeline.infra import storage
 
     return [
         info.uri
@@ -175,7 +177,7 @@ def _iter_table(table_file: str, columns: list[str], batch_size: int = 64):
     """Row batches (as dicts of lists) of one Parquet file read through storage."""
     import pyarrow.parquet as pq
 
-    from cxr_pipeline import storage
+    from cxr_pipeline.infra import storage
 
     parquet = pq.ParquetFile(io.BytesIO(storage.read_bytes(table_file)))
     present = [c for c in columns if c in parquet.schema_arrow.names]  # tables packed before a column existed
@@ -235,7 +237,7 @@ def load_splits(
 
 
 def _read_remote(uri: bytes, rejections: Rejections) -> bytes:
-    from cxr_pipeline import storage
+    from cxr_pipeline.infra import storage
 
     try:
         return storage.read_bytes(uri.decode())
@@ -245,7 +247,7 @@ def _read_remote(uri: bytes, rejections: Rejections) -> bytes:
 
 
 def _decoder(size: int, max_pixels: int | None, rejections: Rejections, intensity: str):
-    from cxr_pipeline import imaging
+    from cxr_pipeline.images import decode as imaging
 
     max_pixels = imaging.configured_max_pixels(max_pixels)
     empty = np.zeros((size, size, 3), np.uint8)
@@ -284,7 +286,7 @@ def decoded_dataset(
     decode = _decoder(image_size, max_pixels, rejections, intensity)
     if any(r.table_file for r in records):
         return _finish(_table_rows(records).map(_decode_map(decode, image_size), num_parallel_calls=AUTOTUNE), cache)
-    from cxr_pipeline import storage
+    from cxr_pipeline.infra import storage
 
     uris = [r.uri for r in records]
     labels = np.array([r.label for r in records], np.float32)
@@ -442,7 +444,7 @@ def labels_of(decoded: tf.data.Dataset) -> np.ndarray:
 def images_from_bytes(blobs: Iterable[bytes], image_size: int, max_pixels: int | None, intensity: str):
     """Decode for prediction: (uint8 batch of the good ones, good indexes, [(index, reason)]);
     ``max_pixels``: None = ``data.max_pixels``."""
-    from cxr_pipeline import imaging
+    from cxr_pipeline.images import decode as imaging
 
     max_pixels = imaging.configured_max_pixels(max_pixels)
     good, idx, bad = [], [], []

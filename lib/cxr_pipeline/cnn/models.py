@@ -65,7 +65,7 @@ def inception_backbone(
     full = keras.applications.InceptionV3(weights=None, include_top=False, input_shape=(input_size, input_size, 3))
     if weights != "none":
         if weights is None:
-            from cxr_pipeline.weights import default_weights_path
+            from cxr_pipeline.models.weights import default_weights_path
 
             weights = default_weights_path("InceptionV3")
         full.load_weights(str(weights))
@@ -88,7 +88,7 @@ def build_inception_transfer(
     """Frozen InceptionV3 backbone + global average pooling + dense/batch-norm head + sigmoid.
 
     ``weights``: a ``.weights.h5`` path, None for the provisioned default
-    (``cxr_pipeline.weights.default_weights_path``), or "none" for random init (tests).
+    (``cxr_pipeline.models.weights.default_weights_path``), or "none" for random init (tests).
     The backbone is a nested model always called in inference mode, so its batch
     norms keep their statistics when top blocks are unfrozen for fine-tuning.
     The other arguments are ``cnn.inception`` (:class:`.settings.InceptionSettings`).

@@ -2,9 +2,9 @@
 
 Loads a run folder written by ``jobs/train_cnn.py`` (``model.keras`` + ``cnn.json``)
 or a bare ``.keras`` file, local or on HDFS, and classifies image bytes with
-the same decoding as training (``cxr_pipeline.imaging``). Scores on the runtime cnn.json names
+the same decoding as training (``cxr_pipeline.images.decode``). Scores on the runtime cnn.json names
 (``cnn.runtime`` when it was trained: Keras, or ONNX Runtime / OpenVINO on the same model converted,
-``cxr_pipeline.backbone_runtimes``); Grad-CAM always runs on the Keras model.
+``cxr_pipeline.models.runtimes``); Grad-CAM always runs on the Keras model.
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from cxr_pipeline import metrics as M
-from cxr_pipeline import storage
+from cxr_pipeline.evaluation import metrics as M
+from cxr_pipeline.infra import storage
 
 from . import data
+from .run_outputs import CNN_JSON, MODEL_FILE
 
-CNN_JSON = "cnn.json"
-MODEL_FILE = "model.keras"
 DEFAULT_LABEL_NAMES = ["NORMAL", "PNEUMONIA"]
 
 
@@ -46,7 +45,7 @@ def _fetch(path: str, scratch: Path) -> tuple[Path, dict[str, Any]]:
         else (text, storage.join(text, MODEL_FILE))
     )
     if not text.endswith(".keras"):
-        from .. import run_folder
+        from ..infra import run_folder
 
         run_folder.require_complete(text, "train_cnn run folder")
     meta_uri = storage.join(folder, CNN_JSON)
@@ -73,7 +72,7 @@ class LocalCnnClassifier:
     intensity: str = "none"  # imaging.normalize_intensity, as trained (cnn.json; older runs: none)
     runtime: str = "keras"  # what scores (cnn.json; older runs: keras, all there was)
     precision: str = "fp32"
-    scorer: Any = None  # the backbone_runtimes model when runtime is not keras
+    scorer: Any = None  # the models.runtimes model when runtime is not keras
 
     @classmethod
     def load(cls, path: str, threshold: float | None = None) -> LocalCnnClassifier:
@@ -88,7 +87,7 @@ class LocalCnnClassifier:
             runtime, precision = meta.get("runtime") or "keras", meta.get("precision") or "fp32"
             scorer = None
             if runtime != "keras":
-                from ..backbone_runtimes import build_keras_file_model
+                from ..models.runtimes import build_keras_file_model
 
                 scorer = build_keras_file_model(model_file, runtime, precision)
         finally:

@@ -105,7 +105,7 @@ class CnnSettings:
         cfg.require_choice(self.mixed_precision, SWITCHES, "cnn.mixed_precision")
         cfg.require_choice(self.xla, SWITCHES, "cnn.xla")
         cfg.require_choice(self.verbose, (0, 1, 2), "cnn.verbose")
-        from cxr_pipeline import backbones
+        from cxr_pipeline.models import backbones
 
         try:
             backbones.check_runtime(self.runtime, self.precision)

@@ -8,9 +8,6 @@ growth, mixed precision, XLA, ``MirroredStrategy``) switch on only when
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import shutil
 import sys
 import tempfile
@@ -24,17 +21,15 @@ import keras
 import numpy as np
 
 from cxr_pipeline import config as config_mod
-from cxr_pipeline import imaging, plots, reporting, storage
-from cxr_pipeline import metrics as M
-from cxr_pipeline.dicom import PUBLISHED_KEY_WARNING, DicomSettings
-from cxr_pipeline.training_settings import TrainingSettings
+from cxr_pipeline.evaluation import metrics as M
+from cxr_pipeline.evaluation import reporting
+from cxr_pipeline.evaluation.training_settings import TrainingSettings
+from cxr_pipeline.images import decode as imaging
+from cxr_pipeline.images.dicom import PUBLISHED_KEY_WARNING, DicomSettings
 
-from . import data, models
+from . import data, models, run_outputs
 from .settings import CnnSettings
 
-CNN_JSON = "cnn.json"
-MODEL_FILE = "model.keras"
-BACKBONE_FILE = "backbone.weights.h5"  # the fine-tuned backbone, for the Spark featurizer (featurizer.backbone_run)
 # Keras' AUC bins scores on 200 evenly spaced thresholds: a confident model whose
 # scores all sit above 0.995 would read 0.5. Logit-spaced thresholds resolve both ends.
 AUC_THRESHOLDS = [float(t) for t in 1 / (1 + np.exp(-np.linspace(-12, 12, 601)))]
@@ -451,33 +446,6 @@ def evaluate_run(model, settings: Settings, devices: Devices, prepared: Prepared
     return metrics, scored
 
 
-def _write_outputs(stage: Path, out_uri: str, overwrite: bool) -> None:
-    """The finished local run folder -> ``out_uri``, all or nothing (:mod:`cxr_pipeline.run_folder`)."""
-    from .. import run_folder
-
-    with run_folder.staged_output(out_uri, overwrite=overwrite, tool="train_cnn") as target:
-        storage.upload_dir(str(stage), target)
-
-
-def _history_csv(history: dict[str, list[float]]) -> str:
-    keys = list(history)
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["epoch", *keys])
-    for i in range(max((len(v) for v in history.values()), default=0)):
-        writer.writerow([i + 1, *[history[k][i] if i < len(history[k]) else "" for k in keys]])
-    return buf.getvalue()
-
-
-def _predictions_csv(scored) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["path", "used_as", "label", "probability"])
-    for used_as, record, p in scored:
-        writer.writerow([record.uri, used_as, record.label, repr(float(p))])
-    return buf.getvalue()
-
-
 def _merge_history(total: dict[str, list[float]], history: Mapping[str, list[float]]) -> None:
     for key, values in history.items():
         total.setdefault(key, []).extend(float(v) for v in values)
@@ -488,7 +456,7 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Train the configured CNN on ``data_uri`` and write the run folder to ``out_uri`` (new or
     empty unless ``overwrite``). Returns the metrics dict written to ``metrics.json``."""
-    from .. import run_folder
+    from ..infra import run_folder
 
     run_folder.check_output(out_uri, overwrite)  # before the epochs, not after
     settings = Settings.from_config(config)
@@ -514,12 +482,12 @@ def train_and_evaluate(
         )
         stage = scratch / "run"
         stage.mkdir()
-        model.save(stage / MODEL_FILE)
+        model.save(stage / run_outputs.MODEL_FILE)
         if settings.model == "inception_v3":
-            metrics["backbone"] = _export_backbone(settings, model, stage)
-        (stage / "predictions.csv").write_text(_predictions_csv(scored))
-        _write_run(stage, config, settings, metrics, prepared, scored)
-        _write_outputs(stage, out_uri, overwrite)
+            metrics["backbone"] = run_outputs.export_backbone(settings, model, stage)
+        (stage / "predictions.csv").write_text(run_outputs.predictions_csv(scored))
+        run_outputs.write_run(stage, config, settings, metrics, prepared, scored)
+        run_outputs.write_outputs(stage, out_uri, overwrite)
         name = metrics["evaluated_on"]
         log(
             f"wrote {out_uri}: {name} AUC {M.fmt(metrics[name]['auc'])}, "
@@ -531,129 +499,3 @@ def train_and_evaluate(
         return metrics
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _export_backbone(settings: Settings, model, stage: Path) -> dict[str, Any]:
-    """Write the trained backbone beside the model; returns how the featurizer is to use it (cnn.json)."""
-    from cxr_pipeline.backbones import file_sha256
-
-    inception = settings.cnn.inception
-    models.export_backbone(model, inception.weights, stage / BACKBONE_FILE)
-    return {
-        "model_name": "InceptionV3",
-        "weights_file": BACKBONE_FILE,
-        "weights_sha256": file_sha256(stage / BACKBONE_FILE),
-        "feature_layer": inception.feature_layer,
-        "image_size": settings.image_size,
-        "intensity": settings.intensity,
-    }
-
-
-def _write_run(stage: Path, config, settings: Settings, metrics, prepared: Prepared, scored) -> None:
-    eval_name = metrics["evaluated_on"]
-    threshold = metrics["threshold"]
-    final = [(r.label, p) for used_as, r, p in scored if used_as == eval_name]
-    y = np.array([label for label, _ in final], np.int64)
-    p = np.array([prob for _, prob in final], np.float64)
-    (stage / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-    (stage / "config.yaml").write_text(config_mod.dump_config(config))
-    (stage / CNN_JSON).write_text(
-        json.dumps(
-            {
-                "model_name": settings.model,
-                "model_file": MODEL_FILE,
-                "image_size": settings.image_size,
-                "label_names": prepared.label_names,
-                "threshold": threshold,
-                "default_threshold": M.DEFAULT_THRESHOLD,
-                "max_pixels": settings.max_pixels,
-                "intensity": settings.intensity,
-                "feature_layer": settings.cnn.inception.feature_layer if settings.model == "inception_v3" else None,
-                "backbone": metrics.get("backbone"),
-                "runtime": settings.runtime,
-                "precision": settings.precision,
-            },
-            indent=2,
-        )
-    )
-    (stage / "rejected.csv").write_text(prepared.rejections.to_csv())
-    (stage / "history.csv").write_text(_history_csv(metrics["history"]))
-    plots.plot_training_curves(metrics["history"], out=stage / "training_curves.png")
-    report = metrics[eval_name]
-    cm = report["at_threshold"]["confusion_matrix"]
-    plots.plot_confusion_matrix(
-        cm,
-        prepared.label_names,
-        out=stage / "confusion_matrix.png",
-        title=f"Confusion matrix ({eval_name}, threshold {threshold:.3f})",
-    )
-    plots.plot_confusion_matrix(
-        report["at_0.5"]["confusion_matrix"],
-        prepared.label_names,
-        out=stage / "confusion_matrix_0.5.png",
-        title=f"Confusion matrix ({eval_name}, threshold 0.5)",
-    )
-    if M.has_both_classes(y):
-        fpr, tpr, _ = M.roc_curve(y, p)
-        points = {
-            name: (1 - (r["specificity"] or 0.0), r["sensitivity"] or 0.0)
-            for name, r in (("0.5", report["at_0.5"]), (f"{threshold:.3f}", report["at_threshold"]))
-        }
-        plots.plot_roc(
-            fpr, tpr, report["auc"], out=stage / "roc.png", title=f"ROC curve ({eval_name})", operating_points=points
-        )
-    else:
-        plots.plot_roc(
-            [0, 1], [0, 1], None, out=stage / "roc.png", title=f"ROC curve ({eval_name}): undefined, one class only"
-        )
-    reporting.write_calibration_plot(report, str(stage / reporting.CALIBRATION_PNG))
-    (stage / reporting.MODEL_CARD).write_text(_model_card(config, settings, metrics, prepared))
-
-
-def _model_card(config, settings: Settings, metrics, prepared: Prepared) -> str:
-    eval_name = metrics["evaluated_on"]
-    choice_fields = M.ThresholdChoice.__dataclass_fields__
-    choice = M.ThresholdChoice(**{k: v for k, v in metrics["threshold_choice"].items() if k in choice_fields})
-    if settings.model == "inception_v3":
-        description = (
-            f"Keras InceptionV3 transfer model cut at `{settings.cnn.inception.feature_layer}`, "
-            f"{settings.image_size} px, {settings.epochs} frozen + {settings.cnn.fine_tune.epochs} fine-tuning epochs, "
-            f"balance {settings.balance}, intensity {settings.intensity}."
-        )
-    else:
-        description = (
-            f"Keras {settings.model} trained from scratch, {settings.image_size} px, balance {settings.balance}, "
-            f"intensity {settings.intensity}."
-        )
-    counts = {k: dict(zip(prepared.label_names, v)) for k, v in prepared.counts().items()}
-    split = (
-        f"Validation: carved from the pooled train + val folders, grouped by patient (fraction "
-        f"{settings.validation_fraction}, seed {settings.seed}), as in the Spark job. It picked the best epoch "
-        "and the threshold."
-        if settings.validation == "carve"
-        else "Validation: the dataset's own val folder. It picked the best epoch and the threshold."
-    )
-    test = (
-        f"the dataset's test folder (n={metrics[eval_name]['n']}), never used for training, epoch or threshold"
-        if eval_name == "test"
-        else f"VALIDATION (n={metrics[eval_name]['n']}): there was no test folder, so these figures are optimistic"
-    )
-    validation = metrics.get("validation") or {}
-    return reporting.model_card(
-        title=f"Keras CNN pneumonia classifier ({settings.model})",
-        model_description=description,
-        data=str(metrics.get("data")),
-        counts=counts,
-        label_names=prepared.label_names,
-        split_description=split,
-        threshold=choice,
-        honest=metrics[eval_name],
-        test_description=test,
-        validation={
-            "n": validation.get("n"),
-            "roc_auc": validation.get("auc"),
-            "at_chosen": validation.get("at_threshold"),
-        }
-        if validation
-        else None,
-    )

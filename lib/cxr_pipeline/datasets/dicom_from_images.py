@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cxr_pipeline.cli import Command, Job, add_config_options, run
+
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 DIGITAL_XRAY = "1.2.840.10008.5.1.4.1.1.1.1"  # DX Image Storage - For Presentation
 
@@ -169,14 +171,29 @@ def convert_tree(src: Path, out: Path) -> int:
     return count
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cxr_pipeline.datasets.dicom_from_images",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--src", required=True, help="chest_xray tree of grayscale JPEGs")
     parser.add_argument("--out", required=True, help="where to write the DICOM tree")
-    args = parser.parse_args(argv)
-    n = convert_tree(Path(args.src), Path(args.out))
-    print(f"wrote {n} DICOM files under {args.out} (planted fake identity: {FAKE_IDENTITY.patient_id})")
+    add_config_options(parser, spark=False, verbose=False)
+    return parser
+
+
+def _convert(job: Job) -> int:
+    n = convert_tree(Path(job.args.src), Path(job.args.out))
+    print(f"wrote {n} DICOM files under {job.args.out} (planted fake identity: {FAKE_IDENTITY.patient_id})")
     return 0
+
+
+COMMAND = Command("dicom_from_images", build_parser, _convert)
+
+
+def main(argv=None) -> int:
+    return run(COMMAND, argv)
 
 
 if __name__ == "__main__":

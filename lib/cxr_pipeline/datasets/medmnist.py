@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cxr_pipeline.cli import Command, Job, add_config_options, run
 from cxr_pipeline.datasets import tree_writer
 
 FILE_PREFIX = "pmnist"
@@ -125,7 +126,7 @@ def convert(
     return counts
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m cxr_pipeline.datasets.medmnist", description=__doc__.split("\n\n")[0]
     )
@@ -141,22 +142,30 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=tree_writer.default_workers(), help="default: %(default)s")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="rewrite files that already exist")
-    args = parser.parse_args(argv)
-    try:
-        convert(
-            args.npz,
-            args.out,
-            args.size,
-            tree_writer.parse_splits(args.splits),
-            args.limit,
-            args.workers,
-            args.quality,
-            args.overwrite,
-        )
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    add_config_options(parser, spark=False, verbose=False)
+    return parser
+
+
+def _convert(job: Job) -> int:
+    args = job.args
+    convert(
+        args.npz,
+        args.out,
+        args.size,
+        tree_writer.parse_splits(args.splits),
+        args.limit,
+        args.workers,
+        args.quality,
+        args.overwrite,
+    )
     return 0
+
+
+COMMAND = Command("medmnist", build_parser, _convert, errors=lambda: (ValueError, FileNotFoundError))
+
+
+def main(argv=None) -> int:
+    return run(COMMAND, argv)
 
 
 if __name__ == "__main__":

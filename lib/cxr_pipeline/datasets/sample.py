@@ -25,8 +25,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from cxr_pipeline import paths
-from cxr_pipeline.dataset_layout import patient_id
-from cxr_pipeline.datasets import registry_assets
+from cxr_pipeline.cli import Command, Job, add_config_options, run
+from cxr_pipeline.images.layout import patient_id
+from cxr_pipeline.infra import registry_assets
 
 # Per class: 8 images -> 4 train, 2 val, 2 test.
 SPLIT_COUNTS = {"train": 4, "val": 2, "test": 2}
@@ -111,7 +112,7 @@ def build_sample_tree(out: Path, stamp: Path | None = None) -> dict[str, str]:
     return plan
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m cxr_pipeline.datasets.sample", description=__doc__.split("\n\n")[0]
     )
@@ -119,13 +120,20 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--stamp", type=Path, default=None, help="stamp file touched when done (default: <out>/../.complete)"
     )
-    args = parser.parse_args(argv)
-    try:
-        build_sample_tree(args.out, args.stamp or args.out.parent / STAMP_NAME)
-    except (registry_assets.AssetError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    add_config_options(parser, spark=False, verbose=False)
+    return parser
+
+
+def _build(job: Job) -> int:
+    build_sample_tree(job.args.out, job.args.stamp or job.args.out.parent / STAMP_NAME)
     return 0
+
+
+COMMAND = Command("sample", build_parser, _build, errors=lambda: (registry_assets.AssetError, ValueError))
+
+
+def main(argv=None) -> int:
+    return run(COMMAND, argv)
 
 
 if __name__ == "__main__":

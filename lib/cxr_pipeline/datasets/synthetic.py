@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cxr_pipeline.cli import Command, Job, add_config_options, run
 from cxr_pipeline.datasets import tree_writer
 
 README_NAME = "SYNTHETIC_README.txt"
@@ -125,7 +126,7 @@ def generate(
     return counts
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m cxr_pipeline.datasets.synthetic", description=__doc__.split("\n\n")[0]
     )
@@ -140,23 +141,31 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=tree_writer.default_workers(), help="default: %(default)s")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality (default: %(default)s)")
-    args = parser.parse_args(argv)
-    try:
-        width, height = parse_size(args.size)
-        generate(
-            args.out,
-            args.n,
-            width,
-            height,
-            tree_writer.parse_splits(args.splits),
-            args.seed,
-            args.workers,
-            args.quality,
-        )
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    add_config_options(parser, spark=False, verbose=False)
+    return parser
+
+
+def _generate(job: Job) -> int:
+    args = job.args
+    width, height = parse_size(args.size)
+    generate(
+        args.out,
+        args.n,
+        width,
+        height,
+        tree_writer.parse_splits(args.splits),
+        args.seed,
+        args.workers,
+        args.quality,
+    )
     return 0
+
+
+COMMAND = Command("synthetic", build_parser, _generate, errors=lambda: (ValueError,))
+
+
+def main(argv=None) -> int:
+    return run(COMMAND, argv)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 * ``runs``: run folders as tables and test scores (``metrics_table``, ``spark_test_scores``, ``cnn_test_scores``,
   ``score_files_local``);
 * ``compare``: the two model paths side by side on the same images (``compare_models``, ``plot_roc_comparison``),
-  computed with ``cxr_pipeline.metrics`` and drawn with ``cxr_pipeline.plots``.
+  computed with ``cxr_pipeline.evaluation.metrics`` and drawn with ``cxr_pipeline.evaluation.plots``.
 
 Notebooks import from this package; the names below are its public surface.
 """

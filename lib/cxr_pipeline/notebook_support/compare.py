@@ -33,7 +33,7 @@ def compare_models(joined: pd.DataFrame, thresholds: Mapping[str, float]) -> pd.
     """Metrics of each model on the same images, at its own chosen threshold and at 0.5."""
     import pandas as pd
 
-    from .. import metrics as M
+    from ..evaluation import metrics as M
 
     labels = joined["label"].to_numpy()
     rows = []
@@ -56,7 +56,7 @@ def agreement_table(joined: pd.DataFrame, thresholds: Mapping[str, float]) -> pd
     """How often the models' decisions (each at its own threshold) are right: both, only one, neither."""
     import pandas as pd
 
-    from .. import metrics as M
+    from ..evaluation import metrics as M
 
     names = list(thresholds)
     correct = {n: M.predict_at(joined[n], thresholds[n]) == joined["label"].to_numpy() for n in names}
@@ -79,7 +79,7 @@ def threshold_table(labels, scores, thresholds=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.
     """Sensitivity / specificity trade-off at a few thresholds (the curve is in the run's threshold.png)."""
     import pandas as pd
 
-    from .. import metrics as M
+    from ..evaluation import metrics as M
 
     rows = []
     for t in thresholds:
@@ -99,8 +99,8 @@ def threshold_table(labels, scores, thresholds=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.
 
 def plot_roc_comparison(joined: pd.DataFrame, names, title: str = "ROC on the same test images") -> bytes:
     """ROC curves of several models over the same images (PNG bytes)."""
-    from .. import metrics as M
-    from ..plots import plot_roc_curves
+    from ..evaluation import metrics as M
+    from ..evaluation.plots import plot_roc_curves
 
     labels = joined["label"].to_numpy()
     curves = {}
@@ -116,8 +116,8 @@ def plot_predictions(scored: pd.DataFrame, columns: int = 4, title: str = "Predi
     """Thumbnails of scored images titled with the predicted class and P(PNEUMONIA) (PNG bytes)."""
     import matplotlib.pyplot as plt
 
-    from ..exploration import thumbnail
-    from ..plots import _finish
+    from ..evaluation.plots import _finish
+    from .exploration import thumbnail
 
     n = max(1, len(scored))
     rows = (n + columns - 1) // columns

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 def image_key(path: str) -> str:
     """``split/CLASS/file`` of an image path or URI: the same image whatever scheme wrote its path."""
-    from ..dataset_layout import parse_image_path
+    from ..images.layout import parse_image_path
 
     parsed = parse_image_path(path)
     return f"{parsed.split}/{parsed.label_name}/{parsed.file_name}"
@@ -101,7 +101,7 @@ def show_run_figures(
     run_uri: str, file_names, prefix: str = "", namespace: Mapping[str, Any] | None = None
 ) -> list[Path]:
     """Show the PNGs a training run wrote (``roc.png``, ...), copied to the notebook output; missing ones are named."""
-    from .. import storage
+    from ..infra import storage
 
     scope = _caller_globals(namespace)
     shown = []
@@ -123,8 +123,8 @@ def spark_test_scores(spark, run_uri: str, data_uri: str | None = None) -> pd.Da
     from pyspark.ml import PipelineModel
     from pyspark.sql import functions as F
 
-    from .. import storage
-    from ..spark_classifier import training
+    from ..infra import storage
+    from ..spark.classifier import training
 
     run = training.RunLayout(run_uri.rstrip("/"))
     report = training.load_metrics(run.root)
@@ -154,7 +154,7 @@ def spark_test_scores(spark, run_uri: str, data_uri: str | None = None) -> pd.Da
 
 def cnn_test_scores(run_uri: str) -> pd.DataFrame:
     """The CNN run's own test predictions (``predictions.csv``): ``[key, path, label, score]``."""
-    from ..tables import read_table
+    from ..infra.tables import read_table
 
     table = read_table(run_uri.rstrip("/") + "/predictions.csv")
     table = table[table["used_as"] == "test"].rename(columns={"probability": "score"})
@@ -166,7 +166,7 @@ def run_threshold(run_uri: str) -> float:
     """The validation-chosen threshold a run saved (classifier.json for Spark runs, cnn.json for CNN runs)."""
     import json
 
-    from .. import storage
+    from ..infra import storage
 
     root = run_uri.rstrip("/")
     for name in ("classifier.json", "cnn.json"):
@@ -183,7 +183,7 @@ def score_files_local(classifier, uri: str, limit: int | None = None, threshold:
     """
     import pandas as pd
 
-    from .. import storage
+    from ..infra import storage
 
     infos = sorted(storage.list_files(uri), key=lambda f: f.uri)[: limit or None]
     contents = [storage.read_bytes(info.uri) for info in infos]

@@ -106,15 +106,23 @@ def _find_conf_dir() -> Path | None:
     return next((c for c in candidates if (c / "defaults.yaml").is_file()), None)
 
 
+# The notebook runner's --conf and --set (python -m cxr_pipeline.notebook_support.runner), for every notebook it runs.
+CONF_FILES_VAR, CONF_SET_VAR = "CXR_CONF_FILES", "CXR_CONF_SET"
+
+
 def notebook_config(env: str | None = None, overrides: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
-    """The project config (``conf/``) for a notebook; ``CXR_ENV`` picks the environment (default local)."""
+    """The project config (``conf/``) for a notebook; ``CXR_ENV`` picks the environment (default local). The
+    runner's ``--conf`` files (``$CXR_CONF_FILES``, ``os.pathsep``-separated) and ``--set`` overrides
+    (``$CXR_CONF_SET``, one per line) come before ``overrides``."""
     conf_dir = _find_conf_dir()
     if conf_dir is None:
         raise config_mod.ConfigError(
             "the project's conf/ folder was not found: open the notebooks from the repository (a Databricks "
             "Git folder), or set the environment variable CXR_CONF_DIR to a copy of conf/"
         )
-    return config_mod.load_config(env, overrides=overrides, conf_dir=conf_dir)
+    files = [f for f in os.environ.get(CONF_FILES_VAR, "").split(os.pathsep) if f]
+    given = [line for line in os.environ.get(CONF_SET_VAR, "").splitlines() if line.strip()]
+    return config_mod.load_config(env, files, [*given, *overrides], conf_dir=conf_dir)
 
 
 _LOOPBACK = re.compile(r"^[a-z][a-z0-9+.-]*://(127\.0\.0\.1|localhost)([:/]|$)", re.IGNORECASE)
@@ -238,7 +246,7 @@ def display_or_save(fig, name: str, namespace: Mapping[str, Any] | None = None, 
     """Write a plot to ``<output_dir>/<name>.png`` and show it where the notebook can.
 
     ``fig`` is a matplotlib figure (closed afterwards) or PNG bytes, as the
-    ``cxr_pipeline.plots.plot_*`` functions return.
+    ``cxr_pipeline.evaluation.plots.plot_*`` functions return.
     """
     path = output_dir() / f"{_safe_name(name)}.png"
     scope = _caller_globals(namespace)

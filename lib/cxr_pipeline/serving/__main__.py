@@ -17,10 +17,8 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
-from cxr_pipeline.cli import add_config_options, resolve_config
-from cxr_pipeline.config import ConfigError
+from cxr_pipeline.cli import Command, Job, UsageError, add_config_options, run
 
 ENV_MODEL = "CXR_SERVE_MODEL"
 ENV_CONFIG = "CXR_SERVE_CONFIG"
@@ -28,7 +26,7 @@ ENV_TOKEN = "CXR_SERVE_API_TOKEN"
 MIN_TOKEN_CHARS = 16
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m cxr_pipeline.serving",
         description="Serve a trained chest X-ray model: upload page at /, JSON at POST /predict, "
@@ -59,7 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_config_options(parser, spark=False, verbose=False)  # --log-level sets the server's verbosity
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def app_from_env():
@@ -81,16 +83,16 @@ def is_loopback(host: str) -> bool:
 
 
 def api_token(args: argparse.Namespace) -> str | None:
-    """The token from --api-token-file or the environment; SystemExit with a sentence if it is unusable."""
+    """The token from --api-token-file or the environment; UsageError with a sentence if it is unusable."""
     if args.api_token_file:
         try:
             token = args.api_token_file.read_text().strip()
         except OSError as err:
-            raise SystemExit(f"cannot read --api-token-file: {err}") from None
+            raise UsageError(f"cannot read --api-token-file: {err}") from None
     else:
         token = os.environ.get(ENV_TOKEN, "").strip()
     if token and len(token) < MIN_TOKEN_CHARS:
-        raise SystemExit(
+        raise UsageError(
             f"the API token is {len(token)} characters; use at least {MIN_TOKEN_CHARS}, e.g. "
             "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
         )
@@ -101,7 +103,7 @@ def check_exposure(host: str, token: str | None, insecure: bool) -> None:
     """Refuse a non-loopback bind without a token unless --insecure says a proxy guards it."""
     if is_loopback(host) or token or insecure:
         return
-    raise SystemExit(
+    raise UsageError(
         f"refusing to serve on {host}: a non-loopback address needs an API token. Set {ENV_TOKEN} (or "
         "--api-token-file FILE) and have clients send 'Authorization: Bearer <token>', or pass --insecure "
         "if an authenticating proxy in front of the service guards it. Also add the name clients use to "
@@ -109,13 +111,8 @@ def check_exposure(host: str, token: str | None, insecure: bool) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        config: dict[str, Any] = resolve_config(args)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+def serve(job: Job) -> int:
+    args, config = job.args, job.config
     serving = dict(config.get("serving") or {})
     serving.update(
         {
@@ -127,24 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     config["serving"] = serving
     from .. import tracking
     from ..cli import missing_on_this_machine
+    from .settings import ServingSettings
 
-    try:
-        missing = missing_on_this_machine(args.model, config)
-        if missing:
-            raise ValueError(missing)
-        args.model = tracking.resolve_model(args.model, config)  # models:/NAME@ALIAS -> that version's run folder
-    except ValueError as err:
-        print(f"cannot serve {args.model}: {err}", file=sys.stderr)
-        return 2
-    from .app import ServingSettings
-
-    try:
-        settings = ServingSettings.from_config(config)
-        token = api_token(args)
-        check_exposure(settings.host, token, args.insecure)
-    except (ConfigError, SystemExit) as err:
-        print(f"cannot serve {args.model}: {err}", file=sys.stderr)
-        return 2
+    missing = missing_on_this_machine(args.model, config)
+    if missing:
+        raise UsageError(f"cannot serve {args.model}: {missing}")
+    model = tracking.resolve_model(args.model, config)  # models:/NAME@ALIAS -> that version's run folder
+    settings = ServingSettings.from_config(config)
+    token = api_token(args)
+    check_exposure(settings.host, token, args.insecure)
     host, port = settings.host, int(settings.port)
     if not is_loopback(host) and not ({"*"} & set(settings.allowed_hosts)):
         print(
@@ -155,10 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from .app import create_app
-    from .backends import ModelLoadError
 
     if args.workers > 1:
-        os.environ[ENV_MODEL] = args.model
+        os.environ[ENV_MODEL] = model
         os.environ[ENV_CONFIG] = json.dumps(config, default=str)
         if token:
             os.environ[ENV_TOKEN] = token
@@ -171,17 +158,26 @@ def main(argv: list[str] | None = None) -> int:
             log_level=args.log_level,
         )
         return 0
-    try:
-        app = create_app(args.model, config=config, api_token=token)
-    except (ModelLoadError, FileNotFoundError, ValueError) as err:
-        print(f"cannot serve {args.model}: {err}", file=sys.stderr)
-        return 2
+    app = create_app(model, config=config, api_token=token)
     print(
         f"serving {app.state.backend.info.model_id} ({app.state.backend.info.name}) on http://{host}:{port}/",
         file=sys.stderr,
     )
     uvicorn.run(app, host=host, port=port, log_level=args.log_level)
     return 0
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from .backends import ModelLoadError
+
+    return (ModelLoadError, FileNotFoundError, ValueError)
+
+
+COMMAND = Command("serving", build_parser, serve, errors=_known_errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(COMMAND, argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ Grad-CAM overlay PNG over the image). Two kinds exist:
 * ``spark-lr``: a run folder of ``jobs/train_featurizer.py``. Served without
   Spark from ``classifier.json`` (Keras backbone + the scaler and logistic
   regression exported from the ``PipelineModel``) by
-  :class:`cxr_pipeline.spark_classifier.model_export.LocalClassifier`.
+  :class:`cxr_pipeline.spark.classifier.model_export.LocalClassifier`.
 * ``cnn``: a run folder of ``jobs/train_cnn.py`` (or a ``.keras`` file), served
   by :class:`cxr_pipeline.cnn.predict.LocalCnnClassifier`.
 
@@ -156,7 +156,7 @@ class MicroBatcher:
 class ClassifierBackend:
     """Adapter over a loaded classifier: decoded images in, :class:`Prediction` out.
 
-    The service decodes each upload once (``serving.app``) and hands the pixels
+    The service decodes each upload once (``serving.uploads``) and hands the pixels
     here; the subclasses say how a batch of pixels becomes probabilities.
     """
 
@@ -202,7 +202,7 @@ class ClassifierBackend:
 
     def decode(self, data: bytes) -> np.ndarray:
         """The pixels the model takes, as the batch jobs decode them (``PredictionError`` if unusable)."""
-        from cxr_pipeline.imaging import ImageDecodeError, decode_image
+        from cxr_pipeline.images.decode import ImageDecodeError, decode_image
 
         try:
             return decode_image(
@@ -252,7 +252,7 @@ class SparkLrBackend(ClassifierBackend):
     """A Spark run's export: Keras backbone features, then the exported scaler + logistic regression."""
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        from cxr_pipeline.spark_classifier.model_export import score_features
+        from cxr_pipeline.spark.classifier.model_export import score_features
 
         return score_features(self.classifier.spec, self.classifier.features(batch))
 
@@ -332,7 +332,7 @@ def _is_uri(path: str) -> bool:
 def _read_small(path: str, name: str) -> bytes | None:
     """Bytes of ``path/name`` (local path, file:// or any storage URI), None if absent."""
     if _is_uri(path):
-        from cxr_pipeline import storage
+        from cxr_pipeline.infra import storage
 
         uri = storage.join(path, name)
         return storage.read_bytes(uri) if storage.exists(uri) else None
@@ -376,7 +376,7 @@ def load_backend(model_path: str | Path, max_batch: int | None = None) -> ModelB
     model_path = str(model_path)
     kind = detect_kind(model_path)
     if kind == "spark-lr":
-        from cxr_pipeline.spark_classifier.model_export import LocalClassifier
+        from cxr_pipeline.spark.classifier.model_export import LocalClassifier
 
         meta_bytes = _read_small(model_path, SPARK_EXPORT_FILE) or b"{}"
         meta = json.loads(meta_bytes)

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
-from ..localstack.processes import free_port
+from ..infra.localstack.processes import free_port
 from ..paths import REPO_ROOT
 
 HOST = "127.0.0.1"

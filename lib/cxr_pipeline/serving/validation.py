@@ -1,6 +1,6 @@
 """Checks on an uploaded file before the model sees it.
 
-The decoding check is :func:`cxr_pipeline.imaging.decode_image`, the same one
+The decoding check is :func:`cxr_pipeline.images.decode.decode_image`, the same one
 the batch jobs use, so the service rejects exactly what they reject. Each
 rejection carries an HTTP status, a stable code and a sentence for a person.
 """
@@ -52,7 +52,7 @@ def too_large(size: int | None, max_bytes: int) -> UploadRejected:
 
 def check_upload(data: bytes, max_bytes: int, size: tuple[int, int], max_pixels: int | None = None) -> CheckedImage:
     """Raise :class:`UploadRejected` unless ``data`` is a decodable image within the limits."""
-    from cxr_pipeline.imaging import ImageDecodeError, configured_max_pixels, decode_image, image_info
+    from cxr_pipeline.images.decode import ImageDecodeError, configured_max_pixels, decode_image, image_info
 
     if not data:
         raise UploadRejected(400, "empty_upload", "The uploaded file is empty (0 bytes): choose an X-ray image.")
@@ -83,11 +83,11 @@ def browser_image(data: bytes, checked: CheckedImage, max_side: int = 1024) -> t
     if checked.format == "jpeg":
         return data, "image/jpeg"
     if checked.format == "dicom":
-        from cxr_pipeline import dicom
+        from cxr_pipeline.images import dicom
 
         copy = dicom.decode_to_image(data, (max_side, max_side), checked.width * checked.height).convert("RGB")
     else:
-        from cxr_pipeline.imaging import to_8bit
+        from cxr_pipeline.images.decode import to_8bit
 
         with Image.open(io.BytesIO(data)) as img:
             if checked.format == "png" and img.mode in SHOWN_AS_IS:

@@ -5,5 +5,5 @@ rows plus the rejected files; ``packing`` writes that tree as one Parquet image 
 ``featurizer`` is ``ImageFeaturizer``, the persisted pyspark.ml Transformer from image bytes to
 backbone features (and ``FeaturizerSettings``, the ``featurizer:`` config section); ``_udf`` is its
 worker half, run inside the Python workers (model built once per worker, decode -> predict loop,
-GPU pinning). Pixel decoding itself is Spark-free, in :mod:`cxr_pipeline.imaging`.
+GPU pinning). Pixel decoding itself is Spark-free, in :mod:`cxr_pipeline.images.decode`.
 """

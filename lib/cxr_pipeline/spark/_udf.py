@@ -41,13 +41,13 @@ import numpy as np
 import pandas as pd
 from pyspark.accumulators import AccumulatorParam
 
-from .. import backbones
-from ..imaging import decode_batch, decode_image_structs
-from ..tensorflow_runtime import import_tensorflow
+from ..images.decode import decode_batch, decode_image_structs
+from ..models import backbones, runtimes
+from ..models.tensorflow_runtime import import_tensorflow
 
 log = logging.getLogger(__name__)
 
-_MODELS: dict[tuple, object] = {}  # WorkerSettings.cache_key -> keras.Model or backbone_runtimes model
+_MODELS: dict[tuple, object] = {}  # WorkerSettings.cache_key -> keras.Model or models.runtimes model
 _LOCK = threading.Lock()
 _TF_CONFIGURED = False
 _PINNED: DeviceChoice | None = None  # what this process's TensorFlow was pinned to
@@ -207,7 +207,7 @@ def local_weights(settings: WorkerSettings) -> str | None:
     weights = settings.weights
     if weights is None or weights in (backbones.RANDOM_WEIGHTS, "imagenet"):
         return weights
-    from .. import storage
+    from ..infra import storage
 
     if not storage.is_remote(weights):
         return weights
@@ -243,7 +243,7 @@ def cached_model(settings: WorkerSettings, device: DeviceChoice | None = None):
             threads = settings.tf_threads if settings.tf_threads > 0 else _task_cpus()
             if settings.runtime == "keras":
                 configure_tensorflow_threads(threads)
-            model = backbones.build_feature_model(
+            model = runtimes.build_feature_model(
                 settings.model_name,
                 weights=local_weights(settings),
                 feature_layer=settings.feature_layer,

@@ -2,7 +2,7 @@
 
 What sparkdl's ``DeepImageFeaturizer`` did, done with a scalar-iterator pandas
 UDF: each task decodes and resizes ``batchSize`` images at a time with Pillow
-(:mod:`cxr_pipeline.imaging`) and runs them through a ``keras.applications``
+(:mod:`cxr_pipeline.images.decode`) and runs them through a ``keras.applications``
 backbone built once per Python worker (:mod:`cxr_pipeline.spark._udf`).
 
     featurizer = ImageFeaturizer(inputCol="content", outputCol="features",
@@ -21,7 +21,7 @@ saves and loads on its own and inside a ``Pipeline``/``PipelineModel``.
 
 ``runtime``/``precision`` (``featurizer.runtime``/``featurizer.precision``): what runs the backbone,
 Keras itself or ONNX Runtime / OpenVINO on an ONNX file converted from the same weights file
-(:mod:`cxr_pipeline.backbone_runtimes`); both are part of the feature cache's fingerprint.
+(:mod:`cxr_pipeline.models.runtimes`); both are part of the feature cache's fingerprint.
 
 ``weights``: null = the provisioned file (``make weights``), a local path, an
 ``hdfs://`` (any Hadoop) URI shipped to executors once with
@@ -49,9 +49,9 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from .. import backbones
 from .. import config as cfg
-from ..imaging import INTENSITY_MODES
+from ..images.decode import INTENSITY_MODES
+from ..models import backbones
 from ._udf import FeaturizerStats, WorkerSettings, featurize_batches
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def resolve_backbone_run(config: Mapping[str, Any]) -> dict[str, Any]:
     The CNN was trained on ``data.intensity``-normalized images, so another setting here is refused: the
     features would come from pixels the backbone never saw.
     """
-    from .. import run_folder, storage
+    from ..infra import run_folder, storage
 
     run = cfg.require(config, "featurizer.backbone_run")
     if not run:
@@ -314,7 +314,7 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
     runtime = Param(
         Params._dummy(),
         "runtime",
-        f"what runs the backbone: {', '.join(backbones.RUNTIMES)} (the same weights; see backbone_runtimes)",
+        f"what runs the backbone: {', '.join(backbones.RUNTIMES)} (the same weights; see models/runtimes.py)",
         typeConverter=TypeConverters.toString,
     )
     precision = Param(

@@ -13,7 +13,7 @@ Spark readers, which skip ``_``-prefixed names) are ``_rejected/`` (CSV: path,
 reason) and ``_duplicates/`` (CSV: sha256, paths, count).
 
 Every row also has ``patient``, ``view_position`` and ``source_format``. DICOM files are
-stored *without their header*: decoded and windowed once (:func:`cxr_pipeline.dicom.pack_payload`)
+stored *without their header*: decoded and windowed once (:func:`cxr_pipeline.images.dicom.pack_payload`)
 as a PNG of ``dicom.packed_png_bits`` (8, or 16 for the display values at full precision, tagged so the
 decoder scales rather than stretches it), or as the embedded JPEG itself when its display table is the identity; their
 ``patient`` is the keyed hash of PatientID (``dicom.patient_key``) and ``view_position`` the
@@ -31,9 +31,9 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from ..dataset_layout import parse_image_path, patient_id
-from ..dicom import DicomSettings
-from ..imaging import ImageDecodeError, configured_max_pixels, image_info
+from ..images.decode import ImageDecodeError, configured_max_pixels, image_info
+from ..images.dicom import DicomSettings
+from ..images.layout import parse_image_path, patient_id
 from .reader import read_images_with_rejections
 
 TARGET_FILE_MB = 128
@@ -75,8 +75,8 @@ class PackSummary:
 
 
 def _pack_row(path: str, data: bytes | None, max_pixels: int, patient_key: str, png_bits: int) -> tuple:
-    from .. import dicom
-    from ..dataset_layout import is_dicom
+    from ..images import dicom
+    from ..images.layout import is_dicom
 
     by_name = patient_id(parse_image_path(path).file_name)
     try:

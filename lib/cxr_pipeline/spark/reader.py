@@ -7,7 +7,7 @@ a :class:`ReadResult`: ``images`` with the columns
 
 and ``rejected`` (``path``, ``reason``) listing every file that was left out.
 Folder names are not ``key=value``, so Spark's partition discovery does not
-apply: split and class come from the path (:mod:`cxr_pipeline.dataset_layout`),
+apply: split and class come from the path (:mod:`cxr_pipeline.images.layout`),
 and the integer label is the index of the class folder name in sorted order
 (NORMAL=0, PNEUMONIA=1; any number of classes works).
 
@@ -18,7 +18,7 @@ featurizer in its error column. Hadoop itself skips hidden files (``.x``, ``_x``
 
 ``identity`` tells one version of an image from another without reading its bytes: the file's
 size and modification time (``size|seconds``), or the sha256 of the bytes for a packed table
-(:mod:`cxr_pipeline.feature_cache` reuses a row's features only while its identity is unchanged).
+(:mod:`cxr_pipeline.spark.feature_cache` reuses a row's features only while its identity is unchanged).
 
 Sources: ``binaryFile`` (default: raw bytes, decoded later in pandas UDFs),
 ``image`` (Spark's built-in image source, decoded by the JVM into an ``image``
@@ -26,11 +26,11 @@ struct column instead of ``content``) and ``parquet`` (a table written by
 :mod:`cxr_pipeline.spark.packing`).
 
 DICOM (``.dcm``/``.dicom``) files are images like any other here; the featurizer
-decodes them (:mod:`cxr_pipeline.dicom`). ``ReadResult.patients`` gives, for every
+decodes them (:mod:`cxr_pipeline.images.dicom`). ``ReadResult.patients`` gives, for every
 image, ``path, patient, view_position``: the patient is the keyed hash of the
 header's PatientID when there is one (``dicom.patient_key``; the raw id never
 leaves the Python worker), else the patient of the file name
-(:func:`cxr_pipeline.dataset_layout.patient_id`). With ``dicom.frontal_only`` the
+(:func:`cxr_pipeline.images.layout.patient_id`). With ``dicom.frontal_only`` the
 images whose ViewPosition is not PA/AP are rejected ("view LATERAL is not frontal").
 Reading DICOM headers reads the DICOM files once more; a packed table keeps the
 de-identified columns and skips that.
@@ -46,7 +46,8 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from ..dataset_layout import (
+from ..images.dicom import FRONTAL_VIEWS, DicomSettings
+from ..images.layout import (
     DICOM_EXTENSIONS,
     IMAGE_EXTENSIONS,
     SPLITS,
@@ -56,7 +57,6 @@ from ..dataset_layout import (
     parse_image_path,
     patient_id,
 )
-from ..dicom import FRONTAL_VIEWS, DicomSettings
 
 SOURCES = ("binaryFile", "image", "parquet")
 IMAGE_COLUMNS = ("path", "split", "label", "label_name", "content", "length", "identity")
@@ -118,8 +118,8 @@ def patient_facts_udf(patient_key: str):
     ``content`` is the bytes of a DICOM file (null for other files, whose patient comes from the name).
     A header that cannot be read falls back to the name too: the featurizer records why it is unusable.
     """
-    from .. import dicom
-    from ..imaging import ImageDecodeError
+    from ..images import dicom
+    from ..images.decode import ImageDecodeError
 
     def one(path: str, content) -> tuple[str, str | None]:
         by_name = patient_id(parse_image_path(path).file_name)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -136,22 +135,3 @@ def spark_session(
         _reconfigure_running_jvm(session, late_log_config)
     session.sparkContext.setLogLevel(level)
     return session
-
-
-@contextmanager
-def spark_job(
-    config: Mapping[str, Any], app_name: str, master: str | None = None, verbose: bool = False
-) -> Iterator[SparkSession]:
-    """Every Spark job's start-up: storage uses the job's config, the session is built from it and stopped at the end.
-
-    >>> with spark_job(config, "cxr-predict", master=args.master, verbose=args.verbose) as spark:  # doctest: +SKIP
-    ...     predict_images(spark, ...)
-    """
-    from .. import storage
-
-    storage.configure(config)
-    spark = spark_session(config, app_name=app_name, master=master, verbose=verbose)
-    try:
-        yield spark
-    finally:
-        spark.stop()

@@ -1,0 +1,1 @@
+"""Infrastructure: storage (local, HDFS), the HDFS loader, run folders, the local stack, YARN, tables."""
