@@ -98,10 +98,23 @@ def hdfs_tmp(hdfs_cluster):
 
 
 @pytest.fixture(scope="session")
-def sample_run(spark, hdfs_cluster, sample_tree, pytestconfig):
+def sample_in_hdfs(hdfs_cluster, sample_tree):
+    """``(base, data)``: the sample tree in HDFS and a feature-cache root, fixed for this pytest process (so the
+    prediction tests reuse the features). Removed before the HDFS fixture stops the HDFS it may have started."""
+    from cxr_pipeline.infra import storage
+
+    base = f"{hdfs_cluster.namenode_uri}/tests/cxr-train-{os.getpid()}"
+    data = f"{base}/chest_xray"
+    storage.upload_dir(str(sample_tree), data)
+    yield base, data
+    storage.delete(base, recursive=True)
+
+
+@pytest.fixture(scope="session")
+def sample_run(spark, sample_in_hdfs):
     """``(base, data, TrainingResult)``: ONE training run of the sample tree in the real HDFS, shared by
     the training, prediction and integrity tests (each used to train its own identical run)."""
-    from test_training import shared_sample_run, train_on_sample
+    from test_training import train_on_sample
 
-    base, data = shared_sample_run(hdfs_cluster, sample_tree, pytestconfig)
+    base, data = sample_in_hdfs
     return base, data, train_on_sample(spark, base, data, "run_default")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_training import FAST_FEATURES, shared_sample_run
+from test_training import FAST_FEATURES
 from tolerances import assert_same_probabilities
 
 from cxr_pipeline import config as cfg
@@ -365,9 +365,9 @@ def test_a_backbone_without_offline_weights_is_a_clear_error_before_spark_starts
 
 
 @pytest.fixture(scope="module")
-def sample_data(hdfs_cluster, sample_tree, pytestconfig):
+def sample_data(sample_in_hdfs):
     """(base, data): the session's sample tree in HDFS, with the training tests' feature cache."""
-    return shared_sample_run(hdfs_cluster, sample_tree, pytestconfig)
+    return sample_in_hdfs
 
 
 @pytest.fixture(scope="module")

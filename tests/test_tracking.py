@@ -1,7 +1,7 @@
 """MLflow tracking and registry (cxr_pipeline.tracking) against a REAL MLflow store (SQLite in a temp folder).
 
 The Spark run is the real sample-tree training of test_training.py (features shared through
-``shared_sample_run``); everything is read back through ``MlflowClient``. The UI test starts
+``sample_in_hdfs``); everything is read back through ``MlflowClient``. The UI test starts
 ``python -m cxr_pipeline.tracking ui`` (what ``make mlflow-ui`` runs) on a free loopback port and
 reads the run page in Debian's Chromium.
 """

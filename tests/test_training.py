@@ -2,7 +2,7 @@
 
 End-to-end tests use the REAL featurizer (InceptionV3 up to mixed5, provisioned
 weights) on the 16-image sample tree in the REAL local HDFS. The features are
-cached once per pytest session (see ``shared_sample_run``) so that the second
+cached once per pytest session (see ``sample_in_hdfs`` in conftest.py) so that the second
 training and test_predict.py reuse them instead of featurizing again.
 """
 
@@ -194,19 +194,6 @@ def test_single_class_validation_falls_back_to_half():
 
 
 # ------------------------------------------------------------------ end to end (real featurizer + HDFS)
-
-
-def shared_sample_run(hdfs_cluster, sample_tree, pytestconfig):
-    """The sample tree in HDFS and a feature-cache root, both fixed for this pytest process
-    (so test_predict.py reuses the features) and removed when the session ends."""
-    from cxr_pipeline.infra import storage
-
-    base = f"{hdfs_cluster.namenode_uri}/tests/cxr-train-{os.getpid()}"
-    data = f"{base}/chest_xray"
-    if not storage.exists(f"{data}/test"):
-        storage.upload_dir(str(sample_tree), data)
-        pytestconfig.add_cleanup(lambda: storage.delete(base, recursive=True))
-    return base, data
 
 
 def train_on_sample(spark, base, data, name, overrides=(), overwrite=False):
