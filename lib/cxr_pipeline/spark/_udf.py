@@ -26,11 +26,9 @@ worker's next task.
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 import os
 import queue
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -220,15 +218,9 @@ def local_weights(settings: WorkerSettings) -> str | None:
                 return shipped
         except Exception:  # noqa: BLE001 - no SparkFiles root here: download instead
             pass
-    # Fetched once per worker host: a stable folder named after the URI.
-    folder = os.path.join(tempfile.gettempdir(), "cxr-weights", hashlib.sha1(weights.encode()).hexdigest()[:16])
-    target = os.path.join(folder, os.path.basename(weights.rstrip("/")))
-    if not os.path.isfile(target):
-        os.makedirs(folder, exist_ok=True)
-        partial = f"{target}.part-{os.getpid()}"
-        storage.download_file(weights, partial)
-        os.replace(partial, target)
-    return target
+    from ..models.weights import local_copy
+
+    return local_copy(weights)
 
 
 def cached_model(settings: WorkerSettings, device: DeviceChoice | None = None):

@@ -7,6 +7,9 @@ then verified against a manifest) is :mod:`cxr_pipeline.models.weights.provision
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 from pathlib import Path
 
 from cxr_pipeline import paths
@@ -52,4 +55,21 @@ def stage_to_hdfs(model_name: str, uri: str, weights_dir: Path | None = None) ->
     local = default_weights_path(model_name, weights_dir)
     target = uri + local.name if uri.endswith("/") else uri
     storage.upload_file(str(local), target)
+    return target
+
+
+def local_copy(uri: str) -> str:
+    """A local path holding the weights file ``uri`` (an hdfs:// URI or a local path), fetched once per host into
+    a folder named after the URI; a local path comes back as it is. Its sha256 is checked where it is loaded."""
+    from cxr_pipeline.infra import storage
+
+    if not storage.is_remote(uri):
+        return uri
+    folder = os.path.join(tempfile.gettempdir(), "cxr-weights", hashlib.sha1(uri.encode()).hexdigest()[:16])
+    target = os.path.join(folder, os.path.basename(uri.rstrip("/")))
+    if not os.path.isfile(target):
+        os.makedirs(folder, exist_ok=True)
+        partial = f"{target}.part-{os.getpid()}"  # two processes fetching at once never see half a file
+        storage.download_file(uri, partial)
+        os.replace(partial, target)
     return target

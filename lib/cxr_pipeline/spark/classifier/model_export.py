@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -132,13 +131,20 @@ def _resolve_weights(spec: dict[str, Any], run_dir: str) -> str | None:
     if name in ("imagenet", "random"):  # keywords build_backbone understands, not files
         return name
     from ... import paths
+    from ...infra import storage
+    from ...models.weights import local_copy
 
     original = spec.get("weights_uri") or ""
     candidates = [] if "://" in original and not original.startswith("file://") else [original.replace("file://", "")]
-    candidates += [str(Path(run_dir) / name), str(paths.WEIGHTS_DIR / name)]
     for candidate in candidates:
-        if candidate and "://" not in candidate and os.path.isfile(candidate):
+        if candidate and os.path.isfile(candidate):
             return candidate
+    in_run = str(run_dir).rstrip("/") + "/" + name  # the run folder may be on HDFS: fetched once per host
+    if storage.exists(in_run):
+        return local_copy(in_run)
+    candidates += [in_run, str(paths.WEIGHTS_DIR / name)]
+    if os.path.isfile(candidates[-1]):
+        return candidates[-1]
     raise FileNotFoundError(
         f"the backbone weights this model was trained with ({original or name}) are not on this machine: looked "
         f"in {', '.join(c for c in candidates if c)}. Copy that file into the run folder; "
