@@ -168,6 +168,11 @@ def threshold_choice_of(report: Mapping[str, Any]) -> M.ThresholdChoice:
     return M.ThresholdChoice(**{k: v for k, v in report["threshold"].items() if k in fields})
 
 
+def _weights_origin(featurizer: Mapping[str, Any]) -> str:
+    backbone_run = featurizer.get("backbone_run")
+    return f"fine-tuned (the backbone of CNN run {backbone_run})" if backbone_run else "ImageNet"
+
+
 def model_card_text(report: Mapping[str, Any], choice: M.ThresholdChoice, label_names: Sequence[str]) -> str:
     feat = report.get("featurizer") or {}
     clf = report.get("classifier") or {}
@@ -183,9 +188,9 @@ def model_card_text(report: Mapping[str, Any], choice: M.ThresholdChoice, label_
     return reporting.model_card(
         title=f"Spark ML pneumonia classifier ({report.get('run')})",
         model_description=(
-            f"{feat.get('model_name')} ImageNet features pooled at `{feat.get('feature_layer')}` "
-            f"(image size {feat.get('image_size') or 'native'}, intensity {feat.get('intensity') or 'none'}, "
-            f"run on {feat.get('runtime') or 'keras'} at {feat.get('precision') or 'fp32'}) -> "
+            f"{feat.get('model_name')} {_weights_origin(feat)} features pooled at `{feat.get('feature_layer')}` "
+            f"(image size {feat.get('image_size') or 'native'}, intensity {feat.get('intensity') or 'none'}), "
+            f"run on {feat.get('runtime') or 'keras'} at {feat.get('precision') or 'fp32'} -> "
             "StandardScaler -> "
             f"LogisticRegression (regParam {clf.get('regParam')}, elasticNetParam "
             f"{clf.get('elasticNetParam')}, class weights {report.get('class_weights')})."
