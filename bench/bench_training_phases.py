@@ -5,7 +5,7 @@ On the tree of ``bench/bench_featurizer.py`` (synthetic chest-X-ray-sized JPEGs 
 process and one Spark session:
 
   (b)   the featurizer alone, end to end from HDFS bytes (a no-op write), after a warm-up
-  job   ``spark_classifier.training.train()`` (what ``jobs/train_featurizer.py`` runs) with a fresh
+  job   ``spark.classifier.training.train()`` (what ``jobs/train_featurizer.py`` runs) with a fresh
         feature cache: listing, featurizing + cache write, cache read, fitting, evaluation, writing
 
 Prints the job's featurizing throughput against (b) (goal >= 0.9) and the share of each phase

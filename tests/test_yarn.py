@@ -61,13 +61,13 @@ def test_wheel_builds_with_the_package_and_jobs_import_it(tmp_path):
     wheel = yarn.build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     for module in (
-        "spark_classifier/training.py",
-        "spark_classifier/prediction.py",
-        "spark_classifier/model_export.py",
-        "weights/__init__.py",
-        "weights/provisioning.py",
+        "spark/classifier/training.py",
+        "spark/classifier/prediction.py",
+        "spark/classifier/model_export.py",
+        "models/weights/__init__.py",
+        "models/weights/provisioning.py",
         "notebook_support/shim.py",
-        "yarn.py",
+        "infra/yarn.py",
         "spark/session.py",
     ):
         assert f"cxr_pipeline/{module}" in names

@@ -188,7 +188,8 @@ class FaultStack:
     # -- faults -----------------------------------------------------------------
     def kill_python_worker(self) -> str:
         workers = python_workers(self.worker_pids())
-        victim = busiest([pid for pid in workers if model_runtime_loaded(pid)] or workers)
+        # The busiest of them all: a task may still be decoding, before it maps a model runtime.
+        victim = busiest(workers)
         if victim is None:
             raise RuntimeError("no PySpark worker process is running on the cluster")
         os.kill(victim, signal.SIGKILL)
