@@ -19,13 +19,8 @@ Errors are ``OSError`` subclasses: ``FileNotFoundError``, ``FileExistsError``,
 ``StorageUnavailable`` (nothing answers, the NameNode went away, or it is in safe mode),
 ``StoragePermissionError`` (also a ``PermissionError``) and ``StorageError``.
 
-Creates and reads are WebHDFS's two steps: the NameNode redirects to a DataNode, which takes
-or serves the bytes. When that DataNode refuses or drops the connection (it has just died and
-the NameNode does not know yet), the NameNode is asked again for another one, up to
-``hdfs.datanode_attempts`` times with a doubling pause from ``hdfs.datanode_backoff_s``; a
-create's bytes are then sent again from the start (bytes, a local path reopened, a seekable file
-sought back; a one-pass stream is never replayed), a read resumes at the offset it had reached.
-A NameNode that does not answer is ``StorageUnavailable`` at once.
+How a create or read survives a DataNode that dies under it, and a NameNode that does not answer:
+:mod:`.webhdfs` (its module docstring).
 
 HDFS at the level of absolute paths (exclusive creates, rename without/with replace,
 content summaries, the "is this the NameNode" check) is :class:`HdfsFilesystem`,

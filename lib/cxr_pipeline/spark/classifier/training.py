@@ -44,6 +44,7 @@ from ...images import splits
 from ...images.dicom import PUBLISHED_KEY_WARNING, DicomSettings
 from ...images.layout import invert_label_index, label_index, parse_image_path, patient_id
 from ..featurizer import FeaturizerSettings
+from .model_export import CLASSIFIER_FILE
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class RunLayout:
     model = property(lambda self: self.file("model"))  # PipelineModel.save
     config = property(lambda self: self.file("config.yaml"))
     metrics = property(lambda self: self.file("metrics.json"))
-    classifier = property(lambda self: self.file("classifier.json"))
+    classifier = property(lambda self: self.file(CLASSIFIER_FILE))
     roc = property(lambda self: self.file("roc.png"))
     pr = property(lambda self: self.file("pr.png"))
     confusion = property(lambda self: self.file("confusion_matrix.png"))
